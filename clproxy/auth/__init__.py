@@ -1,0 +1,1 @@
+"""Accounts and their credentials: discovery, OAuth, token storage."""

@@ -1,0 +1,1 @@
+"""The ``clproxy`` command line."""

@@ -1,0 +1,1 @@
+"""Pure translators between the Claude Messages API and other providers' APIs."""
