@@ -1,0 +1,380 @@
+"""One request's journey: pick an account, send, classify the answer, retry or fail over.
+
+The dispatcher owns the loop the design card draws: for each candidate account it refreshes the
+token when needed, shapes the request, sends the raw body, classifies the response and either
+answers the client or moves on. When every account is cooling it walks the fallback hook, and
+otherwise answers with a truthful error (a 429 whose Retry-After is the earliest recovery).
+"""
+
+import json
+import math
+import uuid
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import attr
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from .observe.console import logger
+from twisted.web.http_headers import Headers
+
+from . import policy
+from .auth.accounts import Account
+from .errors import ProxyError, error_event, error_type_for
+from .upstream import FirstEventFailed, StreamRelay, UpstreamError, read_body
+
+log = logger(__name__)
+
+# Hop-by-hop headers (RFC 9110 7.6.1) and the ones the proxy itself owns on each side.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
+    b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
+})
+# Never forwarded upstream: the client's own credentials (replaced by the account's), what the
+# HTTP client recomputes, and headers meant for the proxy only. Accept-Encoding is dropped so the
+# upstream answers in identity encoding: the proxy must read the first SSE event and error bodies.
+DROP_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"x-api-key", b"authorization",
+                              b"accept-encoding", b"expect"}
+DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"date", b"server"}
+INTERNAL_PREFIXES = (b"x-clproxy-", b"x-neurolink-")
+OAUTH_BETA = "oauth-2025-04-20"
+NO_ACCOUNT_HELP = (
+    "clproxy has no Anthropic account to use. Add one with `clproxy auth login anthropic`, "
+    "set ANTHROPIC_API_KEY in the proxy's environment (or its --env-file), or list accounts under "
+    "accounts.anthropic in {config}, then retry."
+)
+
+
+@attr.s(auto_attribs=True, slots=True)
+class ProxyRequest:
+    """What the dispatcher needs of an incoming request; ``body`` is kept byte for byte."""
+
+    method: bytes
+    path: bytes  # e.g. b"/v1/messages"
+    query: bytes  # b"" or b"?beta=true"
+    headers: List[Tuple[bytes, bytes]]  # raw, in the client's order
+    body: Optional[bytes]
+    model: Optional[str] = None
+    stream: bool = False
+    request_id: str = attr.ib(factory=lambda: "req_clp_" + uuid.uuid4().hex[:24])
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class DispatchSettings:
+    """The knobs of the retry loop (from config and command-line options)."""
+
+    passthrough: bool = False
+    upstream_timeout: float = 600.0
+    request_deadline: float = 900.0
+    error_body_limit: int = 1024 * 1024
+    max_response_bytes: int = 256 * 1024 * 1024
+    max_refresh_retries: int = 5
+    config_path: str = "~/.clproxy/proxy-config.yaml"
+
+
+def upstream_headers(request_headers: Sequence[Tuple[bytes, bytes]], account: Account) -> Headers:
+    """The client's end-to-end headers, in order, with the account's credentials in place of its own."""
+    connection_tokens = set()
+    for name, value in request_headers:
+        if name.lower() == b"connection":
+            connection_tokens.update(t.strip().lower() for t in value.split(b","))
+    headers = Headers()
+    beta_seen = False
+    for name, value in request_headers:
+        lower = name.lower()
+        if lower in DROP_UPSTREAM or lower in connection_tokens or lower.startswith(INTERNAL_PREFIXES):
+            continue
+        if lower == b"anthropic-beta" and account.is_oauth:
+            beta_seen = True
+            value = merge_beta(value, OAUTH_BETA)
+        headers.addRawHeader(name, value)
+    for name, value in account.auth_headers():
+        headers.setRawHeaders(name, [value])
+    if account.is_oauth and not beta_seen:
+        headers.setRawHeaders(b"anthropic-beta", [OAUTH_BETA.encode()])
+    return headers
+
+
+def merge_beta(value: bytes, beta: str) -> bytes:
+    """Add ``beta`` to a comma-separated ``anthropic-beta`` value unless present; client order kept."""
+    items = [item.strip() for item in value.split(b",") if item.strip()]
+    wanted = beta.encode()
+    if wanted in items:
+        return value
+    return b",".join(items + [wanted])
+
+
+def downstream_headers(response_headers: Headers) -> List[Tuple[bytes, List[bytes]]]:
+    """The upstream response headers a client should see (end-to-end ones, in order)."""
+    kept = []
+    for name, values in response_headers.getAllRawHeaders():
+        lower = name.lower()
+        if lower in DROP_DOWNSTREAM:
+            continue
+        kept.append((name, values))
+    return kept
+
+
+def header_dict(response_headers: Headers) -> dict:
+    """Lower-cased header names to their (first) value as text, for classification."""
+    return {name.lower().decode("latin-1"): values[0].decode("latin-1")
+            for name, values in response_headers.getAllRawHeaders() if values}
+
+
+def is_event_stream(response_headers: Headers) -> bool:
+    """True when the upstream answered with ``text/event-stream``."""
+    values = response_headers.getRawHeaders(b"content-type") or [b""]
+    return values[0].split(b";")[0].strip().lower() == b"text/event-stream"
+
+
+class _Answered(Exception):
+    """Internal: the attempt has answered the client (nothing more to do)."""
+
+
+@attr.s(auto_attribs=True)
+class _Failure:
+    """The last failure seen in the loop, kept to answer truthfully when no account succeeds."""
+
+    status: Optional[int] = None
+    headers: Optional[List[Tuple[bytes, List[bytes]]]] = None
+    body: Optional[bytes] = None
+    network: Optional[UpstreamError] = None
+
+
+class Dispatcher:
+    """Forwards Claude Messages API requests through the account pool."""
+
+    def __init__(self, *, clock: IReactorTime, upstream, pool, store,
+                 accounts: Callable[[], Sequence[Account]], settings: DispatchSettings = DispatchSettings(),
+                 refresher=None, fallback=None):
+        self.clock = clock
+        self.upstream = upstream
+        self.pool = pool
+        self.store = store
+        self.accounts = accounts
+        self.settings = settings
+        self.refresher = refresher
+        #: async (request, out, exhausted_error) -> bool; True when a fallback answered the client.
+        self.fallback = fallback
+
+    async def forward(self, request: ProxyRequest, out) -> None:
+        """Answer ``request`` through ``out`` (a :class:`clproxy.web.ClientResponse`)."""
+        try:
+            await self._forward(request, out)
+        except ProxyError as e:
+            out.send_error(e)
+        finally:
+            await self.store.incr("completed_requests")
+
+    async def _forward(self, request: ProxyRequest, out) -> None:
+        accounts = list(self.accounts())
+        enabled = [a for a in accounts if a.enabled]
+        if not enabled:
+            raise self._no_account_error(accounts)
+        if self.settings.passthrough:
+            candidates = (await self.pool.candidates(enabled))[:1] or enabled[:1]
+        else:
+            candidates = await self.pool.candidates(enabled)
+        deadline = self.clock.seconds() + self.settings.request_deadline
+        last = _Failure()
+        for account in candidates:
+            if out.disconnected:
+                return
+            if self.clock.seconds() >= deadline:
+                break
+            if not self.settings.passthrough and not await self.pool.admit(account):
+                continue
+            try:
+                await self._try_account(request, out, account, deadline, last)
+            except _Answered:
+                return
+            if self.settings.passthrough:
+                break
+        if out.disconnected:
+            return
+        await self._exhausted(request, out, enabled, last)
+
+    async def _try_account(self, request, out, account: Account, deadline: float, last: _Failure) -> None:
+        """Try one account, with its OAuth refresh retries; raises ``_Answered`` once the client has its answer."""
+        refreshes = 0
+        force = False
+        while True:
+            if account.is_oauth and self.refresher is not None:
+                try:
+                    account = await self.refresher.fresh(account, force=force)
+                except Exception as e:  # refresh failed: this account cannot be used now
+                    log.warn("<- refresh-failed account={account} reason={reason}",
+                             account=account.name, reason=_safe_reason(e))
+                    verdict = policy.classify(401, {}, b"", now=self.clock.seconds(),
+                                              backoff_level=await self.pool.backoff_level(account),
+                                              is_oauth=False)
+                    await self.pool.record(account, verdict)
+                    return
+            verdict = await self._send(request, out, account, deadline, last)
+            if verdict is None or verdict.action != policy.REFRESH:
+                return
+            if self.refresher is None or refreshes >= self.settings.max_refresh_retries:
+                # the 401 hook: no refresh possible (or retries spent): cool like any auth failure
+                await self.pool.record(account, attr.evolve(verdict, action=policy.COOL))
+                return
+            refreshes += 1
+            force = True
+
+    async def _send(self, request, out, account: Account, deadline: float, last: _Failure):
+        """One upstream attempt. Returns the verdict when the loop should go on, raises ``_Answered`` otherwise."""
+        level = await self.pool.backoff_level(account)
+        timeout = max(0.001, min(self.settings.upstream_timeout, deadline - self.clock.seconds()))
+        url = (account.base_url.rstrip("/").encode("utf-8") + request.path + request.query)
+        headers = upstream_headers(request.headers, account)
+        sending = self.upstream.send(request.method, url, headers, request.body, timeout, self.clock)
+        out.on_disconnect(sending.cancel)
+        try:
+            response = await sending
+        except UpstreamError as e:
+            verdict = policy.classify_network_error(e.kind, backoff_level=level)
+            await self._record(account, verdict)
+            last.network, last.status = e, None
+            return verdict
+        except Exception:
+            if out.disconnected:
+                raise _Answered()  # cancelled because the client went away; nobody to answer
+            raise
+        status = response.code
+        passthrough = self.settings.passthrough
+        if 200 <= status < 300:
+            if request.stream and is_event_stream(response.headers):
+                await self._relay_stream(request, out, account, response, level, last)
+                return None
+            body = await self._read(response, self.settings.max_response_bytes, out)
+            await self._record(account, policy.classify(status, {}, b"", now=self.clock.seconds(),
+                                                        backoff_level=level, is_oauth=account.is_oauth))
+            out.send(status, downstream_headers(response.headers), body)
+            raise _Answered()
+        body = await self._read(response, self.settings.error_body_limit, out)
+        verdict = policy.classify(status, header_dict(response.headers), body, now=self.clock.seconds(),
+                                  backoff_level=level, is_oauth=account.is_oauth)
+        await self._record(account, verdict)
+        if verdict.action == policy.RETURN or (passthrough and verdict.action != policy.REFRESH):
+            out.send(status, downstream_headers(response.headers), body)
+            raise _Answered()
+        last.status, last.headers, last.body, last.network = (
+            status, downstream_headers(response.headers), body, None)
+        return verdict
+
+    async def _read(self, response, limit: int, out) -> bytes:
+        reading = read_body(response, limit)
+        out.on_disconnect(reading.cancel)
+        try:
+            return await reading
+        except defer.CancelledError:
+            raise _Answered()
+        except UpstreamError as e:
+            raise ProxyError(502, e.message)
+
+    async def _relay_stream(self, request, out, account, response, level, last) -> None:
+        relay = StreamRelay(self.clock, self.settings.upstream_timeout, _host(account.base_url))
+        response.deliverBody(relay)
+        out.on_disconnect(relay.abort)
+        if not self.settings.passthrough:
+            try:
+                first = await relay.first_event
+            except FirstEventFailed as e:
+                verdict = policy.classify_network_error("empty-stream", backoff_level=level)
+                log.warn("{line} ({why})", line=verdict.describe(account.name), why=str(e))
+                await self._record(account, verdict, quiet=True)
+                last.network, last.status = UpstreamError("network", str(e)), None
+                return
+            if first.name == "error":
+                relay.abort()
+                verdict = _classify_error_event(first.data, self.clock.seconds(), level, account)
+                await self._record(account, verdict)
+                body = first.data.encode("utf-8")
+                last.status = _status_for_error_event(first.data)
+                last.headers = [(b"content-type", [b"application/json"])]
+                last.body, last.network = body, None
+                return
+        await self._record(account, policy.classify(response.code, {}, b"", now=self.clock.seconds(),
+                                                    backoff_level=level, is_oauth=account.is_oauth))
+        out.start(response.code, downstream_headers(response.headers))
+        out.register_producer(relay.producer())
+        relay.commit(out.write)
+        outcome = await relay.done
+        out.unregister_producer()
+        if outcome.truncated and not out.disconnected:
+            log.warn("stream truncated account={account}: {reason}", account=account.name,
+                     reason=outcome.reason)
+            out.write(error_event(outcome.reason))
+            await self.store.incr("truncated_streams")
+        out.finish()
+        raise _Answered()
+
+    async def _record(self, account: Account, verdict, quiet: bool = False) -> None:
+        await self.pool.record(account, verdict)
+        if verdict.action != policy.SUCCESS and not quiet:
+            log.info("{line}", line=verdict.describe(account.name))
+
+    async def _exhausted(self, request, out, enabled: Sequence[Account], last: _Failure) -> None:
+        """No account answered: fall back, or answer with the most truthful error there is."""
+        cooling = await self.pool.cooling(enabled)
+        all_cooling = len(cooling) == len(enabled)
+        if all_cooling or last.status is None and last.network is None:
+            exhausted = await self._pool_exhausted_error(enabled, cooling)
+            if self.fallback is not None and not self.settings.passthrough:
+                if await self.fallback(request, out, exhausted):
+                    return
+            raise exhausted
+        if last.status is not None:
+            out.send(last.status, last.headers or [], last.body or b"")
+            return
+        if last.network is not None:
+            status = 504 if last.network.kind == "timeout" else 502
+            raise ProxyError(status, last.network.message)
+
+    async def _pool_exhausted_error(self, enabled, cooling) -> ProxyError:
+        now = self.clock.seconds()
+        earliest = await self.pool.earliest_recovery(enabled)
+        if earliest is None:
+            # nothing cooling, yet nothing was tried: every account is at its requests-per-minute limit
+            earliest = now + 1.0
+            message = (f"all {len(enabled)} accounts are at their configured rateLimit; "
+                       f"retry shortly")
+            wait = 1
+        else:
+            wait = max(1, int(math.ceil(earliest - now)))
+            message = (f"all {len(enabled)} accounts are rate-limited; {len(cooling)} cooling, "
+                       f"the first recovers in {wait}s")
+        return ProxyError(429, message, "rate_limit_error",
+                          headers=[(b"retry-after", str(wait).encode())])
+
+    def _no_account_error(self, accounts: Sequence[Account]) -> ProxyError:
+        if accounts:
+            return ProxyError(401, f"every account of clproxy is disabled ({len(accounts)} known); "
+                                   "re-enable one with `clproxy auth enable LABEL` or log in again",
+                              "authentication_error")
+        return ProxyError(401, NO_ACCOUNT_HELP.format(config=self.settings.config_path),
+                          "authentication_error")
+
+
+def _classify_error_event(data: str, now: float, level: int, account: Account):
+    return policy.classify(_status_for_error_event(data), {}, data.encode("utf-8"), now=now,
+                           backoff_level=level, is_oauth=account.is_oauth)
+
+
+def _status_for_error_event(data: str) -> int:
+    """The HTTP status an ``event: error`` stands for, by its error type (overloaded -> 529)."""
+    try:
+        kind = json.loads(data)["error"]["type"]
+    except Exception:
+        return 502
+    for status in (429, 529, 500, 504, 401, 403, 400, 404, 413):
+        if error_type_for(status) == kind:
+            return status
+    return 502
+
+
+def _host(base_url: str) -> str:
+    return base_url.split("://", 1)[-1].split("/", 1)[0]
+
+
+def _safe_reason(error: Exception) -> str:
+    """The type and message of an error; credential-layer errors never carry tokens."""
+    return f"{type(error).__name__}: {error}"

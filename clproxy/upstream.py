@@ -1,0 +1,315 @@
+"""Talking to an upstream over HTTP: send raw bytes, read a bounded body, relay a stream.
+
+The client is a bare ``twisted.web.client.Agent`` on a persistent ``HTTPConnectionPool``: no cookie
+jar (it would leak one account's cookies into another's requests), no redirect following and no
+content decoding, so what the upstream sends is what the client gets.
+"""
+
+from typing import Callable, List, Optional
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReactorTime
+from .observe.console import logger
+from twisted.python.failure import Failure
+from twisted.web import client as webclient
+from twisted.web._newclient import HTTP11ClientProtocol, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IBodyProducer, UNKNOWN_LENGTH
+from zope.interface import implementer
+
+from . import sse
+
+log = logger(__name__)
+
+
+def _no_delay(transport) -> None:
+    """Turn Nagle's algorithm off: SSE events are small writes that must leave at once."""
+    try:
+        transport.setTcpNoDelay(True)
+    except Exception:  # not a TCP transport (UNIX socket, TLS wrapper without it): nothing to do
+        pass
+
+
+class _NoDelayClientProtocol(HTTP11ClientProtocol):
+    def connectionMade(self) -> None:
+        _no_delay(self.transport)
+        super().connectionMade()
+
+
+class _NoDelayClientFactory(webclient._HTTP11ClientFactory):
+    def buildProtocol(self, addr):
+        return _NoDelayClientProtocol(self._quiescentCallback)
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """A request body that is already in memory, written in one go (no cooperator round trips)."""
+
+    def __init__(self, body: bytes):
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer):
+        consumer.write(self._body)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
+class UpstreamError(Exception):
+    """An upstream could not be reached, timed out, or broke off; ``kind`` is ``network`` or ``timeout``."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class UpstreamClient:
+    """Sends requests to upstreams over one shared pool of persistent connections."""
+
+    def __init__(self, reactor, *, connect_timeout: float = 10.0, max_connections_per_host: int = 256,
+                 agent=None):
+        self._reactor = reactor
+        self.pool = webclient.HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = max_connections_per_host
+        self.pool.cachedConnectionTimeout = 120
+        self.pool.retryAutomatically = False  # POSTs are never silently re-sent by the pool
+        self.pool._factory = _NoDelayClientFactory
+        self.agent = agent or webclient.Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+
+    def send(self, method: bytes, url: bytes, headers: Headers, body: Optional[bytes],
+             timeout: float, clock: IReactorTime) -> "defer.Deferred":
+        """Send one request; fires with the ``IResponse`` once its headers arrived.
+
+        Fails with :class:`UpstreamError` when the upstream is unreachable or sends no response
+        headers within ``timeout`` seconds. Cancelling the Deferred closes the connection.
+        """
+        producer = BytesProducer(body) if body is not None else None
+        d = self.agent.request(method, url, headers, producer)
+        timer = clock.callLater(timeout, d.cancel)
+        host = _host_of(url)
+
+        def done(result):
+            timed_out = not timer.active()
+            if not timed_out:
+                timer.cancel()
+            if not isinstance(result, Failure):
+                return result
+            if timed_out:
+                raise UpstreamError("timeout", f"upstream {host} sent no response within {timeout:g}s")
+            if _cancelled(result):
+                return result  # our caller cancelled (the client went away)
+            raise UpstreamError("network", f"upstream {host} unreachable: {_describe(result)}")
+
+        return d.addBoth(done)
+
+    def close(self) -> "defer.Deferred":
+        """Close every cached connection (called from ``stopService``)."""
+        return self.pool.closeCachedConnections()
+
+
+def _host_of(url: bytes) -> str:
+    text = url.decode("ascii", "replace")
+    rest = text.split("://", 1)[-1]
+    return rest.split("/", 1)[0]
+
+
+def _cancelled(failure: Failure) -> bool:
+    """True when a request failed because it was cancelled (possibly wrapped by the HTTP client)."""
+    if failure.check(defer.CancelledError):
+        return True
+    reasons = getattr(failure.value, "reasons", None) or []
+    return any(r.check(defer.CancelledError) for r in reasons)
+
+
+def _describe(failure: Failure) -> str:
+    """A one-line reason for a connection failure, without a traceback."""
+    value = failure.value
+    reasons = getattr(value, "reasons", None)  # ResponseNeverReceived / RequestTransmissionFailed
+    if reasons:
+        value = reasons[0].value
+    name = type(value).__name__
+    text = str(value).strip().splitlines()[0] if str(value).strip() else ""
+    return f"{name}: {text}" if text else name
+
+
+class _BodyCollector(protocol.Protocol):
+    def __init__(self, finished: defer.Deferred, limit: int):
+        self._finished = finished
+        self._parts: List[bytes] = []
+        self._size = 0
+        self._limit = limit
+        self.truncated = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._size >= self._limit:
+            self.truncated = True
+            return
+        self._parts.append(data[: self._limit - self._size])
+        self._size += len(data)
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self._finished.callback(b"".join(self._parts))
+        else:
+            self._finished.errback(UpstreamError("network", f"upstream broke off the response body: "
+                                                            f"{_describe(reason)}"))
+
+
+def read_body(response, limit: int) -> "defer.Deferred":
+    """Read a whole response body, keeping at most ``limit`` bytes; fires with the bytes."""
+    finished: defer.Deferred = defer.Deferred()
+    if response.length == 0:
+        return defer.succeed(b"")
+    response.deliverBody(_BodyCollector(finished, limit))
+    return finished
+
+
+class FirstEventFailed(Exception):
+    """A stream ended, broke or sent nothing usable before its first complete event."""
+
+
+class StreamRelay(protocol.Protocol):
+    """Relays an upstream SSE body to a client once its first complete event has arrived.
+
+    Until :meth:`commit`, bytes are held (only the few needed to see the first event) and
+    :attr:`first_event` fires with that event, or fails with :class:`FirstEventFailed`. After
+    :meth:`commit` every chunk is written to the client the moment it arrives; the client's
+    transport pauses the upstream socket when it cannot keep up (backpressure).
+    """
+
+    max_bootstrap_bytes = 1024 * 1024
+
+    def __init__(self, clock: IReactorTime, idle_timeout: float, host: str):
+        self.first_event: defer.Deferred = defer.Deferred()
+        self.done: defer.Deferred = defer.Deferred()  # fires with a StreamOutcome after commit
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._host = host
+        self._held: List[bytes] = []
+        self._parser: Optional[sse.SSEParser] = sse.SSEParser(self.max_bootstrap_bytes)
+        self._write: Optional[Callable[[bytes], None]] = None
+        self._request = None
+        self._tail = b""
+        self._chunks = 0
+        self._seen_chunks = -1
+        self._watchdog = None
+        self._lost = False
+        self._timed_out = False
+        self.bytes_relayed = 0
+
+    # -- protocol --------------------------------------------------------------------------
+    def connectionMade(self) -> None:
+        self._arm_watchdog()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks += 1
+        write = self._write
+        if write is not None:
+            write(data)
+            self.bytes_relayed += len(data)
+            self._tail = (self._tail + data[-256:])[-256:]
+            return
+        self._held.append(data)
+        if self.first_event.called or self._parser is None:
+            return
+        try:
+            events = self._parser.feed(data)
+        except sse.EventTooLarge as e:
+            self._fail_bootstrap(str(e))
+            return
+        if events:
+            self._parser = None
+            self.first_event.callback(events[0])
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self._lost = True
+        self._cancel_watchdog()
+        if not self.first_event.called:
+            why = "timed out" if self._timed_out else (
+                "closed" if reason.check(ResponseDone, PotentialDataLoss) else _describe(reason))
+            self.first_event.errback(FirstEventFailed(
+                f"upstream {self._host} stream {why} before its first event"))
+            return
+        if self._write is None:
+            return  # never committed (the dispatcher moved on to another account)
+        clean = reason.check(ResponseDone, PotentialDataLoss) is not None
+        complete = b"message_stop" in self._tail or b"event: error" in self._tail
+        if self._timed_out:
+            why = f"upstream {self._host} went silent for {self._idle_timeout:g}s mid-stream"
+        elif not clean:
+            why = f"upstream {self._host} broke off the stream: {_describe(reason)}"
+        elif not complete:
+            why = f"upstream {self._host} ended the stream before message_stop"
+        else:
+            why = None
+        self.done.callback(StreamOutcome(truncated=why is not None, reason=why))
+
+    # -- control ---------------------------------------------------------------------------
+    def commit(self, write: Callable[[bytes], None]) -> None:
+        """Write what was held, then write every later chunk through ``write`` as it arrives."""
+        held, self._held = b"".join(self._held), []
+        self._write = write
+        if held:
+            write(held)
+            self.bytes_relayed += len(held)
+            self._tail = held[-256:]
+
+    def producer(self):
+        """The upstream transport as an ``IPushProducer``, for the client's ``registerProducer``."""
+        return self.transport
+
+    def abort(self) -> None:
+        """Stop reading and close the upstream connection (client gone, or account abandoned)."""
+        if not self._lost and self.transport is not None:
+            self.transport.stopProducing()
+
+    # -- idle timeout: a counter checked by one timer, so no per-chunk timer resets ----------
+    def _arm_watchdog(self) -> None:
+        if self._idle_timeout > 0:
+            self._watchdog = self._clock.callLater(self._idle_timeout, self._check_idle)
+
+    def _check_idle(self) -> None:
+        self._watchdog = None
+        if self._lost:
+            return
+        if self._chunks == self._seen_chunks:
+            self._timed_out = True
+            self.abort()
+            return
+        self._seen_chunks = self._chunks
+        self._arm_watchdog()
+
+    def _cancel_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
+
+    def _fail_bootstrap(self, why: str) -> None:
+        self._parser = None
+        if not self.first_event.called:
+            self.first_event.errback(FirstEventFailed(f"upstream {self._host}: {why}"))
+        self.abort()
+
+
+class StreamOutcome:
+    """How a committed stream ended: ``truncated`` with a ``reason``, or complete."""
+
+    __slots__ = ("truncated", "reason")
+
+    def __init__(self, truncated: bool, reason: Optional[str]):
+        self.truncated = truncated
+        self.reason = reason
+
+
+__all__ = ["UpstreamClient", "UpstreamError", "read_body", "StreamRelay", "StreamOutcome",
+           "FirstEventFailed", "BytesProducer", "UNKNOWN_LENGTH"]

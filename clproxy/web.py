@@ -1,0 +1,424 @@
+"""The HTTP face of the daemon: the twisted.web resource tree, request parsing and error answers.
+
+Routes: ``POST /v1/messages`` and ``/v1/messages/count_tokens`` (through the dispatcher),
+``GET /v1/models``, ``GET /health``, ``GET /status``. Everything else gets an Anthropic-shaped 404.
+Request bodies are bounded while they arrive, so an oversized upload never fills memory.
+"""
+
+import json
+from io import BytesIO
+from typing import Callable, List, Optional, Tuple
+
+from twisted.internet import defer
+from .observe.console import logger
+from twisted.python.failure import Failure
+from twisted.web import http, resource, server
+
+from . import __version__
+from .dispatch import ProxyRequest
+from .errors import ProxyError, error_body
+
+log = logger(__name__)
+
+JSON = b"application/json"
+
+
+class ClientResponse:
+    """Writes one answer to one client request; the dispatcher's only handle on the connection.
+
+    It knows whether the client is still there, runs the current cancel callback when the client
+    goes away (so the upstream request is abandoned, not leaked), and never writes after that.
+    """
+
+    def __init__(self, request: server.Request):
+        self._request = request
+        self.disconnected = False
+        self.started = False
+        self._cancel: Optional[Callable[[], None]] = None
+        request.notifyFinish().addErrback(self._gone)
+
+    def _gone(self, _failure) -> None:
+        self.disconnected = True
+        cancel, self._cancel = self._cancel, None
+        if cancel is not None:
+            cancel()
+
+    def on_disconnect(self, cancel: Callable[[], None]) -> None:
+        """Call ``cancel`` if the client disconnects from now on (replaces the previous callback)."""
+        self._cancel = cancel
+
+    def start(self, status: int, headers: List[Tuple[bytes, List[bytes]]]) -> None:
+        """Send the status line and headers (the response is committed from here on)."""
+        if self.disconnected:
+            return
+        self.started = True
+        request = self._request
+        request.setResponseCode(status)
+        set_header = request.responseHeaders.setRawHeaders
+        for name, values in headers:
+            set_header(name, values)
+
+    def write(self, data: bytes) -> None:
+        """Write body bytes as they are (no-op after a disconnect)."""
+        if not self.disconnected:
+            self._request.write(data)
+
+    def finish(self) -> None:
+        """End the response."""
+        if not self.disconnected:
+            self.disconnected = True  # nothing more may be written
+            self._request.finish()
+
+    def send(self, status: int, headers, body: bytes) -> None:
+        """A whole response in one go, with its length."""
+        if self.disconnected:
+            return
+        self.start(status, headers)
+        self._request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+        self.write(body)
+        self.finish()
+
+    def send_error(self, error: ProxyError) -> None:
+        """An Anthropic-shaped error, or an SSE error event when the response was already committed."""
+        if self.disconnected:
+            return
+        if self.started:
+            from .errors import error_event
+            self.write(error_event(error.message, error.error_type))
+            self.finish()
+            return
+        self.send(error.status, [(b"content-type", [JSON])] + [(n, [v]) for n, v in error.headers],
+                  error.body())
+
+    def register_producer(self, producer) -> None:
+        """Let the client's transport pause ``producer`` (the upstream) when it cannot keep up."""
+        if not self.disconnected:
+            self._request.registerProducer(producer, True)
+
+    def unregister_producer(self) -> None:
+        """Undo :meth:`register_producer` before finishing."""
+        if not self.disconnected:
+            self._request.unregisterProducer()
+
+
+def write_error(request: server.Request, error: ProxyError) -> bytes:
+    """Set status and headers for ``error`` on a plain (synchronous) render and return its body."""
+    request.setResponseCode(error.status)
+    request.responseHeaders.setRawHeaders(b"content-type", [JSON])
+    for name, value in error.headers:
+        request.responseHeaders.setRawHeaders(name, [value])
+    return error.body()
+
+
+def write_json(request: server.Request, value, status: int = 200) -> bytes:
+    """Set a JSON content type and return ``value`` encoded."""
+    request.setResponseCode(status)
+    request.responseHeaders.setRawHeaders(b"content-type", [JSON])
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+class ProxyHTTPRequest(server.Request):
+    """A request whose body is bounded while it arrives and always kept in memory.
+
+    twisted.web would spool large bodies to a temporary file and read any size; here a body over
+    ``site.max_body_bytes`` is discarded as it streams in and answered with 413.
+    """
+
+    too_large = False
+    defaultContentType = None  # our responses always say what they are
+
+    def gotLength(self, length: Optional[int]) -> None:
+        self.content = BytesIO()
+        self._received = 0
+        limit = self.channel.site.max_body_bytes if self.channel and self.channel.site else None
+        self._limit = limit
+        if limit is not None and length is not None and length > limit:
+            self.too_large = True
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._limit is not None and self._received > self._limit:
+            self.too_large = True
+            self.content = BytesIO()
+            return
+        self.content.write(data)
+
+    def process(self) -> None:
+        # twisted sets "Server: TwistedWeb/x"; the proxy announces nothing of its own.
+        super().process()
+
+
+class ProxyChannel(http.HTTPChannel):
+    """An HTTP channel that turns Nagle's algorithm off (SSE events are small writes)."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        try:
+            self.transport.setTcpNoDelay(True)
+        except Exception:
+            pass
+
+
+class ProxySite(server.Site):
+    """The daemon's site: bounded request bodies, TCP_NODELAY, no per-request access-log line."""
+
+    protocol = ProxyChannel
+    requestFactory = ProxyHTTPRequest
+    displayTracebacks = False
+
+    def __init__(self, root, max_body_bytes: int = 32 * 1024 * 1024):
+        super().__init__(root)
+        self.max_body_bytes = max_body_bytes
+
+    def buildProtocol(self, addr):
+        channel = super().buildProtocol(addr)
+        channel.site = self
+        return channel
+
+    def log(self, request) -> None:
+        # one summary record per request is written by the observability layer instead
+        pass
+
+
+class ErrorResource(resource.Resource):
+    """Answers every method with one Anthropic-shaped error."""
+
+    isLeaf = True
+
+    def __init__(self, error: ProxyError):
+        super().__init__()
+        self.error = error
+
+    def render(self, request):
+        return write_error(request, self.error)
+
+
+def not_found(request: server.Request) -> ErrorResource:
+    path = request.path.decode("latin-1", "replace")[:200]
+    return ErrorResource(ProxyError(404, f"clproxy does not serve {path}"))
+
+
+class Node(resource.Resource):
+    """A resource with children whose unknown paths and wrong methods get Anthropic-shaped errors."""
+
+    allowed: Tuple[bytes, ...] = ()
+
+    def getChild(self, path, request):
+        if path == b"" and request.postpath == [] and self.allowed:
+            return self
+        return not_found(request)
+
+    def render(self, request):
+        if not self.allowed:
+            return write_error(request, _not_found_error(request))
+        if request.method not in self.allowed and not (request.method == b"HEAD" and b"GET" in self.allowed):
+            request.responseHeaders.setRawHeaders(b"allow", [b", ".join(self.allowed)])
+            return write_error(request, ProxyError(
+                405, f"{request.method.decode('latin-1')} is not allowed on "
+                     f"{request.path.decode('latin-1')}; use {', '.join(m.decode() for m in self.allowed)}"))
+        return super().render(request)
+
+
+def _not_found_error(request) -> ProxyError:
+    return ProxyError(404, f"clproxy does not serve {request.path.decode('latin-1', 'replace')[:200]}")
+
+
+def parse_messages_request(request: server.Request, needs_model: bool = True) -> ProxyRequest:
+    """Check and parse just enough of a Messages API request (``model``, ``stream``); keep the raw bytes."""
+    if getattr(request, "too_large", False):
+        limit = request.channel.site.max_body_bytes
+        raise ProxyError(413, f"request body is larger than the proxy's limit of {limit} bytes "
+                              "(server.maxBodyBytes)", "request_too_large")
+    content_type = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    if content_type != JSON:
+        shown = content_type.decode("latin-1")[:100] or "none"
+        raise ProxyError(400, f"content-type must be application/json, got {shown}")
+    body = request.content.getvalue()
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ProxyError(400, f"request body is not valid JSON: {_json_reason(e)}")
+    if not isinstance(parsed, dict):
+        raise ProxyError(400, f"request body must be a JSON object, got {_json_kind(parsed)}")
+    model = parsed.get("model")
+    if needs_model and (not isinstance(model, str) or not model):
+        raise ProxyError(400, "model: field required (a non-empty string)")
+    stream = parsed.get("stream") is True
+    uri = request.uri
+    query = uri[uri.index(b"?"):] if b"?" in uri else b""
+    return ProxyRequest(method=request.method, path=request.path, query=query,
+                        headers=list(_raw_headers(request)), body=body, model=model, stream=stream)
+
+
+def _raw_headers(request):
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        for value in values:
+            yield name, value
+
+
+def _json_reason(error: Exception) -> str:
+    if isinstance(error, json.JSONDecodeError):
+        return f"{error.msg} at line {error.lineno} column {error.colno}"
+    return "not UTF-8 text"
+
+
+def _json_kind(value) -> str:
+    return {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+            type(None): "null"}.get(type(value), type(value).__name__)
+
+
+class MessagesResource(Node):
+    """``POST /v1/messages`` (and, as its child, ``/v1/messages/count_tokens``)."""
+
+    allowed = (b"POST",)
+
+    def __init__(self, dispatcher):
+        super().__init__()
+        self.dispatcher = dispatcher
+        self.putChild(b"count_tokens", CountTokensResource(dispatcher))
+
+    def render_POST(self, request):
+        return _dispatch(self.dispatcher, request, needs_model=True)
+
+
+class CountTokensResource(Node):
+    """``POST /v1/messages/count_tokens``: forwarded like a non-streaming message."""
+
+    allowed = (b"POST",)
+
+    def __init__(self, dispatcher):
+        super().__init__()
+        self.dispatcher = dispatcher
+
+    def render_POST(self, request):
+        return _dispatch(self.dispatcher, request, needs_model=True, force_no_stream=True)
+
+
+def _dispatch(dispatcher, request, needs_model: bool, force_no_stream: bool = False):
+    try:
+        proxy_request = parse_messages_request(request, needs_model=needs_model)
+    except ProxyError as e:
+        return write_error(request, e)
+    if force_no_stream:
+        proxy_request.stream = False
+    out = ClientResponse(request)
+    d = defer.ensureDeferred(dispatcher.forward(proxy_request, out))
+    d.addErrback(_internal_error, out)
+    return server.NOT_DONE_YET
+
+
+def _internal_error(failure: Failure, out: ClientResponse) -> None:
+    """A bug must still end in an Anthropic-shaped answer, never a hung request or a traceback."""
+    log.failure("internal error while answering a request", failure)
+    out.send_error(ProxyError(500, "clproxy hit an internal error; see the daemon's log"))
+
+
+class ModelsResource(Node):
+    """``GET /v1/models`` and ``/v1/models/{id}``: forwarded upstream with the first usable account."""
+
+    isLeaf = True
+    allowed = (b"GET",)
+
+    def __init__(self, dispatcher):
+        super().__init__()
+        self.dispatcher = dispatcher
+
+    def render_GET(self, request):
+        uri = request.uri
+        query = uri[uri.index(b"?"):] if b"?" in uri else b""
+        proxy_request = ProxyRequest(method=b"GET", path=request.path, query=query,
+                                     headers=list(_raw_headers(request)), body=None)
+        out = ClientResponse(request)
+        d = defer.ensureDeferred(self.dispatcher.forward(proxy_request, out))
+        d.addErrback(_internal_error, out)
+        return server.NOT_DONE_YET
+
+
+class HealthResource(Node):
+    """``GET /health``: liveness with the strategy and uptime."""
+
+    allowed = (b"GET",)
+
+    def __init__(self, status):
+        super().__init__()
+        self.status = status
+
+    def render_GET(self, request):
+        return write_json(request, self.status.health())
+
+
+class StatusResource(Node):
+    """``GET /status``: accounts, their state and the proxy's counters."""
+
+    allowed = (b"GET",)
+
+    def __init__(self, status):
+        super().__init__()
+        self.status = status
+
+    def render_GET(self, request):
+        d = defer.ensureDeferred(self.status.status())
+
+        def done(value):
+            request.write(write_json(request, value))
+            request.finish()
+
+        def failed(failure):
+            log.failure("status failed", failure)
+            request.write(write_error(request, ProxyError(500, "status is unavailable")))
+            request.finish()
+
+        d.addCallbacks(done, failed)
+        return server.NOT_DONE_YET
+
+
+class StatusReport:
+    """Builds the /health and /status documents from the live daemon."""
+
+    def __init__(self, *, clock, pool, store, accounts, strategy: Callable[[], str], started: float,
+                 extra: Callable[[], dict] = dict):
+        self.clock = clock
+        self.pool = pool
+        self.store = store
+        self.accounts = accounts
+        self.strategy = strategy
+        self.started = started
+        self.extra = extra
+
+    def health(self) -> dict:
+        """The small liveness document."""
+        return {"status": "ok", "strategy": self.strategy(),
+                "uptime": round(self.clock.seconds() - self.started, 3)}
+
+    async def status(self) -> dict:
+        """The full status document (never a secret)."""
+        accounts = list(self.accounts())
+        counters = await self.store.counters()
+        document = {
+            "status": "ok",
+            "version": __version__,
+            "strategy": self.strategy(),
+            "uptime": round(self.clock.seconds() - self.started, 3),
+            "accounts": await self.pool.snapshot(accounts),
+            "counters": {
+                "upstream_attempts": counters.get("upstream_attempts", 0),
+                "completed_requests": counters.get("completed_requests", 0),
+                "truncated_streams": counters.get("truncated_streams", 0),
+            },
+        }
+        document.update(self.extra())
+        return document
+
+
+def build_root(dispatcher, status: StatusReport) -> resource.Resource:
+    """The resource tree."""
+    root = Node()
+    v1 = Node()
+    root.putChild(b"v1", v1)
+    v1.putChild(b"messages", MessagesResource(dispatcher))
+    v1.putChild(b"models", ModelsResource(dispatcher))
+    root.putChild(b"health", HealthResource(status))
+    root.putChild(b"status", StatusResource(status))
+    return root

@@ -1,0 +1,41 @@
+"""Packaging for clproxy: the daemon, its twistd plugin and the ``clproxy`` command."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="clproxy",
+    version="0.1.0",
+    description="A local Claude Messages API proxy that pools accounts, refreshes tokens and fails over",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.9",
+    packages=find_packages(include=["clproxy", "clproxy.*"]) + ["twisted.plugins"],
+    package_data={"twisted": ["plugins/claudeproxy_plugin.py"]},
+    include_package_data=True,
+    install_requires=[
+        "twisted[tls]>=23.10",
+        "treq>=23.11",
+        "pyOpenSSL",
+        "service-identity",
+        "pyyaml>=6",
+        "zope.interface",
+        "attrs>=22.2",
+        "txredisapi",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=7",
+            "pytest-twisted>=1.14",
+            "anthropic>=0.40",
+            "openai>=1.0",
+            "hypothesis>=6",
+        ],
+    },
+    entry_points={"console_scripts": ["clproxy = clproxy.cli.main:main"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Environment :: No Input/Output (Daemon)",
+    ],
+)

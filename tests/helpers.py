@@ -1,0 +1,100 @@
+"""Test helpers: raw HTTP clients that see bytes and timings, and the anthropic SDK off the reactor thread."""
+
+import json
+from typing import List, Optional, Tuple
+
+import treq
+from twisted.internet import defer, protocol, reactor, task, threads
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
+from twisted.web.http import PotentialDataLoss
+from twisted.web.http_headers import Headers
+
+from clproxy.sse import SSEParser
+from clproxy.upstream import BytesProducer
+
+JSON_HEADERS = {b"content-type": [b"application/json"], b"anthropic-version": [b"2023-06-01"],
+                b"x-api-key": [b"client-key"]}
+
+
+def agent() -> Agent:
+    """A fresh agent with no persistent connections (each test owns its sockets)."""
+    return Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+
+
+async def post(url: str, body: bytes, headers: Optional[dict] = None, method: bytes = b"POST"):
+    """Send raw bytes; returns (status, Headers, body bytes)."""
+    all_headers = dict(JSON_HEADERS)
+    all_headers.update(headers or {})
+    response = await agent().request(method, url.encode(), Headers(all_headers),
+                                     BytesProducer(body) if body is not None else None)
+    content = await treq.content(response)
+    return response.code, response.headers, content
+
+
+def error_of(body: bytes) -> Tuple[str, str]:
+    """(error type, message) of an Anthropic error body."""
+    parsed = json.loads(body)
+    assert parsed["type"] == "error", parsed
+    return parsed["error"]["type"], parsed["error"]["message"]
+
+
+class TimedBody(protocol.Protocol):
+    """Collects a streamed body with the reactor time each chunk arrived, parsing SSE as it goes."""
+
+    def __init__(self):
+        self.chunks: List[Tuple[float, bytes]] = []
+        self.events = []  # (time, Event)
+        self.parser = SSEParser()
+        self.done = defer.Deferred()
+        self.reason = None
+
+    def dataReceived(self, data):
+        now = reactor.seconds()
+        self.chunks.append((now, data))
+        for event in self.parser.feed(data):
+            self.events.append((now, event))
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self.reason = reason
+        self.done.callback(reason.check(ResponseDone, PotentialDataLoss) is not None)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(data for _, data in self.chunks)
+
+
+async def stream(url: str, body: bytes, headers: Optional[dict] = None):
+    """POST and deliver the body into a :class:`TimedBody`; returns (response, TimedBody) at once."""
+    all_headers = dict(JSON_HEADERS)
+    all_headers.update(headers or {})
+    response = await agent().request(b"POST", url.encode(), Headers(all_headers), BytesProducer(body))
+    collector = TimedBody()
+    response.deliverBody(collector)
+    return response, collector
+
+
+def in_thread(function, *args, **kwargs):
+    """Run blocking code (the anthropic/openai SDKs) in a thread while the reactor keeps serving."""
+    return threads.deferToThread(function, *args, **kwargs)
+
+
+async def until(predicate, timeout: float = 10.0, interval: float = 0.01):
+    """Wait on the real reactor until ``predicate()`` is true (for I/O to settle, not for timing)."""
+    waited = 0.0
+    while not predicate():
+        if waited >= timeout:
+            raise AssertionError("condition not reached in time")
+        await task.deferLater(reactor, interval, lambda: None)
+        waited += interval
+
+
+def request_body(stream: bool = False, model: str = "claude-sonnet-4-5", **extra) -> bytes:
+    """A Claude-Code-like request body with deliberately unusual formatting (to catch re-serialising)."""
+    doc = {"model": model, "max_tokens": 64, "stream": stream,
+           "system": [{"type": "text", "text": "You are Claude Code.", "cache_control": {"type": "ephemeral"}}],
+           "messages": [{"role": "user", "content": "héllo \u2603"}],
+           "metadata": {"user_id": "user_abc"}}
+    doc.update(extra)
+    # keys out of order, odd spacing, escaped and raw unicode mixed: any re-encoding would show
+    text = json.dumps(doc, indent=1, ensure_ascii=True).replace('"max_tokens": 64', '"max_tokens" :64')
+    return text.encode("utf-8")

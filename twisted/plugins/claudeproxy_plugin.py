@@ -1,0 +1,10 @@
+"""twistd plugin: ``twistd -n claudeproxy`` runs the clproxy daemon (loaded lazily)."""
+
+from twisted.application.service import ServiceMaker
+
+claudeproxy = ServiceMaker(
+    "clproxy",
+    "clproxy.tap",
+    "Claude Messages API proxy pooling Anthropic accounts with refresh, failover and fallback.",
+    "claudeproxy",
+)
