@@ -1,0 +1,151 @@
+"""The embedded state store: cooldowns, stats, rate windows and counters in this process's memory.
+
+State resets when the daemon restarts, as the seed's in-memory statistics do.
+"""
+
+import collections
+from typing import Deque, Dict, Optional
+
+import attr
+from twisted.internet import defer
+from zope.interface import implementer
+
+from clproxy.interfaces import IStateStore
+from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, AccountState, empty_stats,
+                                 validate_outcome)
+
+
+@attr.s(auto_attribs=True)
+class _AccountRecord:
+    """Everything kept for one account key (mutable; never leaves this module)."""
+
+    cooling_until: float = 0.0
+    backoff_level: int = 0
+    attempts: int = 0
+    successes: int = 0
+    errors: int = 0
+    rate_limits: int = 0
+    last_attempt_at: Optional[float] = None
+    last_error_at: Optional[float] = None
+    last_error: Optional[str] = None
+
+
+@implementer(IStateStore)
+class MemoryStateStore:
+    """An ``IStateStore`` in dicts; every Deferred it returns has already fired.
+
+    Memory stays bounded however long the daemon runs: one record per account key written to
+    (reads never create one; ``forget`` drops one), one rate window per rate-limited key holding at
+    most ``limit`` timestamps (expired ones are dropped on each use, an emptied window is removed),
+    and one int per counter name. Nothing grows per request.
+    """
+
+    def __init__(self):
+        self._accounts: Dict[str, _AccountRecord] = {}
+        self._rate_windows: Dict[str, Deque[float]] = {}
+        self._counters: Dict[str, int] = {}
+
+    def _record(self, key: str) -> _AccountRecord:
+        record = self._accounts.get(key)
+        if record is None:
+            record = self._accounts[key] = _AccountRecord()
+        return record
+
+    def get_account_states(self, keys):
+        states = {}
+        for key in keys:
+            record = self._accounts.get(key)
+            states[key] = (AccountState() if record is None else
+                           AccountState(cooling_until=record.cooling_until,
+                                        backoff_level=record.backoff_level))
+        return defer.succeed(states)
+
+    def set_cooldown(self, key, until, backoff_level):
+        record = self._record(key)
+        record.cooling_until = float(until)
+        record.backoff_level = int(backoff_level)
+        return defer.succeed(None)
+
+    def record_attempt(self, key, now):
+        record = self._record(key)
+        record.attempts += 1
+        record.last_attempt_at = now
+        return defer.succeed(None)
+
+    def record_outcome(self, key, outcome, now, error=None):
+        problem = validate_outcome(outcome)
+        if problem is not None:
+            return defer.fail(problem)
+        record = self._record(key)
+        if outcome == OUTCOME_SUCCESS:
+            record.successes += 1
+            record.backoff_level = 0
+            record.cooling_until = 0.0
+            return defer.succeed(None)
+        if outcome == OUTCOME_RATE_LIMITED:
+            record.rate_limits += 1
+        else:
+            record.errors += 1
+        record.last_error_at = now
+        record.last_error = error if error is not None else outcome
+        return defer.succeed(None)
+
+    def _live_window(self, key, now, window) -> Optional[Deque[float]]:
+        """The key's rate window with expired timestamps dropped; None (and removed) when empty."""
+        stamps = self._rate_windows.get(key)
+        if stamps is None:
+            return None
+        horizon = now - window
+        while stamps and stamps[0] <= horizon:
+            stamps.popleft()
+        if not stamps:
+            del self._rate_windows[key]
+            return None
+        return stamps
+
+    def take_rate_slot(self, key, now, limit, window=60.0):
+        if limit < 1:
+            return defer.succeed(False)
+        stamps = self._live_window(key, now, window)
+        if stamps is None:
+            stamps = self._rate_windows[key] = collections.deque()
+        # A limit lowered at runtime: the oldest stamps beyond it no longer matter.
+        while len(stamps) > limit:
+            stamps.popleft()
+        if len(stamps) >= limit:
+            return defer.succeed(False)
+        stamps.append(now)
+        return defer.succeed(True)
+
+    def rate_usage(self, key, now, window=60.0):
+        stamps = self._live_window(key, now, window)
+        if stamps is None:
+            return defer.succeed((0, None))
+        return defer.succeed((len(stamps), stamps[0]))
+
+    def incr(self, counter, amount=1):
+        self._counters[counter] = self._counters.get(counter, 0) + amount
+        return defer.succeed(None)
+
+    def counters(self):
+        return defer.succeed(dict(self._counters))
+
+    def account_stats(self, keys):
+        stats = {}
+        for key in keys:
+            record = self._accounts.get(key)
+            stats[key] = empty_stats() if record is None else attr.asdict(record)
+        return defer.succeed(stats)
+
+    def forget(self, key):
+        self._accounts.pop(key, None)
+        self._rate_windows.pop(key, None)
+        return defer.succeed(None)
+
+    def footprint(self) -> Dict[str, int]:
+        """Sizes of the internal tables (for tests and diagnostics): account records, rate windows,
+        timestamps held across all windows, counters."""
+        return {"accounts": len(self._accounts),
+                "rate_windows": len(self._rate_windows),
+                "rate_stamps": sum(len(s) for s in self._rate_windows.values()),
+                "counters": len(self._counters)}

@@ -1,0 +1,48 @@
+"""The values state stores hand back: an account's runtime state and its statistics.
+
+Plain frozen records, shared by every ``IStateStore`` implementation so that they compare equal.
+"""
+
+from typing import Optional
+
+import attr
+
+#: The outcomes ``IStateStore.record_outcome`` accepts.
+OUTCOME_SUCCESS = "success"
+OUTCOME_ERROR = "error"
+OUTCOME_RATE_LIMITED = "rate-limited"
+OUTCOMES = frozenset({OUTCOME_SUCCESS, OUTCOME_ERROR, OUTCOME_RATE_LIMITED})
+
+#: The keys of one account's entry in ``IStateStore.account_stats``.
+STAT_KEYS = ("attempts", "successes", "errors", "rate_limits", "backoff_level", "cooling_until",
+             "last_attempt_at", "last_error_at", "last_error")
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class AccountState:
+    """What selection needs to know about one account: until when it cools, and its 429 level.
+
+    ``cooling_until`` is an absolute time in seconds (the pool's clock); 0.0 means never cooled.
+    """
+
+    cooling_until: float = 0.0
+    backoff_level: int = 0
+
+    def is_cooling(self, now: float) -> bool:
+        """True while the cooldown has not ended at ``now``."""
+        return self.cooling_until > now
+
+
+def empty_stats() -> dict:
+    """The statistics of an account nothing has been recorded for."""
+    return {"attempts": 0, "successes": 0, "errors": 0, "rate_limits": 0, "backoff_level": 0,
+            "cooling_until": 0.0, "last_attempt_at": None, "last_error_at": None,
+            "last_error": None}
+
+
+def validate_outcome(outcome: str) -> Optional[ValueError]:
+    """The error to report for an outcome ``record_outcome`` does not know, else None."""
+    if outcome in OUTCOMES:
+        return None
+    return ValueError("unknown outcome {!r}; expected one of {}".format(
+        outcome, ", ".join(sorted(OUTCOMES))))

@@ -1,0 +1,210 @@
+"""The contract every IStateStore implementation must meet, as a mixin of tests.
+
+Subclass ``StateStoreContract`` in a ``Test*`` class and define ``make_store()``; tests ``await``
+every call, so an asynchronous store (Redis) runs the same tests as the memory one.
+"""
+
+import pytest
+import pytest_twisted
+from zope.interface.verify import verifyObject
+
+from clproxy.interfaces import IStateStore
+from clproxy.state.model import STAT_KEYS, AccountState
+
+
+class StateStoreContract:
+    """Contract tests for ``IStateStore``; subclasses provide ``make_store()``."""
+
+    def make_store(self):
+        """A fresh, empty store."""
+        raise NotImplementedError
+
+    def test_provides_interface(self):
+        """The store provides every member of IStateStore."""
+        assert verifyObject(IStateStore, self.make_store())
+
+    @pytest_twisted.ensureDeferred
+    async def test_unknown_keys_have_default_state(self):
+        """Keys with nothing recorded read as not cooling, level 0."""
+        store = self.make_store()
+        states = await store.get_account_states(["a", "b"])
+        assert states == {"a": AccountState(), "b": AccountState()}
+
+    @pytest_twisted.ensureDeferred
+    async def test_no_keys_no_states(self):
+        """Asking for no keys gives an empty dict."""
+        assert await self.make_store().get_account_states([]) == {}
+
+    @pytest_twisted.ensureDeferred
+    async def test_set_cooldown_is_read_back(self):
+        """set_cooldown stores the end of the cooldown and the level for that key only."""
+        store = self.make_store()
+        await store.set_cooldown("a", 130.5, 3)
+        states = await store.get_account_states(["a", "b"])
+        assert states["a"] == AccountState(cooling_until=130.5, backoff_level=3)
+        assert states["b"] == AccountState()
+
+    @pytest_twisted.ensureDeferred
+    async def test_set_cooldown_last_write_wins(self):
+        """A later set_cooldown replaces an earlier one, even a shorter one."""
+        store = self.make_store()
+        await store.set_cooldown("a", 500.0, 4)
+        await store.set_cooldown("a", 10.0, 1)
+        assert (await store.get_account_states(["a"]))["a"] == AccountState(10.0, 1)
+
+    @pytest_twisted.ensureDeferred
+    async def test_success_clears_cooldown_and_level(self):
+        """A success outcome resets the backoff level to 0 and ends the cooldown."""
+        store = self.make_store()
+        await store.set_cooldown("a", 900.0, 5)
+        await store.record_outcome("a", "success", 100.0)
+        assert (await store.get_account_states(["a"]))["a"] == AccountState()
+
+    @pytest_twisted.ensureDeferred
+    async def test_error_keeps_cooldown_and_level(self):
+        """Error and rate-limited outcomes leave cooldown and level as they were."""
+        store = self.make_store()
+        await store.set_cooldown("a", 900.0, 5)
+        await store.record_outcome("a", "error", 100.0, error="503 transient")
+        await store.record_outcome("a", "rate-limited", 101.0)
+        assert (await store.get_account_states(["a"]))["a"] == AccountState(900.0, 5)
+
+    @pytest_twisted.ensureDeferred
+    async def test_unknown_keys_have_empty_stats(self):
+        """Stats of a key with nothing recorded are zeros and Nones, with every documented key."""
+        stats = await self.make_store().account_stats(["a"])
+        assert set(stats["a"]) == set(STAT_KEYS)
+        assert stats["a"] == {"attempts": 0, "successes": 0, "errors": 0, "rate_limits": 0,
+                              "backoff_level": 0, "cooling_until": 0.0, "last_attempt_at": None,
+                              "last_error_at": None, "last_error": None}
+
+    @pytest_twisted.ensureDeferred
+    async def test_stats_count_attempts_and_outcomes(self):
+        """Attempts and each kind of outcome are counted, with the last attempt and error times."""
+        store = self.make_store()
+        for now in (10.0, 11.0, 12.0, 13.0):
+            await store.record_attempt("a", now)
+        await store.record_outcome("a", "success", 10.5)
+        await store.record_outcome("a", "error", 11.5, error="503 transient")
+        await store.record_outcome("a", "rate-limited", 12.5, error="429 rate-limited")
+        await store.record_outcome("a", "success", 13.5)
+        await store.set_cooldown("a", 99.0, 2)
+        stats = (await store.account_stats(["a"]))["a"]
+        assert stats == {"attempts": 4, "successes": 2, "errors": 1, "rate_limits": 1,
+                         "backoff_level": 2, "cooling_until": 99.0, "last_attempt_at": 13.0,
+                         "last_error_at": 12.5, "last_error": "429 rate-limited"}
+
+    @pytest_twisted.ensureDeferred
+    async def test_error_without_text_records_outcome_name(self):
+        """An error outcome without an error text records the outcome name as last_error."""
+        store = self.make_store()
+        await store.record_outcome("a", "error", 5.0)
+        stats = (await store.account_stats(["a"]))["a"]
+        assert (stats["last_error"], stats["last_error_at"]) == ("error", 5.0)
+
+    @pytest_twisted.ensureDeferred
+    async def test_unknown_outcome_fails(self):
+        """An outcome outside success/error/rate-limited fails the Deferred with ValueError."""
+        store = self.make_store()
+        with pytest.raises(ValueError):
+            await store.record_outcome("a", "meh", 1.0)
+
+    @pytest_twisted.ensureDeferred
+    async def test_rate_slots_up_to_limit(self):
+        """take_rate_slot admits ``limit`` requests in the window and refuses the next."""
+        store = self.make_store()
+        results = [await store.take_rate_slot("a", 100.0 + i, 3) for i in range(4)]
+        assert results == [True, True, True, False]
+
+    @pytest_twisted.ensureDeferred
+    async def test_rate_window_slides(self):
+        """A slot frees when its request leaves the window, one request at a time."""
+        store = self.make_store()
+        assert await store.take_rate_slot("a", 0.0, 2, window=60.0)
+        assert await store.take_rate_slot("a", 30.0, 2, window=60.0)
+        assert not await store.take_rate_slot("a", 59.9, 2, window=60.0)
+        assert await store.take_rate_slot("a", 60.0, 2, window=60.0)
+        assert not await store.take_rate_slot("a", 89.9, 2, window=60.0)
+        assert await store.take_rate_slot("a", 90.0, 2, window=60.0)
+
+    @pytest_twisted.ensureDeferred
+    async def test_refused_slot_is_not_counted(self):
+        """Refused requests do not count: after the window a full limit is available again."""
+        store = self.make_store()
+        for now in (0.0, 1.0):
+            assert await store.take_rate_slot("a", now, 2)
+        for now in range(2, 60):
+            assert not await store.take_rate_slot("a", float(now), 2)
+        assert await store.take_rate_slot("a", 61.0, 2)
+        assert await store.take_rate_slot("a", 61.0, 2)
+        assert not await store.take_rate_slot("a", 61.0, 2)
+
+    @pytest_twisted.ensureDeferred
+    async def test_rate_windows_are_per_key(self):
+        """One key's rate window does not limit another key."""
+        store = self.make_store()
+        assert await store.take_rate_slot("a", 0.0, 1)
+        assert not await store.take_rate_slot("a", 0.0, 1)
+        assert await store.take_rate_slot("b", 0.0, 1)
+
+    @pytest_twisted.ensureDeferred
+    async def test_zero_limit_admits_nothing(self):
+        """A limit below 1 admits no request."""
+        assert not await self.make_store().take_rate_slot("a", 0.0, 0)
+
+    @pytest_twisted.ensureDeferred
+    async def test_rate_usage_reports_count_and_oldest(self):
+        """rate_usage gives the requests in the window and the oldest one's time, taking nothing."""
+        store = self.make_store()
+        assert await store.rate_usage("a", 0.0) == (0, None)
+        await store.take_rate_slot("a", 10.0, 5)
+        await store.take_rate_slot("a", 20.0, 5)
+        assert await store.rate_usage("a", 30.0) == (2, 10.0)
+        assert await store.rate_usage("a", 30.0) == (2, 10.0)
+        assert await store.rate_usage("a", 75.0) == (1, 20.0)
+        assert await store.rate_usage("a", 80.0) == (0, None)
+
+    @pytest_twisted.ensureDeferred
+    async def test_counters(self):
+        """incr adds to named counters starting at 0; counters() returns them all."""
+        store = self.make_store()
+        assert await store.counters() == {}
+        await store.incr("upstream_attempts")
+        await store.incr("upstream_attempts")
+        await store.incr("completed_requests", 5)
+        assert await store.counters() == {"upstream_attempts": 2, "completed_requests": 5}
+
+    @pytest_twisted.ensureDeferred
+    async def test_counters_returns_a_copy(self):
+        """Changing the dict counters() returned does not change the store."""
+        store = self.make_store()
+        await store.incr("truncated_streams")
+        snapshot = await store.counters()
+        snapshot["truncated_streams"] = 100
+        assert await store.counters() == {"truncated_streams": 1}
+
+    @pytest_twisted.ensureDeferred
+    async def test_forget_drops_one_account(self):
+        """forget drops cooldown, level, stats and rate window of one key and leaves others."""
+        store = self.make_store()
+        for key in ("a", "b"):
+            await store.set_cooldown(key, 500.0, 2)
+            await store.record_attempt(key, 1.0)
+            await store.record_outcome(key, "error", 1.0, error="boom")
+            await store.take_rate_slot(key, 1.0, 1)
+        await store.incr("upstream_attempts", 2)
+        await store.forget("a")
+        assert (await store.get_account_states(["a"]))["a"] == AccountState()
+        stats = await store.account_stats(["a", "b"])
+        assert stats["a"]["attempts"] == 0 and stats["a"]["last_error"] is None
+        assert stats["b"]["attempts"] == 1
+        assert await store.take_rate_slot("a", 2.0, 1)
+        assert not await store.take_rate_slot("b", 2.0, 1)
+        assert await store.counters() == {"upstream_attempts": 2}
+
+    @pytest_twisted.ensureDeferred
+    async def test_forget_unknown_key(self):
+        """Forgetting a key nothing was recorded for is harmless."""
+        store = self.make_store()
+        await store.forget("nobody")
+        assert (await store.get_account_states(["nobody"]))["nobody"] == AccountState()

@@ -1,0 +1,89 @@
+"""The in-memory state store: the shared contract, and that its memory stays bounded."""
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from clproxy.interfaces import IStateStore
+from clproxy.state.memory import MemoryStateStore
+from store_contract import StateStoreContract
+
+
+def fired(deferred):
+    """The result of a Deferred that must already have fired successfully."""
+    results = []
+    deferred.addBoth(results.append)
+    assert results, "Deferred has not fired"
+    result = results[0]
+    assert not isinstance(result, Failure), result
+    return result
+
+
+class TestMemoryStateStore(StateStoreContract):
+    """The memory store meets the IStateStore contract."""
+
+    def make_store(self):
+        """A fresh memory store."""
+        return MemoryStateStore()
+
+
+def test_verify_object():
+    """MemoryStateStore provides IStateStore."""
+    assert verifyObject(IStateStore, MemoryStateStore())
+
+
+def test_deferreds_already_fired():
+    """Every method returns a Deferred that has already fired."""
+    store = MemoryStateStore()
+    calls = [store.get_account_states(["a"]), store.set_cooldown("a", 1.0, 1),
+             store.record_attempt("a", 1.0), store.record_outcome("a", "success", 1.0),
+             store.take_rate_slot("a", 1.0, 1), store.rate_usage("a", 1.0), store.incr("x"),
+             store.counters(), store.account_stats(["a"]), store.forget("a")]
+    for call in calls:
+        assert isinstance(call, defer.Deferred)
+        fired(call)
+
+
+def test_reads_create_nothing():
+    """Reading states, stats and rate usage of unknown keys allocates nothing."""
+    store = MemoryStateStore()
+    keys = ["k{}".format(i) for i in range(100)]
+    fired(store.get_account_states(keys))
+    fired(store.account_stats(keys))
+    for key in keys:
+        fired(store.rate_usage(key, 0.0))
+    assert store.footprint() == {"accounts": 0, "rate_windows": 0, "rate_stamps": 0, "counters": 0}
+
+
+def test_rate_window_bounded_by_limit():
+    """A rate window never holds more than ``limit`` timestamps, however many are refused."""
+    store = MemoryStateStore()
+    for i in range(1000):
+        fired(store.take_rate_slot("a", i * 0.01, 5))
+    assert store.footprint()["rate_stamps"] == 5
+
+
+def test_lowered_limit_trims_window():
+    """Lowering the limit at runtime trims the window to the new limit."""
+    store = MemoryStateStore()
+    for i in range(10):
+        assert fired(store.take_rate_slot("a", float(i), 10))
+    assert not fired(store.take_rate_slot("a", 10.0, 3))
+    assert store.footprint()["rate_stamps"] == 3
+
+
+def test_expired_window_is_removed():
+    """A rate window whose requests have all left it is removed."""
+    store = MemoryStateStore()
+    fired(store.take_rate_slot("a", 0.0, 5))
+    assert fired(store.rate_usage("a", 120.0)) == (0, None)
+    assert store.footprint()["rate_windows"] == 0
+
+
+def test_forget_frees_memory():
+    """forget removes the key's record and rate window from memory."""
+    store = MemoryStateStore()
+    fired(store.record_attempt("a", 0.0))
+    fired(store.take_rate_slot("a", 0.0, 5))
+    fired(store.forget("a"))
+    assert store.footprint() == {"accounts": 0, "rate_windows": 0, "rate_stamps": 0, "counters": 0}
