@@ -8,6 +8,7 @@ otherwise answers with a truthful error (a 429 whose Retry-After is the earliest
 
 import json
 import math
+import time
 import uuid
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -34,7 +35,7 @@ HOP_BY_HOP = frozenset({
 # upstream answers in identity encoding: the proxy must read the first SSE event and error bodies.
 DROP_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"x-api-key", b"authorization",
                               b"accept-encoding", b"expect"}
-DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"date", b"server"}
+DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"date"}
 INTERNAL_PREFIXES = (b"x-clproxy-", b"x-neurolink-")
 OAUTH_BETA = "oauth-2025-04-20"
 NO_ACCOUNT_HELP = (
@@ -138,6 +139,8 @@ class _Failure:
     headers: Optional[List[Tuple[bytes, List[bytes]]]] = None
     body: Optional[bytes] = None
     network: Optional[UpstreamError] = None
+    #: statuses of the upstream answers this request got, in order
+    statuses: List[int] = attr.ib(factory=list)
 
 
 class Dispatcher:
@@ -155,6 +158,8 @@ class Dispatcher:
         self.refresher = refresher
         #: async (request, out, exhausted_error) -> bool; True when a fallback answered the client.
         self.fallback = fallback
+        #: the streams being relayed right now (for /status, draining and tests)
+        self.streams = set()
 
     async def forward(self, request: ProxyRequest, out) -> None:
         """Answer ``request`` through ``out`` (a :class:`clproxy.web.ClientResponse`)."""
@@ -204,17 +209,13 @@ class Dispatcher:
                 except Exception as e:  # refresh failed: this account cannot be used now
                     log.warn("<- refresh-failed account={account} reason={reason}",
                              account=account.name, reason=_safe_reason(e))
-                    verdict = policy.classify(401, {}, b"", now=self.clock.seconds(),
-                                              backoff_level=await self.pool.backoff_level(account),
-                                              is_oauth=False)
-                    await self.pool.record(account, verdict)
+                    await self.pool.cool(account, policy.AUTH_COOLDOWN)  # no upstream attempt was made
                     return
             verdict = await self._send(request, out, account, deadline, last)
             if verdict is None or verdict.action != policy.REFRESH:
                 return
             if self.refresher is None or refreshes >= self.settings.max_refresh_retries:
-                # the 401 hook: no refresh possible (or retries spent): cool like any auth failure
-                await self.pool.record(account, attr.evolve(verdict, action=policy.COOL))
+                # no refresh possible (or retries spent): recording the verdict already cooled it
                 return
             refreshes += 1
             force = True
@@ -258,6 +259,7 @@ class Dispatcher:
             raise _Answered()
         last.status, last.headers, last.body, last.network = (
             status, downstream_headers(response.headers), body, None)
+        last.statuses.append(status)
         return verdict
 
     async def _read(self, response, limit: int, out) -> bytes:
@@ -297,7 +299,11 @@ class Dispatcher:
         out.start(response.code, downstream_headers(response.headers))
         out.register_producer(relay.producer())
         relay.commit(out.write)
-        outcome = await relay.done
+        self.streams.add(relay)
+        try:
+            outcome = await relay.done
+        finally:
+            self.streams.discard(relay)
         out.unregister_producer()
         if outcome.truncated and not out.disconnected:
             log.warn("stream truncated account={account}: {reason}", account=account.name,
@@ -315,8 +321,13 @@ class Dispatcher:
     async def _exhausted(self, request, out, enabled: Sequence[Account], last: _Failure) -> None:
         """No account answered: fall back, or answer with the most truthful error there is."""
         cooling = await self.pool.cooling(enabled)
-        all_cooling = len(cooling) == len(enabled)
-        if all_cooling or last.status is None and last.network is None:
+        if last.statuses and all(s in (401, 402, 403) for s in last.statuses) \
+                and len(last.statuses) == len(enabled):
+            # every account rejected its credential just now: Anthropic's own answer is the truth,
+            # a 429 would send the client into a pointless wait
+            out.send(last.status, last.headers or [], last.body or b"")
+            return
+        if len(cooling) == len(enabled) or (last.status is None and last.network is None):
             exhausted = await self._pool_exhausted_error(enabled, cooling)
             if self.fallback is not None and not self.settings.passthrough:
                 if await self.fallback(request, out, exhausted):
@@ -325,24 +336,23 @@ class Dispatcher:
         if last.status is not None:
             out.send(last.status, last.headers or [], last.body or b"")
             return
-        if last.network is not None:
-            status = 504 if last.network.kind == "timeout" else 502
-            raise ProxyError(status, last.network.message)
+        status = 504 if last.network.kind == "timeout" else 502
+        raise ProxyError(status, last.network.message)
 
     async def _pool_exhausted_error(self, enabled, cooling) -> ProxyError:
+        """429 with a Retry-After that is the truth: whole seconds until the first account is usable."""
         now = self.clock.seconds()
         earliest = await self.pool.earliest_recovery(enabled)
-        if earliest is None:
-            # nothing cooling, yet nothing was tried: every account is at its requests-per-minute limit
-            earliest = now + 1.0
-            message = (f"all {len(enabled)} accounts are at their configured rateLimit; "
-                       f"retry shortly")
-            wait = 1
-        else:
-            wait = max(1, int(math.ceil(earliest - now)))
-            message = (f"all {len(enabled)} accounts are rate-limited; {len(cooling)} cooling, "
-                       f"the first recovers in {wait}s")
-        return ProxyError(429, message, "rate_limit_error",
+        wait = max(1, int(math.ceil(earliest - now))) if earliest is not None else 1
+        rows = await self.pool.snapshot(enabled)
+        reasons = "; ".join(f"{row['name']}: {row['last_error']}" for row in rows if row.get("last_error"))
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + wait))
+        message = (f"all {len(enabled)} accounts are unavailable ({len(cooling)} cooling down, "
+                   f"{len(enabled) - len(cooling)} at their rateLimit); the first is usable again "
+                   f"in {wait}s (at {at})")
+        if reasons:
+            message += f". Last errors: {reasons}"
+        return ProxyError(429, message[:2000], "rate_limit_error",
                           headers=[(b"retry-after", str(wait).encode())])
 
     def _no_account_error(self, accounts: Sequence[Account]) -> ProxyError:

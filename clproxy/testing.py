@@ -44,7 +44,8 @@ class Script:
     """How the fake answers a matching request.
 
     ``status``/``headers``/``body``: a plain response. ``events``: an SSE stream (each event written
-    ``pace`` seconds after the previous). ``cut_after``: abort the connection after that many events.
+    ``pace`` seconds after the previous). ``cut_after``: close the connection mid-body after that many
+    events.
     ``end_before_first``: send the stream's headers, then end it cleanly with no event.
     ``reset``: abort the connection before any response. ``delay``: wait before answering.
     ``times``: how many requests it answers (None: all).
@@ -295,23 +296,27 @@ class FakeAnthropic(resource.Resource):
         frames = [encode_event(name, data) for name, data in events]
 
         def send(i: int) -> None:
-            if finished:
-                self.open_streams -= 1
-                return
-            if s.cut_after is not None and i >= s.cut_after:
-                self.open_streams -= 1
-                request.transport.abortConnection()
-                return
-            if i >= len(frames):
-                self.open_streams -= 1
-                request.finish()
-                return
-            request.write(frames[i])
-            self.sent.append((i, self.reactor.seconds()))
-            if s.pace:
-                self.reactor.callLater(s.pace, send, i + 1)
-            else:
-                send(i + 1)
+            # unpaced events are written in one loop; paced ones one per timer tick
+            while True:
+                if finished:
+                    self.open_streams -= 1
+                    return
+                if s.cut_after is not None and i >= s.cut_after:
+                    self.open_streams -= 1
+                    # close the TCP connection mid-body (what was written is flushed first): the
+                    # client sees the chunked body end without its terminating chunk
+                    request.channel.transport.loseConnection()
+                    return
+                if i >= len(frames):
+                    self.open_streams -= 1
+                    request.finish()
+                    return
+                request.write(frames[i])
+                self.sent.append((i, self.reactor.seconds()))
+                i += 1
+                if s.pace:
+                    self.reactor.callLater(s.pace, send, i)
+                    return
 
         send(0)
 

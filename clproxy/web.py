@@ -145,9 +145,13 @@ class ProxyHTTPRequest(server.Request):
             return
         self.content.write(data)
 
-    def process(self) -> None:
-        # twisted sets "Server: TwistedWeb/x"; the proxy announces nothing of its own.
-        super().process()
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            # twisted.web announces itself in "Server"; the upstream's own value (or none) is kept
+            server_header = self.responseHeaders.getRawHeaders(b"server")
+            if server_header and server_header[0].startswith(b"TwistedWeb"):
+                self.responseHeaders.removeHeader(b"server")
+        super().write(data)
 
 
 class ProxyChannel(http.HTTPChannel):

@@ -1,11 +1,12 @@
 """Integration: the real daemon over loopback in front of the fake Anthropic API, in passthrough mode."""
 
 import json
+import socket
 
 import anthropic
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
+from twisted.internet import defer, endpoints, protocol, reactor, task
 
 from clproxy import testing
 from clproxy.sse import encode_event
@@ -291,3 +292,73 @@ async def test_status_and_health_documents(fake, start_proxy):
     assert document["counters"]["upstream_attempts"] == 1
     assert document["counters"]["completed_requests"] == 1
     assert "key-one" not in status.decode()
+
+
+class _SlowReader(protocol.Protocol):
+    """A raw HTTP client that sends one request, then stops reading until told to resume."""
+
+    def __init__(self, request: bytes):
+        self.request = request
+        self.received = 0
+        self.data = []
+        self.closed = defer.Deferred()
+
+    def connectionMade(self):
+        # a fixed small receive buffer (no autotuning up to tens of MB) so the stall shows quickly
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        self.transport.write(self.request)
+        self.transport.pauseProducing()
+
+    def dataReceived(self, data):
+        self.received += len(data)
+        self.data.append(data)
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self.closed.callback(None)
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_reader_pauses_upstream(fake, start_proxy):
+    """A client that stops reading pauses the upstream read: the proxy holds a bounded amount, then resumes."""
+    proxy = start_proxy(accounts_config(fake, "one"))
+    big = "z" * 10_000
+    events = testing.text_stream(parts=[big] * 1200)  # ~12 MB
+    total = sum(len(encode_event(n, d)) for n, d in events)
+    fake.script(events=events)
+    body = request_body(stream=True)
+    host, port = proxy.service.address()
+    raw = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+           b"x-api-key: c\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
+    client = _SlowReader(raw)
+    await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, host, port), client)
+    await until(lambda: proxy.dispatcher.streams)
+    relay = next(iter(proxy.dispatcher.streams))
+    # wait until the relay stalls (no progress across many polls)
+    last, still = -1, 0
+    while still < 15:
+        await until(lambda: True)
+        await task.deferLater(reactor, 0.02, lambda: None)
+        still = still + 1 if relay.bytes_relayed == last else 0
+        last = relay.bytes_relayed
+    # what was read from upstream is bounded by the kernel's socket buffers plus the proxy's own
+    # 64 KiB write buffer, far below the stream's size
+    assert relay.bytes_relayed < 6_000_000, "the upstream was read although the client was not"
+    client.transport.resumeProducing()
+    await client.closed
+    received = _dechunk(b"".join(client.data))
+    assert received.count(b"event: content_block_delta") == 1200
+    assert b"event: message_stop" in received
+
+
+def _dechunk(raw: bytes) -> bytes:
+    """The body of a raw chunked HTTP/1.1 response."""
+    _, _, rest = raw.partition(b"\r\n\r\n")
+    body = []
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        body.append(rest[:size])
+        rest = rest[size + 2:]
+    return b"".join(body)
