@@ -38,6 +38,8 @@ class _NoDelayClientProtocol(HTTP11ClientProtocol):
 
 
 class _NoDelayClientFactory(webclient._HTTP11ClientFactory):
+    noisy = False  # no "Starting factory" log line per upstream connection
+
     def buildProtocol(self, addr):
         return _NoDelayClientProtocol(self._quiescentCallback)
 

@@ -171,6 +171,7 @@ class ProxySite(server.Site):
     protocol = ProxyChannel
     requestFactory = ProxyHTTPRequest
     displayTracebacks = False
+    noisy = False
 
     def __init__(self, root, max_body_bytes: int = 32 * 1024 * 1024):
         super().__init__(root)

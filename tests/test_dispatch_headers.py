@@ -1,0 +1,72 @@
+"""Header handling on both sides of the proxy."""
+
+from twisted.web.http_headers import Headers
+
+from clproxy.auth.accounts import Account
+from clproxy.dispatch import downstream_headers, merge_beta, upstream_headers
+
+KEY = Account(key="config:a", name="a", kind="api-key", secret="sk-test-key")
+OAUTH = Account(key="anthropic:w", name="w", kind="oauth", secret="oat-token")
+
+
+def raw(headers: Headers, name: bytes):
+    return headers.getRawHeaders(name)
+
+
+def test_credentials_replaced_and_end_to_end_headers_kept_in_order():
+    """The client's credentials go, the account's come in, the rest stays as sent."""
+    client = [(b"Host", b"127.0.0.1:55669"), (b"x-api-key", b"client"), (b"Authorization", b"Bearer c"),
+              (b"anthropic-beta", b"b1,b2"), (b"anthropic-version", b"2023-06-01"),
+              (b"x-stainless-os", b"Linux"), (b"user-agent", b"claude-cli/2.1.0"),
+              (b"Content-Length", b"10"), (b"Accept-Encoding", b"gzip, br")]
+    headers = upstream_headers(client, KEY)
+    assert raw(headers, b"x-api-key") == [b"sk-test-key"]
+    assert raw(headers, b"authorization") is None
+    assert raw(headers, b"anthropic-beta") == [b"b1,b2"]
+    assert raw(headers, b"host") is None and raw(headers, b"content-length") is None
+    assert raw(headers, b"accept-encoding") is None
+    names = [n.lower() for n, _ in headers.getAllRawHeaders()]
+    assert names.index(b"anthropic-beta") < names.index(b"anthropic-version") < names.index(b"x-stainless-os")
+
+
+def test_hop_by_hop_and_connection_listed_headers_dropped():
+    """Hop-by-hop headers and those named in Connection are not forwarded."""
+    client = [(b"Connection", b"keep-alive, X-Private"), (b"X-Private", b"1"), (b"Keep-Alive", b"5"),
+              (b"TE", b"trailers"), (b"Transfer-Encoding", b"chunked"), (b"Proxy-Authorization", b"x"),
+              (b"x-app", b"cli")]
+    headers = upstream_headers(client, KEY)
+    assert [n.lower() for n, _ in headers.getAllRawHeaders()] == [b"x-app", b"x-api-key"]
+
+
+def test_proxy_internal_headers_not_forwarded():
+    """x-clproxy-* and x-neurolink-* headers are meant for the proxy only."""
+    headers = upstream_headers([(b"x-clproxy-session-id", b"s"), (b"x-neurolink-user-id", b"u")], KEY)
+    assert list(headers.getAllRawHeaders()) == [(b"X-Api-Key", [b"sk-test-key"])]
+
+
+def test_oauth_gets_bearer_and_beta_merged_once():
+    """OAuth accounts send a Bearer token and the oauth beta, merged into the client's list once."""
+    headers = upstream_headers([(b"anthropic-beta", b"a-1, b-2")], OAUTH)
+    assert raw(headers, b"authorization") == [b"Bearer oat-token"]
+    assert raw(headers, b"x-api-key") is None
+    assert raw(headers, b"anthropic-beta") == [b"a-1,b-2,oauth-2025-04-20"]
+    headers = upstream_headers([(b"anthropic-beta", b"oauth-2025-04-20,x")], OAUTH)
+    assert raw(headers, b"anthropic-beta") == [b"oauth-2025-04-20,x"]
+    headers = upstream_headers([], OAUTH)
+    assert raw(headers, b"anthropic-beta") == [b"oauth-2025-04-20"]
+
+
+def test_merge_beta_keeps_client_order():
+    """merge_beta appends only when absent and keeps the client's order."""
+    assert merge_beta(b"z,a", "m") == b"z,a,m"
+    assert merge_beta(b"z,m,a", "m") == b"z,m,a"
+
+
+def test_downstream_drops_hop_by_hop_and_keeps_rate_limit_headers():
+    """Responses keep end-to-end headers (request-id, retry-after, rate limits) and lose hop-by-hop ones."""
+    upstream = Headers({b"content-type": [b"application/json"], b"request-id": [b"req_1"],
+                        b"retry-after": [b"5"], b"anthropic-ratelimit-tokens-remaining": [b"10"],
+                        b"transfer-encoding": [b"chunked"], b"connection": [b"keep-alive"],
+                        b"content-length": [b"12"]})
+    names = {n.lower() for n, _ in downstream_headers(upstream)}
+    assert names == {b"content-type", b"request-id", b"retry-after", b"anthropic-ratelimit-tokens-remaining"}
