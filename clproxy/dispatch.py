@@ -20,24 +20,15 @@ from twisted.web.http_headers import Headers
 
 from . import policy
 from .auth.accounts import Account
+from .cloaking import HOP_BY_HOP, CloakingPipeline
 from .errors import ProxyError, error_event, error_type_for
 from .upstream import FirstEventFailed, StreamRelay, UpstreamError, read_body
 
 log = logger(__name__)
 
-# Hop-by-hop headers (RFC 9110 7.6.1) and the ones the proxy itself owns on each side.
-HOP_BY_HOP = frozenset({
-    b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
-    b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
-})
-# Never forwarded upstream: the client's own credentials (replaced by the account's), what the
-# HTTP client recomputes, and headers meant for the proxy only. Accept-Encoding is dropped so the
-# upstream answers in identity encoding: the proxy must read the first SSE event and error bodies.
-DROP_UPSTREAM = HOP_BY_HOP | {b"host", b"content-length", b"x-api-key", b"authorization",
-                              b"accept-encoding", b"expect"}
+# What a client must not see of the upstream's answer: hop-by-hop headers, and what twisted.web
+# sets itself for the proxy's own connection.
 DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"date"}
-INTERNAL_PREFIXES = (b"x-clproxy-", b"x-neurolink-")
-OAUTH_BETA = "oauth-2025-04-20"
 NO_ACCOUNT_HELP = (
     "clproxy has no Anthropic account to use. Add one with `clproxy auth login anthropic`, "
     "set ANTHROPIC_API_KEY in the proxy's environment (or its --env-file), or list accounts under "
@@ -70,38 +61,6 @@ class DispatchSettings:
     max_response_bytes: int = 256 * 1024 * 1024
     max_refresh_retries: int = 5
     config_path: str = "~/.clproxy/proxy-config.yaml"
-
-
-def upstream_headers(request_headers: Sequence[Tuple[bytes, bytes]], account: Account) -> Headers:
-    """The client's end-to-end headers, in order, with the account's credentials in place of its own."""
-    connection_tokens = set()
-    for name, value in request_headers:
-        if name.lower() == b"connection":
-            connection_tokens.update(t.strip().lower() for t in value.split(b","))
-    headers = Headers()
-    beta_seen = False
-    for name, value in request_headers:
-        lower = name.lower()
-        if lower in DROP_UPSTREAM or lower in connection_tokens or lower.startswith(INTERNAL_PREFIXES):
-            continue
-        if lower == b"anthropic-beta" and account.is_oauth:
-            beta_seen = True
-            value = merge_beta(value, OAUTH_BETA)
-        headers.addRawHeader(name, value)
-    for name, value in account.auth_headers():
-        headers.setRawHeaders(name, [value])
-    if account.is_oauth and not beta_seen:
-        headers.setRawHeaders(b"anthropic-beta", [OAUTH_BETA.encode()])
-    return headers
-
-
-def merge_beta(value: bytes, beta: str) -> bytes:
-    """Add ``beta`` to a comma-separated ``anthropic-beta`` value unless present; client order kept."""
-    items = [item.strip() for item in value.split(b",") if item.strip()]
-    wanted = beta.encode()
-    if wanted in items:
-        return value
-    return b",".join(items + [wanted])
 
 
 def downstream_headers(response_headers: Headers) -> List[Tuple[bytes, List[bytes]]]:
@@ -148,7 +107,7 @@ class Dispatcher:
 
     def __init__(self, *, clock: IReactorTime, upstream, pool, store,
                  accounts: Callable[[], Sequence[Account]], settings: DispatchSettings = DispatchSettings(),
-                 refresher=None, fallback=None):
+                 refresher=None, fallback=None, shaping: Optional[CloakingPipeline] = None):
         self.clock = clock
         self.upstream = upstream
         self.pool = pool
@@ -156,6 +115,7 @@ class Dispatcher:
         self.accounts = accounts
         self.settings = settings
         self.refresher = refresher
+        self.shaping = shaping or CloakingPipeline()
         #: async (request, out, exhausted_error) -> bool; True when a fallback answered the client.
         self.fallback = fallback
         #: the streams being relayed right now (for /status, draining and tests)
@@ -225,8 +185,8 @@ class Dispatcher:
         level = await self.pool.backoff_level(account)
         timeout = max(0.001, min(self.settings.upstream_timeout, deadline - self.clock.seconds()))
         url = (account.base_url.rstrip("/").encode("utf-8") + request.path + request.query)
-        headers = upstream_headers(request.headers, account)
-        sending = self.upstream.send(request.method, url, headers, request.body, timeout, self.clock)
+        headers, body = self.shaping.shape(request.headers, account, request.body)
+        sending = self.upstream.send(request.method, url, headers, body, timeout, self.clock)
         out.on_disconnect(sending.cancel)
         try:
             response = await sending

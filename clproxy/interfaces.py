@@ -4,7 +4,7 @@ Implementations say ``@implementer(...)``; tests call ``verifyObject`` and run t
 tests against every implementation.
 """
 
-from zope.interface import Interface
+from zope.interface import Attribute, Interface
 
 
 class IStateStore(Interface):
@@ -96,4 +96,28 @@ class IStateStore(Interface):
         removed): cooldown, level, stats and rate window.
 
         :return: Deferred firing with None.
+        """
+
+
+class ICloakingPlugin(Interface):
+    """One step of request shaping (``clproxy.cloaking``), run in order on each upstream attempt.
+
+    Shaping may only add what an account needs to be used; a plugin must not forge another
+    client's identity (DESIGN.md, principle 7). Plugins are registered in code or named in
+    ``cloaking.plugins`` of the config (``module:attribute`` of an object providing this interface).
+    """
+
+    name = Attribute("A short name, used in logs and in the config's ``cloaking.plugins``.")
+
+    def applies(context):
+        """Whether this plugin should run for ``context`` (a ``clproxy.cloaking.ShapingContext``).
+
+        :return: bool
+        """
+
+    def apply(context):
+        """Shape ``context`` in place: ``context.headers`` (a list of ``(name, value)`` bytes pairs,
+        names lower-case) and, rarely, ``context.body`` (changing it costs prompt caching; say so).
+
+        :return: None
         """

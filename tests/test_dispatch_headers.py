@@ -1,12 +1,18 @@
-"""Header handling on both sides of the proxy."""
+"""Header handling on both sides of the proxy, and the request-shaping pipeline."""
 
 from twisted.web.http_headers import Headers
 
 from clproxy.auth.accounts import Account
-from clproxy.dispatch import downstream_headers, merge_beta, upstream_headers
+from clproxy.cloaking import CloakingPipeline, merge_beta
+from clproxy.dispatch import downstream_headers
 
 KEY = Account(key="config:a", name="a", kind="api-key", secret="sk-test-key")
 OAUTH = Account(key="anthropic:w", name="w", kind="oauth", secret="oat-token")
+
+
+def upstream_headers(client, account, mode="never"):
+    """The shaped headers with only the mandatory steps (mode never)."""
+    return CloakingPipeline(mode).shape(client, account, b"")[0]
 
 
 def raw(headers: Headers, name: bytes):
@@ -58,8 +64,8 @@ def test_oauth_gets_bearer_and_beta_merged_once():
 
 def test_merge_beta_keeps_client_order():
     """merge_beta appends only when absent and keeps the client's order."""
-    assert merge_beta(b"z,a", "m") == b"z,a,m"
-    assert merge_beta(b"z,m,a", "m") == b"z,m,a"
+    assert merge_beta(b"z,a", b"m") == b"z,a,m"
+    assert merge_beta(b"z,m,a", b"m") == b"z,m,a"
 
 
 def test_downstream_drops_hop_by_hop_and_keeps_rate_limit_headers():
