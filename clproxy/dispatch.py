@@ -21,6 +21,7 @@ from twisted.web.http_headers import Headers
 from . import policy
 from .auth.accounts import Account
 from .cloaking import HOP_BY_HOP, CloakingPipeline
+from .router import Target
 from .errors import ProxyError, error_event, error_type_for
 from .upstream import FirstEventFailed, StreamRelay, UpstreamError, read_body
 
@@ -107,7 +108,8 @@ class Dispatcher:
 
     def __init__(self, *, clock: IReactorTime, upstream, pool, store,
                  accounts: Callable[[], Sequence[Account]], settings: DispatchSettings = DispatchSettings(),
-                 refresher=None, fallback=None, shaping: Optional[CloakingPipeline] = None):
+                 refresher=None, fallback=None, shaping: Optional[CloakingPipeline] = None,
+                 router=None, translation=None):
         self.clock = clock
         self.upstream = upstream
         self.pool = pool
@@ -116,6 +118,10 @@ class Dispatcher:
         self.settings = settings
         self.refresher = refresher
         self.shaping = shaping or CloakingPipeline()
+        #: clproxy.router.Router; None means every model is passthrough
+        self.router = router
+        #: clproxy.translation.Translation, for models mapped to another provider
+        self.translation = translation
         #: async (request, out, exhausted_error) -> bool; True when a fallback answered the client.
         self.fallback = fallback
         #: the streams being relayed right now (for /status, draining and tests)
@@ -131,6 +137,16 @@ class Dispatcher:
             await self.store.incr("completed_requests")
 
     async def _forward(self, request: ProxyRequest, out) -> None:
+        if self.router is not None and request.model:
+            route = self.router.route(request.model)
+            if route.translated:
+                if self.translation is None:
+                    raise ProxyError(500, f"model {request.model} is mapped to {route.provider}, "
+                                          "but translation is not available")
+                await self.translation.answer(request, out, Target(route.provider, route.model), final=True)
+                return
+            if not route.passthrough:
+                request = with_model(request, route.model)
         accounts = list(self.accounts())
         enabled = [a for a in accounts if a.enabled]
         if not enabled:
@@ -322,6 +338,17 @@ class Dispatcher:
                               "authentication_error")
         return ProxyError(401, NO_ACCOUNT_HELP.format(config=self.settings.config_path),
                           "authentication_error")
+
+
+def with_model(request: ProxyRequest, model: str) -> ProxyRequest:
+    """The request with its ``model`` renamed (an explicit model mapping within Anthropic).
+
+    The body is re-encoded, so its bytes change: the price of a rename the config asked for.
+    """
+    parsed = json.loads(request.body)
+    parsed["model"] = model
+    body = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return attr.evolve(request, body=body, model=model)
 
 
 def _classify_error_event(data: str, now: float, level: int, account: Account):

@@ -14,9 +14,11 @@ from twisted.python import usage
 
 from . import config as configuration
 from .auth.accounts import Account, accounts_from_environment
+from .cloaking import PluginLoadError, pipeline_from_config
 from .dispatch import DispatchSettings, Dispatcher
 from .observe import console
 from .pool import AccountPool
+from .router import Router
 from .state.memory import MemoryStateStore
 from .upstream import UpstreamClient
 from .web import ProxySite, StatusReport, build_root
@@ -144,8 +146,13 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
         request_deadline=cfg.server.request_deadline,
         config_path=config_path,
     )
+    try:
+        shaping = pipeline_from_config(cfg.cloaking)
+    except (PluginLoadError, ValueError) as e:
+        raise SystemExit(f"clproxy: invalid configuration: cloaking: {e}")
     dispatcher = Dispatcher(clock=reactor, upstream=upstream, pool=pool, store=store,
-                            accounts=lambda: accounts, settings=settings)
+                            accounts=lambda: accounts, settings=settings, shaping=shaping,
+                            router=Router.from_config(cfg.routing))
     status = StatusReport(clock=reactor, pool=pool, store=store, accounts=lambda: accounts,
                           strategy=lambda: pool.strategy, started=reactor.seconds())
     site = ProxySite(build_root(dispatcher, status), max_body_bytes=cfg.server.max_body_bytes)

@@ -248,3 +248,17 @@ def _check_error(status, headers, body):
     if status == 429:
         assert int(headers.getRawHeaders(b"retry-after")[0]) >= 1
     return f"error-{status}"
+
+
+@pytest_twisted.ensureDeferred
+async def test_model_mapping_within_anthropic_renames_the_model(fake, start_proxy):
+    """A mapping to another Anthropic model renames it in the body; other requests stay byte for byte."""
+    proxy = start_proxy(accounts_config(fake, "a", routing={"model-mappings": [
+        {"from": "claude-old", "to": "claude-sonnet-4-5", "provider": "anthropic"}]}))
+    await post(proxy.url + "/v1/messages", request_body(model="claude-old"))
+    renamed = json.loads(fake.requests[-1].body)
+    assert renamed["model"] == "claude-sonnet-4-5"
+    assert renamed["messages"] == [{"role": "user", "content": "héllo \u2603"}]
+    body = request_body(model="claude-sonnet-4-5")
+    await post(proxy.url + "/v1/messages", body)
+    assert fake.requests[-1].body == body
