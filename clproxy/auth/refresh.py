@@ -1,0 +1,263 @@
+"""Keeping OAuth access tokens fresh without ever losing a rotated refresh token.
+
+One refresh per account at a time in this process (single-flight), one across processes (the store's
+file lock, held across the token-endpoint call and the write), and the new tokens are on disk before
+anyone gets the new access token.
+"""
+
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import attr
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import oauth
+from .accounts import Account
+from .tokenstore import (
+    DEFAULT_LOCK_TIMEOUT, StoredCredential, StoreTransaction, TokenStore, TokenStoreError,
+)
+
+log = Logger()
+
+INVALID_GRANT_REASON = "refresh token rejected (invalid_grant): run clproxy auth login again"
+
+
+def failures_reason(count: int) -> str:
+    return f"{count} consecutive refresh failures"
+
+
+class RefreshFailed(Exception):
+    """A refresh of ``key`` did not produce a usable token. ``disabled`` is true when the account is now
+    out of the pool (invalid_grant, too many failures, or it was disabled already). The underlying
+    error is ``__cause__``. The message never holds a token."""
+
+    def __init__(self, key: str, reason: str, *, disabled: bool = False):
+        self.key = key
+        self.reason = reason
+        self.disabled = disabled
+        super().__init__(key, reason)
+
+    def __str__(self) -> str:
+        state = " (account disabled)" if self.disabled else ""
+        return f"refresh of {self.key} failed: {self.reason}{state}"
+
+
+class AccountDisabled(RefreshFailed):
+    """The account is disabled in the store; nothing was sent."""
+
+    def __init__(self, key: str, reason: Optional[str]):
+        super().__init__(key, f"disabled: {reason or 'no reason recorded'}", disabled=True)
+
+
+class NotRefreshable(RefreshFailed):
+    """The account has no refresh token, or is not in the token store, so it cannot be refreshed."""
+
+
+class _Flight:
+    """One refresh in progress and everyone waiting for its outcome."""
+
+    def __init__(self) -> None:
+        self._waiters: List[Deferred] = []
+
+    def wait(self) -> Deferred:
+        d: Deferred = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def land(self, result: Any) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if d.called:  # this waiter was cancelled; the refresh itself went on for the others
+                continue
+            if isinstance(result, Failure):
+                d.errback(result)
+            else:
+                d.callback(result)
+
+
+class TokenRefresher:
+    """Gives out usable access tokens for OAuth accounts, refreshing through ``store``.
+
+    ``http_client`` is a treq ``HTTPClient`` or a zero-argument callable returning one; ``clock`` an
+    ``IReactorTime`` (expiry decisions and lock polling); ``endpoints`` an
+    :class:`~clproxy.auth.oauth.OAuthEndpoints`.
+
+    Lock waiting: the store lock is a non-blocking ``flock`` retried every ``lock_poll`` seconds on
+    ``clock`` (``deferLater``), so the reactor never blocks; after ``lock_timeout`` seconds the refresh
+    fails with :class:`RefreshFailed` (cause :class:`~clproxy.auth.tokenstore.TokenStoreLockTimeout`).
+    The lock is held across the token-endpoint call (at most ``http_timeout`` seconds) and the write.
+    """
+
+    def __init__(self, store: TokenStore, http_client: Any, endpoints: Any, clock: Any,
+                 refresh_before_expiry: float = 3600.0, max_consecutive_failures: int = 15, *,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, lock_poll: float = 0.05,
+                 http_timeout: float = oauth.DEFAULT_TIMEOUT):
+        self._store = store
+        self._http = http_client
+        self._endpoints = endpoints
+        self._clock = clock
+        self.refresh_before_expiry = refresh_before_expiry
+        self.max_consecutive_failures = max_consecutive_failures
+        self._lock_timeout = lock_timeout
+        self._lock_poll = lock_poll
+        self._http_timeout = http_timeout
+        self._flights: Dict[str, _Flight] = {}
+
+    def _client(self) -> Any:
+        if hasattr(self._http, "post"):
+            return self._http
+        return self._http()
+
+    def expiring(self, expires_at: Optional[float]) -> bool:
+        """True when a token expiring at ``expires_at`` should be refreshed now (unknown: no)."""
+        if expires_at is None:
+            return False
+        return expires_at - self._clock.seconds() <= self.refresh_before_expiry
+
+    def in_flight(self, key: str) -> bool:
+        """True while a refresh of ``key`` is running in this process."""
+        return key in self._flights
+
+    async def fresh(self, account: Account, force: bool = False) -> Account:
+        """``account`` with a usable access token, refreshed first when it expires within
+        ``refresh_before_expiry`` (or when ``force``, e.g. after a 401).
+
+        Non-OAuth accounts, and OAuth accounts not yet due, come back unchanged without any I/O.
+        Concurrent callers for one account share one refresh; a forced call joins one in flight.
+        Raises :class:`RefreshFailed` (``disabled`` tells whether the account left the pool).
+        """
+        if not account.is_oauth:
+            return account
+        flight = self._flights.get(account.key)
+        if flight is None:
+            if not force and not self.expiring(account.expires_at):
+                return account
+            flight = self._flights[account.key] = _Flight()
+            waiter = flight.wait()
+            started = Deferred.fromCoroutine(self._refresh_locked(account, force))
+            started.addBoth(self._land, account.key, flight)
+        else:
+            waiter = flight.wait()
+        return await waiter
+
+    def _land(self, result: Any, key: str, flight: _Flight) -> None:
+        # Clear first: a waiter that calls fresh() again must start a new refresh, not join this one.
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        flight.land(result)
+
+    async def _refresh_locked(self, account: Account, force: bool) -> Account:
+        try:
+            tx = await self._store.acquire(self._clock, self._lock_timeout, self._lock_poll)
+        except TokenStoreError as e:
+            raise RefreshFailed(account.key, str(e)) from e
+        try:
+            return await self._refresh(tx, account, force)
+        finally:
+            tx.release()
+
+    async def _refresh(self, tx: StoreTransaction, account: Account, force: bool) -> Account:
+        key = account.key
+        try:
+            record = tx.get(key)
+        except TokenStoreError as e:
+            raise RefreshFailed(key, str(e)) from e
+        if record is None:
+            raise NotRefreshable(key, "not in the token store")
+        if not record.is_oauth:
+            return _as_account(account, record)
+        if record.disabled:
+            raise AccountDisabled(key, record.disabled_reason)
+        # Another process (or an earlier flight here) rotated since this snapshot was taken: its fresh
+        # access token is ours to use, and its refresh token is the live one; never burn ours.
+        if record.access_token != account.secret and not self.expiring(record.expires_at):
+            log.info("refresh: {key} was already refreshed elsewhere; using the stored token", key=key)
+            return _as_account(account, record)
+        if not record.refresh_token:
+            raise NotRefreshable(key, "no refresh token: run clproxy auth login again")
+        try:
+            tokens = await oauth.refresh_tokens(self._client(), self._endpoints, record.refresh_token,
+                                                timeout=self._http_timeout)
+        except oauth.InvalidGrant as e:
+            self._record_failure(tx, record, INVALID_GRANT_REASON)
+            log.warn("refresh: {key} invalid_grant; account disabled", key=key)
+            raise RefreshFailed(key, str(e), disabled=True) from e
+        except oauth.OAuthError as e:
+            disabled = self._record_failure(tx, record, None)
+            log.warn("refresh: {key} failed ({error}); failures={failures}", key=key, error=str(e),
+                     failures=record.refresh_failures + 1)
+            raise RefreshFailed(key, str(e), disabled=disabled) from e
+        # The one path to a new token: written (atomic, 0600) and read back before it is returned.
+        try:
+            stored = tx.write(record.rotated(tokens, self._clock.seconds()))
+        except (OSError, TokenStoreError) as e:
+            log.error("refresh: {key} got new tokens but could not store them ({error}); the old refresh "
+                      "token is spent: run clproxy auth login again if this persists",
+                      key=key, error=type(e).__name__)
+            raise RefreshFailed(key, f"could not store the new tokens ({type(e).__name__})") from e
+        log.info("refresh: {key} refreshed; expires_at={expires_at}", key=key,
+                 expires_at=stored.expires_at)
+        return _as_account(account, stored)
+
+    def _record_failure(self, tx: StoreTransaction, record: StoredCredential,
+                        disable_reason: Optional[str]) -> bool:
+        """Count one failed refresh; disable on ``disable_reason`` or the Nth in a row. True if disabled."""
+        failures = record.refresh_failures + 1
+        if disable_reason is None and failures >= self.max_consecutive_failures:
+            disable_reason = failures_reason(failures)
+        updated = attr.evolve(record, refresh_failures=failures, updated_at=self._clock.seconds(),
+                              disabled=disable_reason is not None or record.disabled,
+                              disabled_reason=disable_reason or record.disabled_reason)
+        try:
+            tx.write(updated)
+        except (OSError, TokenStoreError) as e:
+            log.error("refresh: could not record the failure of {key} ({error})", key=record.key,
+                      error=type(e).__name__)
+        return updated.disabled
+
+    async def disable(self, key: str, reason: str) -> Optional[StoredCredential]:
+        """Disable ``key`` in the store (lock taken without blocking the reactor); ``None`` if absent."""
+        tx = await self._store.acquire(self._clock, self._lock_timeout, self._lock_poll)
+        try:
+            record = tx.get(key)
+            if record is None:
+                return None
+            return tx.write(attr.evolve(record, disabled=True, disabled_reason=reason,
+                                        updated_at=self._clock.seconds()))
+        finally:
+            tx.release()
+
+    async def startup_check(self, accounts: Iterable[Account]) -> Tuple[Account, ...]:
+        """Give each expired, enabled OAuth account one refresh; one that fails is disabled (in the store
+        when it is there) and comes back with ``enabled=False``. Other accounts pass unchanged."""
+        result = []
+        now = self._clock.seconds()
+        for account in accounts:
+            if (not account.is_oauth or not account.enabled or account.expires_at is None
+                    or account.expires_at > now):
+                result.append(account)
+                continue
+            try:
+                result.append(await self.fresh(account, force=True))
+            except RefreshFailed as e:
+                log.warn("startup: {key} is expired and could not be refreshed ({reason}); disabled",
+                         key=account.key, reason=e.reason)
+                if not e.disabled:
+                    try:
+                        await self.disable(account.key,
+                                           f"expired and the startup refresh failed ({e.reason}); "
+                                           f"run clproxy auth refresh anthropic, or log in again")
+                    except TokenStoreError as store_error:
+                        log.error("startup: could not disable {key} ({error})", key=account.key,
+                                  error=str(store_error))
+                result.append(attr.evolve(account, enabled=False))
+        return tuple(result)
+
+
+def _as_account(account: Account, record: StoredCredential) -> Account:
+    """The caller's account (its base URL, weight ...) with the credential as stored."""
+    stored = record.to_account(account.base_url)
+    return attr.evolve(account, kind=stored.kind, secret=stored.secret, expires_at=stored.expires_at,
+                       enabled=stored.enabled, org_id=stored.org_id or account.org_id,
+                       metadata={**dict(account.metadata), **dict(stored.metadata)})
