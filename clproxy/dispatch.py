@@ -20,6 +20,7 @@ from twisted.web.http_headers import Headers
 
 from . import policy
 from .auth.accounts import Account
+from .auth.quota import has_quota_headers
 from .cloaking import HOP_BY_HOP, CloakingPipeline
 from .router import Target
 from .errors import ProxyError, error_event, error_type_for
@@ -109,7 +110,8 @@ class Dispatcher:
     def __init__(self, *, clock: IReactorTime, upstream, pool, store,
                  accounts: Callable[[], Sequence[Account]], settings: DispatchSettings = DispatchSettings(),
                  refresher=None, fallback=None, shaping: Optional[CloakingPipeline] = None,
-                 router=None, translation=None):
+                 router=None, translation=None, quotas=None,
+                 on_refreshed: Optional[Callable[[Account], None]] = None):
         self.clock = clock
         self.upstream = upstream
         self.pool = pool
@@ -124,6 +126,10 @@ class Dispatcher:
         self.translation = translation
         #: async (request, out, exhausted_error) -> bool; True when a fallback answered the client.
         self.fallback = fallback
+        #: clproxy.auth.quota.QuotaBook: unified rate-limit headers captured per account
+        self.quotas = quotas
+        #: told about an account that came back from a refresh with a new token
+        self.on_refreshed = on_refreshed
         #: the streams being relayed right now (for /status, draining and tests)
         self.streams = set()
 
@@ -181,7 +187,10 @@ class Dispatcher:
         while True:
             if account.is_oauth and self.refresher is not None:
                 try:
-                    account = await self.refresher.fresh(account, force=force)
+                    refreshed = await self.refresher.fresh(account, force=force)
+                    if refreshed is not account and self.on_refreshed is not None:
+                        self.on_refreshed(refreshed)
+                    account = refreshed
                 except Exception as e:  # refresh failed: this account cannot be used now
                     log.warn("<- refresh-failed account={account} reason={reason}",
                              account=account.name, reason=_safe_reason(e))
@@ -217,6 +226,8 @@ class Dispatcher:
             raise
         status = response.code
         passthrough = self.settings.passthrough
+        if self.quotas is not None and has_quota_headers(response.headers):
+            self.quotas.note(account.key, response.headers)
         if 200 <= status < 300:
             if request.stream and is_event_stream(response.headers):
                 await self._relay_stream(request, out, account, response, level, last)

@@ -8,12 +8,19 @@ import os
 from typing import Mapping, Optional, Tuple
 
 from twisted.application import internet, service
-from twisted.internet import defer
+from treq.client import HTTPClient
+from twisted.internet import defer, task
+from twisted.web.client import Agent
 from twisted.logger import LogLevel
 from twisted.python import usage
 
 from . import config as configuration
-from .auth.accounts import Account, accounts_from_environment
+from .auth.accounts import Account
+from .auth.directory import AccountDirectory
+from .auth.oauth import OAuthEndpoints
+from .auth.quota import QUOTA_FILE, QuotaBook
+from .auth.refresh import TokenRefresher
+from .auth.tokenstore import TokenStore
 from .cloaking import PluginLoadError, pipeline_from_config
 from .dispatch import DispatchSettings, Dispatcher
 from .observe import console
@@ -74,27 +81,57 @@ def accounts_from_config(cfg) -> Tuple[Account, ...]:
     base = cfg.providers.anthropic.base_url
     return tuple(
         Account(key=f"config:{a.name}", name=a.name, kind="api-key", secret=a.api_key or "",
-                base_url=a.base_url or base, weight=a.weight, enabled=a.enabled,
+                base_url=a.base_url or base, weight=max(1, int(round(a.weight))), enabled=a.enabled,
                 rate_limit=a.rate_limit, org_id=a.org_id, metadata=dict(a.metadata or {}),
                 source="config")
         for a in cfg.accounts
     )
 
 
-def discover_accounts(cfg, environ: Mapping[str, str]) -> Tuple[Account, ...]:
-    """Config accounts, else ``ANTHROPIC_API_KEY``."""
-    accounts = accounts_from_config(cfg)
-    if accounts:
-        return accounts
-    return accounts_from_environment(environ, base_url=cfg.providers.anthropic.base_url)
+class AccountUpkeep(service.Service):
+    """At start, one refresh for each expired OAuth account (disabled if it fails); then, every
+    ``--health-interval`` seconds, re-discovery and a refresh of tokens about to expire, so requests
+    seldom wait on one."""
+
+    def __init__(self, directory, refresher, clock, interval: float):
+        self.directory, self.refresher, self.clock, self.interval = directory, refresher, clock, interval
+        self._loop = None
+
+    def startService(self):
+        super().startService()
+        self._loop = task.LoopingCall(lambda: defer.ensureDeferred(self.check()))
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True).addErrback(
+            lambda f: log.failure("account upkeep stopped", f))
+
+    async def check(self) -> None:
+        """Refresh what is expired or about to expire; never raises."""
+        try:
+            await self.refresher.startup_check(self.directory.current())
+            for account in self.directory.current():
+                if account.is_oauth and account.enabled:
+                    try:
+                        self.directory.updated(await self.refresher.fresh(account))
+                    except Exception as e:
+                        log.warn("upkeep: {name} could not be refreshed: {error}", name=account.name,
+                                 error=str(e))
+            self.directory.refresh()
+        except Exception:
+            log.failure("account upkeep failed")
+
+    def stopService(self):
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
 
 
 class ProxyService(service.MultiService):
     """The running daemon: the listening site plus what must be closed on stop."""
 
-    def __init__(self, upstream: UpstreamClient):
+    def __init__(self, upstream: UpstreamClient, quotas=None):
         super().__init__()
         self.upstream = upstream
+        self.quotas = quotas
 
     def address(self):
         """The (host, port) the daemon listens on (useful when started on port 0)."""
@@ -108,6 +145,8 @@ class ProxyService(service.MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         yield defer.maybeDeferred(super().stopService)
+        if self.quotas is not None:
+            self.quotas.flush()
         yield self.upstream.close()
 
 
@@ -130,13 +169,22 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
         log.info("config: {note}", note=note)
 
     strategy = options.get("strategy") or cfg.routing.strategy
+    home = configuration.clproxy_home(env)
     store = MemoryStateStore()
     pool = AccountPool(store, strategy=strategy, clock=reactor)
     upstream = UpstreamClient(reactor, connect_timeout=cfg.server.connect_timeout,
                               max_connections_per_host=cfg.server.max_connections_per_host)
-    accounts = discover_accounts(cfg, env)
+    tokens = TokenStore(home)
+    directory = AccountDirectory(
+        store=tokens, clock=reactor, environ=env, config_accounts=accounts_from_config(cfg),
+        base_url=cfg.providers.anthropic.base_url,
+        on_changed_credential=lambda account: defer.ensureDeferred(pool.forget(account)))
+    refresher = TokenRefresher(tokens, HTTPClient(Agent(reactor, pool=upstream.pool)),
+                               OAuthEndpoints.from_config(cfg.providers.anthropic), reactor,
+                               refresh_before_expiry=cfg.providers.anthropic.refresh_before_expiry)
+    quotas = QuotaBook(os.path.join(home, QUOTA_FILE), reactor)
     config_path = options.get("config") or configuration.default_config_path(env)
-    if not accounts:
+    if not directory.current():
         log.warn("no Anthropic account yet: requests will be answered with 401 until you add one: "
                  "`clproxy auth login anthropic`, ANTHROPIC_API_KEY in the environment or --env-file, "
                  "or accounts.anthropic in {path}", path=config_path)
@@ -151,18 +199,23 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
     except (PluginLoadError, ValueError) as e:
         raise SystemExit(f"clproxy: invalid configuration: cloaking: {e}")
     dispatcher = Dispatcher(clock=reactor, upstream=upstream, pool=pool, store=store,
-                            accounts=lambda: accounts, settings=settings, shaping=shaping,
-                            router=Router.from_config(cfg.routing))
-    status = StatusReport(clock=reactor, pool=pool, store=store, accounts=lambda: accounts,
-                          strategy=lambda: pool.strategy, started=reactor.seconds())
+                            accounts=directory.current, settings=settings, shaping=shaping,
+                            router=Router.from_config(cfg.routing), refresher=refresher,
+                            quotas=quotas, on_refreshed=directory.updated)
+    status = StatusReport(clock=reactor, pool=pool, store=store, accounts=directory.current,
+                          strategy=lambda: pool.strategy, started=reactor.seconds(), quotas=quotas)
     site = ProxySite(build_root(dispatcher, status), max_body_bytes=cfg.server.max_body_bytes)
 
-    top = ProxyService(upstream)
-    top.dispatcher, top.pool, top.store, top.site = dispatcher, pool, store, site
+    top = ProxyService(upstream, quotas=quotas)
+    top.dispatcher, top.pool, top.store, top.site, top.directory = dispatcher, pool, store, site, directory
+    top.refresher, top.quotas = refresher, quotas
+    AccountUpkeep(directory, refresher, reactor, interval=float(options.get("health-interval") or 30.0)
+                  ).setServiceParent(top)
     listener = internet.TCPServer(int(options["port"]), site, interface=options["host"], backlog=1024)
     listener.setServiceParent(top)
     log.info("clproxy listening on http://{host}:{port} strategy={strategy} accounts={count}",
-             host=options["host"], port=options["port"], strategy=strategy, count=len(accounts))
+             host=options["host"], port=options["port"], strategy=strategy,
+             count=len(directory.current()))
     return top
 
 

@@ -7,7 +7,7 @@ events, a stream that ends before its first event, a delay, or a connection rese
 
 import itertools
 import json
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attr
 from twisted.internet import reactor as default_reactor
@@ -178,6 +178,8 @@ class FakeAnthropic(resource.Resource):
         self._scripts: Dict[Optional[str], List[Script]] = {}
         self.default_stream: Events = text_stream()
         self.open_streams = 0
+        #: optional credential check: a request whose credential it rejects gets a 401
+        self.authorize: Optional[Callable[[Optional[str]], bool]] = None
         #: (event index, reactor time) for every SSE event written, in order
         self.sent: List[Tuple[int, float]] = []
         self.port = None
@@ -234,7 +236,10 @@ class FakeAnthropic(resource.Resource):
             method=request.method, path=request.path, uri=request.uri,
             headers=[(k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs],
             body=body, credential=credential, client_port=getattr(request.getClientAddress(), "port", 0)))
-        s = self._take(credential) or Script()
+        if self.authorize is not None and not self.authorize(credential):
+            s = Script(status=401, body=error_json(401, "authentication_error", "invalid bearer token"))
+        else:
+            s = self._take(credential) or Script()
         if s.delay:
             self.reactor.callLater(s.delay, self._answer, request, body, s)
         else:

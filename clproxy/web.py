@@ -383,7 +383,7 @@ class StatusReport:
     """Builds the /health and /status documents from the live daemon."""
 
     def __init__(self, *, clock, pool, store, accounts, strategy: Callable[[], str], started: float,
-                 extra: Callable[[], dict] = dict):
+                 extra: Callable[[], dict] = dict, quotas=None):
         self.clock = clock
         self.pool = pool
         self.store = store
@@ -391,6 +391,7 @@ class StatusReport:
         self.strategy = strategy
         self.started = started
         self.extra = extra
+        self.quotas = quotas
 
     def health(self) -> dict:
         """The small liveness document."""
@@ -401,12 +402,16 @@ class StatusReport:
         """The full status document (never a secret)."""
         accounts = list(self.accounts())
         counters = await self.store.counters()
+        rows = await self.pool.snapshot(accounts)
+        if self.quotas is not None:
+            for row in rows:
+                row["quota"] = self.quotas.get(row["key"])
         document = {
             "status": "ok",
             "version": __version__,
             "strategy": self.strategy(),
             "uptime": round(self.clock.seconds() - self.started, 3),
-            "accounts": await self.pool.snapshot(accounts),
+            "accounts": rows,
             "counters": {
                 "upstream_attempts": counters.get("upstream_attempts", 0),
                 "completed_requests": counters.get("completed_requests", 0),

@@ -1,0 +1,81 @@
+"""The daemon's live list of accounts: discovered from the token store, config and environment.
+
+Discovery runs again when the token store's files change on disk (checked at most once per
+``check_interval`` seconds, by a cheap stat), when the config is reloaded, and after a refresh.
+A credential that changed (a re-login) has its runtime state reset in the pool.
+"""
+
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+
+from ..observe.console import logger
+from .accounts import Account
+from .tokenstore import TokenStore, TokenStoreError, credential_fingerprint, discover_accounts
+
+log = logger(__name__)
+
+
+class AccountDirectory:
+    """Answers "which accounts are there now?" on every request, cheaply."""
+
+    def __init__(self, *, store: TokenStore, clock, environ: Mapping[str, str],
+                 config_accounts: Sequence[Account] = (), base_url: str,
+                 on_changed_credential: Optional[Callable[[Account], object]] = None,
+                 check_interval: float = 1.0):
+        self._store = store
+        self._clock = clock
+        self._environ = environ
+        self._config_accounts = tuple(config_accounts)
+        self._base_url = base_url
+        self._on_changed = on_changed_credential
+        self._interval = check_interval
+        self._accounts: Tuple[Account, ...] = ()
+        self._fingerprints: Dict[str, str] = {}
+        self._files = None
+        self._checked_at = float("-inf")
+        self.refresh()
+
+    def current(self) -> Tuple[Account, ...]:
+        """The accounts, re-discovered first if the token store changed on disk."""
+        now = self._clock.seconds()
+        if now - self._checked_at >= self._interval:
+            self._checked_at = now
+            if self._store.fingerprint() != self._files:
+                self.refresh()
+        return self._accounts
+
+    def refresh(self) -> Tuple[Account, ...]:
+        """Discover again now; keeps the previous list (and logs why) when the store is unreadable."""
+        files = self._store.fingerprint()
+        try:
+            accounts = discover_accounts(self._store.home, self._config_accounts, self._environ,
+                                         base_url=self._base_url, store=self._store)
+        except TokenStoreError as e:
+            log.error("accounts: keeping the previous list, the token store is unreadable: {error}",
+                      error=str(e))
+            self._files = files
+            return self._accounts
+        fingerprints = {a.key: credential_fingerprint(a) for a in accounts}
+        for account in accounts:
+            before = self._fingerprints.get(account.key)
+            if before is not None and before != fingerprints[account.key]:
+                log.info("accounts: credential of {name} changed; its cooldowns and stats start afresh",
+                         name=account.name)
+                if self._on_changed is not None:
+                    self._on_changed(account)
+        if [a.key for a in accounts] != [a.key for a in self._accounts]:
+            log.info("accounts: {count} in the pool: {names}", count=len(accounts),
+                     names=", ".join(f"{a.name} ({a.kind}{'' if a.enabled else ', disabled'})"
+                                     for a in accounts) or "none")
+        self._accounts, self._fingerprints, self._files = accounts, fingerprints, files
+        return accounts
+
+    def set_config_accounts(self, accounts: Sequence[Account], base_url: Optional[str] = None) -> None:
+        """New config-file accounts (a config reload); discovery runs again at once."""
+        self._config_accounts = tuple(accounts)
+        if base_url:
+            self._base_url = base_url
+        self.refresh()
+
+    def updated(self, account: Account) -> None:
+        """An account came back from a refresh with a new token: use it from now on."""
+        self._accounts = tuple(account if a.key == account.key else a for a in self._accounts)
