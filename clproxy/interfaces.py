@@ -121,3 +121,95 @@ class ICloakingPlugin(Interface):
 
         :return: None
         """
+
+
+class IAtomicCooldown(Interface):
+    """A cooldown that only ever grows, decided where the state lives: two instances that cool one
+    account at once keep the longer cooldown, whatever order their writes arrive in (a read in one
+    process followed by ``IStateStore.set_cooldown`` cannot promise that across processes).
+    """
+
+    def extend_cooldown(key, until, backoff_level=None):
+        """Cool one account until ``until`` unless it already cools longer, in one atomic step.
+
+        :param until: absolute time in seconds (the pool's clock).
+        :param backoff_level: when given, the 429 level becomes the larger of the stored one and
+            this; None leaves the level alone.
+        :return: Deferred firing with the resulting ``AccountState``.
+        """
+
+
+class ISharedTokens(Interface):
+    """OAuth token records shared by every instance: one JSON-able dict per account key.
+
+    A record is whatever the token store serialises for one account (it holds credentials: an
+    implementation never logs it or puts it in an error). When records carry a numeric
+    ``updated_at`` it orders them (``import_token_record`` keeps the newer).
+    """
+
+    def get_token_record(key):
+        """The record stored for ``key``.
+
+        :return: Deferred firing with a new dict, or None when there is none.
+        """
+
+    def put_token_record(key, record):
+        """Store ``record`` for ``key``, replacing any (the caller holds the refresh lock).
+
+        Implementations that keep a file copy write it before anything else, so a rotated
+        refresh token is durable before the new access token is used.
+        :return: Deferred firing with None once the record is stored.
+        """
+
+    def import_token_record(key, record):
+        """Store ``record`` unless the stored one is at least as new: for importing a file copy.
+
+        A stored record wins when both have a numeric ``updated_at`` and its own is not older, or
+        when either lacks one (an import never replaces what it cannot compare).
+        :return: Deferred firing with True when ``record`` was stored, False when kept out.
+        """
+
+    def delete_token_record(key):
+        """Drop the record of ``key`` (logged out or removed); harmless when there is none.
+
+        :return: Deferred firing with None.
+        """
+
+
+class IQuotaStore(Interface):
+    """The latest subscription quota snapshot per account (``policy.quota_from_headers``)."""
+
+    def put_quota(key, snapshot):
+        """Replace the quota snapshot of ``key`` with ``snapshot`` (a JSON-able dict).
+
+        :return: Deferred firing with None.
+        """
+
+    def get_quotas(keys):
+        """The latest snapshot of several accounts.
+
+        :return: Deferred firing with ``{key: dict or None}`` for every key asked (None: no
+            snapshot). Reading never creates state.
+        """
+
+
+class ILockProvider(Interface):
+    """Named mutual-exclusion locks with a time to live: the per-account refresh lock, so exactly
+    one holder (across every instance sharing the provider) refreshes while the others wait and
+    then read the result. A holder that dies blocks nobody longer than the lock's TTL.
+    """
+
+    def acquire(name, ttl_ms, wait, clock):
+        """Take lock ``name`` for at most ``ttl_ms`` milliseconds, waiting up to ``wait`` seconds.
+
+        Polls with a bounded backoff on ``clock`` (an ``IReactorTime``); ``wait`` 0 tries once.
+        :return: Deferred firing with a :class:`clproxy.state.locks.LockToken`, or None when the
+            lock was still held when the wait ended.
+        """
+
+    def release(token):
+        """Release the lock ``token`` proves holding, only if it still holds it (its TTL has not
+        passed and nobody took it since).
+
+        :return: Deferred firing with True when released, False when it was no longer held.
+        """

@@ -1,0 +1,348 @@
+"""Contracts of the shared-state interfaces (IAtomicCooldown, ISharedTokens, IQuotaStore,
+ILockProvider), run against the Redis store and against the in-process forms that stand in for it.
+
+The ``*Contract`` mixins belong next to ``StateStoreContract`` in ``store_contract.py``; a
+subclass defines ``make_store()`` returning a fresh implementation.
+"""
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.defer import Deferred
+from twisted.internet.task import deferLater
+from zope.interface.verify import verifyObject
+
+from clproxy.interfaces import IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens
+from clproxy.state.locks import LockToken, MemoryLocks, lock_poll_delay, poll_for_lock
+from clproxy.state.model import AccountState
+from clproxy.state.redis import LocalMirror, RedisStateStore
+from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
+
+
+class AtomicCooldownContract:
+    """Contract tests for ``IAtomicCooldown``."""
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def test_provides_atomic_cooldown(self):
+        """The store provides IAtomicCooldown."""
+        assert verifyObject(IAtomicCooldown, self.make_store())
+
+    @pytest_twisted.ensureDeferred
+    async def test_extend_sets_when_not_cooling(self):
+        """Extending an account with nothing recorded cools it and sets the level."""
+        store = self.make_store()
+        assert await store.extend_cooldown("a", 50.0, 2) == AccountState(50.0, 2)
+        assert (await store.get_account_states(["a"]))["a"] == AccountState(50.0, 2)
+
+    @pytest_twisted.ensureDeferred
+    async def test_extend_never_shortens(self):
+        """A shorter cooldown leaves a longer one in place; a longer one replaces it."""
+        store = self.make_store()
+        await store.extend_cooldown("a", 500.0, 1)
+        assert await store.extend_cooldown("a", 100.0, 1) == AccountState(500.0, 1)
+        assert await store.extend_cooldown("a", 900.0) == AccountState(900.0, 1)
+        assert (await store.get_account_states(["a"]))["a"] == AccountState(900.0, 1)
+
+    @pytest_twisted.ensureDeferred
+    async def test_extend_keeps_the_higher_level(self):
+        """The level becomes the larger of the stored and the given one; None keeps it."""
+        store = self.make_store()
+        await store.set_cooldown("a", 10.0, 4)
+        assert (await store.extend_cooldown("a", 20.0, 2)).backoff_level == 4
+        assert (await store.extend_cooldown("a", 20.0, 5)).backoff_level == 5
+        assert (await store.extend_cooldown("a", 20.0, None)).backoff_level == 5
+
+    @pytest_twisted.ensureDeferred
+    async def test_success_after_extend_clears(self):
+        """A success outcome ends an extended cooldown like any other."""
+        store = self.make_store()
+        await store.extend_cooldown("a", 500.0, 3)
+        await store.record_outcome("a", "success", 1.0)
+        assert (await store.get_account_states(["a"]))["a"] == AccountState()
+
+
+class SharedTokensContract:
+    """Contract tests for ``ISharedTokens``."""
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def test_provides_shared_tokens(self):
+        """The store provides ISharedTokens."""
+        assert verifyObject(ISharedTokens, self.make_store())
+
+    @pytest_twisted.ensureDeferred
+    async def test_unknown_token_is_none(self):
+        """A key without a record reads as None."""
+        assert await self.make_store().get_token_record("a") is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_put_then_get_round_trips(self):
+        """A stored record reads back equal, as a new dict the caller may change."""
+        store = self.make_store()
+        record = {"access_token": "at-1", "refresh_token": "rt-1", "expires_at": 1.5e9,
+                  "updated_at": 10.0, "scopes": ["a", "b"], "disabled": False}
+        await store.put_token_record("a", record)
+        got = await store.get_token_record("a")
+        assert got == record
+        got["access_token"] = "changed"
+        assert (await store.get_token_record("a"))["access_token"] == "at-1"
+        assert await store.get_token_record("b") is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_put_replaces_even_an_older_version(self):
+        """put_token_record replaces unconditionally (the caller holds the refresh lock)."""
+        store = self.make_store()
+        await store.put_token_record("a", {"refresh_token": "rt-2", "updated_at": 20.0})
+        await store.put_token_record("a", {"refresh_token": "rt-1", "updated_at": 10.0})
+        assert (await store.get_token_record("a"))["refresh_token"] == "rt-1"
+
+    @pytest_twisted.ensureDeferred
+    async def test_import_fills_an_empty_key(self):
+        """Importing a record where there is none stores it."""
+        store = self.make_store()
+        assert await store.import_token_record("a", {"refresh_token": "rt", "updated_at": 1.0})
+        assert (await store.get_token_record("a"))["refresh_token"] == "rt"
+
+    @pytest_twisted.ensureDeferred
+    async def test_import_keeps_a_newer_or_equal_record(self):
+        """An import older than or as old as the stored record is kept out."""
+        store = self.make_store()
+        await store.put_token_record("a", {"refresh_token": "live", "updated_at": 20.0})
+        assert not await store.import_token_record("a", {"refresh_token": "old",
+                                                          "updated_at": 10.0})
+        assert not await store.import_token_record("a", {"refresh_token": "same",
+                                                          "updated_at": 20.0})
+        assert (await store.get_token_record("a"))["refresh_token"] == "live"
+
+    @pytest_twisted.ensureDeferred
+    async def test_import_replaces_an_older_record(self):
+        """An import newer than the stored record replaces it."""
+        store = self.make_store()
+        await store.put_token_record("a", {"refresh_token": "old", "updated_at": 10.0})
+        assert await store.import_token_record("a", {"refresh_token": "new", "updated_at": 30.0})
+        assert (await store.get_token_record("a"))["refresh_token"] == "new"
+
+    @pytest_twisted.ensureDeferred
+    async def test_import_never_replaces_what_it_cannot_compare(self):
+        """Without updated_at on either side an import leaves the stored record alone."""
+        store = self.make_store()
+        await store.put_token_record("a", {"refresh_token": "unversioned"})
+        assert not await store.import_token_record("a", {"refresh_token": "x",
+                                                          "updated_at": 99.0})
+        await store.put_token_record("b", {"refresh_token": "versioned", "updated_at": 1.0})
+        assert not await store.import_token_record("b", {"refresh_token": "y"})
+        assert (await store.get_token_record("a"))["refresh_token"] == "unversioned"
+        assert (await store.get_token_record("b"))["refresh_token"] == "versioned"
+
+    @pytest_twisted.ensureDeferred
+    async def test_delete(self):
+        """A deleted record reads as None; deleting an unknown key is harmless."""
+        store = self.make_store()
+        await store.put_token_record("a", {"refresh_token": "rt"})
+        await store.delete_token_record("a")
+        await store.delete_token_record("nobody")
+        assert await store.get_token_record("a") is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_forget_keeps_tokens(self):
+        """forget drops runtime state, not the credential record."""
+        store = self.make_store()
+        await store.put_token_record("a", {"refresh_token": "rt"})
+        await store.forget("a")
+        assert (await store.get_token_record("a"))["refresh_token"] == "rt"
+
+
+class QuotaStoreContract:
+    """Contract tests for ``IQuotaStore``."""
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def test_provides_quota_store(self):
+        """The store provides IQuotaStore."""
+        assert verifyObject(IQuotaStore, self.make_store())
+
+    @pytest_twisted.ensureDeferred
+    async def test_quotas_round_trip_per_key(self):
+        """Each key reads its latest snapshot; keys without one read None."""
+        store = self.make_store()
+        first = {"status": "allowed", "five_hour": {"utilization": 0.25, "reset": 1.7e9}}
+        await store.put_quota("a", {"status": "old"})
+        await store.put_quota("a", first)
+        assert await store.get_quotas(["a", "b"]) == {"a": first, "b": None}
+        assert await store.get_quotas([]) == {}
+
+    @pytest_twisted.ensureDeferred
+    async def test_forget_drops_quota(self):
+        """forget drops the quota snapshot of that key only."""
+        store = self.make_store()
+        await store.put_quota("a", {"status": "allowed"})
+        await store.put_quota("b", {"status": "allowed"})
+        await store.forget("a")
+        assert await store.get_quotas(["a", "b"]) == {"a": None, "b": {"status": "allowed"}}
+
+
+class LockProviderContract:
+    """Contract tests for ``ILockProvider``; ``clock()`` is the clock the locks are timed on."""
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def clock(self):
+        return reactor
+
+    def test_provides_lock_provider(self):
+        """The provider provides ILockProvider."""
+        assert verifyObject(ILockProvider, self.make_store())
+
+    @pytest_twisted.ensureDeferred
+    async def test_acquire_release_acquire(self):
+        """A free lock is taken; a second try without waiting fails; after release it is free."""
+        store = self.make_store()
+        token = await store.acquire("refresh:a", 10_000, 0, self.clock())
+        assert isinstance(token, LockToken) and token.name == "refresh:a"
+        assert await store.acquire("refresh:a", 10_000, 0, self.clock()) is None
+        assert await store.acquire("refresh:b", 10_000, 0, self.clock()) is not None
+        assert await store.release(token) is True
+        assert await store.acquire("refresh:a", 10_000, 0, self.clock()) is not None
+
+    @pytest_twisted.ensureDeferred
+    async def test_release_twice_is_false(self):
+        """Releasing a lock no longer held reports False and changes nothing."""
+        store = self.make_store()
+        token = await store.acquire("l", 10_000, 0, self.clock())
+        assert await store.release(token) is True
+        again = await store.acquire("l", 10_000, 0, self.clock())
+        assert await store.release(token) is False
+        assert await store.acquire("l", 10_000, 0, self.clock()) is None
+        assert await store.release(again) is True
+
+    @pytest_twisted.ensureDeferred
+    async def test_expired_lock_is_free_and_not_releasable(self):
+        """After its TTL a lock can be taken by another; its first holder cannot release it."""
+        store = self.make_store()
+        first = await store.acquire("l", 50, 0, self.clock())
+        await deferLater(reactor, 0.12, lambda: None)
+        second = await store.acquire("l", 10_000, 0, self.clock())
+        assert second is not None
+        assert await store.release(first) is False
+        assert await store.acquire("l", 10_000, 0, self.clock()) is None
+        assert await store.release(second) is True
+
+    @pytest_twisted.ensureDeferred
+    async def test_waiter_gets_the_lock_after_release(self):
+        """A waiting acquirer gets the lock soon after the holder releases it."""
+        store = self.make_store()
+        holder = await store.acquire("l", 10_000, 0, self.clock())
+        waiting = store.acquire("l", 10_000, 5.0, self.clock())
+        await deferLater(reactor, 0.05, lambda: None)
+        assert not waiting.called
+        await store.release(holder)
+        token = await waiting
+        assert token is not None and token.owner != holder.owner
+
+    @pytest_twisted.ensureDeferred
+    async def test_wait_ends_with_none(self):
+        """A lock held past the wait gives None once the wait is over."""
+        store = self.make_store()
+        await store.acquire("l", 10_000, 0, self.clock())
+        started = reactor.seconds()
+        assert await store.acquire("l", 10_000, 0.1, self.clock()) is None
+        assert 0.09 <= reactor.seconds() - started < 1.0
+
+
+class TestMirrorSharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
+                            LockProviderContract):
+    """The local mirror (served during an outage) meets the shared-state contracts."""
+
+    def make_store(self):
+        """A fresh mirror."""
+        return LocalMirror()
+
+
+class TestMemoryLocks(LockProviderContract):
+    """The in-process lock provider meets the lock contract."""
+
+    def make_store(self):
+        """A fresh provider."""
+        return MemoryLocks()
+
+
+class TestRedisSharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
+                           LockProviderContract):
+    """The Redis store meets the shared-state contracts, every call answered by Redis."""
+
+    @pytest.fixture(autouse=True)
+    def _connected(self, redis_server):  # noqa: F811
+        store = RedisStateStore(redis_server.url, reactor, prefix=unique_prefix())
+        pytest_twisted.blockon(store.connect())
+        self._store = store
+        yield
+        pytest_twisted.blockon(store.close())
+        assert store._link.failed_calls == 0
+
+    def make_store(self):
+        """The connected store of this test."""
+        return self._store
+
+
+class TestRedisWithoutRedisSharedState(AtomicCooldownContract, SharedTokensContract,
+                                       QuotaStoreContract, LockProviderContract):
+    """With Redis unreachable the store meets the shared-state contracts from its mirror."""
+
+    def make_store(self):
+        """A store that never connected."""
+        return RedisStateStore("redis://127.0.0.1:1/0", reactor, prefix=unique_prefix())
+
+
+def test_lock_poll_delay_backs_off_to_a_cap():
+    """Lock polling waits 5 ms, doubling, never more than 200 ms."""
+    assert [lock_poll_delay(n) for n in range(8)] == [0.005, 0.01, 0.02, 0.04, 0.08, 0.16,
+                                                       0.2, 0.2]
+    assert lock_poll_delay(10_000) == 0.2
+
+
+def test_poll_for_lock_on_a_fake_clock():
+    """poll_for_lock retries on the clock's schedule and gives up exactly at the deadline."""
+    clock = task.Clock()
+    tries = []
+
+    async def never():
+        tries.append(clock.seconds())
+        return None
+
+    result = []
+    Deferred.fromCoroutine(poll_for_lock(never, 0.1, clock, jitter=lambda: 0.5)).addCallback(
+        result.append)
+    clock.pump([0.001] * 200)
+    assert result == [None]
+    assert tries == pytest.approx([0.0, 0.005, 0.015, 0.035, 0.075, 0.1], abs=1e-3)
+
+
+def test_poll_for_lock_zero_wait_tries_once():
+    """A wait of 0 is one try, answered at once."""
+    clock = task.Clock()
+    calls = []
+
+    async def held():
+        calls.append(1)
+        return None
+
+    result = []
+    Deferred.fromCoroutine(poll_for_lock(held, 0, clock)).addCallback(result.append)
+    assert (result, calls) == ([None], [1])
+
+
+def test_memory_lock_expires_on_its_clock():
+    """An in-process lock is free again once its TTL has passed on the acquiring clock."""
+    clock = task.Clock()
+    locks = MemoryLocks()
+    first = locks.try_acquire("l", 1000, clock)
+    assert first is not None and first.local
+    clock.advance(0.999)
+    assert locks.try_acquire("l", 1000, clock) is None
+    clock.advance(0.001)
+    assert locks.try_acquire("l", 1000, clock) is not None
