@@ -8,6 +8,7 @@ import time
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from clproxy.auth.accounts import Account
+from clproxy.interfaces import IAtomicCooldown
 from clproxy.policy import SUCCESS, Verdict
 from clproxy.state.model import OUTCOME_ERROR, OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS
 
@@ -121,19 +122,24 @@ class AccountPool:
         outcome = OUTCOME_RATE_LIMITED if verdict.status == 429 else OUTCOME_ERROR
         await self._store.record_outcome(key, outcome, now, error=_error_text(verdict))
         if verdict.cooldown is not None:
-            state = (await self._store.get_account_states([key]))[key]
-            # Two requests in flight on one account: a short cooldown must not cut a long one.
-            until = max(now + verdict.cooldown, state.cooling_until)
-            await self._store.set_cooldown(key, until, verdict.backoff_level)
+            await self._extend(key, now + verdict.cooldown, verdict.backoff_level)
 
     async def cool(self, account: Account, seconds: float) -> None:
         """Cool ``account`` for ``seconds`` from now (never shortening a longer cooldown) without
         counting an attempt: for a decision about an attempt already recorded."""
-        now = self._now()
         self._written_keys.add(account.key)
-        state = (await self._store.get_account_states([account.key]))[account.key]
-        until = max(now + seconds, state.cooling_until)
-        await self._store.set_cooldown(account.key, until, state.backoff_level)
+        await self._extend(account.key, self._now() + seconds, None)
+
+    async def _extend(self, key: str, until: float, level: Optional[int]) -> None:
+        """Cool ``key`` until ``until`` unless it already cools longer (two requests in flight on
+        one account: a short cooldown must not cut a long one). A shared store does the max in one
+        atomic step, so instances cannot overwrite each other's longer cooldown."""
+        if IAtomicCooldown.providedBy(self._store):
+            await self._store.extend_cooldown(key, until, level)
+            return
+        state = (await self._store.get_account_states([key]))[key]
+        await self._store.set_cooldown(key, max(until, state.cooling_until),
+                                       state.backoff_level if level is None else level)
 
     async def backoff_level(self, account: Account) -> int:
         """The account's current 429 backoff level (pass it to ``policy.classify``)."""

@@ -5,6 +5,7 @@ a ``MultiService`` whose ``stopService`` closes the upstream connection pool.
 """
 
 import os
+import socket
 from typing import Mapping, Optional, Tuple
 
 from twisted.application import internet, service
@@ -20,13 +21,14 @@ from .auth.directory import AccountDirectory
 from .auth.oauth import OAuthEndpoints
 from .auth.quota import QUOTA_FILE, QuotaBook
 from .auth.refresh import TokenRefresher
-from .auth.tokenstore import TokenStore
+from .auth.tokenstore import StoredCredential, TokenStore, TokenStoreError
+from .interfaces import ISharedTokens
 from .cloaking import PluginLoadError, pipeline_from_config
 from .dispatch import DispatchSettings, Dispatcher
 from .observe import console
 from .pool import AccountPool
 from .router import Router
-from .state.memory import MemoryStateStore
+from .state.redis import RedisStateStore, create_state_store, parse_redis_url
 from .upstream import UpstreamClient
 from .web import ProxySite, StatusReport, build_root
 
@@ -88,6 +90,62 @@ def accounts_from_config(cfg) -> Tuple[Account, ...]:
     )
 
 
+def make_state_store(state_config, clock, tokens: TokenStore):
+    """The state store the config asks for. For Redis, Redis must answer now (SystemExit naming the
+    URL, without its password, otherwise); rotated tokens it receives are also written to the
+    token file, which stays the fallback copy."""
+    try:
+        store = create_state_store(state_config, clock, on_token_write=lambda key, data:
+                                   _write_token_copy(tokens, key, data))
+    except ValueError as e:
+        raise SystemExit(f"clproxy: invalid configuration: {e}")
+    if isinstance(store, RedisStateStore):
+        problem = probe_redis(state_config.url)
+        if problem:
+            raise SystemExit(f"clproxy: {problem}")
+    return store
+
+
+def _write_token_copy(tokens: TokenStore, key: str, data: dict) -> None:
+    """Keep the token file in step with a token record another instance rotated."""
+    record = StoredCredential.from_json(key, data, "shared state")
+    current = tokens.get(key)
+    if current is None or (record.updated_at or 0) > (current.updated_at or 0):
+        with tokens.locked(5.0) as tx:
+            tx.write(record)
+
+
+def probe_redis(url: str, timeout: float = 3.0) -> Optional[str]:
+    """Check that Redis answers PING (a blocking check, once, before serving); the problem or None."""
+    target = parse_redis_url(url)
+    if target.tls:
+        return None  # checked by the asynchronous connect instead
+    try:
+        with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            if target.password is not None:
+                parts = ["AUTH"] + ([target.username] if target.username else []) + [target.password]
+                sock.sendall(_resp(parts))
+                if not sock.recv(1024).startswith(b"+OK"):
+                    return f"redis at {target.redacted} refused the credentials"
+            sock.sendall(_resp(["PING"]))
+            reply = sock.recv(1024)
+    except OSError as e:
+        return f"redis unavailable at {target.redacted}: {e.strerror or e}"
+    if not reply.startswith(b"+PONG"):
+        return f"redis at {target.redacted} did not answer PING ({reply[:60]!r})"
+    return None
+
+
+def _resp(parts) -> bytes:
+    """A command in Redis's wire protocol."""
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        data = part.encode("utf-8")
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
 class AccountUpkeep(service.Service):
     """At start, one refresh for each expired OAuth account (disabled if it fails); then, every
     ``--health-interval`` seconds, re-discovery and a refresh of tokens about to expire, so requests
@@ -128,10 +186,46 @@ class AccountUpkeep(service.Service):
 class ProxyService(service.MultiService):
     """The running daemon: the listening site plus what must be closed on stop."""
 
-    def __init__(self, upstream: UpstreamClient, quotas=None):
+    def __init__(self, upstream: UpstreamClient, quotas=None, store=None, tokens=None):
         super().__init__()
         self.upstream = upstream
         self.quotas = quotas
+        self.store = store
+        self.tokens = tokens
+
+    #: services that must not start before the shared state is connected (token upkeep: a refresh
+    #: before that would not take the instance-wide lock)
+    after_connect = ()
+
+    def startService(self):
+        if not isinstance(self.store, RedisStateStore):
+            super().startService()
+            return
+        waiting = set(self.after_connect)
+        service.Service.startService(self)
+        for child in self:
+            if child not in waiting:
+                child.startService()
+        # makeService already proved Redis answers; a loss from here on is served from the
+        # store's local mirror until it reconnects
+        d = defer.ensureDeferred(self._share_tokens())
+        d.addErrback(lambda f: log.failure("shared state: connecting failed", f))
+        d.addBoth(lambda _: [child.startService() for child in waiting if self.running])
+
+    async def _share_tokens(self) -> None:
+        """Connect, then import the token file (newer records win), so every instance sees it."""
+        try:
+            await self.store.connect()
+        except Exception as e:
+            log.error("shared state: {error}; serving from local state until it answers", error=str(e))
+            return
+        try:
+            records = self.tokens.load()
+        except TokenStoreError as e:
+            log.warn("shared state: token file not imported: {error}", error=str(e))
+            return
+        for key, record in records.items():
+            await self.store.import_token_record(key, record.to_json())
 
     def address(self):
         """The (host, port) the daemon listens on (useful when started on port 0)."""
@@ -147,6 +241,8 @@ class ProxyService(service.MultiService):
         yield defer.maybeDeferred(super().stopService)
         if self.quotas is not None:
             self.quotas.flush()
+        if isinstance(self.store, RedisStateStore):
+            yield self.store.close()
         yield self.upstream.close()
 
 
@@ -170,18 +266,19 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
 
     strategy = options.get("strategy") or cfg.routing.strategy
     home = configuration.clproxy_home(env)
-    store = MemoryStateStore()
+    tokens = TokenStore(home)
+    store = make_state_store(cfg.state, reactor, tokens)
     pool = AccountPool(store, strategy=strategy, clock=reactor)
     upstream = UpstreamClient(reactor, connect_timeout=cfg.server.connect_timeout,
                               max_connections_per_host=cfg.server.max_connections_per_host)
-    tokens = TokenStore(home)
     directory = AccountDirectory(
         store=tokens, clock=reactor, environ=env, config_accounts=accounts_from_config(cfg),
         base_url=cfg.providers.anthropic.base_url,
         on_changed_credential=lambda account: defer.ensureDeferred(pool.forget(account)))
     refresher = TokenRefresher(tokens, HTTPClient(Agent(reactor, pool=upstream.pool)),
                                OAuthEndpoints.from_config(cfg.providers.anthropic), reactor,
-                               refresh_before_expiry=cfg.providers.anthropic.refresh_before_expiry)
+                               refresh_before_expiry=cfg.providers.anthropic.refresh_before_expiry,
+                               shared=store if ISharedTokens.providedBy(store) else None)
     quotas = QuotaBook(os.path.join(home, QUOTA_FILE), reactor)
     config_path = options.get("config") or configuration.default_config_path(env)
     if not directory.current():
@@ -206,11 +303,13 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
                           strategy=lambda: pool.strategy, started=reactor.seconds(), quotas=quotas)
     site = ProxySite(build_root(dispatcher, status), max_body_bytes=cfg.server.max_body_bytes)
 
-    top = ProxyService(upstream, quotas=quotas)
+    top = ProxyService(upstream, quotas=quotas, store=store, tokens=tokens)
     top.dispatcher, top.pool, top.store, top.site, top.directory = dispatcher, pool, store, site, directory
     top.refresher, top.quotas = refresher, quotas
-    AccountUpkeep(directory, refresher, reactor, interval=float(options.get("health-interval") or 30.0)
-                  ).setServiceParent(top)
+    upkeep = AccountUpkeep(directory, refresher, reactor,
+                           interval=float(options.get("health-interval") or 30.0))
+    upkeep.setServiceParent(top)
+    top.after_connect = (upkeep,)
     listener = internet.TCPServer(int(options["port"]), site, interface=options["host"], backlog=1024)
     listener.setServiceParent(top)
     log.info("clproxy listening on http://{host}:{port} strategy={strategy} accounts={count}",

@@ -92,8 +92,11 @@ class TokenRefresher:
     def __init__(self, store: TokenStore, http_client: Any, endpoints: Any, clock: Any,
                  refresh_before_expiry: float = 3600.0, max_consecutive_failures: int = 15, *,
                  lock_timeout: float = DEFAULT_LOCK_TIMEOUT, lock_poll: float = 0.05,
-                 http_timeout: float = oauth.DEFAULT_TIMEOUT):
+                 http_timeout: float = oauth.DEFAULT_TIMEOUT, shared: Any = None):
         self._store = store
+        #: optional store providing ILockProvider and ISharedTokens (Redis): refreshes are then
+        #: single-flight across machines too, and every instance reads the rotated tokens there
+        self._shared = shared
         self._http = http_client
         self._endpoints = endpoints
         self._clock = clock
@@ -148,14 +151,58 @@ class TokenRefresher:
         flight.land(result)
 
     async def _refresh_locked(self, account: Account, force: bool) -> Account:
+        shared_lock = None
+        if self._shared is not None:
+            # The instance-wide lock first (TTL-bound: a holder that dies blocks nobody for long),
+            # then the file lock, always in this order so two locks cannot deadlock.
+            ttl_ms = int((self._http_timeout + 10.0) * 1000)
+            shared_lock = await self._shared.acquire(f"refresh:{account.key}", ttl_ms,
+                                                     self._lock_timeout, self._clock)
+            if shared_lock is None:
+                raise RefreshFailed(account.key, "another instance holds the refresh lock for too long")
         try:
-            tx = await self._store.acquire(self._clock, self._lock_timeout, self._lock_poll)
-        except TokenStoreError as e:
-            raise RefreshFailed(account.key, str(e)) from e
-        try:
-            return await self._refresh(tx, account, force)
+            try:
+                tx = await self._store.acquire(self._clock, self._lock_timeout, self._lock_poll)
+            except TokenStoreError as e:
+                raise RefreshFailed(account.key, str(e)) from e
+            try:
+                if self._shared is not None:
+                    await self._adopt_shared(tx, account.key)
+                try:
+                    return await self._refresh(tx, account, force)
+                finally:
+                    if self._shared is not None:
+                        await self._publish(tx, account.key)
+            finally:
+                tx.release()
         finally:
-            tx.release()
+            if shared_lock is not None:
+                await self._shared.release(shared_lock)
+
+    async def _adopt_shared(self, tx: StoreTransaction, key: str) -> None:
+        """Another instance may have rotated the tokens: copy a newer shared record into the file
+        before deciding, so the refresh token we would burn is the live one."""
+        data = await self._shared.get_token_record(key)
+        if not data:
+            return
+        try:
+            shared = StoredCredential.from_json(key, data, "shared state")
+        except TokenStoreError:
+            log.warn("refresh: ignoring a malformed shared token record for {key}", key=key)
+            return
+        local = tx.get(key)
+        if local is None or (shared.updated_at or 0) > (local.updated_at or 0):
+            tx.write(shared)
+
+    async def _publish(self, tx: StoreTransaction, key: str) -> None:
+        """Share the record as it now is on disk (rotated tokens, failures, disabled flag)."""
+        try:
+            record = tx.get(key)
+            if record is not None:
+                await self._shared.put_token_record(key, record.to_json())
+        except Exception as e:  # the file copy is written already; sharing is best effort
+            log.warn("refresh: could not share the tokens of {key} ({error})", key=key,
+                     error=type(e).__name__)
 
     async def _refresh(self, tx: StoreTransaction, account: Account, force: bool) -> Account:
         key = account.key
