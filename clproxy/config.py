@@ -159,7 +159,7 @@ class ServerConfig:
     upstream_timeout: float = 600.0
     connect_timeout: float = 10.0
     request_deadline: float = 900.0
-    max_connections_per_host: int = 256
+    max_connections_per_host: int = 1024
     drain_timeout: float = 30.0
     keepalive_interval: float = 15.0
 

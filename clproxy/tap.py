@@ -4,6 +4,7 @@
 a ``MultiService`` whose ``stopService`` closes the upstream connection pool.
 """
 
+import gc
 import os
 import socket
 from typing import Mapping, Optional, Tuple
@@ -183,6 +184,16 @@ class AccountUpkeep(service.Service):
         return super().stopService()
 
 
+def tune_garbage_collector() -> None:
+    """Move everything built at start-up out of the collector's sight and collect young objects
+    less often: each request leaves a few reference cycles, and a full collection over every
+    module and class paused streams for tens of milliseconds (see benchmarks/README.md)."""
+    gc.collect()
+    if hasattr(gc, "freeze"):
+        gc.freeze()
+    gc.set_threshold(10000, 20, 20)
+
+
 class ProxyService(service.MultiService):
     """The running daemon: the listening site plus what must be closed on stop."""
 
@@ -198,6 +209,7 @@ class ProxyService(service.MultiService):
     after_connect = ()
 
     def startService(self):
+        tune_garbage_collector()
         if not isinstance(self.store, RedisStateStore):
             super().startService()
             return

@@ -7,7 +7,8 @@ content decoding, so what the upstream sends is what the client gets.
 
 from typing import Callable, List, Optional
 
-from twisted.internet import defer, protocol
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IReactorTime
 from .observe.console import logger
 from twisted.python.failure import Failure
@@ -15,7 +16,7 @@ from twisted.web import client as webclient
 from twisted.web._newclient import HTTP11ClientProtocol, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer, UNKNOWN_LENGTH
+from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, UNKNOWN_LENGTH
 from zope.interface import implementer
 
 from . import sse
@@ -66,6 +67,27 @@ class BytesProducer:
         pass
 
 
+@implementer(IAgentEndpointFactory)
+class _EndpointFactory:
+    """Twisted's endpoints, except that an ``http://`` URL with an IP address connects directly:
+    the standard endpoint resolves even a literal address in a thread, on every new connection."""
+
+    def __init__(self, reactor, connect_timeout: float):
+        self._reactor = reactor
+        self._timeout = connect_timeout
+        self._standard = webclient._StandardEndpointFactory(
+            reactor, webclient.BrowserLikePolicyForHTTPS(), connect_timeout, None)
+
+    def endpointForURI(self, uri):
+        if uri.scheme == b"http":
+            host = uri.host.decode("ascii", "replace")
+            if isIPAddress(host):
+                return endpoints.TCP4ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+            if isIPv6Address(host):
+                return endpoints.TCP6ClientEndpoint(self._reactor, host, uri.port, timeout=self._timeout)
+        return self._standard.endpointForURI(uri)
+
+
 class UpstreamError(Exception):
     """An upstream could not be reached, timed out, or broke off; ``kind`` is ``network`` or ``timeout``."""
 
@@ -86,7 +108,8 @@ class UpstreamClient:
         self.pool.cachedConnectionTimeout = 120
         self.pool.retryAutomatically = False  # POSTs are never silently re-sent by the pool
         self.pool._factory = _NoDelayClientFactory
-        self.agent = agent or webclient.Agent(reactor, connectTimeout=connect_timeout, pool=self.pool)
+        self.agent = agent or webclient.Agent.usingEndpointFactory(
+            reactor, _EndpointFactory(reactor, connect_timeout), pool=self.pool)
 
     def send(self, method: bytes, url: bytes, headers: Headers, body: Optional[bytes],
              timeout: float, clock: IReactorTime) -> "defer.Deferred":

@@ -7,6 +7,8 @@ Request bodies are bounded while they arrive, so an oversized upload never fills
 
 import json
 from io import BytesIO
+
+import orjson
 from typing import Callable, List, Optional, Tuple
 
 from twisted.internet import defer
@@ -176,6 +178,8 @@ class ProxySite(server.Site):
     def __init__(self, root, max_body_bytes: int = 32 * 1024 * 1024):
         super().__init__(root)
         self.max_body_bytes = max_body_bytes
+        # bodies are JSON: twisted's form parsing (email.message per POST) is pure cost here
+        self._parsePOSTFormSubmission = False
 
     def buildProtocol(self, addr):
         channel = super().buildProtocol(addr)
@@ -242,9 +246,14 @@ def parse_messages_request(request: server.Request, needs_model: bool = True) ->
         raise ProxyError(400, f"content-type must be application/json, got {shown}")
     body = request.content.getvalue()
     try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ProxyError(400, f"request body is not valid JSON: {_json_reason(e)}")
+        parsed = orjson.loads(body)  # several times faster than json on Claude Code's large bodies
+    except orjson.JSONDecodeError:
+        # the standard parser decides: it accepts what orjson refuses but JSON allows (lone
+        # surrogate escapes, huge integers), and says where broken JSON breaks
+        try:
+            parsed = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ProxyError(400, f"request body is not valid JSON: {_json_reason(e)}")
     if not isinstance(parsed, dict):
         raise ProxyError(400, f"request body must be a JSON object, got {_json_kind(parsed)}")
     model = parsed.get("model")

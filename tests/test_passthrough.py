@@ -362,3 +362,13 @@ def _dechunk(raw: bytes) -> bytes:
         body.append(rest[:size])
         rest = rest[size + 2:]
     return b"".join(body)
+
+
+@pytest_twisted.ensureDeferred
+async def test_json_that_only_the_strict_parser_refuses_still_passes(fake, start_proxy):
+    """Valid JSON with a lone surrogate escape or a huge integer is forwarded unchanged."""
+    proxy = start_proxy(accounts_config(fake, "one"))
+    body = b'{"model":"claude-sonnet-4-5","max_tokens":10,"n":123456789012345678901234567890,' \
+           b'"messages":[{"role":"user","content":"half an emoji \\ud83d"}]}'
+    status, _, _ = await post(proxy.url + "/v1/messages", body)
+    assert status == 200 and fake.requests[-1].body == body
