@@ -1,0 +1,216 @@
+"""Point Claude Code at the proxy through ``env`` in its ``settings.json``, and take it back exactly.
+
+``configure`` sets a few ``env`` keys and returns a record of what it changed (and the values they
+replaced); ``restore`` undoes only that. Every other key is kept; writes are atomic and keep the mode.
+"""
+
+import errno
+import json
+import os
+import stat
+import tempfile
+from typing import Any, Dict, List, Mapping, Optional
+
+__all__ = [
+    "SettingsError", "SETTINGS_ENV", "DEFAULT_TOOL_SEARCH", "default_settings_path", "proxy_env",
+    "read_settings", "write_settings", "configure", "restore", "pointing_at",
+]
+
+#: Environment variable naming the settings file (``off`` disables the integration).
+SETTINGS_ENV = "CLPROXY_CLAUDE_SETTINGS"
+#: Claude Code turns MCP tool search off by default when ``ANTHROPIC_BASE_URL`` is not Anthropic's,
+#: because most proxies drop ``tool_reference`` blocks; passthrough forwards them untouched.
+DEFAULT_TOOL_SEARCH = "true"
+#: Values meaning "do not touch Claude Code's settings".
+OFF_VALUES = ("off", "none", "no", "false", "0", "")
+
+
+class SettingsError(Exception):
+    """Claude Code's settings cannot be read or written; the message is one line, for the user."""
+
+
+def default_settings_path(environ: Mapping[str, str] = os.environ) -> Optional[str]:
+    """``$CLPROXY_CLAUDE_SETTINGS``, else ``~/.claude/settings.json``; ``None`` when set to ``off``."""
+    value = environ.get(SETTINGS_ENV)
+    if value is not None:
+        value = value.strip()
+        if value.lower() in OFF_VALUES:
+            return None
+        return _expand(value, environ)
+    return _expand(os.path.join("~", ".claude", "settings.json"), environ)
+
+
+def _expand(path: str, environ: Mapping[str, str]) -> str:
+    if path == "~" or path.startswith("~/"):
+        return (environ.get("HOME") or os.path.expanduser("~")) + path[1:]
+    return os.path.expanduser(path)
+
+
+def proxy_env(base_url: str, tool_search: Optional[str] = DEFAULT_TOOL_SEARCH) -> Dict[str, str]:
+    """The ``env`` entries that route Claude Code through the proxy at ``base_url``.
+
+    ``tool_search`` is the value for ``ENABLE_TOOL_SEARCH`` (``None`` or ``off``: leave it alone).
+    """
+    values = {"ANTHROPIC_BASE_URL": base_url}
+    if tool_search is not None and tool_search.strip().lower() not in ("off", "none", ""):
+        values["ENABLE_TOOL_SEARCH"] = tool_search.strip()
+    return values
+
+
+def read_settings(path: str) -> Optional[Dict[str, Any]]:
+    """The settings document, or ``None`` when the file does not exist.
+
+    Raises :class:`SettingsError` when it cannot be read or is not a JSON object (the file is left
+    as it is: a corrupt file is never overwritten).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise SettingsError(f"cannot read Claude Code settings {path}: {e.strerror or e}") from None
+    if not data.strip():
+        return {}  # Claude Code treats an empty file as no settings; so do we
+    try:
+        document = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        raise SettingsError(f"Claude Code settings {path} are not UTF-8 text; left untouched") from None
+    except json.JSONDecodeError as e:
+        raise SettingsError(f"Claude Code settings {path} are not valid JSON ({e.msg} at line {e.lineno} "
+                            f"column {e.colno}); left untouched: fix the file and start again") from None
+    if not isinstance(document, dict):
+        raise SettingsError(f"Claude Code settings {path} are not a JSON object; left untouched")
+    env = document.get("env")
+    if env is not None and not isinstance(env, dict):
+        raise SettingsError(f'"env" in Claude Code settings {path} is not an object; left untouched')
+    return document
+
+
+def write_settings(path: str, document: Mapping[str, Any], mode: Optional[int] = None) -> None:
+    """Replace the settings atomically (temp file, fsync, rename, fsync the directory).
+
+    A symlinked ``settings.json`` keeps its link: the target is replaced. The file keeps its mode
+    (``mode`` for a new one, default 0600 -- it may hold tokens).
+    """
+    target = os.path.realpath(path)
+    directory = os.path.dirname(target)
+    owner = None
+    try:
+        st = os.stat(target)
+        mode = stat.S_IMODE(st.st_mode)
+        owner = (st.st_uid, st.st_gid)
+    except FileNotFoundError:
+        mode = 0o600 if mode is None else mode
+    except OSError as e:
+        raise SettingsError(f"cannot update Claude Code settings {path}: {e.strerror or e}") from None
+    data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".settings.", suffix=".clproxy.tmp", dir=directory)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            if owner is not None and hasattr(os, "fchown"):
+                try:
+                    os.fchown(f.fileno(), *owner)
+                except OSError:
+                    pass  # not ours to give away; the mode is what matters
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+        tmp = None
+        _fsync_dir(directory)
+    except OSError as e:
+        raise SettingsError(f"cannot update Claude Code settings {path}: {e.strerror or e}; "
+                            f"it was left as it was") from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
+def configure(path: str, values: Mapping[str, str]) -> Dict[str, Any]:
+    """Set ``env[key] = value`` for each of ``values`` in the settings at ``path``.
+
+    Returns the record :func:`restore` needs: the path, what was set, the values replaced (``None``
+    for keys that were absent) and whether the file or its ``env`` object were created.
+    A missing file is created; an invalid one raises :class:`SettingsError` and stays untouched.
+    """
+    document = read_settings(path)
+    created_file = document is None
+    document = {} if document is None else document
+    created_env = "env" not in document
+    env = document.setdefault("env", {})
+    previous = {key: env.get(key) for key in values}
+    for key, value in values.items():
+        env[key] = value
+    record = {"path": os.path.abspath(path), "set": dict(values), "previous": previous,
+              "createdFile": created_file, "createdEnv": created_env}
+    if not created_file and all(previous[k] == v for k, v in values.items()):
+        return record  # already so: nothing to write
+    write_settings(path, document)
+    return record
+
+
+def restore(record: Mapping[str, Any]) -> List[str]:
+    """Undo :func:`configure`: each key still holding the value we set gets its previous value back
+    (or is removed); keys someone changed since are left alone. Returns the keys restored.
+
+    A settings file that is gone needs nothing; an invalid one raises :class:`SettingsError`.
+    """
+    path = record["path"]
+    document = read_settings(path)
+    if document is None:
+        return []
+    env = document.get("env")
+    if not isinstance(env, dict):
+        return []
+    restored = []
+    for key, value in record.get("set", {}).items():
+        if env.get(key) != value:
+            continue
+        previous = record.get("previous", {}).get(key)
+        if previous is None:
+            del env[key]
+        else:
+            env[key] = previous
+        restored.append(key)
+    if not restored:
+        return []
+    if record.get("createdEnv") and not env:
+        del document["env"]
+    if record.get("createdFile") and not document:
+        try:
+            os.unlink(os.path.realpath(path))
+            return restored
+        except OSError:
+            pass  # fall through and write the empty document
+    write_settings(path, document)
+    return restored
+
+
+def pointing_at(path: str, base_url: str) -> bool:
+    """Whether the settings at ``path`` route Claude Code to ``base_url`` (unreadable: ``False``)."""
+    try:
+        document = read_settings(path)
+    except SettingsError:
+        return False
+    return bool(document) and (document.get("env") or {}).get("ANTHROPIC_BASE_URL") == base_url

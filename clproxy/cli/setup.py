@@ -1,0 +1,167 @@
+"""``clproxy proxy setup``: one-command onboarding.
+
+Find an account (or run the OAuth login), install the per-user service (or, with ``--no-service``,
+start in the foreground), then check that the proxy answers and Claude Code points at it.
+"""
+
+import argparse
+import os
+import sys
+import time
+from typing import Callable, List, Mapping, Sequence, TextIO
+
+from .. import config as configuration
+from .. import runstate
+from . import claude_settings, service
+
+HEALTH_WAIT = 15.0
+LOGIN_ARGV = ["login", "anthropic", "--method", "oauth"]
+
+
+class SetupError(Exception):
+    """Setup cannot go on; one line for the user."""
+
+
+def find_accounts(environ: Mapping[str, str] = os.environ) -> List[str]:
+    """Where the proxy would find Anthropic accounts: token store, config file, ANTHROPIC_API_KEY."""
+    found: List[str] = []
+    home = configuration.clproxy_home(environ)
+    try:
+        from ..auth.tokenstore import TokenStore, TokenStoreError
+    except ImportError:  # pragma: no cover - the token store ships with clproxy
+        TokenStore = None
+    if TokenStore is not None:
+        store = TokenStore(home)
+        try:
+            records = list(store.load().values())
+            legacy = store.legacy()
+        except TokenStoreError as e:
+            raise SetupError(str(e)) from None
+        found += [f"{record.key} (token store)" for record in records if not record.disabled]
+        if legacy is not None:
+            found.append("legacy:anthropic (anthropic-credentials.json)")
+    env = dict(environ)
+    env_file = service.env_file_path(environ)
+    if os.path.exists(env_file):
+        try:
+            env = dict(configuration.load_env_file(env_file), **environ)
+        except configuration.ConfigError as e:
+            raise SetupError(f"{env_file}: {e}") from None
+    try:
+        loaded = configuration.load_config(None, env)
+    except configuration.ConfigError as e:
+        raise SetupError(f"invalid configuration: {e}") from None
+    found += [f"config:{a.name} ({loaded.source})" for a in loaded.config.accounts if a.enabled]
+    if env.get("ANTHROPIC_API_KEY", "").strip():
+        found.append("env:ANTHROPIC_API_KEY")
+    return found
+
+
+def default_login(argv: Sequence[str]) -> int:
+    """``clproxy auth login anthropic --method oauth`` in this process."""
+    from . import auth
+    return auth.main(list(argv))
+
+
+def exec_foreground(port: int, host: str) -> int:
+    """Become ``clproxy proxy start`` (a fresh process: the login may already have run the reactor)."""
+    argv = [sys.executable, "-m", "clproxy", "proxy", "start", "--port", str(port), "--host", host]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, argv)
+    return 1  # pragma: no cover - execv does not return
+
+
+def wait_healthy(url: str, timeout: float = HEALTH_WAIT, sleep: Callable[[float], None] = time.sleep,
+                 monotonic: Callable[[], float] = time.monotonic) -> bool:
+    """Poll ``url``/health until it answers or ``timeout`` seconds pass."""
+    deadline = monotonic() + timeout
+    while True:
+        if runstate.health_ok(url, timeout=1.0):
+            return True
+        if monotonic() >= deadline:
+            return False
+        sleep(0.25)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clproxy proxy setup",
+        description="Log in if no account exists, install the proxy as a service and point Claude Code at it.")
+    parser.add_argument("--no-service", action="store_true",
+                        help="start in the foreground instead of installing a service")
+    parser.add_argument("-p", "--port", type=service._port, default=service.DEFAULT_PORT,
+                        help="port (default 55669)")
+    parser.add_argument("-H", "--host", default=service.DEFAULT_HOST, help="interface (default 127.0.0.1)")
+    return parser
+
+
+def main(argv: Sequence[str], *, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr,
+         environ: Mapping[str, str] = os.environ, login: Callable[[Sequence[str]], int] = default_login,
+         foreground: Callable[[int, str], int] = exec_foreground,
+         runner: service.Runner = service.run_command, platform: str = sys.platform,
+         healthy: Callable[[str], bool] = wait_healthy) -> int:
+    """``clproxy proxy setup [--no-service] [-p PORT] [-H HOST]``."""
+    try:
+        args = _parser().parse_args(list(argv))
+    except SystemExit as e:
+        return 0 if e.code in (0, None) else 2
+    try:
+        accounts = find_accounts(environ)
+    except SetupError as e:
+        stderr.write(f"clproxy proxy setup: {e}\n")
+        return 1
+    if accounts:
+        stdout.write(f"accounts: {', '.join(accounts)}\n")
+    else:
+        stdout.write("No Anthropic account yet: starting the OAuth login "
+                     "(clproxy auth login anthropic --method oauth)\n")
+        stdout.flush()
+        code = login(LOGIN_ARGV)
+        if code != 0:
+            stderr.write("clproxy proxy setup: login did not complete; nothing was installed\n")
+            return code
+    url = runstate.base_url(args.host, args.port)
+    status, state = runstate.inspect(runstate.state_path(environ))
+    if status == "running" and not service.installed(environ):
+        stderr.write(f"clproxy proxy setup: {runstate.describe_running(state, runstate.state_path(environ))}\n")
+        return 1
+    if args.no_service:
+        stdout.write(f"Starting the proxy in the foreground on {url} (Ctrl-C stops it). Claude Code "
+                     f"points at it while it runs; restart Claude Code to pick that up.\n")
+        return foreground(args.port, args.host)
+    try:
+        outcome = service.install(args.port, args.host, environ=environ, platform=platform, runner=runner)
+    except service.ServiceError as e:
+        stderr.write(f"clproxy proxy setup: {e}\n")
+        return 1
+    except OSError as e:
+        stderr.write(f"clproxy proxy setup: cannot write {e.filename or 'a file'}: {e.strerror or e}\n")
+        return 1
+    for path in outcome.files:
+        stdout.write(f"wrote {path}\n")
+    if not outcome.active:
+        for note in outcome.notes:
+            stderr.write(f"warning: {note}\n")
+        stderr.write("clproxy proxy setup: the service is not running, so Claude Code was not pointed at "
+                     "it; use `clproxy proxy setup --no-service` to run in the foreground instead\n")
+        return 1
+    if not healthy(url):
+        stderr.write(f"clproxy proxy setup: the service did not answer {url}/health within "
+                     f"{HEALTH_WAIT:g}s; see its log ({_log_hint(outcome.kind)})\n")
+        return 1
+    settings = claude_settings.default_settings_path(environ)
+    if settings and claude_settings.pointing_at(settings, url):
+        stdout.write(f"Claude Code now uses the proxy ({settings}: env.ANTHROPIC_BASE_URL={url}). "
+                     f"Restart Claude Code to pick it up.\n")
+    elif settings:
+        stdout.write(f"The proxy runs on {url}, but {settings} does not point at it yet; see its log "
+                     f"({_log_hint(outcome.kind)}) or set env.ANTHROPIC_BASE_URL={url} yourself.\n")
+    for note in outcome.notes:
+        stdout.write(note + "\n")
+    return 0
+
+
+def _log_hint(kind: str) -> str:
+    return ("journalctl --user -u clproxy" if kind == "systemd" else "$CLPROXY_HOME/logs/proxy.log")
+

@@ -1,0 +1,72 @@
+"""Graceful shutdown: count the requests in flight and wait for them, up to a deadline.
+
+The site tracks every request with :meth:`Drainer.track`; on stop the daemon first stops listening,
+then waits on :meth:`Drainer.drain`, which fires when the last request ends or the timeout passes.
+"""
+
+from typing import List
+
+from twisted.internet import defer
+
+from .observe import console
+
+log = console.logger(__name__)
+
+
+class Drainer:
+    """Requests in flight, and a way to wait until there are none (at most ``timeout`` seconds)."""
+
+    def __init__(self, clock, timeout: float):
+        self.clock = clock
+        self.timeout = timeout
+        self.draining = False
+        self._count = 0
+        self._waiters: List[defer.Deferred] = []
+        self._timer = None
+
+    def track(self, finished: defer.Deferred) -> None:
+        """Count one request until ``finished`` (its ``notifyFinish()``) fires or fails."""
+        self._count += 1
+        finished.addBoth(self._ended)
+
+    def _ended(self, _result) -> None:
+        # Returning None also consumes a disconnect failure, which is a normal way for a request to end.
+        self._count -= 1
+        if self._count <= 0:
+            self._count = 0
+            self._release()
+
+    def in_flight(self) -> int:
+        """How many tracked requests have not ended."""
+        return self._count
+
+    def drain(self) -> defer.Deferred:
+        """A Deferred that fires (with the number cut short) when nothing is in flight or at the timeout."""
+        self.draining = True
+        d = defer.Deferred()
+        if self._count == 0:
+            d.callback(0)
+            return d
+        self._waiters.append(d)
+        if self._timer is None:
+            log.info("draining {count} request(s) in flight (up to {timeout:g}s)", count=self._count,
+                     timeout=self.timeout)
+            self._timer = self.clock.callLater(max(0.0, self.timeout), self._expired)
+        return d
+
+    def _release(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(0)
+
+    def _expired(self) -> None:
+        self._timer = None
+        cut = self._count
+        log.warn("drain timeout after {timeout:g}s: {cut} request(s) still in flight were cut",
+                 timeout=self.timeout, cut=cut)
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            d.callback(cut)

@@ -1,0 +1,130 @@
+"""`clproxy proxy setup`: account check, OAuth login when there is none, service or foreground, Claude Code."""
+
+import io
+import os
+
+import pytest
+
+from clproxy.auth.tokenstore import StoredCredential, TokenStore
+from clproxy.cli import claude_settings, service, setup
+
+
+class FakeManager:
+    """A service manager that accepts everything (or fails one verb)."""
+
+    def __init__(self, fail=None):
+        self.calls = []
+        self.fail = fail
+
+    def __call__(self, argv):
+        self.calls.append(list(argv))
+        return (1, "Failed to connect to bus") if self.fail and self.fail in argv else (0, "")
+
+
+@pytest.fixture
+def environ(tmp_path):
+    """An empty CLPROXY_HOME and a Claude settings file under tmp_path."""
+    return {"HOME": str(tmp_path), "CLPROXY_HOME": str(tmp_path / ".clproxy"),
+            "CLPROXY_CLAUDE_SETTINGS": str(tmp_path / "claude" / "settings.json")}
+
+
+def run(environ, argv=(), **kwargs):
+    out, err = io.StringIO(), io.StringIO()
+    defaults = dict(login=lambda argv: pytest.fail("login was not expected"),
+                    foreground=lambda port, host: pytest.fail("foreground was not expected"),
+                    runner=FakeManager(), platform="linux", healthy=lambda url: True)
+    defaults.update(kwargs)
+    code = setup.main(list(argv), stdout=out, stderr=err, environ=environ, **defaults)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_no_account_runs_the_oauth_login_and_stops_if_it_fails(environ):
+    """Without accounts the OAuth login runs; a failed login installs nothing."""
+    logins = []
+
+    def login(argv):
+        logins.append(argv)
+        return 1
+
+    code, out, err = run(environ, login=login)
+    assert logins == [["login", "anthropic", "--method", "oauth"]]
+    assert code == 1 and "nothing was installed" in err
+    assert not os.path.exists(service.unit_path(environ))
+
+
+def test_token_store_account_skips_login(environ):
+    """An account in tokens.json is found (no login), listed, and the service is installed."""
+    store = TokenStore(environ["CLPROXY_HOME"])
+    store.put(StoredCredential.new_api_key("work", "sk-ant-api03-test", 0.0))
+    settings = environ["CLPROXY_CLAUDE_SETTINGS"]
+    claude_settings.configure(settings, {"ANTHROPIC_BASE_URL": "http://127.0.0.1:55669"})
+    manager = FakeManager()
+    code, out, err = run(environ, runner=manager)
+    assert code == 0, err
+    assert "anthropic:work (token store)" in out
+    assert ["systemctl", "--user", "restart", "clproxy.service"] in manager.calls
+    assert "Claude Code now uses the proxy" in out and "Restart Claude Code" in out
+
+
+def test_config_and_environment_accounts_are_found(environ, tmp_path):
+    """Config accounts and ANTHROPIC_API_KEY (also from $CLPROXY_HOME/.env) count as accounts."""
+    os.makedirs(environ["CLPROXY_HOME"])
+    with open(os.path.join(environ["CLPROXY_HOME"], "proxy-config.yaml"), "w") as f:
+        f.write("accounts:\n  anthropic:\n    - name: team\n      apiKey: ${TEAM_KEY}\n")
+    with open(os.path.join(environ["CLPROXY_HOME"], ".env"), "w") as f:
+        f.write("TEAM_KEY=sk-ant-api03-team\nANTHROPIC_API_KEY=sk-ant-api03-env\n")
+    found = setup.find_accounts(environ)
+    assert any(item.startswith("config:team") for item in found) and "env:ANTHROPIC_API_KEY" in found
+
+
+def test_no_service_starts_in_the_foreground(environ):
+    """--no-service hands over to the foreground daemon with the chosen port."""
+    started = []
+    code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x"), ["--no-service", "-p", "9000"],
+                         foreground=lambda port, host: started.append((port, host)) or 0)
+    assert code == 0 and started == [(9000, "127.0.0.1")]
+    assert "foreground on http://127.0.0.1:9000" in out
+    assert not os.path.exists(service.unit_path(environ))
+
+
+def test_service_that_cannot_start_leaves_claude_code_alone(environ):
+    """If the service manager is unreachable, setup says so, exits 1 and does not touch Claude Code."""
+    code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x"),
+                         runner=FakeManager(fail="daemon-reload"))
+    assert code == 1
+    assert "systemctl --user is not available" in err and "--no-service" in err
+    assert not os.path.exists(environ["CLPROXY_CLAUDE_SETTINGS"])
+
+
+def test_service_that_does_not_answer(environ):
+    """A service that never answers /health is reported with where to look, exit 1."""
+    code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x"), healthy=lambda url: False)
+    assert code == 1 and "did not answer http://127.0.0.1:55669/health" in err
+    assert "journalctl --user -u clproxy" in err
+
+
+def test_corrupt_token_store_is_one_line(environ):
+    """An unreadable tokens.json stops setup with one line and no traceback."""
+    os.makedirs(environ["CLPROXY_HOME"])
+    with open(os.path.join(environ["CLPROXY_HOME"], "tokens.json"), "w") as f:
+        f.write("{broken")
+    code, out, err = run(environ)
+    assert code == 1 and err.count("\n") == 1 and "tokens.json" in err and "Traceback" not in err
+
+
+def test_a_foreground_instance_blocks_setup(environ, monkeypatch):
+    """A proxy already running outside the service is named, and nothing is installed."""
+    from clproxy import runstate
+    os.makedirs(environ["CLPROXY_HOME"])
+    runstate.write_state(runstate.state_path(environ),
+                         {"pid": os.getpid(), "url": "http://127.0.0.1:1", "strategy": "fill-first"})
+    monkeypatch.setattr(runstate, "health_ok", lambda url, timeout=2.0: True)
+    code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x"))
+    assert code == 1 and "already running" in err and not os.path.exists(service.unit_path(environ))
+
+
+def test_settings_not_pointing_yet_is_reported(environ):
+    """When the service answers but settings.json does not point at it, setup says what to do."""
+    code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x"))
+    assert code == 0 and "does not point at it yet" in out
+    assert not os.path.exists(environ["CLPROXY_CLAUDE_SETTINGS"])
