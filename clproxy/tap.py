@@ -17,6 +17,7 @@ from twisted.logger import LogLevel
 from twisted.python import usage
 
 from . import config as configuration
+from . import runstate
 from .auth.accounts import Account
 from .auth.directory import AccountDirectory
 from .auth.oauth import OAuthEndpoints
@@ -26,8 +27,10 @@ from .auth.tokenstore import StoredCredential, TokenStore, TokenStoreError
 from .interfaces import ISharedTokens
 from .cloaking import PluginLoadError, pipeline_from_config
 from .dispatch import DispatchSettings, Dispatcher
+from .drain import Drainer
 from .observe import console
 from .pool import AccountPool
+from .reload import ConfigWatcher, install_sighup
 from .router import Router
 from .state.redis import RedisStateStore, create_state_store, parse_redis_url
 from .upstream import UpstreamClient
@@ -51,12 +54,12 @@ class Options(usage.Options):
         ["strategy", "s", None, "Account selection: fill-first or round-robin (overrides the config)."],
         ["env-file", None, None, "A KEY=VALUE file with provider keys (e.g. ANTHROPIC_API_KEY)."],
         ["health-interval", None, 30.0, "Seconds between account health checks.", float],
-    ]
+    ] + runstate.OPTION_PARAMETERS
     optFlags = [
         ["debug", "d", "Debug output."],
         ["quiet", "q", "Only warnings and errors."],
         ["passthrough", None, "Transparent forwarding: one account, no retry, rotation or fallback."],
-    ]
+    ] + runstate.OPTION_FLAGS
 
     def postOptions(self):
         if not 0 < self["port"] < 65536:
@@ -197,9 +200,10 @@ def tune_garbage_collector() -> None:
 class ProxyService(service.MultiService):
     """The running daemon: the listening site plus what must be closed on stop."""
 
-    def __init__(self, upstream: UpstreamClient, quotas=None, store=None, tokens=None):
+    def __init__(self, upstream: UpstreamClient, quotas=None, store=None, tokens=None, drainer=None):
         super().__init__()
         self.upstream = upstream
+        self.drainer = drainer
         self.quotas = quotas
         self.store = store
         self.tokens = tokens
@@ -251,6 +255,8 @@ class ProxyService(service.MultiService):
     @defer.inlineCallbacks
     def stopService(self):
         yield defer.maybeDeferred(super().stopService)
+        if self.drainer is not None:
+            yield self.drainer.drain()  # the listener has stopped: let in-flight requests finish
         if self.quotas is not None:
             self.quotas.flush()
         if isinstance(self.store, RedisStateStore):
@@ -313,9 +319,12 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
                             quotas=quotas, on_refreshed=directory.updated)
     status = StatusReport(clock=reactor, pool=pool, store=store, accounts=directory.current,
                           strategy=lambda: pool.strategy, started=reactor.seconds(), quotas=quotas)
-    site = ProxySite(build_root(dispatcher, status), max_body_bytes=cfg.server.max_body_bytes)
+    drainer = Drainer(reactor, cfg.server.drain_timeout)
+    site = ProxySite(build_root(dispatcher, status), max_body_bytes=cfg.server.max_body_bytes,
+                     drainer=drainer)
 
-    top = ProxyService(upstream, quotas=quotas, store=store, tokens=tokens)
+    top = ProxyService(upstream, quotas=quotas, store=store, tokens=tokens, drainer=drainer)
+    top.config = cfg
     top.dispatcher, top.pool, top.store, top.site, top.directory = dispatcher, pool, store, site, directory
     top.refresher, top.quotas = refresher, quotas
     upkeep = AccountUpkeep(directory, refresher, reactor,
@@ -324,6 +333,29 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
     top.after_connect = (upkeep,)
     listener = internet.TCPServer(int(options["port"]), site, interface=options["host"], backlog=1024)
     listener.setServiceParent(top)
+
+    def apply(reloaded) -> None:
+        """A reloaded config: accounts, routing, shaping and strategy change; requests in flight
+        finish with what they started with."""
+        new = reloaded.config
+        shaping = pipeline_from_config(new.cloaking)  # raises before anything changes
+        router = Router.from_config(new.routing)
+        pool.strategy = options.get("strategy") or new.routing.strategy
+        dispatcher.shaping, dispatcher.router = shaping, router
+        directory.set_config_accounts(accounts_from_config(new), new.providers.anthropic.base_url)
+        top.config = new
+        for warning in reloaded.warnings:
+            log.warn("config: {warning}", warning=warning)
+        if getattr(top, "lifecycle", None) is not None:
+            top.lifecycle.update(strategy=pool.strategy, fallbackChain=runstate.chain_of(new))
+
+    top.watcher = ConfigWatcher(config_path, lambda path: configuration.load_config(path, env), apply,
+                                reactor)
+    top.watcher.setServiceParent(top)
+    install_sighup(top.watcher, reactor)
+    # last child: it starts once the port is bound and stops first (Claude settings restored)
+    runstate.attach_lifecycle(top, options, env, fallback_chain=lambda: runstate.chain_of(top.config),
+                              config_path=options.get("config"))
     log.info("clproxy listening on http://{host}:{port} strategy={strategy} accounts={count}",
              host=options["host"], port=options["port"], strategy=strategy,
              count=len(directory.current()))

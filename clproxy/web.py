@@ -175,11 +175,18 @@ class ProxySite(server.Site):
     displayTracebacks = False
     noisy = False
 
-    def __init__(self, root, max_body_bytes: int = 32 * 1024 * 1024):
+    def __init__(self, root, max_body_bytes: int = 32 * 1024 * 1024, drainer=None):
         super().__init__(root)
         self.max_body_bytes = max_body_bytes
+        #: a clproxy.drain.Drainer counting requests in flight (graceful stop), or None
+        self.drainer = drainer
         # bodies are JSON: twisted's form parsing (email.message per POST) is pure cost here
         self._parsePOSTFormSubmission = False
+
+    def getResourceFor(self, request):
+        if self.drainer is not None:
+            self.drainer.track(request.notifyFinish())
+        return super().getResourceFor(request)
 
     def buildProtocol(self, addr):
         channel = super().buildProtocol(addr)

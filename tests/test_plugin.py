@@ -24,6 +24,7 @@ def daemon_env(**extra) -> dict:
     env = dict(os.environ, **extra)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
     env.pop("ANTHROPIC_API_KEY", None)
+    env["CLPROXY_CLAUDE_SETTINGS"] = "off"  # never touch the real ~/.claude/settings.json
     return env
 
 
