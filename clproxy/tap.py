@@ -31,7 +31,9 @@ from .drain import Drainer
 from .observe import console
 from .pool import AccountPool
 from .reload import ConfigWatcher, install_sighup
+from .frontdoor import install as install_front_door
 from .router import Router
+from .translation import Translation
 from .state.redis import RedisStateStore, create_state_store, parse_redis_url
 from .upstream import UpstreamClient
 from .web import ProxySite, StatusReport, build_root
@@ -313,15 +315,20 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
         shaping = pipeline_from_config(cfg.cloaking)
     except (PluginLoadError, ValueError) as e:
         raise SystemExit(f"clproxy: invalid configuration: cloaking: {e}")
+    translation = Translation(clock=reactor, upstream=upstream, providers=cfg.providers,
+                              keepalive_interval=cfg.server.keepalive_interval,
+                              upstream_timeout=cfg.server.upstream_timeout, store=store)
     dispatcher = Dispatcher(clock=reactor, upstream=upstream, pool=pool, store=store,
                             accounts=directory.current, settings=settings, shaping=shaping,
                             router=Router.from_config(cfg.routing), refresher=refresher,
-                            quotas=quotas, on_refreshed=directory.updated)
+                            quotas=quotas, on_refreshed=directory.updated, translation=translation,
+                            fallback=translation.fallback_hook(lambda: dispatcher.router.fallback_chain))
     status = StatusReport(clock=reactor, pool=pool, store=store, accounts=directory.current,
                           strategy=lambda: pool.strategy, started=reactor.seconds(), quotas=quotas)
     drainer = Drainer(reactor, cfg.server.drain_timeout)
-    site = ProxySite(build_root(dispatcher, status), max_body_bytes=cfg.server.max_body_bytes,
-                     drainer=drainer)
+    root = build_root(dispatcher, status)
+    install_front_door(root.children[b"v1"], dispatcher, None, cfg.server.max_body_bytes)
+    site = ProxySite(root, max_body_bytes=cfg.server.max_body_bytes, drainer=drainer)
 
     top = ProxyService(upstream, quotas=quotas, store=store, tokens=tokens, drainer=drainer)
     top.config = cfg
@@ -342,6 +349,7 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
         router = Router.from_config(new.routing)
         pool.strategy = options.get("strategy") or new.routing.strategy
         dispatcher.shaping, dispatcher.router = shaping, router
+        translation.reconfigure(new.providers)
         directory.set_config_accounts(accounts_from_config(new), new.providers.anthropic.base_url)
         top.config = new
         for warning in reloaded.warnings:

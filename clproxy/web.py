@@ -432,6 +432,7 @@ class StatusReport:
                 "upstream_attempts": counters.get("upstream_attempts", 0),
                 "completed_requests": counters.get("completed_requests", 0),
                 "truncated_streams": counters.get("truncated_streams", 0),
+                "model_substitutions": counters.get("model_substitutions", 0),
             },
         }
         document.update(self.extra())

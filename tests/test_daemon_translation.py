@@ -1,0 +1,75 @@
+"""The daemon as makeService wires it: fallback to Gemini/OpenAI and the OpenAI front door."""
+
+import anthropic
+import openai
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from clproxy import testing
+from clproxy.fake_providers import listen_fake_gemini, listen_fake_openai
+from conftest import accounts_config
+from helpers import in_thread
+
+
+@pytest.fixture
+def providers():
+    """Fake Gemini and OpenAI APIs on loopback ports."""
+    gemini, oai = listen_fake_gemini(reactor), listen_fake_openai(reactor)
+    yield gemini, oai
+    pytest_twisted.blockon(gemini.port.stopListening())
+    pytest_twisted.blockon(oai.port.stopListening())
+
+
+def config(fake, gemini, oai, **routing):
+    cfg = accounts_config(fake, "a", "b")
+    cfg["providers"] = {"google-ai": {"baseUrl": gemini.url, "apiKey": "${GEMINI_TEST_KEY:-g-key}"},
+                        "openai": {"baseUrl": oai.url + "/v1", "apiKey": "${OPENAI_TEST_KEY:-o-key}"}}
+    cfg["routing"] = {"fallback-chain": [{"provider": "google-ai", "model": "gemini-2.5-flash"},
+                                         {"provider": "openai", "model": "gpt-4o"}], **routing}
+    return cfg
+
+
+@pytest_twisted.ensureDeferred
+async def test_all_accounts_limited_falls_back_to_gemini_then_openai(fake, providers, start_proxy):
+    """With every Claude account 429, Gemini answers; when Gemini fails too, OpenAI does."""
+    gemini, oai = providers
+    proxy = start_proxy(config(fake, gemini, oai))
+    fake.script(status=429, headers={"retry-after": "30"},
+                body=testing.error_json(429, "rate_limit_error", "limited"))
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="c", max_retries=0)
+    ask = lambda: client.messages.create(model="claude-sonnet-4-5", max_tokens=50,  # noqa: E731
+                                         messages=[{"role": "user", "content": "hi"}])
+    first = await in_thread(ask)
+    assert first.content[0].type == "text" and len(gemini.requests) == 1
+    gemini.script(status=500, body=b'{"error":{"code":500,"message":"boom","status":"INTERNAL"}}')
+    second = await in_thread(ask)
+    assert second.content[0].type == "text" and len(oai.requests) == 1
+    oai.script(status=500, body=b'{"error":{"message":"down","type":"server_error"}}')
+    with pytest.raises(anthropic.RateLimitError) as caught:
+        await in_thread(ask)
+    assert int(caught.value.response.headers["retry-after"]) >= 1  # the pool's 429, not a fallback error
+
+
+@pytest_twisted.ensureDeferred
+async def test_openai_sdk_through_front_door_reaches_claude_account(fake, providers, start_proxy):
+    """The openai SDK at /v1 gets a Claude account's answer, streaming included."""
+    gemini, oai = providers
+    proxy = start_proxy(config(fake, gemini, oai))
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="c", max_retries=0)
+    answer = await in_thread(lambda: client.chat.completions.create(
+        model="claude-sonnet-4-5", messages=[{"role": "user", "content": "hi"}]))
+    assert answer.choices[0].message.content == "Hello from the fake upstream."
+    assert fake.requests[-1].credential == "key-a" and fake.requests[-1].path == b"/v1/messages"
+
+    def stream():
+        chunks = client.chat.completions.create(model="claude-sonnet-4-5", stream=True,
+                                                stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": "hi"}])
+        return list(chunks)
+
+    chunks = await in_thread(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello from the fake." and chunks[-1].usage is not None
+    models = await in_thread(lambda: [m.id for m in client.models.list()])
+    assert "claude-sonnet-4-5" in models
