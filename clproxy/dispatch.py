@@ -8,6 +8,7 @@ otherwise answers with a truthful error (a 429 whose Retry-After is the earliest
 
 import json
 import math
+import re
 import time
 import uuid
 from typing import Callable, List, Optional, Sequence, Tuple
@@ -23,6 +24,7 @@ from .auth.accounts import Account
 from .auth.quota import has_quota_headers
 from .cloaking import HOP_BY_HOP, CloakingPipeline
 from .router import Target
+from .translate.claude import strip_foreign_thinking
 from .errors import ProxyError, error_event, error_type_for
 from .upstream import FirstEventFailed, StreamRelay, UpstreamError, read_body
 
@@ -153,6 +155,8 @@ class Dispatcher:
                 return
             if not route.passthrough:
                 request = with_model(request, route.model)
+        if request.body and _FOREIGN_SIGNATURE.search(request.body):
+            request = without_foreign_thinking(request)
         accounts = list(self.accounts())
         enabled = [a for a in accounts if a.enabled]
         if not enabled:
@@ -349,6 +353,25 @@ class Dispatcher:
                               "authentication_error")
         return ProxyError(401, NO_ACCOUNT_HELP.format(config=self.settings.config_path),
                           "authentication_error")
+
+
+# A thinking block a fallback provider produced has an empty or "gemini:" signature; Anthropic
+# rejects the conversation with it ("Invalid signature in thinking block"). The byte search keeps
+# the common case (no such block) free of any parsing.
+_FOREIGN_SIGNATURE = re.compile(rb'"signature"\s*:\s*"(?:gemini:|")')
+
+
+def without_foreign_thinking(request: ProxyRequest) -> ProxyRequest:
+    """The request without thinking blocks made by another provider (re-encoded only if one is found)."""
+    try:
+        parsed = json.loads(request.body)
+    except ValueError:
+        return request
+    cleaned = strip_foreign_thinking(parsed)
+    if cleaned is parsed:
+        return request
+    body = json.dumps(cleaned, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return attr.evolve(request, body=body)
 
 
 def with_model(request: ProxyRequest, model: str) -> ProxyRequest:

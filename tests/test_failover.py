@@ -262,3 +262,21 @@ async def test_model_mapping_within_anthropic_renames_the_model(fake, start_prox
     body = request_body(model="claude-sonnet-4-5")
     await post(proxy.url + "/v1/messages", body)
     assert fake.requests[-1].body == body
+
+
+@pytest_twisted.ensureDeferred
+async def test_thinking_from_a_fallback_provider_is_dropped_before_anthropic(fake, start_proxy):
+    """Thinking blocks with a fallback provider's signature are removed; genuine ones stay byte for byte."""
+    proxy = start_proxy(accounts_config(fake, "a"))
+    history = [{"role": "user", "content": "q"},
+               {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "gemini:abc"},
+                                                 {"type": "text", "text": "a"}]},
+               {"role": "user", "content": "next"}]
+    await post(proxy.url + "/v1/messages", request_body(messages=history))
+    sent = json.loads(fake.requests[-1].body)
+    assert sent["messages"][1]["content"] == [{"type": "text", "text": "a"}]
+    genuine = json.loads(json.dumps(history))
+    genuine[1]["content"][0]["signature"] = "EqQBCgIYAhIM"
+    body = request_body(messages=genuine)
+    await post(proxy.url + "/v1/messages", body)
+    assert fake.requests[-1].body == body
