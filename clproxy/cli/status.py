@@ -1,0 +1,280 @@
+"""``clproxy proxy status``: what the running daemon says about itself, from its live ``/status``.
+
+Finds the daemon through ``$CLPROXY_HOME/proxy-state.json`` (or ``--url``), prints PID, uptime,
+strategy, fallback chain, per-account usage and attempts vs completed requests. Exit 1 when no
+proxy answers; never a traceback.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any, Callable, List, Mapping, Optional, TextIO
+
+from ..config import clproxy_home
+
+DEFAULT_URL = "http://127.0.0.1:55669"
+STATE_FILE_NAME = "proxy-state.json"
+TIMEOUT = 5.0
+
+
+class _UsageExit(Exception):
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
+    class Parser(argparse.ArgumentParser):
+        def _print_message(self, message: str, file: Any = None) -> None:
+            if message:
+                (stdout if file is sys.stdout else stderr).write(message)
+
+        def exit(self, status: int = 0, message: Optional[str] = None) -> None:  # type: ignore[override]
+            if message:
+                stderr.write(message)
+            raise _UsageExit(status)
+
+        def error(self, message: str) -> None:  # type: ignore[override]
+            stderr.write(self.format_usage())
+            stderr.write(f"{self.prog}: error: {message}\n")
+            raise _UsageExit(2)
+
+    parser = Parser(prog="clproxy proxy status",
+                    description="Show the running proxy's PID, uptime, strategy, fallback chain and "
+                                "per-account usage (from its live /status endpoint).")
+    parser.add_argument("--format", choices=("text", "json"), default="text", help="output format")
+    parser.add_argument("--url", help=f"the proxy's base URL (default: from $CLPROXY_HOME/{STATE_FILE_NAME}, "
+                                      f"else {DEFAULT_URL})")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds to wait for an answer")
+    return parser
+
+
+def read_state(environ: Mapping[str, str]) -> Optional[dict]:
+    """The daemon's state file (``{"pid", "host", "port", ...}``), or None when absent or unreadable."""
+    path = os.path.join(clproxy_home(environ), STATE_FILE_NAME)
+    try:
+        with open(path, encoding="utf-8") as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    state["_path"] = path
+    return state
+
+
+def url_from_state(state: Optional[dict]) -> str:
+    """The base URL the state file points at (its ``url``, else ``host``/``port``; a wildcard bind
+    is reached on loopback)."""
+    if not state:
+        return DEFAULT_URL
+    url = state.get("url")
+    if isinstance(url, str) and url.startswith(("http://", "https://")):
+        for wildcard, loopback in (("//0.0.0.0:", "//127.0.0.1:"), ("//[::]:", "//[::1]:")):
+            url = url.replace(wildcard, loopback)
+        return url.rstrip("/")
+    if not state.get("port"):
+        return DEFAULT_URL
+    host = str(state.get("host") or "127.0.0.1")
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{int(state['port'])}"
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with ``pid`` exists (ours or another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OSError, OverflowError, ValueError):
+        return False
+    return True
+
+
+class NotRunning(Exception):
+    """No proxy answered at the URL; the message says why."""
+
+
+def fetch_status(url: str, timeout: float) -> dict:
+    """GET ``<url>/status`` and parse it; raises :class:`NotRunning` with one line otherwise."""
+    target = url.rstrip("/") + "/status"
+    request = urllib.request.Request(target, headers={"accept": "application/json"})
+    try:
+        with _opener().open(request, timeout=timeout) as response:
+            body = response.read(8 * 1024 * 1024)
+    except urllib.error.HTTPError as e:
+        raise NotRunning(f"the proxy at {url} answered /status with HTTP {e.code}")
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise NotRunning(f"no proxy is running at {url} ({reason})")
+    try:
+        document = json.loads(body)
+    except ValueError:
+        raise NotRunning(f"{target} did not answer with JSON: is this a clproxy daemon?")
+    if not isinstance(document, dict):
+        raise NotRunning(f"{target} did not answer with a status document")
+    return document
+
+
+def _opener():
+    # A status check of a local daemon must not go through an HTTP proxy from the environment.
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def main(argv, *, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr,
+         environ: Mapping[str, str] = os.environ, now: Callable[[], float] = time.time) -> int:
+    """``clproxy proxy status [--format json] [--url URL]``; returns the exit code."""
+    try:
+        args = _parser(stdout, stderr).parse_args(list(argv))
+    except _UsageExit as e:
+        return e.code
+    state = read_state(environ)
+    url = args.url or url_from_state(state)
+    pid = state.get("pid") if state and not args.url else None
+    stale = isinstance(pid, int) and not pid_alive(pid)
+    try:
+        document = fetch_status(url, args.timeout)
+    except NotRunning as e:
+        message = str(e)
+        if stale:
+            message += (f"; the state file {state['_path']} names PID {pid}, which has exited "
+                        f"(remove the file if the proxy crashed)")
+        if args.format == "json":
+            stdout.write(json.dumps({"running": False, "url": url, "error": message}, indent=2) + "\n")
+        stderr.write(f"clproxy: {message}. Start it with `clproxy proxy start`.\n")
+        return 1
+    except Exception as e:  # never a traceback on the terminal
+        stderr.write(f"clproxy: cannot read the proxy's status ({type(e).__name__}: {e})\n")
+        return 1
+    if document.get("pid") is None and pid is not None and not stale:
+        document["pid"] = pid
+    if state and not args.url:
+        # what /status does not say, the daemon's own state file does
+        if _first(document, "fallback_chain", "fallbackChain") is None and "fallbackChain" in state:
+            document["fallbackChain"] = state["fallbackChain"]
+        if document.get("uptime") is None and isinstance(state.get("startTime"), (int, float)):
+            document["uptime"] = max(0.0, now() - state["startTime"])
+    document.setdefault("url", url)
+    if args.format == "json":
+        stdout.write(json.dumps(dict(document, running=True), indent=2, sort_keys=False) + "\n")
+    else:
+        stdout.write(render_text(document, now()))
+    return 0
+
+
+def render_text(document: dict, now: float) -> str:
+    """The human-readable status."""
+    counters = document.get("counters") or {}
+    attempts = counters.get("upstream_attempts", 0) or 0
+    completed = counters.get("completed_requests", 0) or 0
+    truncated = counters.get("truncated_streams", 0) or 0
+    ratio = f" ({attempts / completed:.2f} attempts per request)" if completed else ""
+    lines = [
+        f"clproxy is running at {document.get('url')}",
+        f"  PID:             {document.get('pid') if document.get('pid') is not None else 'unknown'}",
+        f"  Version:         {document.get('version', 'unknown')}",
+        f"  Uptime:          {format_duration(document.get('uptime'))}",
+        f"  Strategy:        {document.get('strategy', 'unknown')}",
+        f"  Fallback chain:  {format_chain(_first(document, 'fallback_chain', 'fallbackChain'))}",
+        f"  Requests:        {completed} completed, {attempts} upstream attempts{ratio}",
+    ]
+    if truncated:
+        lines.append(f"  Truncated:       {truncated} stream(s) ended early")
+    logs = (document.get("observability") or {}).get("logs") or document.get("logs")
+    if isinstance(logs, dict):
+        dropped = sum((logs.get("dropped") or {}).values()) if isinstance(logs.get("dropped"), dict) else 0
+        note = f" ({dropped} records dropped)" if dropped else ""
+        lines.append(f"  Logs:            {logs.get('dir')}{note}")
+    accounts = document.get("accounts") or []
+    lines.append("")
+    if not accounts:
+        lines.append("No accounts. Add one with `clproxy auth login anthropic`.")
+    else:
+        lines.append("Accounts:")
+        lines.extend(_account_table(accounts, now))
+    return "\n".join(lines) + "\n"
+
+
+def _first(document: dict, *keys):
+    for key in keys:
+        if key in document:
+            return document[key]
+    return None
+
+
+def format_chain(chain) -> str:
+    """``openai/gpt-4o -> google-ai/gemini-2.5-pro``, or ``none``."""
+    if not chain:
+        return "none"
+    steps = []
+    for step in chain:
+        if isinstance(step, dict):
+            steps.append(f"{step.get('provider', '?')}/{step.get('model', '?')}")
+        else:
+            steps.append(str(step))
+    return " -> ".join(steps)
+
+
+def format_duration(seconds) -> str:
+    """``3d 04h 05m``, ``2h 03m 04s``, ``5m 06s``, ``7s``; ``unknown`` when not a number."""
+    if not isinstance(seconds, (int, float)):
+        return "unknown"
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _account_table(accounts: List[dict], now: float) -> List[str]:
+    header = ("NAME", "KIND", "STATE", "ATTEMPTS", "OK", "ERRORS", "429S", "BACKOFF", "COOLING", "LAST ERROR")
+    rows = [header]
+    for account in accounts:
+        until = account.get("cooling_until")
+        cooling = format_duration(until - now) if isinstance(until, (int, float)) and until > now else "-"
+        rows.append((
+            str(account.get("name") or account.get("key") or "?"),
+            str(account.get("kind") or "-"),
+            str(account.get("state") or "-"),
+            str(account.get("attempts", 0)),
+            str(account.get("successes", 0)),
+            str(account.get("errors", 0)),
+            str(account.get("rate_limits", 0)),
+            str(account.get("backoff_level", 0)),
+            cooling,
+            _short(account.get("last_error")),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
+    lines = []
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return lines
+
+
+def _short(text, limit: int = 60) -> str:
+    if not text:
+        return "-"
+    text = str(text).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,284 @@
+"""Prometheus metrics: plain counters kept on the reactor thread, exposed by a custom collector.
+
+Updating a metric is a dict increment (no locks, no label objects); prometheus-client's own
+``CollectorRegistry`` (never the global one) renders them at scrape time for ``GET /metrics``.
+"""
+
+from bisect import bisect_left
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
+from twisted.internet import defer
+from twisted.web import resource, server
+
+from .console import logger
+
+log = logger(__name__)
+
+#: Whole-request latency buckets (seconds): LLM answers take from a second to many minutes.
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+#: Time-to-first-byte buckets (seconds).
+TTFB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
+#: Upstream attempt duration buckets (seconds).
+ATTEMPT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+#: New label combinations past this many per metric are folded into one ``other`` series.
+MAX_SERIES = 2000
+TOKEN_TYPES = ("input", "output", "cache_creation", "cache_read")
+_USAGE_KEYS = (("input", "input_tokens"), ("output", "output_tokens"),
+               ("cache_creation", "cache_creation_input_tokens"),
+               ("cache_read", "cache_read_input_tokens"))
+
+
+class _Histogram:
+    """Bucket counts per label tuple; ``observe`` is a bisect and three additions."""
+
+    __slots__ = ("bounds", "series", "max_series")
+
+    def __init__(self, bounds: Sequence[float], max_series: int):
+        self.bounds = tuple(float(b) for b in bounds)
+        self.series: Dict[tuple, list] = {}
+        self.max_series = max_series
+
+    def observe(self, key: tuple, value: float) -> None:
+        row = self.series.get(key)
+        if row is None:
+            if len(self.series) >= self.max_series:
+                key = ("other",) * len(key)
+                row = self.series.get(key)
+            if row is None:
+                row = self.series[key] = [0] * (len(self.bounds) + 1) + [0.0]
+        row[bisect_left(self.bounds, value)] += 1
+        row[-1] += value
+
+    def family(self, name: str, documentation: str, labels: Sequence[str]) -> HistogramMetricFamily:
+        family = HistogramMetricFamily(name, documentation, labels=labels)
+        edges = [_le(b) for b in self.bounds] + ["+Inf"]
+        for key, row in self.series.items():
+            cumulative, buckets = 0, []
+            for edge, count in zip(edges, row[:-1]):
+                cumulative += count
+                buckets.append((edge, cumulative))
+            family.add_metric(list(key), buckets, sum_value=row[-1])
+        return family
+
+
+def _le(bound: float) -> str:
+    return repr(float(bound))
+
+
+def _bump(table: Dict[tuple, float], key: tuple, amount: float, max_series: int) -> None:
+    value = table.get(key)
+    if value is None:
+        if len(table) >= max_series:
+            key = ("other",) * len(key)
+            value = table.get(key, 0)
+        else:
+            value = 0
+    table[key] = value + amount
+
+
+def status_label(status: Optional[int]) -> str:
+    """``"200"``, or ``"network"`` when there was no HTTP answer."""
+    return "network" if status is None else str(status)
+
+
+class MetricsBook:
+    """Every clproxy metric, kept as plain numbers; a prometheus-client collector.
+
+    All updates happen on the reactor thread, as do scrapes (``/metrics`` renders on it), so
+    nothing here needs a lock. ``extra`` callables return further metric families (log drops,
+    OTLP queue) read from their owners at scrape time.
+    """
+
+    def __init__(self, clock, max_series: int = MAX_SERIES):
+        self.clock = clock
+        self.max_series = max_series
+        self.started = clock.seconds()
+        self.requests: Dict[tuple, float] = {}       # (status, account, model, provider)
+        self.attempts: Dict[tuple, float] = {}       # (status, account, model, provider, classification)
+        self.tokens: Dict[tuple, float] = {}         # (type, account, model, provider)
+        self.refreshes: Dict[tuple, float] = {}      # (account, result)
+        self.substitutions: Dict[tuple, float] = {}  # (requested, actual, provider)
+        self.truncated: Dict[tuple, float] = {}      # (account, provider)
+        self.cooldowns: Dict[tuple, float] = {}      # (account, classification)
+        self.latency = _Histogram(LATENCY_BUCKETS, max_series)     # (account, model, provider)
+        self.ttfb = _Histogram(TTFB_BUCKETS, max_series)           # (account, model, provider)
+        self.attempt_latency = _Histogram(ATTEMPT_BUCKETS, max_series)  # (account, provider)
+        self.in_flight = 0
+        #: account name -> (cooling_until or None, backoff level, state); from attempts, or from
+        #: the pool's snapshot when ``set_accounts`` is fed one (the truth, refresh cooldowns too)
+        self.accounts: Dict[str, Tuple[Optional[float], int, str]] = {}
+        self.extra: List[Callable[[], Iterable]] = []
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
+
+    # --- updates (hot path) ---------------------------------------------------------------------
+
+    def request_finished(self, status: int, account: str, model: str, provider: str,
+                         duration: float, ttfb: Optional[float], usage: Optional[dict],
+                         truncated: bool) -> None:
+        """One request answered."""
+        n = self.max_series
+        _bump(self.requests, (str(status), account, model, provider), 1, n)
+        key = (account, model, provider)
+        self.latency.observe(key, duration)
+        if ttfb is not None:
+            self.ttfb.observe(key, ttfb)
+        if usage:
+            for kind, field in _USAGE_KEYS:
+                value = usage.get(field)
+                if value:
+                    _bump(self.tokens, (kind, account, model, provider), value, n)
+        if truncated:
+            _bump(self.truncated, (account, provider), 1, n)
+
+    def attempt(self, status: Optional[int], account: str, model: str, provider: str,
+                classification: str, cooldown: Optional[float], backoff_level: Optional[int],
+                duration: float, now: float) -> None:
+        """One upstream attempt with its verdict."""
+        n = self.max_series
+        _bump(self.attempts, (status_label(status), account, model, provider, classification), 1, n)
+        self.attempt_latency.observe((account, provider), duration)
+        if cooldown:
+            _bump(self.cooldowns, (account, classification), 1, n)
+        if backoff_level is not None and (account in self.accounts or len(self.accounts) < n):
+            until = now + cooldown if cooldown else None
+            previous = self.accounts.get(account)
+            if until is None and previous is not None and previous[0] is not None and previous[0] > now:
+                until = previous[0]  # a success elsewhere does not end a cooldown in progress
+            self.accounts[account] = (until, backoff_level, "ok")
+
+    def refresh(self, account: str, ok: bool) -> None:
+        """One OAuth refresh."""
+        _bump(self.refreshes, (account, "ok" if ok else "failed"), 1, self.max_series)
+
+    def substitution(self, requested: str, actual: str, provider: str) -> None:
+        """A request was answered by another model than the one asked for."""
+        _bump(self.substitutions, (requested, actual, provider), 1, self.max_series)
+
+    def set_accounts(self, rows: Iterable[dict]) -> None:
+        """Replace the per-account gauges with the pool's snapshot rows (``AccountPool.snapshot``)."""
+        accounts = {}
+        for row in rows:
+            accounts[str(row.get("name") or row.get("key"))] = (
+                row.get("cooling_until"), int(row.get("backoff_level") or 0), str(row.get("state") or "ok"))
+        self.accounts = accounts
+
+    # --- collection -----------------------------------------------------------------------------
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        now = self.clock.seconds()
+        yield _counter("clproxy_requests", "Requests answered, by status, account, model and provider.",
+                       ("status", "account", "model", "provider"), self.requests)
+        yield _counter("clproxy_upstream_attempts",
+                       "Upstream attempts, by status (network: no answer), account, model, provider "
+                       "and classification.",
+                       ("status", "account", "model", "provider", "classification"), self.attempts)
+        yield self.latency.family("clproxy_request_duration_seconds",
+                                  "Whole-request latency, from arrival to the last byte.",
+                                  ("account", "model", "provider"))
+        yield self.ttfb.family("clproxy_time_to_first_byte_seconds",
+                               "Time from a request's arrival to the first byte sent to the client.",
+                               ("account", "model", "provider"))
+        yield self.attempt_latency.family("clproxy_upstream_attempt_duration_seconds",
+                                          "Duration of one upstream attempt (to its verdict).",
+                                          ("account", "provider"))
+        yield _counter("clproxy_tokens", "Tokens reported by the upstream, by type "
+                                         "(input, output, cache_creation, cache_read).",
+                       ("type", "account", "model", "provider"), self.tokens)
+        yield _counter("clproxy_oauth_refreshes", "OAuth token refreshes, by result.",
+                       ("account", "result"), self.refreshes)
+        yield _counter("clproxy_model_substitution", "Requests answered by another model than requested.",
+                       ("requested_model", "actual_model", "provider"), self.substitutions)
+        yield _counter("clproxy_truncated_streams", "Streams that ended before message_stop.",
+                       ("account", "provider"), self.truncated)
+        yield _counter("clproxy_account_cooldowns", "Cooldowns applied to accounts, by classification.",
+                       ("account", "classification"), self.cooldowns)
+        yield GaugeMetricFamily("clproxy_requests_in_flight", "Requests being answered now.",
+                                value=self.in_flight)
+        yield GaugeMetricFamily("clproxy_start_time_seconds", "When the proxy started (epoch seconds).",
+                                value=self.started)
+        cooling = GaugeMetricFamily("clproxy_account_cooling", "1 while the account is cooling down.",
+                                    labels=("account",))
+        remaining = GaugeMetricFamily("clproxy_account_cooldown_remaining_seconds",
+                                      "Seconds until the account is usable again (0 when it is).",
+                                      labels=("account",))
+        level = GaugeMetricFamily("clproxy_account_backoff_level", "The account's 429 backoff level.",
+                                  labels=("account",))
+        state = GaugeMetricFamily("clproxy_account_state", "1 for the account's current state.",
+                                  labels=("account", "state"))
+        for name, (until, backoff, row_state) in sorted(self.accounts.items()):
+            is_cooling = until is not None and until > now
+            if row_state != "disabled":
+                row_state = "cooling" if is_cooling else "ok"
+            cooling.add_metric([name], 1 if is_cooling else 0)
+            remaining.add_metric([name], max(0.0, until - now) if is_cooling else 0)
+            level.add_metric([name], backoff)
+            for candidate in ("ok", "cooling", "disabled"):
+                state.add_metric([name, candidate], 1 if candidate == row_state else 0)
+        yield cooling
+        yield remaining
+        yield level
+        yield state
+        for source in self.extra:
+            yield from source()
+
+    def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:
+        """The exposition (Prometheus text, or OpenMetrics when ``accept`` asks) and its content type."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+
+def _counter(name: str, documentation: str, labels: Sequence[str], table: Dict[tuple, float]):
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, value in table.items():
+        family.add_metric(list(key), value)
+    return family
+
+
+class MetricsResource(resource.Resource):
+    """``GET /metrics``: refreshes the account gauges from the pool (when one is watched), then renders."""
+
+    isLeaf = True
+
+    def __init__(self, book: MetricsBook, snapshot: Optional[Callable[[], object]] = None):
+        super().__init__()
+        self.book = book
+        #: () -> None (no pool), or the pool's snapshot rows (a list, Deferred or coroutine)
+        self.snapshot = snapshot
+
+    def render_GET(self, request):
+        pending = self.snapshot() if self.snapshot is not None else None
+        if pending is None:
+            return self._write(request)
+        gone = []
+        request.notifyFinish().addErrback(gone.append)
+        if isinstance(pending, (list, tuple)):
+            d = defer.succeed(pending)
+        else:
+            d = defer.ensureDeferred(pending)
+        d.addCallback(self.book.set_accounts)
+        d.addErrback(lambda f: log.failure("account snapshot for /metrics failed", f))
+
+        def done(_):
+            if not gone:
+                request.write(self._write(request))
+                request.finish()
+
+        d.addCallback(done)
+        return server.NOT_DONE_YET
+
+    def render_HEAD(self, request):
+        return self.render_GET(request)
+
+    def _write(self, request) -> bytes:
+        accept = request.getHeader(b"accept")
+        body, content_type = self.book.render(accept.decode("latin-1") if accept else None)
+        request.setHeader(b"content-type", content_type.encode("ascii"))
+        request.setHeader(b"cache-control", b"no-store")
+        return body

@@ -1,0 +1,156 @@
+"""Redaction: what must never reach a log file, a body capture or an OTLP collector.
+
+Pure functions. Secret-bearing headers and JSON keys (at any depth) lose their values; key-shaped
+strings (``sk-ant-...``, OpenAI ``sk-...``, Google ``AIza...``, ``Bearer ...``) are masked anywhere.
+"""
+
+import json
+import re
+from typing import Any, Iterable, List, Optional, Set, Tuple, Union
+
+REDACTED = "[REDACTED]"
+
+#: Header names whose values are credentials (compared lower-cased).
+SENSITIVE_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key", "cookie",
+    "set-cookie", "x-auth-token", "x-amz-security-token",
+})
+
+# JSON keys compared with case, "-" and "_" folded away: access_token, accessToken and
+# Access-Token are one key.
+_SENSITIVE_KEYS = frozenset({
+    "authorization", "proxyauthorization", "xapikey", "apikey", "xgoogapikey", "accesstoken",
+    "refreshtoken", "idtoken", "clientsecret", "cookie", "cookies", "setcookie", "password",
+    "secret", "privatekey", "sessiontoken", "bearertoken",
+})
+
+# Key shapes. Each pattern is anchored on a boundary so ordinary words ("task-ant-farm") stay.
+_KEY_SHAPES = [
+    (re.compile(r"(?<![A-Za-z0-9])sk-ant-[A-Za-z0-9_\-]{6,}"), "sk-ant-" + REDACTED),
+    (re.compile(r"(?<![A-Za-z0-9])sk-(?:proj-|svcacct-|admin-|None-)?[A-Za-z0-9_\-]{20,}"),
+     "sk-" + REDACTED),
+    (re.compile(r"(?<![A-Za-z0-9])AIza[0-9A-Za-z_\-]{30,}"), "AIza" + REDACTED),
+    (re.compile(r"(?i)\bBearer\s+[A-Za-z0-9\-._~+/]+=*"), "Bearer " + REDACTED),
+]
+_KEY_SHAPES_B = [(re.compile(p.pattern.encode("ascii"), p.flags & re.IGNORECASE), r.encode("ascii"))
+                 for p, r in _KEY_SHAPES]
+
+# For text that is not parsed (raw SSE, truncated JSON): "key": "value" and its escaped form
+# \"key\": \"value\" (JSON inside a JSON string, e.g. tool input).
+_KEY_ALTERNATION = (r"(?:authorization|proxy[-_]?authorization|x[-_]?api[-_]?key|api[-_]?key|apikey|"
+                    r"x[-_]?goog[-_]?api[-_]?key|access[-_]?token|refresh[-_]?token|id[-_]?token|"
+                    r"client[-_]?secret|cookies?|set[-_]?cookie|password|secret|private[-_]?key|"
+                    r"session[-_]?token|bearer[-_]?token)")
+_RAW_PAIR = re.compile(
+    (r'(?i)("' + _KEY_ALTERNATION + r'"\s*:\s*")(?:[^"\\]|\\.)*(")').encode("ascii"))
+_RAW_ESCAPED_PAIR = re.compile(
+    (r'(?i)(\\"' + _KEY_ALTERNATION + r'\\"\s*:\s*\\")(?:(?!\\").)*?(\\")').encode("ascii"))
+_RAW_REPLACEMENT = rb"\g<1>" + REDACTED.encode("ascii") + rb"\g<2>"
+_TEXT_PAIR = re.compile(_RAW_PAIR.pattern.decode("ascii"))
+_TEXT_ESCAPED_PAIR = re.compile(_RAW_ESCAPED_PAIR.pattern.decode("ascii"))
+_TEXT_REPLACEMENT = _RAW_REPLACEMENT.decode("ascii")
+_TEXT_VALUE = re.compile(r'(?i)\\?"' + _KEY_ALTERNATION + r'\\?"\s*:\s*\\?"((?:[^"\\]|\\[^"])*)')
+
+
+_KEY_VERDICTS = {}  # key -> bool; JSON documents reuse a small set of keys
+_KEY_VERDICTS_LIMIT = 8192
+
+
+def is_sensitive_key(key: Any) -> bool:
+    """True when a JSON key or header name names a credential."""
+    verdict = _KEY_VERDICTS.get(key)
+    if verdict is None:
+        verdict = isinstance(key, str) and key.lower().replace("-", "").replace("_", "") in _SENSITIVE_KEYS
+        if len(_KEY_VERDICTS) < _KEY_VERDICTS_LIMIT:
+            _KEY_VERDICTS[key] = verdict
+    return verdict
+
+
+def redact_text(text: str) -> str:
+    """``text`` with key-shaped strings masked, and ``"api_key": "..."`` pairs of JSON held in
+    the text emptied (cheap when there is nothing to mask)."""
+    if '"' in text:
+        text = _TEXT_PAIR.sub(_TEXT_REPLACEMENT, text)
+        text = _TEXT_ESCAPED_PAIR.sub(_TEXT_REPLACEMENT, text)
+    if "sk-" not in text and "AIza" not in text and "earer" not in text and "EARER" not in text:
+        return text
+    for pattern, replacement in _KEY_SHAPES:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def redact_value(value: Any) -> Any:
+    """A copy of a JSON-like value: sensitive keys' values replaced, every string masked."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if value is None or isinstance(value, (int, float)):
+        return value
+    if isinstance(value, dict):
+        return {key: (REDACTED if is_sensitive_key(key) and item is not None else redact_value(item))
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_value(item) for item in value]
+    if isinstance(value, (bytes, bytearray)):
+        return redact_text(bytes(value).decode("utf-8", "replace"))
+    return value
+
+
+def collect_secrets(value: Any, found: Optional[Set[str]] = None) -> Set[str]:
+    """The strings redaction would remove from a JSON-like value: values under sensitive keys and
+    key-shaped substrings (shorter than 6 characters are ignored: too common to mask)."""
+    if found is None:
+        found = set()
+    if isinstance(value, str):
+        for pattern, _ in _KEY_SHAPES:
+            found.update(m.group(0) for m in pattern.finditer(value))
+        if '"' in value:
+            for match in _TEXT_VALUE.finditer(value):
+                found.add(match.group(1))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if is_sensitive_key(key) and isinstance(item, str):
+                found.add(item)
+            collect_secrets(item, found)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            collect_secrets(item, found)
+    return {s for s in found if len(s) >= 6 and s != REDACTED}
+
+
+Header = Tuple[Union[bytes, str], Union[bytes, str]]
+
+
+def redact_headers(headers: Iterable[Header]) -> List[Tuple[str, str]]:
+    """Header pairs as text, in order: credentials replaced, other values masked for key shapes."""
+    redacted = []
+    for name, value in headers:
+        if isinstance(name, bytes):
+            name = name.decode("latin-1")
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        if name.lower() in SENSITIVE_HEADERS or is_sensitive_key(name):
+            redacted.append((name, REDACTED))
+        else:
+            redacted.append((name, redact_text(value)))
+    return redacted
+
+
+def redact_raw(data: bytes) -> bytes:
+    """Bytes redacted without parsing (raw SSE, a cut JSON prefix): everything else byte-exact."""
+    if not data:
+        return data
+    data = _RAW_PAIR.sub(_RAW_REPLACEMENT, data)
+    data = _RAW_ESCAPED_PAIR.sub(_RAW_REPLACEMENT, data)
+    for pattern, replacement in _KEY_SHAPES_B:
+        data = pattern.sub(replacement, data)
+    return data
+
+
+def redact_json_bytes(data: bytes) -> bytes:
+    """A JSON body redacted key by key (any depth); a body that is not JSON is redacted raw."""
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return redact_raw(data)
+    return json.dumps(redact_value(document), ensure_ascii=False,
+                      separators=(",", ":")).encode("utf-8")
