@@ -26,6 +26,8 @@ from .cloaking import HOP_BY_HOP, CloakingPipeline
 from .router import Target
 from .translate.claude import strip_foreign_thinking
 from .errors import ProxyError, error_event, error_type_for
+from .observe.recorder import (TRACE_HEADERS, Observability, model_from_message, usage_from_event,
+                               usage_from_message, usage_from_sse_tail)
 from .upstream import FirstEventFailed, StreamRelay, UpstreamError, read_body
 
 log = logger(__name__)
@@ -52,6 +54,8 @@ class ProxyRequest:
     model: Optional[str] = None
     stream: bool = False
     request_id: str = attr.ib(factory=lambda: "req_clp_" + uuid.uuid4().hex[:24])
+    #: the clproxy.observe.recorder.RequestRecord of this request (set by Dispatcher.forward)
+    record: object = attr.ib(default=None, eq=False, repr=False)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -113,8 +117,11 @@ class Dispatcher:
                  accounts: Callable[[], Sequence[Account]], settings: DispatchSettings = DispatchSettings(),
                  refresher=None, fallback=None, shaping: Optional[CloakingPipeline] = None,
                  router=None, translation=None, quotas=None,
-                 on_refreshed: Optional[Callable[[Account], None]] = None):
+                 on_refreshed: Optional[Callable[[Account], None]] = None,
+                 observability: Optional[Observability] = None):
         self.clock = clock
+        #: request logs, metrics and traces (metrics only when none is given)
+        self.obs = observability if observability is not None else Observability(clock=clock, logs_dir=None)
         self.upstream = upstream
         self.pool = pool
         self.store = store
@@ -137,11 +144,20 @@ class Dispatcher:
 
     async def forward(self, request: ProxyRequest, out) -> None:
         """Answer ``request`` through ``out`` (a :class:`clproxy.web.ClientResponse`)."""
+        record = request.record = out.record = self.obs.begin(
+            request_id=request.request_id, method=request.method, path=request.path, model=request.model,
+            stream=request.stream, headers=request.headers, body=request.body)
         try:
             await self._forward(request, out)
         except ProxyError as e:
+            record.error = e.message
             out.send_error(e)
+        except BaseException as e:
+            record.error = f"internal error: {type(e).__name__}"
+            raise
         finally:
+            # 499: the client went away before any answer (nginx's "client closed request")
+            record.finish(status=out.status if out.status is not None else (500 if record.error else 499))
             await self.store.incr("completed_requests")
 
     async def _forward(self, request: ProxyRequest, out) -> None:
@@ -151,6 +167,7 @@ class Dispatcher:
                 if self.translation is None:
                     raise ProxyError(500, f"model {request.model} is mapped to {route.provider}, "
                                           "but translation is not available")
+                request.record.provider = route.provider
                 await self.translation.answer(request, out, Target(route.provider, route.model), final=True)
                 return
             if not route.passthrough:
@@ -192,10 +209,13 @@ class Dispatcher:
             if account.is_oauth and self.refresher is not None:
                 try:
                     refreshed = await self.refresher.fresh(account, force=force)
-                    if refreshed is not account and self.on_refreshed is not None:
-                        self.on_refreshed(refreshed)
+                    if refreshed is not account:
+                        request.record.refresh(account.name, True)
+                        if self.on_refreshed is not None:
+                            self.on_refreshed(refreshed)
                     account = refreshed
                 except Exception as e:  # refresh failed: this account cannot be used now
+                    request.record.refresh(account.name, False)
                     log.warn("<- refresh-failed account={account} reason={reason}",
                              account=account.name, reason=_safe_reason(e))
                     await self.pool.cool(account, policy.AUTH_COOLDOWN)  # no upstream attempt was made
@@ -215,13 +235,17 @@ class Dispatcher:
         timeout = max(0.001, min(self.settings.upstream_timeout, deadline - self.clock.seconds()))
         url = (account.base_url.rstrip("/").encode("utf-8") + request.path + request.query)
         headers, body = self.shaping.shape(request.headers, account, request.body)
+        for name in TRACE_HEADERS:  # the proxy's own span is the upstream's parent
+            headers.removeHeader(name)
+        for name, value in request.record.outbound_headers():  # also starts the attempt's clock
+            headers.setRawHeaders(name, [value])
         sending = self.upstream.send(request.method, url, headers, body, timeout, self.clock)
         out.on_disconnect(sending.cancel)
         try:
             response = await sending
         except UpstreamError as e:
             verdict = policy.classify_network_error(e.kind, backoff_level=level)
-            await self._record(account, verdict)
+            await self._record(request, account, verdict)
             last.network, last.status = e, None
             return verdict
         except Exception:
@@ -237,14 +261,19 @@ class Dispatcher:
                 await self._relay_stream(request, out, account, response, level, last)
                 return None
             body = await self._read(response, self.settings.max_response_bytes, out)
-            await self._record(account, policy.classify(status, {}, b"", now=self.clock.seconds(),
-                                                        backoff_level=level, is_oauth=account.is_oauth))
+            await self._record(request, account, policy.classify(status, {}, b"", now=self.clock.seconds(),
+                                                                 backoff_level=level, is_oauth=account.is_oauth))
+            record = request.record
+            record.usage(usage_from_message(body))
+            record.actual_model = model_from_message(body)
+            record.response_body(status, response.headers, body, streamed=False)
             out.send(status, downstream_headers(response.headers), body)
             raise _Answered()
         body = await self._read(response, self.settings.error_body_limit, out)
         verdict = policy.classify(status, header_dict(response.headers), body, now=self.clock.seconds(),
                                   backoff_level=level, is_oauth=account.is_oauth)
-        await self._record(account, verdict)
+        await self._record(request, account, verdict)
+        request.record.response_body(status, response.headers, body, streamed=False)
         if verdict.action == policy.RETURN or (passthrough and verdict.action != policy.REFRESH):
             out.send(status, downstream_headers(response.headers), body)
             raise _Answered()
@@ -273,29 +302,36 @@ class Dispatcher:
             except FirstEventFailed as e:
                 verdict = policy.classify_network_error("empty-stream", backoff_level=level)
                 log.warn("{line} ({why})", line=verdict.describe(account.name), why=str(e))
-                await self._record(account, verdict, quiet=True)
+                await self._record(request, account, verdict, quiet=True)
                 last.network, last.status = UpstreamError("network", str(e)), None
                 return
             if first.name == "error":
                 relay.abort()
                 verdict = _classify_error_event(first.data, self.clock.seconds(), level, account)
-                await self._record(account, verdict)
+                await self._record(request, account, verdict)
                 body = first.data.encode("utf-8")
                 last.status = _status_for_error_event(first.data)
                 last.headers = [(b"content-type", [b"application/json"])]
                 last.body, last.network = body, None
                 return
-        await self._record(account, policy.classify(response.code, {}, b"", now=self.clock.seconds(),
-                                                    backoff_level=level, is_oauth=account.is_oauth))
+            record = request.record
+            record.usage(usage_from_event(first.data))
+            record.actual_model = model_from_message(first.data)
+        await self._record(request, account, policy.classify(response.code, {}, b"", now=self.clock.seconds(),
+                                                             backoff_level=level, is_oauth=account.is_oauth))
         out.start(response.code, downstream_headers(response.headers))
         out.register_producer(relay.producer())
-        relay.commit(out.write)
+        relay.commit(request.record.tee(out.write, status=response.code, headers=response.headers))
         self.streams.add(relay)
         try:
             outcome = await relay.done
         finally:
             self.streams.discard(relay)
         out.unregister_producer()
+        record = request.record
+        record.usage(usage_from_sse_tail(relay.tail))
+        if outcome.truncated:
+            record.truncated, record.error = True, outcome.reason
         if outcome.truncated and not out.disconnected:
             log.warn("stream truncated account={account}: {reason}", account=account.name,
                      reason=outcome.reason)
@@ -304,7 +340,9 @@ class Dispatcher:
         out.finish()
         raise _Answered()
 
-    async def _record(self, account: Account, verdict, quiet: bool = False) -> None:
+    async def _record(self, request: ProxyRequest, account: Account, verdict, quiet: bool = False) -> None:
+        request.record.attempt(account_name=account.name, provider="anthropic", model=request.model,
+                               status=verdict.status, verdict=verdict)
         await self.pool.record(account, verdict)
         if verdict.action != policy.SUCCESS and not quiet:
             log.info("{line}", line=verdict.describe(account.name))

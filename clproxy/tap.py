@@ -29,6 +29,7 @@ from .cloaking import PluginLoadError, pipeline_from_config
 from .dispatch import DispatchSettings, Dispatcher
 from .drain import Drainer
 from .observe import console
+from .observe.recorder import Observability
 from .pool import AccountPool
 from .reload import ConfigWatcher, install_sighup
 from .frontdoor import install as install_front_door
@@ -315,6 +316,13 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
         shaping = pipeline_from_config(cfg.cloaking)
     except (PluginLoadError, ValueError) as e:
         raise SystemExit(f"clproxy: invalid configuration: cloaking: {e}")
+    obs = Observability(
+        clock=reactor,
+        logs_dir=os.path.expanduser(cfg.logging.dir) if cfg.logging.dir else os.path.join(home, "logs"),
+        retention_days=cfg.logging.retention_days, max_total_mb=cfg.logging.max_total_mb,
+        debug_bodies=bool(options.get("debug")) or cfg.logging.debug_bodies,
+        environ=env, echo=bool(options.get("debug")))
+    obs.watch_pool(pool, directory.current)
     translation = Translation(clock=reactor, upstream=upstream, providers=cfg.providers,
                               keepalive_interval=cfg.server.keepalive_interval,
                               upstream_timeout=cfg.server.upstream_timeout, store=store)
@@ -322,18 +330,21 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
                             accounts=directory.current, settings=settings, shaping=shaping,
                             router=Router.from_config(cfg.routing), refresher=refresher,
                             quotas=quotas, on_refreshed=directory.updated, translation=translation,
-                            fallback=translation.fallback_hook(lambda: dispatcher.router.fallback_chain))
+                            fallback=translation.fallback_hook(lambda: dispatcher.router.fallback_chain),
+                            observability=obs)
     status = StatusReport(clock=reactor, pool=pool, store=store, accounts=directory.current,
-                          strategy=lambda: pool.strategy, started=reactor.seconds(), quotas=quotas)
+                          strategy=lambda: pool.strategy, started=reactor.seconds(), quotas=quotas,
+                          extra=lambda: {"pid": os.getpid(), "observability": obs.status()})
     drainer = Drainer(reactor, cfg.server.drain_timeout)
-    root = build_root(dispatcher, status)
+    root = build_root(dispatcher, status, metrics=obs.metrics_resource())
     install_front_door(root.children[b"v1"], dispatcher, None, cfg.server.max_body_bytes)
     site = ProxySite(root, max_body_bytes=cfg.server.max_body_bytes, drainer=drainer)
 
     top = ProxyService(upstream, quotas=quotas, store=store, tokens=tokens, drainer=drainer)
     top.config = cfg
     top.dispatcher, top.pool, top.store, top.site, top.directory = dispatcher, pool, store, site, directory
-    top.refresher, top.quotas = refresher, quotas
+    top.refresher, top.quotas, top.observability = refresher, quotas, obs
+    obs.service().setServiceParent(top)  # before the listener: starts first, stops (flushes) last
     upkeep = AccountUpkeep(directory, refresher, reactor,
                            interval=float(options.get("health-interval") or 30.0))
     upkeep.setServiceParent(top)

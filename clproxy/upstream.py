@@ -203,6 +203,10 @@ class FirstEventFailed(Exception):
     """A stream ended, broke or sent nothing usable before its first complete event."""
 
 
+#: How much of a stream's end a relay keeps: the final message_delta (usage) and message_stop.
+TAIL_BYTES = 2048
+
+
 class StreamRelay(protocol.Protocol):
     """Relays an upstream SSE body to a client once its first complete event has arrived.
 
@@ -242,7 +246,7 @@ class StreamRelay(protocol.Protocol):
         if write is not None:
             write(data)
             self.bytes_relayed += len(data)
-            self._tail = (self._tail + data[-256:])[-256:]
+            self._tail = (self._tail + data[-TAIL_BYTES:])[-TAIL_BYTES:]
             return
         self._held.append(data)
         if self.first_event.called or self._parser is None:
@@ -280,6 +284,11 @@ class StreamRelay(protocol.Protocol):
         self.done.callback(StreamOutcome(truncated=why is not None, reason=why))
 
     # -- control ---------------------------------------------------------------------------
+    @property
+    def tail(self) -> bytes:
+        """The last bytes received (up to TAIL_BYTES): where the final usage is."""
+        return self._tail
+
     def commit(self, write: Callable[[bytes], None]) -> None:
         """Write what was held, then write every later chunk through ``write`` as it arrives."""
         held, self._held = b"".join(self._held), []
@@ -287,7 +296,7 @@ class StreamRelay(protocol.Protocol):
         if held:
             write(held)
             self.bytes_relayed += len(held)
-            self._tail = held[-256:]
+            self._tail = held[-TAIL_BYTES:]
 
     def producer(self):
         """The upstream transport as an ``IPushProducer``, for the client's ``registerProducer``."""

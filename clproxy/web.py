@@ -36,6 +36,10 @@ class ClientResponse:
         self._request = request
         self.disconnected = False
         self.started = False
+        #: the status sent to the client (None until the response starts)
+        self.status: Optional[int] = None
+        #: the request's clproxy.observe.recorder.RequestRecord, told when the first byte goes out
+        self.record = None
         self._cancel: Optional[Callable[[], None]] = None
         request.notifyFinish().addErrback(self._gone)
 
@@ -54,6 +58,9 @@ class ClientResponse:
         if self.disconnected:
             return
         self.started = True
+        self.status = status
+        if self.record is not None:
+            self.record.first_byte()
         request = self._request
         request.setResponseCode(status)
         set_header = request.responseHeaders.setRawHeaders
@@ -439,8 +446,8 @@ class StatusReport:
         return document
 
 
-def build_root(dispatcher, status: StatusReport) -> resource.Resource:
-    """The resource tree."""
+def build_root(dispatcher, status: StatusReport, metrics=None) -> resource.Resource:
+    """The resource tree (``metrics``: the ``GET /metrics`` resource, when observability is wired)."""
     root = Node()
     v1 = Node()
     root.putChild(b"v1", v1)
@@ -448,4 +455,6 @@ def build_root(dispatcher, status: StatusReport) -> resource.Resource:
     v1.putChild(b"models", ModelsResource(dispatcher))
     root.putChild(b"health", HealthResource(status))
     root.putChild(b"status", StatusResource(status))
+    if metrics is not None:
+        root.putChild(b"metrics", metrics)
     return root
