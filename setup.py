@@ -24,15 +24,24 @@ setup(
         # parses the 20+ KB request bodies several times faster than json (they are parsed once
         # per request to read model and stream)
         "orjson>=3.9",
+        # /metrics in the Prometheus text format, with its own registry
+        "prometheus-client>=0.20",
         "txredisapi",
     ],
     extras_require={
+        # OTLP/HTTP export of spans and log records (OTEL_EXPORTER_OTLP_ENDPOINT)
+        "otlp": [
+            "opentelemetry-sdk>=1.30",
+            "opentelemetry-exporter-otlp-proto-http>=1.30",
+        ],
         "test": [
             "pytest>=7",
             "pytest-twisted>=1.14",
             "anthropic>=0.40",
             "openai>=1.0",
             "hypothesis>=6",
+            "opentelemetry-sdk>=1.30",
+            "opentelemetry-exporter-otlp-proto-http>=1.30",
         ],
     },
     entry_points={"console_scripts": ["clproxy = clproxy.cli.main:main"]},

@@ -158,8 +158,9 @@ class AccountUpkeep(service.Service):
     ``--health-interval`` seconds, re-discovery and a refresh of tokens about to expire, so requests
     seldom wait on one."""
 
-    def __init__(self, directory, refresher, clock, interval: float):
+    def __init__(self, directory, refresher, clock, interval: float, observability=None):
         self.directory, self.refresher, self.clock, self.interval = directory, refresher, clock, interval
+        self.observability = observability
         self._loop = None
 
     def startService(self):
@@ -176,13 +177,22 @@ class AccountUpkeep(service.Service):
             for account in self.directory.current():
                 if account.is_oauth and account.enabled:
                     try:
-                        self.directory.updated(await self.refresher.fresh(account))
+                        refreshed = await self.refresher.fresh(account)
                     except Exception as e:
                         log.warn("upkeep: {name} could not be refreshed: {error}", name=account.name,
                                  error=str(e))
+                        self._count_refresh(account, False)
+                        continue
+                    if refreshed is not account:
+                        self.directory.updated(refreshed)
+                        self._count_refresh(account, True)
             self.directory.refresh()
         except Exception:
             log.failure("account upkeep failed")
+
+    def _count_refresh(self, account, ok: bool) -> None:
+        if self.observability is not None:
+            self.observability.refresh(account.name, ok)
 
     def stopService(self):
         if self._loop is not None and self._loop.running:
@@ -346,7 +356,7 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
     top.refresher, top.quotas, top.observability = refresher, quotas, obs
     obs.service().setServiceParent(top)  # before the listener: starts first, stops (flushes) last
     upkeep = AccountUpkeep(directory, refresher, reactor,
-                           interval=float(options.get("health-interval") or 30.0))
+                           interval=float(options.get("health-interval") or 30.0), observability=obs)
     upkeep.setServiceParent(top)
     top.after_connect = (upkeep,)
     listener = internet.TCPServer(int(options["port"]), site, interface=options["host"], backlog=1024)

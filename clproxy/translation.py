@@ -69,14 +69,24 @@ class Translation:
         if out.disconnected:
             return True
         where = f"{target.provider}/{target.model}"
+        record = getattr(request, "record", None)
+        if record is not None:
+            record.outbound_headers()  # starts this attempt's timer
         try:
             client, prepared = self._prepare(request, target)
             if request.stream:
                 await self._stream(request, out, target, client, prepared)
             else:
                 await self._message(request, out, target, client, prepared)
+            if record is not None:
+                record.provider, record.account = target.provider, None  # no Claude account answered
+                record.attempt(account_name=None, provider=target.provider, model=target.model,
+                               status=200, verdict=None)
             return True
         except _NotAnswered as e:
+            if record is not None:
+                record.attempt(account_name=None, provider=target.provider, model=target.model,
+                               status=e.error.status, verdict=None)
             if out.disconnected:
                 return True
             if final:
@@ -145,6 +155,9 @@ class Translation:
             raise _NotAnswered(_client_error(e), _describe(e))
 
     def _headers(self, request, target, model: str, content_type) -> List[Tuple[bytes, List[bytes]]]:
+        record = getattr(request, "record", None)
+        if record is not None:
+            record.actual_model = model  # the model that answered, for the summary and metrics
         return [(b"content-type", content_type),
                 (b"request-id", [request.request_id.encode()]),
                 (b"x-clproxy-provider", [target.provider.encode()]),

@@ -73,3 +73,26 @@ async def test_openai_sdk_through_front_door_reaches_claude_account(fake, provid
     assert text == "Hello from the fake." and chunks[-1].usage is not None
     models = await in_thread(lambda: [m.id for m in client.models.list()])
     assert "claude-sonnet-4-5" in models
+
+
+@pytest_twisted.ensureDeferred
+async def test_fallback_answer_is_logged_with_provider_and_actual_model(fake, providers, start_proxy, tmp_path):
+    """The summary names the fallback provider and the model that answered; attempts list every try."""
+    import glob
+    import json as jsonlib
+    gemini, oai = providers
+    proxy = start_proxy(config(fake, gemini, oai), environ={"CLPROXY_HOME": str(tmp_path / "home")})
+    fake.script(status=429, headers={"retry-after": "30"},
+                body=testing.error_json(429, "rate_limit_error", "limited"))
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="c", max_retries=0)
+    await in_thread(lambda: client.messages.create(model="claude-sonnet-4-5", max_tokens=50,
+                                                   messages=[{"role": "user", "content": "hi"}]))
+    await in_thread(proxy.service.observability.flush)
+    logs = tmp_path / "home" / "logs"
+    summary = [jsonlib.loads(line) for f in glob.glob(str(logs / "proxy-2*.jsonl"))
+               for line in open(f)][-1]
+    attempts = [jsonlib.loads(line) for f in glob.glob(str(logs / "proxy-attempts-*.jsonl"))
+                for line in open(f)]
+    assert summary["provider"] == "google-ai" and summary["status"] == 200
+    assert summary["actualModel"] and summary["actualModel"] != "claude-sonnet-4-5" and summary["substituted"]
+    assert [a["provider"] for a in attempts] == ["anthropic", "anthropic", "google-ai"]
