@@ -201,13 +201,13 @@ class AccountUpkeep(service.Service):
 
 
 def tune_garbage_collector() -> None:
-    """Move everything built at start-up out of the collector's sight and collect young objects
-    less often: each request leaves a few reference cycles, and a full collection over every
-    module and class paused streams for tens of milliseconds (see benchmarks/README.md)."""
+    """Move everything built at start-up out of the collector's sight: a full collection over every
+    module and class paused streams for tens of milliseconds (see benchmarks/README.md). The
+    default thresholds stay: collecting young objects less often let the few reference cycles each
+    request leaves pile up (peak RSS at 1,000 streams 250 MB instead of 135 MB, for no throughput)."""
     gc.collect()
     if hasattr(gc, "freeze"):
         gc.freeze()
-    gc.set_threshold(10000, 20, 20)
 
 
 class ProxyService(service.MultiService):
