@@ -11,7 +11,6 @@ import errno
 import json
 import os
 import signal
-import tempfile
 import time
 import urllib.request
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
@@ -19,6 +18,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 from twisted.application import service
 
 from . import config as configuration
+from .files import atomic_write
 from .cli import claude_settings
 from .observe import console
 
@@ -93,20 +93,7 @@ def write_state(path: str, state: Mapping[str, Any]) -> None:
     """Replace the state file atomically, mode 0600 (temp file, fsync, rename)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".proxy-state.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write((json.dumps(state, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode("utf-8"), 0o600)
 
 
 def remove_state(path: str, pid: Optional[int] = None) -> bool:

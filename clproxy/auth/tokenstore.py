@@ -12,7 +12,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ import attr
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from ..files import _fsync_dir, atomic_write  # noqa: F401  (atomic_write is re-exported)
 from .accounts import API_KEY, DEFAULT_ANTHROPIC_BASE_URL, OAUTH, Account, accounts_from_environment
 
 log = Logger()
@@ -289,43 +289,6 @@ def default_home(environ: Mapping[str, str] = os.environ) -> str:
     if home == "~" or home.startswith("~/"):
         home = (environ.get("HOME") or os.path.expanduser("~")) + home[1:]
     return os.path.expanduser(home)
-
-
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some filesystems cannot fsync a directory; the rename is still atomic
-        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
-            raise
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: temp file in the same directory (created ``mode``), fsync,
-    rename, fsync the directory. Readers see the old content or the new, never a mix."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        # mkstemp creates the file 0600 whatever the umask; chmod only for another requested mode.
-        if mode != 0o600:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            fd = -1
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(directory)
 
 
 def _stat_signature(path: str) -> Optional[Tuple[int, int, int]]:

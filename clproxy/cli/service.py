@@ -13,12 +13,12 @@ import plistlib
 import shlex
 import subprocess
 import sys
-import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextIO, Tuple
 
 import attr
 
 from .. import config as configuration
+from ..files import atomic_write
 from . import claude_settings
 
 UNIT_NAME = "clproxy.service"
@@ -175,20 +175,7 @@ def _file_digest(path: str) -> Optional[str]:
 def _write(path: str, data: bytes, mode: int) -> None:
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    atomic_write(path, data, mode)
 
 
 def read_manifest(environ: Mapping[str, str] = os.environ) -> Optional[Dict[str, Any]]:
