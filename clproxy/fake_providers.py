@@ -12,9 +12,9 @@ from urllib.parse import unquote
 
 import attr
 from twisted.internet import reactor as default_reactor
-from twisted.web import resource, server
+from twisted.web import server
 
-from .testing import Recorded
+from .testing import LoopbackFake, Recorded
 
 Chunk = Union[Dict[str, Any], bytes]
 
@@ -171,7 +171,7 @@ def gemini_error(status: int, message: str, status_text: str = "INVALID_ARGUMENT
 
 # -- the servers ------------------------------------------------------------------------------
 
-class FakeProvider(resource.Resource):
+class FakeProvider(LoopbackFake):
     """What both fakes share: scripts, recording, listening and the streaming machinery."""
 
     isLeaf = True
@@ -224,20 +224,6 @@ class FakeProvider(resource.Resource):
         return [json.loads(r.body) for r in self.requests]
 
     # -- serving ------------------------------------------------------------------------------
-    def listen(self, port: int = 0, interface: str = "127.0.0.1"):
-        """Listen on a loopback port (0: a free one); returns the listening port."""
-        site = server.Site(self)
-        site.displayTracebacks = False
-        site.noisy = False
-        self.port = self.reactor.listenTCP(port, site, interface=interface)
-        return self.port
-
-    @property
-    def url(self) -> str:
-        """``http://127.0.0.1:PORT`` of the listening fake."""
-        address = self.port.getHost()
-        return f"http://{address.host}:{address.port}"
-
     def credential(self, request) -> Optional[str]:
         raise NotImplementedError
 

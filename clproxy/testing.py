@@ -166,7 +166,29 @@ def credential_of(request) -> Optional[str]:
     return None
 
 
-class FakeAnthropic(resource.Resource):
+class LoopbackFake(resource.Resource):
+    """A fake upstream that serves itself on a loopback port: ``listen()``, then ``url``."""
+
+    isLeaf = True
+    reactor = default_reactor
+    port = None
+
+    def listen(self, port: int = 0, interface: str = "127.0.0.1"):
+        """Listen on a loopback port (0: a free one); returns the listening port."""
+        site = server.Site(self)
+        site.displayTracebacks = False
+        site.noisy = False
+        self.port = self.reactor.listenTCP(port, site, interface=interface)
+        return self.port
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use (``http://127.0.0.1:PORT``)."""
+        address = self.port.getHost()
+        return f"http://{address.host}:{address.port}"
+
+
+class FakeAnthropic(LoopbackFake):
     """A fake Anthropic Messages API. ``listen()`` it on a loopback port; script it with ``script()``."""
 
     isLeaf = True
@@ -216,19 +238,6 @@ class FakeAnthropic(resource.Resource):
         return [r for r in self.requests if r.credential == credential]
 
     # -- serving ------------------------------------------------------------------------------
-    def listen(self, port: int = 0, interface: str = "127.0.0.1"):
-        """Listen on a loopback port (0: a free one); returns the listening port."""
-        site = server.Site(self)
-        site.displayTracebacks = False
-        self.port = self.reactor.listenTCP(port, site, interface=interface)
-        return self.port
-
-    @property
-    def url(self) -> str:
-        """The base URL clients use (``http://127.0.0.1:PORT``)."""
-        address = self.port.getHost()
-        return f"http://{address.host}:{address.port}"
-
     def render(self, request):
         body = request.content.read()
         credential = credential_of(request)

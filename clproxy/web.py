@@ -18,7 +18,7 @@ from twisted.web import http, resource, server
 
 from . import __version__
 from .dispatch import ProxyRequest
-from .errors import ProxyError, error_body
+from .errors import ProxyError, error_event
 
 log = logger(__name__)
 
@@ -92,7 +92,6 @@ class ClientResponse:
         if self.disconnected:
             return
         if self.started:
-            from .errors import error_event
             self.write(error_event(error.message, error.error_type))
             self.finish()
             return

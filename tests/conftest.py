@@ -5,6 +5,9 @@ import json
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+
+from clproxy.observe import console
 
 from clproxy.tap import makeService
 from clproxy.testing import listen_fake_anthropic
@@ -61,3 +64,19 @@ def accounts_config(fake, *names, **extra):
         {"name": name, "apiKey": f"key-{name}", "baseUrl": fake.url} for name in names]}}
     config.update(extra)
     return config
+
+
+@pytest.fixture
+def logs():
+    """Log lines emitted while the test runs (clproxy's gate opened to info, restored after)."""
+    lines = []
+
+    def observer(event):
+        lines.append(formatEvent(event))
+
+    previous = console.level()
+    console.set_level(LogLevel.info)
+    globalLogPublisher.addObserver(observer)
+    yield lines
+    globalLogPublisher.removeObserver(observer)
+    console.set_level(previous)

@@ -254,7 +254,7 @@ def test_truncated_stream_is_reassembled_as_far_as_it_goes():
 @pytest.fixture
 def console_info():
     """The daemon's console gate at info level for the test (other tests may have quieted it)."""
-    predicate = console._predicate
+    predicate = console._predicate  # the gate itself, to assert it is restored
     default, ours = predicate.defaultLogLevel, predicate.logLevelForNamespace("clproxy")
     console.set_level(LogLevel.info)
     yield

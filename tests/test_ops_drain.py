@@ -1,30 +1,11 @@
 """Graceful drain: requests in flight are waited for, up to the drain timeout."""
 
-import pytest
 import pytest_twisted
 import treq
 from twisted.internet import defer, reactor, task
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.web import resource, server
 
 from clproxy.drain import Drainer
-from clproxy.observe import console
-
-
-@pytest.fixture
-def logs():
-    """Log lines emitted while the test runs (clproxy's gate opened to info)."""
-    lines = []
-
-    def observer(event):
-        lines.append(formatEvent(event))
-
-    previous = console._predicate.defaultLogLevel
-    console.set_level(LogLevel.info)
-    globalLogPublisher.addObserver(observer)
-    yield lines
-    globalLogPublisher.removeObserver(observer)
-    console.set_level(previous)
 
 
 def test_nothing_in_flight_drains_at_once():

@@ -3,33 +3,14 @@
 import os
 import signal
 
-import pytest
 from twisted.internet import task
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from clproxy import config as configuration
-from clproxy.observe import console
 from clproxy.reload import ConfigWatcher, install_sighup
 
 GOOD = "routing:\n  strategy: fill-first\n"
 OTHER = "routing:\n  strategy: round-robin\n"
 BROKEN = "accounts:\n  anthropic:\n    - name: a\n      apiKey: k\n      weight: two\n"
-
-
-@pytest.fixture
-def logs():
-    """Log lines emitted while the test runs (clproxy's gate opened to info)."""
-    lines = []
-
-    def observer(event):
-        lines.append(formatEvent(event))
-
-    previous = console._predicate.defaultLogLevel
-    console.set_level(LogLevel.info)
-    globalLogPublisher.addObserver(observer)
-    yield lines
-    globalLogPublisher.removeObserver(observer)
-    console.set_level(previous)
 
 
 class Harness:

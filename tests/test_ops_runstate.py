@@ -10,27 +10,9 @@ import time
 
 import pytest
 from twisted.application import service
-from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from clproxy import runstate
 from clproxy.cli import claude_settings
-from clproxy.observe import console
-
-
-@pytest.fixture
-def logs():
-    """Log lines emitted while the test runs (clproxy's gate opened to info)."""
-    lines = []
-
-    def observer(event):
-        lines.append(formatEvent(event))
-
-    previous = console._predicate.defaultLogLevel
-    console.set_level(LogLevel.info)
-    globalLogPublisher.addObserver(observer)
-    yield lines
-    globalLogPublisher.removeObserver(observer)
-    console.set_level(previous)
 
 
 def dead_pid() -> int:

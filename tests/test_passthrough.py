@@ -342,7 +342,7 @@ async def test_slow_reader_pauses_upstream(fake, start_proxy):
         last = relay.bytes_relayed
     # what was read from upstream is bounded by the kernel's socket buffers plus the proxy's own
     # 64 KiB write buffer, far below the stream's size
-    assert relay.bytes_relayed < 6_000_000, "the upstream was read although the client was not"
+    assert relay.bytes_relayed < total // 2, "the upstream was read although the client was not"
     client.transport.resumeProducing()
     await client.closed
     received = _dechunk(b"".join(client.data))

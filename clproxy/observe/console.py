@@ -17,6 +17,11 @@ def set_level(level: LogLevel) -> None:
     _predicate.defaultLogLevel = level
 
 
+def level() -> LogLevel:
+    """The level clproxy events are emitted at now."""
+    return _predicate.defaultLogLevel
+
+
 def logger(namespace: str) -> Logger:
     """A module's logger, gated by the daemon's verbosity."""
     return Logger(namespace=namespace, observer=gate)
