@@ -108,6 +108,8 @@ class _Failure:
     network: Optional[UpstreamError] = None
     #: statuses of the upstream answers this request got, in order
     statuses: List[int] = attr.ib(factory=list)
+    #: keys of the accounts those answers came from
+    accounts: set = attr.ib(factory=set)
 
 
 class Dispatcher:
@@ -224,7 +226,8 @@ class Dispatcher:
             if verdict is None or verdict.action != policy.REFRESH:
                 return
             if self.refresher is None or refreshes >= self.settings.max_refresh_retries:
-                # no refresh possible (or retries spent): recording the verdict already cooled it
+                # no refresh possible (or retries spent): only now does the 401 cool the account
+                await self.pool.cool(account, policy.unrefreshable(verdict).cooldown)
                 return
             refreshes += 1
             force = True
@@ -280,6 +283,7 @@ class Dispatcher:
         last.status, last.headers, last.body, last.network = (
             status, downstream_headers(response.headers), body, None)
         last.statuses.append(status)
+        last.accounts.add(account.key)
         return verdict
 
     async def _read(self, response, limit: int, out) -> bytes:
@@ -351,9 +355,10 @@ class Dispatcher:
         """No account answered: fall back, or answer with the most truthful error there is."""
         cooling = await self.pool.cooling(enabled)
         if last.statuses and all(s in (401, 402, 403) for s in last.statuses) \
-                and len(last.statuses) == len(enabled):
-            # every account rejected its credential just now: Anthropic's own answer is the truth,
-            # a 429 would send the client into a pointless wait
+                and last.accounts >= {a.key for a in enabled}:
+            # every account rejected its credential just now (an OAuth one even after its refresh
+            # retries, which add answers, hence accounts and not a count): Anthropic's own answer
+            # is the truth, a 429 would send the client into a pointless wait
             out.send(last.status, last.headers or [], last.body or b"")
             return
         if len(cooling) == len(enabled) or (last.status is None and last.network is None):

@@ -138,6 +138,11 @@ class FakeOAuthServer(Resource):
         for _ in range(times):
             self._faults.append((status, body if body is not None else {"error": "server_error"}))
 
+    def revoke(self, access_token: str) -> None:
+        """Revoke an access token the server issued (its refresh token stays live), as the real server
+        does when it invalidates a session: ``is_live_access_token`` is then false for it."""
+        self._live_access.discard(access_token)
+
     def pause(self) -> None:
         """Hold every token-endpoint answer (the grant is still processed on arrival) until :meth:`resume`."""
         self._paused = True

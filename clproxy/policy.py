@@ -15,7 +15,7 @@ import attr
 
 # What dispatch does next.
 SUCCESS = "success"     # relay the answer; the account's backoff level goes back to 0
-REFRESH = "refresh"     # OAuth 401: refresh the token and retry (without refresh: cool like COOL)
+REFRESH = "refresh"     # OAuth 401: refresh the token and retry; no cooldown (see ``unrefreshable``)
 COOL = "cool-and-next"  # cool the account for ``cooldown`` seconds, try the next account
 NEXT = "next"           # transient: no cooldown, try the next account at once
 RETURN = "return"       # the client's answer: relay it as is, no retry, no cooldown
@@ -171,7 +171,10 @@ def classify(status: int, headers: Mapping[str, str], body: bytes, *, now: float
     if status == 401:
         detail = _error_detail(body)
         if is_oauth:
-            return Verdict(REFRESH, status, AUTH, AUTH_COOLDOWN, level, detail)
+            # No cooldown yet: a refresh usually fixes this within milliseconds, and cooling first
+            # would turn every other request in flight into a "wait 300s" lie. Dispatch cools
+            # (``unrefreshable``) only when the refresh is impossible or has failed.
+            return Verdict(REFRESH, status, AUTH, None, level, detail)
         return Verdict(COOL, status, AUTH, AUTH_COOLDOWN, level, detail)
     if status == 402:
         return Verdict(COOL, status, BILLING, AUTH_COOLDOWN, level, _error_detail(body))
@@ -191,6 +194,12 @@ def classify(status: int, headers: Mapping[str, str], body: bytes, *, now: float
         return Verdict(RETURN, status, CLIENT_ERROR, None, level, _error_detail(body))
     # 1xx/3xx or nonsense from upstream: not the client's fault, not the account's; try another.
     return Verdict(NEXT, status, TRANSIENT, None, level, _error_detail(body))
+
+
+def unrefreshable(verdict: Verdict) -> Verdict:
+    """The verdict for an OAuth 401 that no refresh can fix (no refresher, no refresh token, the
+    refresh failed, or the refreshed token was rejected too): cool the account like an API-key 401."""
+    return attr.evolve(verdict, action=COOL, cooldown=AUTH_COOLDOWN)
 
 
 def classify_network_error(reason: str, *, backoff_level: int) -> Verdict:

@@ -205,6 +205,11 @@ class FakeAnthropic(LoopbackFake):
         #: (event index, reactor time) for every SSE event written, in order
         self.sent: List[Tuple[int, float]] = []
         self.port = None
+        #: credentials the upstream revoked: answered 401 "OAuth token has expired"
+        self.revoked: set = set()
+        self._paused = False
+        #: answers held while paused, in arrival order (see :meth:`pause`)
+        self.held: List[Callable[[], None]] = []
 
     # -- scripting ---------------------------------------------------------------------------
     def script(self, credential: Optional[str] = None, **kwargs) -> Script:
@@ -233,6 +238,23 @@ class FakeAnthropic(LoopbackFake):
                 queue.pop(0)
         return None
 
+    def revoke(self, credential: str) -> None:
+        """Revoke ``credential``: requests carrying it get 401 ``authentication_error`` "OAuth token
+        has expired", as Anthropic answers a revoked OAuth access token."""
+        self.revoked.add(credential)
+
+    def pause(self) -> None:
+        """Hold every answer (the request is recorded on arrival) until :meth:`resume`, so a test can
+        have many requests in flight before the first is answered."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Send the held answers, in arrival order, and stop holding new ones."""
+        self._paused = False
+        held, self.held = self.held, []
+        for answer in held:
+            answer()
+
     def for_credential(self, credential: str) -> List[Recorded]:
         """The recorded requests that carried ``credential``."""
         return [r for r in self.requests if r.credential == credential]
@@ -245,11 +267,15 @@ class FakeAnthropic(LoopbackFake):
             method=request.method, path=request.path, uri=request.uri,
             headers=[(k, v) for k, vs in request.requestHeaders.getAllRawHeaders() for v in vs],
             body=body, credential=credential, client_port=getattr(request.getClientAddress(), "port", 0)))
-        if self.authorize is not None and not self.authorize(credential):
+        if credential in self.revoked:
+            s = Script(status=401, body=error_json(401, "authentication_error", "OAuth token has expired"))
+        elif self.authorize is not None and not self.authorize(credential):
             s = Script(status=401, body=error_json(401, "authentication_error", "invalid bearer token"))
         else:
             s = self._take(credential) or Script()
-        if s.delay:
+        if self._paused:
+            self.held.append(lambda: self._answer(request, body, s))
+        elif s.delay:
             self.reactor.callLater(s.delay, self._answer, request, body, s)
         else:
             self._answer(request, body, s)

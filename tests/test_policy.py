@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from clproxy import policy
-from clproxy.policy import (COOL, NEXT, REFRESH, RETURN, SUCCESS, Verdict, backoff, classify,
+from clproxy.policy import (COOL, NEXT, REFRESH, RETURN, SUCCESS, Verdict, backoff, classify, unrefreshable,
                             classify_network_error, format_seconds, parse_retry_after,
                             quota_from_headers)
 
@@ -171,11 +171,18 @@ def test_allowed_warning_429_is_ordinary():
 # -- 401 / 402 / 403 / 404 ---------------------------------------------------------------------
 
 def test_401_oauth_refresh():
-    """An OAuth 401 asks for a refresh, carrying a 5 min cooldown for callers that cannot."""
+    """An OAuth 401 asks for a refresh and does not cool the account: requests in flight must be
+    able to retry with the refreshed token (issue 11 item 1)."""
     result = verdict(401, body=error_body("authentication_error", "invalid token"), level=3,
                      oauth=True)
-    assert result == Verdict(REFRESH, 401, "auth", 300.0, 3,
+    assert result == Verdict(REFRESH, 401, "auth", None, 3,
                              "authentication_error: invalid token")
+
+
+def test_401_oauth_unrefreshable_cools_five_minutes():
+    """When no refresh can fix an OAuth 401, it cools the account 5 min like an API-key 401."""
+    result = unrefreshable(verdict(401, body=error_body("authentication_error"), level=2, oauth=True))
+    assert (result.action, result.reason, result.cooldown, result.backoff_level) == (COOL, "auth", 300.0, 2)
 
 
 def test_401_api_key_cools():

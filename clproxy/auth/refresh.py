@@ -60,6 +60,10 @@ class _Flight:
     def __init__(self) -> None:
         self._waiters: List[Deferred] = []
 
+    @property
+    def waiting(self) -> int:
+        return sum(1 for d in self._waiters if not d.called)
+
     def wait(self) -> Deferred:
         d: Deferred = Deferred()
         self._waiters.append(d)
@@ -121,6 +125,11 @@ class TokenRefresher:
     def in_flight(self, key: str) -> bool:
         """True while a refresh of ``key`` is running in this process."""
         return key in self._flights
+
+    def waiting(self, key: str) -> int:
+        """How many callers in this process wait on the refresh of ``key`` in flight (0: none)."""
+        flight = self._flights.get(key)
+        return 0 if flight is None else flight.waiting
 
     async def fresh(self, account: Account, force: bool = False) -> Account:
         """``account`` with a usable access token, refreshed first when it expires within
