@@ -118,6 +118,11 @@ def _write_token_copy(tokens: TokenStore, key: str, data: dict) -> None:
     record = StoredCredential.from_json(key, data, "shared state")
     current = tokens.get(key)
     if current is None or (record.updated_at or 0) > (current.updated_at or 0):
+        if tokens.held():
+            # Called back from this process's own refresh (it read the rotation from Redis while
+            # holding the lock): taking the lock again would time out; write under the held one.
+            tokens.write_while_held(record)
+            return
         with tokens.locked(5.0) as tx:
             tx.write(record)
 

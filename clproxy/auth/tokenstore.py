@@ -529,6 +529,22 @@ class TokenStore:
 
     # -- the lock --
 
+    def held(self) -> bool:
+        """True while this process holds the store lock (a refresh in progress on the reactor)."""
+        return self.lock_path in _HELD_HERE
+
+    def write_while_held(self, record: StoredCredential) -> StoredCredential:
+        """Write ``record`` under the lock this process already holds (see :meth:`held`).
+
+        For code the lock holder itself calls back into (adopting a rotation read from shared state
+        during a refresh): taking the lock again would fail. Safe because each write is one
+        synchronous read-modify-write on the reactor thread, so it cannot interleave with the
+        holder's own writes. Raises :class:`TokenStoreError` when the lock is not held here.
+        """
+        if not self.held():
+            raise TokenStoreError("write_while_held without the store lock")
+        return StoreTransaction(self, _FileLock(self.lock_path)).write(record)
+
     @contextmanager
     def locked(self, timeout: Optional[float] = None) -> Iterator[StoreTransaction]:
         """Hold the store lock (blocking, polling up to ``timeout`` seconds) for a read-modify-write.
