@@ -261,8 +261,9 @@ class Dispatcher:
             self.quotas.note(account.key, response.headers)
         if 200 <= status < 300:
             if request.stream and is_event_stream(response.headers):
-                await self._relay_stream(request, out, account, response, level, last)
-                return None
+                # the verdict of a stream that failed before its first event (an OAuth 401 sent
+                # as an error event must be refreshed like a 401 status), or raises _Answered
+                return await self._relay_stream(request, out, account, response, level, last)
             body = await self._read(response, self.settings.max_response_bytes, out)
             await self._record(request, account, policy.classify(status, {}, b"", now=self.clock.seconds(),
                                                                  backoff_level=level, is_oauth=account.is_oauth))
@@ -308,7 +309,7 @@ class Dispatcher:
                 log.warn("{line} ({why})", line=verdict.describe(account.name), why=str(e))
                 await self._record(request, account, verdict, quiet=True)
                 last.network, last.status = UpstreamError("network", str(e)), None
-                return
+                return verdict
             if first.name == "error":
                 relay.abort()
                 verdict = _classify_error_event(first.data, self.clock.seconds(), level, account)
@@ -317,7 +318,9 @@ class Dispatcher:
                 last.status = _status_for_error_event(first.data)
                 last.headers = [(b"content-type", [b"application/json"])]
                 last.body, last.network = body, None
-                return
+                last.statuses.append(last.status)
+                last.accounts.add(account.key)
+                return verdict
             record = request.record
             record.usage(usage_from_event(first.data))
             record.actual_model = model_from_message(first.data)

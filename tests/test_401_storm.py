@@ -163,3 +163,18 @@ async def test_unrefreshable_oauth_401_cools_with_a_true_retry_after(fake, oauth
     (retry_after,) = headers.getRawHeaders(b"retry-after")
     assert status == 429 and int(retry_after) <= int(row["cooling_until"] - time.time()) + 1
     assert oauth.refresh_calls == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_401_as_first_stream_event_is_refreshed_and_retried(fake, oauth, start_proxy, tmp_path):
+    """A stream whose first event is an authentication_error is an OAuth 401 too: refreshed once
+    and retried with the new token, not left uncooled and unrefreshed."""
+    home = tmp_path / "home"
+    pair = seed(home, oauth)
+    fake.script(pair.access_token, events=[("error", {"type": "error", "error": {
+        "type": "authentication_error", "message": "OAuth token has expired"}})])
+    proxy = start_proxy(oauth_config(fake, oauth), environ={"CLPROXY_HOME": str(home)})
+    status, _, body = await post(proxy.url + "/v1/messages", request_body(stream=True))
+    assert status == 200 and b"message_stop" in body
+    assert oauth.refresh_calls == 1
+    assert [r.credential == pair.access_token for r in fake.requests] == [True, False]
