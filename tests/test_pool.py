@@ -9,6 +9,7 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from clproxy.auth.accounts import API_KEY, OAUTH, Account
+from clproxy import policy
 from clproxy.policy import (NEXT, RETURN, SUCCESS, Verdict, classify, classify_network_error)
 from clproxy.pool import AccountPool
 from clproxy.state.memory import MemoryStateStore
@@ -312,12 +313,16 @@ def test_record_success_ends_cooldown():
     assert run(pool.cooling([a])) == []
 
 
-def test_oauth_401_refresh_verdict_cools():
-    """An OAuth 401 ("refresh") recorded as is cools the account for 5 min."""
+def test_oauth_401_refresh_verdict_does_not_cool():
+    """An OAuth 401 ("refresh") recorded as is does not cool the account: the other requests in
+    flight must be able to retry after the refresh (issue 11 item 1); dispatch cools it for 5 min
+    only when no refresh can help (policy.unrefreshable)."""
     pool, _, clock = make_pool()
     a = account("a", kind=OAUTH)
     result = answer(pool, a, 401)
     assert result.action == "refresh"
+    assert run(pool.cooling([a])) == []
+    run(pool.cool(a, policy.unrefreshable(result).cooldown))
     assert run(pool.cooling([a])) == [(a, clock.seconds() + 300)]
 
 
