@@ -16,6 +16,7 @@ from twisted.internet import defer, reactor
 from clproxy.auth.oauth import TokenSet
 from clproxy.auth.tokenstore import StoredCredential, TokenStore
 from clproxy.fake_oauth import listen_fake_oauth
+from clproxy.testing import error_json
 from conftest import accounts_config
 from helpers import error_of, post, request_body, until
 from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
@@ -178,3 +179,19 @@ async def test_401_as_first_stream_event_is_refreshed_and_retried(fake, oauth, s
     assert status == 200 and b"message_stop" in body
     assert oauth.refresh_calls == 1
     assert [r.credential == pair.access_token for r in fake.requests] == [True, False]
+
+
+@pytest_twisted.ensureDeferred
+async def test_401_cooldown_does_not_outlive_a_successful_refresh(fake, oauth, start_proxy, tmp_path):
+    """401, refresh succeeds, the retry meets a transient 529: the account is not left cooling for
+    the 401 (its token is fine now), so the next request goes through at once."""
+    home = tmp_path / "home"
+    pair = seed(home, oauth)
+    fake.revoke(pair.access_token)
+    fake.script(None, status=529, times=1, body=error_json(529, "overloaded_error", "Overloaded"))
+    proxy = start_proxy(oauth_config(fake, oauth), environ={"CLPROXY_HOME": str(home)})
+    status, _, _ = await post(proxy.url + "/v1/messages", request_body())
+    assert status == 529 and oauth.refresh_calls == 1
+    row = await account_row(proxy)
+    assert row["state"] == "ok" and row["cooling_until"] is None
+    assert (await post(proxy.url + "/v1/messages", request_body()))[0] == 200

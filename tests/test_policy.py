@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from clproxy import policy
-from clproxy.policy import (COOL, NEXT, REFRESH, RETURN, SUCCESS, Verdict, backoff, classify, unrefreshable,
+from clproxy.policy import (COOL, NEXT, REFRESH, RETURN, SUCCESS, Verdict, backoff, classify,
                             classify_network_error, format_seconds, parse_retry_after,
-                            quota_from_headers)
+                            quota_from_headers, unrefreshable)
 
 NOW = 1_700_000_000.0
 U = "anthropic-ratelimit-unified-"
