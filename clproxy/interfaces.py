@@ -213,3 +213,18 @@ class ILockProvider(Interface):
 
         :return: Deferred firing with True when released, False when it was no longer held.
         """
+
+
+class IStateLifecycle(Interface):
+    """How the daemon opens and closes its state store, whatever the backend.
+
+    The daemon calls ``connect`` once when it starts (before token upkeep) and ``close`` once when
+    it stops; it never asks which backend it has.
+    """
+
+    def connect():
+        """Get ready to serve; a Deferred that fires when ready. It may fail (the store is then
+        served from local state until the backend answers, where the backend can do that)."""
+
+    def close():
+        """Release connections and timers; a Deferred that fires when done."""

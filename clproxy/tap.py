@@ -6,7 +6,6 @@ a ``MultiService`` whose ``stopService`` closes the upstream connection pool.
 
 import gc
 import os
-import socket
 from typing import Mapping, Optional, Tuple
 
 from twisted.application import internet, service
@@ -24,7 +23,6 @@ from .auth.oauth import OAuthEndpoints
 from .auth.quota import QUOTA_FILE, QuotaBook
 from .auth.refresh import TokenRefresher
 from .auth.tokenstore import StoredCredential, TokenStore, TokenStoreError
-from .interfaces import ISharedTokens
 from .cloaking import PluginLoadError, pipeline_from_config
 from .dispatch import DispatchSettings, Dispatcher
 from .drain import Drainer
@@ -35,7 +33,8 @@ from .reload import ConfigWatcher, install_sighup
 from .frontdoor import install as install_front_door
 from .router import Router
 from .translation import Translation
-from .state.redis import RedisStateStore, create_state_store, parse_redis_url
+from .state import open_store
+from .state.probe import probe_store
 from .upstream import UpstreamClient
 from .web import ProxySite, StatusReport, build_root
 
@@ -102,14 +101,13 @@ def make_state_store(state_config, clock, tokens: TokenStore):
     URL, without its password, otherwise); rotated tokens it receives are also written to the
     token file, which stays the fallback copy."""
     try:
-        store = create_state_store(state_config, clock, on_token_write=lambda key, data:
-                                   _write_token_copy(tokens, key, data))
+        store = open_store(state_config, clock, on_token_write=lambda key, data:
+                           _write_token_copy(tokens, key, data))
     except ValueError as e:
         raise SystemExit(f"clproxy: invalid configuration: {e}")
-    if isinstance(store, RedisStateStore):
-        problem = probe_redis(state_config.url)
-        if problem:
-            raise SystemExit(f"clproxy: {problem}")
+    problem = probe_store(state_config)
+    if problem:
+        raise SystemExit(f"clproxy: {problem}")
     return store
 
 
@@ -125,37 +123,6 @@ def _write_token_copy(tokens: TokenStore, key: str, data: dict) -> None:
             return
         with tokens.locked(5.0) as tx:
             tx.write(record)
-
-
-def probe_redis(url: str, timeout: float = 3.0) -> Optional[str]:
-    """Check that Redis answers PING (a blocking check, once, before serving); the problem or None."""
-    target = parse_redis_url(url)
-    if target.tls:
-        return None  # checked by the asynchronous connect instead
-    try:
-        with socket.create_connection((target.host, target.port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            if target.password is not None:
-                parts = ["AUTH"] + ([target.username] if target.username else []) + [target.password]
-                sock.sendall(_resp(parts))
-                if not sock.recv(1024).startswith(b"+OK"):
-                    return f"redis at {target.redacted} refused the credentials"
-            sock.sendall(_resp(["PING"]))
-            reply = sock.recv(1024)
-    except OSError as e:
-        return f"redis unavailable at {target.redacted}: {e.strerror or e}"
-    if not reply.startswith(b"+PONG"):
-        return f"redis at {target.redacted} did not answer PING ({reply[:60]!r})"
-    return None
-
-
-def _resp(parts) -> bytes:
-    """A command in Redis's wire protocol."""
-    out = [b"*%d\r\n" % len(parts)]
-    for part in parts:
-        data = part.encode("utf-8")
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
 
 
 class AccountUpkeep(service.Service):
@@ -232,16 +199,13 @@ class ProxyService(service.MultiService):
 
     def startService(self):
         tune_garbage_collector()
-        if not isinstance(self.store, RedisStateStore):
-            super().startService()
-            return
         waiting = set(self.after_connect)
         service.Service.startService(self)
         for child in self:
             if child not in waiting:
                 child.startService()
-        # makeService already proved Redis answers; a loss from here on is served from the
-        # store's local mirror until it reconnects
+        # makeService already proved a shared store answers; a loss from here on is served from
+        # the store's local mirror until it reconnects (memory connects at once)
         d = defer.ensureDeferred(self._share_tokens())
         d.addErrback(lambda f: log.failure("shared state: connecting failed", f))
         d.addBoth(lambda _: [child.startService() for child in waiting if self.running])
@@ -277,8 +241,7 @@ class ProxyService(service.MultiService):
             yield self.drainer.drain()  # the listener has stopped: let in-flight requests finish
         if self.quotas is not None:
             self.quotas.flush()
-        if isinstance(self.store, RedisStateStore):
-            yield self.store.close()
+        yield self.store.close()
         yield self.upstream.close()
 
 
@@ -314,7 +277,7 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
     refresher = TokenRefresher(tokens, HTTPClient(Agent(reactor, pool=upstream.pool)),
                                OAuthEndpoints.from_config(cfg.providers.anthropic), reactor,
                                refresh_before_expiry=cfg.providers.anthropic.refresh_before_expiry,
-                               shared=store if ISharedTokens.providedBy(store) else None)
+                               shared=store)
     quotas = QuotaBook(os.path.join(home, QUOTA_FILE), reactor)
     config_path = options.get("config") or configuration.default_config_path(env)
     if not directory.current():

@@ -15,6 +15,7 @@ from zope.interface.verify import verifyObject
 from clproxy.interfaces import IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens
 from clproxy.state.locks import LockToken, MemoryLocks, lock_poll_delay, poll_for_lock
 from clproxy.state.model import AccountState
+from clproxy.state.memory import MemoryStateStore
 from clproxy.state.redis import LocalMirror, RedisStateStore
 from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
 
@@ -261,6 +262,15 @@ class TestMirrorSharedState(AtomicCooldownContract, SharedTokensContract, QuotaS
     def make_store(self):
         """A fresh mirror."""
         return LocalMirror()
+
+
+class TestMemorySharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
+                            LockProviderContract):
+    """The memory store, the backend of a single instance, meets every shared-state contract."""
+
+    def make_store(self):
+        """A fresh memory store."""
+        return MemoryStateStore()
 
 
 class TestMemoryLocks(LockProviderContract):

@@ -12,8 +12,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from clproxy.state.model import AccountState
-from clproxy.state.redis import (RedisLink, RedisStateStore, TokenNotStored, parse_redis_url,
-                                 reconnect_delay)
+from clproxy.state.redis import RedisLink, RedisStateStore, TokenNotStored, reconnect_delay
+from clproxy.state.redis_url import parse_redis_url
 from redis_server import private_redis, unique_prefix  # noqa: F401  (fixture)
 
 ROTATED = {"access_token": "at-secret-2", "refresh_token": "rt-secret-2", "updated_at": 2.0}

@@ -87,3 +87,26 @@ def test_forget_frees_memory():
     fired(store.take_rate_slot("a", 0.0, 5))
     fired(store.forget("a"))
     assert store.footprint() == {"accounts": 0, "rate_windows": 0, "rate_stamps": 0, "counters": 0}
+
+
+def test_memory_backend_imports_nothing_of_redis():
+    """Opening the memory backend loads neither the Redis store nor txredisapi (a single instance
+    needs neither, and the Debian package may lack the client)."""
+    import subprocess
+    import sys
+    code = ("import sys; from clproxy.config import StateConfig; from clproxy.state import open_store;"
+            "store = open_store(StateConfig(backend='memory'), None);"
+            "print(sorted(m for m in sys.modules if 'redis' in m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_memory_store_provides_every_state_interface():
+    """One memory store is the whole state of a single instance: every interface, verified."""
+    from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens,
+                                    IStateLifecycle)
+    store = MemoryStateStore()
+    for interface in (IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider,
+                      IStateLifecycle):
+        assert verifyObject(interface, store)
+    assert fired(store.connect()) is None and fired(store.close()) is None

@@ -10,9 +10,9 @@ from clproxy.config import StateConfig
 from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens,
                                 IStateStore)
 from clproxy.state.memory import MemoryStateStore
-from clproxy.state.redis import (LocalMirror, RedisStateStore, RedisUnavailable,
-                                 connect_state_store, create_state_store, parse_redis_url,
-                                 redact_url)
+from clproxy.state import connect_store, open_store
+from clproxy.state.redis import LocalMirror, RedisStateStore, RedisUnavailable
+from clproxy.state.redis_url import parse_redis_url, redact_url
 from redis_server import free_port, redis_server, unique_prefix  # noqa: F401  (fixture)
 from store_contract import StateStoreContract
 
@@ -159,17 +159,17 @@ async def test_last_error_that_looks_like_a_number_stays_text(redis_server):  # 
 
 
 @pytest_twisted.ensureDeferred
-async def test_connect_state_store_memory():
+async def test_connect_store_memory():
     """Backend memory gives a MemoryStateStore without any I/O."""
-    store = await connect_state_store(StateConfig(backend="memory"), task.Clock(), reactor)
+    store = await connect_store(StateConfig(backend="memory"), task.Clock())
     assert isinstance(store, MemoryStateStore)
 
 
 @pytest_twisted.ensureDeferred
-async def test_connect_state_store_redis(redis_server):  # noqa: F811
+async def test_connect_store_redis(redis_server):  # noqa: F811
     """Backend redis connects and PINGs, and the store it gives is in use."""
     config = StateConfig(backend="redis", url=redis_server.url, prefix=unique_prefix())
-    store = await connect_state_store(config, reactor, reactor)
+    store = await connect_store(config, reactor)
     try:
         assert isinstance(store, RedisStateStore) and store.available
         await store.incr("x")
@@ -181,11 +181,11 @@ async def test_connect_state_store_redis(redis_server):  # noqa: F811
 
 @pytest_twisted.ensureDeferred
 async def test_unreachable_redis_at_start_names_url_without_password():
-    """An unreachable Redis fails connect_state_store with an error naming the redacted URL."""
+    """An unreachable Redis fails connect_store with an error naming the redacted URL."""
     port = free_port()
     config = StateConfig(backend="redis", url="redis://:hunter2@127.0.0.1:{}/0".format(port))
     with pytest.raises(RedisUnavailable) as caught:
-        await connect_state_store(config, reactor, reactor)
+        await connect_store(config, reactor)
     message = str(caught.value)
     assert "redis://:***@127.0.0.1:{}/0".format(port) in message
     assert "hunter2" not in message and "hunter2" not in repr(caught.value)
@@ -200,7 +200,7 @@ async def test_wrong_password_at_start_is_unavailable(redis_server, tmp_path):  
     try:
         url = "redis://:wrong-one@127.0.0.1:{}/0".format(server.port)
         with pytest.raises(RedisUnavailable) as caught:
-            await connect_state_store(StateConfig(backend="redis", url=url), reactor, reactor)
+            await connect_store(StateConfig(backend="redis", url=url), reactor)
         assert "wrong-one" not in str(caught.value) and "right-one" not in str(caught.value)
         assert "redis://:***@127.0.0.1" in str(caught.value)
     finally:
@@ -210,7 +210,7 @@ async def test_wrong_password_at_start_is_unavailable(redis_server, tmp_path):  
 def test_unknown_backend_is_refused():
     """A backend other than memory or redis is a ValueError naming it."""
     with pytest.raises(ValueError, match="memcached"):
-        create_state_store(StateConfig(backend="memcached"), task.Clock())
+        open_store(StateConfig(backend="memcached"), task.Clock())
 
 
 @pytest.mark.parametrize("url, redacted", [

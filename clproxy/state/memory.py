@@ -1,18 +1,23 @@
-"""The embedded state store: cooldowns, stats, rate windows and counters in this process's memory.
+"""The embedded state store: every state interface in this process's memory.
 
-State resets when the daemon restarts, as the seed's in-memory statistics do.
+Cooldowns, stats, rate windows, counters, token records, quota snapshots and locks. State resets
+when the daemon restarts, as the seed's in-memory statistics do. Nothing here knows of Redis: the
+Redis store keeps one of these as its mirror of the last known shared state.
 """
 
 import collections
+import json
 from typing import Deque, Dict, Optional
 
 import attr
 from twisted.internet import defer
 from zope.interface import implementer
 
-from clproxy.interfaces import IStateStore
-from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, AccountState, empty_stats,
-                                 validate_outcome)
+from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens,
+                                IStateLifecycle, IStateStore)
+from clproxy.state.locks import MemoryLocks
+from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, TOKEN_VERSION_FIELD,
+                                 AccountState, empty_stats, validate_outcome)
 
 
 @attr.s(auto_attribs=True)
@@ -30,20 +35,38 @@ class _AccountRecord:
     last_error: Optional[str] = None
 
 
-@implementer(IStateStore)
+def _copy(record: dict) -> dict:
+    """A deep copy through JSON: what a caller gets or gives can never alias the stored record,
+    and a record that JSON cannot hold fails here as it would in Redis."""
+    return json.loads(json.dumps(record))
+
+
+def token_version(record) -> Optional[float]:
+    """The number that orders two token records (``TOKEN_VERSION_FIELD``), or None."""
+    value = record.get(TOKEN_VERSION_FIELD) if isinstance(record, dict) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+@implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle)
 class MemoryStateStore:
-    """An ``IStateStore`` in dicts; every Deferred it returns has already fired.
+    """Every state interface in dicts; every Deferred it returns has already fired.
 
     Memory stays bounded however long the daemon runs: one record per account key written to
     (reads never create one; ``forget`` drops one), one rate window per rate-limited key holding at
     most ``limit`` timestamps (expired ones are dropped on each use, an emptied window is removed),
-    and one int per counter name. Nothing grows per request.
+    and one int per counter name, one token record and one quota snapshot per account, one lock
+    per name held. Nothing grows per request.
     """
 
     def __init__(self):
         self._accounts: Dict[str, _AccountRecord] = {}
         self._rate_windows: Dict[str, Deque[float]] = {}
         self._counters: Dict[str, int] = {}
+        self._tokens: Dict[str, dict] = {}
+        self._quotas: Dict[str, dict] = {}
+        self.locks = MemoryLocks()
 
     def _record(self, key: str) -> _AccountRecord:
         record = self._accounts.get(key)
@@ -140,7 +163,69 @@ class MemoryStateStore:
     def forget(self, key):
         self._accounts.pop(key, None)
         self._rate_windows.pop(key, None)
+        self._quotas.pop(key, None)
         return defer.succeed(None)
+
+    # IStateLifecycle: memory needs no connection
+    def connect(self):
+        return defer.succeed(None)
+
+    def close(self):
+        return defer.succeed(None)
+
+    # IAtomicCooldown
+    def extend_cooldown(self, key, until, backoff_level=None):
+        record = self._accounts.get(key)
+        state = (AccountState() if record is None else
+                 AccountState(cooling_until=record.cooling_until, backoff_level=record.backoff_level))
+        level = state.backoff_level
+        if backoff_level is not None:
+            level = max(level, int(backoff_level))
+        merged = AccountState(max(state.cooling_until, float(until)), level)
+        if merged != state:
+            self.set_cooldown(key, merged.cooling_until, merged.backoff_level)
+        return defer.succeed(merged)
+
+    # ISharedTokens
+    def get_token_record(self, key):
+        record = self._tokens.get(key)
+        return defer.succeed(None if record is None else _copy(record))
+
+    def put_token_record(self, key, record):
+        self._tokens[key] = _copy(record)
+        return defer.succeed(None)
+
+    def import_token_record(self, key, record):
+        stored = self._tokens.get(key)
+        if stored is not None:
+            new, old = token_version(record), token_version(stored)
+            if new is None or old is None or old >= new:
+                return defer.succeed(False)
+        return self.put_token_record(key, record).addCallback(lambda _: True)
+
+    def delete_token_record(self, key):
+        self._tokens.pop(key, None)
+        return defer.succeed(None)
+
+    def token_keys(self):
+        """The keys with a token record here."""
+        return sorted(self._tokens)
+
+    # IQuotaStore
+    def put_quota(self, key, snapshot):
+        self._quotas[key] = _copy(snapshot)
+        return defer.succeed(None)
+
+    def get_quotas(self, keys):
+        return defer.succeed({key: (_copy(self._quotas[key]) if key in self._quotas else None)
+                              for key in keys})
+
+    # ILockProvider
+    def acquire(self, name, ttl_ms, wait, clock):
+        return self.locks.acquire(name, ttl_ms, wait, clock)
+
+    def release(self, token):
+        return self.locks.release(token)
 
     def footprint(self) -> Dict[str, int]:
         """Sizes of the internal tables (for tests and diagnostics): account records, rate windows,

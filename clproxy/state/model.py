@@ -17,6 +17,9 @@ OUTCOMES = frozenset({OUTCOME_SUCCESS, OUTCOME_ERROR, OUTCOME_RATE_LIMITED})
 STAT_KEYS = ("attempts", "successes", "errors", "rate_limits", "backoff_level", "cooling_until",
              "last_attempt_at", "last_error_at", "last_error")
 
+#: The field that orders two token records (``ISharedTokens.import_token_record``).
+TOKEN_VERSION_FIELD = "updated_at"
+
 
 @attr.s(frozen=True, auto_attribs=True)
 class AccountState:

@@ -7,9 +7,7 @@ local mirror of the last known state that serves every call while Redis is unrea
 import itertools
 import json
 import math
-import re
 from typing import Any, Callable, Dict, Optional
-from urllib.parse import unquote, urlsplit
 
 import attr
 import txredisapi
@@ -20,15 +18,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens,
-                                IStateStore)
-from clproxy.state.locks import LockToken, MemoryLocks, new_owner, poll_for_lock
-from clproxy.state.memory import MemoryStateStore
-from clproxy.state.model import (OUTCOME_SUCCESS, STAT_KEYS, AccountState, empty_stats,
-                                 validate_outcome)
+                                IStateLifecycle, IStateStore)
+from clproxy.state.redis_url import RedisTarget, parse_redis_url
+from clproxy.state.locks import LockToken, new_owner, poll_for_lock
+from clproxy.state.memory import MemoryStateStore, token_version
+from clproxy.state.model import (OUTCOME_SUCCESS, STAT_KEYS, TOKEN_VERSION_FIELD, AccountState,
+                                 empty_stats, validate_outcome)
 
 log = Logger()
 
-DEFAULT_PORT = 6379
 #: A cooldown key outlives the end of its cooldown by this long (seconds), then vanishes.
 COOLDOWN_GRACE = 3600.0
 #: A 429 backoff level not raised again for this long (seconds) vanishes (reads as 0).
@@ -39,77 +37,12 @@ STATS_TTL = 30 * 24 * 3600.0
 QUOTA_TTL = 8 * 24 * 3600.0
 #: No key gets a longer TTL than this (seconds), whatever cooldown it holds.
 MAX_TTL = 400 * 24 * 3600.0
-#: The field that orders two token records (``ISharedTokens.import_token_record``).
-TOKEN_VERSION_FIELD = "updated_at"
 #: Reconnection backoff: the first wait and the longest (seconds).
 RECONNECT_FIRST = 0.5
 RECONNECT_CAP = 30.0
 #: How long a command or a connection attempt may take before Redis counts as unreachable.
 DEFAULT_REPLY_TIMEOUT = 2.0
 DEFAULT_CONNECT_TIMEOUT = 5.0
-
-
-# --- URLs -----------------------------------------------------------------------------------------
-
-
-@attr.s(frozen=True, auto_attribs=True)
-class RedisTarget:
-    """Where one Redis is, parsed from ``redis://[user][:password]@host[:port][/db]`` (``rediss://``
-    for TLS). ``redacted`` is the URL safe to log; the password never appears in ``repr``."""
-
-    host: str
-    port: int
-    db: int
-    username: Optional[str]
-    password: Optional[str] = attr.ib(repr=False)
-    tls: bool
-    redacted: str
-
-
-_USERINFO = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*://)([^@/]*)@")
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (``redis://:***@host``); never raises."""
-    text = str(url)
-
-    def hide(match):
-        userinfo = match.group(2)
-        if ":" not in userinfo:
-            return match.group(0)
-        user = userinfo.split(":", 1)[0]
-        return "{}{}:***@".format(match.group(1), user)
-
-    text = _USERINFO.sub(hide, text, count=1)
-    # A query string may carry credentials too (``?password=``): never echo it.
-    return text.split("?", 1)[0] + ("?***" if "?" in text else "")
-
-
-def parse_redis_url(url: str) -> RedisTarget:
-    """The target of a ``redis://`` or ``rediss://`` URL; ValueError (naming the redacted URL) when
-    it is not one."""
-    safe = redact_url(url)
-    try:
-        parts = urlsplit(str(url))
-        port = parts.port
-    except ValueError:
-        raise ValueError("state.url {} is not a redis:// URL".format(safe)) from None
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise ValueError("state.url {} is not a redis://host[:port][/db] URL".format(safe))
-    if parts.query:
-        raise ValueError("state.url {}: query options are not supported; put the password in "
-                         "the URL as redis://:password@host".format(safe))
-    path = parts.path.strip("/")
-    try:
-        db = int(path) if path else 0
-    except ValueError:
-        raise ValueError("state.url {}: the database must be a number (/0)".format(safe)) from None
-    if db < 0:
-        raise ValueError("state.url {}: the database must be 0 or more".format(safe))
-    return RedisTarget(host=parts.hostname, port=port or DEFAULT_PORT, db=db,
-                       username=unquote(parts.username) if parts.username else None,
-                       password=unquote(parts.password) if parts.password is not None else None,
-                       tls=parts.scheme == "rediss", redacted=safe)
 
 
 # --- errors and backoff ---------------------------------------------------------------------------
@@ -469,77 +402,14 @@ def _fired(deferred: Deferred):
     return result
 
 
-@implementer(IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider)
 class LocalMirror(MemoryStateStore):
-    """The last known shared state, in this process: a ``MemoryStateStore`` plus token records,
-    quota snapshots and in-process locks.
+    """The last known shared state, in this process: a ``MemoryStateStore`` (which provides every
+    state interface) that can also adopt what Redis said.
 
     A Redis store updates it on every successful call and serves every call from it while Redis is
     unreachable. ``adopt_*`` overwrite entries with what Redis said (they reach into the memory
     store's tables; the memory store's own contract tests keep those tables honest).
     """
-
-    def __init__(self):
-        super().__init__()
-        self._tokens: Dict[str, dict] = {}
-        self._quotas: Dict[str, dict] = {}
-        self.locks = MemoryLocks()
-
-    # IAtomicCooldown
-    def extend_cooldown(self, key, until, backoff_level=None):
-        state = _fired(self.get_account_states([key]))[key]
-        level = state.backoff_level
-        if backoff_level is not None:
-            level = max(level, int(backoff_level))
-        merged = AccountState(max(state.cooling_until, float(until)), level)
-        if merged != state:
-            self.set_cooldown(key, merged.cooling_until, merged.backoff_level)
-        return defer.succeed(merged)
-
-    # ISharedTokens
-    def get_token_record(self, key):
-        record = self._tokens.get(key)
-        return defer.succeed(None if record is None else json.loads(json.dumps(record)))
-
-    def put_token_record(self, key, record):
-        self._tokens[key] = json.loads(json.dumps(record))
-        return defer.succeed(None)
-
-    def import_token_record(self, key, record):
-        stored = self._tokens.get(key)
-        if stored is not None:
-            new, old = _version(record), _version(stored)
-            if new is None or old is None or old >= new:
-                return defer.succeed(False)
-        return self.put_token_record(key, record).addCallback(lambda _: True)
-
-    def delete_token_record(self, key):
-        self._tokens.pop(key, None)
-        return defer.succeed(None)
-
-    def token_keys(self):
-        """The keys with a token record here."""
-        return sorted(self._tokens)
-
-    # IQuotaStore
-    def put_quota(self, key, snapshot):
-        self._quotas[key] = json.loads(json.dumps(snapshot))
-        return defer.succeed(None)
-
-    def get_quotas(self, keys):
-        return defer.succeed({key: (json.loads(json.dumps(self._quotas[key]))
-                                    if key in self._quotas else None) for key in keys})
-
-    # ILockProvider
-    def acquire(self, name, ttl_ms, wait, clock):
-        return self.locks.acquire(name, ttl_ms, wait, clock)
-
-    def release(self, token):
-        return self.locks.release(token)
-
-    def forget(self, key):
-        self._quotas.pop(key, None)
-        return super().forget(key)
 
     # What Redis said, made the last known state.
     def adopt_states(self, states: Dict[str, AccountState]) -> None:
@@ -574,13 +444,6 @@ class LocalMirror(MemoryStateStore):
             self._quotas[key] = snapshot
 
 
-def _version(record) -> Optional[float]:
-    value = record.get(TOKEN_VERSION_FIELD) if isinstance(record, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value)
-
-
 def _json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
@@ -611,7 +474,7 @@ class _PendingWrites:
                 + len(self.token_deletes) + len(self.quotas))
 
 
-@implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider)
+@implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle)
 class RedisStateStore:
     """``IStateStore`` (and the shared tokens, quotas, cooldown extension and locks) in one Redis,
     shared by every instance that uses the same URL and ``prefix``.
@@ -902,7 +765,7 @@ class RedisStateStore:
 
     async def _put_token_if_newer(self, key, record, mode):
         blob = _json(record)
-        version = _version(record)
+        version = token_version(record)
         args = [blob, "" if version is None else _num(version), mode, TOKEN_VERSION_FIELD]
         try:
             stored = await self._link.run(_eval(_PUT_TOKEN_IF_NEWER, [self._key("token", key)],
@@ -1010,7 +873,7 @@ class RedisStateStore:
             record = _fired(self.mirror.get_token_record(key))
             mode = "replay" if key in pending.tokens else "import"
             blob = _json(record)
-            version = _version(record)
+            version = token_version(record)
             await self._link.run(_eval(_PUT_TOKEN_IF_NEWER, [self._key("token", key)],
                                        [blob, "" if version is None else _num(version), mode,
                                         TOKEN_VERSION_FIELD]))
@@ -1050,36 +913,3 @@ def _stats_from(flat, until, level) -> dict:
     stats["cooling_until"] = float(until) if until else 0.0
     stats["backoff_level"] = int(level) if level else 0
     return stats
-
-
-# --- choosing a store -----------------------------------------------------------------------------
-
-
-def create_state_store(state_config, clock, reactor=None, *,
-                       on_token_write: Optional[Callable[[str, dict], Any]] = None):
-    """The store ``state_config`` asks for, not yet connected (no I/O): a ``MemoryStateStore`` for
-    backend ``memory``, a :class:`RedisStateStore` for ``redis`` (call ``connect()`` on it).
-
-    ValueError (naming the redacted URL) for an unknown backend or a bad URL.
-    """
-    backend = getattr(state_config, "backend", "memory")
-    if backend == "memory":
-        return MemoryStateStore()
-    if backend != "redis":
-        raise ValueError("state.backend must be memory or redis, not {!r}".format(backend))
-    return RedisStateStore(state_config.url, clock, prefix=state_config.prefix,
-                           on_token_write=on_token_write)
-
-
-async def connect_state_store(state_config, clock, reactor=None, *,
-                              on_token_write: Optional[Callable[[str, dict], Any]] = None):
-    """The store ``state_config`` asks for, ready to use: memory, or Redis connected and PINGed.
-
-    Raises :class:`RedisUnavailable` (naming the URL without its password) when Redis cannot be
-    reached, and ValueError for a bad backend or URL. ``reactor`` is accepted for symmetry with the
-    other wiring functions; txredisapi connects through the global reactor.
-    """
-    store = create_state_store(state_config, clock, reactor, on_token_write=on_token_write)
-    if isinstance(store, RedisStateStore):
-        await store.connect()
-    return store
