@@ -278,7 +278,7 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
                                OAuthEndpoints.from_config(cfg.providers.anthropic), reactor,
                                refresh_before_expiry=cfg.providers.anthropic.refresh_before_expiry,
                                shared=store)
-    quotas = QuotaBook(os.path.join(home, QUOTA_FILE), reactor)
+    quotas = QuotaBook(os.path.join(home, QUOTA_FILE), reactor, store=store)
     config_path = options.get("config") or configuration.default_config_path(env)
     if not directory.current():
         log.warn("no Anthropic account yet: requests will be answered with 401 until you add one: "

@@ -426,8 +426,9 @@ class StatusReport:
         counters = await self.store.counters()
         rows = await self.pool.snapshot(accounts)
         if self.quotas is not None:
+            latest = await self.quotas.latest(row["key"] for row in rows)
             for row in rows:
-                row["quota"] = self.quotas.get(row["key"])
+                row["quota"] = latest[row["key"]]
         document = {
             "status": "ok",
             "version": __version__,

@@ -163,3 +163,23 @@ async def test_dead_holder_blocks_no_longer_than_ttl(two_stores):
     assert 0.25 <= min(got) < 1.0
     assert max(got) < 2.0
     assert not await a.release(dead)
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_seen_by_a_is_what_b_reports(two_stores, tmp_path):
+    """A quota header seen by instance A is in instance B's quota book (what B's /status shows),
+    because the snapshot goes through the shared store, not only A's own file."""
+    from twisted.web.http_headers import Headers
+
+    from clproxy.auth.quota import QuotaBook
+    a, b = two_stores
+    book_a = QuotaBook(str(tmp_path / "a.json"), reactor, store=a)
+    book_b = QuotaBook(str(tmp_path / "b.json"), reactor, store=b)
+    book_a.note("work", Headers({"anthropic-ratelimit-unified-status": ["allowed"],
+                                 "anthropic-ratelimit-unified-5h-utilization": ["0.62"]}))
+    await deferLater(reactor, 0.05, lambda: None)  # the put reaches Redis
+    latest = await book_b.latest(["work", "other"])
+    assert latest["work"]["five_hour"]["utilization"] == 0.62
+    assert latest["other"] is None
+    book_a.flush()
+    book_b.flush()

@@ -1,7 +1,10 @@
 """Quota capture: the subscription ("unified") rate-limit headers of every response, per account.
 
-Kept in memory for /status and written to ``$CLPROXY_HOME/account-quotas.json`` (atomic, 0600) at
-most once per ``flush_delay`` seconds, so a busy proxy does not write a file per response.
+Each snapshot goes to the state store (``IQuotaStore``), so under the Redis backend every instance
+sees the quota any instance last saw. A local copy is kept in memory and written to
+``$CLPROXY_HOME/account-quotas.json`` (atomic, 0600) at most once per ``flush_delay`` seconds, so a
+busy proxy does not write a file per response; that file survives a restart of a memory-backed
+daemon and is what ``clproxy auth list`` reads.
 """
 
 import json
@@ -29,10 +32,12 @@ def has_quota_headers(headers: Headers) -> bool:
 class QuotaBook:
     """The latest quota snapshot per account key, persisted with a short delay."""
 
-    def __init__(self, path: str, clock, flush_delay: float = 5.0):
+    def __init__(self, path: str, clock, flush_delay: float = 5.0, store=None):
         self.path = path
         self._clock = clock
         self._delay = flush_delay
+        #: the state store's IQuotaStore side (None: this process's copy only)
+        self._store = store
         self._quotas: Dict[str, Dict[str, Any]] = self._load()
         self._pending = None
 
@@ -58,12 +63,32 @@ class QuotaBook:
             return
         quota["updated_at"] = self._clock.seconds()
         self._quotas[key] = quota
+        if self._store is not None:
+            self._store.put_quota(key, quota).addErrback(
+                lambda f: log.warn("quota: not shared for {key}: {error}", key=key,
+                                   error=f.getErrorMessage()))
         if self._pending is None or not self._pending.active():
             self._pending = self._clock.callLater(self._delay, self.flush)
 
     def get(self, key: str) -> Optional[Dict[str, Any]]:
         """The latest snapshot for ``key``, if any."""
         return self._quotas.get(key)
+
+    async def latest(self, keys: Iterable[str]) -> Dict[str, Optional[Dict[str, Any]]]:
+        """The newest snapshot of each of ``keys``: the store's (another instance may have seen a
+        newer one) or this process's, whichever was taken later; None when neither has one."""
+        keys = list(keys)
+        shared: Mapping[str, Optional[Dict[str, Any]]] = {}
+        if self._store is not None:
+            try:
+                shared = await self._store.get_quotas(keys)
+            except Exception as e:
+                log.warn("quota: shared snapshots unavailable: {error}", error=str(e))
+        found: Dict[str, Optional[Dict[str, Any]]] = {}
+        for key in keys:
+            candidates = [q for q in (shared.get(key), self._quotas.get(key)) if q]
+            found[key] = max(candidates, key=lambda q: q.get("updated_at") or 0) if candidates else None
+        return found
 
     def snapshot(self) -> Mapping[str, Dict[str, Any]]:
         """Every account's latest snapshot."""
