@@ -10,7 +10,7 @@ from typing import Mapping, Optional, Tuple
 
 from twisted.application import internet, service
 from treq.client import HTTPClient
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.web.client import Agent
 from twisted.logger import LogLevel
 from twisted.python import usage
@@ -26,6 +26,7 @@ from .auth.tokenstore import StoredCredential, TokenStore, TokenStoreError
 from .cloaking import PluginLoadError, pipeline_from_config
 from .dispatch import DispatchSettings, Dispatcher
 from .drain import Drainer
+from .upkeep import AccountUpkeep
 from .observe import console
 from .observe.recorder import Observability
 from .pool import AccountPool
@@ -123,53 +124,6 @@ def _write_token_copy(tokens: TokenStore, key: str, data: dict) -> None:
             return
         with tokens.locked(5.0) as tx:
             tx.write(record)
-
-
-class AccountUpkeep(service.Service):
-    """At start, one refresh for each expired OAuth account (disabled if it fails); then, every
-    ``--health-interval`` seconds, re-discovery and a refresh of tokens about to expire, so requests
-    seldom wait on one."""
-
-    def __init__(self, directory, refresher, clock, interval: float, observability=None):
-        self.directory, self.refresher, self.clock, self.interval = directory, refresher, clock, interval
-        self.observability = observability
-        self._loop = None
-
-    def startService(self):
-        super().startService()
-        self._loop = task.LoopingCall(lambda: defer.ensureDeferred(self.check()))
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=True).addErrback(
-            lambda f: log.failure("account upkeep stopped", f))
-
-    async def check(self) -> None:
-        """Refresh what is expired or about to expire; never raises."""
-        try:
-            await self.refresher.startup_check(self.directory.current())
-            for account in self.directory.current():
-                if account.is_oauth and account.enabled:
-                    try:
-                        refreshed = await self.refresher.fresh(account)
-                    except Exception as e:
-                        log.warn("upkeep: {name} could not be refreshed: {error}", name=account.name,
-                                 error=str(e))
-                        self._count_refresh(account, False)
-                        continue
-                    if refreshed is not account:
-                        self.directory.updated(refreshed)
-                        self._count_refresh(account, True)
-            self.directory.refresh()
-        except Exception:
-            log.failure("account upkeep failed")
-
-    def _count_refresh(self, account, ok: bool) -> None:
-        if self.observability is not None:
-            self.observability.refresh(account.name, ok)
-
-    def stopService(self):
-        if self._loop is not None and self._loop.running:
-            self._loop.stop()
-        return super().stopService()
 
 
 def tune_garbage_collector() -> None:
