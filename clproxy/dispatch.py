@@ -54,6 +54,9 @@ class ProxyRequest:
     model: Optional[str] = None
     stream: bool = False
     request_id: str = attr.ib(factory=lambda: "req_clp_" + uuid.uuid4().hex[:24])
+    #: the path the client called when it is not ``path`` (the OpenAI front door translates
+    #: ``/v1/chat/completions`` into ``/v1/messages``); logs and metrics name this one
+    client_path: Optional[bytes] = None
     #: the clproxy.observe.recorder.RequestRecord of this request (set by Dispatcher.forward)
     record: object = attr.ib(default=None, eq=False, repr=False)
 
@@ -147,7 +150,8 @@ class Dispatcher:
     async def forward(self, request: ProxyRequest, out) -> None:
         """Answer ``request`` through ``out`` (a :class:`clproxy.web.ClientResponse`)."""
         record = request.record = out.record = self.obs.begin(
-            request_id=request.request_id, method=request.method, path=request.path, model=request.model,
+            request_id=request.request_id, method=request.method,
+            path=request.client_path or request.path, model=request.model,
             stream=request.stream, headers=request.headers, body=request.body)
         try:
             await self._forward(request, out)

@@ -135,6 +135,12 @@ class OpenAIResponseAdapter:
     def started(self) -> bool:
         return self.inner.started
 
+    @property
+    def status(self) -> Optional[int]:
+        """The status the OpenAI client was answered with (None before the answer began); the
+        dispatcher's bookkeeping (summary, metrics, counters) reads it."""
+        return self.inner.status
+
     def on_disconnect(self, cancel) -> None:
         self.inner.on_disconnect(cancel)
 
@@ -319,7 +325,8 @@ class ChatCompletionsResource(resource.Resource):
             headers.append((b"anthropic-version", ANTHROPIC_VERSION))
         claude_body = json.dumps(claude, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         proxy_request = ProxyRequest(method=b"POST", path=b"/v1/messages", query=b"", headers=headers,
-                                     body=claude_body, model=model, stream=stream)
+                                     body=claude_body, model=model, stream=stream,
+                                     client_path=request.path)
         return proxy_request, model, stream, include_usage
 
 

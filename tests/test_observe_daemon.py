@@ -107,3 +107,32 @@ async def test_failover_attempts_are_rows_and_the_status_counts_them(fake, start
     assert (summary["account"], summary["attempts"], summary["outputTokens"]) == ("second", 2, 4)
     text = await wired(proxy)
     assert 'clproxy_account_cooling{account="first"} 1.0' in text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_front_door_request_is_logged_counted_and_measured(fake, start_proxy, tmp_path, logs,
+                                                                 stream):
+    """POST /v1/chat/completions is bookkept like /v1/messages: one JSONL summary, the request
+    metric, completed_requests counted, and no traceback in the log (issue 11, item 4)."""
+    proxy = start_proxy(accounts_config(fake, "work"))
+    await wired(proxy)
+    if stream:
+        fake.script(events=text_stream(["Hel", "lo"]))
+    body = json.dumps({"model": "claude-sonnet-4-5", "stream": stream,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    status, _, answer = await post(proxy.url + "/v1/chat/completions", body)
+    assert status == 200 and (b"[DONE]" in answer if stream else json.loads(answer)["choices"])
+
+    [summary] = read_rows(logs_of(proxy, tmp_path), "proxy")
+    assert summary["status"] == 200 and summary["account"] == "work"
+    assert summary["path"] == "/v1/chat/completions"
+    text = await wired(proxy)
+    found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for family in text_string_to_metric_families(text) for s in family.samples}
+    key = ("clproxy_requests_total", (("account", "work"), ("model", "claude-sonnet-4-5"),
+                                      ("provider", "anthropic"), ("status", "200")))
+    assert found[key] == 1
+    _, _, status_body = await get(proxy.url + "/status")
+    assert json.loads(status_body)["counters"]["completed_requests"] == 1
+    assert not [line for line in logs if "Traceback" in line or "AttributeError" in line]
