@@ -213,12 +213,18 @@ class Blackhole(protocol.Protocol):
 
 @pytest_twisted.ensureDeferred
 async def test_unresponsive_collector_never_slows_finish(tmp_path):
-    """With the export thread stuck on a collector that never answers, begin/attempt/finish stay fast."""
+    """With the export thread stuck on a collector that never answers, begin/attempt/finish never wait.
+
+    The property is structural, not a wall-clock bound (shared CI machines are noisy): the export
+    queue is bounded, and once it is full while the worker is stuck, further events are dropped and
+    counted instead of waiting for room.  The 60 s guard only catches a hang.
+    """
     factory = protocol.Factory.forProtocol(Blackhole)
     port = reactor.listenTCP(0, factory, interface="127.0.0.1")
     clock = make_clock()
     obs = Observability(clock=clock, logs_dir=str(tmp_path), otlp_endpoint=f"http://127.0.0.1:{port.getHost().port}",
                         environ={}, otlp_timeout=1.0)
+    obs.otlp.max_queue = 300  # small, so 2000 requests overflow it while the worker is stuck
     svc = obs.service()
     svc.startService()
     try:
@@ -233,12 +239,14 @@ async def test_unresponsive_collector_never_slows_finish(tmp_path):
                            duration=0.01)
             record.finish(status=200, account_name="a", provider="anthropic")
         elapsed = time.perf_counter() - started
-        assert elapsed < 1.0, f"2000 requests took {elapsed:.3f}s with a dead collector"
+        assert elapsed < 60.0, f"2000 requests took {elapsed:.3f}s with a dead collector (a hang)"
+        assert obs.otlp.pending <= 300
+        assert obs.otlp.dropped > 0, "a full export queue must drop (and count), never wait"
         assert obs.metrics.requests[("200", "a", "m", "anthropic")] == 2000
     finally:
         started = time.perf_counter()
         await threads.deferToThread(svc.stopService)
-        assert time.perf_counter() - started < 5.0
+        assert time.perf_counter() - started < 30.0  # stop gives the stuck export its timeout, then leaves
         await port.stopListening()
 
 
