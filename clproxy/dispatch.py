@@ -251,16 +251,14 @@ class Dispatcher:
         try:
             response = await sending
         except UpstreamError as e:
-            verdict = policy.classify_network_error(e.kind, backoff_level=level)
-            await self._record(request, account, verdict)
-            last.network, last.status = e, None
-            return verdict
+            return await self._network_failure(request, account, e, level, last)
         except Exception:
             if out.disconnected:
                 raise _Answered()  # cancelled because the client went away; nobody to answer
             raise
         status = response.code
         passthrough = self.settings.passthrough
+        host = _host(account.base_url)
         if self.quotas is not None and has_quota_headers(response.headers):
             self.quotas.note(account.key, response.headers)
         if 200 <= status < 300:
@@ -268,7 +266,19 @@ class Dispatcher:
                 # the verdict of a stream that failed before its first event (an OAuth 401 sent
                 # as an error event must be refreshed like a 401 status), or raises _Answered
                 return await self._relay_stream(request, out, account, response, level, last)
-            body = await self._read(response, self.settings.max_response_bytes, out)
+            try:
+                body = await self._read(response, self.settings.max_response_bytes, out, host)
+            except UpstreamError as e:  # body cut short: nothing reached the client yet
+                return await self._network_failure(request, account, e, level, last)
+            unusable = policy.classify_unusable_answer(status, _content_type(response.headers), body)
+            if unusable is not None:
+                # an empty or unparsable "success": transient, like a network error (even in
+                # passthrough mode: relaying it would tell the client a failure was an answer)
+                message = f"upstream {host} returned {unusable}"
+                verdict = policy.unusable_answer(status, message, backoff_level=level)
+                await self._record(request, account, verdict)
+                last.network, last.status = UpstreamError("network", message), None
+                return verdict
             await self._record(request, account, policy.classify(status, {}, b"", now=self.clock.seconds(),
                                                                  backoff_level=level, is_oauth=account.is_oauth))
             record = request.record
@@ -277,7 +287,10 @@ class Dispatcher:
             record.response_body(status, response.headers, body, streamed=False)
             out.send(status, downstream_headers(response.headers), body)
             raise _Answered()
-        body = await self._read(response, self.settings.error_body_limit, out)
+        try:
+            body = await self._read(response, self.settings.error_body_limit, out, host)
+        except UpstreamError as e:
+            return await self._network_failure(request, account, e, level, last)
         verdict = policy.classify(status, header_dict(response.headers), body, now=self.clock.seconds(),
                                   backoff_level=level, is_oauth=account.is_oauth)
         await self._record(request, account, verdict)
@@ -291,15 +304,22 @@ class Dispatcher:
         last.accounts.add(account.key)
         return verdict
 
-    async def _read(self, response, limit: int, out) -> bytes:
-        reading = read_body(response, limit)
+    async def _network_failure(self, request, account: Account, error: UpstreamError, level: int,
+                               last: _Failure):
+        """An attempt that failed before anything reached the client: no cooldown, next account."""
+        verdict = policy.classify_network_error(error.what, backoff_level=level)
+        await self._record(request, account, verdict)
+        last.network, last.status = error, None
+        return verdict
+
+    async def _read(self, response, limit: int, out, host: str) -> bytes:
+        """The whole body; raises ``UpstreamError`` when the upstream cut it short."""
+        reading = read_body(response, limit, host)
         out.on_disconnect(reading.cancel)
         try:
             return await reading
         except defer.CancelledError:
             raise _Answered()
-        except UpstreamError as e:
-            raise ProxyError(502, e.message)
 
     async def _relay_stream(self, request, out, account, response, level, last) -> None:
         relay = StreamRelay(self.clock, self.settings.upstream_timeout, _host(account.base_url))
@@ -309,8 +329,8 @@ class Dispatcher:
             try:
                 first = await relay.first_event
             except FirstEventFailed as e:
-                verdict = policy.classify_network_error("empty-stream", backoff_level=level)
-                log.warn("{line} ({why})", line=verdict.describe(account.name), why=str(e))
+                verdict = policy.classify_network_error(str(e), backoff_level=level)
+                log.warn("{line}", line=verdict.describe(account.name))  # its detail says why
                 await self._record(request, account, verdict, quiet=True)
                 last.network, last.status = UpstreamError("network", str(e)), None
                 return verdict
@@ -453,7 +473,13 @@ def _status_for_error_event(data: str) -> int:
 
 
 def _host(base_url: str) -> str:
-    return base_url.split("://", 1)[-1].split("/", 1)[0]
+    """``host[:port]`` of a base URL, without any ``user:password@`` (it would be a secret)."""
+    return base_url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
+
+
+def _content_type(response_headers: Headers) -> Optional[str]:
+    values = response_headers.getRawHeaders(b"content-type")
+    return values[0].decode("latin-1") if values else None
 
 
 def _safe_reason(error: Exception) -> str:

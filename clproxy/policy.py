@@ -208,6 +208,58 @@ def classify_network_error(reason: str, *, backoff_level: int) -> Verdict:
                    (reason or "network error")[:_DETAIL_LIMIT])
 
 
+#: A 2xx status whose empty body is the answer itself ("No Content", "Reset Content").
+_EMPTY_BY_DESIGN = frozenset({204, 205})
+#: Bodies up to this size are parsed whole to tell a JSON object; larger ones (rare: a Messages API
+#: answer is a few KB) are only checked for their braces, parsing them would cost more than it finds.
+FULL_PARSE_LIMIT = 4 * 1024 * 1024
+
+
+def classify_unusable_answer(status: int, content_type: Optional[str], body: bytes) -> Optional[str]:
+    """Why a buffered (non-streaming) 2xx answer is of no use to the client, or None when it is.
+
+    An empty 2xx body (but a 204/205, empty by design) and a JSON 2xx whose body is not a JSON
+    object are what a broken edge or an upstream cut short sends: the SDKs fail to parse them, so
+    they are a transient upstream failure (try the next account, no cooldown), never a success.
+    ``content_type`` is the raw header value (None when absent). The reason reads after
+    "upstream HOST returned ...": ``an empty 200 answer``.
+    """
+    if not 200 <= status < 300 or status in _EMPTY_BY_DESIGN:
+        return None
+    text = (body or b"").strip()
+    if not text:
+        return "an empty {} answer".format(status)
+    if not _is_json_type(content_type):
+        return None  # not claimed to be JSON: nothing to hold it to
+    if _is_json_object(text):
+        return None
+    return "a {} answer whose body is not a JSON object ({} bytes)".format(status, len(body))
+
+
+def unusable_answer(status: int, detail: str, *, backoff_level: int) -> Verdict:
+    """The verdict for an answer ``classify_unusable_answer`` rejected: no cooldown, next account."""
+    return Verdict(NEXT, status, TRANSIENT, None, backoff_level, detail[:_DETAIL_LIMIT])
+
+
+def _is_json_type(content_type: Optional[str]) -> bool:
+    """``application/json`` or any ``+json`` type, parameters ignored."""
+    if not content_type:
+        return False
+    main = content_type.split(";", 1)[0].strip().lower()
+    return main == "application/json" or main.endswith("+json")
+
+
+def _is_json_object(text: bytes) -> bool:
+    if not (text.startswith(b"{") and text.endswith(b"}")):
+        return False
+    if len(text) > FULL_PARSE_LIMIT:
+        return True
+    try:
+        return isinstance(json.loads(text.decode("utf-8")), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
 def quota_from_headers(headers: Mapping[str, str]) -> Dict[str, Any]:
     """The subscription ("unified") rate-limit headers, parsed; only keys whose header is present.
 

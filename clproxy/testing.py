@@ -43,9 +43,13 @@ class Recorded:
 class Script:
     """How the fake answers a matching request.
 
-    ``status``/``headers``/``body``: a plain response. ``events``: an SSE stream (each event written
-    ``pace`` seconds after the previous). ``cut_after``: close the connection mid-body after that many
-    events.
+    ``status``/``headers``/``body``: a plain response (``body=b""``: an empty one; ``body=b"[]"``: a
+    JSON body that is not an object). ``events``: an SSE stream (each event written ``pace`` seconds
+    after the previous). ``cut_after``: close the connection mid-body after that many events.
+    ``body_cut_at``: send only the first N bytes of a plain body (``body``, or the default message),
+    then close the connection; its Content-Length still announces the whole body.
+    ``chunked``: send a plain body in chunked transfer encoding, with no Content-Length (with
+    ``body_cut_at``: the connection closes before the terminating chunk).
     ``end_before_first``: send the stream's headers, then end it cleanly with no event.
     ``reset``: abort the connection before any response. ``delay``: wait before answering.
     ``times``: how many requests it answers (None: all).
@@ -57,6 +61,8 @@ class Script:
     events: Optional[Events] = None
     pace: float = 0.0
     cut_after: Optional[int] = None
+    body_cut_at: Optional[int] = None
+    chunked: bool = False
     end_before_first: bool = False
     reset: bool = False
     delay: float = 0.0
@@ -294,10 +300,7 @@ class FakeAnthropic(LoopbackFake):
         if s.body is not None:
             if not request.responseHeaders.hasHeader(b"content-type"):
                 request.setHeader(b"content-type", b"application/json")
-            request.setHeader(b"content-length", str(len(s.body)).encode())
-            request.write(s.body)
-            request.finish()
-            return
+            return self._body(request, s.body, s)
         try:
             parsed = json.loads(body) if body else {}
         except ValueError:
@@ -314,14 +317,24 @@ class FakeAnthropic(LoopbackFake):
             return self._json(request, {"input_tokens": max(1, len(body) // 4)})
         if parsed.get("stream") is True or s.events is not None:
             return self._stream(request, s.events or self.default_stream, s)
-        return self._json(request, message(model=parsed.get("model", "claude-sonnet-4-5")))
+        return self._json(request, message(model=parsed.get("model", "claude-sonnet-4-5")), s)
 
-    def _json(self, request, value) -> None:
-        data = json.dumps(value).encode()
+    def _json(self, request, value, s: Optional[Script] = None) -> None:
         request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", str(len(data)).encode())
-        request.write(data)
-        request.finish()
+        self._body(request, json.dumps(value).encode(), s or Script())
+
+    def _body(self, request, data: bytes, s: Script) -> None:
+        """Write a plain body as the script says: whole, chunked, or cut after ``body_cut_at`` bytes."""
+        if not s.chunked:
+            request.setHeader(b"content-length", str(len(data)).encode())
+        if s.body_cut_at is None:
+            request.write(data)
+            request.finish()
+            return
+        request.write(data[:s.body_cut_at])
+        # what was written is flushed first; the client sees the body end short of its
+        # Content-Length (or, chunked, without its terminating chunk)
+        request.channel.transport.loseConnection()
 
     def _stream(self, request, events: Events, s: Script) -> None:
         request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")

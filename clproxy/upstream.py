@@ -7,7 +7,7 @@ content decoding, so what the upstream sends is what the client gets.
 
 from typing import Callable, List, Optional
 
-from twisted.internet import defer, endpoints, protocol
+from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IReactorTime
 from .observe.console import logger
@@ -89,12 +89,18 @@ class _EndpointFactory:
 
 
 class UpstreamError(Exception):
-    """An upstream could not be reached, timed out, or broke off; ``kind`` is ``network`` or ``timeout``."""
+    """An upstream could not be reached, timed out, or broke off; ``kind`` is ``network`` or ``timeout``.
 
-    def __init__(self, kind: str, message: str):
+    ``message`` is the client's error message; ``what`` says what happened in a few words with the
+    upstream's host:port (``connection refused by 127.0.0.1:9``, ``timeout after 600 s waiting for
+    api.anthropic.com``) for the account's last error and the log. Neither holds a credential.
+    """
+
+    def __init__(self, kind: str, message: str, what: Optional[str] = None):
         super().__init__(message)
         self.kind = kind
         self.message = message
+        self.what = what or message
 
 
 class UpstreamClient:
@@ -130,10 +136,12 @@ class UpstreamClient:
             if not isinstance(result, Failure):
                 return result
             if timed_out:
-                raise UpstreamError("timeout", f"upstream {host} sent no response within {timeout:g}s")
+                raise UpstreamError("timeout", f"upstream {host} sent no response within {timeout:g}s",
+                                    f"timeout after {timeout:g} s waiting for {host}")
             if _cancelled(result):
                 return result  # our caller cancelled (the client went away)
-            raise UpstreamError("network", f"upstream {host} unreachable: {_describe(result)}")
+            raise UpstreamError("network", f"upstream {host} unreachable: {_describe(result)}",
+                                _what_happened(result, host))
 
         return d.addBoth(done)
 
@@ -143,9 +151,10 @@ class UpstreamClient:
 
 
 def _host_of(url: bytes) -> str:
+    """``host[:port]`` of a URL, without any ``user:password@`` (it would be a secret)."""
     text = url.decode("ascii", "replace")
     rest = text.split("://", 1)[-1]
-    return rest.split("/", 1)[0]
+    return rest.split("/", 1)[0].rsplit("@", 1)[-1]
 
 
 def _cancelled(failure: Failure) -> bool:
@@ -167,9 +176,31 @@ def _describe(failure: Failure) -> str:
     return f"{name}: {text}" if text else name
 
 
+def _what_happened(failure: Failure, host: str) -> str:
+    """What a failed connection attempt or exchange did, in words: ``connection refused by HOST``."""
+    value = failure.value
+    reasons = getattr(value, "reasons", None)  # ResponseNeverReceived / RequestTransmissionFailed
+    if reasons:
+        value = reasons[0].value
+    if isinstance(value, error.ConnectionRefusedError):
+        return f"connection refused by {host}"
+    if isinstance(value, error.DNSLookupError):
+        return f"cannot resolve the name of {host}"
+    if isinstance(value, (error.TimeoutError, error.TCPTimedOutError)):
+        return f"connecting to {host} timed out"
+    if isinstance(value, error.NoRouteError):
+        return f"no route to {host}"
+    if isinstance(value, (error.ConnectionLost, error.ConnectionDone, error.ConnectionAborted)):
+        return f"{host} closed the connection before answering"
+    if "SSL" in type(value).__module__ or "ssl" in type(value).__module__:
+        return f"TLS with {host} failed"
+    return f"connecting to {host} failed ({type(value).__name__})"
+
+
 class _BodyCollector(protocol.Protocol):
-    def __init__(self, finished: defer.Deferred, limit: int):
+    def __init__(self, finished: defer.Deferred, limit: int, host: str):
         self._finished = finished
+        self._host = host
         self._parts: List[bytes] = []
         self._size = 0
         self._limit = limit
@@ -185,17 +216,23 @@ class _BodyCollector(protocol.Protocol):
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         if reason.check(ResponseDone, PotentialDataLoss):
             self._finished.callback(b"".join(self._parts))
-        else:
-            self._finished.errback(UpstreamError("network", f"upstream broke off the response body: "
-                                                            f"{_describe(reason)}"))
+            return
+        # Content-Length not reached, or a chunked body without its last chunk
+        what = (f"{self._host} closed the connection after {self._size} bytes of the answer's body, "
+                "before its end")
+        self._finished.errback(UpstreamError("network", f"upstream {what}", what))
 
 
-def read_body(response, limit: int) -> "defer.Deferred":
-    """Read a whole response body, keeping at most ``limit`` bytes; fires with the bytes."""
+def read_body(response, limit: int, host: str = "upstream") -> "defer.Deferred":
+    """Read a whole response body, keeping at most ``limit`` bytes; fires with the bytes.
+
+    Fails with :class:`UpstreamError` (``network``) when the upstream closes before the body is
+    complete; ``host`` names it in the error.
+    """
     finished: defer.Deferred = defer.Deferred()
     if response.length == 0:
         return defer.succeed(b"")
-    response.deliverBody(_BodyCollector(finished, limit))
+    response.deliverBody(_BodyCollector(finished, limit, host))
     return finished
 
 

@@ -1,6 +1,7 @@
 """Integration: failover across accounts through the real daemon, driven by the anthropic SDK."""
 
 import json
+import math
 import random
 
 import anthropic
@@ -74,6 +75,74 @@ async def test_connection_reset_rotates(fake, start_proxy):
     fake.script("key-a", reset=True, times=1)
     answer = await in_thread(ask, sdk(proxy))
     assert answer.content and fake.requests[-1].credential == "key-b"
+
+
+# Answers that look like a success (or start like one) but give the client nothing it can use.
+UNUSABLE_ANSWERS = {
+    "empty-200": (dict(body=b""), "an empty 200 answer"),
+    "empty-200-no-content-type": (dict(body=b"", headers={"content-type": "text/plain"}), "an empty 200 answer"),
+    "json-array": (dict(body=b"[]"), "not a JSON object"),
+    "json-null": (dict(body=b"null"), "not a JSON object"),
+    "json-cut": (dict(body=b'{"type": "message", "content": [', headers={"connection": "close"}),
+                 "not a JSON object"),
+    "cut-at-content-length": (dict(body_cut_at=25), "closed the connection after 25 bytes"),
+    "cut-before-body": (dict(body_cut_at=0), "closed the connection after 0 bytes"),
+    "chunked-cut": (dict(body_cut_at=25, chunked=True), "closed the connection after 25 bytes"),
+}
+
+
+async def _account_rows(proxy):
+    _, _, status = await post(proxy.url + "/status", None, method=b"GET")
+    return {row["name"]: row for row in json.loads(status)["accounts"]}
+
+
+@pytest.mark.parametrize("fault", sorted(UNUSABLE_ANSWERS))
+@pytest_twisted.ensureDeferred
+async def test_unusable_answer_is_answered_by_next_account_without_cooldown(fake, start_proxy, fault):
+    """An empty or non-object 200, or a body cut short, on A is answered by B; A does not cool."""
+    script, _ = UNUSABLE_ANSWERS[fault]
+    proxy = start_proxy(accounts_config(fake, "a", "b"))
+    fake.script("key-a", times=1, **script)
+    status, _, content = await post(proxy.url + "/v1/messages", request_body())
+    assert status == 200 and json.loads(content)["type"] == "message"
+    assert [r.credential for r in fake.requests] == ["key-a", "key-b"]
+    rows = await _account_rows(proxy)
+    assert rows["a"]["state"] == "ok" and rows["a"]["cooling_until"] is None
+    assert rows["a"]["errors"] == 1 and rows["b"]["successes"] == 1
+    # no cooldown: fill-first tries A first again
+    await post(proxy.url + "/v1/messages", request_body())
+    assert [r.credential for r in fake.requests] == ["key-a", "key-b", "key-a"]
+
+
+@pytest.mark.parametrize("fault", sorted(UNUSABLE_ANSWERS))
+@pytest_twisted.ensureDeferred
+async def test_unusable_answer_on_the_only_account_is_502_naming_the_upstream(fake, start_proxy, fault):
+    """With no account left, an unusable answer is a 502 api_error naming the upstream; no cooldown."""
+    script, words = UNUSABLE_ANSWERS[fault]
+    proxy = start_proxy(accounts_config(fake, "a"))
+    fake.script("key-a", times=1, **script)
+    status, _, content = await post(proxy.url + "/v1/messages", request_body())
+    kind, message = error_of(content)
+    host = fake.url.split("://", 1)[1]
+    assert (status, kind) == (502, "api_error"), (status, content)
+    assert f"upstream {host}" in message and words in message
+    assert "key-a" not in message
+    rows = await _account_rows(proxy)
+    assert rows["a"]["state"] == "ok" and rows["a"]["cooling_until"] is None
+    assert words in rows["a"]["last_error"]
+    # the account was not cooled: the next request is answered by it
+    status, _, content = await post(proxy.url + "/v1/messages", request_body())
+    assert status == 200 and json.loads(content)["type"] == "message"
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_200_in_passthrough_mode_is_502(fake, start_proxy):
+    """--passthrough relays upstream errors as they are, but an empty 200 is no answer: 502."""
+    proxy = start_proxy(accounts_config(fake, "a", "b"), passthrough=True)
+    fake.script("key-a", times=1, body=b"")
+    status, _, content = await post(proxy.url + "/v1/messages", request_body())
+    assert status == 502 and "an empty 200 answer" in error_of(content)[1]
+    assert [r.credential for r in fake.requests] == ["key-a"]
 
 
 @pytest_twisted.ensureDeferred
@@ -198,6 +267,10 @@ async def test_soak_random_faults_every_request_ends_truthfully(fake, start_prox
         dict(events=testing.text_stream(), cut_after=0),
         dict(events=testing.text_stream(parts=["y"] * 6), cut_after=3),
         dict(delay=0.05),
+        dict(body=b""),
+        dict(body=b"[]"),
+        dict(body_cut_at=30),
+        dict(body_cut_at=30, chunked=True),
     ]
     for key in ("key-a", "key-b", "key-c"):
         for _ in range(150):
@@ -242,11 +315,19 @@ async def test_soak_random_faults_every_request_ends_truthfully(fake, start_prox
 
 
 def _check_error(status, headers, body):
-    """A non-200 answer must be an Anthropic error with a truthful shape (429 carries Retry-After)."""
-    kind, _ = error_of(body) if body.startswith(b"{") else ("html", "")
+    """A non-200 answer must be an Anthropic error with a truthful shape (429 carries Retry-After).
+
+    A 429 may be the upstream's own, relayed with its Retry-After as sent (``0.2``: delta-seconds
+    with a fraction); the proxy's own "all accounts unavailable" 429 says whole seconds, at least 1.
+    """
+    kind, message = error_of(body) if body.startswith(b"{") else ("html", "")
     assert status in (429, 500, 502, 504, 529), status
     if status == 429:
-        assert int(headers.getRawHeaders(b"retry-after")[0]) >= 1
+        value = headers.getRawHeaders(b"retry-after")[0].decode("ascii")
+        seconds = float(value)
+        assert math.isfinite(seconds) and seconds >= 0, value
+        if "accounts are unavailable" in message:
+            assert value.isdigit() and int(value) >= 1, value
     return f"error-{status}"
 
 

@@ -229,3 +229,37 @@ def test_duration_formatting():
     assert status.format_duration(7384.2) == "2h 03m 04s"
     assert status.format_duration(3 * 86400 + 4 * 3600 + 300) == "3d 04h 05m"
     assert status.format_duration(None) == "unknown"
+
+
+def test_last_error_words_say_what_happened():
+    """A network failure is shown by what happened; an HTTP error as recorded; nothing as nothing."""
+    assert status.last_error_words("network-error network: connection refused by 127.0.0.1:9") == \
+        "connection refused by 127.0.0.1:9"
+    assert status.last_error_words("network-error network") == "network error"
+    http = "429 rate-limited: rate_limit_error: slow"
+    assert status.last_error_words(http) == http
+    assert status.last_error_words(None) == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_last_error_of_a_live_daemon_says_what_happened(fake, start_proxy, tmp_path):
+    """A refused connection and a timeout show in LAST ERROR as words with host:port, no secret."""
+    from conftest import accounts_config
+    from helpers import post, request_body
+
+    refused = free_port()
+    config = accounts_config(fake, "slow", server={"upstreamTimeout": 0.3})
+    config["accounts"]["anthropic"].insert(0, {"name": "down", "apiKey": "sk-ant-secret-down",
+                                               "baseUrl": f"http://127.0.0.1:{refused}"})
+    proxy = start_proxy(config)
+    fake.script("key-slow", delay=5.0, times=1)
+    got, _, _ = await post(proxy.url + "/v1/messages", request_body())
+    assert got == 504
+    code, out, err = await run(["--url", proxy.url], tmp_path)
+    assert (code, err) == (0, "")
+    fake_host = fake.url.split("://", 1)[1]
+    down = next(line for line in out.splitlines() if line.strip().startswith("down "))
+    slow = next(line for line in out.splitlines() if line.strip().startswith("slow "))
+    assert down.endswith(f"connection refused by 127.0.0.1:{refused}"), down
+    assert slow.endswith(f"timeout after 0.3 s waiting for {fake_host}"), slow
+    assert "network-error network" not in out and "secret" not in out and "key-slow" not in out

@@ -416,3 +416,63 @@ def test_policy_and_pool_stay_pure():
 def test_actions_are_distinct():
     """The five action names are the documented strings."""
     assert policy.ACTIONS == ("success", "refresh", "cool-and-next", "next", "return")
+
+
+# -- unusable 2xx answers ------------------------------------------------------------------------
+
+MESSAGE = json.dumps({"id": "msg_1", "type": "message", "content": []}).encode()
+
+
+@pytest.mark.parametrize("status,content_type,body", [
+    (200, "application/json", b""),
+    (200, "application/json", b"  \r\n"),
+    (200, None, b""),
+    (200, "text/plain", b""),
+    (201, "application/json", b""),
+])
+def test_empty_2xx_is_unusable(status, content_type, body):
+    """An empty 2xx body (whatever its type) is no answer."""
+    assert policy.classify_unusable_answer(status, content_type, body) == f"an empty {status} answer"
+
+
+@pytest.mark.parametrize("body", [b"[]", b"null", b'"text"', b"42", b"<html>ok</html>",
+                                  b'{"type": "message", "content": [', b'{"a": 1} {"b": 2}',
+                                  b"{\xff}"])
+@pytest.mark.parametrize("content_type", ["application/json", "application/json; charset=utf-8",
+                                          "Application/JSON", "application/vnd.api+json"])
+def test_json_2xx_that_is_not_an_object_is_unusable(content_type, body):
+    """A JSON-typed 2xx whose body is not one JSON object (cut short, an array, HTML) is no answer."""
+    reason = policy.classify_unusable_answer(200, content_type, body)
+    assert reason == f"a 200 answer whose body is not a JSON object ({len(body)} bytes)"
+
+
+@pytest.mark.parametrize("status,content_type,body", [
+    (200, "application/json", MESSAGE),
+    (200, "application/json", b"\n" + MESSAGE + b"\n"),
+    (200, "text/plain", b"not json, not claimed to be"),
+    (200, None, b"[]"),
+    (204, "application/json", b""),
+    (205, None, b""),
+    (400, "application/json", b""),
+    (529, "application/json", b"[]"),
+])
+def test_usable_or_not_a_2xx_is_none(status, content_type, body):
+    """A JSON object, a non-JSON body, an empty 204/205 and every non-2xx are not judged here."""
+    assert policy.classify_unusable_answer(status, content_type, body) is None
+
+
+def test_huge_json_object_is_checked_by_its_braces_only():
+    """Past FULL_PARSE_LIMIT only the braces count (a whole parse would cost more than it finds)."""
+    big = b"{" + b" " * policy.FULL_PARSE_LIMIT + b"}"
+    assert policy.classify_unusable_answer(200, "application/json", big) is None
+    assert policy.classify_unusable_answer(200, "application/json", big[:-1]) is not None
+
+
+def test_unusable_answer_verdict_is_next_without_cooldown():
+    """An unusable answer sends the request to the next account and never cools this one."""
+    v = policy.unusable_answer(200, "upstream api.anthropic.com returned an empty 200 answer",
+                               backoff_level=2)
+    assert v == Verdict(NEXT, 200, policy.TRANSIENT, None, 2,
+                        "upstream api.anthropic.com returned an empty 200 answer")
+    assert v.describe("a") == ('<- 200 account=a backoff-level=2 cooldown=none reason=transient '
+                               'action=next detail="upstream api.anthropic.com returned an empty 200 answer"')

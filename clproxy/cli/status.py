@@ -259,7 +259,7 @@ def _account_table(accounts: List[dict], now: float) -> List[str]:
             str(account.get("rate_limits", 0)),
             str(account.get("backoff_level", 0)),
             cooling,
-            _short(account.get("last_error")),
+            _short(last_error_words(account.get("last_error")), 80),
         ))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header) - 1)]
     lines = []
@@ -267,6 +267,27 @@ def _account_table(accounts: List[dict], now: float) -> List[str]:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]
         lines.append("  " + "  ".join(cells).rstrip())
     return lines
+
+
+#: How the pool records a network failure (``network-error network: <what happened>``): the
+#: prefix says nothing the words after it do not.
+_NETWORK_PREFIX = "network-error network"
+
+
+def last_error_words(text) -> str:
+    """An account's last error as the table shows it: what happened, in words.
+
+    ``network-error network: connection refused by 127.0.0.1:9`` reads ``connection refused by
+    127.0.0.1:9``; an HTTP error (``429 rate-limited: ...``) is shown as recorded.
+    """
+    if not text:
+        return ""
+    text = str(text)
+    if text == _NETWORK_PREFIX:
+        return "network error"
+    if text.startswith(_NETWORK_PREFIX + ": "):
+        return text[len(_NETWORK_PREFIX) + 2:]
+    return text
 
 
 def _short(text, limit: int = 60) -> str:
