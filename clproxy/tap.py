@@ -23,6 +23,7 @@ from .auth.oauth import OAuthEndpoints
 from .auth.quota import QUOTA_FILE, QuotaBook
 from .auth.refresh import TokenRefresher
 from .auth.tokenstore import StoredCredential, TokenStore, TokenStoreError
+from .cli import claude_settings
 from .cloaking import PluginLoadError, pipeline_from_config
 from .dispatch import DispatchSettings, Dispatcher
 from .drain import Drainer
@@ -305,8 +306,13 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
     top.watcher.setServiceParent(top)
     install_sighup(top.watcher, reactor)
     # last child: it starts once the port is bound and stops first (Claude settings restored)
-    runstate.attach_lifecycle(top, options, env, fallback_chain=lambda: runstate.chain_of(top.config),
-                              config_path=options.get("config"))
+    lifecycle = runstate.attach_lifecycle(top, options, env,
+                                          fallback_chain=lambda: runstate.chain_of(top.config),
+                                          config_path=options.get("config"))
+    if lifecycle is not None and lifecycle.settings_path:
+        # Claude Code pointed at a proxy without a usable account gets 401 on every request:
+        # its settings wait for an account (after the lifecycle: starts after it, stops before it)
+        claude_settings.SetOnceUsable(lifecycle, directory, reactor).setServiceParent(top)
     log.info("clproxy listening on http://{host}:{port} strategy={strategy} accounts={count}",
              host=options["host"], port=options["port"], strategy=strategy,
              count=len(directory.current()))
