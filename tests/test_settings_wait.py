@@ -137,3 +137,24 @@ def test_daemon_with_account_sets_settings_at_once(daemon, logs):
     proxy = daemon()
     assert json.loads(daemon.settings.read_text())["env"]["ANTHROPIC_BASE_URL"] == proxy.url
     assert not any(WAITING in line for line in logs)
+
+
+def test_proxy_start_process_waits_for_a_login(tmp_path):
+    """`clproxy proxy start` as a real process: without an account the terminal gets the one line and
+    settings.json stays as it was; a login meanwhile points Claude Code at the proxy; stop restores."""
+    from test_ops_cli import Daemon, wait_for
+
+    d = Daemon(tmp_path)
+    d.settings.write_text(json.dumps(USER_SETTINGS))
+    original = d.settings.read_bytes()
+    try:
+        d.start("--no-guard")
+        assert wait_for(lambda: WAITING in d.output(), timeout=10), d.output()
+        assert d.settings.read_bytes() == original
+        d.add_account()
+        url = f"http://127.0.0.1:{d.port}"
+        assert wait_for(lambda: (d.settings_document()["env"].get("ANTHROPIC_BASE_URL") == url), timeout=10)
+        assert d.stop() == 0
+        assert d.settings_document() == USER_SETTINGS and "Traceback" not in d.output()
+    finally:
+        d.cleanup()
