@@ -2,13 +2,15 @@
 
 :class:`ConfigWatcher` polls the file's mtime and size on the injected clock, waits for writes to
 settle (debounce), and reloads only when the content hash differs; a bad new config keeps the old one.
+:func:`restart_needed` names what a reload changed that only a restart can take over.
 """
 
 import hashlib
 import os
 import signal
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+import attr
 from twisted.application import service
 from twisted.internet import task
 
@@ -22,16 +24,53 @@ def _one_line(error: BaseException) -> str:
     return text or type(error).__name__
 
 
+#: Config keys (or sections, ending in ".") a running daemon cannot take over: the state store is
+#: connected and the JSONL logs opened once, at start; the token refresher keeps its OAuth client.
+#: Everything else is applied by a reload (``server.*`` included). The port and host are options of
+#: the command line, not config keys.
+RESTART_ONLY = ("state.", "logging.", "providers.anthropic.oauthTokenUrl",
+                "providers.anthropic.clientId", "providers.anthropic.refreshBeforeExpiry")
+
+
+def _spelled(name: str) -> str:
+    """A config field as the docs and the example config spell it (``upstream_timeout`` ->
+    ``upstreamTimeout``; the one provider with a dash keeps it)."""
+    if name == "google_ai":
+        return "google-ai"
+    head, *rest = name.split("_")
+    return head + "".join(part.capitalize() for part in rest)
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> List[str]:
+    """The dotted names (``server.maxBodyBytes``) of the settings that differ between two configs
+    (attrs classes, walked down to their leaves; lists and mappings compare whole)."""
+    if not (attr.has(type(old)) and type(old) is type(new)):
+        return [] if old == new else [prefix.rstrip(".")]
+    changed = []
+    for field in attr.fields(type(old)):
+        changed.extend(changed_keys(getattr(old, field.name), getattr(new, field.name),
+                                    f"{prefix}{_spelled(field.name)}."))
+    return changed
+
+
+def restart_needed(old: Any, new: Any) -> List[str]:
+    """The changed keys (see :func:`changed_keys`) that only take effect after a restart."""
+    return [key for key in changed_keys(old, new)
+            if any(key == rule or (rule.endswith(".") and key.startswith(rule)) for rule in RESTART_ONLY)]
+
+
 class ConfigWatcher(service.Service):
     """Reloads the config at ``path`` when it changes (or on :meth:`reload_now`).
 
     ``load(path)`` returns the new configuration and may raise (``config.ConfigError``); ``apply(new)``
-    installs it. A failure of either keeps the configuration in force and logs one line saying why.
+    installs it and may return the keys it could not apply (they need a restart; the reload's log
+    line names them). A failure of either keeps the configuration in force and logs one line saying why.
     """
 
     name = "config-watcher"
 
-    def __init__(self, path: str, load: Callable[[str], Any], apply: Callable[[Any], None], clock,
+    def __init__(self, path: str, load: Callable[[str], Any],
+                 apply: Callable[[Any], Optional[Sequence[str]]], clock,
                  interval: float = 1.0, debounce: float = 0.15):
         self.path = path
         self.load = load
@@ -121,13 +160,17 @@ class ConfigWatcher(service.Service):
             self._failed(digest, e)
             return
         try:
-            self.apply(new)
+            pending = self.apply(new)
         except Exception as e:
             self._failed(digest, e)
             return
         self.digest = digest
         self.reloads += 1
-        log.info("config reloaded from {path} ({reason})", path=self.path, reason=reason)
+        if pending:
+            log.warn("config reloaded from {path} ({reason}); restart needed for: {keys}",
+                     path=self.path, reason=reason, keys=", ".join(pending))
+        else:
+            log.info("config reloaded from {path} ({reason})", path=self.path, reason=reason)
 
     def _failed(self, digest: Optional[str], error: BaseException) -> None:
         # Remember the bad content too, so it is not retried (and re-logged) until it changes again.

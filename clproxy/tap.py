@@ -8,6 +8,7 @@ import gc
 import os
 from typing import Mapping, Optional, Tuple
 
+import attr
 from twisted.application import internet, service
 from treq.client import HTTPClient
 from twisted.internet import defer
@@ -23,6 +24,7 @@ from .auth.oauth import OAuthEndpoints
 from .auth.quota import QUOTA_FILE, QuotaBook
 from .auth.refresh import TokenRefresher
 from .auth.tokenstore import StoredCredential, TokenStore, TokenStoreError
+from .cli import claude_settings
 from .cloaking import PluginLoadError, pipeline_from_config
 from .dispatch import DispatchSettings, Dispatcher
 from .drain import Drainer
@@ -30,7 +32,7 @@ from .upkeep import AccountUpkeep
 from .observe import console
 from .observe.recorder import Observability
 from .pool import AccountPool
-from .reload import ConfigWatcher, install_sighup
+from .reload import ConfigWatcher, install_sighup, restart_needed
 from .frontdoor import install as install_front_door
 from .router import Router
 from .translation import Translation
@@ -284,9 +286,10 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
     listener = internet.TCPServer(int(options["port"]), site, interface=options["host"], backlog=1024)
     listener.setServiceParent(top)
 
-    def apply(reloaded) -> None:
-        """A reloaded config: accounts, routing, shaping and strategy change; requests in flight
-        finish with what they started with."""
+    def apply(reloaded):
+        """A reloaded config: accounts, routing, shaping, strategy and the server's limits and
+        timeouts change; requests in flight finish with what they started with. Returns the
+        changed keys that need a restart (the watcher's log line names them)."""
         new = reloaded.config
         shaping = pipeline_from_config(new.cloaking)  # raises before anything changes
         router = Router.from_config(new.routing)
@@ -294,19 +297,37 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
         dispatcher.shaping, dispatcher.router = shaping, router
         translation.reconfigure(new.providers)
         directory.set_config_accounts(accounts_from_config(new), new.providers.anthropic.base_url)
+        # server.*: each holder reads its value per request (or per drain), so the next one uses these
+        server = new.server
+        dispatcher.settings = attr.evolve(dispatcher.settings, upstream_timeout=server.upstream_timeout,
+                                          request_deadline=server.request_deadline)
+        translation.upstream_timeout = server.upstream_timeout
+        translation.keepalive_interval = server.keepalive_interval
+        site.max_body_bytes = server.max_body_bytes
+        drainer.timeout = server.drain_timeout
+        upstream.reconfigure(connect_timeout=server.connect_timeout,
+                             max_connections_per_host=server.max_connections_per_host)
+        # against the config the daemon started with: that is what its state store and logs run on
+        pending = restart_needed(cfg, new)
         top.config = new
         for warning in reloaded.warnings:
             log.warn("config: {warning}", warning=warning)
         if getattr(top, "lifecycle", None) is not None:
             top.lifecycle.update(strategy=pool.strategy, fallbackChain=runstate.chain_of(new))
+        return pending
 
     top.watcher = ConfigWatcher(config_path, lambda path: configuration.load_config(path, env), apply,
                                 reactor)
     top.watcher.setServiceParent(top)
     install_sighup(top.watcher, reactor)
     # last child: it starts once the port is bound and stops first (Claude settings restored)
-    runstate.attach_lifecycle(top, options, env, fallback_chain=lambda: runstate.chain_of(top.config),
-                              config_path=options.get("config"))
+    lifecycle = runstate.attach_lifecycle(top, options, env,
+                                          fallback_chain=lambda: runstate.chain_of(top.config),
+                                          config_path=options.get("config"))
+    if lifecycle is not None and lifecycle.settings_path:
+        # Claude Code pointed at a proxy without a usable account gets 401 on every request:
+        # its settings wait for an account (after the lifecycle: starts after it, stops before it)
+        claude_settings.SetOnceUsable(lifecycle, directory, reactor).setServiceParent(top)
     log.info("clproxy listening on http://{host}:{port} strategy={strategy} accounts={count}",
              host=options["host"], port=options["port"], strategy=strategy,
              count=len(directory.current()))

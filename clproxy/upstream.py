@@ -78,6 +78,12 @@ class _EndpointFactory:
         self._standard = webclient._StandardEndpointFactory(
             reactor, webclient.BrowserLikePolicyForHTTPS(), connect_timeout, None)
 
+    def set_timeout(self, connect_timeout: float) -> None:
+        """Use ``connect_timeout`` for connections made from now on."""
+        self._timeout = connect_timeout
+        self._standard = webclient._StandardEndpointFactory(
+            self._reactor, webclient.BrowserLikePolicyForHTTPS(), connect_timeout, None)
+
     def endpointForURI(self, uri):
         if uri.scheme == b"http":
             host = uri.host.decode("ascii", "replace")
@@ -114,8 +120,17 @@ class UpstreamClient:
         self.pool.cachedConnectionTimeout = 120
         self.pool.retryAutomatically = False  # POSTs are never silently re-sent by the pool
         self.pool._factory = _NoDelayClientFactory
-        self.agent = agent or webclient.Agent.usingEndpointFactory(
-            reactor, _EndpointFactory(reactor, connect_timeout), pool=self.pool)
+        self._endpoints = _EndpointFactory(reactor, connect_timeout)
+        self.agent = agent or webclient.Agent.usingEndpointFactory(reactor, self._endpoints, pool=self.pool)
+
+    def reconfigure(self, *, connect_timeout: Optional[float] = None,
+                    max_connections_per_host: Optional[int] = None) -> None:
+        """New limits (a config reload): the next connection made, and the next one returned to the
+        pool, use them; connections already open stay as they are."""
+        if connect_timeout is not None:
+            self._endpoints.set_timeout(connect_timeout)
+        if max_connections_per_host is not None:
+            self.pool.maxPersistentPerHost = max_connections_per_host
 
     def send(self, method: bytes, url: bytes, headers: Headers, body: Optional[bytes],
              timeout: float, clock: IReactorTime) -> "defer.Deferred":

@@ -79,6 +79,13 @@ class Daemon:
             assert wait_for(lambda: (self.state() or {}).get("guardPid") or "--no-guard" in args), self.output()
         return self
 
+    def add_account(self):
+        """An API-key account in the token store, as `clproxy auth login` leaves it: without a usable
+        account the daemon leaves Claude Code's settings alone (issue 11, item 7)."""
+        from clproxy.auth.tokenstore import StoredCredential, TokenStore
+        TokenStore(str(self.home)).put(StoredCredential.new_api_key("test", "sk-ant-test", time.time()))
+        return self
+
     def state(self):
         try:
             return runstate.read_state(str(self.home / "proxy-state.json"))
@@ -125,7 +132,7 @@ def daemons(tmp_path):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stop_by_signal_restores_claude_settings(daemons, sig):
     """SIGTERM and SIGINT restore the user's own settings exactly, remove the state, stop the guard."""
-    d = daemons()
+    d = daemons().add_account()
     d.settings.write_text(json.dumps(USER_SETTINGS))
     d.start()
     url = f"http://127.0.0.1:{d.port}"
@@ -143,7 +150,7 @@ def test_stop_by_signal_restores_claude_settings(daemons, sig):
 
 def test_sigkill_is_caught_by_the_guard(daemons):
     """After SIGKILL the guard takes the proxy out of Claude Code's settings within a few seconds."""
-    d = daemons()
+    d = daemons().add_account()
     d.settings.write_text(json.dumps(USER_SETTINGS))
     d.start()
     guard = d.state()["guardPid"]
@@ -215,7 +222,7 @@ def test_proxy_stop_command(daemons):
 def test_corrupt_settings_are_left_alone(daemons):
     """With invalid settings JSON the proxy still runs, says why it did not configure Claude Code, and
     never rewrites the file."""
-    d = daemons()
+    d = daemons().add_account()
     d.settings.write_text('{"env": {"A": 1,}}')
     d.start()
     assert "not valid JSON" in d.output() and "Claude Code was not configured" in d.output()

@@ -2,10 +2,12 @@
 
 Discovery runs again when the token store's files change on disk (checked at most once per
 ``check_interval`` seconds, by a cheap stat), when the config is reloaded, and after a refresh.
-A credential that changed (a re-login) has its runtime state reset in the pool.
+A credential that changed (a re-login) has its runtime state reset in the pool. Listeners
+(:meth:`AccountDirectory.add_listener`) hear of every change to the list (an account added, removed,
+enabled or disabled), e.g. to point Claude Code at the proxy once a usable account appears.
 """
 
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..observe.console import logger
 from .accounts import Account
@@ -32,6 +34,7 @@ class AccountDirectory:
         self._fingerprints: Dict[str, str] = {}
         self._files = None
         self._checked_at = float("-inf")
+        self._listeners: List[Callable[[Tuple[Account, ...]], object]] = []
         self.refresh()
 
     def current(self) -> Tuple[Account, ...]:
@@ -66,8 +69,26 @@ class AccountDirectory:
             log.info("accounts: {count} in the pool: {names}", count=len(accounts),
                      names=", ".join(f"{a.name} ({a.kind}{'' if a.enabled else ', disabled'})"
                                      for a in accounts) or "none")
+        changed = [(a.key, a.enabled) for a in accounts] != [(a.key, a.enabled) for a in self._accounts]
         self._accounts, self._fingerprints, self._files = accounts, fingerprints, files
+        if changed:
+            for listener in list(self._listeners):
+                try:
+                    listener(accounts)
+                except Exception:  # a listener's bug must not stop discovery (or the request asking)
+                    log.failure("accounts: a listener failed")
         return accounts
+
+    def add_listener(self, listener: Callable[[Tuple[Account, ...]], object]) -> None:
+        """Call ``listener(accounts)`` after each discovery that changed the list (an account added,
+        removed, enabled or disabled). Discovery runs on :meth:`current` (at most once per check
+        interval), :meth:`refresh` and a config reload; nothing polls on its own."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Callable[[Tuple[Account, ...]], object]) -> None:
+        """Stop calling ``listener``; unknown listeners are ignored."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def set_config_accounts(self, accounts: Sequence[Account], base_url: Optional[str] = None) -> None:
         """New config-file accounts (a config reload); discovery runs again at once."""

@@ -2,6 +2,7 @@
 
 ``configure`` sets a few ``env`` keys and returns a record of what it changed (and the values they
 replaced); ``restore`` undoes only that. Every other key is kept; writes are atomic and keep the mode.
+:class:`SetOnceUsable` holds that change back while the daemon has no usable account.
 """
 
 import errno
@@ -11,10 +12,17 @@ import stat
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional
 
+from twisted.application import service
+from twisted.internet import task
+
+from ..observe import console
+
 __all__ = [
     "SettingsError", "SETTINGS_ENV", "DEFAULT_TOOL_SEARCH", "default_settings_path", "proxy_env",
-    "read_settings", "write_settings", "configure", "restore", "pointing_at",
+    "read_settings", "write_settings", "configure", "restore", "pointing_at", "SetOnceUsable",
 ]
+
+log = console.logger(__name__)
 
 #: Environment variable naming the settings file (``off`` disables the integration).
 SETTINGS_ENV = "CLPROXY_CLAUDE_SETTINGS"
@@ -214,3 +222,76 @@ def pointing_at(path: str, base_url: str) -> bool:
     except SettingsError:
         return False
     return bool(document) and (document.get("env") or {}).get("ANTHROPIC_BASE_URL") == base_url
+
+
+class SetOnceUsable(service.Service):
+    """Points Claude Code at the proxy only while that can work: once the daemon has a usable
+    (enabled) account. Pointed at a proxy without one, Claude Code gets 401 on every request.
+
+    Built over a ``runstate.Lifecycle`` that has not started yet: it takes the lifecycle's
+    ``settings_path`` (so the lifecycle no longer sets it at start) and, once an account is there,
+    sets the settings itself and records them in the lifecycle's state, which the lifecycle (and
+    the fail-open guard) undo as before. Add it to the daemon after the lifecycle: it starts once
+    the lifecycle has recorded the address, and stops before the lifecycle restores the settings.
+    While waiting it looks at ``directory`` every ``interval`` seconds on ``clock`` (a cheap stat of
+    the token store) and listens to its changes (a config reload adds accounts at once).
+    """
+
+    name = "claude-settings"
+
+    def __init__(self, lifecycle, directory, clock, interval: float = 1.0):
+        self.lifecycle = lifecycle
+        self.directory = directory
+        self.clock = clock
+        self.interval = interval
+        self.settings_path: Optional[str] = lifecycle.settings_path
+        lifecycle.settings_path = None  # ours to set, when there is an account
+        #: the record of what was set (``None`` while waiting)
+        self.record: Optional[Dict[str, Any]] = None
+        self._loop: Optional[task.LoopingCall] = None
+
+    def startService(self):
+        """Set the settings now if an account is usable; otherwise say so and wait for one."""
+        super().startService()
+        if self._check(self.directory.current()):
+            return
+        log.warn("no usable account: Claude Code's settings {path} left unchanged (they are set as soon "
+                 "as one appears); add one with `clproxy auth login anthropic`", path=self.settings_path)
+        self.directory.add_listener(self._check)
+        self._loop = task.LoopingCall(lambda: self._check(self.directory.current()))
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self):
+        """Stop waiting (what was set is the lifecycle's to undo)."""
+        self._stop_waiting()
+        return super().stopService()
+
+    def _stop_waiting(self) -> None:
+        self.directory.remove_listener(self._check)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def _check(self, accounts) -> bool:
+        """Set the settings if ``accounts`` has a usable one; whether nothing is left to wait for."""
+        if self.record is not None or not self.running:
+            return True
+        if not any(account.enabled for account in accounts):
+            return False
+        self._stop_waiting()
+        state = self.lifecycle.state
+        if state is None or getattr(self.lifecycle, "_cleaned", False):
+            return True  # the proxy is on its way out: pointing Claude Code at it now would strand it
+        url = state["url"]
+        try:
+            record = configure(self.settings_path, proxy_env(url, self.lifecycle.tool_search))
+        except SettingsError as e:
+            log.warn("{error}. Claude Code was not configured: set env.ANTHROPIC_BASE_URL={url} "
+                     "in its settings yourself", error=str(e), url=url)
+            return True
+        self.record = record
+        self.lifecycle.update(claudeSettings=record)
+        log.info("Claude Code settings {path}: env.ANTHROPIC_BASE_URL={url} (restart Claude Code "
+                 "to pick it up; removed again when the proxy stops)", path=self.settings_path, url=url)
+        return True
