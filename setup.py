@@ -10,6 +10,12 @@ setup(
     long_description_content_type="text/x-rst",
     license="MIT",
     python_requires=">=3.9",
+    # twisted/plugins/ has no __init__.py (it is a portion of Twisted's own package), so it is
+    # named by hand. package_dir={"": "."} makes the layout "simple" for setuptools: an editable
+    # install (pip install -e, PEP 660) then adds this directory to sys.path through a .pth file
+    # instead of an import hook that maps only clproxy, and Twisted's plugin discovery, which
+    # scans every sys.path entry for a twisted/plugins/ directory, finds claudeproxy_plugin.py.
+    package_dir={"": "."},
     packages=find_packages(include=["clproxy", "clproxy.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/claudeproxy_plugin.py"]},
     include_package_data=True,
