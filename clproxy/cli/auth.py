@@ -639,7 +639,8 @@ def main(argv: Sequence[str], *, stdin: TextIO = sys.stdin, stdout: TextIO = sys
         def finished(result: Any) -> None:
             outcome.append(result)
             if reactor.running:
-                reactor.stop()
+                from ..runstate import stop_reactor
+                stop_reactor(reactor)  # a Ctrl-C may already have stopped it
 
         d.addBoth(finished)
         reactor.run()
