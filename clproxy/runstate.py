@@ -63,6 +63,42 @@ def describe_running(state: Mapping[str, Any], path: str) -> str:
             f"`clproxy proxy stop`, or see `clproxy proxy status` (state: {path})")
 
 
+# --- stopping the reactor -------------------------------------------------------------------------
+
+
+def stop_reactor(reactor) -> bool:
+    """Stop ``reactor`` unless it is already stopping or stopped; whether this call stopped it.
+
+    Every stop path (signals, a finished command) goes through here: a second Ctrl-C, or a command
+    finishing while a signal's stop is queued, used to raise ``ReactorNotRunning`` with a traceback.
+    """
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        return False
+    return True
+
+
+def quiet_signal_stops(reactor) -> None:
+    """Make SIGINT/SIGTERM/SIGBREAK stop ``reactor`` through :func:`stop_reactor` (call before
+    ``reactor.run()``, which installs them): Twisted's own handlers call ``reactor.stop()`` once
+    per signal, so a second signal during shutdown printed a ``ReactorNotRunning`` traceback."""
+    if not hasattr(reactor, "sigInt") or not hasattr(reactor, "callFromThread"):
+        return  # a test clock: no signals
+
+    def handler_for(name: str):
+        def handler(number, frame=None) -> None:
+            log.info("received {signal}, shutting down", signal=name)
+            reactor.callFromThread(stop_reactor, reactor)
+            reactor._exitSignal = number  # as Twisted's handler: twistd re-raises it on exit
+        return handler
+
+    for attribute, name in (("sigInt", "SIGINT"), ("sigTerm", "SIGTERM"), ("sigBreak", "SIGBREAK")):
+        setattr(reactor, attribute, handler_for(name))
+
+
 # --- the state file -------------------------------------------------------------------------------
 
 

@@ -53,7 +53,7 @@ class Options(usage.Options):
     longdesc = ("Serve the Claude Messages API on a local port, pooling Anthropic accounts "
                 "with refresh, failover and fallback.")
     optParameters = [
-        ["port", "p", 55669, "Port to listen on.", int],
+        ["port", "p", 55669, "Port to listen on."],  # checked in postOptions: one clear line
         ["host", "H", "127.0.0.1", "Host (interface) to bind to."],
         ["config", "c", None, "Config file (YAML or JSON). Default: $CLPROXY_HOME/proxy-config.yaml."],
         ["strategy", "s", None, "Account selection: fill-first or round-robin (overrides the config)."],
@@ -66,9 +66,14 @@ class Options(usage.Options):
         ["passthrough", None, "Transparent forwarding: one account, no retry, rotation or fallback."],
     ] + runstate.OPTION_FLAGS
 
+    def opt_version(self):
+        """Print clproxy's version (not Twisted's) and exit."""
+        from . import version_line
+        print(version_line())
+        raise SystemExit(0)
+
     def postOptions(self):
-        if not 0 < self["port"] < 65536:
-            raise usage.UsageError(f"--port must be between 1 and 65535, got {self['port']}")
+        self["port"] = parse_port(self["port"])
         if self["strategy"] is not None and self["strategy"] not in STRATEGIES:
             raise usage.UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, "
                                    f"got {self['strategy']!r}")
@@ -76,6 +81,37 @@ class Options(usage.Options):
             raise usage.UsageError("--health-interval must be a positive number of seconds")
         if self["debug"] and self["quiet"]:
             raise usage.UsageError("--debug and --quiet contradict each other; pick one")
+
+
+def parse_port(value) -> int:
+    """``--port``'s value as a port number; a :class:`usage.UsageError` of one line otherwise."""
+    try:
+        port = int(str(value).strip())
+    except ValueError:
+        port = None
+    if port is None or not 0 < port < 65536:
+        raise usage.UsageError(f"--port must be a number from 1 to 65535, not {str(value)!r}")
+    return port
+
+
+def check_home(home: str) -> None:
+    """Make sure ``CLPROXY_HOME`` is a directory this process can write (creating it, mode 0700);
+    ``SystemExit`` with one line in words otherwise, before anything else tries to write there."""
+    import errno
+    import tempfile
+
+    try:
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home, prefix=".clproxy-write-check."):
+            pass
+    except OSError as e:
+        reasons = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                   errno.EROFS: "read-only file system",
+                   errno.ENOTDIR: "a part of that path is a file, not a directory",
+                   errno.EEXIST: "it is a file, not a directory", errno.ENOSPC: "no space left"}
+        reason = reasons.get(e.errno) or (e.strerror or type(e).__name__).lower()
+        raise SystemExit(f"clproxy: cannot write to {home} (CLPROXY_HOME): {reason}; "
+                         f"set CLPROXY_HOME to a writable directory")
 
 
 def effective_environment(options: Mapping, environ: Mapping[str, str]) -> dict:
@@ -206,10 +242,12 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
     if reactor is None:
         from twisted.internet import reactor
     environ = os.environ if environ is None else environ
+    runstate.quiet_signal_stops(reactor)
     console.set_level(LogLevel.debug if options.get("debug") else
                       LogLevel.warn if options.get("quiet") else LogLevel.info)
     try:
         env = effective_environment(options, environ)
+        check_home(configuration.clproxy_home(env))  # once, early: one line instead of a traceback
         loaded = configuration.load_config(options.get("config"), env)
     except configuration.ConfigError as e:
         raise SystemExit(f"clproxy: invalid configuration: {e}")

@@ -4,6 +4,7 @@ import io
 import json
 import os
 import re
+import socket
 import sys
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -20,6 +21,7 @@ from clproxy.auth.oauth import TokenSet
 from clproxy.auth.tokenstore import StoredCredential, TokenStore
 from clproxy.cli import auth as cli
 from clproxy.fake_oauth import listen_fake_oauth
+from clproxy.testing import listen_fake_anthropic
 
 TOKEN_RE = re.compile(r"sk-ant-[a-z]+\d*-[A-Za-z0-9_\-]{6,}")
 URL_RE = re.compile(r"(http://127\.0\.0\.1:\d+/oauth/authorize\?\S+)")
@@ -213,8 +215,8 @@ async def test_create_api_key_login(fake, environ, home):
 def test_api_key_login_from_stdin(offline_environ, home):
     """api-key login reads the key from stdin and never echoes it."""
     key = "sk-ant-api03-" + "k" * 40
-    code, out, err = run(["login", "anthropic", "--method", "api-key", "--add", "--label", "api"],
-                         offline_environ, stdin_text=key + "\n")
+    code, out, err = run(["login", "anthropic", "--method", "api-key", "--add", "--label", "api",
+                          "--no-verify"], offline_environ, stdin_text=key + "\n")
     assert code == 0, err
     assert TokenStore(str(home)).get("anthropic:api").api_key == key
     assert_no_tokens(out + err, [key])
@@ -223,12 +225,95 @@ def test_api_key_login_from_stdin(offline_environ, home):
 def test_api_key_login_non_interactive(offline_environ, home):
     """--non-interactive api-key login takes ANTHROPIC_API_KEY; without it, a usage error."""
     key = "sk-ant-api03-" + "e" * 40
-    code, out, err = run(["login", "anthropic", "--method", "api-key", "--non-interactive"],
+    code, out, err = run(["login", "anthropic", "--method", "api-key", "--non-interactive", "--no-verify"],
                          {**offline_environ, "ANTHROPIC_API_KEY": key})
     assert code == 0 and TokenStore(str(home)).get("anthropic:default").api_key == key
     assert_no_tokens(out + err, [key])
-    code, _, err = run(["login", "anthropic", "--method", "api-key", "--non-interactive"], offline_environ)
+    code, _, err = run(["login", "anthropic", "--method", "api-key", "--non-interactive", "--replace"],
+                       offline_environ)
     assert code == 2 and "ANTHROPIC_API_KEY" in err
+
+
+def test_login_refuses_to_replace_an_account_silently(offline_environ, home):
+    """A login whose label exists is refused (saying how to add or replace); --replace replaces it."""
+    first, second = "sk-ant-api03-" + "1" * 40, "sk-ant-api03-" + "2" * 40
+    assert run(["login", "anthropic", "--method", "api-key", "--no-verify"], offline_environ,
+               first + "\n")[0] == 0
+    code, out, err = run(["login", "anthropic", "--method", "api-key", "--no-verify"], offline_environ,
+                         second + "\n")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert "anthropic:default already exists" in err and "--add --label NAME" in err and "--replace" in err
+    assert TokenStore(str(home)).get("anthropic:default").api_key == first
+    code, out, err = run(["login", "anthropic", "--method", "api-key", "--add", "--label", "default",
+                          "--no-verify"], offline_environ, second + "\n")
+    assert code == 1 and TokenStore(str(home)).get("anthropic:default").api_key == first
+    code, out, err = run(["login", "anthropic", "--method", "api-key", "--replace", "--no-verify"],
+                         offline_environ, second + "\n")
+    assert code == 0 and "replaced" in out, err
+    assert TokenStore(str(home)).get("anthropic:default").api_key == second
+    assert_no_tokens(out + err, [first, second])
+
+
+@pytest.fixture
+def anthropic_fake():
+    fake = listen_fake_anthropic(reactor())
+    yield fake
+    pytest_twisted.blockon(fake.port.stopListening())
+
+
+def config_with_base_url(tmp_path, base_url):
+    path = tmp_path / "proxy-config.yaml"
+    path.write_text(f"providers:\n  anthropic:\n    baseUrl: {base_url}\n")
+    return str(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_key_login_checks_the_key(anthropic_fake, offline_environ, home, tmp_path):
+    """A new API key is checked with one GET /v1/models at the configured base URL: a working key is
+    saved and said to work; a rejected one (401) is not saved; --no-verify saves without a call."""
+    good, bad = "sk-ant-api03-" + "g" * 40, "sk-ant-api03-" + "b" * 40
+    anthropic_fake.authorize = lambda credential: credential == good
+    config = config_with_base_url(tmp_path, anthropic_fake.url)
+    code, out, err = await run_async(["login", "anthropic", "--method", "api-key", "--add", "--label", "ok",
+                                      "--config", config], offline_environ, stdin=io.StringIO(good + "\n"))
+    assert code == 0, err
+    assert "API key works" in out and TokenStore(str(home)).get("anthropic:ok").api_key == good
+    [check] = anthropic_fake.requests
+    assert check.method == b"GET" and check.path == b"/v1/models"
+    assert check.header("x-api-key") == good and check.header("anthropic-version")
+
+    code, out, err = await run_async(["login", "anthropic", "--method", "api-key", "--add", "--label", "no",
+                                      "--config", config], offline_environ, stdin=io.StringIO(bad + "\n"))
+    assert code == 1 and "not saved" in err and "rejected" in err and "401" in err and "--no-verify" in err
+    assert TokenStore(str(home)).get("anthropic:no") is None
+    assert_no_tokens(out + err, [good, bad])
+
+    requests = len(anthropic_fake.requests)
+    code, out, err = await run_async(["login", "anthropic", "--method", "api-key", "--add", "--label", "no",
+                                      "--config", config, "--no-verify"], offline_environ,
+                                     stdin=io.StringIO(bad + "\n"))
+    assert code == 0 and TokenStore(str(home)).get("anthropic:no").api_key == bad
+    assert len(anthropic_fake.requests) == requests
+    assert_no_tokens(out + err, [good, bad])
+
+
+@pytest_twisted.ensureDeferred
+async def test_api_key_login_saves_with_a_warning_when_the_check_cannot_reach(offline_environ, home,
+                                                                               tmp_path):
+    """Nothing listening at the base URL: the key is saved, with a warning saying it was not checked."""
+    key = "sk-ant-api03-" + "u" * 40
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    config = config_with_base_url(tmp_path, f"http://127.0.0.1:{closed}")
+    code, out, err = await run_async(["login", "anthropic", "--method", "api-key", "--format", "json",
+                                      "--config", config], offline_environ, stdin=io.StringIO(key + "\n"))
+    assert code == 0, err
+    assert "not checked" in err and "could not reach" in err and "saved anyway" in err
+    assert json.loads(out)["verified"] == "unreachable"
+    assert TokenStore(str(home)).get("anthropic:default").api_key == key
+    assert_no_tokens(out + err, [key])
+    assert_clean(err)
 
 
 def test_login_bad_usage(offline_environ):

@@ -30,6 +30,9 @@ PROVIDERS = ("anthropic",)
 METHODS = ("oauth", "api-key", "create-api-key")
 DEFAULT_LABEL = "default"
 IMPORT_LABEL = "claude-code"
+#: seconds the one check of a new API key (GET /v1/models) may take
+VERIFY_TIMEOUT = 10.0
+ANTHROPIC_VERSION = "2023-06-01"
 
 SUBSCRIPTION_NOTICE = (
     "Note: Anthropic permits Claude Pro/Max subscription credentials for use with Claude Code only. "
@@ -92,6 +95,10 @@ def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
     login.add_argument("--method", "-m", choices=METHODS)
     login.add_argument("--add", action="store_true", help="add an account to the pool (with --label)")
     login.add_argument("--label", help="the account's label (default: 'default')")
+    login.add_argument("--replace", action="store_true",
+                       help="replace the account with this label if there is one")
+    login.add_argument("--no-verify", action="store_true",
+                       help="api-key: save the key without checking it (GET /v1/models)")
     login.add_argument("--non-interactive", action="store_true",
                        help="no prompts (api-key: read ANTHROPIC_API_KEY)")
 
@@ -335,6 +342,28 @@ async def _oauth_tokens(ctx: _Context, notice: bool) -> oauth.TokenSet:
     return await oauth.exchange_code(ctx.http(), endpoints, code, pkce.verifier, state)
 
 
+async def _check_api_key(ctx: _Context, api_key: str) -> Dict[str, Any]:
+    """One cheap authenticated call (``GET /v1/models``) at the configured Anthropic base URL:
+    ``{"result": "works"|"rejected"|"unreachable", "detail": ...}``. The key is sent, never shown."""
+    settings = ctx.anthropic_settings()
+    base = (getattr(settings, "base_url", None) or "https://api.anthropic.com").rstrip("/")
+    try:
+        response = await ctx.http().get(
+            base + "/v1/models?limit=1", reactor=ctx.reactor, timeout=VERIFY_TIMEOUT,
+            headers={"x-api-key": [api_key], "anthropic-version": [ANTHROPIC_VERSION]})
+        await response.content()
+    except Exception as e:  # refused, unresolvable, timed out: say which, not the traceback
+        reason = "no answer within %gs" % VERIFY_TIMEOUT if type(e).__name__ == "CancelledError" else \
+            _redact(" ".join(str(getattr(e, "reasons", None) or e).replace(api_key, "***").split())[:160]) \
+            or type(e).__name__
+        return {"result": "unreachable", "detail": f"could not reach {base}: {reason}"}
+    if response.code in (401, 403):
+        return {"result": "rejected", "detail": f"{base} rejected it ({response.code})"}
+    if 200 <= response.code < 300:
+        return {"result": "works", "detail": f"{base} accepted it (GET /v1/models {response.code})"}
+    return {"result": "unreachable", "detail": f"{base} answered {response.code} to GET /v1/models"}
+
+
 async def cmd_login(ctx: _Context) -> int:
     args = ctx.args
     label = _login_label(args)
@@ -352,7 +381,12 @@ async def cmd_login(ctx: _Context) -> int:
                 raise CommandError(f"unknown choice {answer[:20]!r}: answer 1, 2 or 3", 2)
     store = ctx.store()
     existed = store.get(key) is not None  # also surfaces a corrupt store before any sign-in
+    if existed and not args.replace:
+        # before any sign-in or prompt: a login used to replace the account without a word
+        raise CommandError(f"{key} already exists; to add another account use --add --label NAME, "
+                           f"to replace {key} use --replace")
     now = ctx.now()
+    check: Optional[Dict[str, Any]] = None
     if method == "oauth":
         tokens = await _oauth_tokens(ctx, notice=True)
         record = store.put(StoredCredential.new_oauth(label, tokens, now))
@@ -372,10 +406,20 @@ async def cmd_login(ctx: _Context) -> int:
             api_key = ctx.prompt("Anthropic API key: ")
         if not api_key or any(c.isspace() for c in api_key) or not api_key.isprintable():
             raise CommandError("that does not look like an API key (empty or contains spaces)")
+        if not args.no_verify:
+            check = await _check_api_key(ctx, api_key)
+            if check["result"] == "rejected":
+                raise CommandError(f"API key not saved: {check['detail']}; check the key, or save it "
+                                   f"anyway with --no-verify")
+            if check["result"] == "unreachable":
+                ctx.warn(f"warning: the API key was not checked ({check['detail']}); saved anyway")
+            else:
+                ctx.info(f"API key works: {check['detail']}")
         record = store.put(StoredCredential.new_api_key(label, api_key, now))
     verb = "replaced" if existed else "added"
     if ctx.json:
-        ctx.emit({"ok": True, "action": verb, **_record_json(record, ctx.now())})
+        ctx.emit({"ok": True, "action": verb, "verified": check["result"] if check else None,
+                  **_record_json(record, ctx.now())})
     else:
         who = f" as {record.email}" if record.email else ""
         ctx.out(f"Logged in{who}: {record.key} ({record.type}) {verb}; "
@@ -639,7 +683,8 @@ def main(argv: Sequence[str], *, stdin: TextIO = sys.stdin, stdout: TextIO = sys
         def finished(result: Any) -> None:
             outcome.append(result)
             if reactor.running:
-                reactor.stop()
+                from ..runstate import stop_reactor
+                stop_reactor(reactor)  # a Ctrl-C may already have stopped it
 
         d.addBoth(finished)
         reactor.run()

@@ -243,7 +243,9 @@ def _run_foreground(pid: int, path: str, url: str, interval: float, failures: in
     reactor.addSystemEventTrigger("before", "shutdown", guard.last_look)
 
     def started():
-        guard.start().addBoth(lambda _: reactor.stop() if reactor.running else None)
+        guard.start().addBoth(lambda _: runstate.stop_reactor(reactor))  # a signal may have stopped it first
+
+    runstate.quiet_signal_stops(reactor)
 
     reactor.callWhenRunning(started)
     reactor.run()

@@ -23,6 +23,7 @@ commands:
   proxy uninstall         remove that service
   proxy guard             (re)start the fail-open guard for the running proxy
   auth ...                manage accounts (login, import, list, status, refresh, cleanup, enable, logout)
+  version                 print clproxy's version (also: clproxy --version)
 
 `clproxy proxy <command> --help` lists each command's options.
 """
@@ -35,6 +36,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)
+        return 0
+    if argv[0] in ("--version", "-V", "version"):
+        from .. import version_line
+        sys.stdout.write(version_line() + "\n")
         return 0
     command, rest = argv[0], argv[1:]
     try:
@@ -118,7 +123,8 @@ def start(argv: List[str], environ: Mapping[str, str] = os.environ) -> int:
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
-        sys.stderr.write(f"clproxy proxy start: {e}\n{options}")
+        # one line: the whole option list buried the problem
+        sys.stderr.write(f"clproxy proxy start: {e} (`clproxy proxy start --help` lists the options)\n")
         return 2
     try:
         service = makeService(options, reactor)
@@ -146,6 +152,7 @@ def start(argv: List[str], environ: Mapping[str, str] = os.environ) -> int:
     # Logging starts once the port is bound, so a failed start prints its one line and nothing else.
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    runstate.quiet_signal_stops(reactor)  # a second Ctrl-C while draining: no ReactorNotRunning
     try:
         reactor.run()
     finally:
