@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from twisted.internet import task  # noqa: E402
 
 from clproxy.observe.recorder import Observability  # noqa: E402
-from clproxy.policy import Verdict  # noqa: E402
+from clproxy.routing.policy import Verdict  # noqa: E402
 
 HEADERS = [(b"Content-Type", b"application/json"), (b"Anthropic-Version", b"2023-06-01"),
            (b"X-Api-Key", b"k"), (b"User-Agent", b"claude-cli/2.1"), (b"X-Stainless-Lang", b"js")] * 3

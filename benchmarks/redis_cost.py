@@ -25,9 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from twisted.internet import defer, task  # noqa: E402
 
-from clproxy.auth.accounts import Account  # noqa: E402
-from clproxy.policy import SUCCESS, Verdict  # noqa: E402
-from clproxy.pool import AccountPool  # noqa: E402
+from clproxy.accounts.model import Account  # noqa: E402
+from clproxy.routing.policy import SUCCESS, Verdict  # noqa: E402
+from clproxy.routing.pool import AccountPool  # noqa: E402
 from clproxy.state.memory import MemoryStateStore  # noqa: E402
 from clproxy.state.redis import RedisStateStore  # noqa: E402
 

@@ -100,7 +100,7 @@ class IStateStore(Interface):
 
 
 class ICloakingPlugin(Interface):
-    """One step of request shaping (``clproxy.cloaking``), run in order on each upstream attempt.
+    """One step of request shaping (``clproxy.proxy.shaping``), run in order on each upstream attempt.
 
     Shaping may only add what an account needs to be used; a plugin must not forge another
     client's identity (DESIGN.md, principle 7). Plugins are registered in code or named in
@@ -110,7 +110,7 @@ class ICloakingPlugin(Interface):
     name = Attribute("A short name, used in logs and in the config's ``cloaking.plugins``.")
 
     def applies(context):
-        """Whether this plugin should run for ``context`` (a ``clproxy.cloaking.ShapingContext``).
+        """Whether this plugin should run for ``context`` (a ``clproxy.proxy.shaping.ShapingContext``).
 
         :return: bool
         """

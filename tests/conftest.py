@@ -9,8 +9,8 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from clproxy.observe import console
 
-from clproxy.tap import makeService
-from clproxy.testing import listen_fake_anthropic
+from clproxy.daemon.tap import makeService
+from clproxy.testing.anthropic import listen_fake_anthropic
 
 
 @pytest.fixture

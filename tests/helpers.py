@@ -9,8 +9,8 @@ from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
-from clproxy.sse import SSEParser
-from clproxy.upstream import BytesProducer
+from clproxy.proxy.sse import SSEParser
+from clproxy.proxy.upstream import BytesProducer
 
 JSON_HEADERS = {b"content-type": [b"application/json"], b"anthropic-version": [b"2023-06-01"],
                 b"x-api-key": [b"client-key"]}

@@ -13,10 +13,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from clproxy.auth.oauth import TokenSet
-from clproxy.auth.tokenstore import StoredCredential, TokenStore
-from clproxy.fake_oauth import listen_fake_oauth
-from clproxy.testing import error_json
+from clproxy.accounts.oauth import TokenSet
+from clproxy.accounts.tokenstore import StoredCredential, TokenStore
+from clproxy.testing.oauth import listen_fake_oauth
+from clproxy.testing.anthropic import error_json
 from conftest import accounts_config
 from helpers import error_of, post, request_body, until
 from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)

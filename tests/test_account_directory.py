@@ -4,10 +4,10 @@ import time
 
 from twisted.internet import task
 
-from clproxy.auth.accounts import Account
-from clproxy.auth.directory import AccountDirectory
-from clproxy.auth.oauth import TokenSet
-from clproxy.auth.tokenstore import StoredCredential, TokenStore
+from clproxy.accounts.model import Account
+from clproxy.accounts.directory import AccountDirectory
+from clproxy.accounts.oauth import TokenSet
+from clproxy.accounts.tokenstore import StoredCredential, TokenStore
 
 
 def login(store, label, access="at-1", refresh="rt-1"):

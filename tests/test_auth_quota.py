@@ -6,7 +6,7 @@ import pytest_twisted
 from twisted.internet import task
 from twisted.web.http_headers import Headers
 
-from clproxy.auth.quota import QuotaBook
+from clproxy.routing.quota import QuotaBook
 from clproxy.state.memory import MemoryStateStore
 
 

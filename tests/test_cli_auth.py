@@ -17,11 +17,11 @@ from twisted.internet import protocol
 from twisted.internet.defer import Deferred
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from clproxy.auth.oauth import TokenSet
-from clproxy.auth.tokenstore import StoredCredential, TokenStore
+from clproxy.accounts.oauth import TokenSet
+from clproxy.accounts.tokenstore import StoredCredential, TokenStore
 from clproxy.cli import auth as cli
-from clproxy.fake_oauth import listen_fake_oauth
-from clproxy.testing import listen_fake_anthropic
+from clproxy.testing.oauth import listen_fake_oauth
+from clproxy.testing.anthropic import listen_fake_anthropic
 
 TOKEN_RE = re.compile(r"sk-ant-[a-z]+\d*-[A-Za-z0-9_\-]{6,}")
 URL_RE = re.compile(r"(http://127\.0\.0\.1:\d+/oauth/authorize\?\S+)")

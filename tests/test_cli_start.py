@@ -17,7 +17,8 @@ from twisted.internet.selectreactor import SelectReactor
 from twisted.logger import globalLogPublisher
 
 import clproxy
-from clproxy import runstate, tap
+from clproxy.daemon import runstate
+from clproxy.daemon import tap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

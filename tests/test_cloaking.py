@@ -8,8 +8,8 @@ import pytest
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
-from clproxy import cloaking
-from clproxy.auth.accounts import Account
+from clproxy.proxy import shaping as cloaking
+from clproxy.accounts.model import Account
 from clproxy.interfaces import ICloakingPlugin
 
 KEY = Account(key="config:a", name="a", kind="api-key", secret="sk-test")

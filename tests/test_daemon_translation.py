@@ -6,8 +6,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from clproxy import testing
-from clproxy.fake_providers import listen_fake_gemini, listen_fake_openai
+from clproxy.testing import anthropic as testing
+from clproxy.testing.providers import listen_fake_gemini, listen_fake_openai
 from conftest import accounts_config
 from helpers import in_thread
 

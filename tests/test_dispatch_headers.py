@@ -2,9 +2,9 @@
 
 from twisted.web.http_headers import Headers
 
-from clproxy.auth.accounts import Account
-from clproxy.cloaking import CloakingPipeline, merge_beta
-from clproxy.dispatch import downstream_headers
+from clproxy.accounts.model import Account
+from clproxy.proxy.shaping import CloakingPipeline, merge_beta
+from clproxy.proxy.dispatch import downstream_headers
 
 KEY = Account(key="config:a", name="a", kind="api-key", secret="sk-test-key")
 OAUTH = Account(key="anthropic:w", name="w", kind="oauth", secret="oat-token")

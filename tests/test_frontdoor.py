@@ -7,11 +7,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.web import resource, server
 
-from clproxy import testing
+from clproxy.testing import anthropic as testing
 from clproxy.errors import ProxyError, error_event
-from clproxy.frontdoor import OpenAIResponseAdapter, install
-from clproxy.router import Router
-from clproxy.sse import KEEPALIVE, encode_event
+from clproxy.http.openai import OpenAIResponseAdapter, install
+from clproxy.routing.router import Router
+from clproxy.proxy.sse import KEEPALIVE, encode_event
 from helpers import post
 from translation_fixtures import RecordingOut, load
 

@@ -1,4 +1,4 @@
-"""Tests for clproxy.auth.oauth: PKCE, the authorize URL, pasted codes, exchange and refresh."""
+"""Tests for clproxy.accounts.oauth: PKCE, the authorize URL, pasted codes, exchange and refresh."""
 
 import re
 import string
@@ -10,12 +10,12 @@ import pytest_twisted
 from treq.client import HTTPClient
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from clproxy.auth import oauth
-from clproxy.auth.oauth import (
+from clproxy.accounts import oauth
+from clproxy.accounts.oauth import (
     InvalidGrant, OAuthEndpoints, OAuthHTTPError, OAuthNetworkError, OAuthPasteError,
     OAuthStateMismatch,
 )
-from clproxy.fake_oauth import listen_fake_oauth
+from clproxy.testing.oauth import listen_fake_oauth
 
 TOKEN_RE = re.compile(r"sk-ant-[a-z]+\d*-[A-Za-z0-9_\-]{6,}")
 

@@ -8,9 +8,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from clproxy.auth.oauth import TokenSet
-from clproxy.auth.tokenstore import StoredCredential, TokenStore
-from clproxy.fake_oauth import listen_fake_oauth
+from clproxy.accounts.oauth import TokenSet
+from clproxy.accounts.tokenstore import StoredCredential, TokenStore
+from clproxy.testing.oauth import listen_fake_oauth
 from helpers import post, request_body, until
 
 

@@ -11,7 +11,7 @@ import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
 
-from clproxy.testing import text_stream
+from clproxy.testing.anthropic import text_stream
 
 from conftest import accounts_config
 from helpers import post

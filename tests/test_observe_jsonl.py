@@ -11,7 +11,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from clproxy.observe import console, jsonl
 from clproxy.observe.recorder import Observability, usage_from_sse_tail
-from clproxy.policy import Verdict, classify
+from clproxy.routing.policy import Verdict, classify
 
 @pytest.fixture
 def events():

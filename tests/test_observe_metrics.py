@@ -12,11 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import reactor, task
 from twisted.web import resource, server
 
-from clproxy.auth.accounts import Account
+from clproxy.accounts.model import Account
 from clproxy.observe.metrics import MAX_SERIES
 from clproxy.observe.recorder import Observability
-from clproxy.policy import Verdict, classify
-from clproxy.pool import AccountPool
+from clproxy.routing.policy import Verdict, classify
+from clproxy.routing.pool import AccountPool
 from clproxy.state.memory import MemoryStateStore
 
 SUCCESS = Verdict("success", 200, "ok", None, 0)

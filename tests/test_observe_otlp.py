@@ -21,7 +21,7 @@ from twisted.web import resource, server
 
 from clproxy.observe import otlp
 from clproxy.observe.recorder import Observability
-from clproxy.policy import Verdict, classify
+from clproxy.routing.policy import Verdict, classify
 
 SUCCESS = Verdict("success", 200, "ok", None, 0)
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -279,7 +279,7 @@ def test_full_export_queue_drops_and_counts():
     exporter = otlp.from_environment("http://127.0.0.1:9", {}, max_queue=5)
     for n in range(10):
         exporter({"log_namespace": "clproxy.observe.request", "requestId": str(n), "time": 1.0})
-    exporter({"log_namespace": "clproxy.dispatch", "log_format": "not ours"})
+    exporter({"log_namespace": "clproxy.proxy.dispatch", "log_format": "not ours"})
     assert exporter.pending == 5 and exporter.dropped == 5
     exporter.stop(timeout=0)
 

@@ -11,7 +11,7 @@ from zope.interface.verify import verifyObject
 
 from clproxy.observe.recorder import (TRACE_HEADERS, Observability, model_from_message, usage_from_event,
                                       usage_from_message, usage_from_sse_tail)
-from clproxy.policy import Verdict
+from clproxy.routing.policy import Verdict
 
 SUCCESS = Verdict("success", 200, "ok", None, 0)
 NOW = 1_767_268_800.0

@@ -11,7 +11,7 @@ from twisted.internet import reactor, task, threads
 from twisted.web import resource, server
 
 from clproxy.observe.recorder import Observability
-from clproxy.policy import Verdict
+from clproxy.routing.policy import Verdict
 
 # One distinctive marker per secret: what is grepped for. Each is embedded in its real shape.
 ANTHROPIC_KEY = "sk-ant-api03-MARKERanthropicKEY0123456789abcdef"

@@ -6,8 +6,8 @@ import stat
 
 import pytest
 
-from clproxy.cli import claude_settings
-from clproxy.cli.claude_settings import SettingsError, configure, restore
+from clproxy.integrations import claude_settings
+from clproxy.integrations.claude_settings import SettingsError, configure, restore
 
 URL = "http://127.0.0.1:55669"
 VALUES = {"ANTHROPIC_BASE_URL": URL, "ENABLE_TOOL_SEARCH": "true"}

@@ -12,7 +12,9 @@ import urllib.request
 
 import pytest
 
-from clproxy import runstate, tap
+from clproxy.daemon import runstate
+
+from clproxy.daemon import tap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_SETTINGS = {"model": "opus", "env": {"ANTHROPIC_BASE_URL": "https://users-own-gateway", "FOO": "1"}}
@@ -82,7 +84,7 @@ class Daemon:
     def add_account(self):
         """An API-key account in the token store, as `clproxy auth login` leaves it: without a usable
         account the daemon leaves Claude Code's settings alone (issue 11, item 7)."""
-        from clproxy.auth.tokenstore import StoredCredential, TokenStore
+        from clproxy.accounts.tokenstore import StoredCredential, TokenStore
         TokenStore(str(self.home)).put(StoredCredential.new_api_key("test", "sk-ant-test", time.time()))
         return self
 
@@ -195,7 +197,7 @@ def test_stale_state_is_cleaned_at_start(daemons):
     """A dead instance's record is removed with a log line; its stale settings entry does not survive."""
     d = daemons()
     d.settings.write_text(json.dumps(USER_SETTINGS))
-    from clproxy.cli import claude_settings
+    from clproxy.integrations import claude_settings
     record = claude_settings.configure(str(d.settings), {"ANTHROPIC_BASE_URL": "http://127.0.0.1:1"})
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -263,7 +265,7 @@ def _wired(name: str) -> bool:
 
 
 @pytest.mark.skipif(not _wired("ConfigWatcher"),
-                    reason="tap.makeService does not wire clproxy.reload.ConfigWatcher yet")
+                    reason="tap.makeService does not wire clproxy.daemon.reload.ConfigWatcher yet")
 def test_sighup_with_a_broken_config_keeps_running(daemons):
     """SIGHUP with an invalid config logs why and keeps the old one; a valid one is then applied."""
     d = daemons()
@@ -284,7 +286,7 @@ def test_sighup_with_a_broken_config_keeps_running(daemons):
 FAKE_UPSTREAM = """
 import sys
 from twisted.internet import reactor
-from clproxy.testing import FakeAnthropic, text_stream
+from clproxy.testing.anthropic import FakeAnthropic, text_stream
 fake = FakeAnthropic(reactor)
 fake.script(events=text_stream(tuple("part%d " % i for i in range(8))), pace=0.25)
 port = fake.listen()
@@ -293,7 +295,7 @@ reactor.run()
 """
 
 
-@pytest.mark.skipif(not _wired("Drainer"), reason="tap.makeService does not wire clproxy.drain.Drainer yet")
+@pytest.mark.skipif(not _wired("Drainer"), reason="tap.makeService does not wire clproxy.daemon.drain.Drainer yet")
 def test_sigterm_lets_a_stream_in_flight_finish(daemons, tmp_path):
     """SIGTERM during a stream: the stream still completes (message_stop), then the daemon exits 0."""
     upstream = subprocess.Popen([sys.executable, "-c", FAKE_UPSTREAM], stdout=subprocess.PIPE,

@@ -58,7 +58,7 @@ def test_control_fields(deb):
 def test_contents(deb):
     """The data archive holds the package, the plugin, the command, the unit, the conffile and docs, root-owned."""
     listing = dpkg_deb("-c", deb)
-    for path in (f"./{DIST}/clproxy/tap.py", f"./{DIST}/clproxy/cli/main.py", f"./{DIST}/clproxy/runstate.py",
+    for path in (f"./{DIST}/clproxy/daemon/tap.py", f"./{DIST}/clproxy/cli/main.py", f"./{DIST}/clproxy/daemon/runstate.py",
                  f"./{DIST}/twisted/plugins/claudeproxy_plugin.py", "./usr/bin/clproxy",
                  "./lib/systemd/system/clproxy.service", "./etc/clproxy/proxy-config.yaml",
                  "./usr/share/doc/clproxy/copyright", "./usr/share/doc/clproxy/changelog.gz"):

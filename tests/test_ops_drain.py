@@ -5,7 +5,7 @@ import treq
 from twisted.internet import defer, reactor, task
 from twisted.web import resource, server
 
-from clproxy.drain import Drainer
+from clproxy.daemon.drain import Drainer
 
 
 def test_nothing_in_flight_drains_at_once():

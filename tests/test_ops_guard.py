@@ -5,8 +5,9 @@ import json
 
 from twisted.internet import defer, task
 
-from clproxy import runstate
-from clproxy.cli import claude_settings, guard
+from clproxy.daemon import runstate
+from clproxy.cli import guard
+from clproxy.integrations import claude_settings
 
 PID = 4242
 URL = "http://127.0.0.1:4321"

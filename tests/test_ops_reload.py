@@ -6,7 +6,7 @@ import signal
 from twisted.internet import task
 
 from clproxy import config as configuration
-from clproxy.reload import ConfigWatcher, install_sighup
+from clproxy.daemon.reload import ConfigWatcher, install_sighup
 
 GOOD = "routing:\n  strategy: fill-first\n"
 OTHER = "routing:\n  strategy: round-robin\n"

@@ -6,7 +6,7 @@ import json
 import pytest_twisted
 
 from clproxy import config as configuration
-from clproxy.reload import changed_keys, restart_needed
+from clproxy.daemon.reload import changed_keys, restart_needed
 
 from conftest import accounts_config
 from helpers import post

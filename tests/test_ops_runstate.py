@@ -11,8 +11,8 @@ import time
 import pytest
 from twisted.application import service
 
-from clproxy import runstate
-from clproxy.cli import claude_settings
+from clproxy.daemon import runstate
+from clproxy.integrations import claude_settings
 
 
 def dead_pid() -> int:

@@ -5,8 +5,9 @@ import os
 
 import pytest
 
-from clproxy.auth.tokenstore import StoredCredential, TokenStore
-from clproxy.cli import claude_settings, service, setup
+from clproxy.accounts.tokenstore import StoredCredential, TokenStore
+from clproxy.cli import service, setup
+from clproxy.integrations import claude_settings
 
 
 class FakeManager:
@@ -114,7 +115,7 @@ def test_corrupt_token_store_is_one_line(environ):
 
 def test_a_foreground_instance_blocks_setup(environ, monkeypatch):
     """A proxy already running outside the service is named, and nothing is installed."""
-    from clproxy import runstate
+    from clproxy.daemon import runstate
     os.makedirs(environ["CLPROXY_HOME"])
     runstate.write_state(runstate.state_path(environ),
                          {"pid": os.getpid(), "url": "http://127.0.0.1:1", "strategy": "fill-first"})

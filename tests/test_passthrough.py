@@ -8,8 +8,8 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, endpoints, protocol, reactor, task
 
-from clproxy import testing
-from clproxy.sse import encode_event
+from clproxy.testing import anthropic as testing
+from clproxy.proxy.sse import encode_event
 from conftest import accounts_config
 from helpers import error_of, in_thread, post, request_body, stream, until
 

@@ -12,7 +12,7 @@ import urllib.request
 from twisted.application.service import IServiceMaker
 from twisted.plugin import getPlugins
 
-from clproxy import tap
+from clproxy.daemon import tap
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,7 +35,7 @@ def free_port() -> int:
 
 
 def test_plugin_is_discoverable():
-    """twistd finds the claudeproxy plugin, which points at clproxy.tap."""
+    """twistd finds the claudeproxy plugin, which points at clproxy.daemon.tap."""
     makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
     assert "claudeproxy" in makers
     assert makers["claudeproxy"].module is tap or makers["claudeproxy"].options is tap.Options

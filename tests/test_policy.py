@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from clproxy import policy
-from clproxy.policy import (COOL, NEXT, REFRESH, RETURN, SUCCESS, Verdict, backoff, classify,
+from clproxy.routing import policy
+from clproxy.routing.policy import (COOL, NEXT, REFRESH, RETURN, SUCCESS, Verdict, backoff, classify,
                             classify_network_error, format_seconds, parse_retry_after,
                             quota_from_headers, unrefreshable)
 
@@ -406,7 +406,7 @@ def test_quota_from_headers_only_present_keys():
 
 def test_policy_and_pool_stay_pure():
     """Importing policy and pool pulls in neither the global reactor nor treq."""
-    code = ("import sys, clproxy.policy, clproxy.pool; "
+    code = ("import sys, clproxy.routing.policy, clproxy.routing.pool; "
             "bad = [m for m in ('twisted.internet.reactor', 'treq') if m in sys.modules]; "
             "assert not bad, bad")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -8,10 +8,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from clproxy.auth.accounts import API_KEY, OAUTH, Account
-from clproxy import policy
-from clproxy.policy import (NEXT, RETURN, SUCCESS, Verdict, classify, classify_network_error)
-from clproxy.pool import AccountPool
+from clproxy.accounts.model import API_KEY, OAUTH, Account
+from clproxy.routing import policy
+from clproxy.routing.policy import (NEXT, RETURN, SUCCESS, Verdict, classify, classify_network_error)
+from clproxy.routing.pool import AccountPool
 from clproxy.state.memory import MemoryStateStore
 
 SECRET = "sk-ant-api03-test-secret-never-shown"

@@ -6,10 +6,10 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from clproxy.fake_providers import gemini_error, openai_error
-from clproxy.providers import GeminiClient, OpenAIClient, ProviderError, build_providers
+from clproxy.testing.providers import gemini_error, openai_error
+from clproxy.providers.clients import GeminiClient, OpenAIClient, ProviderError, build_providers
 from clproxy.translate.claude import TranslationError
-from clproxy.upstream import read_body
+from clproxy.proxy.upstream import read_body
 from translation_fixtures import fake_gemini, fake_openai, load, providers_config, upstream  # noqa: F401
 
 CLAUDE = {"model": "claude-sonnet-4-5", "max_tokens": 32000, "temperature": 0.5,

@@ -8,11 +8,11 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor
 
-from clproxy import testing
-from clproxy.auth.oauth import TokenSet
-from clproxy.auth.tokenstore import StoredCredential, TokenStore
-from clproxy.fake_oauth import listen_fake_oauth
-from clproxy.tap import makeService
+from clproxy.testing import anthropic as testing
+from clproxy.accounts.oauth import TokenSet
+from clproxy.accounts.tokenstore import StoredCredential, TokenStore
+from clproxy.testing.oauth import listen_fake_oauth
+from clproxy.daemon.tap import makeService
 from conftest import accounts_config
 from helpers import post, request_body, until
 from redis_server import private_redis, redis_server, unique_prefix  # noqa: F401  (fixtures)

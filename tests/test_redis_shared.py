@@ -6,9 +6,9 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.task import deferLater
 
-from clproxy.auth.accounts import Account
-from clproxy.policy import COOL, SUCCESS, Verdict
-from clproxy.pool import AccountPool
+from clproxy.accounts.model import Account
+from clproxy.routing.policy import COOL, SUCCESS, Verdict
+from clproxy.routing.pool import AccountPool
 from clproxy.state.model import AccountState
 from clproxy.state.redis import RedisStateStore
 from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
@@ -171,7 +171,7 @@ async def test_quota_seen_by_a_is_what_b_reports(two_stores, tmp_path):
     because the snapshot goes through the shared store, not only A's own file."""
     from twisted.web.http_headers import Headers
 
-    from clproxy.auth.quota import QuotaBook
+    from clproxy.routing.quota import QuotaBook
     a, b = two_stores
     book_a = QuotaBook(str(tmp_path / "a.json"), reactor, store=a)
     book_b = QuotaBook(str(tmp_path / "b.json"), reactor, store=b)

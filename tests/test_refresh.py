@@ -1,4 +1,4 @@
-"""Tests for clproxy.auth.refresh: single-flight, persist-before-use, cross-process safety, failures."""
+"""Tests for clproxy.accounts.refresh: single-flight, persist-before-use, cross-process safety, failures."""
 
 import errno
 import hashlib
@@ -16,16 +16,16 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.defer import Deferred
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from clproxy.auth import oauth
-from clproxy.auth.accounts import Account
-from clproxy.auth.oauth import OAuthEndpoints, TokenSet
-from clproxy.auth.refresh import (
+from clproxy.accounts import oauth
+from clproxy.accounts.model import Account
+from clproxy.accounts.oauth import OAuthEndpoints, TokenSet
+from clproxy.accounts.refresh import (
     INVALID_GRANT_REASON, AccountDisabled, NotRefreshable, RefreshFailed, TokenRefresher,
 )
-from clproxy.auth.tokenstore import (
+from clproxy.accounts.tokenstore import (
     StoredCredential, TokenStore, TokenStoreLockTimeout, _FileLock, discover_accounts,
 )
-from clproxy.fake_oauth import listen_fake_oauth
+from clproxy.testing.oauth import listen_fake_oauth
 
 T0 = 1_700_000_000.0
 KEY = "anthropic:work"
@@ -314,9 +314,9 @@ RACER = textwrap.dedent("""
     from treq.client import HTTPClient
     from twisted.internet import defer, task
     from twisted.web.client import Agent, HTTPConnectionPool
-    from clproxy.auth.oauth import OAuthEndpoints
-    from clproxy.auth.refresh import TokenRefresher
-    from clproxy.auth.tokenstore import TokenStore
+    from clproxy.accounts.oauth import OAuthEndpoints
+    from clproxy.accounts.refresh import TokenRefresher
+    from clproxy.accounts.tokenstore import TokenStore
 
     async def run(reactor, home, token_url):
         store = TokenStore(home)

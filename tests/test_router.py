@@ -3,7 +3,7 @@
 import pytest
 
 from clproxy.config import parse_config
-from clproxy.router import ANTHROPIC, GOOGLE, OPENAI, Router, Target
+from clproxy.routing.router import ANTHROPIC, GOOGLE, OPENAI, Router, Target
 
 CONFIG = """
 routing:

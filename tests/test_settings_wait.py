@@ -11,10 +11,10 @@ import pytest
 from twisted.application import service
 from twisted.internet import task
 
-from clproxy import runstate
-from clproxy.auth.directory import AccountDirectory
-from clproxy.auth.tokenstore import StoredCredential, TokenStore
-from clproxy.cli import claude_settings
+from clproxy.daemon import runstate
+from clproxy.accounts.directory import AccountDirectory
+from clproxy.accounts.tokenstore import StoredCredential, TokenStore
+from clproxy.integrations import claude_settings
 
 USER_SETTINGS = {"model": "opus", "env": {"FOO": "bar"}}
 WAITING = "no usable account: Claude Code's settings"

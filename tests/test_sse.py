@@ -5,7 +5,7 @@ import json
 import pytest
 from hypothesis import given, strategies as st
 
-from clproxy.sse import Event, EventTooLarge, SSEParser, encode_event, encode_events
+from clproxy.proxy.sse import Event, EventTooLarge, SSEParser, encode_event, encode_events
 
 
 def parse_all(chunks):

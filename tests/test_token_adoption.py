@@ -13,9 +13,9 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
-from clproxy.auth.oauth import TokenSet
-from clproxy.auth.tokenstore import StoredCredential, TokenStore, TokenStoreError
-from clproxy.fake_oauth import listen_fake_oauth
+from clproxy.accounts.oauth import TokenSet
+from clproxy.accounts.tokenstore import StoredCredential, TokenStore, TokenStoreError
+from clproxy.testing.oauth import listen_fake_oauth
 from helpers import post, request_body, until
 from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
 

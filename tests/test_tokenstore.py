@@ -1,4 +1,4 @@
-"""Tests for clproxy.auth.tokenstore: atomic 0600 writes, the file lock, corruption, discovery."""
+"""Tests for clproxy.accounts.tokenstore: atomic 0600 writes, the file lock, corruption, discovery."""
 
 import json
 import os
@@ -11,10 +11,10 @@ import attr
 import pytest
 from twisted.internet import task
 
-from clproxy.auth import tokenstore
-from clproxy.auth.accounts import API_KEY, OAUTH, Account
-from clproxy.auth.oauth import TokenSet
-from clproxy.auth.tokenstore import (
+from clproxy.accounts import tokenstore
+from clproxy.accounts.model import API_KEY, OAUTH, Account
+from clproxy.accounts.oauth import TokenSet
+from clproxy.accounts.tokenstore import (
     LEGACY_KEY, StoredCredential, TokenStore, TokenStoreCorrupt, TokenStoreLockTimeout, UnknownAccount,
     credential_fingerprint, discover_accounts,
 )
@@ -162,7 +162,7 @@ def test_repr_never_shows_tokens(tmp_path):
 
 WORKER = textwrap.dedent("""
     import sys
-    from clproxy.auth.tokenstore import StoredCredential, TokenStore
+    from clproxy.accounts.tokenstore import StoredCredential, TokenStore
     home, prefix, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
     store = TokenStore(home, lock_poll=0.001)
     for i in range(count):

@@ -6,12 +6,12 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from clproxy import fake_providers as fp
+from clproxy.testing import providers as fp
 from clproxy.errors import ProxyError
-from clproxy.router import Target
-from clproxy.sse import KEEPALIVE
+from clproxy.routing.router import Target
+from clproxy.proxy.sse import KEEPALIVE
 from clproxy.state.memory import MemoryStateStore
-from clproxy.translation import Translation
+from clproxy.providers.translation import Translation
 from helpers import until
 from translation_fixtures import (RecordingOut, claude_request, fake_gemini, fake_openai,  # noqa: F401
                                   load, providers_config, upstream)

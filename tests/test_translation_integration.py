@@ -7,8 +7,8 @@ import openai
 import pytest
 import pytest_twisted
 
-from clproxy import fake_providers as fp
-from clproxy import testing
+from clproxy.testing import providers as fp
+from clproxy.testing import anthropic as testing
 from helpers import in_thread, post, request_body
 from translation_fixtures import fake_gemini, fake_openai, providers_config, start_daemon  # noqa: F401
 

@@ -4,7 +4,7 @@ import attr
 from twisted.application.internet import TimerService
 from twisted.internet import defer, task
 
-from clproxy.upkeep import AccountUpkeep
+from clproxy.daemon.upkeep import AccountUpkeep
 
 
 @attr.s(auto_attribs=True)

@@ -12,7 +12,7 @@ from twisted.web.http_headers import Headers
 
 from helpers import until
 
-from clproxy.upstream import UpstreamClient, UpstreamError, _host_of, read_body
+from clproxy.proxy.upstream import UpstreamClient, UpstreamError, _host_of, read_body
 
 
 def free_port() -> int:

@@ -7,17 +7,17 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from clproxy import config as configuration
-from clproxy.auth.accounts import Account
-from clproxy.dispatch import DispatchSettings, Dispatcher, ProxyRequest
-from clproxy.fake_providers import listen_fake_gemini, listen_fake_openai
-from clproxy.frontdoor import install
-from clproxy.pool import AccountPool
-from clproxy.router import Router
-from clproxy.sse import SSEParser
+from clproxy.accounts.model import Account
+from clproxy.proxy.dispatch import DispatchSettings, Dispatcher, ProxyRequest
+from clproxy.testing.providers import listen_fake_gemini, listen_fake_openai
+from clproxy.http.openai import install
+from clproxy.routing.pool import AccountPool
+from clproxy.routing.router import Router
+from clproxy.proxy.sse import SSEParser
 from clproxy.state.memory import MemoryStateStore
-from clproxy.translation import Translation
-from clproxy.upstream import UpstreamClient
-from clproxy.web import ProxySite, StatusReport, build_root
+from clproxy.providers.translation import Translation
+from clproxy.proxy.upstream import UpstreamClient
+from clproxy.http.site import ProxySite, StatusReport, build_root
 
 
 @pytest.fixture

@@ -17,10 +17,10 @@ import attr
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from ..auth import oauth
-from ..auth.accounts import API_KEY, OAUTH
-from ..auth.refresh import RefreshFailed, TokenRefresher
-from ..auth.tokenstore import (
+from clproxy.accounts import oauth
+from clproxy.accounts.model import API_KEY, OAUTH
+from clproxy.accounts.refresh import RefreshFailed, TokenRefresher
+from clproxy.accounts.tokenstore import (
     ENV_KEY, QUOTAS_FILE_NAME, InvalidLabel, StoredCredential, TokenStore,
     TokenStoreCorrupt, TokenStoreError, UnknownAccount, default_home, key_for,
     read_claude_code_credentials, store_key,
@@ -185,7 +185,7 @@ class _Context:
     def anthropic_settings(self) -> Any:
         """``providers.anthropic`` of the configuration file, or ``None`` without a config module."""
         try:
-            from .. import config as config_module
+            from clproxy import config as config_module
         except ModuleNotFoundError as e:
             if e.name != "clproxy.config":
                 raise
@@ -683,7 +683,7 @@ def main(argv: Sequence[str], *, stdin: TextIO = sys.stdin, stdout: TextIO = sys
         def finished(result: Any) -> None:
             outcome.append(result)
             if reactor.running:
-                from ..runstate import stop_reactor
+                from clproxy.daemon.runstate import stop_reactor
                 stop_reactor(reactor)  # a Ctrl-C may already have stopped it
 
         d.addBoth(finished)

@@ -12,9 +12,9 @@ from typing import Any, Callable, List, Mapping, Optional, Sequence, TextIO
 
 from twisted.internet import defer, task
 
-from .. import config as configuration
-from .. import runstate
-from ..observe import console
+from clproxy import config as configuration
+from clproxy.daemon import runstate
+from clproxy.observe import console
 
 log = console.logger(__name__)
 

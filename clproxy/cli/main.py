@@ -38,7 +38,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.write(USAGE)
         return 0
     if argv[0] in ("--version", "-V", "version"):
-        from .. import version_line
+        from clproxy import version_line
         sys.stdout.write(version_line() + "\n")
         return 0
     command, rest = argv[0], argv[1:]
@@ -46,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if command == "proxy":
             return proxy(rest)
         if command == "auth":
-            from . import auth
+            from clproxy.cli import auth
             return auth.main(rest)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
@@ -80,8 +80,8 @@ def proxy(argv: List[str]) -> int:
 
 def start_options():
     """The daemon's options plus the lifecycle ones (Claude Code settings, guard) if tap lacks them."""
-    from .. import runstate
-    from ..tap import Options
+    from clproxy.daemon import runstate
+    from clproxy.daemon.tap import Options
 
     names = {p[0] for p in Options.optParameters} | {f[0] for f in Options.optFlags}
     extra_parameters = [p for p in runstate.OPTION_PARAMETERS if p[0] not in names]
@@ -97,9 +97,9 @@ def start_options():
 
 
 def _fallback_chain(service, options, environ) -> list:
-    from .. import config as configuration
-    from .. import runstate
-    from ..tap import effective_environment
+    from clproxy import config as configuration
+    from clproxy.daemon import runstate
+    from clproxy.daemon.tap import effective_environment
 
     cfg = getattr(service, "config", None)
     if cfg is None:
@@ -116,8 +116,8 @@ def start(argv: List[str], environ: Mapping[str, str] = os.environ) -> int:
     from twisted.internet.error import CannotListenError
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from .. import runstate
-    from ..tap import effective_environment, makeService
+    from clproxy.daemon import runstate
+    from clproxy.daemon.tap import effective_environment, makeService
 
     options = start_options()
     try:
@@ -187,8 +187,8 @@ def stop(argv: List[str], environ: Mapping[str, str] = os.environ,
     """``clproxy proxy stop [--timeout SECONDS]``: stop the service, or SIGTERM the recorded daemon."""
     import argparse
 
-    from .. import runstate
-    from . import service
+    from clproxy.daemon import runstate
+    from clproxy.cli import service
 
     parser = argparse.ArgumentParser(prog="clproxy proxy stop",
                                      description="Stop the running proxy: it drains in-flight requests "
@@ -239,7 +239,7 @@ def stop(argv: List[str], environ: Mapping[str, str] = os.environ,
 def status(argv: List[str]) -> int:
     """``clproxy proxy status``: see :mod:`clproxy.cli.status`."""
     try:
-        from . import status as status_command
+        from clproxy.cli import status as status_command
     except ImportError:
         sys.stderr.write("clproxy proxy status is not available in this build\n")
         return 1
@@ -248,25 +248,25 @@ def status(argv: List[str]) -> int:
 
 def setup(argv: List[str]) -> int:
     """``clproxy proxy setup``: see :mod:`clproxy.cli.setup`."""
-    from . import setup as setup_command
+    from clproxy.cli import setup as setup_command
     return setup_command.main(argv)
 
 
 def install(argv: List[str]) -> int:
     """``clproxy proxy install``: see :mod:`clproxy.cli.service`."""
-    from . import service
+    from clproxy.cli import service
     return service.install_main(argv)
 
 
 def uninstall(argv: List[str]) -> int:
     """``clproxy proxy uninstall``: see :mod:`clproxy.cli.service`."""
-    from . import service
+    from clproxy.cli import service
     return service.uninstall_main(argv)
 
 
 def guard(argv: List[str]) -> int:
     """``clproxy proxy guard``: see :mod:`clproxy.cli.guard`."""
-    from . import guard as guard_command
+    from clproxy.cli import guard as guard_command
     return guard_command.main(argv)
 
 

@@ -17,9 +17,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, TextI
 
 import attr
 
-from .. import config as configuration
-from ..files import atomic_write
-from . import claude_settings
+from clproxy import config as configuration
+from clproxy.state.files import atomic_write
+from clproxy.integrations import claude_settings
 
 UNIT_NAME = "clproxy.service"
 LAUNCHD_LABEL = "com.clproxy.proxy"

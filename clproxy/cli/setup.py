@@ -10,9 +10,10 @@ import sys
 import time
 from typing import Callable, List, Mapping, Sequence, TextIO
 
-from .. import config as configuration
-from .. import runstate
-from . import claude_settings, service
+from clproxy import config as configuration
+from clproxy.daemon import runstate
+from clproxy.cli import service
+from clproxy.integrations import claude_settings
 
 HEALTH_WAIT = 15.0
 LOGIN_ARGV = ["login", "anthropic", "--method", "oauth"]
@@ -27,7 +28,7 @@ def find_accounts(environ: Mapping[str, str] = os.environ) -> List[str]:
     found: List[str] = []
     home = configuration.clproxy_home(environ)
     try:
-        from ..auth.tokenstore import TokenStore, TokenStoreError
+        from clproxy.accounts.tokenstore import TokenStore, TokenStoreError
     except ImportError:  # pragma: no cover - the token store ships with clproxy
         TokenStore = None
     if TokenStore is not None:
@@ -59,7 +60,7 @@ def find_accounts(environ: Mapping[str, str] = os.environ) -> List[str]:
 
 def default_login(argv: Sequence[str]) -> int:
     """``clproxy auth login anthropic --method oauth`` in this process."""
-    from . import auth
+    from clproxy.cli import auth
     return auth.main(list(argv))
 
 

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, List, Mapping, Optional, TextIO
 
-from ..config import clproxy_home
+from clproxy.config import clproxy_home
 
 DEFAULT_URL = "http://127.0.0.1:55669"
 STATE_FILE_NAME = "proxy-state.json"

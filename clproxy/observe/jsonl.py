@@ -19,8 +19,8 @@ import attr
 from twisted.logger import ILogObserver
 from zope.interface import implementer
 
-from ..sse import SSEParser
-from .redact import (REDACTED, collect_secrets, redact_headers, redact_json_bytes, redact_raw, redact_text,
+from clproxy.proxy.sse import SSEParser
+from clproxy.observe.redact import (REDACTED, collect_secrets, redact_headers, redact_json_bytes, redact_raw, redact_text,
                      redact_value)
 
 #: The namespaces of the events this module writes, and the family (file prefix) of each.

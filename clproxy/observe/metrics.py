@@ -13,7 +13,7 @@ from prometheus_client.exposition import choose_encoder
 from twisted.internet import defer
 from twisted.web import resource, server
 
-from .console import logger
+from clproxy.observe.console import logger
 
 log = logger(__name__)
 

@@ -17,9 +17,9 @@ from typing import Dict, List, Mapping, Optional, Tuple
 from twisted.logger import ILogObserver, formatEvent
 from zope.interface import implementer
 
-from .. import __version__
-from .jsonl import ATTEMPT_NAMESPACE, BODY_NAMESPACE, REQUEST_NAMESPACE, event_fields, redact_stream
-from .redact import redact_headers, redact_json_bytes, redact_text
+from clproxy import __version__
+from clproxy.observe.jsonl import ATTEMPT_NAMESPACE, BODY_NAMESPACE, REQUEST_NAMESPACE, event_fields, redact_stream
+from clproxy.observe.redact import redact_headers, redact_json_bytes, redact_text
 
 #: A captured body is exported up to this many bytes (the full one is on disk).
 BODY_EXPORT_LIMIT = 64 * 1024

@@ -15,10 +15,10 @@ from twisted.application import service
 from twisted.internet import task
 from twisted.logger import Logger, LogLevel
 
-from . import console
-from .jsonl import ATTEMPT_NAMESPACE, BODY_NAMESPACE, REQUEST_NAMESPACE, JsonlWriter
-from .metrics import MetricsBook, MetricsResource
-from .trace import format_traceparent, new_span_id, new_trace_id, read_inbound
+from clproxy.observe import console
+from clproxy.observe.jsonl import ATTEMPT_NAMESPACE, BODY_NAMESPACE, REQUEST_NAMESPACE, JsonlWriter
+from clproxy.observe.metrics import MetricsBook, MetricsResource
+from clproxy.observe.trace import format_traceparent, new_span_id, new_trace_id, read_inbound
 
 log = console.logger(__name__)
 
@@ -87,7 +87,7 @@ class Observability:
         #: why OTLP export is off although an endpoint is set (None when it is on or not asked for)
         self.otlp_problem: Optional[str] = None
         if self.otlp_endpoint:
-            from . import otlp
+            from clproxy.observe import otlp
             try:
                 self.otlp = otlp.from_environment(self.otlp_endpoint, environ, timeout=otlp_timeout)
             except otlp.OtlpUnavailable as e:
@@ -263,7 +263,7 @@ class RequestRecord:
 
     def attempt(self, *, account_name: Optional[str], provider: str, model: Optional[str],
                 status: Optional[int], verdict, duration: Optional[float] = None) -> None:
-        """One upstream attempt got its verdict (``clproxy.policy.Verdict``, or None when there is
+        """One upstream attempt got its verdict (``clproxy.routing.policy.Verdict``, or None when there is
         none, e.g. a translated provider). ``duration`` in seconds; None means since the last
         ``outbound_headers()`` call (the attempt's start)."""
         obs = self._obs

@@ -10,7 +10,7 @@ from typing import Iterable, Optional, Tuple
 
 import attr
 
-from .redact import redact_text
+from clproxy.observe.redact import redact_text
 
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _ZERO_TRACE = "0" * 32

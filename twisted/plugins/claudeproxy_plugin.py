@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 claudeproxy = ServiceMaker(
     "clproxy",
-    "clproxy.tap",
+    "clproxy.daemon.tap",
     "Claude Messages API proxy pooling Anthropic accounts with refresh, failover and fallback.",
     "claudeproxy",
 )

@@ -12,13 +12,13 @@ import orjson
 from typing import Callable, List, Optional, Tuple
 
 from twisted.internet import defer
-from .observe.console import logger
+from clproxy.observe.console import logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
-from . import __version__
-from .dispatch import ProxyRequest
-from .errors import ProxyError, error_event
+from clproxy import __version__
+from clproxy.proxy.dispatch import ProxyRequest
+from clproxy.errors import ProxyError, error_event
 
 log = logger(__name__)
 
@@ -184,7 +184,7 @@ class ProxySite(server.Site):
     def __init__(self, root, max_body_bytes: int = 32 * 1024 * 1024, drainer=None):
         super().__init__(root)
         self.max_body_bytes = max_body_bytes
-        #: a clproxy.drain.Drainer counting requests in flight (graceful stop), or None
+        #: a clproxy.daemon.drain.Drainer counting requests in flight (graceful stop), or None
         self.drainer = drainer
         # bodies are JSON: twisted's form parsing (email.message per POST) is pure cost here
         self._parsePOSTFormSubmission = False

@@ -21,8 +21,8 @@ import attr
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from ..files import _fsync_dir, atomic_write  # noqa: F401  (atomic_write is re-exported)
-from .accounts import API_KEY, DEFAULT_ANTHROPIC_BASE_URL, OAUTH, Account, accounts_from_environment
+from clproxy.state.files import _fsync_dir, atomic_write  # noqa: F401  (atomic_write is re-exported)
+from clproxy.accounts.model import API_KEY, DEFAULT_ANTHROPIC_BASE_URL, OAUTH, Account, accounts_from_environment
 
 log = Logger()
 
@@ -150,7 +150,7 @@ class StoredCredential:
     @classmethod
     def new_oauth(cls, label: str, tokens: Any, now: float, *, provider: str = PROVIDER,
                   expires_at: Optional[float] = None) -> "StoredCredential":
-        """A fresh OAuth login from an :class:`~clproxy.auth.oauth.TokenSet`."""
+        """A fresh OAuth login from an :class:`~clproxy.accounts.oauth.TokenSet`."""
         if expires_at is None and getattr(tokens, "expires_in", None):
             expires_at = now + tokens.expires_in
         return cls(key=store_key(label, provider), label=label, type=OAUTH, provider=provider,
@@ -408,7 +408,7 @@ class TokenStore:
     Snapshot reads (:meth:`load`, :meth:`get`, :meth:`fingerprint`) take no lock. Changes go through a
     :class:`StoreTransaction`; the convenience methods (:meth:`put`, :meth:`remove`, :meth:`enable`,
     :meth:`disable`) take the lock blocking and are meant for the CLI. In the daemon, changes go through
-    :class:`~clproxy.auth.refresh.TokenRefresher`, which waits for the lock without blocking the reactor.
+    :class:`~clproxy.accounts.refresh.TokenRefresher`, which waits for the lock without blocking the reactor.
     """
 
     def __init__(self, home: str, *, now: Callable[[], float] = time.time,

@@ -16,30 +16,30 @@ from twisted.web.client import Agent
 from twisted.logger import LogLevel
 from twisted.python import usage
 
-from . import config as configuration
-from . import runstate
-from .auth.accounts import Account
-from .auth.directory import AccountDirectory
-from .auth.oauth import OAuthEndpoints
-from .auth.quota import QUOTA_FILE, QuotaBook
-from .auth.refresh import TokenRefresher
-from .auth.tokenstore import StoredCredential, TokenStore, TokenStoreError
-from .cli import claude_settings
-from .cloaking import PluginLoadError, pipeline_from_config
-from .dispatch import DispatchSettings, Dispatcher
-from .drain import Drainer
-from .upkeep import AccountUpkeep
-from .observe import console
-from .observe.recorder import Observability
-from .pool import AccountPool
-from .reload import ConfigWatcher, install_sighup, restart_needed
-from .frontdoor import install as install_front_door
-from .router import Router
-from .translation import Translation
-from .state import open_store
-from .state.probe import probe_store
-from .upstream import UpstreamClient
-from .web import ProxySite, StatusReport, build_root
+from clproxy import config as configuration
+from clproxy.daemon import runstate
+from clproxy.accounts.model import Account
+from clproxy.accounts.directory import AccountDirectory
+from clproxy.accounts.oauth import OAuthEndpoints
+from clproxy.routing.quota import QUOTA_FILE, QuotaBook
+from clproxy.accounts.refresh import TokenRefresher
+from clproxy.accounts.tokenstore import StoredCredential, TokenStore, TokenStoreError
+from clproxy.integrations import claude_settings
+from clproxy.proxy.shaping import PluginLoadError, pipeline_from_config
+from clproxy.proxy.dispatch import DispatchSettings, Dispatcher
+from clproxy.daemon.drain import Drainer
+from clproxy.daemon.upkeep import AccountUpkeep
+from clproxy.observe import console
+from clproxy.observe.recorder import Observability
+from clproxy.routing.pool import AccountPool
+from clproxy.daemon.reload import ConfigWatcher, install_sighup, restart_needed
+from clproxy.http.openai import install as install_front_door
+from clproxy.routing.router import Router
+from clproxy.providers.translation import Translation
+from clproxy.state import open_store
+from clproxy.state.probe import probe_store
+from clproxy.proxy.upstream import UpstreamClient
+from clproxy.http.site import ProxySite, StatusReport, build_root
 
 log = console.logger(__name__)
 
@@ -68,7 +68,7 @@ class Options(usage.Options):
 
     def opt_version(self):
         """Print clproxy's version (not Twisted's) and exit."""
-        from . import version_line
+        from clproxy import version_line
         print(version_line())
         raise SystemExit(0)
 

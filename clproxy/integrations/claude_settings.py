@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from twisted.application import service
 from twisted.internet import task
 
-from ..observe import console
+from clproxy.observe import console
 
 __all__ = [
     "SettingsError", "SETTINGS_ENV", "DEFAULT_TOOL_SEARCH", "default_settings_path", "proxy_env",

@@ -13,9 +13,9 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 
 from twisted.web.http_headers import Headers
 
-from .. import policy
-from ..observe.console import logger
-from .tokenstore import atomic_write
+from clproxy.routing import policy
+from clproxy.observe.console import logger
+from clproxy.accounts.tokenstore import atomic_write
 
 log = logger(__name__)
 

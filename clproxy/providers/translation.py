@@ -13,12 +13,12 @@ from twisted.internet import defer, protocol
 from twisted.web._newclient import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
-from . import sse
-from .errors import ProxyError, error_type_for
-from .observe.console import logger
-from .providers import ProviderError, build_providers
-from .translate.claude import EmptyStreamError, TranslationError, encode_sse
-from .upstream import UpstreamError, read_body
+from clproxy.proxy import sse
+from clproxy.errors import ProxyError, error_type_for
+from clproxy.observe.console import logger
+from clproxy.providers.clients import ProviderError, build_providers
+from clproxy.translate.claude import EmptyStreamError, TranslationError, encode_sse
+from clproxy.proxy.upstream import UpstreamError, read_body
 
 __all__ = ["Translation", "TranslatedStream", "MAX_RESPONSE_BYTES"]
 

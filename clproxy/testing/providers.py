@@ -1,6 +1,6 @@
 """Shipped fakes of the translation providers: OpenAI Chat Completions and Gemini on loopback ports.
 
-Like :class:`clproxy.testing.FakeAnthropic`, each records every request and answers from a queue
+Like :class:`clproxy.testing.anthropic.FakeAnthropic`, each records every request and answers from a queue
 of scripts: a status with a body, a whole answer, a stream of chunks (paced, cut after N chunks,
 held open after N chunks until released), an empty stream, a delay, or a connection reset.
 """
@@ -14,7 +14,7 @@ import attr
 from twisted.internet import reactor as default_reactor
 from twisted.web import server
 
-from .testing import LoopbackFake, Recorded
+from clproxy.testing.anthropic import LoopbackFake, Recorded
 
 Chunk = Union[Dict[str, Any], bytes]
 

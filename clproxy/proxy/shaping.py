@@ -13,8 +13,8 @@ import attr
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from .auth.accounts import Account
-from .interfaces import ICloakingPlugin
+from clproxy.accounts.model import Account
+from clproxy.interfaces import ICloakingPlugin
 
 MODES = ("auto", "always", "never")
 OAUTH_BETA = b"oauth-2025-04-20"

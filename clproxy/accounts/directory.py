@@ -9,9 +9,9 @@ enabled or disabled), e.g. to point Claude Code at the proxy once a usable accou
 
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ..observe.console import logger
-from .accounts import Account
-from .tokenstore import TokenStore, TokenStoreError, credential_fingerprint, discover_accounts
+from clproxy.observe.console import logger
+from clproxy.accounts.model import Account
+from clproxy.accounts.tokenstore import TokenStore, TokenStoreError, credential_fingerprint, discover_accounts
 
 log = logger(__name__)
 

@@ -14,7 +14,7 @@ import attr
 from twisted.application import service
 from twisted.internet import task
 
-from .observe import console
+from clproxy.observe import console
 
 log = console.logger(__name__)
 

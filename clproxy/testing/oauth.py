@@ -17,7 +17,7 @@ from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from .auth.oauth import DEFAULT_CLIENT_ID, DEFAULT_REDIRECT_URI, DEFAULT_SCOPES, OAuthEndpoints
+from clproxy.accounts.oauth import DEFAULT_CLIENT_ID, DEFAULT_REDIRECT_URI, DEFAULT_SCOPES, OAuthEndpoints
 
 TOKEN_PATH = b"/v1/oauth/token"
 AUTHORIZE_PATH = "/oauth/authorize"

@@ -10,7 +10,7 @@ from typing import Callable, List, Optional
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.interfaces import IReactorTime
-from .observe.console import logger
+from clproxy.observe.console import logger
 from twisted.python.failure import Failure
 from twisted.web import client as webclient
 from twisted.web._newclient import HTTP11ClientProtocol, ResponseDone
@@ -19,7 +19,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, UNKNOWN_LENGTH
 from zope.interface import implementer
 
-from . import sse
+from clproxy.proxy import sse
 
 log = logger(__name__)
 

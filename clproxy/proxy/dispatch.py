@@ -16,19 +16,19 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import attr
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from .observe.console import logger
+from clproxy.observe.console import logger
 from twisted.web.http_headers import Headers
 
-from . import policy
-from .auth.accounts import Account
-from .auth.quota import has_quota_headers
-from .cloaking import HOP_BY_HOP, CloakingPipeline
-from .router import Target
-from .translate.claude import strip_foreign_thinking
-from .errors import ProxyError, error_event, error_type_for
-from .observe.recorder import (TRACE_HEADERS, Observability, model_from_message, usage_from_event,
+from clproxy.routing import policy
+from clproxy.accounts.model import Account
+from clproxy.routing.quota import has_quota_headers
+from clproxy.proxy.shaping import HOP_BY_HOP, CloakingPipeline
+from clproxy.routing.router import Target
+from clproxy.translate.claude import strip_foreign_thinking
+from clproxy.errors import ProxyError, error_event, error_type_for
+from clproxy.observe.recorder import (TRACE_HEADERS, Observability, model_from_message, usage_from_event,
                                usage_from_message, usage_from_sse_tail)
-from .upstream import FirstEventFailed, StreamRelay, UpstreamError, read_body
+from clproxy.proxy.upstream import FirstEventFailed, StreamRelay, UpstreamError, read_body
 
 log = logger(__name__)
 
@@ -134,13 +134,13 @@ class Dispatcher:
         self.settings = settings
         self.refresher = refresher
         self.shaping = shaping or CloakingPipeline()
-        #: clproxy.router.Router; None means every model is passthrough
+        #: clproxy.routing.router.Router; None means every model is passthrough
         self.router = router
-        #: clproxy.translation.Translation, for models mapped to another provider
+        #: clproxy.providers.translation.Translation, for models mapped to another provider
         self.translation = translation
         #: async (request, out, exhausted_error) -> bool; True when a fallback answered the client.
         self.fallback = fallback
-        #: clproxy.auth.quota.QuotaBook: unified rate-limit headers captured per account
+        #: clproxy.routing.quota.QuotaBook: unified rate-limit headers captured per account
         self.quotas = quotas
         #: told about an account that came back from a refresh with a new token
         self.on_refreshed = on_refreshed
@@ -148,7 +148,7 @@ class Dispatcher:
         self.streams = set()
 
     async def forward(self, request: ProxyRequest, out) -> None:
-        """Answer ``request`` through ``out`` (a :class:`clproxy.web.ClientResponse`)."""
+        """Answer ``request`` through ``out`` (a :class:`clproxy.http.site.ClientResponse`)."""
         record = request.record = out.record = self.obs.begin(
             request_id=request.request_id, method=request.method,
             path=request.client_path or request.path, model=request.model,

@@ -12,9 +12,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import oauth
-from .accounts import Account
-from .tokenstore import (
+from clproxy.accounts import oauth
+from clproxy.accounts.model import Account
+from clproxy.accounts.tokenstore import (
     DEFAULT_LOCK_TIMEOUT, StoredCredential, StoreTransaction, TokenStore, TokenStoreError,
 )
 
@@ -85,11 +85,11 @@ class TokenRefresher:
 
     ``http_client`` is a treq ``HTTPClient`` or a zero-argument callable returning one; ``clock`` an
     ``IReactorTime`` (expiry decisions and lock polling); ``endpoints`` an
-    :class:`~clproxy.auth.oauth.OAuthEndpoints`.
+    :class:`~clproxy.accounts.oauth.OAuthEndpoints`.
 
     Lock waiting: the store lock is a non-blocking ``flock`` retried every ``lock_poll`` seconds on
     ``clock`` (``deferLater``), so the reactor never blocks; after ``lock_timeout`` seconds the refresh
-    fails with :class:`RefreshFailed` (cause :class:`~clproxy.auth.tokenstore.TokenStoreLockTimeout`).
+    fails with :class:`RefreshFailed` (cause :class:`~clproxy.accounts.tokenstore.TokenStoreLockTimeout`).
     The lock is held across the token-endpoint call (at most ``http_timeout`` seconds) and the write.
     """
 

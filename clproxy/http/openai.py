@@ -13,12 +13,12 @@ from typing import Callable, List, Optional, Tuple
 from twisted.internet import defer
 from twisted.web import resource, server
 
-from . import sse
-from .dispatch import ProxyRequest
-from .errors import ProxyError
-from .observe.console import logger
-from .translate.claude import TranslationError
-from .translate.openai import ClaudeStreamToOpenAI, claude_to_openai_response, openai_to_claude_request
+from clproxy.proxy import sse
+from clproxy.proxy.dispatch import ProxyRequest
+from clproxy.errors import ProxyError
+from clproxy.observe.console import logger
+from clproxy.translate.claude import TranslationError
+from clproxy.translate.openai import ClaudeStreamToOpenAI, claude_to_openai_response, openai_to_claude_request
 
 __all__ = ["ChatCompletionsResource", "OpenAIResponseAdapter", "ModelsListing", "CapturedResponse",
            "install", "openai_error_body"]
@@ -277,7 +277,7 @@ class ChatCompletionsResource(resource.Resource):
         except ProxyError as e:
             return _render_error(request, e.status, e.message, e.error_type,
                                  getattr(e, "param", None), e.headers)
-        from .web import ClientResponse  # web imports the dispatcher; imported late to stay a leaf
+        from clproxy.http.site import ClientResponse  # web imports the dispatcher; imported late to stay a leaf
         out = OpenAIResponseAdapter(ClientResponse(request), model, stream, include_usage, now=self._now)
         d = defer.ensureDeferred(self.dispatcher.forward(proxy_request, out))
         d.addErrback(_internal_error, out)

@@ -2,7 +2,7 @@
 
 Each provider knows its URLs, authentication, per-model request adjustments and error shape, and
 which pure translator turns its answer into Claude's. Requests go over the daemon's shared
-:class:`clproxy.upstream.UpstreamClient`. API keys come from ``providers:`` and are never logged.
+:class:`clproxy.proxy.upstream.UpstreamClient`. API keys come from ``providers:`` and are never logged.
 """
 
 import json
@@ -13,10 +13,10 @@ import attr
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
 
-from . import __version__
-from .translate import gemini as gemini_translate
-from .translate import openai as openai_translate
-from .upstream import UpstreamError, read_body
+from clproxy import __version__
+from clproxy.translate import gemini as gemini_translate
+from clproxy.translate import openai as openai_translate
+from clproxy.proxy.upstream import UpstreamError, read_body
 
 __all__ = ["ProviderError", "PreparedRequest", "OpenAIClient", "GeminiClient", "build_providers",
            "ERROR_BODY_LIMIT"]

@@ -8,7 +8,7 @@ from typing import List
 
 from twisted.internet import defer
 
-from .observe import console
+from clproxy.observe import console
 
 log = console.logger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from twisted.application import service
 
-from . import config as configuration
-from .files import atomic_write
-from .cli import claude_settings
-from .observe import console
+from clproxy import config as configuration
+from clproxy.state.files import atomic_write
+from clproxy.integrations import claude_settings
+from clproxy.observe import console
 
 log = console.logger(__name__)
 
@@ -335,7 +335,7 @@ class Lifecycle(service.Service):
     def _start_guard(self) -> None:
         spawn = self.spawn_guard
         if spawn is None:
-            from .cli.guard import spawn
+            from clproxy.cli.guard import spawn
         try:
             self.guard_pid = spawn(pid=self.pid, state=self.path, url=self.state["url"], environ=self.environ)
         except Exception as e:  # the proxy works without it; say so

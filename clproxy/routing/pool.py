@@ -1,15 +1,15 @@
 """Which accounts one request may try, in which order, and what each attempt did to its account.
 
 Selection (fill-first, smooth weighted round-robin, per-account rateLimit) over the cooldowns and
-stats kept in an ``IStateStore``; the verdicts themselves come from :mod:`clproxy.policy`.
+stats kept in an ``IStateStore``; the verdicts themselves come from :mod:`clproxy.routing.policy`.
 """
 
 import time
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
-from clproxy.auth.accounts import Account
+from clproxy.accounts.model import Account
 from clproxy.interfaces import IAtomicCooldown
-from clproxy.policy import SUCCESS, Verdict
+from clproxy.routing.policy import SUCCESS, Verdict
 from clproxy.state.model import OUTCOME_ERROR, OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS
 
 FILL_FIRST = "fill-first"

@@ -13,7 +13,7 @@ import attr
 from twisted.internet import reactor as default_reactor
 from twisted.web import resource, server
 
-from .sse import encode_event
+from clproxy.proxy.sse import encode_event
 
 Events = List[Tuple[str, Dict[str, Any]]]
 

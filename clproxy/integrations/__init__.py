@@ -1,0 +1,1 @@
+"""What clproxy changes outside itself: Claude Code's settings.json."""

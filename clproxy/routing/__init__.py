@@ -1,0 +1,1 @@
+"""Which account and provider answer a request: pure verdicts, the pool, the model router, quotas."""

@@ -1,0 +1,1 @@
+"""Shipped fakes for tests and benchmarks: Anthropic, its OAuth server, OpenAI and Gemini, on loopback."""
