@@ -14,7 +14,7 @@ import pytest
 
 from clproxy.daemon import runstate
 
-from clproxy.daemon import tap
+from clproxy.daemon import assemble
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USER_SETTINGS = {"model": "opus", "env": {"ANTHROPIC_BASE_URL": "https://users-own-gateway", "FOO": "1"}}
@@ -260,7 +260,7 @@ def test_unknown_commands_are_usage_errors(daemons):
 
 
 def _wired(name: str) -> bool:
-    with open(tap.__file__, encoding="utf-8") as f:
+    with open(assemble.__file__, encoding="utf-8") as f:  # the one assembly the tap calls
         return name in f.read()
 
 

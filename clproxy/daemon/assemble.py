@@ -1,0 +1,367 @@
+"""The one assembly of the daemon: :func:`build_proxy` makes every part and connects them.
+
+``tap.makeService`` (``twistd -n claudeproxy`` and ``clproxy proxy start``) and the tests that need
+a whole proxy call it; nothing else wires a dispatcher to a pool or a site to a dispatcher. Time is
+the injected ``clock`` (a ``task.Clock`` in tests); I/O (upstream connections, Redis, signals) goes
+through the injected ``reactor``.
+"""
+
+import gc
+import os
+from typing import Any, Callable, Mapping, Optional, Tuple
+
+import attr
+from treq.client import HTTPClient
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.web.client import Agent
+from zope.interface import implementer
+
+from clproxy import config as configuration
+from clproxy.accounts.directory import AccountDirectory
+from clproxy.accounts.model import Account
+from clproxy.accounts.oauth import OAuthEndpoints
+from clproxy.accounts.refresh import TokenRefresher
+from clproxy.accounts.tokenstore import StoredCredential, TokenStore, TokenStoreError
+from clproxy.daemon import runstate
+from clproxy.daemon.drain import Drainer
+from clproxy.daemon.reload import ConfigWatcher, install_sighup, restart_needed
+from clproxy.daemon.upkeep import AccountUpkeep
+from clproxy.http.openai import install as install_front_door
+from clproxy.http.site import ProxySite, StatusReport, build_root
+from clproxy.observe import console
+from clproxy.observe.recorder import Observability
+from clproxy.providers.translation import Translation
+from clproxy.proxy.dispatch import DispatchSettings, Dispatcher
+from clproxy.proxy.shaping import PluginLoadError, pipeline_from_config
+from clproxy.proxy.upstream import UpstreamClient
+from clproxy.routing.pool import AccountPool
+from clproxy.routing.quota import QUOTA_FILE, QuotaBook
+from clproxy.routing.router import Router
+from clproxy.state import open_store
+from clproxy.state.probe import probe_store
+
+log = console.logger(__name__)
+
+
+def check_home(home: str) -> None:
+    """Make sure ``CLPROXY_HOME`` is a directory this process can write (creating it, mode 0700);
+    ``SystemExit`` with one line in words otherwise, before anything else tries to write there."""
+    import errno
+    import tempfile
+
+    try:
+        os.makedirs(home, mode=0o700, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home, prefix=".clproxy-write-check."):
+            pass
+    except OSError as e:
+        reasons = {errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                   errno.EROFS: "read-only file system",
+                   errno.ENOTDIR: "a part of that path is a file, not a directory",
+                   errno.EEXIST: "it is a file, not a directory", errno.ENOSPC: "no space left"}
+        reason = reasons.get(e.errno) or (e.strerror or type(e).__name__).lower()
+        raise SystemExit(f"clproxy: cannot write to {home} (CLPROXY_HOME): {reason}; "
+                         f"set CLPROXY_HOME to a writable directory")
+
+
+def effective_environment(options: Mapping, environ: Mapping[str, str]) -> dict:
+    """The process environment plus the ``--env-file`` values (the real environment wins)."""
+    merged = {}
+    if options.get("env-file"):
+        merged.update(configuration.load_env_file(options["env-file"]))
+    merged.update(environ)
+    return merged
+
+
+def accounts_from_config(cfg) -> Tuple[Account, ...]:
+    """The config file's ``accounts.anthropic`` entries as pool accounts (API keys)."""
+    base = cfg.providers.anthropic.base_url
+    return tuple(
+        Account(key=f"config:{a.name}", name=a.name, kind="api-key", secret=a.api_key or "",
+                base_url=a.base_url or base, weight=max(1, int(round(a.weight))), enabled=a.enabled,
+                rate_limit=a.rate_limit, org_id=a.org_id, metadata=dict(a.metadata or {}),
+                source="config")
+        for a in cfg.accounts
+    )
+
+
+def make_state_store(state_config, reactor, tokens: TokenStore):
+    """The state store the config asks for. For Redis, Redis must answer now (SystemExit naming the
+    URL, without its password, otherwise); rotated tokens it receives are also written to the
+    token file, which stays the fallback copy."""
+    try:
+        store = open_store(state_config, reactor, on_token_write=lambda key, data:
+                           _write_token_copy(tokens, key, data))
+    except ValueError as e:
+        raise SystemExit(f"clproxy: invalid configuration: {e}")
+    problem = probe_store(state_config)
+    if problem:
+        raise SystemExit(f"clproxy: {problem}")
+    return store
+
+
+def _write_token_copy(tokens: TokenStore, key: str, data: dict) -> None:
+    """Keep the token file in step with a token record another instance rotated."""
+    record = StoredCredential.from_json(key, data, "shared state")
+    current = tokens.get(key)
+    if current is None or (record.updated_at or 0) > (current.updated_at or 0):
+        if tokens.held():
+            # Called back from this process's own refresh (it read the rotation from Redis while
+            # holding the lock): taking the lock again would time out; write under the held one.
+            tokens.write_while_held(record)
+            return
+        with tokens.locked(5.0) as tx:
+            tx.write(record)
+
+
+def tune_garbage_collector() -> None:
+    """Move everything built at start-up out of the collector's sight: a full collection over every
+    module and class paused streams for tens of milliseconds (see benchmarks/README.md). The
+    default thresholds stay: collecting young objects less often let the few reference cycles each
+    request leaves pile up (peak RSS at 1,000 streams 250 MB instead of 135 MB, for no throughput)."""
+    gc.collect()
+    if hasattr(gc, "freeze"):
+        gc.freeze()
+
+
+class SharedState(service.MultiService):
+    """The state store's service: connects the store, imports the token file into it, then starts
+    its children (the account upkeep: a refresh before the store is connected would not take the
+    instance-wide lock). The store is closed by :class:`ProxyService`, after the drain: requests
+    still in flight use it."""
+
+    name = "shared-state"
+
+    def __init__(self, store, tokens: TokenStore):
+        super().__init__()
+        self.store, self.tokens = store, tokens
+
+    def startService(self):
+        service.Service.startService(self)
+        # build_proxy already proved a shared store answers; a loss from here on is served from
+        # the store's local mirror until it reconnects (memory connects at once)
+        d = defer.ensureDeferred(self._share_tokens())
+        d.addErrback(lambda f: log.failure("shared state: connecting failed", f))
+        d.addBoth(lambda _: [child.startService() for child in self if self.running])
+
+    async def _share_tokens(self) -> None:
+        """Connect, then import the token file (newer records win), so every instance sees it."""
+        try:
+            await self.store.connect()
+        except Exception as e:
+            log.error("shared state: {error}; serving from local state until it answers", error=str(e))
+            return
+        try:
+            records = self.tokens.load()
+        except TokenStoreError as e:
+            log.warn("shared state: token file not imported: {error}", error=str(e))
+            return
+        for key, record in records.items():
+            await self.store.import_token_record(key, record.to_json())
+
+
+@implementer(IStreamServerEndpoint)
+class RecordingEndpoint:
+    """An endpoint that remembers the port it listens on (``--port 0`` picks one: the address
+    tells it)."""
+
+    def __init__(self, endpoint):
+        self.endpoint = endpoint
+        self.port = None
+
+    def listen(self, factory):
+        """Listen through the wrapped endpoint; remember the port."""
+        def bound(port):
+            self.port = port
+            return port
+        return self.endpoint.listen(factory).addCallback(bound)
+
+
+@attr.s(auto_attribs=True, eq=False)
+class Proxy:
+    """What the daemon is made of, connected. :attr:`services` are the ones to run, in start order
+    (they stop in reverse); the listener is the caller's (an endpoint service over :attr:`site`)."""
+
+    config: Any
+    environ: Mapping[str, str]
+    home: str
+    config_path: str
+    tokens: TokenStore
+    store: Any
+    pool: AccountPool
+    upstream: UpstreamClient
+    directory: AccountDirectory
+    refresher: TokenRefresher
+    quotas: QuotaBook
+    observability: Observability
+    translation: Translation
+    dispatcher: Dispatcher
+    status: StatusReport
+    drainer: Drainer
+    root: Any
+    site: ProxySite
+    upkeep: AccountUpkeep
+    shared_state: SharedState
+    watcher: ConfigWatcher
+    strategy_override: Optional[str] = None
+    #: the config the daemon started with (its state store and logs run on it); ``config`` is the
+    #: one in force, after reloads
+    started_with: Any = None
+    #: set by the daemon when it runs with a lifecycle (state file, Claude Code's settings)
+    lifecycle: Any = None
+
+    @property
+    def services(self) -> Tuple[service.IService, ...]:
+        """The services to run, in start order: observability first (it stops, and flushes, last),
+        the shared state (with the upkeep under it), then the reload watcher."""
+        return (self.observability.service(), self.shared_state, self.watcher)
+
+    def apply(self, reloaded) -> list:
+        """A reloaded config: accounts, routing, shaping, strategy and the server's limits and
+        timeouts change; requests in flight finish with what they started with. Returns the
+        changed keys that need a restart (the watcher's log line names them)."""
+        new = reloaded.config
+        shaping = pipeline_from_config(new.cloaking)  # raises before anything changes
+        router = Router.from_config(new.routing)
+        self.pool.strategy = self.strategy_override or new.routing.strategy
+        self.dispatcher.shaping, self.dispatcher.router = shaping, router
+        self.translation.reconfigure(new.providers)
+        self.directory.set_config_accounts(accounts_from_config(new), new.providers.anthropic.base_url)
+        # server.*: each holder reads its value per request (or per drain), so the next one uses these
+        server = new.server
+        self.dispatcher.settings = attr.evolve(self.dispatcher.settings,
+                                               upstream_timeout=server.upstream_timeout,
+                                               request_deadline=server.request_deadline)
+        self.translation.upstream_timeout = server.upstream_timeout
+        self.translation.keepalive_interval = server.keepalive_interval
+        self.site.max_body_bytes = server.max_body_bytes
+        self.drainer.timeout = server.drain_timeout
+        self.upstream.reconfigure(connect_timeout=server.connect_timeout,
+                                  max_connections_per_host=server.max_connections_per_host)
+        # against the config the daemon started with: that is what its state store and logs run on
+        pending = restart_needed(self.started_with, new)
+        self.config = new
+        for warning in reloaded.warnings:
+            log.warn("config: {warning}", warning=warning)
+        if self.lifecycle is not None:
+            self.lifecycle.update(strategy=self.pool.strategy, fallbackChain=runstate.chain_of(new))
+        return pending
+
+    async def close(self) -> None:
+        """After the listener stopped: let requests in flight finish, then flush and close."""
+        await self.drainer.drain()
+        self.quotas.flush()
+        await self.store.close()
+        await self.upstream.close()
+
+
+def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
+                config_path: Optional[str] = None, strategy: Optional[str] = None,
+                passthrough: bool = False, debug: bool = False, health_interval: float = 30.0,
+                load_config: Optional[Callable[[str], Any]] = None) -> Proxy:
+    """Build and connect every part of the daemon for the validated config ``cfg``.
+
+    ``environ`` is the effective environment (``--env-file`` merged), ``home`` is ``CLPROXY_HOME``;
+    ``strategy`` and ``passthrough`` are the command line's overrides. ``load_config(path)`` is what
+    a reload calls (default: the config loader with ``environ``). Raises ``SystemExit`` with one
+    line when the config cannot be served (bad shaping plugin, unreachable Redis).
+    """
+    config_path = config_path or configuration.default_config_path(environ)
+    tokens = TokenStore(home)
+    store = make_state_store(cfg.state, reactor, tokens)
+    pool = AccountPool(store, strategy=strategy or cfg.routing.strategy, clock=clock)
+    upstream = UpstreamClient(reactor, connect_timeout=cfg.server.connect_timeout,
+                              max_connections_per_host=cfg.server.max_connections_per_host)
+    directory = AccountDirectory(
+        store=tokens, clock=clock, environ=environ, config_accounts=accounts_from_config(cfg),
+        base_url=cfg.providers.anthropic.base_url,
+        on_changed_credential=lambda account: defer.ensureDeferred(pool.forget(account)))
+    refresher = TokenRefresher(tokens, HTTPClient(Agent(reactor, pool=upstream.pool)),
+                               OAuthEndpoints.from_config(cfg.providers.anthropic), clock,
+                               refresh_before_expiry=cfg.providers.anthropic.refresh_before_expiry,
+                               shared=store)
+    quotas = QuotaBook(os.path.join(home, QUOTA_FILE), clock, store=store)
+    try:
+        shaping = pipeline_from_config(cfg.cloaking)
+    except (PluginLoadError, ValueError) as e:
+        raise SystemExit(f"clproxy: invalid configuration: cloaking: {e}")
+    obs = Observability(
+        clock=clock,
+        logs_dir=os.path.expanduser(cfg.logging.dir) if cfg.logging.dir else os.path.join(home, "logs"),
+        retention_days=cfg.logging.retention_days, max_total_mb=cfg.logging.max_total_mb,
+        debug_bodies=debug or cfg.logging.debug_bodies, environ=environ, echo=debug)
+    obs.watch_pool(pool, directory.current)
+    translation = Translation(clock=clock, upstream=upstream, providers=cfg.providers,
+                              keepalive_interval=cfg.server.keepalive_interval,
+                              upstream_timeout=cfg.server.upstream_timeout, store=store)
+    settings = DispatchSettings(passthrough=passthrough, upstream_timeout=cfg.server.upstream_timeout,
+                                request_deadline=cfg.server.request_deadline, config_path=config_path)
+    dispatcher = Dispatcher(clock=clock, upstream=upstream, pool=pool, store=store,
+                            accounts=directory.current, settings=settings, shaping=shaping,
+                            router=Router.from_config(cfg.routing), refresher=refresher,
+                            quotas=quotas, on_refreshed=directory.updated, translation=translation,
+                            fallback=translation.fallback_hook(lambda: dispatcher.router.fallback_chain),
+                            observability=obs)
+    status = StatusReport(clock=clock, pool=pool, store=store, accounts=directory.current,
+                          strategy=lambda: pool.strategy, started=clock.seconds(), quotas=quotas,
+                          extra=lambda: {"pid": os.getpid(), "observability": obs.status()})
+    drainer = Drainer(clock, cfg.server.drain_timeout)
+    root = build_root(dispatcher, status, metrics=obs.metrics_resource())
+    install_front_door(root.children[b"v1"], dispatcher, None, cfg.server.max_body_bytes)
+    site = ProxySite(root, max_body_bytes=cfg.server.max_body_bytes, drainer=drainer)
+    shared_state = SharedState(store, tokens)
+    upkeep = AccountUpkeep(directory, refresher, clock, interval=health_interval, observability=obs)
+    upkeep.setServiceParent(shared_state)
+    if load_config is None:
+        def load_config(path):
+            return configuration.load_config(path, environ)
+    proxy = Proxy(config=cfg, environ=environ, home=home, config_path=config_path, tokens=tokens,
+                  store=store, pool=pool, upstream=upstream, directory=directory, refresher=refresher,
+                  quotas=quotas, observability=obs, translation=translation, dispatcher=dispatcher,
+                  status=status, drainer=drainer, root=root, site=site, upkeep=upkeep,
+                  shared_state=shared_state, watcher=None, strategy_override=strategy,
+                  started_with=cfg)
+    proxy.watcher = ConfigWatcher(config_path, load_config, proxy.apply, clock)
+    if not directory.current():
+        log.warn("no Anthropic account yet: requests will be answered with 401 until you add one: "
+                 "`clproxy auth login anthropic`, ANTHROPIC_API_KEY in the environment or --env-file, "
+                 "or accounts.anthropic in {path}", path=config_path)
+    return proxy
+
+
+class ProxyService(service.MultiService):
+    """The running daemon: the proxy's services and its listener; on stop, after the listener has
+    stopped, the drain and the closing of the state store and the upstream connections.
+
+    The parts are readable on it by name (``service.pool``, ``service.dispatcher``): the lifecycle
+    and the tests read them."""
+
+    def __init__(self, proxy: Proxy, listener: Optional[RecordingEndpoint] = None):
+        super().__init__()
+        self.proxy = proxy
+        self.endpoint = listener
+
+    def __getattr__(self, name):
+        # only reached for names the service itself lacks
+        proxy = self.__dict__.get("proxy")
+        if proxy is None or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(proxy, name)
+
+    def startService(self):
+        tune_garbage_collector()
+        super().startService()
+
+    def address(self):
+        """The (host, port) the daemon listens on (useful when started on port 0)."""
+        port = self.endpoint.port if self.endpoint is not None else None
+        if port is None:
+            return None
+        host = port.getHost()
+        return host.host, host.port
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        yield defer.maybeDeferred(super().stopService)
+        yield defer.ensureDeferred(self.proxy.close())
