@@ -7,17 +7,11 @@ import pytest_twisted
 from twisted.internet import reactor
 
 from clproxy import config as configuration
-from clproxy.accounts.model import Account
-from clproxy.proxy.dispatch import DispatchSettings, Dispatcher, ProxyRequest
+from clproxy.daemon.assemble import build_proxy, serve
+from clproxy.proxy.dispatch import ProxyRequest
 from clproxy.testing.providers import listen_fake_gemini, listen_fake_openai
-from clproxy.http.openai import install
-from clproxy.routing.pool import AccountPool
-from clproxy.routing.router import Router
 from clproxy.proxy.sse import SSEParser
-from clproxy.state.memory import MemoryStateStore
-from clproxy.providers.translation import Translation
 from clproxy.proxy.upstream import UpstreamClient
-from clproxy.http.site import ProxySite, StatusReport, build_root
 
 
 @pytest.fixture
@@ -147,52 +141,33 @@ def claude_request(stream=False, model="claude-sonnet-4-5", path=b"/v1/messages"
 
 
 class TranslationDaemon:
-    """The daemon's pieces wired as tap.makeService does, plus translation and the front door."""
+    """A whole daemon from a config dict (build_proxy, as the tap does), listening on a free port."""
 
-    def __init__(self, config: dict, options=None):
+    def __init__(self, config: dict, home: str):
         cfg = load(config)
         self.config = cfg
-        self.store = MemoryStateStore()
-        self.pool = AccountPool(self.store, strategy=cfg.routing.strategy, clock=reactor)
-        self.upstream = UpstreamClient(reactor, connect_timeout=cfg.server.connect_timeout)
-        accounts = tuple(Account(key=f"config:{a.name}", name=a.name, secret=a.api_key or "",
-                                 base_url=a.base_url or cfg.providers.anthropic.base_url)
-                         for a in cfg.accounts)
-        self.router = Router.from_config(cfg.routing)
-        self.translation = Translation(clock=reactor, upstream=self.upstream, providers=cfg.providers,
-                                       keepalive_interval=cfg.server.keepalive_interval,
-                                       upstream_timeout=cfg.server.upstream_timeout, store=self.store)
-        self.dispatcher = Dispatcher(
-            clock=reactor, upstream=self.upstream, pool=self.pool, store=self.store,
-            accounts=lambda: accounts,
-            settings=DispatchSettings(upstream_timeout=cfg.server.upstream_timeout,
-                                      request_deadline=cfg.server.request_deadline),
-            router=self.router, translation=self.translation,
-            fallback=self.translation.fallback_hook(self.router.fallback_chain))
-        status = StatusReport(clock=reactor, pool=self.pool, store=self.store, accounts=lambda: accounts,
-                              strategy=lambda: self.pool.strategy, started=reactor.seconds())
-        root = build_root(self.dispatcher, status)
-        install(root.children[b"v1"], self.dispatcher, self.router, cfg.server.max_body_bytes)
-        self.site = ProxySite(root, max_body_bytes=cfg.server.max_body_bytes)
-        self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
-        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+        self.proxy = build_proxy(cfg, clock=reactor, reactor=reactor, environ={}, home=home)
+        self.store, self.pool, self.dispatcher = self.proxy.store, self.proxy.pool, self.proxy.dispatcher
+        self.router, self.translation = self.dispatcher.router, self.proxy.translation
+        self.service = serve(self.proxy, "tcp:0:interface=127.0.0.1", reactor)
+        self.service.startService()
+        host, port = self.service.address()
+        self.url = f"http://{host}:{port}"
 
     async def counters(self):
         return await self.store.counters()
 
     def stop(self):
-        d = self.port.stopListening()
-        d.addBoth(lambda _: self.upstream.close())
-        return d
+        return self.service.stopService()
 
 
 @pytest.fixture
-def start_daemon():
+def start_daemon(tmp_path):
     """Start a translation-enabled daemon from a config dict; stopped after the test."""
     running = []
 
     def start(config):
-        daemon = TranslationDaemon(config)
+        daemon = TranslationDaemon(config, str(tmp_path / f"home-{len(running)}"))
         running.append(daemon)
         return daemon
 

@@ -78,38 +78,6 @@ def proxy(argv: List[str]) -> int:
     return commands[command](rest)
 
 
-def start_options():
-    """The daemon's options plus the lifecycle ones (Claude Code settings, guard) if tap lacks them."""
-    from clproxy.daemon import runstate
-    from clproxy.daemon.tap import Options
-
-    names = {p[0] for p in Options.optParameters} | {f[0] for f in Options.optFlags}
-    extra_parameters = [p for p in runstate.OPTION_PARAMETERS if p[0] not in names]
-    extra_flags = [f for f in runstate.OPTION_FLAGS if f[0] not in names]
-    if not extra_parameters and not extra_flags:
-        return Options()
-
-    class StartOptions(Options):
-        optParameters = list(Options.optParameters) + extra_parameters
-        optFlags = list(Options.optFlags) + extra_flags
-
-    return StartOptions()
-
-
-def _fallback_chain(service, options, environ) -> list:
-    from clproxy import config as configuration
-    from clproxy.daemon import runstate
-    from clproxy.daemon.tap import effective_environment
-
-    cfg = getattr(service, "config", None)
-    if cfg is None:
-        try:
-            cfg = configuration.load_config(options.get("config"), effective_environment(options, environ)).config
-        except Exception:
-            return []
-    return runstate.chain_of(cfg)
-
-
 def start(argv: List[str], environ: Mapping[str, str] = os.environ) -> int:
     """Run the daemon in the foreground until interrupted (SIGINT/SIGTERM drain, then exit)."""
     from twisted.internet import reactor
@@ -117,9 +85,9 @@ def start(argv: List[str], environ: Mapping[str, str] = os.environ) -> int:
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
     from clproxy.daemon import runstate
-    from clproxy.daemon.tap import effective_environment, makeService
+    from clproxy.daemon.tap import Options, makeService
 
-    options = start_options()
+    options = Options()
     try:
         options.parseOptions(argv)
     except usage.UsageError as e:
@@ -127,11 +95,10 @@ def start(argv: List[str], environ: Mapping[str, str] = os.environ) -> int:
         sys.stderr.write(f"clproxy proxy start: {e} (`clproxy proxy start --help` lists the options)\n")
         return 2
     try:
-        service = makeService(options, reactor)
-        env = effective_environment(options, environ)
-        chain = _fallback_chain(service, options, environ)
-        lifecycle = runstate.attach_lifecycle(service, options, env, fallback_chain=lambda: chain,
-                                              config_path=options.get("config"))
+        # the same service as `twistd -n claudeproxy`, lifecycle (state file, Claude Code's
+        # settings, guard) included: nothing is wired here
+        service = makeService(options, reactor, environ)
+        lifecycle = service.lifecycle
     except SystemExit as e:
         sys.stderr.write(f"{e}\n")
         return 1

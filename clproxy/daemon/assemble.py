@@ -26,7 +26,7 @@ from clproxy.accounts.refresh import TokenRefresher
 from clproxy.accounts.tokenstore import StoredCredential, TokenStore, TokenStoreError
 from clproxy.daemon import runstate
 from clproxy.daemon.drain import Drainer
-from clproxy.daemon.reload import ConfigWatcher, install_sighup, restart_needed
+from clproxy.daemon.reload import ConfigWatcher, restart_needed
 from clproxy.daemon.upkeep import AccountUpkeep
 from clproxy.http.openai import install as install_front_door
 from clproxy.http.site import ProxySite, StatusReport, build_root
@@ -365,3 +365,19 @@ class ProxyService(service.MultiService):
     def stopService(self):
         yield defer.maybeDeferred(super().stopService)
         yield defer.ensureDeferred(self.proxy.close())
+
+
+def serve(proxy: Proxy, description: str, reactor) -> ProxyService:
+    """The daemon's top service: ``proxy``'s services, then a listener on the endpoint string
+    ``description`` (``tcp:55669:interface=127.0.0.1``) serving its site. Not started."""
+    from twisted.application import internet
+    from twisted.internet import endpoints
+
+    endpoint = RecordingEndpoint(endpoints.serverFromString(reactor, description))
+    top = ProxyService(proxy, endpoint)
+    for child in proxy.services:
+        child.setServiceParent(top)
+    listener = internet.StreamServerEndpointService(endpoint, proxy.site)
+    listener._raiseSynchronously = True  # as strports.service does: a port in use fails startService
+    listener.setServiceParent(top)
+    return top

@@ -8,15 +8,13 @@ listener on an endpoint string (``tcp:55669:interface=127.0.0.1``) to a ``MultiS
 import os
 from typing import Mapping, Optional
 
-from twisted.application import internet
 from twisted.internet import endpoints
 from twisted.logger import LogLevel
 from twisted.python import usage
 
 from clproxy import config as configuration
 from clproxy.daemon import runstate
-from clproxy.daemon.assemble import (ProxyService, RecordingEndpoint, build_proxy, check_home,
-                                     effective_environment)
+from clproxy.daemon.assemble import build_proxy, check_home, effective_environment, serve
 from clproxy.daemon.reload import install_sighup
 from clproxy.integrations import claude_settings
 from clproxy.observe import console
@@ -106,14 +104,7 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
                         config_path=options.get("config"), strategy=options.get("strategy"),
                         passthrough=bool(options.get("passthrough")), debug=bool(options.get("debug")),
                         health_interval=float(options.get("health-interval") or 30.0))
-    endpoint = RecordingEndpoint(endpoints.serverFromString(
-        reactor, listen_description(options["host"], options["port"])))
-    top = ProxyService(proxy, endpoint)
-    for child in proxy.services:
-        child.setServiceParent(top)
-    listener = internet.StreamServerEndpointService(endpoint, proxy.site)
-    listener._raiseSynchronously = True  # as strports.service does: a port in use fails startService
-    listener.setServiceParent(top)
+    top = serve(proxy, listen_description(options["host"], options["port"]), reactor)
     install_sighup(proxy.watcher, reactor)
     # after the listener: the lifecycle starts once the port is bound and stops first (Claude
     # Code's settings restored before the port closes)
