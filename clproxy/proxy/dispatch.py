@@ -110,7 +110,7 @@ class TimedSink:
     hot path pays nothing for the wrapper.
     """
 
-    def __init__(self, out: IResponseSink, record):
+    def __init__(self, out, record):
         self._out = out
         self._record = record
         self.write = out.write
@@ -198,7 +198,7 @@ class Dispatcher:
         #: the streams being relayed right now (for /status, draining and tests)
         self.streams = set()
 
-    async def forward(self, request: ProxyRequest, out: IResponseSink) -> None:
+    async def forward(self, request: ProxyRequest, out) -> None:
         """Answer ``request`` through ``out`` (any :class:`clproxy.interfaces.IResponseSink`).
 
         The request's record is made here and stays with the dispatcher (``request.record``): the
