@@ -228,3 +228,64 @@ class IStateLifecycle(Interface):
 
     def close():
         """Release connections and timers; a Deferred that fires when done."""
+
+
+class IResponseSink(Interface):
+    """Where the dispatcher writes one client's answer (``Dispatcher.forward(request, out)``).
+
+    The dispatcher, the translation path and the fallback chain write only through this; an
+    implementation turns it into bytes on a connection (``clproxy.http.site.ClientResponse``),
+    another API's shapes (``clproxy.http.openai.OpenAIResponseAdapter``) or an answer kept in
+    memory (``clproxy.http.openai.CapturedResponse``). A sink knows nothing of the request's
+    record: the dispatcher keeps and times that itself.
+
+    An answer is either whole (``send`` or ``send_error``) or a stream (``start``, any number of
+    ``write``, ``finish``). Once the client went away, or the answer is finished, every writing
+    method does nothing: callers may call them without checking first.
+    """
+
+    disconnected = Attribute(
+        "True once nothing more can reach the client: it went away, or the answer was finished. "
+        "The dispatcher checks it before each new attempt and stops when it is True.")
+    started = Attribute(
+        "True once the status line went out (``start``, ``send``): from then on an error can only "
+        "be told as an error event inside the answer.")
+    status = Attribute(
+        "The status the client was answered with (an int), None until the answer started; the "
+        "dispatcher reads it when the request ends (None then means the client left first: 499).")
+
+    def on_disconnect(cancel):
+        """Call ``cancel()`` (no arguments) if the client goes away from now on.
+
+        Each call replaces the previous callback: the dispatcher registers the cancel of the
+        upstream step in progress (the request, the body read, the stream relay).
+        """
+
+    def start(status, headers):
+        """Begin a streamed answer: the status line and headers (a list of ``(name, [values])``).
+
+        The answer is committed from here on (``started`` True, ``status`` set).
+        """
+
+    def write(data):
+        """Write body bytes of a streamed answer, as they are and in call order."""
+
+    def finish():
+        """End the streamed answer (``disconnected`` becomes True)."""
+
+    def send(status, headers, body):
+        """A whole answer in one go: status, headers (``(name, [values])``) and body bytes."""
+
+    def send_error(error):
+        """Answer with ``error`` (a :class:`clproxy.errors.ProxyError`) in the sink's API shape.
+
+        Before ``start``: a whole error answer with ``error.status`` and its headers
+        (``Retry-After`` ...). After ``start``: an error event in the stream, then the end.
+        """
+
+    def register_producer(producer):
+        """Let the client's side pause ``producer`` (the upstream's ``IPushProducer``) when it
+        cannot keep up (backpressure); a sink without a connection ignores it."""
+
+    def unregister_producer():
+        """Undo :meth:`register_producer` (before ``finish``)."""

@@ -1,4 +1,5 @@
-"""Test helpers: raw HTTP clients that see bytes and timings, and the anthropic SDK off the reactor thread."""
+"""Test helpers: raw HTTP clients that see bytes and timings, the anthropic SDK off the reactor thread,
+and a recording response sink."""
 
 import json
 from typing import List, Optional, Tuple
@@ -8,7 +9,10 @@ from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
+from clproxy.errors import error_event
+from clproxy.interfaces import IResponseSink
 from clproxy.proxy.sse import SSEParser
 from clproxy.proxy.upstream import BytesProducer
 
@@ -98,3 +102,85 @@ def request_body(stream: bool = False, model: str = "claude-sonnet-4-5", **extra
     # keys out of order, odd spacing, escaped and raw unicode mixed: any re-encoding would show
     text = json.dumps(doc, indent=1, ensure_ascii=True).replace('"max_tokens": 64', '"max_tokens" :64')
     return text.encode("utf-8")
+
+
+@implementer(IResponseSink)
+class RecordingSink:
+    """An :class:`~clproxy.interfaces.IResponseSink` that records what was written (the client's view
+    of a raw Anthropic answer) and can play the client going away (:meth:`disconnect`)."""
+
+    def __init__(self):
+        self.disconnected = False
+        self.started = False
+        self.status: Optional[int] = None
+        self.headers: list = []
+        self.writes: List[bytes] = []
+        self.finished = False
+        self.cancel = None
+        self.producer = None
+        self.errors: list = []
+
+    def on_disconnect(self, cancel):
+        self.cancel = cancel
+
+    def start(self, status, headers):
+        if self.disconnected:
+            return
+        self.started = True
+        self.status = status
+        self.headers = list(headers)
+
+    def write(self, data):
+        if not self.disconnected:
+            self.writes.append(data)
+
+    def finish(self):
+        if not self.disconnected:
+            self.finished = True
+            self.disconnected = True
+
+    def send(self, status, headers, body):
+        if self.disconnected:
+            return
+        self.start(status, headers)
+        self.write(body)
+        self.finish()
+
+    def send_error(self, error):
+        if self.disconnected:
+            return
+        self.errors.append(error)
+        if self.started:
+            self.write(error_event(error.message, error.error_type))
+            self.finish()
+            return
+        self.send(error.status, [(b"content-type", [b"application/json"])]
+                  + [(n, [v]) for n, v in error.headers], error.body())
+
+    def register_producer(self, producer):
+        self.producer = producer
+
+    def unregister_producer(self):
+        self.producer = None
+
+    def disconnect(self):
+        """The client goes away."""
+        self.disconnected = True
+        cancel, self.cancel = self.cancel, None
+        if cancel is not None:
+            cancel()
+
+    # -- reading what was written ---------------------------------------------------------------
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.writes)
+
+    def header(self, name: bytes):
+        for key, values in self.headers:
+            if key.lower() == name.lower():
+                return values[0]
+        return None
+
+    def events(self):
+        """The SSE events written, as (name, parsed data)."""
+        return [(e.name, json.loads(e.data)) for e in SSEParser().feed(self.body)]

@@ -12,10 +12,12 @@ from typing import Callable, List, Optional, Tuple
 
 from twisted.internet import defer
 from twisted.web import resource, server
+from zope.interface import implementer
 
 from clproxy.proxy import sse
 from clproxy.proxy.dispatch import ProxyRequest
-from clproxy.errors import ProxyError
+from clproxy.errors import ProxyError, error_event
+from clproxy.interfaces import IResponseSink
 from clproxy.observe.console import logger
 from clproxy.translate.claude import TranslationError
 from clproxy.translate.openai import ClaudeStreamToOpenAI, claude_to_openai_response, openai_to_claude_request
@@ -107,6 +109,7 @@ def _frame(chunk: dict) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
+@implementer(IResponseSink)
 class OpenAIResponseAdapter:
     """A ``ClientResponse`` stand-in that answers an OpenAI client with what the dispatcher writes.
 
@@ -347,8 +350,13 @@ def _internal_error(failure, out) -> None:
     out.send_error(ProxyError(500, "clproxy hit an internal error; see the daemon's log"))
 
 
+@implementer(IResponseSink)
 class CapturedResponse:
-    """An ``out`` that keeps a whole answer in memory (for requests clproxy makes on its own behalf)."""
+    """An ``out`` that keeps a whole answer in memory (for requests clproxy makes on its own behalf).
+
+    Its "client" is the code that made it: :meth:`abandon` is that code giving up (the upstream
+    step in progress is cancelled, as when a real client goes away).
+    """
 
     def __init__(self):
         self.disconnected = False
@@ -357,35 +365,56 @@ class CapturedResponse:
         self.headers: list = []
         self.chunks: List[bytes] = []
         self.done: defer.Deferred = defer.Deferred()
+        self._cancel: Optional[Callable[[], None]] = None
 
     @property
     def body(self) -> bytes:
         return b"".join(self.chunks)
 
     def on_disconnect(self, cancel) -> None:
-        pass
+        self._cancel = cancel
+
+    def abandon(self) -> None:
+        """Stop waiting for the answer: cancel the upstream step in progress, keep nothing more."""
+        if self.disconnected:
+            return
+        self.disconnected = True
+        cancel, self._cancel = self._cancel, None
+        if cancel is not None:
+            cancel()
+        self.finish()
 
     def start(self, status, headers) -> None:
+        if self.disconnected:
+            return
         self.started = True
         self.status, self.headers = status, list(headers)
 
     def write(self, data: bytes) -> None:
-        self.chunks.append(data)
+        if not self.disconnected:
+            self.chunks.append(data)
 
     def finish(self) -> None:
+        self.disconnected = True  # the answer is complete: nothing more is kept
         if not self.done.called:
             self.done.callback(self)
 
     def send(self, status, headers, body: bytes) -> None:
+        if self.disconnected:
+            return
         self.start(status, headers)
         self.write(body)
         self.finish()
 
     def send_error(self, error: ProxyError) -> None:
+        if self.disconnected:
+            return
         if self.started:
+            self.write(error_event(error.message, error.error_type))
             self.finish()
             return
-        self.send(error.status, [(n, [v]) for n, v in error.headers], error.body())
+        self.send(error.status, [(b"content-type", [JSON])] + [(n, [v]) for n, v in error.headers],
+                  error.body())
 
     def register_producer(self, producer) -> None:
         pass

@@ -16,7 +16,10 @@ from clproxy.observe.console import logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
 
+from zope.interface import implementer
+
 from clproxy import __version__
+from clproxy.interfaces import IResponseSink
 from clproxy.proxy.dispatch import ProxyRequest
 from clproxy.errors import ProxyError, error_event
 
@@ -25,6 +28,7 @@ log = logger(__name__)
 JSON = b"application/json"
 
 
+@implementer(IResponseSink)
 class ClientResponse:
     """Writes one answer to one client request; the dispatcher's only handle on the connection.
 
@@ -38,8 +42,6 @@ class ClientResponse:
         self.started = False
         #: the status sent to the client (None until the response starts)
         self.status: Optional[int] = None
-        #: the request's clproxy.observe.recorder.RequestRecord, told when the first byte goes out
-        self.record = None
         self._cancel: Optional[Callable[[], None]] = None
         request.notifyFinish().addErrback(self._gone)
 
@@ -59,8 +61,6 @@ class ClientResponse:
             return
         self.started = True
         self.status = status
-        if self.record is not None:
-            self.record.first_byte()
         request = self._request
         request.setResponseCode(status)
         set_header = request.responseHeaders.setRawHeaders

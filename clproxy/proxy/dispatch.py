@@ -18,6 +18,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from clproxy.observe.console import logger
 from twisted.web.http_headers import Headers
+from zope.interface import implementer
 
 from clproxy.routing import policy
 from clproxy.accounts.model import Account
@@ -26,6 +27,7 @@ from clproxy.proxy.shaping import HOP_BY_HOP, CloakingPipeline
 from clproxy.routing.router import Target
 from clproxy.translate.claude import strip_foreign_thinking
 from clproxy.errors import ProxyError, error_event, error_type_for
+from clproxy.interfaces import IResponseSink
 from clproxy.observe.recorder import (TRACE_HEADERS, Observability, model_from_message, usage_from_event,
                                usage_from_message, usage_from_sse_tail)
 from clproxy.proxy.upstream import FirstEventFailed, StreamRelay, UpstreamError, read_body
@@ -57,7 +59,8 @@ class ProxyRequest:
     #: the path the client called when it is not ``path`` (the OpenAI front door translates
     #: ``/v1/chat/completions`` into ``/v1/messages``); logs and metrics name this one
     client_path: Optional[bytes] = None
-    #: the clproxy.observe.recorder.RequestRecord of this request (set by Dispatcher.forward)
+    #: the clproxy.observe.recorder.RequestRecord of this request (set by Dispatcher.forward; the
+    #: translation path reads it here). Never on the response sink.
     record: object = attr.ib(default=None, eq=False, repr=False)
 
 
@@ -95,6 +98,54 @@ def is_event_stream(response_headers: Headers) -> bool:
     """True when the upstream answered with ``text/event-stream``."""
     values = response_headers.getRawHeaders(b"content-type") or [b""]
     return values[0].split(b";")[0].strip().lower() == b"text/event-stream"
+
+
+@implementer(IResponseSink)
+class TimedSink:
+    """``out`` as the dispatcher uses it: the same sink, telling ``record`` when the first byte goes out.
+
+    The time to first byte belongs to the request's record, not to the sink; wrapping keeps every
+    sink (and the translation and fallback paths, which write to it too) free of recording.
+    ``write`` and the other per-chunk calls are the inner sink's own bound methods: a stream's
+    hot path pays nothing for the wrapper.
+    """
+
+    def __init__(self, out, record):
+        self._out = out
+        self._record = record
+        self.write = out.write
+        self.finish = out.finish
+        self.on_disconnect = out.on_disconnect
+        self.register_producer = out.register_producer
+        self.unregister_producer = out.unregister_producer
+
+    @property
+    def disconnected(self) -> bool:
+        return self._out.disconnected
+
+    @property
+    def started(self) -> bool:
+        return self._out.started
+
+    @property
+    def status(self) -> Optional[int]:
+        return self._out.status
+
+    def _first_byte(self) -> None:
+        if not self._out.disconnected and not self._out.started:
+            self._record.first_byte()
+
+    def start(self, status: int, headers) -> None:
+        self._first_byte()
+        self._out.start(status, headers)
+
+    def send(self, status: int, headers, body: bytes) -> None:
+        self._first_byte()
+        self._out.send(status, headers, body)
+
+    def send_error(self, error: ProxyError) -> None:
+        self._first_byte()
+        self._out.send_error(error)
 
 
 class _Answered(Exception):
@@ -148,11 +199,16 @@ class Dispatcher:
         self.streams = set()
 
     async def forward(self, request: ProxyRequest, out) -> None:
-        """Answer ``request`` through ``out`` (a :class:`clproxy.http.site.ClientResponse`)."""
-        record = request.record = out.record = self.obs.begin(
+        """Answer ``request`` through ``out`` (any :class:`clproxy.interfaces.IResponseSink`).
+
+        The request's record is made here and stays with the dispatcher (``request.record``): the
+        sink is wrapped so the record hears of the first byte, and never holds the record itself.
+        """
+        record = request.record = self.obs.begin(
             request_id=request.request_id, method=request.method,
             path=request.client_path or request.path, model=request.model,
             stream=request.stream, headers=request.headers, body=request.body)
+        out = TimedSink(out, record)
         try:
             await self._forward(request, out)
         except ProxyError as e:

@@ -1,0 +1,339 @@
+"""The dispatcher, unit-tested in memory: the fake Anthropic resource behind an in-memory agent, a task.Clock.
+
+No socket is opened (the reactor's listen/connect methods are made to fail for every test here):
+the upstream client's Agent talks HTTP/1.1 bytes to ``clproxy.testing.anthropic.FakeAnthropic``
+through ``clproxy.testing.memory.MemoryAgent``. Each test asserts the verdicts the dispatcher
+reached, attempt by attempt, and what the client's sink received.
+"""
+
+import json
+import math
+
+import attr
+import pytest
+from twisted.internet import defer, reactor, task
+
+from clproxy.accounts.model import API_KEY, OAUTH, Account
+from clproxy.errors import ProxyError
+from clproxy.http.openai import OpenAIResponseAdapter
+from clproxy.observe.recorder import Observability
+from clproxy.proxy.dispatch import DispatchSettings, Dispatcher, ProxyRequest
+from clproxy.proxy.upstream import UpstreamClient
+from clproxy.routing import policy
+from clproxy.routing.pool import AccountPool
+from clproxy.state.memory import MemoryStateStore
+from clproxy.testing.anthropic import FakeAnthropic, error_json, text_stream
+from clproxy.testing.memory import MemoryAgent
+
+from helpers import RecordingSink
+
+BASE = "http://anthropic.memory"
+
+
+@pytest.fixture(autouse=True)
+def no_socket(monkeypatch):
+    """Any attempt to listen or connect on the real reactor fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a test of the dispatcher in memory opened a socket")
+    for name in ("listenTCP", "connectTCP", "listenUNIX", "connectUNIX", "listenSSL", "connectSSL"):
+        monkeypatch.setattr(reactor, name, refuse, raising=False)
+
+
+class _Pool(AccountPool):
+    """The real pool, also keeping every verdict it is told, in order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.verdicts = []
+
+    async def record(self, account, verdict):
+        self.verdicts.append((account.name, verdict))
+        await super().record(account, verdict)
+
+
+class StubRefresher:
+    """The refresher's interface (``fresh(account, force)``): a forced refresh hands out the next token."""
+
+    def __init__(self, tokens):
+        self._tokens = list(tokens)
+        self.calls = []
+
+    async def fresh(self, account, force=False):
+        self.calls.append((account.name, force))
+        if not force:
+            return account
+        return attr.evolve(account, secret=self._tokens.pop(0))
+
+
+class Harness:
+    """A dispatcher over the fake Anthropic resource in memory, on one task.Clock."""
+
+    def __init__(self, accounts, refresher=None, **settings):
+        self.clock = task.Clock()
+        self.clock.advance(1_000_000)  # a realistic "now", so absolute cooldowns are large numbers
+        self.fake = FakeAnthropic(reactor=self.clock)
+        self.agent = MemoryAgent(self.fake, self.clock)
+        self.store = MemoryStateStore()
+        self.pool = _Pool(self.store, clock=self.clock)
+        self.accounts = accounts
+        self.dispatcher = Dispatcher(
+            clock=self.clock, upstream=UpstreamClient(self.clock, agent=self.agent), pool=self.pool,
+            store=self.store, accounts=lambda: self.accounts, settings=DispatchSettings(**settings),
+            refresher=refresher, observability=Observability(clock=self.clock, logs_dir=None))
+
+    def forward(self, request, out, advance=()):
+        """Run one request to its end; ``advance``: clock steps (seconds) to take while it runs."""
+        d = defer.ensureDeferred(self.dispatcher.forward(request, out))
+        self.agent.flush()
+        for seconds in advance:
+            self.clock.advance(seconds)
+            self.agent.flush()
+        assert d.called, "the dispatcher did not finish"
+        failures = []
+        d.addErrback(failures.append)
+        if failures:
+            failures[0].raiseException()
+
+    def verdicts(self):
+        """(account name, action, status, reason) per attempt, in order."""
+        return [(name, v.action, v.status, v.reason) for name, v in self.pool.verdicts]
+
+    async def states(self):
+        return await self.store.get_account_states([a.key for a in self.accounts])
+
+
+def api(name, secret=None, **kwargs):
+    return Account(key=f"config:{name}", name=name, kind=API_KEY, secret=secret or f"sk-{name}",
+                   base_url=BASE, **kwargs)
+
+
+def oauth(name, secret, **kwargs):
+    return Account(key=f"anthropic:{name}", name=name, kind=OAUTH, secret=secret, base_url=BASE,
+                   expires_at=2e9, **kwargs)
+
+
+def messages(stream=False) -> ProxyRequest:
+    body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": stream,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    return ProxyRequest(method=b"POST", path=b"/v1/messages", query=b"",
+                        headers=[(b"content-type", b"application/json"),
+                                 (b"anthropic-version", b"2023-06-01")],
+                        body=body, model="claude-sonnet-4-5", stream=stream)
+
+
+def run(coroutine):
+    """Run a coroutine that only awaits Deferreds already fired (the memory store's)."""
+    d = defer.ensureDeferred(coroutine)
+    assert d.called
+    return d.result
+
+
+def test_no_socket_guard_is_armed():
+    with pytest.raises(AssertionError, match="opened a socket"):
+        reactor.listenTCP(0, None)
+
+
+def test_a_whole_answer_in_memory():
+    h = Harness([api("work")])
+    out = RecordingSink()
+    request = messages()
+    h.forward(request, out)
+    assert h.verdicts() == [("work", policy.SUCCESS, 200, policy.OK)]
+    assert out.status == 200 and out.finished
+    assert json.loads(out.body)["type"] == "message"
+    assert h.fake.requests[0].credential == "sk-work"
+    assert request.record.ttfb == 0.0 and request.record.finished
+    assert h.agent.requests == 1
+
+
+def test_429_fails_over_to_the_next_account_and_cools_the_first():
+    h = Harness([api("first"), api("second")])
+    h.fake.script("sk-first", status=429, headers={"retry-after": "30"},
+                  body=error_json(429, "rate_limit_error", "Number of requests has exceeded your rate limit"))
+    out = RecordingSink()
+    h.forward(messages(), out)
+    assert h.verdicts() == [("first", policy.COOL, 429, policy.RATE_LIMITED),
+                            ("second", policy.SUCCESS, 200, policy.OK)]
+    assert h.pool.verdicts[0][1].cooldown == 30.0
+    assert out.status == 200 and json.loads(out.body)["type"] == "message"
+    states = run(h.states())
+    assert states["config:first"].cooling_until == h.clock.seconds() + 30.0
+    assert states["config:second"].cooling_until <= h.clock.seconds()
+
+
+def test_401_refreshes_and_retries_the_same_account_with_the_new_token():
+    refresher = StubRefresher(["token-new"])
+    h = Harness([oauth("max", "token-old"), api("spare")], refresher=refresher)
+    h.fake.revoke("token-old")
+    out = RecordingSink()
+    request = messages()
+    h.forward(request, out)
+    assert h.verdicts() == [("max", policy.REFRESH, 401, policy.AUTH),
+                            ("max", policy.SUCCESS, 200, policy.OK)]
+    assert refresher.calls == [("max", False), ("max", True)]
+    assert [r.credential for r in h.fake.requests] == ["token-old", "token-new"]
+    assert out.status == 200
+    assert request.record.refreshes == 1
+    assert run(h.states())["anthropic:max"].cooling_until <= h.clock.seconds()  # a refresh is no cooldown
+
+
+def test_a_first_attempt_whose_fresh_connection_breaks_is_retried_on_the_next_account():
+    # the bootstrap of an attempt: its connection is reset before any response; nothing reached
+    # the client, so the request goes on at once to the next account, and nobody is cooled
+    h = Harness([api("first"), api("second")])
+    h.fake.script("sk-first", reset=True, times=1)
+    out = RecordingSink()
+    h.forward(messages(), out)
+    [(name, action, status, reason), second] = h.verdicts()
+    assert (name, action, status, reason) == ("first", policy.NEXT, None, policy.NETWORK)
+    assert second == ("second", policy.SUCCESS, 200, policy.OK)
+    assert h.agent.requests == 2  # two connections: the broken one and the next account's
+    assert out.status == 200
+    assert all(s.cooling_until <= h.clock.seconds() for s in run(h.states()).values())
+
+
+def test_an_upstream_silent_past_the_timeout_is_left_for_the_next_account():
+    h = Harness([api("slow"), api("quick")], upstream_timeout=20.0)
+    h.fake.script("sk-slow", delay=60.0)
+    out = RecordingSink()
+    h.forward(messages(), out, advance=[20.0])
+    assert h.verdicts() == [("slow", policy.NEXT, None, policy.NETWORK),
+                            ("quick", policy.SUCCESS, 200, policy.OK)]
+    assert "timeout after 20 s" in h.pool.verdicts[0][1].detail
+    assert out.status == 200
+
+
+@pytest.mark.parametrize("cut", [dict(end_before_first=True), dict(cut_after=0)],
+                         ids=["ended-cleanly", "connection-closed"])
+def test_a_stream_cut_before_its_first_event_goes_to_the_next_account(cut):
+    h = Harness([api("first"), api("second")])
+    h.fake.script("sk-first", times=1, **cut)
+    out = RecordingSink()
+    h.forward(messages(stream=True), out)
+    assert h.verdicts() == [("first", policy.NEXT, None, policy.NETWORK),
+                            ("second", policy.SUCCESS, 200, policy.OK)]
+    assert "before its first event" in h.pool.verdicts[0][1].detail
+    # the client saw one stream only: the second account's, whole
+    assert out.status == 200
+    names = [name for name, _ in out.events()]
+    assert names[0] == "message_start" and names[-1] == "message_stop" and names.count("message_start") == 1
+
+
+def test_a_stream_truncated_after_commit_ends_with_an_error_event():
+    h = Harness([api("first"), api("second")])
+    h.fake.script("sk-first", cut_after=4)  # message_start, block start, ping, one delta
+    out = RecordingSink()
+    request = messages(stream=True)
+    h.forward(request, out)
+    # committed: the first event was good, so the account's attempt is a success and no other
+    # account is tried (the client already has part of this answer)
+    assert h.verdicts() == [("first", policy.SUCCESS, 200, policy.OK)]
+    events = out.events()
+    assert [name for name, _ in events[:4]] == ["message_start", "content_block_start", "ping",
+                                               "content_block_delta"]
+    name, data = events[-1]
+    assert name == "error" and data["error"]["type"] == "api_error"
+    assert "broke off the stream" in data["error"]["message"]
+    assert "message_stop" not in [n for n, _ in events]
+    assert out.status == 200 and out.finished
+    assert request.record.truncated
+    assert run(h.store.counters())["truncated_streams"] == 1
+
+
+def test_a_whole_stream_reaches_the_client_in_order():
+    h = Harness([api("work")])
+    h.fake.script("sk-work", events=text_stream(["one", " two", " three"]))
+    out = RecordingSink()
+    h.forward(messages(stream=True), out)
+    deltas = [d["delta"]["text"] for n, d in out.events() if n == "content_block_delta"]
+    assert deltas == ["one", " two", " three"]
+    assert out.producer is None  # registered for backpressure, then unregistered before the end
+
+
+def test_exhaustion_answers_429_with_the_earliest_recovery_as_retry_after():
+    h = Harness([api("a"), api("b")])
+    for name, wait in (("sk-a", "40"), ("sk-b", "25")):
+        h.fake.script(name, status=429, headers={"retry-after": wait},
+                      body=error_json(429, "rate_limit_error", "rate limited"))
+    out = RecordingSink()
+    h.forward(messages(), out)
+    assert h.verdicts() == [("a", policy.COOL, 429, policy.RATE_LIMITED),
+                            ("b", policy.COOL, 429, policy.RATE_LIMITED)]
+    assert out.status == 429
+    [error] = out.errors
+    assert isinstance(error, ProxyError) and error.error_type == "rate_limit_error"
+    states = run(h.states())
+    earliest = min(s.cooling_until for s in states.values())
+    assert out.header(b"retry-after") == str(math.ceil(earliest - h.clock.seconds())).encode() == b"25"
+    assert "all 2 accounts are unavailable (2 cooling down" in json.loads(out.body)["error"]["message"]
+
+
+def test_exhaustion_by_overload_relays_anthropics_529():
+    h = Harness([api("a"), api("b")])
+    for name in ("sk-a", "sk-b"):
+        h.fake.script(name, status=529, headers={"retry-after": "3"},
+                      body=error_json(529, "overloaded_error", "Overloaded"))
+    out = RecordingSink()
+    h.forward(messages(), out)
+    assert h.verdicts() == [("a", policy.NEXT, 529, policy.OVERLOADED),
+                            ("b", policy.NEXT, 529, policy.OVERLOADED)]
+    # overload cools nobody: the truth is Anthropic's own answer, with its Retry-After
+    assert out.status == 529 and out.header(b"retry-after") == b"3"
+    assert json.loads(out.body)["error"]["type"] == "overloaded_error"
+
+
+def test_the_client_leaving_mid_stream_cancels_the_upstream():
+    h = Harness([api("work")])
+    h.fake.script("sk-work", events=text_stream(["a", "b", "c", "d"]), pace=1.0)
+    out = RecordingSink()
+    request = messages(stream=True)
+    d = defer.ensureDeferred(h.dispatcher.forward(request, out))
+    h.agent.flush()
+    h.clock.advance(1.0)
+    h.agent.flush()
+    assert out.started and not d.called
+    out.disconnect()
+    h.agent.flush()
+    h.clock.advance(10.0)
+    h.agent.flush()
+    assert d.called
+    assert h.agent.open_connections == 0  # the upstream connection was closed, not leaked
+    assert out.status == 200 and not out.finished
+
+
+def test_the_openai_adapter_gets_its_time_to_first_byte_recorded():
+    # the record was attached to the adapter before, whose inner response never saw it: an
+    # OpenAI front-door request had no time to first byte
+    h = Harness([api("work")])
+    inner = RecordingSink()
+    request = messages()
+    h.forward(request, OpenAIResponseAdapter(inner, "claude-sonnet-4-5", False, now=lambda: 0.0))
+    assert inner.status == 200 and json.loads(inner.body)["object"] == "chat.completion"
+    assert request.record.ttfb is not None
+
+
+def test_the_memory_agent_serves_a_resource_byte_for_byte():
+    import treq
+    from twisted.web.resource import Resource
+
+    class Echo(Resource):
+        isLeaf = True
+
+        def render_POST(self, request):
+            request.setHeader(b"content-type", b"text/plain")
+            return request.path + b" " + request.content.read()
+
+    clock = task.Clock()
+    agent = MemoryAgent(Echo(), clock)
+    from clproxy.proxy.upstream import BytesProducer
+    d = agent.request(b"POST", b"http://any.host:1234/v1/x", None, BytesProducer(b"\x00body\xff"))
+    responses = []
+    d.addCallback(responses.append)
+    assert responses == []  # nothing moves until flushed
+    agent.flush()
+    [response] = responses
+    assert response.code == 200
+    body = treq.content(response)
+    agent.flush()
+    assert body.result == b"/v1/x \x00body\xff"
+    assert agent.open_connections == 0
