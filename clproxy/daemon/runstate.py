@@ -335,7 +335,7 @@ class Lifecycle(service.Service):
     def _start_guard(self) -> None:
         spawn = self.spawn_guard
         if spawn is None:
-            from clproxy.cli.guard import spawn
+            from clproxy.daemon.guard_spawn import spawn
         try:
             self.guard_pid = spawn(pid=self.pid, state=self.path, url=self.state["url"], environ=self.environ)
         except Exception as e:  # the proxy works without it; say so
