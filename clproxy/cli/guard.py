@@ -7,7 +7,7 @@ back out of Claude Code's settings, so Claude Code goes direct instead of failin
 import argparse
 import os
 import sys
-from typing import Any, Callable, Mapping, Optional, Sequence, TextIO
+from typing import Any, Callable, Mapping, Optional, Sequence, TextIO, cast
 
 from twisted.internet import defer, task
 
@@ -199,8 +199,8 @@ def main(argv: Sequence[str], *, stdout: TextIO = sys.stdout, stderr: TextIO = s
 
 def _run_foreground(pid: int, path: str, url: str, interval: float, failures: int, stdout: TextIO) -> int:
     from twisted.internet import reactor
-    from twisted.logger import (FilteringLogObserver, LogLevel, PredicateResult, globalLogBeginner,
-                                textFileLogObserver)
+    from twisted.logger import (FilteringLogObserver, ILogFilterPredicate, LogLevel, PredicateResult,
+                                globalLogBeginner, textFileLogObserver)
 
     def ours_or_serious(event) -> PredicateResult:
         # The probe's HTTP client announces every connection; keep the guard's log to what it decides.
@@ -209,7 +209,9 @@ def _run_foreground(pid: int, path: str, url: str, interval: float, failures: in
             return PredicateResult.maybe
         return PredicateResult.no
 
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(stdout), [ours_or_serious])],
+    # A plain function is a valid predicate (Twisted calls it); cast() says so to the type checker.
+    predicate = cast(ILogFilterPredicate, ours_or_serious)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(stdout), [predicate])],
                                      redirectStandardIO=False)
     guard = Guard(clock=reactor, pid=pid, state_path=path, probe=http_probe(reactor, url),
                   interval=interval, failures=failures)

@@ -118,7 +118,7 @@ def _parse_document(text: str, source: str, warnings: List[str]) -> Any:
             return json.loads(text, object_pairs_hook=_unique_json_object)
         except _DuplicateJSONKey as e:
             raise ConfigError(source, f'invalid JSON: duplicate key "{e.key}"', source=source) from None
-        except ValueError as json_error:
+        except json.JSONDecodeError as json_error:
             json_problem = f"{json_error.msg} (column {json_error.colno})"
             # A YAML flow mapping also starts with "{". Accept it, but say so: broken JSON can be
             # valid YAML with another meaning (`"a": }` is a null).

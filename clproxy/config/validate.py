@@ -9,7 +9,7 @@ import math
 import re
 import types
 from difflib import get_close_matches
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union, overload
 
 import attr
 
@@ -204,6 +204,12 @@ class _Reader:
         if isinstance(value, float) and not math.isfinite(value):
             return None
         return value
+
+    @overload
+    def positive_int(self, value: Any, path: str, default: int) -> int: ...
+
+    @overload
+    def positive_int(self, value: Any, path: str, default: None) -> Optional[int]: ...
 
     def positive_int(self, value: Any, path: str, default: Optional[int]) -> Optional[int]:
         if value is _ABSENT:
