@@ -48,6 +48,11 @@ setup(
             "hypothesis>=6",
             "opentelemetry-sdk>=1.30",
             "opentelemetry-exporter-otlp-proto-http>=1.30",
+            # scripts/lint, run by tests/test_lint.py (settings in pyproject.toml); pinned to a minor
+            # version so that a new release cannot turn CI red with new checks overnight
+            "ruff>=0.17,<0.18",
+            "mypy>=2.4,<2.5",
+            "mypy-zope>=1.0.17",
         ],
     },
     entry_points={"console_scripts": ["clproxy = clproxy.cli.main:main"]},

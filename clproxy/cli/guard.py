@@ -6,23 +6,19 @@ back out of Claude Code's settings, so Claude Code goes direct instead of failin
 
 import argparse
 import os
-import subprocess
 import sys
-from typing import Any, Callable, List, Mapping, Optional, Sequence, TextIO
+from typing import Any, Callable, Mapping, Optional, Sequence, TextIO, cast
 
 from twisted.internet import defer, task
 
-from clproxy import config as configuration
 from clproxy.daemon import runstate
+# Launching the guard is the daemon's job (daemon/ never imports cli/); the command reuses it.
+from clproxy.daemon.guard_spawn import FAILURES, INTERVAL, spawn
 from clproxy.observe import console
 
 log = console.logger(__name__)
 
-INTERVAL = 1.0
-FAILURES = 3
 PROBE_TIMEOUT = 3.0
-#: Popen objects of guards started by this process (kept so they are not reported as leaked).
-_spawned: List[subprocess.Popen] = []
 
 
 class Guard:
@@ -142,28 +138,6 @@ def http_probe(reactor, url: str, timeout: float = PROBE_TIMEOUT) -> Callable[[]
     return probe
 
 
-def _python_path(environ: Mapping[str, str]) -> str:
-    source = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return os.pathsep.join(filter(None, [source, environ.get("PYTHONPATH")]))
-
-
-def spawn(*, pid: int, state: str, url: str, environ: Mapping[str, str] = os.environ,
-          interval: float = INTERVAL, failures: int = FAILURES) -> int:
-    """Start a detached guard (its own session, stdin closed, output to ``$CLPROXY_HOME/logs/guard.log``)."""
-    env = dict(environ)
-    env["PYTHONPATH"] = _python_path(environ)
-    logs = os.path.join(configuration.clproxy_home(environ), "logs")
-    os.makedirs(logs, mode=0o700, exist_ok=True)
-    with open(os.path.join(logs, "guard.log"), "ab") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "clproxy", "proxy", "guard", "--foreground", "--pid", str(pid),
-             "--state", state, "--url", url, "--interval", str(interval), "--failures", str(failures)],
-            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env, cwd="/",
-            close_fds=True, start_new_session=True)
-    _spawned.append(process)
-    return process.pid
-
-
 def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clproxy proxy guard",
@@ -225,8 +199,8 @@ def main(argv: Sequence[str], *, stdout: TextIO = sys.stdout, stderr: TextIO = s
 
 def _run_foreground(pid: int, path: str, url: str, interval: float, failures: int, stdout: TextIO) -> int:
     from twisted.internet import reactor
-    from twisted.logger import (FilteringLogObserver, LogLevel, PredicateResult, globalLogBeginner,
-                                textFileLogObserver)
+    from twisted.logger import (FilteringLogObserver, ILogFilterPredicate, LogLevel, PredicateResult,
+                                globalLogBeginner, textFileLogObserver)
 
     def ours_or_serious(event) -> PredicateResult:
         # The probe's HTTP client announces every connection; keep the guard's log to what it decides.
@@ -235,7 +209,9 @@ def _run_foreground(pid: int, path: str, url: str, interval: float, failures: in
             return PredicateResult.maybe
         return PredicateResult.no
 
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(stdout), [ours_or_serious])],
+    # A plain function is a valid predicate (Twisted calls it); cast() says so to the type checker.
+    predicate = cast(ILogFilterPredicate, ours_or_serious)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(textFileLogObserver(stdout), [predicate])],
                                      redirectStandardIO=False)
     guard = Guard(clock=reactor, pid=pid, state_path=path, probe=http_probe(reactor, url),
                   interval=interval, failures=failures)

@@ -18,6 +18,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 from twisted.application import service
 
 from clproxy import config as configuration
+from clproxy.daemon import guard_spawn
 from clproxy.state.files import atomic_write
 from clproxy.integrations import claude_settings
 from clproxy.observe import console
@@ -226,12 +227,14 @@ def ensure_not_running(path: str, alive: Optional[Callable[[Any], bool]] = None,
     settings change) and return it, logging why."""
     alive = alive or pid_alive
     status, state = inspect(path, alive, healthy)
-    if status == "running":
-        raise AlreadyRunning(state, path)
     if status == "corrupt":
         log.warn("removing unreadable proxy state file {path}", path=path)
         remove_state(path)
         return None
+    if state is None:  # "none": nothing recorded
+        return None
+    if status == "running":
+        raise AlreadyRunning(state, path)
     if status == "stale":
         reason = ("is gone" if not alive(state.get("pid")) else "is alive but its /health does not answer "
                   "(not a clproxy, or hung)")
@@ -277,10 +280,10 @@ class Lifecycle(service.Service):
     bound (and stops first). :meth:`cleanup` is idempotent and also registered with ``atexit``.
     """
 
-    name = "lifecycle"
+    name = "lifecycle"  # type: ignore[assignment]  # Service declares `name = None` without a type
 
     def __init__(self, *, path: str, address: Callable[[], Optional[Tuple[str, int]]],
-                 strategy: Callable[[], str], fallback_chain: Callable[[], Sequence[Mapping]] = list,
+                 strategy: Callable[[], Optional[str]], fallback_chain: Callable[[], Sequence[Mapping]] = list,
                  settings_path: Optional[str] = None, tool_search: Optional[str] = "true",
                  guard: bool = True, config_path: Optional[str] = None,
                  environ: Mapping[str, str] = os.environ, now: Callable[[], float] = time.time,
@@ -333,9 +336,8 @@ class Lifecycle(service.Service):
             self._start_guard()
 
     def _start_guard(self) -> None:
-        spawn = self.spawn_guard
-        if spawn is None:
-            from clproxy.cli.guard import spawn
+        spawn = self.spawn_guard if self.spawn_guard is not None else guard_spawn.spawn
+        assert self.state is not None  # written by startService before the guard starts
         try:
             self.guard_pid = spawn(pid=self.pid, state=self.path, url=self.state["url"], environ=self.environ)
         except Exception as e:  # the proxy works without it; say so
@@ -385,7 +387,7 @@ def lifecycle_enabled(options: Mapping[str, Any]) -> bool:
 
 def attach_lifecycle(top: service.MultiService, options: Mapping[str, Any],
                      environ: Mapping[str, str] = os.environ, *,
-                     strategy: Optional[Callable[[], str]] = None,
+                     strategy: Optional[Callable[[], Optional[str]]] = None,
                      fallback_chain: Callable[[], Sequence[Mapping]] = list,
                      config_path: Optional[str] = None,
                      alive: Optional[Callable[[Any], bool]] = None,
@@ -412,11 +414,13 @@ def attach_lifecycle(top: service.MultiService, options: Mapping[str, Any],
     if strategy is None:
         pool = getattr(top, "pool", None)
         strategy = (lambda: pool.strategy) if pool is not None else (lambda: options.get("strategy"))
+    # The tap attaches `address` (and below `lifecycle`) to its MultiService, which does not declare them.
+    address = top.address  # type: ignore[attr-defined]
     lifecycle = Lifecycle(
-        path=path, address=top.address, strategy=strategy, fallback_chain=fallback_chain,
+        path=path, address=address, strategy=strategy, fallback_chain=fallback_chain,
         settings_path=settings_path, tool_search=options.get("tool-search"),
         guard=not options.get("no-guard"), config_path=config_path, environ=environ)
     lifecycle.setServiceParent(top)
-    top.lifecycle = lifecycle
+    top.lifecycle = lifecycle  # type: ignore[attr-defined]
     return lifecycle
 

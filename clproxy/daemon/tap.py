@@ -24,8 +24,6 @@ __all__ = ["Options", "makeService", "main_options", "parse_port", "listen_descr
 
 log = console.logger(__name__)
 
-STRATEGIES = ("fill-first", "round-robin")
-
 
 class Options(usage.Options):
     """Options shared by ``twistd -n claudeproxy`` and ``clproxy proxy start``."""
@@ -55,9 +53,12 @@ class Options(usage.Options):
 
     def postOptions(self):
         self["port"] = parse_port(self["port"])
-        if self["strategy"] is not None and self["strategy"] not in STRATEGIES:
-            raise usage.UsageError(f"--strategy must be one of {', '.join(STRATEGIES)}, "
-                                   f"got {self['strategy']!r}")
+        if self["strategy"] is not None:
+            # The file's routing.strategy and --strategy share one parser, so they accept the same names.
+            try:
+                self["strategy"] = configuration.parse_strategy(self["strategy"])
+            except ValueError as e:
+                raise usage.UsageError(f"--strategy {e}, got {self['strategy']!r}") from None
         if self["health-interval"] <= 0:
             raise usage.UsageError("--health-interval must be a positive number of seconds")
         if self["debug"] and self["quiet"]:

@@ -8,13 +8,13 @@ import time
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 from clproxy.accounts.model import Account
+from clproxy.config.schema import STRATEGIES
 from clproxy.interfaces import IAtomicCooldown
 from clproxy.routing.policy import SUCCESS, Verdict
 from clproxy.state.model import OUTCOME_ERROR, OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS
 
 FILL_FIRST = "fill-first"
 ROUND_ROBIN = "round-robin"
-STRATEGIES = (FILL_FIRST, ROUND_ROBIN)
 
 #: ``Account.rate_limit`` is requests per this many seconds (a sliding window).
 RATE_WINDOW = 60.0

@@ -10,12 +10,17 @@ import json
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import attr
-from twisted.internet import reactor as default_reactor
 from twisted.web import resource, server
 
 from clproxy.proxy.sse import encode_event
 
 Events = List[Tuple[str, Dict[str, Any]]]
+
+
+def default_reactor() -> Any:
+    """The global reactor, imported only when a fake is given none: importing a fake must not install it."""
+    from twisted.internet import reactor
+    return reactor
 
 
 @attr.s(auto_attribs=True)
@@ -176,7 +181,8 @@ class LoopbackFake(resource.Resource):
     """A fake upstream that serves itself on a loopback port: ``listen()``, then ``url``."""
 
     isLeaf = True
-    reactor = default_reactor
+    #: the reactor to listen with; ``None``: the global one, looked up when listening
+    reactor: Any = None
     port = None
 
     def listen(self, port: int = 0, interface: str = "127.0.0.1"):
@@ -184,6 +190,8 @@ class LoopbackFake(resource.Resource):
         site = server.Site(self)
         site.displayTracebacks = False
         site.noisy = False
+        if self.reactor is None:
+            self.reactor = default_reactor()
         self.port = self.reactor.listenTCP(port, site, interface=interface)
         return self.port
 
@@ -201,7 +209,7 @@ class FakeAnthropic(LoopbackFake):
 
     def __init__(self, reactor=None):
         super().__init__()
-        self.reactor = reactor or default_reactor
+        self.reactor = reactor if reactor is not None else default_reactor()
         self.requests: List[Recorded] = []
         self._scripts: Dict[Optional[str], List[Script]] = {}
         self.default_stream: Events = text_stream()

@@ -11,10 +11,9 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 from urllib.parse import unquote
 
 import attr
-from twisted.internet import reactor as default_reactor
 from twisted.web import server
 
-from clproxy.testing.anthropic import LoopbackFake, Recorded
+from clproxy.testing.anthropic import LoopbackFake, Recorded, default_reactor
 
 Chunk = Union[Dict[str, Any], bytes]
 
@@ -180,7 +179,7 @@ class FakeProvider(LoopbackFake):
 
     def __init__(self, reactor=None):
         super().__init__()
-        self.reactor = reactor or default_reactor
+        self.reactor = reactor if reactor is not None else default_reactor()
         self.requests: List[Recorded] = []
         self._scripts: List[ProviderScript] = []
         self._held: List[Any] = []

@@ -1,455 +1,28 @@
-"""The proxy's configuration file: read YAML or JSON, interpolate ``${VAR}``, validate, freeze.
+"""Validation: turn the parsed, interpolated document into a frozen :class:`Config`.
 
-Everything here is pure (no reactor, no network); errors name the key path, never a secret.
+Errors name the key path as written (``accounts.anthropic[1].weight``) and never show a secret;
+unknown keys and plaintext keys become warnings.
 """
 
 import json
 import math
-import os
 import re
 import types
 from difflib import get_close_matches
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union, overload
 
 import attr
-import yaml
 
-__all__ = [
-    "ConfigError", "LoadedConfig", "Config", "AccountConfig", "ModelMapping", "FallbackTarget",
-    "RoutingConfig", "CloakingConfig", "AnthropicProvider", "OpenAIProvider", "GoogleProvider",
-    "ProvidersConfig", "ServerConfig", "StateConfig", "LoggingConfig",
-    "load_config", "parse_config", "load_env_file", "default_config_path", "clproxy_home",
-    "PROVIDERS", "STRATEGIES", "CLOAKING_MODES", "STATE_BACKENDS",
-]
-
-CONFIG_FILE_NAME = "proxy-config.yaml"
-
-#: Provider names a model mapping or fallback target may use, and the aliases that normalize to them.
-PROVIDERS = ("anthropic", "openai", "google-ai")
-PROVIDER_ALIASES = {"gemini": "google-ai", "google": "google-ai", "vertex": "google-ai",
-                    "google_ai": "google-ai", "googleai": "google-ai"}
-STRATEGIES = ("fill-first", "round-robin")
-# Round-robin already honours each account's weight, so "weighted" is the same strategy.
-STRATEGY_ALIASES = {"weighted-round-robin": "round-robin", "weighted": "round-robin"}
-CLOAKING_MODES = ("auto", "always", "never")
-STATE_BACKENDS = ("memory", "redis")
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used: ``path`` says where (a key path or ``file:line``), ``problem`` what.
-
-    ``str(error)`` is ``"<path>: <problem>"``, or just the problem when there is no path. Messages never
-    contain a secret value.
-    """
-
-    def __init__(self, path: str, problem: str, source: Optional[str] = None):
-        self.path = path
-        self.problem = problem
-        #: The file (or other source) being parsed when the error was found, when known.
-        self.source = source
-        super().__init__(f"{path}: {problem}" if path else problem)
-
-
-# --- the configuration, as frozen attrs classes ---------------------------------------------------
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class AccountConfig:
-    """One Anthropic account from ``accounts.anthropic[]``; ``api_key`` never appears in ``repr``.
-
-    An enabled account always has a non-empty ``api_key``. ``weight`` is an ``int`` when integral,
-    else a ``float``.
-    """
-
-    name: str
-    api_key: Optional[str] = attr.ib(default=None, repr=False)
-    base_url: Optional[str] = None
-    org_id: Optional[str] = None
-    weight: Union[int, float] = 1
-    enabled: bool = True
-    #: Requests per minute this account may be sent; ``None`` means no local limit.
-    rate_limit: Optional[int] = None
-    metadata: Mapping[str, Any] = attr.ib(factory=lambda: types.MappingProxyType({}), hash=False)
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class ModelMapping:
-    """Requests for ``from_model`` are sent to ``provider`` as ``to_model``."""
-
-    from_model: str
-    to_model: str
-    provider: str
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class FallbackTarget:
-    """One step of the fallback chain, tried when every Claude account is cooling down."""
-
-    provider: str
-    model: str
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class RoutingConfig:
-    """How accounts are picked and which models go where."""
-
-    strategy: str = "fill-first"
-    model_mappings: Tuple[ModelMapping, ...] = ()
-    fallback_chain: Tuple[FallbackTarget, ...] = ()
-    passthrough_models: Tuple[str, ...] = ()
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class CloakingConfig:
-    """Request transformation for OAuth accounts: the mode and per-plugin settings (read-only mapping)."""
-
-    mode: str = "auto"
-    plugins: Mapping[str, Any] = attr.ib(factory=lambda: types.MappingProxyType({}), hash=False)
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class AnthropicProvider:
-    """Anthropic's API and OAuth endpoints; ``refresh_before_expiry`` is in seconds."""
-
-    base_url: str = "https://api.anthropic.com"
-    oauth_token_url: str = "https://platform.claude.com/v1/oauth/token"
-    authorize_url: str = "https://claude.ai/oauth/authorize"
-    client_id: str = "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
-    redirect_uri: str = "https://platform.claude.com/oauth/code/callback"
-    scopes: Tuple[str, ...] = ("org:create_api_key", "user:profile", "user:inference",
-                               "user:sessions:claude_code", "user:mcp_servers", "user:file_upload")
-    refresh_before_expiry: float = 3600.0
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class OpenAIProvider:
-    """The OpenAI fallback provider; ``api_key`` defaults to ``$OPENAI_API_KEY`` when loaded from a file."""
-
-    base_url: str = "https://api.openai.com/v1"
-    api_key: Optional[str] = attr.ib(default=None, repr=False)
-    org_id: Optional[str] = None
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class GoogleProvider:
-    """The Gemini fallback provider; ``api_key`` defaults to ``$GEMINI_API_KEY``, else ``$GOOGLE_API_KEY``."""
-
-    base_url: str = "https://generativelanguage.googleapis.com"
-    api_key: Optional[str] = attr.ib(default=None, repr=False)
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class ProvidersConfig:
-    """Per-provider endpoints and keys (YAML keys ``anthropic``, ``openai``, ``google-ai``)."""
-
-    anthropic: AnthropicProvider = attr.Factory(AnthropicProvider)
-    openai: OpenAIProvider = attr.Factory(OpenAIProvider)
-    google_ai: GoogleProvider = attr.Factory(GoogleProvider)
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class ServerConfig:
-    """Limits and timeouts of the HTTP side; durations are seconds.
-
-    ``upstream_timeout`` is how long the upstream may stay silent; ``request_deadline`` is the overall
-    budget of one client request across all its attempts.
-    """
-
-    max_body_bytes: int = 32 * 1024 * 1024
-    upstream_timeout: float = 600.0
-    connect_timeout: float = 10.0
-    request_deadline: float = 900.0
-    max_connections_per_host: int = 1024
-    drain_timeout: float = 30.0
-    keepalive_interval: float = 15.0
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class StateConfig:
-    """Where shared state lives: in this process (``memory``) or in Redis."""
-
-    backend: str = "memory"
-    url: str = "redis://127.0.0.1:6379/0"
-    prefix: str = "clproxy"
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class LoggingConfig:
-    """JSONL logs: ``dir`` ``None`` means ``$CLPROXY_HOME/logs`` (callers resolve it)."""
-
-    dir: Optional[str] = None
-    retention_days: float = 7.0
-    max_total_mb: float = 500.0
-    debug_bodies: bool = False
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class Config:
-    """The whole validated configuration."""
-
-    version: int = 1
-    accounts: Tuple[AccountConfig, ...] = ()
-    routing: RoutingConfig = attr.Factory(RoutingConfig)
-    cloaking: CloakingConfig = attr.Factory(CloakingConfig)
-    providers: ProvidersConfig = attr.Factory(ProvidersConfig)
-    server: ServerConfig = attr.Factory(ServerConfig)
-    state: StateConfig = attr.Factory(StateConfig)
-    logging: LoggingConfig = attr.Factory(LoggingConfig)
-
-
-@attr.s(frozen=True, auto_attribs=True, kw_only=True)
-class LoadedConfig:
-    """A configuration with what loading it had to say: ``warnings`` (fix these) and ``notes`` (FYI).
-
-    ``source`` is the file it came from, or ``None`` when no file was found.
-    """
-
-    config: Config
-    warnings: Tuple[str, ...] = ()
-    notes: Tuple[str, ...] = ()
-    source: Optional[str] = None
-
-
-# --- locations and env files ----------------------------------------------------------------------
-
-
-def clproxy_home(environ: Mapping[str, str] = os.environ) -> str:
-    """``$CLPROXY_HOME`` (``~`` expanded), or ``~/.clproxy`` when it is unset or empty."""
-    home = environ.get("CLPROXY_HOME", "").strip()
-    if home:
-        return _expand_user(home, environ)
-    return _expand_user(os.path.join("~", ".clproxy"), environ)
-
-
-def default_config_path(environ: Mapping[str, str] = os.environ) -> str:
-    """Where the configuration file is looked for when none is named: ``$CLPROXY_HOME/proxy-config.yaml``."""
-    return os.path.join(clproxy_home(environ), CONFIG_FILE_NAME)
-
-
-def _expand_user(path: str, environ: Mapping[str, str]) -> str:
-    # Honour the given environ's HOME so tests and callers need not touch os.environ.
-    if path == "~" or path.startswith("~" + os.sep) or path.startswith("~/"):
-        home = environ.get("HOME") or os.path.expanduser("~")
-        return home + path[1:]
-    return os.path.expanduser(path)
-
-
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-def load_env_file(path: str) -> Dict[str, str]:
-    """Read ``KEY=VALUE`` lines (``export`` prefix, ``#`` comments, quotes and blank lines allowed).
-
-    A line that is not of that shape raises ``ConfigError("<path>:<line>", "expected KEY=VALUE")``;
-    the line itself is never quoted, since it may hold a secret.
-    """
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise ConfigError("", f"env file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(path, f"cannot read env file: {_os_reason(e)}") from None
-    result: Dict[str, str] = {}
-    for lineno, line in enumerate(lines, 1):
-        stripped = line.strip()
-        if not stripped or stripped.startswith("#"):
-            continue
-        if stripped.startswith("export ") or stripped.startswith("export\t"):
-            stripped = stripped[len("export"):].lstrip()
-        key, sep, value = stripped.partition("=")
-        key = key.strip()
-        parsed = _env_value(value.strip()) if sep else None
-        if not sep or not _ENV_NAME.match(key) or parsed is None:
-            raise ConfigError(f"{path}:{lineno}", "expected KEY=VALUE")
-        result[key] = parsed
-    return result
-
-
-def _env_value(value: str) -> Optional[str]:
-    """The value part of an env-file line without quotes or trailing comment; ``None`` if malformed."""
-    if value[:1] in ("'", '"'):
-        quote = value[0]
-        end = value.find(quote, 1)
-        if end < 0:
-            return None
-        rest = value[end + 1:].strip()
-        if rest and not rest.startswith("#"):
-            return None
-        return value[1:end]
-    # An unquoted value ends at a " #" comment, as in POSIX shells and dotenv.
-    match = re.search(r"\s#", value)
-    return value[:match.start()].rstrip() if match else value
-
-
-# --- loading --------------------------------------------------------------------------------------
-
-
-def load_config(path: Optional[str] = None, environ: Mapping[str, str] = os.environ) -> LoadedConfig:
-    """Load the configuration file at ``path`` (``None``: the default location).
-
-    A missing file at the default location gives the default configuration and a note saying where to
-    put one; a missing file that was named explicitly is a :class:`ConfigError`.
-    """
-    default = default_config_path(environ)
-    explicit = path is not None and os.path.abspath(_expand_user(path, environ)) != os.path.abspath(default)
-    target = _expand_user(path, environ) if path is not None else default
-    try:
-        with open(target, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError("", f"config file not found: {target}") from None
-        loaded = parse_config("", target, environ)
-        note = (f"no config file found at {target}; using defaults. To configure clproxy, create "
-                f"that file (see etc/proxy-config.example.yaml) or pass --config PATH")
-        return attr.evolve(loaded, notes=loaded.notes + (note,), source=None)
-    except OSError as e:
-        raise ConfigError(target, f"cannot read config file: {_os_reason(e)}", source=target) from None
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ConfigError(target, f"config file is not valid UTF-8 (byte offset {e.start})",
-                          source=target) from None
-    return parse_config(text, target, environ)
-
-
-def parse_config(text: str, source: str = "<string>",
-                 environ: Mapping[str, str] = os.environ) -> LoadedConfig:
-    """Parse configuration ``text`` (JSON when it starts with ``{``, else YAML) read from ``source``.
-
-    Raises :class:`ConfigError` on syntax errors (path ``"<source>:<line>"``) and on invalid values
-    (path is the key path, e.g. ``accounts.anthropic[1].weight``).
-    """
-    warnings: List[str] = []
-    document = _parse_document(text, source, warnings)
-    try:
-        document = _interpolate(document, "", environ, warnings)
-        config = _Reader(environ, warnings).config(document)
-    except ConfigError as e:
-        e.source = source
-        raise
-    return LoadedConfig(config=config, warnings=tuple(warnings), notes=(), source=source)
-
-
-def _parse_document(text: str, source: str, warnings: List[str]) -> Any:
-    """The document in ``text`` as plain Python data; a JSON slip read as YAML adds a warning."""
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text, object_pairs_hook=_unique_json_object)
-        except _DuplicateJSONKey as e:
-            raise ConfigError(source, f'invalid JSON: duplicate key "{e.key}"', source=source) from None
-        except ValueError as json_error:
-            json_problem = f"{json_error.msg} (column {json_error.colno})"
-            # A YAML flow mapping also starts with "{". Accept it, but say so: broken JSON can be
-            # valid YAML with another meaning (`"a": }` is a null).
-            try:
-                document = _load_yaml(text)
-            except yaml.YAMLError:
-                raise ConfigError(f"{source}:{json_error.lineno}", f"invalid JSON: {json_problem}",
-                                  source=source) from None
-            warnings.append(f"{source}:{json_error.lineno}: not valid JSON ({json_problem}); "
-                            f"read as YAML instead")
-            return document
-    try:
-        return _load_yaml(text)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        # Only the parser's own words: its str() quotes the offending line, which may hold a secret.
-        problem = "; ".join(p for p in (e.context, e.problem) if p) or "syntax error"
-        column = f" (column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(where, f"invalid YAML: {problem}{column}", source=source) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(source, f"invalid YAML: {type(e).__name__}", source=source) from None
-
-
-class _DuplicateJSONKey(ValueError):
-    def __init__(self, key: str):
-        super().__init__(key)
-        self.key = key
-
-
-def _unique_json_object(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
-    result: Dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateJSONKey(key)
-        result[key] = value
-    return result
-
-
-class _UniqueKeySafeLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that rejects a key given twice in one mapping instead of keeping the last."""
-
-    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, _value_node in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)
-                try:
-                    duplicate = key in seen
-                    seen.add(key)
-                except TypeError:  # an unhashable key; the base class reports it
-                    continue
-                if duplicate:
-                    raise yaml.constructor.ConstructorError(
-                        "while constructing a mapping", node.start_mark,
-                        f'found duplicate key "{key}"', key_node.start_mark)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_UniqueKeySafeLoader)  # noqa: S506 -- a SafeLoader subclass
-
-
-def _os_reason(error: Exception) -> str:
-    return getattr(error, "strerror", None) or type(error).__name__
-
-
-# --- environment interpolation --------------------------------------------------------------------
+from clproxy.config.schema import (
+    CLOAKING_MODES, PROVIDER_ALIASES, PROVIDERS, STATE_BACKENDS, AccountConfig, AnthropicProvider,
+    CloakingConfig, Config, ConfigError, FallbackTarget, GoogleProvider, LoggingConfig, ModelMapping,
+    OpenAIProvider, ProvidersConfig, RoutingConfig, ServerConfig, StateConfig, parse_strategy,
+)
 
 
 class _Interpolated(str):
     """A string value that contained ``${`` in the file: it came (partly) from the environment."""
 
-
-_REFERENCE = re.compile(r"\$(\$\{)|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}|\$\{")
-
-
-def _interpolate(value: Any, path: str, environ: Mapping[str, str], warnings: List[str]) -> Any:
-    """``value`` with ``${VAR}``, ``${VAR:-default}`` and ``$${`` resolved in every string, recursively."""
-    if isinstance(value, str):
-        if "${" not in value:
-            return value
-
-        def substitute(match: "re.Match[str]") -> str:
-            if match.group(1):
-                return "${"
-            name = match.group(2)
-            if name is None:
-                raise ConfigError(path, "malformed ${...} reference; write ${NAME} or ${NAME:-default} "
-                                        "(and $${ for a literal ${)")
-            current = environ.get(name)
-            default = match.group(3)
-            if default is not None:
-                return current if current else default
-            if current is None:
-                warnings.append(f"{path}: environment variable {name} is not set")
-                return ""
-            return current
-
-        return _Interpolated(_REFERENCE.sub(substitute, value))
-    if isinstance(value, dict):
-        return {k: _interpolate(v, _join(path, k), environ, warnings) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(v, f"{path}[{i}]", environ, warnings) for i, v in enumerate(value)]
-    return value
-
-
-# --- validation -----------------------------------------------------------------------------------
 
 _SECRET_KEYS = frozenset({"api_key", "token", "access_token", "refresh_token", "secret", "client_secret",
                           "password"})
@@ -632,6 +205,12 @@ class _Reader:
             return None
         return value
 
+    @overload
+    def positive_int(self, value: Any, path: str, default: int) -> int: ...
+
+    @overload
+    def positive_int(self, value: Any, path: str, default: None) -> Optional[int]: ...
+
     def positive_int(self, value: Any, path: str, default: Optional[int]) -> Optional[int]:
         if value is _ABSENT:
             return default
@@ -689,6 +268,15 @@ class _Reader:
         alias_text = f" (aliases: {', '.join(sorted(aliases))})" if aliases else ""
         raise ConfigError(path, f"must be one of {_quoted_list(allowed)}{alias_text}, "
                                 f"got {_shown(value, path)}")
+
+    @staticmethod
+    def strategy(value: Any, path: str) -> str:
+        if value is _ABSENT:
+            return RoutingConfig().strategy
+        try:
+            return parse_strategy(value)
+        except ValueError as e:
+            raise ConfigError(path, f"{e}, got {_shown(value, path)}") from None
 
     def provider(self, value: Any, path: str) -> str:
         if value is _ABSENT:
@@ -783,8 +371,7 @@ class _Reader:
 
     def routing(self, value: Any, path: str) -> RoutingConfig:
         keys = self.keys(value, path)
-        strategy = self.choice(*keys.get("strategy"), default="fill-first", allowed=STRATEGIES,
-                               aliases=STRATEGY_ALIASES)
+        strategy = self.strategy(*keys.get("strategy"))
         raw_mappings, mappings_path = keys.get("model_mappings", "model-mappings")
         mappings: List[ModelMapping] = []
         seen: Dict[str, int] = {}
@@ -925,6 +512,11 @@ class _Reader:
         )
         keys.finish()
         return logging
+
+
+def validate_document(document: Any, environ: Mapping[str, str], warnings: List[str]) -> Config:
+    """The :class:`Config` that ``document`` (parsed and interpolated) describes; warnings are appended."""
+    return _Reader(environ, warnings).config(document)
 
 
 def _env_key(environ: Mapping[str, str], *names: str) -> Optional[str]:
