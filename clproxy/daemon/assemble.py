@@ -60,7 +60,7 @@ def check_home(home: str) -> None:
                    errno.EROFS: "read-only file system",
                    errno.ENOTDIR: "a part of that path is a file, not a directory",
                    errno.EEXIST: "it is a file, not a directory", errno.ENOSPC: "no space left"}
-        reason = reasons.get(e.errno) or (e.strerror or type(e).__name__).lower()
+        reason = reasons.get(e.errno or 0) or (e.strerror or type(e).__name__).lower()
         raise SystemExit(f"clproxy: cannot write to {home} (CLPROXY_HOME): {reason}; "
                          f"set CLPROXY_HOME to a writable directory")
 
@@ -131,10 +131,9 @@ class SharedState(service.MultiService):
     instance-wide lock). The store is closed by :class:`ProxyService`, after the drain: requests
     still in flight use it."""
 
-    name = "shared-state"
-
     def __init__(self, store, tokens: TokenStore):
         super().__init__()
+        self.setName("shared-state")
         self.store, self.tokens = store, tokens
 
     def startService(self):
@@ -297,7 +296,7 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                               upstream_timeout=cfg.server.upstream_timeout, store=store)
     settings = DispatchSettings(passthrough=passthrough, upstream_timeout=cfg.server.upstream_timeout,
                                 request_deadline=cfg.server.request_deadline, config_path=config_path)
-    dispatcher = Dispatcher(clock=clock, upstream=upstream, pool=pool, store=store,
+    dispatcher: Dispatcher = Dispatcher(clock=clock, upstream=upstream, pool=pool, store=store,
                             accounts=directory.current, settings=settings, shaping=shaping,
                             router=Router.from_config(cfg.routing), refresher=refresher,
                             quotas=quotas, on_refreshed=directory.updated, translation=translation,
@@ -316,13 +315,14 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
     if load_config is None:
         def load_config(path):
             return configuration.load_config(path, environ)
-    proxy = Proxy(config=cfg, environ=environ, home=home, config_path=config_path, tokens=tokens,
+    # the watcher calls back into the proxy it belongs to (``proxy`` is bound before any reload)
+    watcher = ConfigWatcher(config_path, load_config, lambda reloaded: proxy.apply(reloaded), clock)
+    proxy: Proxy = Proxy(config=cfg, environ=environ, home=home, config_path=config_path, tokens=tokens,
                   store=store, pool=pool, upstream=upstream, directory=directory, refresher=refresher,
                   quotas=quotas, observability=obs, translation=translation, dispatcher=dispatcher,
                   status=status, drainer=drainer, root=root, site=site, upkeep=upkeep,
-                  shared_state=shared_state, watcher=None, strategy_override=strategy,
+                  shared_state=shared_state, watcher=watcher, strategy_override=strategy,
                   started_with=cfg)
-    proxy.watcher = ConfigWatcher(config_path, load_config, proxy.apply, clock)
     if not directory.current():
         log.warn("no Anthropic account yet: requests will be answered with 401 until you add one: "
                  "`clproxy auth login anthropic`, ANTHROPIC_API_KEY in the environment or --env-file, "
