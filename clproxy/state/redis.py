@@ -7,12 +7,15 @@ local mirror of the last known state that serves every call while Redis is unrea
 import itertools
 import json
 import math
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import attr
 import txredisapi
-from twisted.internet import defer
+from twisted.application import service
+from twisted.application.internet import ClientService, backoffPolicy
+from twisted.internet import defer, protocol
 from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -62,9 +65,15 @@ class _RedisDown(Exception):
     """One call could not be served by Redis; the store serves it from its local mirror."""
 
 
-def reconnect_delay(attempt: int) -> float:
-    """Seconds before reconnection attempt ``attempt + 1``: 0.5 s doubling up to 30 s."""
-    return min(RECONNECT_CAP, RECONNECT_FIRST * (2.0 ** min(max(0, attempt), 16)))
+def _no_jitter() -> float:
+    return 0.0
+
+
+#: ``ClientService``'s retry policy: seconds to wait after ``attempt`` failures in a row (1, 2 ...):
+#: 0.5 s doubling up to 30 s. No jitter: a handful of instances reconnecting at once costs Redis
+#: nothing, and a deterministic wait keeps the outage tests exact.
+reconnect_delay = backoffPolicy(initialDelay=RECONNECT_FIRST / 2, maxDelay=RECONNECT_CAP,
+                                factor=2.0, jitter=_no_jitter)
 
 
 def _scrub(text: str, target: RedisTarget) -> str:
@@ -78,49 +87,99 @@ def _scrub(text: str, target: RedisTarget) -> str:
 # --- the connection -------------------------------------------------------------------------------
 
 
-def txredisapi_connector(target: RedisTarget, reply_timeout: float, connect_timeout: float):
-    """A zero-argument callable opening one txredisapi connection to ``target``.
+def redis_endpoint(target: RedisTarget, connect_timeout: float, reactor=None):
+    """The client endpoint of ``target``: TCP with a connect timeout, inside TLS for ``rediss://``.
 
-    ``reconnect=False``: a txredisapi handler that reconnects by itself queues commands while
-    disconnected (they would hang through an outage), so :class:`RedisLink` reconnects instead.
+    Connections always go through the real reactor (the store's clock may be a ``task.Clock``)."""
+    if reactor is None:
+        from twisted.internet import reactor
+    endpoint = HostnameEndpoint(reactor, target.host, target.port, timeout=connect_timeout)
+    if target.tls:
+        from twisted.internet import ssl
+        endpoint = wrapClientTLS(ssl.optionsForClientTLS(target.host), endpoint)
+    return endpoint
+
+
+class RedisProtocolFactory(protocol.Factory):
+    """Builds the txredisapi protocol of one connection to ``target`` (it sends AUTH and SELECT
+    when connected) and remembers why the last one was refused.
+
+    ``stopTrying``, ``connectionError`` and ``isLazy`` are what txredisapi's protocol asks of its
+    factory when AUTH or SELECT fails (it then closes the connection); retrying is left to the
+    link's ``ClientService``.
     """
-    def connect() -> Deferred:
-        tls: Any = False
-        if target.tls:
-            from twisted.internet import ssl
-            tls = ssl.optionsForClientTLS(target.host)
-        return txredisapi.Connection(
-            host=target.host, port=target.port, dbid=target.db or None, reconnect=False,
-            password=target.password, username=target.username, ssl_context_factory=tls,
-            connectTimeout=connect_timeout, replyTimeout=reply_timeout, convertNumbers=False)
-    return connect
+
+    noisy = False
+    isLazy = False
+
+    def __init__(self, target: RedisTarget, reply_timeout: float):
+        self.target = target
+        self.reply_timeout = reply_timeout
+        self.refusal: Optional[str] = None
+
+    def buildProtocol(self, addr):
+        self.refusal = None
+        built = txredisapi.RedisProtocol(
+            charset="utf-8", replyTimeout=self.reply_timeout, password=self.target.password,
+            dbid=self.target.db or None, convertNumbers=False, username=self.target.username)
+        built.factory = self
+        return built
+
+    def stopTrying(self) -> None:
+        """Nothing to stop: the link's ClientService decides about reconnecting."""
+
+    def connectionError(self, why: str) -> None:
+        self.refusal = why
 
 
-class RedisLink:
-    """One connection to Redis, its loss and its recovery.
+class _WatchedEndpoint:
+    """An endpoint that reports each failed connection attempt (refused, timed out) to the link,
+    so :meth:`RedisLink.connect` can fail at the first one."""
 
-    ``run(op)`` calls ``op(handler)`` on the live connection; it fails fast with ``_RedisDown``
+    def __init__(self, endpoint, on_failure: Callable[[Failure], None]):
+        self._endpoint = endpoint
+        self._on_failure = on_failure
+
+    def connect(self, factory) -> Deferred:
+        def failed(failure):
+            self._on_failure(failure)
+            return failure
+        return self._endpoint.connect(factory).addErrback(failed)
+
+
+class RedisLink(service.Service):
+    """One connection to Redis, its loss and its recovery, on Twisted's ``ClientService``.
+
+    ``startService`` starts connecting; ``stopService`` stops retrying and closes the connection.
+    A connection is used once it has authenticated, selected its database and answered PING;
+    every failed attempt and every lost connection waits ``retry(failures in a row)`` seconds on
+    ``clock`` (:data:`reconnect_delay`) before the next attempt.
+
+    ``run(op)`` calls ``op(protocol)`` on the live connection; it fails fast with ``_RedisDown``
     when there is none, when the connection is lost or a reply takes longer than the reply timeout
-    (then the connection is dropped and reconnection starts with :func:`reconnect_delay` backoff on
-    ``clock``), or when Redis answers with an error. An outage is logged once, its end once, and
-    ``on_recovered`` runs after each reconnection.
+    (the connection is then dropped and reconnection starts), or when Redis answers with an error.
+    An outage is logged once, its end once, and ``on_recovered`` runs after each reconnection.
     """
 
-    def __init__(self, target: RedisTarget, clock, connector: Callable[[], Deferred], *,
-                 delay: Callable[[int], float] = reconnect_delay,
+    def __init__(self, target: RedisTarget, clock, endpoint, factory=None, *,
+                 retry: Callable[[int], float] = reconnect_delay,
+                 reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
                  on_recovered: Optional[Callable[[], Any]] = None):
         self.target = target
-        self._clock = clock
-        self._connector = connector
-        self._delay = delay
+        self._retry = retry
         self._on_recovered = on_recovered
+        self._factory = factory if factory is not None else RedisProtocolFactory(target,
+                                                                               reply_timeout)
+        self._client = ClientService(_WatchedEndpoint(endpoint, self._attempt_failed),
+                                     self._factory, retryPolicy=self._next_delay, clock=clock,
+                                     prepareConnection=self._prepare)
         self._handler = None
-        self._retry = None
-        self._connecting: Optional[Deferred] = None
-        self._attempt = 0
+        #: Failed attempts (and lost connections) in a row: ClientService forgets its own count as
+        #: soon as TCP connects, even when Redis then refuses us, which would retry in a loop.
+        self._failures = 0
+        self._waiters: List[Deferred] = []
         self._outage = False
-        self._closed = False
-        self._reported = set()
+        self._reported: set = set()
         #: Calls made through ``run``, and those Redis could not serve (diagnostics and tests).
         self.calls = 0
         self.failed_calls = 0
@@ -136,30 +195,92 @@ class RedisLink:
 
     @property
     def in_outage(self) -> bool:
-        """True from a lost connection until the next successful reconnection."""
+        """True from a lost connection (or a failed first attempt) until the next connection."""
         return self._outage
 
-    async def open(self) -> None:
-        """Connect and PING once; raises :class:`RedisUnavailable` (no reconnection) on failure."""
-        try:
-            self._handler = await self._connect_and_ping()
-        except Exception as e:  # any failure to connect is one answer: unavailable
-            raise RedisUnavailable("redis unavailable at {}: {}".format(
-                self.url, _scrub(_reason(e), self.target))) from None
+    # Service -----------------------------------------------------------------------------------
 
-    async def _connect_and_ping(self):
-        handler = await self._connector()
-        try:
-            reply = await handler.ping()
-            if reply != "PONG":
-                raise txredisapi.RedisError("unexpected PING reply")
-        except BaseException:
-            _disconnect(handler)
-            raise
-        return handler
+    def startService(self) -> None:
+        service.Service.startService(self)
+        self._client.startService()
+
+    def stopService(self) -> Deferred:
+        """Stop retrying and close the connection; fires once it is closed."""
+        service.Service.stopService(self)
+        self._handler = None
+        self._fail_waiters("the redis link was stopped")
+        return self._client.stopService()
+
+    def connect(self) -> Deferred:
+        """Start if not running and wait for a connection; fails with :class:`RedisUnavailable`
+        (naming the redacted URL) at the first failed attempt, while retrying goes on."""
+        if self._handler is not None:
+            return defer.succeed(None)
+        waiter: Deferred = Deferred()
+        self._waiters.append(waiter)
+        if not self.running:
+            self.startService()
+        return waiter
+
+    # Connecting --------------------------------------------------------------------------------
+
+    def _next_delay(self, _attempts: int) -> float:
+        self._failures += 1
+        return self._retry(self._failures)
+
+    def _prepare(self, proto) -> None:
+        # Returns at once: ClientService cannot take a connection lost before its preparation
+        # ended, so readiness (AUTH, SELECT, PING) is awaited here, beside it.
+        Deferred.fromCoroutine(self._await_ready(proto)).addCallbacks(
+            self._ready, self._refused, callbackArgs=(proto,), errbackArgs=(proto,))
+
+    async def _await_ready(self, proto) -> None:
+        # txredisapi closes a connection whose AUTH or SELECT failed: then it never gets ready.
+        lost = proto.whenDisconnected()
+        first = await defer.race([proto.whenConnected(), lost])
+        if first[0] == 1:
+            raise txredisapi.ConnectionError(getattr(self._factory, "refusal", None)
+                                             or "connection closed before it was ready")
+        reply = await proto.ping()
+        if reply != "PONG":
+            raise txredisapi.RedisError("unexpected PING reply")
+
+    def _ready(self, _, proto) -> None:
+        if not self.running or not proto.connected:
+            return
+        self._handler = proto
+        self._failures = 0
+        self._reported.clear()
+        proto.whenDisconnected().addCallback(lambda _: self._lost(proto, "connection lost"))
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+        if self._outage:
+            self._outage = False
+            log.info("redis available again at {url}; shared state is used again", url=self.url)
+            if self._on_recovered is not None:
+                defer.maybeDeferred(self._on_recovered).addErrback(self._replay_failed)
+
+    def _refused(self, failure: Failure, proto) -> None:
+        _abort(proto)  # ClientService sees the loss and retries after the backoff
+        self._attempt_failed(failure)
+
+    def _attempt_failed(self, failure: Failure) -> None:
+        if failure.check(defer.CancelledError) and not self.running:
+            return  # stopped while connecting: stopService answered the waiters
+        if self.running:
+            self._outage = True
+        self._fail_waiters(_scrub(_reason(failure.value), self.target))
+
+    def _fail_waiters(self, reason: str) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.errback(RedisUnavailable("redis unavailable at {}: {}".format(self.url, reason)))
+
+    # Using the connection ----------------------------------------------------------------------
 
     def run(self, op: Callable[[Any], Deferred]) -> Deferred:
-        """``op(handler)`` on the live connection; fails with ``_RedisDown`` when Redis cannot
+        """``op(protocol)`` on the live connection; fails with ``_RedisDown`` when Redis cannot
         answer."""
         self.calls += 1
         handler = self._handler
@@ -185,40 +306,13 @@ class RedisLink:
 
     def _lost(self, handler, reason: str) -> None:
         if self._handler is not handler:
-            return  # another call already noticed this connection's loss
+            return  # already noticed (or stopped on purpose)
         self._handler = None
-        _disconnect(handler)
+        _abort(handler)  # a stalled connection is dropped: ClientService reconnects
         if not self._outage:
             self._outage = True
             log.warn("redis unavailable at {url}, serving from local state ({reason})",
                      url=self.url, reason=reason)
-        self._schedule()
-
-    def _schedule(self) -> None:
-        if self._closed or self._retry is not None or self._connecting is not None:
-            return
-        delay = self._delay(self._attempt)
-        self._attempt += 1
-        self._retry = self._clock.callLater(delay, self._reconnect)
-
-    def _reconnect(self) -> None:
-        self._retry = None
-        self._connecting = Deferred.fromCoroutine(self._connect_and_ping())
-        self._connecting.addCallbacks(self._reconnected, self._reconnect_failed)
-
-    def _reconnected(self, handler) -> None:
-        self._connecting = None
-        if self._closed:
-            _disconnect(handler)
-            return
-        self._handler = handler
-        self._attempt = 0
-        self._reported.clear()
-        if self._outage:
-            self._outage = False
-            log.info("redis available again at {url}; shared state is used again", url=self.url)
-        if self._on_recovered is not None:
-            defer.maybeDeferred(self._on_recovered).addErrback(self._replay_failed)
 
     def _replay_failed(self, failure: Failure) -> None:
         if failure.check(_RedisDown):
@@ -226,33 +320,18 @@ class RedisLink:
         log.error("redis at {url}: writing the changes made during the outage failed: {error}",
                   url=self.url, error=_scrub(_reason(failure.value), self.target))
 
-    def _reconnect_failed(self, failure: Failure) -> None:
-        self._connecting = None
-        self._schedule()
-
-    def close(self) -> Deferred:
-        """Stop reconnecting and close the connection."""
-        self._closed = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        # An attempt in progress is left to finish (txredisapi cannot cancel one): it sees
-        # ``_closed`` and closes what it opened.
-        handler, self._handler = self._handler, None
-        return _disconnect(handler) if handler is not None else defer.succeed(None)
-
 
 def _reason(error: BaseException) -> str:
     text = str(error).strip()
     return "{}: {}".format(type(error).__name__, text) if text else type(error).__name__
 
 
-def _disconnect(handler) -> Deferred:
-    try:
-        d = defer.maybeDeferred(handler.disconnect)
-    except Exception:  # a half-open handler: nothing left to close
-        return defer.succeed(None)
-    return d.addErrback(lambda _: None)
+def _abort(proto) -> None:
+    """Drop a connection at once (a stalled peer would hold ``loseConnection`` back)."""
+    transport = getattr(proto, "transport", None)
+    if transport is not None:
+        abort = getattr(transport, "abortConnection", None) or transport.loseConnection
+        abort()
 
 
 # --- Lua ------------------------------------------------------------------------------------------
@@ -475,7 +554,7 @@ class _PendingWrites:
 
 
 @implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle)
-class RedisStateStore:
+class RedisStateStore(service.Service):
     """``IStateStore`` (and the shared tokens, quotas, cooldown extension and locks) in one Redis,
     shared by every instance that uses the same URL and ``prefix``.
 
@@ -496,6 +575,10 @@ class RedisStateStore:
     into TTLs (so expiry never depends on the Redis host's clock) and paces reconnection.
     ``on_token_write(key, record)`` persists the file copy of a token record; it is called before
     a record is written to Redis, and when a read shows a record changed by another instance.
+
+    **Lifecycle.** A service: ``startService`` connects (a :class:`RedisLink`, on Twisted's
+    ``ClientService``), ``stopService`` stops reconnecting and closes the connection;
+    ``connect``/``close`` (``IStateLifecycle``) do the same and ``connect`` waits for Redis.
     """
 
     def __init__(self, url: str, clock, *, prefix: str = "clproxy",
@@ -503,7 +586,7 @@ class RedisStateStore:
                  reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  reconnect: Callable[[int], float] = reconnect_delay,
-                 connector: Optional[Callable[[], Deferred]] = None):
+                 endpoint=None):
         self.target = parse_redis_url(url)
         self._clock = clock
         self._prefix = prefix
@@ -512,8 +595,8 @@ class RedisStateStore:
         self._pending = _PendingWrites()
         self._link = RedisLink(
             self.target, clock,
-            connector or txredisapi_connector(self.target, reply_timeout, connect_timeout),
-            delay=reconnect, on_recovered=self._replay)
+            endpoint if endpoint is not None else redis_endpoint(self.target, connect_timeout),
+            retry=reconnect, reply_timeout=reply_timeout, on_recovered=self._replay)
         # Members of rate windows must be unique across instances and calls.
         self._member_prefix = ":" + new_owner()[:12] + ":"
         self._sequence = itertools.count()
@@ -528,13 +611,29 @@ class RedisStateStore:
         """True while connected to Redis."""
         return self._link.up
 
+    def startService(self) -> None:
+        """Start connecting (and reconnecting whenever the connection is lost)."""
+        service.Service.startService(self)
+        if not self._link.running:
+            self._link.startService()
+
+    def stopService(self) -> Deferred:
+        """Stop reconnecting and close the connection (the mirror stays readable)."""
+        service.Service.stopService(self)
+        return self._link.stopService() if self._link.running else defer.succeed(None)
+
     def connect(self) -> Deferred:
-        """Connect and PING; fires with None, or fails with :class:`RedisUnavailable`."""
-        return Deferred.fromCoroutine(self._link.open())
+        """Start the service if it is not running and wait for the first connection (PINGed);
+        fires with None, or fails with :class:`RedisUnavailable` at the first failed attempt
+        (reconnection goes on: calls are served from the mirror until Redis answers)."""
+        waiting = self._link.connect()
+        if not self.running:
+            service.Service.startService(self)
+        return waiting
 
     def close(self) -> Deferred:
-        """Stop reconnecting and close the connection (the mirror stays readable)."""
-        return self._link.close()
+        """:meth:`stopService`, for ``IStateLifecycle``."""
+        return self.stopService() if self.running else defer.succeed(None)
 
     def _key(self, kind: str, key: str) -> str:
         return "{}:{}:{}".format(self._prefix, kind, key)
