@@ -8,7 +8,7 @@ from twisted.internet.task import deferLater
 
 from clproxy.state.redis import (RECONNECT_CAP, RedisLink, RedisStateStore, RedisUnavailable,
                                  reconnect_delay)
-from clproxy.state.redis_url import parse_redis_url
+from clproxy.state.redis.url import parse_redis_url
 from redis_fakes import FakeRedisFactory, ScriptedEndpoint
 from redis_server import private_redis, redis_server, unique_prefix  # noqa: F401  (fixtures)
 

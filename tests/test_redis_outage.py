@@ -12,7 +12,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 
 from clproxy.state.model import AccountState
 from clproxy.state.redis import RedisLink, RedisStateStore, TokenNotStored, reconnect_delay
-from clproxy.state.redis_url import parse_redis_url
+from clproxy.state.redis.url import parse_redis_url
 from redis_fakes import FakeRedisFactory, ScriptedEndpoint
 from redis_server import private_redis, unique_prefix  # noqa: F401  (fixture)
 

@@ -1,0 +1,535 @@
+"""The shared state store: every clproxy instance behind one Redis behaves as one proxy.
+
+Read-through (every read asks Redis; no cache), atomic read-modify-writes as Lua scripts, and a
+local mirror of the last known state that serves every call while Redis is unreachable.
+"""
+
+import itertools
+import json
+from typing import Any, Callable, Optional
+
+import attr
+from twisted.application import service
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens,
+                                IStateLifecycle, IStateStore)
+from clproxy.state.locks import LockToken, new_owner, poll_for_lock
+from clproxy.state.memory import token_version
+from clproxy.state.model import (OUTCOME_SUCCESS, TOKEN_VERSION_FIELD, AccountState, empty_stats,
+                                 validate_outcome)
+from clproxy.state.redis.link import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_REPLY_TIMEOUT, RedisDown,
+                                      RedisLink, reconnect_delay, redis_endpoint)
+from clproxy.state.redis.mirror import LocalMirror, fired
+from clproxy.state.redis.scripts import (ACCOUNT_STATS, EXTEND_COOLDOWN, PUT_TOKEN_IF_NEWER,
+                                         RATE_USAGE, RECORD_ATTEMPT, RECORD_OUTCOME, RELEASE_LOCK,
+                                         SET_COOLDOWN, TAKE_RATE_SLOT, num, px_ttl, script_op)
+from clproxy.state.redis.url import parse_redis_url
+
+# One namespace for the whole Redis store, whatever module logs (operators filter on it).
+log = Logger(namespace="clproxy.state.redis")
+
+#: A cooldown key outlives the end of its cooldown by this long (seconds), then vanishes.
+COOLDOWN_GRACE = 3600.0
+#: A 429 backoff level not raised again for this long (seconds) vanishes (reads as 0).
+LEVEL_TTL = 24 * 3600.0
+#: An account's stats hash not written for this long (seconds) vanishes.
+STATS_TTL = 30 * 24 * 3600.0
+#: A quota snapshot not replaced for this long (seconds) vanishes (longer than the 7-day window).
+QUOTA_TTL = 8 * 24 * 3600.0
+
+
+class TokenNotStored(Exception):
+    """A token record reached neither Redis nor its file copy; it is kept in memory and written to
+    Redis once it is reachable again. The message names the key, never the record."""
+
+
+def _json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _loads(blob) -> Optional[dict]:
+    if blob is None:
+        return None
+    value = json.loads(blob)
+    return value if isinstance(value, dict) else None
+
+
+@attr.s(auto_attribs=True)
+class _PendingWrites:
+    """What was written only to the mirror during an outage and must reach Redis on recovery
+    (bounded by the account keys touched)."""
+
+    forgets: set = attr.Factory(set)
+    cooldowns: set = attr.Factory(set)
+    tokens: set = attr.Factory(set)
+    token_deletes: set = attr.Factory(set)
+    quotas: set = attr.Factory(set)
+
+    def __len__(self):
+        return (len(self.forgets) + len(self.cooldowns) + len(self.tokens)
+                + len(self.token_deletes) + len(self.quotas))
+
+
+@implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle)
+class RedisStateStore(service.Service):
+    """``IStateStore`` (and the shared tokens, quotas, cooldown extension and locks) in one Redis,
+    shared by every instance that uses the same URL and ``prefix``.
+
+    **Consistency.** Every read goes to Redis (no cache), every read-modify-write is one Lua script,
+    so a change made through any instance is seen by every instance's next call: within one
+    request. While Redis is unreachable each instance serves from its :class:`LocalMirror` (the last
+    state it read or wrote, plus its own writes since) and diverges from the others until Redis is
+    back; then cooldowns, quota snapshots and token records written meanwhile are written to Redis
+    (counts made meanwhile stay local).
+
+    **Keys** (``P`` is the prefix, ``K`` an account key): ``P:cd:K`` cooldown end (expires
+    ``COOLDOWN_GRACE`` after it), ``P:lvl:K`` 429 level (``LEVEL_TTL``), ``P:stats:K`` hash of
+    counts (``STATS_TTL`` since the last write), ``P:rate:K`` sorted set of request times (at most
+    ``limit`` members, expires with the window), ``P:quota:K`` JSON (``QUOTA_TTL``), ``P:token:K``
+    JSON (no TTL), ``P:lock:NAME`` owner token (the lock's TTL), ``P:counters:all`` hash.
+
+    ``clock`` is the process's clock: times are passed in as everywhere, the clock only turns them
+    into TTLs (so expiry never depends on the Redis host's clock) and paces reconnection.
+    ``on_token_write(key, record)`` persists the file copy of a token record; it is called before
+    a record is written to Redis, and when a read shows a record changed by another instance.
+
+    **Lifecycle.** A service: ``startService`` connects (a :class:`RedisLink`, on Twisted's
+    ``ClientService``), ``stopService`` stops reconnecting and closes the connection;
+    ``connect``/``close`` (``IStateLifecycle``) do the same and ``connect`` waits for Redis.
+    """
+
+    def __init__(self, url: str, clock, *, prefix: str = "clproxy",
+                 on_token_write: Optional[Callable[[str, dict], Any]] = None,
+                 reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
+                 connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+                 reconnect: Callable[[int], float] = reconnect_delay,
+                 endpoint=None):
+        self.target = parse_redis_url(url)
+        self._clock = clock
+        self._prefix = prefix
+        self._on_token_write = on_token_write
+        self.mirror = LocalMirror()
+        self._pending = _PendingWrites()
+        self._link = RedisLink(
+            self.target, clock,
+            endpoint if endpoint is not None else redis_endpoint(self.target, connect_timeout),
+            retry=reconnect, reply_timeout=reply_timeout, on_recovered=self._replay)
+        # Members of rate windows must be unique across instances and calls.
+        self._member_prefix = ":" + new_owner()[:12] + ":"
+        self._sequence = itertools.count()
+
+    @property
+    def url(self) -> str:
+        """The Redis URL with any password redacted (safe to log)."""
+        return self.target.redacted
+
+    @property
+    def available(self) -> bool:
+        """True while connected to Redis."""
+        return self._link.up
+
+    def startService(self) -> None:
+        """Start connecting (and reconnecting whenever the connection is lost)."""
+        service.Service.startService(self)
+        if not self._link.running:
+            self._link.startService()
+
+    def stopService(self) -> Deferred:
+        """Stop reconnecting and close the connection (the mirror stays readable)."""
+        service.Service.stopService(self)
+        return self._link.stopService() if self._link.running else defer.succeed(None)
+
+    def connect(self) -> Deferred:
+        """Start the service if it is not running and wait for the first connection (PINGed);
+        fires with None, or fails with :class:`RedisUnavailable` at the first failed attempt
+        (reconnection goes on: calls are served from the mirror until Redis answers)."""
+        waiting = self._link.connect()
+        if not self.running:
+            service.Service.startService(self)
+        return waiting
+
+    def close(self) -> Deferred:
+        """:meth:`stopService`, for ``IStateLifecycle``."""
+        return self.stopService() if self.running else defer.succeed(None)
+
+    def _key(self, kind: str, key: str) -> str:
+        return "{}:{}:{}".format(self._prefix, kind, key)
+
+    def _ttl_until(self, until: float, grace: float) -> str:
+        return px_ttl(max(0.0, float(until) - self._clock.seconds()) + grace)
+
+    # IStateStore -------------------------------------------------------------------------------
+
+    def get_account_states(self, keys):
+        return Deferred.fromCoroutine(self._get_account_states(list(keys)))
+
+    async def _get_account_states(self, keys):
+        if not keys:
+            return {}
+        names = []
+        for key in keys:
+            names += [self._key("cd", key), self._key("lvl", key)]
+        try:
+            values = await self._link.run(lambda r: r.mget(names))
+        except RedisDown:
+            return await self.mirror.get_account_states(keys)
+        states = {}
+        for index, key in enumerate(keys):
+            until, level = values[2 * index], values[2 * index + 1]
+            states[key] = AccountState(float(until) if until else 0.0, int(level) if level else 0)
+        self.mirror.adopt_states(states)
+        return states
+
+    def set_cooldown(self, key, until, backoff_level):
+        return Deferred.fromCoroutine(self._set_cooldown(key, until, backoff_level))
+
+    async def _set_cooldown(self, key, until, backoff_level):
+        args = [num(until), self._ttl_until(until, COOLDOWN_GRACE), str(int(backoff_level)),
+                px_ttl(LEVEL_TTL)]
+        try:
+            await self._link.run(script_op(SET_COOLDOWN, [self._key("cd", key),
+                                                       self._key("lvl", key)], args))
+        except RedisDown:
+            self._pending.cooldowns.add(key)
+        await self.mirror.set_cooldown(key, until, backoff_level)
+
+    def record_attempt(self, key, now):
+        return Deferred.fromCoroutine(self._record_attempt(key, now))
+
+    async def _record_attempt(self, key, now):
+        try:
+            await self._link.run(script_op(RECORD_ATTEMPT, [self._key("stats", key)],
+                                       [num(now), px_ttl(STATS_TTL)]))
+        except RedisDown:
+            pass
+        await self.mirror.record_attempt(key, now)
+
+    def record_outcome(self, key, outcome, now, error=None):
+        problem = validate_outcome(outcome)
+        if problem is not None:
+            return defer.fail(problem)
+        return Deferred.fromCoroutine(self._record_outcome(key, outcome, now, error))
+
+    async def _record_outcome(self, key, outcome, now, error):
+        text = error if error is not None else outcome
+        keys = [self._key("stats", key), self._key("cd", key), self._key("lvl", key)]
+        try:
+            await self._link.run(script_op(RECORD_OUTCOME, keys,
+                                       [outcome, num(now), str(text), px_ttl(STATS_TTL)]))
+        except RedisDown:
+            if outcome == OUTCOME_SUCCESS:
+                self._pending.cooldowns.discard(key)
+        await self.mirror.record_outcome(key, outcome, now, error)
+
+    def take_rate_slot(self, key, now, limit, window=60.0):
+        if limit < 1:
+            return defer.succeed(False)
+        return Deferred.fromCoroutine(self._take_rate_slot(key, now, int(limit), window))
+
+    async def _take_rate_slot(self, key, now, limit, window):
+        member = num(now) + self._member_prefix + str(next(self._sequence))
+        args = [num(now), num(now - window), str(limit), member, px_ttl(window + 1.0)]
+        try:
+            taken = await self._link.run(script_op(TAKE_RATE_SLOT, [self._key("rate", key)], args))
+        except RedisDown:
+            return await self.mirror.take_rate_slot(key, now, limit, window)
+        if taken:
+            # The mirror's window holds this instance's requests only (see the class docstring).
+            await self.mirror.take_rate_slot(key, now, limit, window)
+        return bool(taken)
+
+    def rate_usage(self, key, now, window=60.0):
+        return Deferred.fromCoroutine(self._rate_usage(key, now, window))
+
+    async def _rate_usage(self, key, now, window):
+        try:
+            reply = await self._link.run(script_op(RATE_USAGE, [self._key("rate", key)],
+                                               ["(" + num(now - window)]))
+        except RedisDown:
+            return await self.mirror.rate_usage(key, now, window)
+        if not reply or not reply[0]:
+            return (0, None)
+        return (int(reply[0]), float(reply[1]))
+
+    def incr(self, counter, amount=1):
+        return Deferred.fromCoroutine(self._incr(counter, amount))
+
+    async def _incr(self, counter, amount):
+        try:
+            await self._link.run(
+                lambda r: r.hincrby(self._key("counters", "all"), counter, int(amount)))
+        except RedisDown:
+            pass
+        await self.mirror.incr(counter, amount)
+
+    def counters(self):
+        return Deferred.fromCoroutine(self._counters())
+
+    async def _counters(self):
+        try:
+            raw = await self._link.run(lambda r: r.hgetall(self._key("counters", "all")))
+        except RedisDown:
+            return await self.mirror.counters()
+        counters = {name: int(value) for name, value in raw.items()}
+        self.mirror.adopt_counters(counters)
+        return dict(counters)
+
+    def account_stats(self, keys):
+        return Deferred.fromCoroutine(self._account_stats(list(keys)))
+
+    async def _account_stats(self, keys):
+        if not keys:
+            return {}
+        names = []
+        for key in keys:
+            names += [self._key("stats", key), self._key("cd", key), self._key("lvl", key)]
+        try:
+            reply = await self._link.run(script_op(ACCOUNT_STATS, names, []))
+        except RedisDown:
+            return await self.mirror.account_stats(keys)
+        stats = {}
+        for index, key in enumerate(keys):
+            flat, until, level = reply[3 * index:3 * index + 3]
+            stats[key] = _stats_from(flat or [], until, level)
+            self.mirror.adopt_stats(key, stats[key])
+        return {key: dict(value) for key, value in stats.items()}
+
+    def forget(self, key):
+        return Deferred.fromCoroutine(self._forget(key))
+
+    async def _forget(self, key):
+        names = [self._key(kind, key) for kind in ("cd", "lvl", "stats", "rate", "quota")]
+        try:
+            await self._link.run(lambda r: r.delete(names))
+        except RedisDown:
+            self._pending.forgets.add(key)
+            self._pending.cooldowns.discard(key)
+            self._pending.quotas.discard(key)
+        await self.mirror.forget(key)
+
+    # IAtomicCooldown ---------------------------------------------------------------------------
+
+    def extend_cooldown(self, key, until, backoff_level=None):
+        return Deferred.fromCoroutine(self._extend_cooldown(key, until, backoff_level))
+
+    async def _extend_cooldown(self, key, until, backoff_level):
+        args = [num(until), self._ttl_until(until, COOLDOWN_GRACE),
+                "" if backoff_level is None else str(int(backoff_level)), px_ttl(LEVEL_TTL)]
+        try:
+            reply = await self._link.run(script_op(EXTEND_COOLDOWN, [self._key("cd", key),
+                                                                  self._key("lvl", key)], args))
+        except RedisDown:
+            self._pending.cooldowns.add(key)
+            return await self.mirror.extend_cooldown(key, until, backoff_level)
+        state = AccountState(float(reply[0]), int(reply[1]))
+        self.mirror.adopt_states({key: state})
+        return state
+
+    # ISharedTokens -----------------------------------------------------------------------------
+
+    def get_token_record(self, key):
+        return Deferred.fromCoroutine(self._get_token_record(key))
+
+    async def _get_token_record(self, key):
+        try:
+            blob = await self._link.run(lambda r: r.get(self._key("token", key)))
+        except RedisDown:
+            return await self.mirror.get_token_record(key)
+        record = _loads(blob)
+        if key in self._pending.tokens:
+            # Written here during an outage and not yet replayed: ours is the live one.
+            return await self.mirror.get_token_record(key)
+        if self.mirror.adopt_token(key, record) and record is not None:
+            # Rotated by another instance: keep this instance's file copy current too.
+            await self._write_file_copy(key, record)
+        return None if record is None else json.loads(blob)
+
+    def put_token_record(self, key, record):
+        return Deferred.fromCoroutine(self._put_token_record(key, dict(record)))
+
+    async def _put_token_record(self, key, record):
+        file_error = await self._write_file_copy(key, record)
+        blob = _json(record)
+        try:
+            await self._link.run(lambda r: r.set(self._key("token", key), blob))
+        except RedisDown:
+            self._pending.tokens.add(key)
+            self._pending.token_deletes.discard(key)
+            self.mirror.adopt_token(key, json.loads(blob))
+            if file_error is not None:
+                raise TokenNotStored(
+                    "the token record of {} is only in memory: redis at {} is unreachable and its "
+                    "file copy failed ({}); it is written to redis once redis is back".format(
+                        key, self.url, file_error)) from None
+            return
+        self.mirror.adopt_token(key, json.loads(blob))
+
+    async def _write_file_copy(self, key, record) -> Optional[str]:
+        """Call ``on_token_write``; the error's type name when it failed (logged), else None."""
+        if self._on_token_write is None:
+            return None
+        try:
+            await defer.maybeDeferred(self._on_token_write, key, json.loads(_json(record)))
+        except Exception as e:  # the file copy is a fallback: report, never pass the record on
+            log.error("could not write the file copy of the token record of {key} ({error})",
+                      key=key, error=type(e).__name__)
+            return type(e).__name__
+        return None
+
+    def import_token_record(self, key, record):
+        return Deferred.fromCoroutine(self._put_token_if_newer(key, dict(record), "import"))
+
+    async def _put_token_if_newer(self, key, record, mode):
+        blob = _json(record)
+        version = token_version(record)
+        args = [blob, "" if version is None else num(version), mode, TOKEN_VERSION_FIELD]
+        try:
+            stored = await self._link.run(script_op(PUT_TOKEN_IF_NEWER, [self._key("token", key)],
+                                                args))
+        except RedisDown:
+            stored = await self.mirror.import_token_record(key, record)
+            if stored:
+                self._pending.tokens.add(key)
+                self._pending.token_deletes.discard(key)
+            return stored
+        if stored:
+            self.mirror.adopt_token(key, json.loads(blob))
+        return bool(stored)
+
+    def delete_token_record(self, key):
+        return Deferred.fromCoroutine(self._delete_token_record(key))
+
+    async def _delete_token_record(self, key):
+        try:
+            await self._link.run(lambda r: r.delete(self._key("token", key)))
+        except RedisDown:
+            self._pending.token_deletes.add(key)
+        self._pending.tokens.discard(key)
+        await self.mirror.delete_token_record(key)
+
+    # IQuotaStore -------------------------------------------------------------------------------
+
+    def put_quota(self, key, snapshot):
+        return Deferred.fromCoroutine(self._put_quota(key, dict(snapshot)))
+
+    async def _put_quota(self, key, snapshot):
+        blob = _json(snapshot)
+        try:
+            await self._link.run(
+                lambda r: r.set(self._key("quota", key), blob, pexpire=px_ttl(QUOTA_TTL)))
+        except RedisDown:
+            self._pending.quotas.add(key)
+        self.mirror.adopt_quota(key, json.loads(blob))
+
+    def get_quotas(self, keys):
+        return Deferred.fromCoroutine(self._get_quotas(list(keys)))
+
+    async def _get_quotas(self, keys):
+        if not keys:
+            return {}
+        try:
+            blobs = await self._link.run(lambda r: r.mget([self._key("quota", k) for k in keys]))
+        except RedisDown:
+            return await self.mirror.get_quotas(keys)
+        quotas = {}
+        for key, blob in zip(keys, blobs):
+            quotas[key] = _loads(blob)
+            self.mirror.adopt_quota(key, _loads(blob))
+        return quotas
+
+    # ILockProvider -----------------------------------------------------------------------------
+
+    def acquire(self, name, ttl_ms, wait, clock):
+        ttl_ms = max(1, int(ttl_ms))
+
+        async def try_once():
+            owner = new_owner()
+            try:
+                reply = await self._link.run(lambda r: r.set(
+                    self._key("lock", name), owner, pexpire=ttl_ms, only_if_not_exists=True))
+            except RedisDown:
+                # Cut off from the other instances: exclusion within this process is all that
+                # is left (see docs/redis.rst).
+                return self.mirror.locks.try_acquire(name, ttl_ms, clock)
+            return LockToken(name, owner, ttl_ms) if reply == "OK" else None
+
+        return Deferred.fromCoroutine(poll_for_lock(try_once, wait, clock))
+
+    def release(self, token):
+        if token.local:
+            return self.mirror.locks.release(token)
+        return Deferred.fromCoroutine(self._release(token))
+
+    async def _release(self, token):
+        try:
+            released = await self._link.run(script_op(RELEASE_LOCK, [self._key("lock", token.name)],
+                                                  [token.owner]))
+        except RedisDown:
+            return False  # the lock ends with its TTL
+        return bool(released)
+
+    # Recovery ----------------------------------------------------------------------------------
+
+    async def _replay(self):
+        """Write to Redis what was written only to the mirror while it was unreachable."""
+        pending = self._pending
+        if not len(pending) and not self.mirror.token_keys():
+            return
+        count = len(pending)
+        for key in sorted(pending.forgets):
+            names = [self._key(kind, key) for kind in ("cd", "lvl", "stats", "rate", "quota")]
+            await self._link.run(lambda r, names=names: r.delete(names))
+            pending.forgets.discard(key)
+        for key in sorted(pending.token_deletes):
+            await self._link.run(lambda r, key=key: r.delete(self._key("token", key)))
+            pending.token_deletes.discard(key)
+        # Every token record known here goes back: the ones written during the outage win unless
+        # Redis holds a newer one; the others only fill a Redis that lost them (restarted empty).
+        for key in self.mirror.token_keys():
+            record = fired(self.mirror.get_token_record(key))
+            mode = "replay" if key in pending.tokens else "import"
+            blob = _json(record)
+            version = token_version(record)
+            await self._link.run(script_op(PUT_TOKEN_IF_NEWER, [self._key("token", key)],
+                                       [blob, "" if version is None else num(version), mode,
+                                        TOKEN_VERSION_FIELD]))
+            pending.tokens.discard(key)
+        for key in sorted(pending.quotas):
+            snapshot = fired(self.mirror.get_quotas([key]))[key]
+            if snapshot is not None:
+                blob = _json(snapshot)
+                await self._link.run(lambda r, key=key, blob=blob: r.set(
+                    self._key("quota", key), blob, pexpire=px_ttl(QUOTA_TTL)))
+            pending.quotas.discard(key)
+        for key in sorted(pending.cooldowns):
+            state = fired(self.mirror.get_account_states([key]))[key]
+            await self._link.run(script_op(EXTEND_COOLDOWN, [self._key("cd", key),
+                                                          self._key("lvl", key)],
+                                       [num(state.cooling_until),
+                                        self._ttl_until(state.cooling_until, COOLDOWN_GRACE),
+                                        str(state.backoff_level), px_ttl(LEVEL_TTL)]))
+            pending.cooldowns.discard(key)
+        if count:
+            log.info("redis at {url}: wrote {count} change(s) made during the outage",
+                     url=self.url, count=count)
+
+    def pending_count(self) -> int:
+        """How many keys hold writes not yet in Redis (for tests and /status)."""
+        return len(self._pending)
+
+
+def _stats_from(flat, until, level) -> dict:
+    fields = dict(zip(flat[::2], flat[1::2]))
+    stats = empty_stats()
+    for name in ("attempts", "successes", "errors", "rate_limits"):
+        stats[name] = int(fields.get(name, 0))
+    for name in ("last_attempt_at", "last_error_at"):
+        stats[name] = float(fields[name]) if name in fields else None
+    stats["last_error"] = fields.get("last_error")
+    stats["cooling_until"] = float(until) if until else 0.0
+    stats["backoff_level"] = int(level) if level else 0
+    return stats
