@@ -6,14 +6,14 @@ import signal
 
 import pytest
 import pytest_twisted
-import txredisapi
 from twisted.internet import defer, reactor, task
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 
 from clproxy.state.model import AccountState
 from clproxy.state.redis import RedisLink, RedisStateStore, TokenNotStored, reconnect_delay
-from clproxy.state.redis_url import parse_redis_url
+from clproxy.state.redis.url import parse_redis_url
+from redis_fakes import FakeRedisFactory, ScriptedEndpoint
 from redis_server import private_redis, unique_prefix  # noqa: F401  (fixture)
 
 ROTATED = {"access_token": "at-secret-2", "refresh_token": "rt-secret-2", "updated_at": 2.0}
@@ -181,70 +181,45 @@ async def test_error_reply_is_served_from_mirror_and_logged_once(private_redis, 
     await store.close()
 
 
-class FakeHandler:
-    """A txredisapi handler whose commands fail as on a lost connection."""
-
-    def __init__(self):
-        self.closed = False
-
-    def ping(self):
-        return defer.succeed("PONG")
-
-    def get(self, key):
-        return defer.fail(txredisapi.ConnectionError("Lost connection"))
-
-    def disconnect(self):
-        self.closed = True
-        return defer.succeed(None)
-
-
 def test_reconnect_backs_off_on_the_clock(log_lines):
     """After a lost connection the link retries at 0.5, 1, 2 ... s on its clock, serving nothing
     from Redis meanwhile, and runs the recovery hook once when a connection is back."""
     clock = task.Clock()
-    attempts, recovered = [], []
-    outcomes = iter(["ok", "refused", "refused", "ok"])
-
-    def connector():
-        attempts.append(clock.seconds())
-        if next(outcomes) == "ok":
-            return defer.succeed(FakeHandler())
-        return defer.fail(ConnectionRefusedError("refused"))
-
-    link = RedisLink(parse_redis_url("redis://:pw@127.0.0.1:1/0"), clock, connector,
-                     on_recovered=lambda: recovered.append(clock.seconds()))
-    opened = defer.Deferred.fromCoroutine(link.open())
+    recovered = []
+    endpoint = ScriptedEndpoint(clock, ["ok", "refused", "refused", "ok"])
+    link = RedisLink(parse_redis_url("redis://:pw@127.0.0.1:1/0"), clock, endpoint,
+                     FakeRedisFactory(), on_recovered=lambda: recovered.append(clock.seconds()))
+    opened = link.connect()
     assert opened.called and link.up
     failed = link.run(lambda handler: handler.get("k"))
     failed.addErrback(lambda f: f.value)
     assert not link.up and link.in_outage
     assert link.run(lambda handler: handler.get("k")).addErrback(lambda f: None).called
+    clock.advance(0)  # the dropped connection is reported lost
     clock.pump([0.5, 1.0, 2.0])
-    assert attempts == [0.0, 0.5, 1.5, 3.5]
+    assert endpoint.attempts == [0.0, 0.5, 1.5, 3.5]
     assert link.up and not link.in_outage and recovered == [3.5]
     assert len(store_lines(log_lines, "redis unavailable at redis://:***@127.0.0.1:1/0")) == 1
     assert len(store_lines(log_lines, "redis available again at")) == 1
     assert "pw" not in "".join(line for _, line in log_lines()).replace("***", "")
+    link.stopService()
+    clock.advance(0)
 
 
 def test_reconnect_delay_is_capped():
-    """Reconnection waits 0.5 s doubling up to 30 s."""
-    assert [reconnect_delay(n) for n in range(8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    """Reconnection waits 0.5 s doubling up to 30 s (ClientService counts failures from 1)."""
+    assert [reconnect_delay(n) for n in range(1, 9)] == [0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0,
+                                                         30.0]
     assert reconnect_delay(10_000) == 30.0
 
 
 def test_close_stops_reconnecting():
     """A closed link schedules no further reconnection."""
     clock = task.Clock()
-    calls = []
-
-    def connector():
-        calls.append(1)
-        return defer.succeed(FakeHandler())
-
-    link = RedisLink(parse_redis_url("redis://127.0.0.1:1/0"), clock, connector)
-    defer.Deferred.fromCoroutine(link.open())
+    endpoint = ScriptedEndpoint(clock, ["ok", "ok"])
+    link = RedisLink(parse_redis_url("redis://127.0.0.1:1/0"), clock, endpoint, FakeRedisFactory())
+    link.connect()
     link.run(lambda handler: handler.get("k")).addErrback(lambda f: None)
-    link.close()
+    link.stopService()
     clock.advance(100)
-    assert calls == [1] and not clock.getDelayedCalls()
+    assert len(endpoint.attempts) == 1 and not clock.getDelayedCalls()

@@ -12,7 +12,7 @@ from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISh
 from clproxy.state.memory import MemoryStateStore
 from clproxy.state import connect_store, open_store
 from clproxy.state.redis import LocalMirror, RedisStateStore, RedisUnavailable
-from clproxy.state.redis_url import parse_redis_url, redact_url
+from clproxy.state.redis.url import parse_redis_url, redact_url
 from redis_server import free_port, redis_server, unique_prefix  # noqa: F401  (fixture)
 from store_contract import StateStoreContract
 

@@ -35,5 +35,10 @@ async def connect_store(state_config, clock, *,
     and ValueError for a bad backend or URL.
     """
     store = open_store(state_config, clock, on_token_write=on_token_write)
-    await store.connect()
+    try:
+        await store.connect()
+    except BaseException:
+        # Nobody else holds this store: stop its reconnecting before reporting the failure.
+        await store.close()
+        raise
     return store

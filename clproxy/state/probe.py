@@ -7,7 +7,7 @@ configured but unreachable, rather than serve from an empty local mirror.
 import socket
 from typing import Optional
 
-from clproxy.state.redis_url import parse_redis_url
+from clproxy.state.redis.url import parse_redis_url
 
 
 def probe_store(state_config, timeout: float = 3.0) -> Optional[str]:

@@ -6,26 +6,31 @@ local mirror of the last known state that serves every call while Redis is unrea
 
 import itertools
 import json
-import math
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 import attr
-import txredisapi
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens,
                                 IStateLifecycle, IStateStore)
-from clproxy.state.redis_url import RedisTarget, parse_redis_url
 from clproxy.state.locks import LockToken, new_owner, poll_for_lock
-from clproxy.state.memory import MemoryStateStore, token_version
-from clproxy.state.model import (OUTCOME_SUCCESS, STAT_KEYS, TOKEN_VERSION_FIELD, AccountState,
-                                 empty_stats, validate_outcome)
+from clproxy.state.memory import token_version
+from clproxy.state.model import (OUTCOME_SUCCESS, TOKEN_VERSION_FIELD, AccountState, empty_stats,
+                                 validate_outcome)
+from clproxy.state.redis.link import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_REPLY_TIMEOUT, RedisDown,
+                                      RedisLink, reconnect_delay, redis_endpoint)
+from clproxy.state.redis.mirror import LocalMirror, fired
+from clproxy.state.redis.scripts import (ACCOUNT_STATS, EXTEND_COOLDOWN, PUT_TOKEN_IF_NEWER,
+                                         RATE_USAGE, RECORD_ATTEMPT, RECORD_OUTCOME, RELEASE_LOCK,
+                                         SET_COOLDOWN, TAKE_RATE_SLOT, num, px_ttl, script_op)
+from clproxy.state.redis.url import parse_redis_url
 
-log = Logger()
+# One namespace for the whole Redis store, whatever module logs (operators filter on it).
+log = Logger(namespace="clproxy.state.redis")
 
 #: A cooldown key outlives the end of its cooldown by this long (seconds), then vanishes.
 COOLDOWN_GRACE = 3600.0
@@ -35,413 +40,11 @@ LEVEL_TTL = 24 * 3600.0
 STATS_TTL = 30 * 24 * 3600.0
 #: A quota snapshot not replaced for this long (seconds) vanishes (longer than the 7-day window).
 QUOTA_TTL = 8 * 24 * 3600.0
-#: No key gets a longer TTL than this (seconds), whatever cooldown it holds.
-MAX_TTL = 400 * 24 * 3600.0
-#: Reconnection backoff: the first wait and the longest (seconds).
-RECONNECT_FIRST = 0.5
-RECONNECT_CAP = 30.0
-#: How long a command or a connection attempt may take before Redis counts as unreachable.
-DEFAULT_REPLY_TIMEOUT = 2.0
-DEFAULT_CONNECT_TIMEOUT = 5.0
-
-
-# --- errors and backoff ---------------------------------------------------------------------------
-
-
-class RedisUnavailable(Exception):
-    """Redis could not be reached (or refused us) when the store connected; the message names the
-    redacted URL and never a password."""
 
 
 class TokenNotStored(Exception):
     """A token record reached neither Redis nor its file copy; it is kept in memory and written to
     Redis once it is reachable again. The message names the key, never the record."""
-
-
-class _RedisDown(Exception):
-    """One call could not be served by Redis; the store serves it from its local mirror."""
-
-
-def reconnect_delay(attempt: int) -> float:
-    """Seconds before reconnection attempt ``attempt + 1``: 0.5 s doubling up to 30 s."""
-    return min(RECONNECT_CAP, RECONNECT_FIRST * (2.0 ** min(max(0, attempt), 16)))
-
-
-def _scrub(text: str, target: RedisTarget) -> str:
-    """An error text with the password (should a library ever echo it) removed."""
-    text = str(text)
-    if target.password:
-        text = text.replace(target.password, "***")
-    return text
-
-
-# --- the connection -------------------------------------------------------------------------------
-
-
-def txredisapi_connector(target: RedisTarget, reply_timeout: float, connect_timeout: float):
-    """A zero-argument callable opening one txredisapi connection to ``target``.
-
-    ``reconnect=False``: a txredisapi handler that reconnects by itself queues commands while
-    disconnected (they would hang through an outage), so :class:`RedisLink` reconnects instead.
-    """
-    def connect() -> Deferred:
-        tls: Any = False
-        if target.tls:
-            from twisted.internet import ssl
-            tls = ssl.optionsForClientTLS(target.host)
-        return txredisapi.Connection(
-            host=target.host, port=target.port, dbid=target.db or None, reconnect=False,
-            password=target.password, username=target.username, ssl_context_factory=tls,
-            connectTimeout=connect_timeout, replyTimeout=reply_timeout, convertNumbers=False)
-    return connect
-
-
-class RedisLink:
-    """One connection to Redis, its loss and its recovery.
-
-    ``run(op)`` calls ``op(handler)`` on the live connection; it fails fast with ``_RedisDown``
-    when there is none, when the connection is lost or a reply takes longer than the reply timeout
-    (then the connection is dropped and reconnection starts with :func:`reconnect_delay` backoff on
-    ``clock``), or when Redis answers with an error. An outage is logged once, its end once, and
-    ``on_recovered`` runs after each reconnection.
-    """
-
-    def __init__(self, target: RedisTarget, clock, connector: Callable[[], Deferred], *,
-                 delay: Callable[[int], float] = reconnect_delay,
-                 on_recovered: Optional[Callable[[], Any]] = None):
-        self.target = target
-        self._clock = clock
-        self._connector = connector
-        self._delay = delay
-        self._on_recovered = on_recovered
-        self._handler = None
-        self._retry = None
-        self._connecting: Optional[Deferred] = None
-        self._attempt = 0
-        self._outage = False
-        self._closed = False
-        self._reported = set()
-        #: Calls made through ``run``, and those Redis could not serve (diagnostics and tests).
-        self.calls = 0
-        self.failed_calls = 0
-
-    @property
-    def url(self) -> str:
-        return self.target.redacted
-
-    @property
-    def up(self) -> bool:
-        """True while a connection is open (the last command on it may still fail)."""
-        return self._handler is not None
-
-    @property
-    def in_outage(self) -> bool:
-        """True from a lost connection until the next successful reconnection."""
-        return self._outage
-
-    async def open(self) -> None:
-        """Connect and PING once; raises :class:`RedisUnavailable` (no reconnection) on failure."""
-        try:
-            self._handler = await self._connect_and_ping()
-        except Exception as e:  # any failure to connect is one answer: unavailable
-            raise RedisUnavailable("redis unavailable at {}: {}".format(
-                self.url, _scrub(_reason(e), self.target))) from None
-
-    async def _connect_and_ping(self):
-        handler = await self._connector()
-        try:
-            reply = await handler.ping()
-            if reply != "PONG":
-                raise txredisapi.RedisError("unexpected PING reply")
-        except BaseException:
-            _disconnect(handler)
-            raise
-        return handler
-
-    def run(self, op: Callable[[Any], Deferred]) -> Deferred:
-        """``op(handler)`` on the live connection; fails with ``_RedisDown`` when Redis cannot
-        answer."""
-        self.calls += 1
-        handler = self._handler
-        if handler is None:
-            self.failed_calls += 1
-            return defer.fail(_RedisDown("not connected"))
-        return defer.maybeDeferred(op, handler).addErrback(self._failed, handler)
-
-    def _failed(self, failure: Failure, handler) -> None:
-        self.failed_calls += 1
-        reason = _scrub(_reason(failure.value), self.target)
-        if failure.check(txredisapi.ConnectionError):  # lost, refused or timed out
-            self._lost(handler, reason)
-            raise _RedisDown(reason)
-        if failure.check(txredisapi.RedisError):  # an error reply (OOM, LOADING ...)
-            kind = reason.split(" ", 1)[0][:40]
-            if kind not in self._reported and len(self._reported) < 32:
-                self._reported.add(kind)
-                log.warn("redis error at {url}: {reason}; serving from local state",
-                         url=self.url, reason=reason)
-            raise _RedisDown(reason)
-        failure.raiseException()
-
-    def _lost(self, handler, reason: str) -> None:
-        if self._handler is not handler:
-            return  # another call already noticed this connection's loss
-        self._handler = None
-        _disconnect(handler)
-        if not self._outage:
-            self._outage = True
-            log.warn("redis unavailable at {url}, serving from local state ({reason})",
-                     url=self.url, reason=reason)
-        self._schedule()
-
-    def _schedule(self) -> None:
-        if self._closed or self._retry is not None or self._connecting is not None:
-            return
-        delay = self._delay(self._attempt)
-        self._attempt += 1
-        self._retry = self._clock.callLater(delay, self._reconnect)
-
-    def _reconnect(self) -> None:
-        self._retry = None
-        self._connecting = Deferred.fromCoroutine(self._connect_and_ping())
-        self._connecting.addCallbacks(self._reconnected, self._reconnect_failed)
-
-    def _reconnected(self, handler) -> None:
-        self._connecting = None
-        if self._closed:
-            _disconnect(handler)
-            return
-        self._handler = handler
-        self._attempt = 0
-        self._reported.clear()
-        if self._outage:
-            self._outage = False
-            log.info("redis available again at {url}; shared state is used again", url=self.url)
-        if self._on_recovered is not None:
-            defer.maybeDeferred(self._on_recovered).addErrback(self._replay_failed)
-
-    def _replay_failed(self, failure: Failure) -> None:
-        if failure.check(_RedisDown):
-            return  # lost again: the outage is logged, and the next recovery replays the rest
-        log.error("redis at {url}: writing the changes made during the outage failed: {error}",
-                  url=self.url, error=_scrub(_reason(failure.value), self.target))
-
-    def _reconnect_failed(self, failure: Failure) -> None:
-        self._connecting = None
-        self._schedule()
-
-    def close(self) -> Deferred:
-        """Stop reconnecting and close the connection."""
-        self._closed = True
-        if self._retry is not None and self._retry.active():
-            self._retry.cancel()
-        self._retry = None
-        # An attempt in progress is left to finish (txredisapi cannot cancel one): it sees
-        # ``_closed`` and closes what it opened.
-        handler, self._handler = self._handler, None
-        return _disconnect(handler) if handler is not None else defer.succeed(None)
-
-
-def _reason(error: BaseException) -> str:
-    text = str(error).strip()
-    return "{}: {}".format(type(error).__name__, text) if text else type(error).__name__
-
-
-def _disconnect(handler) -> Deferred:
-    try:
-        d = defer.maybeDeferred(handler.disconnect)
-    except Exception:  # a half-open handler: nothing left to close
-        return defer.succeed(None)
-    return d.addErrback(lambda _: None)
-
-
-# --- Lua ------------------------------------------------------------------------------------------
-
-# Every value crossing into a script is a string made by ``_num`` (repr of a float round-trips
-# exactly through Redis's strtod); every time coming back is the stored string, never a Lua number
-# (Lua would print it with 14 digits).
-
-_SET_COOLDOWN = """
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-if tonumber(ARGV[3]) > 0 then
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-else
-  redis.call('DEL', KEYS[2])
-end
-return 1
-"""
-
-_EXTEND_COOLDOWN = """
-local cur = redis.call('GET', KEYS[1])
-local untilv = cur or '0'
-if tonumber(ARGV[1]) > (tonumber(cur) or 0) then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  untilv = ARGV[1]
-end
-local lvl = redis.call('GET', KEYS[2]) or '0'
-if ARGV[3] ~= '' and tonumber(ARGV[3]) > tonumber(lvl) then
-  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
-  lvl = ARGV[3]
-end
-return {untilv, lvl}
-"""
-
-_RECORD_ATTEMPT = """
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'last_attempt_at', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
-_RECORD_OUTCOME = """
-if ARGV[1] == 'success' then
-  redis.call('HINCRBY', KEYS[1], 'successes', 1)
-  redis.call('DEL', KEYS[2], KEYS[3])
-else
-  local field = 'errors'
-  if ARGV[1] == 'rate-limited' then field = 'rate_limits' end
-  redis.call('HINCRBY', KEYS[1], field, 1)
-  redis.call('HSET', KEYS[1], 'last_error_at', ARGV[2], 'last_error', ARGV[3])
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-return 1
-"""
-
-# ARGV: now, horizon (inclusive: a request at the horizon has left the window), limit, member, ttl
-_TAKE_RATE_SLOT = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
-local limit = tonumber(ARGV[3])
-local n = redis.call('ZCARD', KEYS[1])
-if n > limit then
-  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, n - limit - 1)
-  n = limit
-end
-if n >= limit then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-return 1
-"""
-
-# ARGV: '(' .. horizon (exclusive lower bound)
-_RATE_USAGE = """
-local first = redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-if #first == 0 then return {0} end
-return {redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf'), first[2]}
-"""
-
-# KEYS: stats, cooldown, level of each account in turn
-_ACCOUNT_STATS = """
-local out = {}
-for i = 1, #KEYS, 3 do
-  out[#out + 1] = redis.call('HGETALL', KEYS[i])
-  out[#out + 1] = redis.call('GET', KEYS[i + 1])
-  out[#out + 1] = redis.call('GET', KEYS[i + 2])
-end
-return out
-"""
-
-# ARGV: record, its updated_at ('' when none), mode ('import': the stored record wins unless both
-# are versioned and it is older; 'replay': the stored record wins only when both are versioned and
-# it is newer)
-_PUT_TOKEN_IF_NEWER = """
-local cur = redis.call('GET', KEYS[1])
-if cur then
-  local new = tonumber(ARGV[2])
-  local old = nil
-  local ok, rec = pcall(cjson.decode, cur)
-  if ok and type(rec) == 'table' then old = tonumber(rec[ARGV[4]]) end
-  if ARGV[3] == 'import' then
-    if (not new) or (not old) or old >= new then return 0 end
-  else
-    if new and old and old > new then return 0 end
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1])
-return 1
-"""
-
-_RELEASE_LOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-
-def _num(value) -> str:
-    """A number as Redis and Lua read it back exactly."""
-    value = float(value)
-    if math.isnan(value):
-        raise ValueError("NaN is not a time")
-    return repr(value)
-
-
-def _ms(seconds: float) -> str:
-    """A TTL in whole milliseconds, at least 1 and at most ``MAX_TTL``."""
-    if math.isnan(seconds):
-        seconds = MAX_TTL
-    return str(max(1, int(min(seconds, MAX_TTL) * 1000)))
-
-
-def _eval(script: str, keys, args):
-    """An ``op`` for ``RedisLink.run``: EVALSHA, falling back to EVAL (txredisapi keeps the SHA1s
-    each connection has loaded)."""
-    return lambda handler: handler.eval(script, keys, args)
-
-
-# --- the local mirror -----------------------------------------------------------------------------
-
-
-def _fired(deferred: Deferred):
-    """The result of a Deferred that has already fired (the memory store's)."""
-    box = []
-    deferred.addBoth(box.append)
-    result = box[0]
-    if isinstance(result, Failure):
-        result.raiseException()
-    return result
-
-
-class LocalMirror(MemoryStateStore):
-    """The last known shared state, in this process: a ``MemoryStateStore`` (which provides every
-    state interface) that can also adopt what Redis said.
-
-    A Redis store updates it on every successful call and serves every call from it while Redis is
-    unreachable. ``adopt_*`` overwrite entries with what Redis said (they reach into the memory
-    store's tables; the memory store's own contract tests keep those tables honest).
-    """
-
-    # What Redis said, made the last known state.
-    def adopt_states(self, states: Dict[str, AccountState]) -> None:
-        known = _fired(self.get_account_states(list(states)))
-        for key, state in states.items():
-            if known[key] != state:
-                self.set_cooldown(key, state.cooling_until, state.backoff_level)
-
-    def adopt_stats(self, key: str, stats: dict) -> None:
-        if stats == empty_stats() and key not in self._accounts:
-            return
-        record = self._record(key)
-        for name in STAT_KEYS:
-            setattr(record, name, stats[name])
-
-    def adopt_counters(self, counters: Dict[str, int]) -> None:
-        self._counters.clear()
-        self._counters.update(counters)
-
-    def adopt_token(self, key: str, record: Optional[dict]) -> bool:
-        """Remember ``record`` as the token of ``key``; True when it differs from the one known."""
-        if record is None:
-            return self._tokens.pop(key, None) is not None
-        changed = self._tokens.get(key) != record
-        self._tokens[key] = record
-        return changed
-
-    def adopt_quota(self, key: str, snapshot: Optional[dict]) -> None:
-        if snapshot is None:
-            self._quotas.pop(key, None)
-        else:
-            self._quotas[key] = snapshot
 
 
 def _json(value) -> str:
@@ -453,9 +56,6 @@ def _loads(blob) -> Optional[dict]:
         return None
     value = json.loads(blob)
     return value if isinstance(value, dict) else None
-
-
-# --- the store ------------------------------------------------------------------------------------
 
 
 @attr.s(auto_attribs=True)
@@ -475,7 +75,7 @@ class _PendingWrites:
 
 
 @implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle)
-class RedisStateStore:
+class RedisStateStore(service.Service):
     """``IStateStore`` (and the shared tokens, quotas, cooldown extension and locks) in one Redis,
     shared by every instance that uses the same URL and ``prefix``.
 
@@ -496,6 +96,10 @@ class RedisStateStore:
     into TTLs (so expiry never depends on the Redis host's clock) and paces reconnection.
     ``on_token_write(key, record)`` persists the file copy of a token record; it is called before
     a record is written to Redis, and when a read shows a record changed by another instance.
+
+    **Lifecycle.** A service: ``startService`` connects (a :class:`RedisLink`, on Twisted's
+    ``ClientService``), ``stopService`` stops reconnecting and closes the connection;
+    ``connect``/``close`` (``IStateLifecycle``) do the same and ``connect`` waits for Redis.
     """
 
     def __init__(self, url: str, clock, *, prefix: str = "clproxy",
@@ -503,7 +107,7 @@ class RedisStateStore:
                  reply_timeout: float = DEFAULT_REPLY_TIMEOUT,
                  connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
                  reconnect: Callable[[int], float] = reconnect_delay,
-                 connector: Optional[Callable[[], Deferred]] = None):
+                 endpoint=None):
         self.target = parse_redis_url(url)
         self._clock = clock
         self._prefix = prefix
@@ -512,8 +116,8 @@ class RedisStateStore:
         self._pending = _PendingWrites()
         self._link = RedisLink(
             self.target, clock,
-            connector or txredisapi_connector(self.target, reply_timeout, connect_timeout),
-            delay=reconnect, on_recovered=self._replay)
+            endpoint if endpoint is not None else redis_endpoint(self.target, connect_timeout),
+            retry=reconnect, reply_timeout=reply_timeout, on_recovered=self._replay)
         # Members of rate windows must be unique across instances and calls.
         self._member_prefix = ":" + new_owner()[:12] + ":"
         self._sequence = itertools.count()
@@ -528,19 +132,35 @@ class RedisStateStore:
         """True while connected to Redis."""
         return self._link.up
 
+    def startService(self) -> None:
+        """Start connecting (and reconnecting whenever the connection is lost)."""
+        service.Service.startService(self)
+        if not self._link.running:
+            self._link.startService()
+
+    def stopService(self) -> Deferred:
+        """Stop reconnecting and close the connection (the mirror stays readable)."""
+        service.Service.stopService(self)
+        return self._link.stopService() if self._link.running else defer.succeed(None)
+
     def connect(self) -> Deferred:
-        """Connect and PING; fires with None, or fails with :class:`RedisUnavailable`."""
-        return Deferred.fromCoroutine(self._link.open())
+        """Start the service if it is not running and wait for the first connection (PINGed);
+        fires with None, or fails with :class:`RedisUnavailable` at the first failed attempt
+        (reconnection goes on: calls are served from the mirror until Redis answers)."""
+        waiting = self._link.connect()
+        if not self.running:
+            service.Service.startService(self)
+        return waiting
 
     def close(self) -> Deferred:
-        """Stop reconnecting and close the connection (the mirror stays readable)."""
-        return self._link.close()
+        """:meth:`stopService`, for ``IStateLifecycle``."""
+        return self.stopService() if self.running else defer.succeed(None)
 
     def _key(self, kind: str, key: str) -> str:
         return "{}:{}:{}".format(self._prefix, kind, key)
 
     def _ttl_until(self, until: float, grace: float) -> str:
-        return _ms(max(0.0, float(until) - self._clock.seconds()) + grace)
+        return px_ttl(max(0.0, float(until) - self._clock.seconds()) + grace)
 
     # IStateStore -------------------------------------------------------------------------------
 
@@ -555,7 +175,7 @@ class RedisStateStore:
             names += [self._key("cd", key), self._key("lvl", key)]
         try:
             values = await self._link.run(lambda r: r.mget(names))
-        except _RedisDown:
+        except RedisDown:
             return await self.mirror.get_account_states(keys)
         states = {}
         for index, key in enumerate(keys):
@@ -568,12 +188,12 @@ class RedisStateStore:
         return Deferred.fromCoroutine(self._set_cooldown(key, until, backoff_level))
 
     async def _set_cooldown(self, key, until, backoff_level):
-        args = [_num(until), self._ttl_until(until, COOLDOWN_GRACE), str(int(backoff_level)),
-                _ms(LEVEL_TTL)]
+        args = [num(until), self._ttl_until(until, COOLDOWN_GRACE), str(int(backoff_level)),
+                px_ttl(LEVEL_TTL)]
         try:
-            await self._link.run(_eval(_SET_COOLDOWN, [self._key("cd", key),
+            await self._link.run(script_op(SET_COOLDOWN, [self._key("cd", key),
                                                        self._key("lvl", key)], args))
-        except _RedisDown:
+        except RedisDown:
             self._pending.cooldowns.add(key)
         await self.mirror.set_cooldown(key, until, backoff_level)
 
@@ -582,9 +202,9 @@ class RedisStateStore:
 
     async def _record_attempt(self, key, now):
         try:
-            await self._link.run(_eval(_RECORD_ATTEMPT, [self._key("stats", key)],
-                                       [_num(now), _ms(STATS_TTL)]))
-        except _RedisDown:
+            await self._link.run(script_op(RECORD_ATTEMPT, [self._key("stats", key)],
+                                       [num(now), px_ttl(STATS_TTL)]))
+        except RedisDown:
             pass
         await self.mirror.record_attempt(key, now)
 
@@ -598,9 +218,9 @@ class RedisStateStore:
         text = error if error is not None else outcome
         keys = [self._key("stats", key), self._key("cd", key), self._key("lvl", key)]
         try:
-            await self._link.run(_eval(_RECORD_OUTCOME, keys,
-                                       [outcome, _num(now), str(text), _ms(STATS_TTL)]))
-        except _RedisDown:
+            await self._link.run(script_op(RECORD_OUTCOME, keys,
+                                       [outcome, num(now), str(text), px_ttl(STATS_TTL)]))
+        except RedisDown:
             if outcome == OUTCOME_SUCCESS:
                 self._pending.cooldowns.discard(key)
         await self.mirror.record_outcome(key, outcome, now, error)
@@ -611,11 +231,11 @@ class RedisStateStore:
         return Deferred.fromCoroutine(self._take_rate_slot(key, now, int(limit), window))
 
     async def _take_rate_slot(self, key, now, limit, window):
-        member = _num(now) + self._member_prefix + str(next(self._sequence))
-        args = [_num(now), _num(now - window), str(limit), member, _ms(window + 1.0)]
+        member = num(now) + self._member_prefix + str(next(self._sequence))
+        args = [num(now), num(now - window), str(limit), member, px_ttl(window + 1.0)]
         try:
-            taken = await self._link.run(_eval(_TAKE_RATE_SLOT, [self._key("rate", key)], args))
-        except _RedisDown:
+            taken = await self._link.run(script_op(TAKE_RATE_SLOT, [self._key("rate", key)], args))
+        except RedisDown:
             return await self.mirror.take_rate_slot(key, now, limit, window)
         if taken:
             # The mirror's window holds this instance's requests only (see the class docstring).
@@ -627,9 +247,9 @@ class RedisStateStore:
 
     async def _rate_usage(self, key, now, window):
         try:
-            reply = await self._link.run(_eval(_RATE_USAGE, [self._key("rate", key)],
-                                               ["(" + _num(now - window)]))
-        except _RedisDown:
+            reply = await self._link.run(script_op(RATE_USAGE, [self._key("rate", key)],
+                                               ["(" + num(now - window)]))
+        except RedisDown:
             return await self.mirror.rate_usage(key, now, window)
         if not reply or not reply[0]:
             return (0, None)
@@ -642,7 +262,7 @@ class RedisStateStore:
         try:
             await self._link.run(
                 lambda r: r.hincrby(self._key("counters", "all"), counter, int(amount)))
-        except _RedisDown:
+        except RedisDown:
             pass
         await self.mirror.incr(counter, amount)
 
@@ -652,7 +272,7 @@ class RedisStateStore:
     async def _counters(self):
         try:
             raw = await self._link.run(lambda r: r.hgetall(self._key("counters", "all")))
-        except _RedisDown:
+        except RedisDown:
             return await self.mirror.counters()
         counters = {name: int(value) for name, value in raw.items()}
         self.mirror.adopt_counters(counters)
@@ -668,8 +288,8 @@ class RedisStateStore:
         for key in keys:
             names += [self._key("stats", key), self._key("cd", key), self._key("lvl", key)]
         try:
-            reply = await self._link.run(_eval(_ACCOUNT_STATS, names, []))
-        except _RedisDown:
+            reply = await self._link.run(script_op(ACCOUNT_STATS, names, []))
+        except RedisDown:
             return await self.mirror.account_stats(keys)
         stats = {}
         for index, key in enumerate(keys):
@@ -685,7 +305,7 @@ class RedisStateStore:
         names = [self._key(kind, key) for kind in ("cd", "lvl", "stats", "rate", "quota")]
         try:
             await self._link.run(lambda r: r.delete(names))
-        except _RedisDown:
+        except RedisDown:
             self._pending.forgets.add(key)
             self._pending.cooldowns.discard(key)
             self._pending.quotas.discard(key)
@@ -697,12 +317,12 @@ class RedisStateStore:
         return Deferred.fromCoroutine(self._extend_cooldown(key, until, backoff_level))
 
     async def _extend_cooldown(self, key, until, backoff_level):
-        args = [_num(until), self._ttl_until(until, COOLDOWN_GRACE),
-                "" if backoff_level is None else str(int(backoff_level)), _ms(LEVEL_TTL)]
+        args = [num(until), self._ttl_until(until, COOLDOWN_GRACE),
+                "" if backoff_level is None else str(int(backoff_level)), px_ttl(LEVEL_TTL)]
         try:
-            reply = await self._link.run(_eval(_EXTEND_COOLDOWN, [self._key("cd", key),
+            reply = await self._link.run(script_op(EXTEND_COOLDOWN, [self._key("cd", key),
                                                                   self._key("lvl", key)], args))
-        except _RedisDown:
+        except RedisDown:
             self._pending.cooldowns.add(key)
             return await self.mirror.extend_cooldown(key, until, backoff_level)
         state = AccountState(float(reply[0]), int(reply[1]))
@@ -717,7 +337,7 @@ class RedisStateStore:
     async def _get_token_record(self, key):
         try:
             blob = await self._link.run(lambda r: r.get(self._key("token", key)))
-        except _RedisDown:
+        except RedisDown:
             return await self.mirror.get_token_record(key)
         record = _loads(blob)
         if key in self._pending.tokens:
@@ -736,7 +356,7 @@ class RedisStateStore:
         blob = _json(record)
         try:
             await self._link.run(lambda r: r.set(self._key("token", key), blob))
-        except _RedisDown:
+        except RedisDown:
             self._pending.tokens.add(key)
             self._pending.token_deletes.discard(key)
             self.mirror.adopt_token(key, json.loads(blob))
@@ -766,11 +386,11 @@ class RedisStateStore:
     async def _put_token_if_newer(self, key, record, mode):
         blob = _json(record)
         version = token_version(record)
-        args = [blob, "" if version is None else _num(version), mode, TOKEN_VERSION_FIELD]
+        args = [blob, "" if version is None else num(version), mode, TOKEN_VERSION_FIELD]
         try:
-            stored = await self._link.run(_eval(_PUT_TOKEN_IF_NEWER, [self._key("token", key)],
+            stored = await self._link.run(script_op(PUT_TOKEN_IF_NEWER, [self._key("token", key)],
                                                 args))
-        except _RedisDown:
+        except RedisDown:
             stored = await self.mirror.import_token_record(key, record)
             if stored:
                 self._pending.tokens.add(key)
@@ -786,7 +406,7 @@ class RedisStateStore:
     async def _delete_token_record(self, key):
         try:
             await self._link.run(lambda r: r.delete(self._key("token", key)))
-        except _RedisDown:
+        except RedisDown:
             self._pending.token_deletes.add(key)
         self._pending.tokens.discard(key)
         await self.mirror.delete_token_record(key)
@@ -800,8 +420,8 @@ class RedisStateStore:
         blob = _json(snapshot)
         try:
             await self._link.run(
-                lambda r: r.set(self._key("quota", key), blob, pexpire=_ms(QUOTA_TTL)))
-        except _RedisDown:
+                lambda r: r.set(self._key("quota", key), blob, pexpire=px_ttl(QUOTA_TTL)))
+        except RedisDown:
             self._pending.quotas.add(key)
         self.mirror.adopt_quota(key, json.loads(blob))
 
@@ -813,7 +433,7 @@ class RedisStateStore:
             return {}
         try:
             blobs = await self._link.run(lambda r: r.mget([self._key("quota", k) for k in keys]))
-        except _RedisDown:
+        except RedisDown:
             return await self.mirror.get_quotas(keys)
         quotas = {}
         for key, blob in zip(keys, blobs):
@@ -831,7 +451,7 @@ class RedisStateStore:
             try:
                 reply = await self._link.run(lambda r: r.set(
                     self._key("lock", name), owner, pexpire=ttl_ms, only_if_not_exists=True))
-            except _RedisDown:
+            except RedisDown:
                 # Cut off from the other instances: exclusion within this process is all that
                 # is left (see docs/redis.rst).
                 return self.mirror.locks.try_acquire(name, ttl_ms, clock)
@@ -846,9 +466,9 @@ class RedisStateStore:
 
     async def _release(self, token):
         try:
-            released = await self._link.run(_eval(_RELEASE_LOCK, [self._key("lock", token.name)],
+            released = await self._link.run(script_op(RELEASE_LOCK, [self._key("lock", token.name)],
                                                   [token.owner]))
-        except _RedisDown:
+        except RedisDown:
             return False  # the lock ends with its TTL
         return bool(released)
 
@@ -870,28 +490,28 @@ class RedisStateStore:
         # Every token record known here goes back: the ones written during the outage win unless
         # Redis holds a newer one; the others only fill a Redis that lost them (restarted empty).
         for key in self.mirror.token_keys():
-            record = _fired(self.mirror.get_token_record(key))
+            record = fired(self.mirror.get_token_record(key))
             mode = "replay" if key in pending.tokens else "import"
             blob = _json(record)
             version = token_version(record)
-            await self._link.run(_eval(_PUT_TOKEN_IF_NEWER, [self._key("token", key)],
-                                       [blob, "" if version is None else _num(version), mode,
+            await self._link.run(script_op(PUT_TOKEN_IF_NEWER, [self._key("token", key)],
+                                       [blob, "" if version is None else num(version), mode,
                                         TOKEN_VERSION_FIELD]))
             pending.tokens.discard(key)
         for key in sorted(pending.quotas):
-            snapshot = _fired(self.mirror.get_quotas([key]))[key]
+            snapshot = fired(self.mirror.get_quotas([key]))[key]
             if snapshot is not None:
                 blob = _json(snapshot)
                 await self._link.run(lambda r, key=key, blob=blob: r.set(
-                    self._key("quota", key), blob, pexpire=_ms(QUOTA_TTL)))
+                    self._key("quota", key), blob, pexpire=px_ttl(QUOTA_TTL)))
             pending.quotas.discard(key)
         for key in sorted(pending.cooldowns):
-            state = _fired(self.mirror.get_account_states([key]))[key]
-            await self._link.run(_eval(_EXTEND_COOLDOWN, [self._key("cd", key),
+            state = fired(self.mirror.get_account_states([key]))[key]
+            await self._link.run(script_op(EXTEND_COOLDOWN, [self._key("cd", key),
                                                           self._key("lvl", key)],
-                                       [_num(state.cooling_until),
+                                       [num(state.cooling_until),
                                         self._ttl_until(state.cooling_until, COOLDOWN_GRACE),
-                                        str(state.backoff_level), _ms(LEVEL_TTL)]))
+                                        str(state.backoff_level), px_ttl(LEVEL_TTL)]))
             pending.cooldowns.discard(key)
         if count:
             log.info("redis at {url}: wrote {count} change(s) made during the outage",
