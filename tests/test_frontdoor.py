@@ -9,7 +9,7 @@ from twisted.web import resource, server
 
 from clproxy.testing import anthropic as testing
 from clproxy.errors import ProxyError, error_event
-from clproxy.http.openai import OpenAIResponseAdapter, install
+from clproxy.http.openai import ModelsListing, OpenAIResponseAdapter, chat_node
 from clproxy.routing.router import Router
 from clproxy.proxy.sse import KEEPALIVE, encode_event
 from helpers import post
@@ -189,8 +189,8 @@ def serve():
 
     def start(dispatcher, router=None):
         v1 = resource.Resource()
-        v1.putChild(b"models", AnthropicModels())
-        install(v1, dispatcher, router)
+        v1.putChild(b"models", ModelsListing(dispatcher, router, AnthropicModels()))
+        v1.putChild(b"chat", chat_node(dispatcher))
         root = resource.Resource()
         root.putChild(b"v1", v1)
         port = reactor.listenTCP(0, server.Site(root), interface="127.0.0.1")

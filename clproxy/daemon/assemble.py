@@ -28,8 +28,8 @@ from clproxy.daemon import runstate
 from clproxy.daemon.drain import Drainer
 from clproxy.daemon.reload import ConfigWatcher, restart_needed
 from clproxy.daemon.upkeep import AccountUpkeep
-from clproxy.http.openai import install as install_front_door
-from clproxy.http.site import ProxySite, StatusReport, build_root
+from clproxy.http.routes import build_routes
+from clproxy.http.site import ProxySite, StatusReport
 from clproxy.observe import console
 from clproxy.observe.recorder import Observability
 from clproxy.providers.translation import Translation
@@ -306,8 +306,8 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                           strategy=lambda: pool.strategy, started=clock.seconds(), quotas=quotas,
                           extra=lambda: {"pid": os.getpid(), "observability": obs.status()})
     drainer = Drainer(clock, cfg.server.drain_timeout)
-    root = build_root(dispatcher, status, metrics=obs.metrics_resource())
-    install_front_door(root.children[b"v1"], dispatcher, None, cfg.server.max_body_bytes)
+    root = build_routes(dispatcher, status, metrics=obs.metrics_resource(),
+                        max_body_bytes=cfg.server.max_body_bytes)
     site = ProxySite(root, max_body_bytes=cfg.server.max_body_bytes, drainer=drainer)
     shared_state = SharedState(store, tokens)
     upkeep = AccountUpkeep(directory, refresher, clock, interval=health_interval, observability=obs)

@@ -23,7 +23,7 @@ from clproxy.translate.claude import TranslationError
 from clproxy.translate.openai import ClaudeStreamToOpenAI, claude_to_openai_response, openai_to_claude_request
 
 __all__ = ["ChatCompletionsResource", "OpenAIResponseAdapter", "ModelsListing", "CapturedResponse",
-           "install", "openai_error_body"]
+           "chat_node", "openai_error_body"]
 
 log = logger(__name__)
 
@@ -557,14 +557,8 @@ class _NotFound(resource.Resource):
                              "not_found_error")
 
 
-def install(v1, dispatcher, router=None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
-    """Add the front door under an existing ``/v1`` node: ``chat/completions``, and a dual-shape ``models``.
-
-    ``v1`` must already have its Anthropic ``models`` child (web.ModelsResource), which keeps serving
-    every request that carries ``anthropic-version``. ``router`` None: the dispatcher's router in force.
-    """
+def chat_node(dispatcher, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> resource.Resource:
+    """``/v1/chat``: ``completions`` answers Chat Completions; any other child is an OpenAI-shaped 404."""
     chat = _OpenAINode()
     chat.putChild(b"completions", ChatCompletionsResource(dispatcher, max_body_bytes))
-    v1.putChild(b"chat", chat)
-    anthropic_models = v1.children.get(b"models")
-    v1.putChild(b"models", ModelsListing(dispatcher, router, anthropic_models))
+    return chat

@@ -444,17 +444,3 @@ class StatusReport:
         }
         document.update(self.extra())
         return document
-
-
-def build_root(dispatcher, status: StatusReport, metrics=None) -> resource.Resource:
-    """The resource tree (``metrics``: the ``GET /metrics`` resource, when observability is wired)."""
-    root = Node()
-    v1 = Node()
-    root.putChild(b"v1", v1)
-    v1.putChild(b"messages", MessagesResource(dispatcher))
-    v1.putChild(b"models", ModelsResource(dispatcher))
-    root.putChild(b"health", HealthResource(status))
-    root.putChild(b"status", StatusResource(status))
-    if metrics is not None:
-        root.putChild(b"metrics", metrics)
-    return root

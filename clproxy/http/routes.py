@@ -1,0 +1,36 @@
+"""The daemon's whole route table, in one place.
+
+::
+
+    /v1/messages                POST  Anthropic Messages, through the dispatcher
+    /v1/messages/count_tokens   POST  passthrough
+    /v1/models                  GET   Anthropic's list (with ``anthropic-version``) or OpenAI's
+    /v1/chat/completions        POST  the OpenAI-compatible front door
+    /health /status             GET   liveness and the pool's state
+    /metrics                    GET   Prometheus text (when observability is wired)
+
+Anything else gets an Anthropic-shaped 404 (an OpenAI-shaped one under ``/v1/chat``).
+"""
+
+from twisted.web import resource
+
+from clproxy.http.openai import DEFAULT_MAX_BODY_BYTES, ModelsListing, chat_node
+from clproxy.http.site import HealthResource, MessagesResource, ModelsResource, Node
+from clproxy.http.site import StatusReport, StatusResource
+
+
+def build_routes(dispatcher, status: StatusReport, *, metrics=None, router=None,
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> resource.Resource:
+    """The root resource. ``router`` None: the dispatcher's router in force (it changes on reload);
+    ``metrics``: the ``GET /metrics`` resource, or None when observability is not wired."""
+    root = Node()
+    v1 = Node()
+    root.putChild(b"v1", v1)
+    v1.putChild(b"messages", MessagesResource(dispatcher))
+    v1.putChild(b"models", ModelsListing(dispatcher, router, ModelsResource(dispatcher)))
+    v1.putChild(b"chat", chat_node(dispatcher, max_body_bytes))
+    root.putChild(b"health", HealthResource(status))
+    root.putChild(b"status", StatusResource(status))
+    if metrics is not None:
+        root.putChild(b"metrics", metrics)
+    return root

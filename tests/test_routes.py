@@ -1,0 +1,41 @@
+"""The route table is built in one place (clproxy.http.routes) and the daemon serves exactly it."""
+
+from twisted.web import resource
+
+from clproxy.http.openai import ChatCompletionsResource, ModelsListing
+from clproxy.http.routes import build_routes
+from clproxy.http.site import HealthResource, MessagesResource, StatusResource
+
+
+def paths(node, prefix=b""):
+    """Every path the tree names, with the resource class at it."""
+    found = {}
+    for name, child in node.children.items():
+        path = prefix + b"/" + name
+        found[path] = type(child)
+        found.update(paths(child, path))
+    return found
+
+
+def test_the_whole_table_comes_from_build_routes():
+    metrics = resource.Resource()
+    metrics.isLeaf = True
+    table = paths(build_routes(object(), object(), metrics=metrics))
+    assert table[b"/v1/messages"] is MessagesResource
+    assert table[b"/v1/models"] is ModelsListing
+    assert table[b"/v1/chat/completions"] is ChatCompletionsResource
+    assert table[b"/health"] is HealthResource and table[b"/status"] is StatusResource
+    assert b"/metrics" in table
+
+
+def test_no_metrics_route_without_observability():
+    assert b"/metrics" not in paths(build_routes(object(), object()))
+
+
+def test_the_assembled_daemon_serves_the_same_table(tmp_path):
+    from test_assemble import built
+
+    proxy = built(tmp_path)
+    served = paths(proxy.root)
+    assert served == paths(build_routes(object(), object(), metrics=proxy.observability.metrics_resource()))
+    assert served[b"/metrics"] is not resource.Resource
