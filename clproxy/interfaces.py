@@ -289,3 +289,61 @@ class IResponseSink(Interface):
 
     def unregister_producer():
         """Undo :meth:`register_producer` (before ``finish``)."""
+
+
+class IUpstream(Interface):
+    """The HTTP client the dispatcher and the translation providers send through
+    (:class:`clproxy.proxy.upstream.UpstreamClient`; in memory: the same client over
+    :class:`clproxy.testing.memory.MemoryAgent`)."""
+
+    def send(method, url, headers, body, timeout, clock):
+        """Send one request as raw bytes; a Deferred that fires with the ``IResponse`` once its
+        headers arrived, or fails with :class:`clproxy.proxy.upstream.UpstreamError` (the words say
+        what happened: refused by host:port, timeout after N s, closed before answering)."""
+
+    def reconfigure(*, connect_timeout=None, max_connections_per_host=None):
+        """New limits after a config reload; connections already open stay as they are."""
+
+    def close():
+        """Close every cached connection; a Deferred that fires once they are closed."""
+
+
+class IRequestObserver(Interface):
+    """Where requests are recorded (:class:`clproxy.observe.recorder.Observability`): JSONL, metrics,
+    OTLP. The dispatcher opens one record per request and never asks where it goes."""
+
+    def begin(*, request_id, method, path, model, stream, headers, body):
+        """Open the record of one request (an :class:`IRequestRecord`), as soon as it is parsed."""
+
+
+class IRequestRecord(Interface):
+    """One request's record, written through by the dispatcher as the request goes; every method is
+    cheap and never raises on the hot path."""
+
+    error = Attribute("What failed, in words (no secret), or None.")
+    truncated = Attribute("True when a committed stream ended early.")
+
+    def outbound_headers():
+        """Trace headers for the next upstream attempt; marks the attempt's start."""
+
+    def attempt(*, account_name, provider, model, status, verdict, duration=None):
+        """One upstream attempt got its verdict."""
+
+    def first_byte():
+        """The client gets its first byte now."""
+
+    def usage(usage):
+        """Merge an Anthropic ``usage`` dict (later values win)."""
+
+    def tee(write, status=None, headers=None):
+        """``write``, or with debug bodies a ``write`` that also keeps the chunks."""
+
+    def response_body(status, headers, body, streamed):
+        """Capture a response body (only with debug bodies)."""
+
+    def refresh(account_name, ok):
+        """An OAuth refresh happened for this request."""
+
+    def finish(*, status, account_name=None, provider=None, actual_model=None, truncated=None, error=None,
+               substituted=None):
+        """The request is answered: write its summary, count it. Later calls do nothing."""

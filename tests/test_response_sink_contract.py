@@ -277,3 +277,22 @@ def test_timed_sink_tells_nothing_when_the_client_left_first():
     inner.disconnect()
     sink.send(200, JSON, b"{}")
     assert record.first_bytes == 0
+
+
+def test_upstream_and_recorder_provide_their_interfaces(tmp_path):
+    """The other seams the dispatcher uses are written down and kept (zope verifyObject)."""
+    from twisted.internet import task
+    from zope.interface.verify import verifyObject
+
+    from clproxy.interfaces import IRequestObserver, IRequestRecord, IUpstream
+    from clproxy.observe.recorder import Observability
+    from clproxy.proxy.upstream import UpstreamClient
+    from clproxy.testing.memory import MemoryAgent
+
+    clock = task.Clock()
+    assert verifyObject(IUpstream, UpstreamClient(clock, agent=MemoryAgent(None, clock)))
+    obs = Observability(clock=clock, logs_dir=str(tmp_path), environ={})
+    assert verifyObject(IRequestObserver, obs)
+    record = obs.begin(request_id="r", method="POST", path="/v1/messages", model="m", stream=False,
+                       headers=[], body=None)
+    assert verifyObject(IRequestRecord, record)

@@ -19,6 +19,9 @@ from clproxy.observe import console
 from clproxy.observe.jsonl import ATTEMPT_NAMESPACE, BODY_NAMESPACE, REQUEST_NAMESPACE, JsonlWriter
 from clproxy.observe.metrics import MetricsBook, MetricsResource
 from clproxy.observe.trace import format_traceparent, new_span_id, new_trace_id, read_inbound
+from zope.interface import implementer
+
+from clproxy.interfaces import IRequestObserver, IRequestRecord
 
 log = console.logger(__name__)
 
@@ -61,6 +64,7 @@ def fan_out(observers):
     return observe
 
 
+@implementer(IRequestObserver)
 class Observability:
     """The request log families, metrics, trace context and OTLP export of one daemon.
 
@@ -201,6 +205,7 @@ class Observability:
         return record
 
 
+@implementer(IRequestRecord)
 class RequestRecord:
     """One request's trace ids, timings, usage and attempts; ``finish`` writes its summary.
 

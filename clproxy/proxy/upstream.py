@@ -19,6 +19,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, UNKNOWN_LENGTH
 from zope.interface import implementer
 
+from clproxy.interfaces import IUpstream
+
 from clproxy.proxy import sse
 
 log = logger(__name__)
@@ -109,6 +111,7 @@ class UpstreamError(Exception):
         self.what = what or message
 
 
+@implementer(IUpstream)
 class UpstreamClient:
     """Sends requests to upstreams over one shared pool of persistent connections."""
 
