@@ -10,7 +10,11 @@ import math
 from typing import Any, Callable, Dict, Optional
 
 import attr
-import txredisapi
+
+try:
+    import txredisapi
+except ImportError:  # Debian packages none: the unmodified copy clproxy ships (clproxy/_vendor)
+    from clproxy._vendor import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
