@@ -26,7 +26,7 @@ setup(
         "treq>=22.2",
         "pyOpenSSL>=23.0",
         "service-identity>=18.1",
-        "pyyaml>=6",
+        "pyyaml>=6.0",
         "zope.interface>=5.5",
         "attrs>=22.2",
         # /metrics in the Prometheus text format, with its own registry
