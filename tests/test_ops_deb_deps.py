@@ -94,3 +94,21 @@ def test_the_vendored_txredisapi_serves_when_the_system_has_none():
                             env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["clproxy._vendor.txredisapi", "True"]
+
+
+def test_scripts_test_installs_what_the_package_tests_use():
+    """scripts/test (the README's and CI's test command) installs the tools the .deb tests run and
+    every Build-Depends of debian/control (dpkg-buildpackage refuses to build without them)."""
+    with open(os.path.join(REPO, "scripts", "test"), encoding="utf-8") as f:
+        script = f.read()
+    needs = dict(re.findall(r"^  ([\w.+-]+):([\w.+-]+)", script, re.M))
+    for command, package in (("mmdebstrap", "mmdebstrap"), ("dpkg-buildpackage", "dpkg-dev"),
+                             ("dh", "debhelper"), ("dh_python3", "dh-python")):
+        assert needs.get(command) == package, command
+    packages = re.search(r"^NEED_PACKAGES=\(([^)]*)\)", script, re.M).group(1).split()
+    with open(os.path.join(REPO, "debian", "control"), encoding="utf-8") as f:
+        build_depends = re.search(r"^Build-Depends: (.*)$", f.read(), re.M).group(1)
+    for item in build_depends.split(","):
+        name = item.split()[0]
+        name = {"debhelper-compat": "debhelper"}.get(name, name)
+        assert name in needs.values() or name in packages, f"Build-Depends {name} is not installed by scripts/test"
