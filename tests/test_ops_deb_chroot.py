@@ -57,11 +57,14 @@ def require_tools() -> None:
 def base_tarball() -> str:
     """A minimal bookworm root as a tarball, made by mmdebstrap at most once a day."""
     os.makedirs(CACHE, exist_ok=True)
-    path = os.path.join(CACHE, f"{SUITE}-minbase-{datetime.datetime.utcnow():%Y%m%d}.tar")
+    path = os.path.join(CACHE, f"{SUITE}-minbase-{datetime.datetime.now(datetime.timezone.utc):%Y%m%d}.tar")
     if not os.path.exists(path):
         partial = path + ".partial"
         run("mmdebstrap", "--quiet", "--variant=minbase", "--mode=root", "--format=tar", SUITE, partial, MIRROR)
         os.replace(partial, path)  # a run cut short never leaves a half tarball under the real name
+        for name in os.listdir(CACHE):  # yesterday's roots are stale now
+            if name.startswith(f"{SUITE}-minbase-") and os.path.join(CACHE, name) != path:
+                os.remove(os.path.join(CACHE, name))
     return path
 
 
@@ -169,6 +172,11 @@ async def run_daemon(box: Chroot, argv: list, env: dict, port: int, log_path: st
     with open(log_path, "wb") as log:
         process = subprocess.Popen(chroot + ["env", "-i"] + [f"{k}={v}" for k, v in env.items()] + argv,
                                    stdout=log, stderr=subprocess.STDOUT)
+
+    def output() -> str:
+        with open(log_path, "rb") as f:
+            return f.read().decode("utf-8", "replace")
+
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(600):  # 60 s: bookworm's Python starts Twisted slowly in a cold chroot
@@ -176,7 +184,6 @@ async def run_daemon(box: Chroot, argv: list, env: dict, port: int, log_path: st
             if status == 200 or process.poll() is not None:
                 break
             await task.deferLater(reactor, 0.1, lambda: None)
-        output = lambda: open(log_path, "rb").read().decode("utf-8", "replace")
         assert status == 200, f"/health did not answer 200 (got {status}); daemon output:\n{output()}"
         request = (b'{"model": "claude-sonnet-4-5", "max_tokens": 32, '
                    b'"messages": [{"role": "user", "content": "hello from the chroot"}]}')
@@ -185,7 +192,12 @@ async def run_daemon(box: Chroot, argv: list, env: dict, port: int, log_path: st
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)  # what systemctl stop sends
-        code = await in_thread(process.wait, 60)
+        try:
+            code = await in_thread(process.wait, 60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            pytest.fail(f"the daemon did not stop within 60 s of SIGTERM; output:\n{output()}", pytrace=False)
     text = output()
     assert code == 0, f"exit status {code}; output:\n{text}"
     assert "Traceback" not in text and "Unhandled" not in text, text
