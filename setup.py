@@ -9,7 +9,7 @@ setup(
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",
     license="MIT",
-    python_requires=">=3.9",
+    python_requires=">=3.11",
     # twisted/plugins/ has no __init__.py (it is a portion of Twisted's own package), so it is
     # named by hand. package_dir={"": "."} makes the layout "simple" for setuptools: an editable
     # install (pip install -e, PEP 660) then adds this directory to sys.path through a .pth file
@@ -20,27 +20,32 @@ setup(
     package_data={"twisted": ["plugins/claudeproxy_plugin.py"]},
     include_package_data=True,
     install_requires=[
-        "twisted[tls]>=23.10",
-        "treq>=23.11",
-        "pyOpenSSL",
-        "service-identity",
-        "pyyaml>=6",
-        "zope.interface",
+        # The lower bounds are Debian 12 (bookworm)'s versions, which tests/test_ops_deb_chroot.py
+        # runs the daemon on; debian/control names the same packages with the same bounds.
+        "twisted[tls]>=22.4",
+        "treq>=22.2",
+        "pyOpenSSL>=23.0",
+        "service-identity>=18.1",
+        "pyyaml>=6.0",
+        "zope.interface>=5.5",
         "attrs>=22.2",
-        # parses the 20+ KB request bodies several times faster than json (they are parsed once
-        # per request to read model and stream)
-        "orjson>=3.9",
         # /metrics in the Prometheus text format, with its own registry
-        "prometheus-client>=0.20",
-        "txredisapi",
+        "prometheus-client>=0.16",
+        # txredisapi (the Redis backend's client) is not required: clproxy._vendor ships a copy,
+        # used when it is not installed (Debian does not package it).
     ],
     extras_require={
+        # orjson parses the 20+ KB request bodies faster than json (benchmarks/json_cost.py); Debian
+        # does not package it, so it is optional: clproxy.jsoncodec falls back to json without it.
+        "fast": ["orjson>=3.9"],
         # OTLP/HTTP export of spans and log records (OTEL_EXPORTER_OTLP_ENDPOINT)
         "otlp": [
             "opentelemetry-sdk>=1.30",
             "opentelemetry-exporter-otlp-proto-http>=1.30",
         ],
         "test": [
+            "orjson>=3.9",
+            "txredisapi",
             "pytest>=7",
             "pytest-twisted>=1.14",
             "anthropic>=0.40",

@@ -25,17 +25,9 @@ doc="$root/usr/share/doc/clproxy"
 done
 install -D -m 0644 "$top/twisted/plugins/claudeproxy_plugin.py" "$site/twisted/plugins/claudeproxy_plugin.py"
 
-install -d "$root/usr/bin"
-cat > "$root/usr/bin/clproxy" <<'SCRIPT'
-#!/usr/bin/python3
-"""The clproxy command."""
-import sys
-
-from clproxy.cli.main import main
-
-sys.exit(main())
-SCRIPT
-chmod 0755 "$root/usr/bin/clproxy"
+# the command: the same small script debian/rules installs (not setuptools' entry-point wrapper,
+# which needs the egg-info neither build ships)
+install -D -m 0755 "$top/debian/clproxy-command" "$root/usr/bin/clproxy"
 
 # debian/clproxy.install
 install -D -m 0644 "$top/debian/proxy-config.yaml" "$root/etc/clproxy/proxy-config.yaml"
@@ -56,12 +48,21 @@ chmod 0644 "$doc/changelog.gz"
 # DEBIAN/: control from debian/control's binary paragraph, conffiles, maintainer scripts, md5sums
 install -d -m 0755 "$root/DEBIAN"
 maintainer=$(sed -n 's/^Maintainer: //p' "$top/debian/control" | head -n 1)
+section=$(sed -n 's/^Section: //p' "$top/debian/control" | head -n 1)
+priority=$(sed -n 's/^Priority: //p' "$top/debian/control" | head -n 1)
+# ${python3:Depends} as dh_python3 --no-guessing-deps fills it: the interpreter X-Python3-Version names;
+# ${misc:Depends} is empty for this package (no debconf, no init script).
+pyver=$(sed -n 's/^X-Python3-Version: *>= *//p' "$top/debian/control" | head -n 1)
+python3_depends="python3:any${pyver:+ (>= $pyver~)}"
 size=$(du -sk "$root" | cut -f1)
 {
     awk '/^Package:/ {p = 1} p' "$top/debian/control" \
-        | sed -e 's/\${[A-Za-z0-9]*:Depends}, //g' \
-        | awk -v v="$version" -v m="$maintainer" -v s="$size" '
-            /^Package:/ {print; print "Version: " v; print "Maintainer: " m; print "Installed-Size: " s; next}
+        | sed -e "s/\${python3:Depends}/$python3_depends/" -e 's/\${misc:Depends}, //' \
+        | awk -v v="$version" -v m="$maintainer" -v s="$size" -v sec="$section" -v pri="$priority" '
+            /^Package:/ {print; print "Version: " v; print "Maintainer: " m; print "Installed-Size: " s
+                         if (sec != "") print "Section: " sec
+                         if (pri != "") print "Priority: " pri
+                         next}
             /^$/ {next}
             {print}'
 } > "$root/DEBIAN/control"
@@ -70,8 +71,9 @@ for script in postinst prerm postrm; do
     sed '/^#DEBHELPER#$/d' "$top/debian/clproxy.$script" > "$root/DEBIAN/$script"
     chmod 0755 "$root/DEBIAN/$script"
 done
-(cd "$root" && find . -path ./DEBIAN -prune -o -type f -print | sed 's|^\./||' | sort | xargs md5sum) \
-    > "$root/DEBIAN/md5sums"
+# md5sums of every file but the conffiles (dpkg tracks those in its own database), as dh_md5sums does
+(cd "$root" && find . -path ./DEBIAN -prune -o -path ./etc -prune -o -type f -print | sed 's|^\./||' | sort \
+    | xargs md5sum) > "$root/DEBIAN/md5sums"
 
 mkdir -p "$out"
 deb="$out/clproxy_${version}_all.deb"

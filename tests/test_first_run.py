@@ -124,7 +124,7 @@ def test_readme_order_install_then_editable_keeps_the_plugin(tmp_path, deps_dir)
 
 
 def test_test_script_names_a_missing_tool_in_one_line_and_stops(tmp_path):
-    """Without redis-server on the PATH and with installing forbidden, scripts/test prints one line
+    """Without redis-server (nor the Debian packaging tools) on the PATH and with installing forbidden, scripts/test prints one line
     naming what to install and exits non-zero, before making a venv or running pytest."""
     bare = tmp_path / "bin"  # a PATH with only what runs the script: no redis-server, no python
     bare.mkdir()
@@ -136,10 +136,11 @@ def test_test_script_names_a_missing_tool_in_one_line_and_stops(tmp_path):
                             capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode != 0
+    sudo = "sudo " if os.geteuid() else ""
     assert output.splitlines() == [
-        "scripts/test: missing redis-server; install it with: sudo apt-get install redis-server"
-        if os.geteuid() else
-        "scripts/test: missing redis-server; install it with: apt-get install redis-server"], output
+        "scripts/test: missing redis-server, mmdebstrap, dpkg-buildpackage, dh, dh_python3, python3-all, "
+        f"python3-setuptools; install them with: {sudo}apt-get install redis-server mmdebstrap dpkg-dev "
+        "debhelper dh-python python3-all python3-setuptools"], output
     assert not venv_dir.exists(), "the venv was made (and pytest would have run) despite the missing tool"
 
 

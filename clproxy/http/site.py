@@ -8,7 +8,7 @@ Request bodies are bounded while they arrive, so an oversized upload never fills
 import json
 from io import BytesIO
 
-import orjson
+from clproxy import jsoncodec
 from typing import Callable, List, Optional, Tuple
 
 from twisted.internet import defer
@@ -259,8 +259,8 @@ def parse_messages_request(request: server.Request, needs_model: bool = True) ->
         raise ProxyError(400, f"content-type must be application/json, got {shown}")
     body = request.content.getvalue()
     try:
-        parsed = orjson.loads(body)  # several times faster than json on Claude Code's large bodies
-    except orjson.JSONDecodeError:
+        parsed = jsoncodec.loads(body)  # several times faster than json on Claude Code's large bodies
+    except jsoncodec.JSONDecodeError:
         # the standard parser decides: it accepts what orjson refuses but JSON allows (lone
         # surrogate escapes, huge integers), and says where broken JSON breaks
         try:

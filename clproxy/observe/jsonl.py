@@ -19,6 +19,7 @@ import attr
 from twisted.logger import ILogObserver
 from zope.interface import implementer
 
+from clproxy import jsoncodec
 from clproxy.proxy.sse import SSEParser
 from clproxy.observe.redact import (REDACTED, collect_secrets, redact_headers, redact_json_bytes, redact_raw, redact_text,
                      redact_value)
@@ -71,19 +72,8 @@ _PLAIN = (int, float, bool, type(None))
 _SKIPPED = frozenset({"log_logger", "log_level", "log_namespace", "log_source", "log_format", "log_time",
                       "log_trace", "time"})
 
-try:
-    import orjson
-except ImportError:  # pragma: no cover - orjson is a dependency; the standard encoder still works
-    orjson = None
-
-
 def _dumps_line(row: dict) -> bytes:
-    if orjson is not None:
-        try:
-            return orjson.dumps(row, default=str, option=orjson.OPT_APPEND_NEWLINE)
-        except TypeError:  # e.g. an integer beyond 64 bits
-            pass
-    return json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str).encode("utf-8") + b"\n"
+    return jsoncodec.dumps(row, default=str, newline=True)
 
 
 def _encode_row(ts: str, fields: dict) -> bytes:

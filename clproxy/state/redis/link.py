@@ -7,7 +7,10 @@ serves from its local mirror whenever that fails with :class:`RedisDown`.
 
 from typing import Any, Callable, List, Optional
 
-import txredisapi
+try:
+    import txredisapi
+except ImportError:  # Debian packages none: the unmodified copy clproxy ships (clproxy/_vendor)
+    from clproxy._vendor import txredisapi  # type: ignore[no-redef]
 from twisted.application import service
 from twisted.application.internet import ClientService, backoffPolicy
 from twisted.internet import defer, protocol
