@@ -337,3 +337,76 @@ def test_the_memory_agent_serves_a_resource_byte_for_byte():
     agent.flush()
     assert body.result == b"/v1/x \x00body\xff"
     assert agent.open_connections == 0
+
+
+# -- the loop reading the attempts' outcomes: refresh retries, skipped accounts, the final answer ----
+
+class FailingRefresher:
+    """A refresher whose every refresh fails (e.g. the refresh token was revoked)."""
+
+    async def fresh(self, account, force=False):
+        raise RuntimeError("refresh rejected")
+
+
+def test_an_account_whose_refresh_fails_is_cooled_and_skipped_without_an_attempt():
+    h = Harness([oauth("max", "token"), api("spare")], refresher=FailingRefresher())
+    out = RecordingSink()
+    request = messages()
+    h.forward(request, out)
+    assert h.verdicts() == [("spare", policy.SUCCESS, 200, policy.OK)]
+    assert [r.credential for r in h.fake.requests] == ["sk-spare"]
+    assert run(h.states())["anthropic:max"].cooling_until == h.clock.seconds() + policy.AUTH_COOLDOWN
+    assert out.status == 200 and request.record.refreshes == 1
+
+
+def test_refresh_retries_spent_cool_the_account_and_the_loop_goes_on():
+    refresher = StubRefresher(["token-2", "token-3"])
+    h = Harness([oauth("max", "token-1"), api("spare")], refresher=refresher, max_refresh_retries=2)
+    for token in ("token-1", "token-2", "token-3"):
+        h.fake.revoke(token)
+    out = RecordingSink()
+    h.forward(messages(), out)
+    assert h.verdicts() == [("max", policy.REFRESH, 401, policy.AUTH)] * 3 + [
+        ("spare", policy.SUCCESS, 200, policy.OK)]
+    assert refresher.calls == [("max", False), ("max", True), ("max", True)]
+    assert run(h.states())["anthropic:max"].cooling_until == h.clock.seconds() + policy.AUTH_COOLDOWN
+    assert out.status == 200
+
+
+def test_every_credential_rejected_relays_anthropics_401_not_a_429():
+    h = Harness([api("a"), api("b")])
+    for key in ("sk-a", "sk-b"):
+        h.fake.script(key, status=401, body=error_json(401, "authentication_error", "invalid x-api-key"))
+    out = RecordingSink()
+    h.forward(messages(), out)
+    assert [a for _, a, _, _ in h.verdicts()] == [policy.COOL, policy.COOL]
+    assert out.status == 401 and out.errors == []
+    assert json.loads(out.body)["error"]["message"] == "invalid x-api-key"
+
+
+def test_a_rejected_credential_then_a_broken_retry_still_relays_the_401():
+    # the last try of the request broke (no status): the answer to relay is the last one Anthropic
+    # gave, not the network failure (the shared mutable failure once sent a status of None here)
+    refresher = StubRefresher(["token-new"])
+    h = Harness([oauth("max", "token-old")], refresher=refresher, max_refresh_retries=1)
+    h.fake.revoke("token-old")
+    h.fake.script("token-new", reset=True)
+    out = RecordingSink()
+    h.forward(messages(), out)
+    assert [(a, s) for _, a, s, _ in h.verdicts()] == [(policy.REFRESH, 401), (policy.NEXT, None)]
+    assert out.status == 401
+    assert json.loads(out.body)["error"]["type"] == "authentication_error"
+
+
+@pytest.mark.parametrize("script, status", [(dict(reset=True), 502), (dict(delay=60.0), 504)],
+                         ids=["reset", "timeout"])
+def test_exhaustion_by_network_failures_answers_502_or_504(script, status):
+    h = Harness([api("only")], upstream_timeout=20.0)
+    h.fake.script("sk-only", **script)
+    out = RecordingSink()
+    h.forward(messages(), out, advance=[20.0])
+    assert [a for _, a, _, _ in h.verdicts()] == [policy.NEXT]
+    assert out.status == status
+    [error] = out.errors
+    assert error.status == status
+    assert run(h.states())["config:only"].cooling_until <= h.clock.seconds()

@@ -1,9 +1,11 @@
-"""One request's journey: pick an account, send, classify the answer, retry or fail over.
+"""One request's journey: pick an account, try it, retry or fail over, answer when all fail.
 
-The dispatcher owns the loop the design card draws: for each candidate account it refreshes the
-token when needed, shapes the request, sends the raw body, classifies the response and either
-answers the client or moves on. When every account is cooling it walks the fallback hook, and
-otherwise answers with a truthful error (a 429 whose Retry-After is the earliest recovery).
+The dispatcher owns the loop the design card draws: for each candidate account (within the
+request's deadline) it refreshes the token when needed and makes one try
+(:class:`clproxy.proxy.attempt.Attempt`: shape, send, classify, record, maybe answer), which
+returns what happened as a value; the loop reads it to stop, retry after a refresh, or move on.
+When every account is cooling it walks the fallback hook, and otherwise answers with a truthful
+error (a 429 whose Retry-After is the earliest recovery).
 """
 
 import json
@@ -14,29 +16,26 @@ import uuid
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import attr
-from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from clproxy.observe.console import logger
-from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from clproxy.routing import policy
 from clproxy.accounts.model import Account
-from clproxy.routing.quota import has_quota_headers
-from clproxy.proxy.shaping import HOP_BY_HOP, CloakingPipeline
+from clproxy.errors import ProxyError
+from clproxy.interfaces import IResponseSink
+from clproxy.observe.console import logger
+from clproxy.observe.recorder import Observability
+from clproxy.proxy.attempt import Answered, Attempt, Failure, NextAccount, downstream_headers
+from clproxy.proxy.shaping import CloakingPipeline
+from clproxy.routing import policy
 from clproxy.routing.router import Target
 from clproxy.translate.claude import strip_foreign_thinking
-from clproxy.errors import ProxyError, error_event, error_type_for
-from clproxy.interfaces import IResponseSink
-from clproxy.observe.recorder import (TRACE_HEADERS, Observability, model_from_message, usage_from_event,
-                               usage_from_message, usage_from_sse_tail)
-from clproxy.proxy.upstream import FirstEventFailed, StreamRelay, UpstreamError, read_body
+
+# downstream_headers lives in attempt.py; it is still importable from here, where it was
+__all__ = ["DispatchSettings", "Dispatcher", "ProxyRequest", "TimedSink", "downstream_headers",
+           "with_model", "without_foreign_thinking"]
 
 log = logger(__name__)
 
-# What a client must not see of the upstream's answer: hop-by-hop headers, and what twisted.web
-# sets itself for the proxy's own connection.
-DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"date"}
 NO_ACCOUNT_HELP = (
     "clproxy has no Anthropic account to use. Add one with `clproxy auth login anthropic`, "
     "set ANTHROPIC_API_KEY in the proxy's environment (or its --env-file), or list accounts under "
@@ -75,29 +74,6 @@ class DispatchSettings:
     max_response_bytes: int = 256 * 1024 * 1024
     max_refresh_retries: int = 5
     config_path: str = "~/.clproxy/proxy-config.yaml"
-
-
-def downstream_headers(response_headers: Headers) -> List[Tuple[bytes, List[bytes]]]:
-    """The upstream response headers a client should see (end-to-end ones, in order)."""
-    kept = []
-    for name, values in response_headers.getAllRawHeaders():
-        lower = name.lower()
-        if lower in DROP_DOWNSTREAM:
-            continue
-        kept.append((name, values))
-    return kept
-
-
-def header_dict(response_headers: Headers) -> dict:
-    """Lower-cased header names to their (first) value as text, for classification."""
-    return {name.lower().decode("latin-1"): values[0].decode("latin-1")
-            for name, values in response_headers.getAllRawHeaders() if values}
-
-
-def is_event_stream(response_headers: Headers) -> bool:
-    """True when the upstream answered with ``text/event-stream``."""
-    values = response_headers.getRawHeaders(b"content-type") or [b""]
-    return values[0].split(b";")[0].strip().lower() == b"text/event-stream"
 
 
 @implementer(IResponseSink)
@@ -148,22 +124,12 @@ class TimedSink:
         self._out.send_error(error)
 
 
-class _Answered(Exception):
-    """Internal: the attempt has answered the client (nothing more to do)."""
+@attr.s(frozen=True, auto_attribs=True)
+class _Tried:
+    """What trying one account (with its refresh retries) came to: answered, or the failures seen."""
 
-
-@attr.s(auto_attribs=True)
-class _Failure:
-    """The last failure seen in the loop, kept to answer truthfully when no account succeeds."""
-
-    status: Optional[int] = None
-    headers: Optional[List[Tuple[bytes, List[bytes]]]] = None
-    body: Optional[bytes] = None
-    network: Optional[UpstreamError] = None
-    #: statuses of the upstream answers this request got, in order
-    statuses: List[int] = attr.ib(factory=list)
-    #: keys of the accounts those answers came from
-    accounts: set = attr.ib(factory=set)
+    answered: Optional[Answered] = None
+    failures: Tuple[Failure, ...] = ()
 
 
 class Dispatcher:
@@ -245,7 +211,8 @@ class Dispatcher:
         else:
             candidates = await self.pool.candidates(enabled)
         deadline = self.clock.seconds() + self.settings.request_deadline
-        last = _Failure()
+        attempt = self._attempt()
+        failures: List[Failure] = []
         for account in candidates:
             if out.disconnected:
                 return
@@ -253,18 +220,28 @@ class Dispatcher:
                 break
             if not self.settings.passthrough and not await self.pool.admit(account):
                 continue
-            try:
-                await self._try_account(request, out, account, deadline, last)
-            except _Answered:
+            tried = await self._try_account(attempt, request, out, account, deadline)
+            if tried.answered is not None:
                 return
+            failures.extend(tried.failures)
             if self.settings.passthrough:
                 break
         if out.disconnected:
             return
-        await self._exhausted(request, out, enabled, last)
+        await self._exhausted(request, out, enabled, failures)
 
-    async def _try_account(self, request, out, account: Account, deadline: float, last: _Failure) -> None:
-        """Try one account, with its OAuth refresh retries; raises ``_Answered`` once the client has its answer."""
+    def _attempt(self) -> Attempt:
+        """One request's tries, with today's collaborators and settings (a reload may change them)."""
+        settings = self.settings
+        return Attempt(clock=self.clock, upstream=self.upstream, pool=self.pool, store=self.store,
+                       shaping=self.shaping, quotas=self.quotas, passthrough=settings.passthrough,
+                       upstream_timeout=settings.upstream_timeout, error_body_limit=settings.error_body_limit,
+                       max_response_bytes=settings.max_response_bytes, streams=self.streams)
+
+    async def _try_account(self, attempt: Attempt, request: ProxyRequest, out, account: Account,
+                           deadline: float) -> _Tried:
+        """Try one account, refreshing its OAuth token and retrying while the upstream rejects it."""
+        failures: List[Failure] = []
         refreshes = 0
         force = False
         while True:
@@ -281,178 +258,46 @@ class Dispatcher:
                     log.warn("<- refresh-failed account={account} reason={reason}",
                              account=account.name, reason=_safe_reason(e))
                     await self.pool.cool(account, policy.AUTH_COOLDOWN)  # no upstream attempt was made
-                    return
-            verdict = await self._send(request, out, account, deadline, last)
-            if verdict is None or verdict.action != policy.REFRESH:
-                return
+                    return _Tried(failures=tuple(failures))
+            outcome = await attempt.run(request, out, account, deadline)
+            if isinstance(outcome, Answered):
+                return _Tried(answered=outcome, failures=tuple(failures))
+            failures.append(outcome.failure)
+            if isinstance(outcome, NextAccount):
+                return _Tried(failures=tuple(failures))
             if self.refresher is None or refreshes >= self.settings.max_refresh_retries:
                 # no refresh possible (or retries spent): only now does the 401 cool the account
-                await self.pool.cool(account, policy.unrefreshable(verdict).cooldown)
-                return
+                await self.pool.cool(account, policy.unrefreshable(outcome.verdict).cooldown)
+                return _Tried(failures=tuple(failures))
             refreshes += 1
             force = True
 
-    async def _send(self, request, out, account: Account, deadline: float, last: _Failure):
-        """One upstream attempt. Returns the verdict when the loop should go on, raises ``_Answered`` otherwise."""
-        level = await self.pool.backoff_level(account)
-        timeout = max(0.001, min(self.settings.upstream_timeout, deadline - self.clock.seconds()))
-        url = (account.base_url.rstrip("/").encode("utf-8") + request.path + request.query)
-        headers, body = self.shaping.shape(request.headers, account, request.body)
-        for name in TRACE_HEADERS:  # the proxy's own span is the upstream's parent
-            headers.removeHeader(name)
-        for name, value in request.record.outbound_headers():  # also starts the attempt's clock
-            headers.setRawHeaders(name, [value])
-        sending = self.upstream.send(request.method, url, headers, body, timeout, self.clock)
-        out.on_disconnect(sending.cancel)
-        try:
-            response = await sending
-        except UpstreamError as e:
-            return await self._network_failure(request, account, e, level, last)
-        except Exception:
-            if out.disconnected:
-                raise _Answered()  # cancelled because the client went away; nobody to answer
-            raise
-        status = response.code
-        passthrough = self.settings.passthrough
-        host = _host(account.base_url)
-        if self.quotas is not None and has_quota_headers(response.headers):
-            self.quotas.note(account.key, response.headers)
-        if 200 <= status < 300:
-            if request.stream and is_event_stream(response.headers):
-                # the verdict of a stream that failed before its first event (an OAuth 401 sent
-                # as an error event must be refreshed like a 401 status), or raises _Answered
-                return await self._relay_stream(request, out, account, response, level, last)
-            try:
-                body = await self._read(response, self.settings.max_response_bytes, out, host)
-            except UpstreamError as e:  # body cut short: nothing reached the client yet
-                return await self._network_failure(request, account, e, level, last)
-            unusable = policy.classify_unusable_answer(status, _content_type(response.headers), body)
-            if unusable is not None:
-                # an empty or unparsable "success": transient, like a network error (even in
-                # passthrough mode: relaying it would tell the client a failure was an answer)
-                message = f"upstream {host} returned {unusable}"
-                verdict = policy.unusable_answer(status, message, backoff_level=level)
-                await self._record(request, account, verdict)
-                last.network, last.status = UpstreamError("network", message), None
-                return verdict
-            await self._record(request, account, policy.classify(status, {}, b"", now=self.clock.seconds(),
-                                                                 backoff_level=level, is_oauth=account.is_oauth))
-            record = request.record
-            record.usage(usage_from_message(body))
-            record.actual_model = model_from_message(body)
-            record.response_body(status, response.headers, body, streamed=False)
-            out.send(status, downstream_headers(response.headers), body)
-            raise _Answered()
-        try:
-            body = await self._read(response, self.settings.error_body_limit, out, host)
-        except UpstreamError as e:
-            return await self._network_failure(request, account, e, level, last)
-        verdict = policy.classify(status, header_dict(response.headers), body, now=self.clock.seconds(),
-                                  backoff_level=level, is_oauth=account.is_oauth)
-        await self._record(request, account, verdict)
-        request.record.response_body(status, response.headers, body, streamed=False)
-        if verdict.action == policy.RETURN or (passthrough and verdict.action != policy.REFRESH):
-            out.send(status, downstream_headers(response.headers), body)
-            raise _Answered()
-        last.status, last.headers, last.body, last.network = (
-            status, downstream_headers(response.headers), body, None)
-        last.statuses.append(status)
-        last.accounts.add(account.key)
-        return verdict
+    async def _exhausted(self, request, out, enabled: Sequence[Account], failures: Sequence[Failure]) -> None:
+        """No account answered: fall back, or answer with the most truthful error there is.
 
-    async def _network_failure(self, request, account: Account, error: UpstreamError, level: int,
-                               last: _Failure):
-        """An attempt that failed before anything reached the client: no cooldown, next account."""
-        verdict = policy.classify_network_error(error.what, backoff_level=level)
-        await self._record(request, account, verdict)
-        last.network, last.status = error, None
-        return verdict
-
-    async def _read(self, response, limit: int, out, host: str) -> bytes:
-        """The whole body; raises ``UpstreamError`` when the upstream cut it short."""
-        reading = read_body(response, limit, host)
-        out.on_disconnect(reading.cancel)
-        try:
-            return await reading
-        except defer.CancelledError:
-            raise _Answered()
-
-    async def _relay_stream(self, request, out, account, response, level, last) -> None:
-        relay = StreamRelay(self.clock, self.settings.upstream_timeout, _host(account.base_url))
-        response.deliverBody(relay)
-        out.on_disconnect(relay.abort)
-        if not self.settings.passthrough:
-            try:
-                first = await relay.first_event
-            except FirstEventFailed as e:
-                verdict = policy.classify_network_error(str(e), backoff_level=level)
-                log.warn("{line}", line=verdict.describe(account.name))  # its detail says why
-                await self._record(request, account, verdict, quiet=True)
-                last.network, last.status = UpstreamError("network", str(e)), None
-                return verdict
-            if first.name == "error":
-                relay.abort()
-                verdict = _classify_error_event(first.data, self.clock.seconds(), level, account)
-                await self._record(request, account, verdict)
-                body = first.data.encode("utf-8")
-                last.status = _status_for_error_event(first.data)
-                last.headers = [(b"content-type", [b"application/json"])]
-                last.body, last.network = body, None
-                last.statuses.append(last.status)
-                last.accounts.add(account.key)
-                return verdict
-            record = request.record
-            record.usage(usage_from_event(first.data))
-            record.actual_model = model_from_message(first.data)
-        await self._record(request, account, policy.classify(response.code, {}, b"", now=self.clock.seconds(),
-                                                             backoff_level=level, is_oauth=account.is_oauth))
-        out.start(response.code, downstream_headers(response.headers))
-        out.register_producer(relay.producer())
-        relay.commit(request.record.tee(out.write, status=response.code, headers=response.headers))
-        self.streams.add(relay)
-        try:
-            outcome = await relay.done
-        finally:
-            self.streams.discard(relay)
-        out.unregister_producer()
-        record = request.record
-        record.usage(usage_from_sse_tail(relay.tail))
-        if outcome.truncated:
-            record.truncated, record.error = True, outcome.reason
-        if outcome.truncated and not out.disconnected:
-            log.warn("stream truncated account={account}: {reason}", account=account.name,
-                     reason=outcome.reason)
-            out.write(error_event(outcome.reason))
-            await self.store.incr("truncated_streams")
-        out.finish()
-        raise _Answered()
-
-    async def _record(self, request: ProxyRequest, account: Account, verdict, quiet: bool = False) -> None:
-        request.record.attempt(account_name=account.name, provider="anthropic", model=request.model,
-                               status=verdict.status, verdict=verdict)
-        await self.pool.record(account, verdict)
-        if verdict.action != policy.SUCCESS and not quiet:
-            log.info("{line}", line=verdict.describe(account.name))
-
-    async def _exhausted(self, request, out, enabled: Sequence[Account], last: _Failure) -> None:
-        """No account answered: fall back, or answer with the most truthful error there is."""
+        ``failures``: what every try of this request learned, in order (the last one is the truth
+        to tell when some account is not cooling).
+        """
         cooling = await self.pool.cooling(enabled)
-        if last.statuses and all(s in (401, 402, 403) for s in last.statuses) \
-                and last.accounts >= {a.key for a in enabled}:
+        answers = [f for f in failures if f.status is not None]  # the upstream's own answers
+        if answers and all(f.status in (401, 402, 403) for f in answers) \
+                and {f.account_key for f in answers} >= {a.key for a in enabled}:
             # every account rejected its credential just now (an OAuth one even after its refresh
             # retries, which add answers, hence accounts and not a count): Anthropic's own answer
             # is the truth, a 429 would send the client into a pointless wait
-            out.send(last.status, last.headers or [], last.body or b"")
+            _send_failure(out, answers[-1])
             return
-        if len(cooling) == len(enabled) or (last.status is None and last.network is None):
+        last = failures[-1] if failures else None
+        if len(cooling) == len(enabled) or last is None:
             exhausted = await self._pool_exhausted_error(enabled, cooling)
             if self.fallback is not None and not self.settings.passthrough:
                 if await self.fallback(request, out, exhausted):
                     return
             raise exhausted
         if last.status is not None:
-            out.send(last.status, last.headers or [], last.body or b"")
+            _send_failure(out, last)
             return
+        assert last.network is not None
         status = 504 if last.network.kind == "timeout" else 502
         raise ProxyError(status, last.network.message)
 
@@ -511,31 +356,13 @@ def with_model(request: ProxyRequest, model: str) -> ProxyRequest:
     return attr.evolve(request, body=body, model=model)
 
 
-def _classify_error_event(data: str, now: float, level: int, account: Account):
-    return policy.classify(_status_for_error_event(data), {}, data.encode("utf-8"), now=now,
-                           backoff_level=level, is_oauth=account.is_oauth)
 
 
-def _status_for_error_event(data: str) -> int:
-    """The HTTP status an ``event: error`` stands for, by its error type (overloaded -> 529)."""
-    try:
-        kind = json.loads(data)["error"]["type"]
-    except Exception:
-        return 502
-    for status in (429, 529, 500, 504, 401, 403, 400, 404, 413):
-        if error_type_for(status) == kind:
-            return status
-    return 502
 
 
-def _host(base_url: str) -> str:
-    """``host[:port]`` of a base URL, without any ``user:password@`` (it would be a secret)."""
-    return base_url.split("://", 1)[-1].split("/", 1)[0].rsplit("@", 1)[-1]
-
-
-def _content_type(response_headers: Headers) -> Optional[str]:
-    values = response_headers.getRawHeaders(b"content-type")
-    return values[0].decode("latin-1") if values else None
+def _send_failure(out, failure: Failure) -> None:
+    """Relay an upstream's error answer that a try kept (status, client-visible headers, body)."""
+    out.send(failure.status, failure.headers or [], failure.body or b"")
 
 
 def _safe_reason(error: Exception) -> str:

@@ -1,0 +1,256 @@
+"""One upstream try (clproxy.proxy.attempt), in memory: each kind of upstream answer maps to its Outcome.
+
+The fake Anthropic resource is served through ``clproxy.testing.memory.MemoryAgent`` on a
+``task.Clock``; no socket is opened. Each test checks the value :meth:`Attempt.run` returns, that
+its verdict was recorded once (request record and pool), and what the client's sink received.
+"""
+
+import json
+
+import attr
+import pytest
+from twisted.internet import defer, task
+
+from clproxy.accounts.model import API_KEY, OAUTH, Account
+from clproxy.observe.recorder import Observability
+from clproxy.proxy import attempt as attempt_module
+from clproxy.proxy.attempt import (CLIENT_GONE, RELAYED, STREAMED, TRUNCATED, Answered, Attempt, Failure,
+                                   NextAccount, RefreshAndRetry)
+from clproxy.proxy.dispatch import ProxyRequest
+from clproxy.proxy.shaping import CloakingPipeline
+from clproxy.proxy.upstream import UpstreamClient, UpstreamError
+from clproxy.routing import policy
+from clproxy.routing.pool import AccountPool
+from clproxy.state.memory import MemoryStateStore
+from clproxy.testing.anthropic import FakeAnthropic, error_json, text_stream
+from clproxy.testing.memory import MemoryAgent
+
+from helpers import RecordingSink
+
+BASE = "http://anthropic.memory"
+
+
+class _Pool(AccountPool):
+    """The real pool, also keeping every verdict it is told."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.verdicts = []
+
+    async def record(self, account, verdict):
+        self.verdicts.append(verdict)
+        await super().record(account, verdict)
+
+
+class Try:
+    """One Attempt over the fake Anthropic resource in memory, on one task.Clock."""
+
+    def __init__(self, passthrough=False, upstream_timeout=600.0):
+        self.clock = task.Clock()
+        self.clock.advance(1_000_000)
+        self.fake = FakeAnthropic(reactor=self.clock)
+        self.agent = MemoryAgent(self.fake, self.clock)
+        self.store = MemoryStateStore()
+        self.pool = _Pool(self.store, clock=self.clock)
+        self.obs = Observability(clock=self.clock, logs_dir=None)
+        self.attempt = Attempt(clock=self.clock, upstream=UpstreamClient(self.clock, agent=self.agent),
+                               pool=self.pool, store=self.store, shaping=CloakingPipeline(),
+                               passthrough=passthrough, upstream_timeout=upstream_timeout)
+
+    def start(self, account, out, stream=False):
+        """Start the try; returns (its Deferred, the request)."""
+        body = json.dumps({"model": "claude-sonnet-4-5", "max_tokens": 64, "stream": stream,
+                           "messages": [{"role": "user", "content": "hi"}]}).encode()
+        request = ProxyRequest(method=b"POST", path=b"/v1/messages", query=b"",
+                               headers=[(b"content-type", b"application/json")], body=body,
+                               model="claude-sonnet-4-5", stream=stream)
+        request.record = self.obs.begin(request_id=request.request_id, method=request.method,
+                                        path=request.path, model=request.model, stream=stream,
+                                        headers=request.headers, body=body)
+        d = defer.ensureDeferred(self.attempt.run(request, out, account, self.clock.seconds() + 900))
+        self.agent.flush()
+        return d, request
+
+    def run(self, account, out, stream=False, advance=()):
+        """The try's Outcome, once it ran to its end (``advance``: clock steps to take meanwhile)."""
+        d, request = self.start(account, out, stream)
+        for seconds in advance:
+            self.clock.advance(seconds)
+            self.agent.flush()
+        assert d.called, "the attempt did not finish"
+        outcome = d.result
+        assert request.record.attempts == len(self.pool.verdicts)  # recorded in both, once per try
+        return outcome
+
+
+def api(name="work"):
+    return Account(key=f"config:{name}", name=name, kind=API_KEY, secret=f"sk-{name}", base_url=BASE)
+
+
+def oauth(name="max", secret="token"):
+    return Account(key=f"anthropic:{name}", name=name, kind=OAUTH, secret=secret, base_url=BASE,
+                   expires_at=2e9)
+
+
+def test_a_whole_answer_is_relayed():
+    t = Try()
+    out = RecordingSink()
+    assert t.run(api(), out) == Answered(RELAYED)
+    assert [v.action for v in t.pool.verdicts] == [policy.SUCCESS]
+    assert out.status == 200 and json.loads(out.body)["type"] == "message"
+
+
+def test_a_rate_limit_goes_to_the_next_account_with_anthropics_answer_kept():
+    t = Try()
+    body = error_json(429, "rate_limit_error", "rate limited")
+    t.fake.script("sk-work", status=429, headers={"retry-after": "30"}, body=body)
+    out = RecordingSink()
+    outcome = t.run(api(), out)
+    assert isinstance(outcome, NextAccount)
+    assert (outcome.verdict.action, outcome.verdict.reason) == (policy.COOL, policy.RATE_LIMITED)
+    failure = outcome.failure
+    assert (failure.account_key, failure.status, failure.body, failure.network) == ("config:work", 429, body, None)
+    assert (b"retry-after", [b"30"]) in [(n.lower(), v) for n, v in failure.headers]
+    assert out.status is None and out.writes == []  # nothing reached the client
+    assert t.pool.verdicts == [outcome.verdict]
+
+
+def test_overload_goes_to_the_next_account_without_cooling():
+    t = Try()
+    t.fake.script("sk-work", status=529, body=error_json(529, "overloaded_error", "Overloaded"))
+    outcome = t.run(api(), RecordingSink())
+    assert isinstance(outcome, NextAccount)
+    assert (outcome.verdict.action, outcome.failure.status) == (policy.NEXT, 529)
+
+
+def test_an_oauth_401_asks_for_a_refresh_and_a_retry():
+    t = Try()
+    t.fake.revoke("token")
+    out = RecordingSink()
+    outcome = t.run(oauth(), out)
+    assert isinstance(outcome, RefreshAndRetry)
+    assert (outcome.verdict.action, outcome.failure.status) == (policy.REFRESH, 401)
+    assert out.status is None
+
+
+def test_an_oauth_401_as_a_streams_first_event_asks_for_a_refresh():
+    t = Try()
+    t.fake.script("token", events=[("error", {"type": "error", "error": {
+        "type": "authentication_error", "message": "OAuth token has expired"}})])
+    out = RecordingSink()
+    outcome = t.run(oauth(), out, stream=True)
+    assert isinstance(outcome, RefreshAndRetry)
+    assert outcome.failure.status == 401
+    assert json.loads(outcome.failure.body)["error"]["type"] == "authentication_error"
+    assert out.started is False
+
+
+def test_a_client_error_is_relayed_as_the_answer():
+    t = Try()
+    t.fake.script("sk-work", status=400, body=error_json(400, "invalid_request_error", "bad"))
+    out = RecordingSink()
+    assert t.run(api(), out) == Answered(RELAYED)
+    assert [v.action for v in t.pool.verdicts] == [policy.RETURN]
+    assert out.status == 400 and json.loads(out.body)["error"]["type"] == "invalid_request_error"
+
+
+def test_in_passthrough_mode_a_rate_limit_is_relayed():
+    t = Try(passthrough=True)
+    t.fake.script("sk-work", status=429, body=error_json(429, "rate_limit_error", "rate limited"))
+    out = RecordingSink()
+    assert t.run(api(), out) == Answered(RELAYED)
+    assert out.status == 429
+
+
+def test_a_reset_connection_is_a_network_failure():
+    t = Try()
+    t.fake.script("sk-work", reset=True)
+    out = RecordingSink()
+    outcome = t.run(api(), out)
+    assert isinstance(outcome, NextAccount)
+    assert (outcome.verdict.action, outcome.verdict.reason) == (policy.NEXT, policy.NETWORK)
+    assert outcome.failure.status is None and isinstance(outcome.failure.network, UpstreamError)
+    assert out.status is None
+
+
+def test_a_silent_upstream_times_out():
+    t = Try(upstream_timeout=20.0)
+    t.fake.script("sk-work", delay=60.0)
+    outcome = t.run(api(), RecordingSink(), advance=[20.0])
+    assert isinstance(outcome, NextAccount)
+    assert outcome.failure.network.kind == "timeout"
+
+
+@pytest.mark.parametrize("body", [b"", b"[]"], ids=["empty", "not-an-object"])
+def test_an_unusable_success_is_a_network_failure(body):
+    t = Try()
+    t.fake.script("sk-work", body=body)
+    out = RecordingSink()
+    outcome = t.run(api(), out)
+    assert isinstance(outcome, NextAccount)
+    assert outcome.failure.status is None and "returned" in outcome.failure.network.message
+    assert out.status is None
+
+
+def test_a_whole_stream_is_streamed():
+    t = Try()
+    t.fake.script("sk-work", events=text_stream(["a", "b"]))
+    out = RecordingSink()
+    assert t.run(api(), out, stream=True) == Answered(STREAMED)
+    assert [n for n, _ in out.events()][-1] == "message_stop"
+    assert not t.attempt.streams  # no longer listed once relayed
+
+
+def test_a_stream_cut_before_its_first_event_is_a_network_failure():
+    t = Try()
+    t.fake.script("sk-work", end_before_first=True)
+    out = RecordingSink()
+    outcome = t.run(api(), out, stream=True)
+    assert isinstance(outcome, NextAccount) and outcome.failure.network is not None
+    assert out.started is False
+
+
+def test_a_stream_cut_after_commit_is_truncated():
+    t = Try()
+    t.fake.script("sk-work", cut_after=4)
+    out = RecordingSink()
+    assert t.run(api(), out, stream=True) == Answered(TRUNCATED)
+    assert out.events()[-1][0] == "error" and out.finished
+    assert [v.action for v in t.pool.verdicts] == [policy.SUCCESS]  # committed: the try succeeded
+
+
+def test_the_client_leaving_mid_stream():
+    t = Try()
+    t.fake.script("sk-work", events=text_stream(["a", "b", "c"]), pace=1.0)
+    out = RecordingSink()
+    d, _ = t.start(api(), out, stream=True)
+    t.clock.advance(1.0)
+    t.agent.flush()
+    assert out.started and not d.called
+    out.disconnect()
+    t.agent.flush()
+    t.clock.advance(10.0)
+    t.agent.flush()
+    assert d.result == Answered(CLIENT_GONE)
+
+
+def test_the_client_leaving_before_the_answer_records_nothing():
+    t = Try()
+    t.fake.script("sk-work", delay=30.0)
+    out = RecordingSink()
+    d, request = t.start(api(), out)
+    out.disconnect()
+    t.agent.flush()
+    assert d.result == Answered(CLIENT_GONE)
+    assert t.pool.verdicts == [] and request.record.attempts == 0
+
+
+def test_outcomes_are_values():
+    failure = Failure("config:a", status=429, headers=[], body=b"{}")
+    verdict = policy.classify_network_error("refused", backoff_level=0)
+    assert NextAccount(verdict, failure) == NextAccount(verdict, failure)
+    with pytest.raises(attr.exceptions.FrozenInstanceError):
+        failure.status = 500  # type: ignore[misc]
+    with pytest.raises(attr.exceptions.FrozenInstanceError):
+        Answered(RELAYED).how = STREAMED  # type: ignore[misc]
+    assert not hasattr(attempt_module, "_Answered")  # no exception carries control flow
