@@ -606,3 +606,78 @@ def test_help_and_usage_errors_never_trace(offline_environ):
     code, out, err = run(["status", secret], offline_environ)
     assert code == 2 and "invalid choice" in err
     assert_no_tokens(out + err, [secret])
+
+
+# --- per-account limits (issue 13) --------------------------------------------------------------------
+
+
+def test_login_with_limits_and_relogin_keeps_them(offline_environ, home):
+    """login --exclude-model (repeatable) --max-concurrent stores them; a --replace login without the
+    flags keeps them; list shows them (text and JSON); the key is never printed."""
+    key = "sk-ant-api03-" + "m" * 40
+    code, out, err = run(["login", "anthropic", "--method", "api-key", "--add", "--label", "api", "--no-verify",
+                          "--exclude-model", "claude-opus-*", "--exclude-model", "*-haiku-*",
+                          "--max-concurrent", "2"], offline_environ, stdin_text=key + "\n")
+    assert code == 0, err
+    record = TokenStore(str(home)).get("anthropic:api")
+    assert record.excluded_models == ("claude-opus-*", "*-haiku-*") and record.max_concurrent == 2
+    assert TokenStore(str(home)).accounts()[0].max_concurrent == 2
+    code, out, err = run(["login", "anthropic", "--method", "api-key", "--label", "api", "--replace",
+                          "--no-verify"], offline_environ, stdin_text=key + "\n")
+    assert code == 0, err
+    record = TokenStore(str(home)).get("anthropic:api")
+    assert record.excluded_models == ("claude-opus-*", "*-haiku-*") and record.max_concurrent == 2
+    code, out, err = run(["list"], offline_environ)
+    assert code == 0 and "LIMITS" in out.splitlines()[0]
+    row = next(line for line in out.splitlines() if line.startswith("anthropic:api"))
+    assert "max 2; excludes claude-opus-*,*-haiku-*" in row
+    code, out, _ = run(["list", "--format", "json"], offline_environ)
+    item = json.loads(out)["accounts"][0]
+    assert item["excluded_models"] == ["claude-opus-*", "*-haiku-*"] and item["max_concurrent"] == 2
+    assert_no_tokens(out + err, [key])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "none"])
+def test_login_rejects_a_bad_max_concurrent(offline_environ, home, value):
+    """--max-concurrent must be a positive integer: a one-line usage error, nothing stored."""
+    code, _, err = run(["login", "anthropic", "--method", "api-key", "--non-interactive", "--no-verify",
+                        "--max-concurrent", value], {**offline_environ, "ANTHROPIC_API_KEY": "sk-ant-api03-xx"})
+    assert code == 2 and "--max-concurrent" in err and "positive integer" in err
+    assert TokenStore(str(home)).get("anthropic:default") is None
+
+
+def test_set_changes_limits(offline_environ, home):
+    """auth set: replace the patterns, clear them, set and remove the cap; each alone keeps the other."""
+    put_oauth(home, "work", expires_at=time.time() + 9000)
+    code, out, err = run(["set", "work", "--exclude-model", "claude-opus-*", "--max-concurrent", "3"],
+                         offline_environ)
+    assert code == 0, err
+    assert "anthropic:work: max 3; excludes claude-opus-*" in out
+    record = TokenStore(str(home)).get("anthropic:work")
+    assert (record.excluded_models, record.max_concurrent) == (("claude-opus-*",), 3)
+    assert run(["set", "anthropic:work", "--max-concurrent", "none"], offline_environ)[0] == 0
+    record = TokenStore(str(home)).get("anthropic:work")
+    assert (record.excluded_models, record.max_concurrent) == (("claude-opus-*",), None)
+    assert run(["set", "work", "--exclude-model", "a*", "--exclude-model", "b*"], offline_environ)[0] == 0
+    assert TokenStore(str(home)).get("anthropic:work").excluded_models == ("a*", "b*")
+    code, out, _ = run(["set", "work", "--no-excluded-models", "--format", "json"], offline_environ)
+    assert code == 0 and json.loads(out)["excluded_models"] == [] and json.loads(out)["max_concurrent"] is None
+    record = TokenStore(str(home)).get("anthropic:work")
+    assert record.excluded_models == () and record.access_token.startswith("sk-ant-oat01-")
+    assert_no_tokens(out, [record.access_token, record.refresh_token])
+
+
+def test_set_errors_are_one_line(offline_environ, home):
+    """auth set: nothing to change, contradictory flags, bad values, unknown accounts: one line, no trace."""
+    put_oauth(home, "work", expires_at=time.time() + 9000)
+    code, _, err = run(["set", "work"], offline_environ)
+    assert code == 2 and "nothing to change" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run(["set", "work", "--exclude-model", "x", "--no-excluded-models"], offline_environ)
+    assert code == 2 and "not both" in err
+    code, _, err = run(["set", "work", "--max-concurrent", "0"], offline_environ)
+    assert code == 2 and "positive integer or 'none'" in err
+    code, _, err = run(["set", "work", "--exclude-model", " "], offline_environ)
+    assert code == 2 and "must not be empty" in err
+    code, _, err = run(["set", "ghost", "--max-concurrent", "1"], offline_environ)
+    assert code == 1 and "anthropic:ghost" in err and len(err.strip().splitlines()) == 1
+    assert TokenStore(str(home)).get("anthropic:work").max_concurrent is None

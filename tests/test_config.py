@@ -972,3 +972,38 @@ def test_env_file_feeds_interpolation(tmp_path):
     loaded = load_config(str(cfg_path), load_env_file(str(env_path)))
     assert loaded.config.accounts[0].api_key == "sk-from-file"
     assert loaded.config.accounts[1].enabled is False
+
+
+# --- per-account model and concurrency limits (issue 13) ---------------------------------------------
+
+
+def test_excluded_models_and_max_concurrent_are_read():
+    """``excludedModels`` (a list of patterns, or one string) and ``maxConcurrent`` reach the account."""
+    config = parse(account_yaml('name: b\napiKey: ${K}\nexcludedModels: ["claude-opus-*", "*-haiku-*"]\n'
+                                "maxConcurrent: 2\n"), {"K": "sk"}).config
+    assert config.accounts[1].excluded_models == ("claude-opus-*", "*-haiku-*")
+    assert config.accounts[1].max_concurrent == 2
+    one = parse(account_yaml("name: b\napiKey: ${K}\nexcluded-models: claude-opus-4\n"), {"K": "sk"})
+    assert one.config.accounts[1].excluded_models == ("claude-opus-4",)
+    assert one.warnings == ()
+
+
+def test_limits_default_to_none():
+    """Without the keys: no excluded model and no concurrency cap."""
+    config = parse(account_yaml("name: b\napiKey: ${K}\n"), {"K": "sk"}).config
+    assert config.accounts[1].excluded_models == ()
+    assert config.accounts[1].max_concurrent is None
+
+
+@pytest.mark.parametrize("line, path, problem", [
+    ("maxConcurrent: 0", "accounts.anthropic[1].maxConcurrent", "must be a positive integer, got 0"),
+    ("maxConcurrent: 1.5", "accounts.anthropic[1].maxConcurrent", "must be a positive integer, got 1.5"),
+    ("maxConcurrent: two", "accounts.anthropic[1].maxConcurrent", 'must be a positive integer, got "two"'),
+    ("excludedModels: {a: 1}", "accounts.anthropic[1].excludedModels", "must be a list, got a mapping"),
+    ('excludedModels: ["ok", 3]', "accounts.anthropic[1].excludedModels[1]", "must be a string, got 3"),
+    ('excludedModels: ["ok", ""]', "accounts.anthropic[1].excludedModels[1]", "must not be empty"),
+])
+def test_limit_errors_name_the_key_path(line, path, problem):
+    """Invalid limits are reported at their own key path."""
+    error = parse_error(account_yaml("name: b\napiKey: ${K}\n" + line + "\n"), {"K": "sk"})
+    assert (error.path, error.problem) == (path, problem)

@@ -377,3 +377,70 @@ def test_default_home_honours_clproxy_home_and_home():
     """$CLPROXY_HOME wins; otherwise ~/.clproxy from the given environment's HOME."""
     assert tokenstore.default_home({"CLPROXY_HOME": "/x/y"}) == "/x/y"
     assert tokenstore.default_home({"HOME": "/home/u"}) == "/home/u/.clproxy"
+
+
+# --- per-account limits (issue 13) --------------------------------------------------------------------
+
+
+def test_limits_round_trip_and_reach_the_account(tmp_path):
+    """excluded_models and max_concurrent are stored, read back, and carried on the pool's Account."""
+    store = TokenStore(str(tmp_path), now=lambda: NOW)
+    store.put(attr.evolve(oauth_record(), excluded_models=("claude-opus-*",), max_concurrent=2))
+    record = store.load()["anthropic:work"]
+    assert record.excluded_models == ("claude-opus-*",) and record.max_concurrent == 2
+    account = store.accounts()[0]
+    assert account.excluded_models == ("claude-opus-*",) and account.max_concurrent == 2
+    # a refresh keeps them
+    rotated = record.rotated(TokenSet(access_token=ACCESS, refresh_token=REFRESH, expires_in=60), NOW)
+    assert rotated.excluded_models == ("claude-opus-*",) and rotated.max_concurrent == 2
+
+
+def test_records_without_limits_have_none(tmp_path):
+    """An entry written before limits existed reads as no excluded model and no cap."""
+    store = TokenStore(str(tmp_path), now=lambda: NOW)
+    store.put(oauth_record())
+    raw = json.loads((tmp_path / "tokens.json").read_text())
+    for entry in raw["accounts"].values() if "accounts" in raw else raw.values():
+        if isinstance(entry, dict):
+            entry.pop("excluded_models", None)
+            entry.pop("max_concurrent", None)
+    (tmp_path / "tokens.json").write_text(json.dumps(raw))
+    record = store.load()["anthropic:work"]
+    assert record.excluded_models == () and record.max_concurrent is None
+    assert store.accounts()[0].max_concurrent is None
+
+
+def test_set_limits_changes_only_what_is_given(tmp_path):
+    """set_limits: patterns and cap independently; None patterns and KEEP cap leave them as they are."""
+    store = TokenStore(str(tmp_path), now=lambda: NOW)
+    store.put(oauth_record())
+    store.set_limits("anthropic:work", excluded_models=["claude-opus-*"], max_concurrent=3)
+    store.set_limits("anthropic:work")
+    record = store.load()["anthropic:work"]
+    assert (record.excluded_models, record.max_concurrent) == (("claude-opus-*",), 3)
+    store.set_limits("anthropic:work", max_concurrent=None)
+    record = store.load()["anthropic:work"]
+    assert (record.excluded_models, record.max_concurrent) == (("claude-opus-*",), None)
+    store.set_limits("anthropic:work", excluded_models=())
+    assert store.load()["anthropic:work"].excluded_models == ()
+    assert store.load()["anthropic:work"].access_token == ACCESS
+    with pytest.raises(UnknownAccount):
+        store.set_limits("anthropic:nobody", max_concurrent=1)
+    with pytest.raises(ValueError):
+        store.set_limits("anthropic:work", max_concurrent=0)
+
+
+@pytest.mark.parametrize("member, value", [("max_concurrent", 0), ("max_concurrent", "2"),
+                                            ("max_concurrent", True), ("excluded_models", "opus"),
+                                            ("excluded_models", [1]), ("excluded_models", [""])])
+def test_bad_limits_in_the_file_are_corrupt(tmp_path, member, value):
+    """A malformed limit is reported as a corrupt entry naming the member."""
+    store = TokenStore(str(tmp_path), now=lambda: NOW)
+    store.put(oauth_record())
+    raw = json.loads((tmp_path / "tokens.json").read_text())
+    entries = raw["accounts"] if "accounts" in raw else raw
+    entries["anthropic:work"][member] = value
+    (tmp_path / "tokens.json").write_text(json.dumps(raw))
+    with pytest.raises(TokenStoreCorrupt) as info:
+        store.load()
+    assert member in str(info.value)

@@ -36,6 +36,11 @@ class Account:
     source: str = "config"
     #: OAuth only: absolute expiry of ``secret`` in seconds since the epoch.
     expires_at: Optional[float] = None
+    #: fnmatch patterns (case-sensitive) of model names this account must never be sent
+    #: (``excludedModels``); see :mod:`clproxy.routing.limits`.
+    excluded_models: Tuple[str, ...] = attr.ib(default=(), converter=tuple)
+    #: Requests in flight at once on this account (``maxConcurrent``); ``None``: no cap.
+    max_concurrent: Optional[int] = None
 
     @property
     def is_oauth(self) -> bool:

@@ -38,6 +38,9 @@ STORE_VERSION = 1
 DEFAULT_LOCK_TIMEOUT = 60.0
 DEFAULT_LOCK_POLL = 0.05
 
+#: :meth:`TokenStore.set_limits`: leave ``max_concurrent`` as it is.
+KEEP: Any = object()
+
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 # Paths whose lock this process holds: a blocking acquire of one of them could only time out.
 _HELD_HERE: Dict[str, int] = {}
@@ -144,6 +147,10 @@ class StoredCredential:
     updated_at: Optional[float] = None
     login_id: Optional[str] = None
     source: str = "tokenstore"
+    #: ``excludedModels``: fnmatch patterns of models this account is never sent.
+    excluded_models: Tuple[str, ...] = ()
+    #: ``maxConcurrent``: requests in flight at once on this account; ``None``: no cap.
+    max_concurrent: Optional[int] = None
     #: Members of the file entry this version does not know; written back unchanged.
     extra: Mapping[str, Any] = attr.ib(factory=dict, repr=False, eq=False, hash=False)
 
@@ -200,7 +207,8 @@ class StoredCredential:
         return Account(key=self.key, name=self.label, kind=self.type, secret=self.secret or "",
                        base_url=base_url, enabled=not self.disabled, org_id=self.org_id,
                        metadata={k: v for k, v in metadata.items() if v is not None},
-                       source=self.source, expires_at=self.expires_at if self.is_oauth else None)
+                       source=self.source, expires_at=self.expires_at if self.is_oauth else None,
+                       excluded_models=self.excluded_models, max_concurrent=self.max_concurrent)
 
     def to_json(self) -> Dict[str, Any]:
         data: Dict[str, Any] = dict(self.extra)
@@ -219,6 +227,7 @@ class StoredCredential:
             "disabled": self.disabled, "disabled_reason": self.disabled_reason,
             "refresh_failures": self.refresh_failures, "created_at": self.created_at,
             "updated_at": self.updated_at, "login_id": self.login_id,
+            "excluded_models": list(self.excluded_models), "max_concurrent": self.max_concurrent,
         })
         return data
 
@@ -262,9 +271,17 @@ class StoredCredential:
         scopes = data.get("scopes") or []
         if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
             raise bad("scopes must be a list of strings")
+        excluded_models = data.get("excluded_models") or []
+        if not isinstance(excluded_models, list) or not all(isinstance(p, str) and p for p in excluded_models):
+            raise bad("excluded_models must be a list of non-empty strings")
+        max_concurrent = data.get("max_concurrent")
+        if max_concurrent is not None and (isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int)
+                                           or max_concurrent < 1):
+            raise bad("max_concurrent must be a positive integer or null")
         known = {"provider", "label", "type", "access_token", "refresh_token", "api_key", "expires_at",
                  "email", "org_id", "org_name", "scopes", "subscription_type", "disabled",
-                 "disabled_reason", "refresh_failures", "created_at", "updated_at", "login_id"}
+                 "disabled_reason", "refresh_failures", "created_at", "updated_at", "login_id",
+                 "excluded_models", "max_concurrent"}
         return cls(
             key=key, label=text("label") or label, type=kind, provider=text("provider") or provider,
             access_token=text("access_token", required=kind == OAUTH),
@@ -274,6 +291,7 @@ class StoredCredential:
             org_name=text("org_name"), scopes=tuple(scopes), subscription_type=text("subscription_type"),
             disabled=disabled, disabled_reason=text("disabled_reason"), refresh_failures=failures,
             created_at=number("created_at"), updated_at=number("updated_at"), login_id=text("login_id"),
+            excluded_models=tuple(excluded_models), max_concurrent=max_concurrent,
             extra={k: v for k, v in data.items() if k not in known},
         )
 
@@ -610,6 +628,25 @@ class TokenStore:
                 raise UnknownAccount(key)
             return tx.write(attr.evolve(existing, disabled=False, disabled_reason=None,
                                         refresh_failures=0, updated_at=self.now()))
+
+    def set_limits(self, key: str, *, excluded_models: Optional[Iterable[str]] = None,
+                   max_concurrent: Any = KEEP) -> StoredCredential:
+        """Change an account's ``excluded_models`` (``None``: keep them; ``()``: none) and
+        ``max_concurrent`` (:data:`KEEP`: keep it; ``None``: no cap); :class:`UnknownAccount` if there
+        is none. The daemon picks the change up with its next discovery (the file changed)."""
+        with self.locked() as tx:
+            existing = tx.get(key)
+            if existing is None:
+                raise UnknownAccount(key)
+            changes: Dict[str, Any] = {"updated_at": self.now()}
+            if excluded_models is not None:
+                changes["excluded_models"] = tuple(excluded_models)
+            if max_concurrent is not KEEP:
+                if max_concurrent is not None and (isinstance(max_concurrent, bool)
+                                                   or not isinstance(max_concurrent, int) or max_concurrent < 1):
+                    raise ValueError("max_concurrent must be a positive integer or None")
+                changes["max_concurrent"] = max_concurrent
+            return tx.write(attr.evolve(existing, **changes))
 
     def disable(self, key: str, reason: str) -> StoredCredential:
         """Take an account out of the pool until it is enabled or logged in again."""

@@ -1,4 +1,4 @@
-"""``clproxy auth``: log in, import, list, refresh, enable and remove the accounts in the token store.
+"""``clproxy auth``: log in, import, list, refresh, enable, limit and remove the accounts in the token store.
 
 Every failure is one line on stderr and a non-zero exit (1: it failed, 2: bad usage), never a
 traceback; no token is ever printed (any that slipped into a message would be masked).
@@ -21,7 +21,7 @@ from clproxy.accounts import oauth
 from clproxy.accounts.model import API_KEY, OAUTH
 from clproxy.accounts.refresh import RefreshFailed, TokenRefresher
 from clproxy.accounts.tokenstore import (
-    ENV_KEY, QUOTAS_FILE_NAME, InvalidLabel, StoredCredential, TokenStore,
+    ENV_KEY, KEEP, QUOTAS_FILE_NAME, InvalidLabel, StoredCredential, TokenStore,
     TokenStoreCorrupt, TokenStoreError, UnknownAccount, default_home, key_for,
     read_claude_code_credentials, store_key,
 )
@@ -56,6 +56,31 @@ class CommandError(Exception):
     def __init__(self, message: str, code: int = 1):
         super().__init__(message)
         self.code = code
+
+
+def _pattern(text: str) -> str:
+    """``--exclude-model``: a non-empty fnmatch pattern."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the pattern must not be empty")
+    return text.strip()
+
+
+def _max_concurrent(text: str, allow_none: bool = False) -> Optional[int]:
+    """``--max-concurrent``: a positive integer (``none`` too, for ``auth set``: no cap)."""
+    if allow_none and text.strip().lower() == "none":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        more = " or 'none'" if allow_none else ""
+        raise argparse.ArgumentTypeError(f"must be a positive integer{more}, got {text[:20]!r}")
+    return value
+
+
+def _max_concurrent_or_none(text: str) -> Optional[int]:
+    return _max_concurrent(text, allow_none=True)
 
 
 class _UsageExit(Exception):
@@ -101,6 +126,11 @@ def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
                        help="api-key: save the key without checking it (GET /v1/models)")
     login.add_argument("--non-interactive", action="store_true",
                        help="no prompts (api-key: read ANTHROPIC_API_KEY)")
+    login.add_argument("--exclude-model", action="append", dest="exclude_models", type=_pattern,
+                       metavar="PATTERN", help="never send this account requests for models matching "
+                       "PATTERN (fnmatch, case-sensitive; repeatable)")
+    login.add_argument("--max-concurrent", type=_max_concurrent, metavar="N",
+                       help="at most N requests in flight at once on this account (default: no cap)")
 
     imp = sub.add_parser("import", parents=[common], help="import Claude Code's OAuth credentials")
     imp.add_argument("provider", choices=PROVIDERS)
@@ -124,6 +154,16 @@ def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
 
     enable = sub.add_parser("enable", parents=[common], help="re-enable a disabled account")
     enable.add_argument("label")
+
+    limits = sub.add_parser("set", parents=[common],
+                            help="change an account's excluded models and concurrency cap")
+    limits.add_argument("label")
+    limits.add_argument("--exclude-model", action="append", dest="exclude_models", type=_pattern,
+                        metavar="PATTERN", help="the models this account is never sent (fnmatch; repeatable; "
+                        "replaces the account's list)")
+    limits.add_argument("--no-excluded-models", action="store_true", help="clear the account's list")
+    limits.add_argument("--max-concurrent", type=_max_concurrent_or_none, default=KEEP, metavar="N|none",
+                        help="at most N requests in flight at once; 'none' removes the cap")
 
     logout = sub.add_parser("logout", parents=[common], help="remove an account from this machine")
     logout.add_argument("label")
@@ -312,7 +352,30 @@ def _record_json(record: StoredCredential, now: float) -> Dict[str, Any]:
         "expired": record.is_expired(now), "enabled": not record.disabled,
         "disabled_reason": record.disabled_reason, "refresh_failures": record.refresh_failures,
         "has_refresh_token": bool(record.refresh_token), "usable": _usable(record, now),
+        "excluded_models": list(record.excluded_models), "max_concurrent": record.max_concurrent,
     }
+
+
+def _limits_text(record: StoredCredential) -> str:
+    """``max 2; excludes claude-opus-*`` for ``auth list``; ``-`` without limits."""
+    parts = []
+    if record.max_concurrent is not None:
+        parts.append(f"max {record.max_concurrent}")
+    if record.excluded_models:
+        parts.append("excludes " + ",".join(record.excluded_models))
+    return "; ".join(parts) or "-"
+
+
+def _with_limits(record: StoredCredential, args: argparse.Namespace,
+                 previous: Optional[StoredCredential]) -> StoredCredential:
+    """``record`` with the limits given on the command line; those not given are kept from the
+    account it replaces (a re-login does not forget them)."""
+    excluded = getattr(args, "exclude_models", None)
+    cap = getattr(args, "max_concurrent", None)
+    return attr.evolve(
+        record,
+        excluded_models=tuple(excluded) if excluded else (previous.excluded_models if previous else ()),
+        max_concurrent=cap if cap is not None else (previous.max_concurrent if previous else None))
 
 
 # --- commands ---------------------------------------------------------------------------------------
@@ -380,7 +443,8 @@ async def cmd_login(ctx: _Context) -> int:
             if method is None:
                 raise CommandError(f"unknown choice {answer[:20]!r}: answer 1, 2 or 3", 2)
     store = ctx.store()
-    existed = store.get(key) is not None  # also surfaces a corrupt store before any sign-in
+    previous = store.get(key)  # also surfaces a corrupt store before any sign-in
+    existed = previous is not None
     if existed and not args.replace:
         # before any sign-in or prompt: a login used to replace the account without a word
         raise CommandError(f"{key} already exists; to add another account use --add --label NAME, "
@@ -389,12 +453,13 @@ async def cmd_login(ctx: _Context) -> int:
     check: Optional[Dict[str, Any]] = None
     if method == "oauth":
         tokens = await _oauth_tokens(ctx, notice=True)
-        record = store.put(StoredCredential.new_oauth(label, tokens, now))
+        record = store.put(_with_limits(StoredCredential.new_oauth(label, tokens, now), args, previous))
     elif method == "create-api-key":
         tokens = await _oauth_tokens(ctx, notice=False)
         api_key = await oauth.create_api_key(ctx.http(), ctx.create_api_key_url(), tokens.access_token)
-        record = store.put(StoredCredential.new_api_key(label, api_key, now, email=tokens.email,
-                                                        org_id=tokens.org_id, org_name=tokens.org_name))
+        record = store.put(_with_limits(StoredCredential.new_api_key(
+            label, api_key, now, email=tokens.email, org_id=tokens.org_id, org_name=tokens.org_name),
+            args, previous))
     else:
         if args.non_interactive:
             api_key = ctx.environ.get("ANTHROPIC_API_KEY", "").strip()
@@ -415,7 +480,7 @@ async def cmd_login(ctx: _Context) -> int:
                 ctx.warn(f"warning: the API key was not checked ({check['detail']}); saved anyway")
             else:
                 ctx.info(f"API key works: {check['detail']}")
-        record = store.put(StoredCredential.new_api_key(label, api_key, now))
+        record = store.put(_with_limits(StoredCredential.new_api_key(label, api_key, now), args, previous))
     verb = "replaced" if existed else "added"
     if ctx.json:
         ctx.emit({"ok": True, "action": verb, "verified": check["result"] if check else None,
@@ -435,8 +500,10 @@ async def cmd_import(ctx: _Context) -> int:
     key = store_key(label)
     imported = read_claude_code_credentials(path)
     store = ctx.store()
-    existed = store.get(key) is not None
-    record = store.put(attr.evolve(imported, key=key, label=label, source="tokenstore"))
+    previous = store.get(key)
+    existed = previous is not None
+    record = store.put(_with_limits(attr.evolve(imported, key=key, label=label, source="tokenstore"),
+                                    args, previous))
     ctx.warn(SHARED_TOKEN_WARNING)
     if record.is_expired(ctx.now()) and not record.refresh_token:
         ctx.warn("warning: the imported token has expired and has no refresh token; log in instead")
@@ -466,7 +533,7 @@ async def cmd_list(ctx: _Context) -> int:
     if not records:
         ctx.out("No accounts. Run: clproxy auth login anthropic")
         return 0
-    header = ["KEY", "TYPE", "EMAIL", "EXPIRES", "5H", "7D", "STATUS"]
+    header = ["KEY", "TYPE", "EMAIL", "EXPIRES", "5H", "7D", "LIMITS", "STATUS"]
     if ctx.args.debug:
         header += ["SOURCE", "REFRESH TOKEN", "FAILURES"]
     rows = [header]
@@ -474,7 +541,7 @@ async def cmd_list(ctx: _Context) -> int:
         quota = quotas.get(record.key)
         row = [record.key, record.type, record.email or "-", _expiry_text(record, now),
                _percent(_utilization(quota, "five_hour")), _percent(_utilization(quota, "seven_day")),
-               _status_text(record, now)]
+               _limits_text(record), _status_text(record, now)]
         if ctx.args.debug:
             row += [record.source, "yes" if record.refresh_token else "no", str(record.refresh_failures)]
         rows.append(row)
@@ -611,6 +678,28 @@ async def cmd_enable(ctx: _Context) -> int:
     return 0
 
 
+async def cmd_set(ctx: _Context) -> int:
+    """``auth set LABEL``: change the excluded models and/or the concurrency cap of a stored account."""
+    args = ctx.args
+    if args.exclude_models and args.no_excluded_models:
+        raise CommandError("give --exclude-model or --no-excluded-models, not both", 2)
+    if not args.exclude_models and not args.no_excluded_models and args.max_concurrent is KEEP:
+        raise CommandError("nothing to change: give --exclude-model PATTERN, --no-excluded-models or "
+                           "--max-concurrent N|none", 2)
+    key = key_for(args.label)
+    excluded = () if args.no_excluded_models else (tuple(args.exclude_models) if args.exclude_models else None)
+    try:
+        record = ctx.store().set_limits(key, excluded_models=excluded, max_concurrent=args.max_concurrent)
+    except UnknownAccount:
+        raise CommandError(f"no account {key!r} in the token store (accounts of the config file take "
+                           f"excludedModels and maxConcurrent in proxy-config.yaml)") from None
+    if ctx.json:
+        ctx.emit({"ok": True, "action": "updated", **_record_json(record, ctx.now())})
+    else:
+        ctx.out(f"{record.key}: {_limits_text(record) if _limits_text(record) != '-' else 'no limits'}")
+    return 0
+
+
 async def cmd_logout(ctx: _Context) -> int:
     key = key_for(ctx.args.label)
     record = ctx.store().remove(key)
@@ -622,7 +711,8 @@ async def cmd_logout(ctx: _Context) -> int:
 
 
 COMMANDS = {"login": cmd_login, "import": cmd_import, "list": cmd_list, "status": cmd_status,
-            "refresh": cmd_refresh, "cleanup": cmd_cleanup, "enable": cmd_enable, "logout": cmd_logout}
+            "refresh": cmd_refresh, "cleanup": cmd_cleanup, "enable": cmd_enable, "set": cmd_set,
+            "logout": cmd_logout}
 
 
 # --- entry points -------------------------------------------------------------------------------------

@@ -73,6 +73,10 @@ class AccountConfig:
     #: Requests per minute this account may be sent; ``None`` means no local limit.
     rate_limit: Optional[int] = None
     metadata: Mapping[str, Any] = attr.ib(factory=lambda: types.MappingProxyType({}), hash=False)
+    #: ``excludedModels``: fnmatch patterns of models this account is never sent.
+    excluded_models: Tuple[str, ...] = ()
+    #: ``maxConcurrent``: requests in flight at once on this account; ``None`` means no cap.
+    max_concurrent: Optional[int] = None
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)

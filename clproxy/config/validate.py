@@ -359,6 +359,8 @@ class _Reader:
             enabled=enabled,
             rate_limit=self.positive_int(*keys.get("rate_limit"), default=None),
             metadata=_freeze({} if metadata is _ABSENT else metadata),
+            excluded_models=self.patterns(*keys.get("excluded_models")),
+            max_concurrent=self.positive_int(*keys.get("max_concurrent"), default=None),
         )
         keys.finish()
         if enabled and api_key is None:
@@ -368,6 +370,13 @@ class _Reader:
                 return attr.evolve(account, enabled=False)
             raise ConfigError(key_path, "is required for an enabled account (or set enabled: false)")
         return account
+
+    def patterns(self, value: Any, path: str) -> Tuple[str, ...]:
+        """A list of non-empty fnmatch patterns (``excludedModels``); a lone string is one pattern."""
+        if isinstance(value, str):
+            value = [value]
+        return tuple(self.string(item, f"{path}[{index}]")
+                     for index, item in enumerate(self.items(value, path)))
 
     def routing(self, value: Any, path: str) -> RoutingConfig:
         keys = self.keys(value, path)
