@@ -81,7 +81,7 @@ def accounts_from_config(cfg) -> Tuple[Account, ...]:
         Account(key=f"config:{a.name}", name=a.name, kind="api-key", secret=a.api_key or "",
                 base_url=a.base_url or base, weight=max(1, int(round(a.weight))), enabled=a.enabled,
                 rate_limit=a.rate_limit, org_id=a.org_id, metadata=dict(a.metadata or {}),
-                source="config")
+                source="config", excluded_models=tuple(a.excluded_models), max_concurrent=a.max_concurrent)
         for a in cfg.accounts
     )
 
@@ -291,6 +291,7 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
         retention_days=cfg.logging.retention_days, max_total_mb=cfg.logging.max_total_mb,
         debug_bodies=debug or cfg.logging.debug_bodies, environ=environ, echo=debug)
     obs.watch_pool(pool, directory.current)
+    obs.metrics.quota_source = lambda: {a.name: quotas.get(a.key) or {} for a in directory.current()}
     translation = Translation(clock=clock, upstream=upstream, providers=cfg.providers,
                               keepalive_interval=cfg.server.keepalive_interval,
                               upstream_timeout=cfg.server.upstream_timeout, store=store)

@@ -5,7 +5,7 @@ Updating a metric is a dict increment (no locks, no label objects); prometheus-c
 """
 
 from bisect import bisect_left
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -23,6 +23,10 @@ LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
 #: Upstream attempt duration buckets (seconds).
 ATTEMPT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
+#: Seconds a request waited for a concurrency slot (maxConcurrent), from none to queue-timeout.
+QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
+#: The quota windows reported as ``clproxy_account_quota_utilization{window}``.
+QUOTA_WINDOWS = (("five_hour", "5h"), ("seven_day", "7d"))
 #: New label combinations past this many per metric are folded into one ``other`` series.
 MAX_SERIES = 2000
 TOKEN_TYPES = ("input", "output", "cache_creation", "cache_read")
@@ -106,6 +110,10 @@ class MetricsBook:
         self.latency = _Histogram(LATENCY_BUCKETS, max_series)     # (account, model, provider)
         self.ttfb = _Histogram(TTFB_BUCKETS, max_series)           # (account, model, provider)
         self.attempt_latency = _Histogram(ATTEMPT_BUCKETS, max_series)  # (account, provider)
+        self.queue_wait = _Histogram(QUEUE_BUCKETS, 1)             # () : one series
+        self.session_moves = 0
+        #: () -> {account name: quota snapshot} (clproxy.routing.quota), read at scrape time
+        self.quota_source: Optional[Callable[[], Mapping[str, dict]]] = None
         self.in_flight = 0
         #: account name -> (cooling_until or None, backoff level, state); from attempts, or from
         #: the pool's snapshot when ``set_accounts`` is fed one (the truth, refresh cooldowns too)
@@ -149,6 +157,15 @@ class MetricsBook:
             if until is None and previous is not None and previous[0] is not None and previous[0] > now:
                 until = previous[0]  # a success elsewhere does not end a cooldown in progress
             self.accounts[account] = (until, backoff_level, "ok")
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        """A request waited ``seconds`` for a concurrency slot (0 when one was free at once is not
+        observed: only requests that found every account at its maxConcurrent)."""
+        self.queue_wait.observe((), seconds)
+
+    def session_moved(self) -> None:
+        """A session was rebound to another account (its prompt cache is rebuilt there)."""
+        self.session_moves += 1
 
     def refresh(self, account: str, ok: bool) -> None:
         """One OAuth refresh."""
@@ -199,6 +216,7 @@ class MetricsBook:
                        ("account", "provider"), self.truncated)
         yield _counter("clproxy_account_cooldowns", "Cooldowns applied to accounts, by classification.",
                        ("account", "classification"), self.cooldowns)
+        yield from self._routing_families()
         yield GaugeMetricFamily("clproxy_requests_in_flight", "Requests being answered now.",
                                 value=self.in_flight)
         yield GaugeMetricFamily("clproxy_start_time_seconds", "When the proxy started (epoch seconds).",
@@ -227,6 +245,36 @@ class MetricsBook:
         yield state
         for source in self.extra:
             yield from source()
+
+    def _routing_families(self):
+        """What routing does to prompt caches and quota windows (issue 13's metrics)."""
+        yield self.queue_wait.family("clproxy_queue_wait_seconds",
+                                     "Time a request waited for a concurrency slot (maxConcurrent).", ())
+        moves = CounterMetricFamily("clproxy_session_moves", "Sessions rebound to another account "
+                                                             "(each rebuilds its prompt cache).")
+        moves.add_metric([], self.session_moves)
+        yield moves
+        for kind, name in (("cache_read", "clproxy_cache_read_tokens"),
+                           ("cache_creation", "clproxy_cache_creation_tokens")):
+            per_account: Dict[str, float] = {}
+            for (token_type, account, _model, _provider), value in self.tokens.items():
+                if token_type == kind:
+                    per_account[account] = per_account.get(account, 0) + value
+            family = CounterMetricFamily(name, f"Prompt-cache {kind.replace('_', ' ')} tokens, by account.",
+                                         labels=("account",))
+            for account, value in sorted(per_account.items()):
+                family.add_metric([account], value)
+            yield family
+        utilization = GaugeMetricFamily("clproxy_account_quota_utilization",
+                                        "Utilization (0-1) of the account's subscription window, from the "
+                                        "last unified rate-limit headers seen.", labels=("account", "window"))
+        quotas = self.quota_source() if self.quota_source is not None else {}
+        for account, quota in sorted(quotas.items()):
+            for field, window in QUOTA_WINDOWS:
+                value = ((quota or {}).get(field) or {}).get("utilization")
+                if isinstance(value, (int, float)):
+                    utilization.add_metric([account, window], float(value))
+        yield utilization
 
     def render(self, accept: Optional[str] = None) -> Tuple[bytes, str]:
         """The exposition (Prometheus text, or OpenMetrics when ``accept`` asks) and its content type."""

@@ -16,6 +16,7 @@ import uuid
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import attr
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
@@ -26,7 +27,8 @@ from clproxy.observe.console import logger
 from clproxy.observe.recorder import Observability
 from clproxy.proxy.attempt import Answered, Attempt, Failure, NextAccount, downstream_headers
 from clproxy.proxy.shaping import CloakingPipeline
-from clproxy.routing import policy
+from clproxy.routing import limits, policy
+from clproxy.routing.limits import ConcurrencyGate
 from clproxy.routing.router import Target
 from clproxy.translate.claude import strip_foreign_thinking
 
@@ -74,6 +76,8 @@ class DispatchSettings:
     max_response_bytes: int = 256 * 1024 * 1024
     max_refresh_retries: int = 5
     config_path: str = "~/.clproxy/proxy-config.yaml"
+    #: seconds a request may wait for a concurrency slot when every account is at its maxConcurrent
+    queue_timeout: float = 30.0
 
 
 @implementer(IResponseSink)
@@ -140,7 +144,7 @@ class Dispatcher:
                  refresher=None, fallback=None, shaping: Optional[CloakingPipeline] = None,
                  router=None, translation=None, quotas=None,
                  on_refreshed: Optional[Callable[[Account], None]] = None,
-                 observability: Optional[Observability] = None):
+                 observability: Optional[Observability] = None, gate: Optional[ConcurrencyGate] = None):
         self.clock = clock
         #: request logs, metrics and traces (metrics only when none is given)
         self.obs = observability if observability is not None else Observability(clock=clock, logs_dir=None)
@@ -163,6 +167,8 @@ class Dispatcher:
         self.on_refreshed = on_refreshed
         #: the streams being relayed right now (for /status, draining and tests)
         self.streams = set()
+        #: requests in flight per account (maxConcurrent) and the FIFO queue of those waiting for one
+        self.gate = gate if gate is not None else ConcurrencyGate(clock)
 
     async def forward(self, request: ProxyRequest, out) -> None:
         """Answer ``request`` through ``out`` (any :class:`clproxy.interfaces.IResponseSink`).
@@ -206,6 +212,9 @@ class Dispatcher:
         enabled = [a for a in accounts if a.enabled]
         if not enabled:
             raise self._no_account_error(accounts)
+        enabled, exclusions = limits.serving(enabled, request.model)
+        if not enabled:  # every account excludes this model: nothing is sent upstream
+            raise ProxyError(404, limits.not_served_message(request.model or "", exclusions), "not_found_error")
         if self.settings.passthrough:
             candidates = (await self.pool.candidates(enabled))[:1] or enabled[:1]
         else:
@@ -213,6 +222,7 @@ class Dispatcher:
         deadline = self.clock.seconds() + self.settings.request_deadline
         attempt = self._attempt()
         failures: List[Failure] = []
+        busy: List[Account] = []  # usable, but at their maxConcurrent: waited for below
         for account in candidates:
             if out.disconnected:
                 return
@@ -220,15 +230,55 @@ class Dispatcher:
                 break
             if not self.settings.passthrough and not await self.pool.admit(account):
                 continue
-            tried = await self._try_account(attempt, request, out, account, deadline)
-            if tried.answered is not None:
+            slot = self.gate.try_acquire(account)
+            if slot is None:
+                busy.append(account)
+                continue
+            if await self._try_with_slot(attempt, request, out, account, slot, deadline, failures):
                 return
-            failures.extend(tried.failures)
             if self.settings.passthrough:
                 break
+        while busy and not out.disconnected and self.clock.seconds() < deadline:
+            taken = await self._wait_for_slot(request, out, busy, deadline)
+            if taken is None:  # the client went away while it waited
+                return
+            account, slot = taken
+            busy = [a for a in busy if a.key != account.key]  # each account is tried once
+            if await self._try_with_slot(attempt, request, out, account, slot, deadline, failures):
+                return
         if out.disconnected:
             return
         await self._exhausted(request, out, enabled, failures)
+
+    async def _try_with_slot(self, attempt: Attempt, request: ProxyRequest, out, account: Account, slot,
+                             deadline: float, failures: List[Failure]) -> bool:
+        """Try ``account`` holding its concurrency ``slot`` (released however it ends, a stream
+        included); True when the client got its answer, else the failures are added to ``failures``."""
+        try:
+            tried = await self._try_account(attempt, request, out, account, deadline)
+        finally:
+            slot.release()
+        failures.extend(tried.failures)
+        return tried.answered is not None
+
+    async def _wait_for_slot(self, request: ProxyRequest, out, busy: Sequence[Account], deadline: float):
+        """Wait in the FIFO queue for a slot on one of ``busy`` (every other candidate failed or is
+        cooling). Returns ``(account, slot)``, None when the client hung up (it leaves the queue at
+        once), or raises a 429 when ``queue_timeout`` (or the request's deadline) runs out."""
+        timeout = max(0.0, min(self.settings.queue_timeout, deadline - self.clock.seconds()))
+        waiting = self.gate.wait_for_slot(busy, timeout)
+        out.on_disconnect(waiting.cancel)
+        try:
+            account, slot = await waiting
+        except defer.CancelledError:
+            return None
+        except limits.QueueTimeout as e:
+            self.obs.metrics.observe_queue_wait(e.waited)
+            raise ProxyError(429, f"all {len(busy)} usable accounts are at their maxConcurrent; waited "
+                                  f"{e.waited:.0f}s for a slot (routing.queue-timeout is {e.timeout:g}s)",
+                             "rate_limit_error", headers=[(b"retry-after", b"1")])
+        self.obs.metrics.observe_queue_wait(slot.waited)
+        return account, slot
 
     def _attempt(self) -> Attempt:
         """One request's tries, with today's collaborators and settings (a reload may change them)."""

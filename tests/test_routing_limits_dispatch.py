@@ -1,0 +1,121 @@
+"""excludedModels and maxConcurrent through the dispatcher, in memory on a task.Clock (issue 13).
+
+The pieces (clproxy.routing.limits) are tested alone in test_limits.py; here the dispatcher uses
+them: a model an account excludes never reaches it, a model nobody may serve is a 404 with nothing
+sent upstream, a busy account is skipped, and when every account is busy the request queues (FIFO,
+bounded by queue_timeout, left at once by a client that hangs up).
+"""
+
+import json
+
+from twisted.internet import defer
+
+from clproxy.errors import ProxyError
+from clproxy.proxy.dispatch import ProxyRequest
+from clproxy.testing.anthropic import text_stream
+
+from helpers import RecordingSink
+from test_dispatch_memory import Harness, api, no_socket  # noqa: F401  (fixture)
+
+
+def request_for(model: str, stream: bool = False) -> ProxyRequest:
+    body = json.dumps({"model": model, "max_tokens": 64, "stream": stream,
+                       "messages": [{"role": "user", "content": "hi"}]}).encode()
+    return ProxyRequest(method=b"POST", path=b"/v1/messages", query=b"",
+                        headers=[(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01")],
+                        body=body, model=model, stream=stream)
+
+
+def start(h: Harness, request, out) -> defer.Deferred:
+    d = defer.ensureDeferred(h.dispatcher.forward(request, out))
+    h.agent.flush()
+    return d
+
+
+def step(h: Harness, seconds: float) -> None:
+    h.clock.advance(seconds)
+    h.agent.flush()
+
+
+def test_an_excluded_model_skips_that_account():
+    h = Harness([api("a", excluded_models=("claude-opus-*",)), api("b")])
+    out = RecordingSink()
+    h.forward(request_for("claude-opus-4-1"), out)
+    assert out.status == 200
+    assert [r.credential for r in h.fake.requests] == ["sk-b"]
+    h.forward(request_for("claude-sonnet-4-5"), RecordingSink())
+    assert [r.credential for r in h.fake.requests] == ["sk-b", "sk-a"]  # fill-first: a serves sonnet
+
+
+def test_a_model_no_account_may_serve_is_404_and_nothing_is_sent():
+    h = Harness([api("a", excluded_models=("claude-opus-*",)), api("b", excluded_models=("*opus*",))])
+    out = RecordingSink()
+    h.forward(request_for("claude-opus-4-1"), out)
+    error = out.errors[0]
+    assert out.status == 404 and error.error_type == "not_found_error"
+    assert "claude-opus-4-1" in error.message and "claude-opus-*" in error.message and "*opus*" in error.message
+    assert h.fake.requests == []
+
+
+def test_a_busy_account_is_skipped_for_the_next():
+    h = Harness([api("a", max_concurrent=1), api("b", max_concurrent=1)])
+    h.fake.script("sk-a", events=text_stream(["x"] * 4), pace=1.0)
+    h.fake.script("sk-b", events=text_stream(["y"] * 4), pace=1.0)
+    first, second = RecordingSink(), RecordingSink()
+    d1 = start(h, request_for("claude-sonnet-4-5", stream=True), first)
+    d2 = start(h, request_for("claude-sonnet-4-5", stream=True), second)
+    assert [r.credential for r in h.fake.requests] == ["sk-a", "sk-b"]  # two streams, two accounts
+    assert h.dispatcher.gate.in_flight("config:a") == 1 and h.dispatcher.gate.in_flight("config:b") == 1
+    for _ in range(10):
+        step(h, 1.0)
+    assert d1.called and d2.called
+    assert h.dispatcher.gate.in_flight("config:a") == 0 and h.dispatcher.gate.in_flight("config:b") == 0
+
+
+def test_when_every_account_is_busy_the_request_waits_for_a_slot():
+    h = Harness([api("a", max_concurrent=1)], queue_timeout=30)
+    h.fake.script("sk-a", events=text_stream(["x"] * 3), pace=1.0, times=1)
+    first, waiting = RecordingSink(), RecordingSink()
+    d1 = start(h, request_for("claude-sonnet-4-5", stream=True), first)
+    d2 = start(h, request_for("claude-sonnet-4-5"), waiting)
+    assert len(h.fake.requests) == 1 and h.dispatcher.gate.queue_length() == 1
+    assert waiting.status is None  # not failed: queued
+    for _ in range(20):
+        step(h, 1.0)
+    assert d1.called and d2.called
+    assert waiting.status == 200 and len(h.fake.requests) == 2
+    assert h.dispatcher.gate.queue_length() == 0
+    assert h.dispatcher.obs.metrics.queue_wait.series[()][-1] > 0  # the wait was observed
+
+
+def test_the_queue_times_out_with_a_429():
+    h = Harness([api("a", max_concurrent=1)], queue_timeout=5)
+    h.fake.script("sk-a", events=text_stream(["x"] * 20), pace=1.0, times=1)
+    busy, waiting = RecordingSink(), RecordingSink()
+    start(h, request_for("claude-sonnet-4-5", stream=True), busy)
+    d2 = start(h, request_for("claude-sonnet-4-5"), waiting)
+    for _ in range(6):
+        step(h, 1.0)
+    assert d2.called and waiting.status == 429
+    error = waiting.errors[0]
+    assert isinstance(error, ProxyError) and error.error_type == "rate_limit_error"
+    assert "maxConcurrent" in error.message and "queue-timeout" in error.message
+    assert (b"retry-after", b"1") in error.headers
+    assert h.dispatcher.gate.queue_length() == 0 and len(h.fake.requests) == 1
+
+
+def test_a_client_that_hangs_up_leaves_the_queue_at_once():
+    h = Harness([api("a", max_concurrent=1)], queue_timeout=30)
+    h.fake.script("sk-a", events=text_stream(["x"] * 3), pace=1.0, times=1)
+    busy, leaving, later = RecordingSink(), RecordingSink(), RecordingSink()
+    start(h, request_for("claude-sonnet-4-5", stream=True), busy)
+    d2 = start(h, request_for("claude-sonnet-4-5"), leaving)
+    d3 = start(h, request_for("claude-sonnet-4-5"), later)
+    assert h.dispatcher.gate.queue_length() == 2
+    leaving.disconnect()
+    assert h.dispatcher.gate.queue_length() == 1
+    assert d2.called
+    for _ in range(20):
+        step(h, 1.0)
+    assert d3.called and later.status == 200
+    assert len(h.fake.requests) == 2  # the one who left never reached the upstream
