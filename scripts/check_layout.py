@@ -30,6 +30,7 @@ PURE = (
     "clproxy/routing/policy.py",
     "clproxy/routing/pool.py",
     "clproxy/routing/router.py",
+    "clproxy/routing/affinity.py",
     "clproxy/translate/*.py",
     "clproxy/proxy/sse.py",
     "clproxy/observe/redact.py",
