@@ -4,13 +4,16 @@ session on one account, on a ``task.Clock`` over the memory store and over a rea
 import json
 
 import pytest
-from twisted.internet import task
+import pytest_twisted
+from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.web.http_headers import Headers
 
 from clproxy.routing.affinity import SessionAffinity, session_of
 from clproxy.state.memory import MemoryStateStore
+from clproxy.state.redis import RedisStateStore
+from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
 
 SID = "2c4e1cf0-7a67-4d2e-9a4b-1d16d3f44752"
 
@@ -187,3 +190,32 @@ def test_disabled_or_sessionless_binds_nothing():
     assert run(on.account_for(None)) is None
     assert store.binding_footprint()["bindings"] == 0
     assert store_on.binding_footprint()["bindings"] == 0
+
+
+# Shared through Redis --------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_binding_shared_between_instances(redis_server):  # noqa: F811
+    """A binding made through one store instance is seen, refreshed and moved through another on
+    the same redis-server, and counted alike by both."""
+    prefix = unique_prefix()
+    one = RedisStateStore(redis_server.url, reactor, prefix=prefix)
+    two = RedisStateStore(redis_server.url, reactor, prefix=prefix)
+    await one.connect()
+    await two.connect()
+    try:
+        clock = task.Clock()
+        clock.advance(1000.0)
+        first = SessionAffinity(one, clock, ttl=60.0)
+        second = SessionAffinity(two, clock, ttl=60.0)
+        assert await first.bind("s1", "a") is False
+        assert await second.account_for("s1") == "a"
+        assert await second.bind("s1", "b") is True
+        assert await first.account_for("s1") == "b"
+        assert await first.sessions_by_account(["a", "b"]) == {"a": 0, "b": 1}
+        assert await second.sessions_by_account() == {"b": 1}
+        clock.advance(61.0)
+        assert await first.account_for("s1") is None
+    finally:
+        await one.close()
+        await two.close()

@@ -318,6 +318,8 @@ class MemoryStateStore:
         for key in wanted:
             counts[key] = sum(1 for session in self._bound.get(key, ())
                               if self._bindings[session].expires_at > now)
+        if keys is None:
+            counts = {key: count for key, count in counts.items() if count}
         return defer.succeed(counts)
 
     def limit_bindings(self, cap):

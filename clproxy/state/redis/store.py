@@ -15,8 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens,
-                                IStateLifecycle, IStateStore)
+from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISessionBindings,
+                                ISharedTokens, IStateLifecycle, IStateStore)
 from clproxy.state.locks import LockToken, new_owner, poll_for_lock
 from clproxy.state.memory import token_version
 from clproxy.state.model import (OUTCOME_SUCCESS, TOKEN_VERSION_FIELD, AccountState, empty_stats,
@@ -24,9 +24,11 @@ from clproxy.state.model import (OUTCOME_SUCCESS, TOKEN_VERSION_FIELD, AccountSt
 from clproxy.state.redis.link import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_REPLY_TIMEOUT, RedisDown,
                                       RedisLink, reconnect_delay, redis_endpoint)
 from clproxy.state.redis.mirror import LocalMirror, fired
-from clproxy.state.redis.scripts import (ACCOUNT_STATS, EXTEND_COOLDOWN, PUT_TOKEN_IF_NEWER,
+from clproxy.state.redis.scripts import (ACCOUNT_STATS, COUNT_BINDINGS, DROP_BINDINGS,
+                                         EXTEND_COOLDOWN, PUT_BINDING, PUT_TOKEN_IF_NEWER,
                                          RATE_USAGE, RECORD_ATTEMPT, RECORD_OUTCOME, RELEASE_LOCK,
-                                         SET_COOLDOWN, TAKE_RATE_SLOT, num, px_ttl, script_op)
+                                         SET_COOLDOWN, TAKE_RATE_SLOT, TOUCH_BINDING, num, px_ttl,
+                                         script_op)
 from clproxy.state.redis.url import parse_redis_url
 
 # One namespace for the whole Redis store, whatever module logs (operators filter on it).
@@ -40,6 +42,9 @@ LEVEL_TTL = 24 * 3600.0
 STATS_TTL = 30 * 24 * 3600.0
 #: A quota snapshot not replaced for this long (seconds) vanishes (longer than the 7-day window).
 QUOTA_TTL = 8 * 24 * 3600.0
+#: A session binding's keys outlive its expiry by this long (seconds) before Redis reclaims them
+#: (expiry itself is decided by the times passed in, so a late reclaim is never a late expiry).
+BINDING_GRACE = 60.0
 
 
 class TokenNotStored(Exception):
@@ -74,7 +79,8 @@ class _PendingWrites:
                 + len(self.token_deletes) + len(self.quotas))
 
 
-@implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle)
+@implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
+             ISessionBindings)
 class RedisStateStore(service.Service):
     """``IStateStore`` (and the shared tokens, quotas, cooldown extension and locks) in one Redis,
     shared by every instance that uses the same URL and ``prefix``.
@@ -90,7 +96,12 @@ class RedisStateStore(service.Service):
     ``COOLDOWN_GRACE`` after it), ``P:lvl:K`` 429 level (``LEVEL_TTL``), ``P:stats:K`` hash of
     counts (``STATS_TTL`` since the last write), ``P:rate:K`` sorted set of request times (at most
     ``limit`` members, expires with the window), ``P:quota:K`` JSON (``QUOTA_TTL``), ``P:token:K``
-    JSON (no TTL), ``P:lock:NAME`` owner token (the lock's TTL), ``P:counters:all`` hash.
+    JSON (no TTL), ``P:lock:NAME`` owner token (the lock's TTL), ``P:counters:all`` hash;
+    session bindings: ``P:bind:S`` hash {account, last, exp} of session ``S``, ``P:bound:K`` sorted
+    set of the sessions bound to ``K`` scored by expiry (counted with no scan), and
+    ``P:bindings:accounts`` the set of accounts with bindings (each key expires ``BINDING_GRACE``
+    after the binding's TTL). Bindings made while Redis is unreachable stay in this instance's
+    mirror (a binding is soft state: at worst a session picks an account afresh).
 
     ``clock`` is the process's clock: times are passed in as everywhere, the clock only turns them
     into TTLs (so expiry never depends on the Redis host's clock) and paces reconnection.
@@ -440,6 +451,86 @@ class RedisStateStore(service.Service):
             quotas[key] = _loads(blob)
             self.mirror.adopt_quota(key, _loads(blob))
         return quotas
+
+    # ISessionBindings --------------------------------------------------------------------------
+
+    def _binding_args(self, session, now, ttl):
+        return [num(now), num(now + ttl), px_ttl(float(ttl) + BINDING_GRACE),
+                self._key("bound", ""), session]
+
+    def touch_binding(self, session, now, ttl):
+        return Deferred.fromCoroutine(self._touch_binding(session, now, ttl))
+
+    async def _touch_binding(self, session, now, ttl):
+        args = self._binding_args(session, now, ttl) + [self._key("bindings", "accounts")]
+        try:
+            reply = await self._link.run(script_op(TOUCH_BINDING, [self._key("bind", session)],
+                                                   args))
+        except RedisDown:
+            return await self.mirror.touch_binding(session, now, ttl)
+        if not reply:
+            return None
+        key, last = reply[0], float(reply[1])
+        await self.mirror.put_binding(session, key, now, ttl)
+        return (key, last)
+
+    def get_binding(self, session, now):
+        return Deferred.fromCoroutine(self._get_binding(session, now))
+
+    async def _get_binding(self, session, now):
+        try:
+            key, last, expires = await self._link.run(
+                lambda r: r.hmget(self._key("bind", session), ["account", "last", "exp"]))
+        except RedisDown:
+            return await self.mirror.get_binding(session, now)
+        if key is None or last is None or expires is None or float(expires) <= now:
+            return None
+        return (key, float(last))
+
+    def put_binding(self, session, key, now, ttl):
+        return Deferred.fromCoroutine(self._put_binding(session, key, now, ttl))
+
+    async def _put_binding(self, session, key, now, ttl):
+        args = self._binding_args(session, now, ttl) + [key, self._key("bindings", "accounts")]
+        try:
+            replaced = await self._link.run(script_op(PUT_BINDING, [self._key("bind", session)],
+                                                      args))
+        except RedisDown:
+            return await self.mirror.put_binding(session, key, now, ttl)
+        await self.mirror.put_binding(session, key, now, ttl)
+        return replaced or None
+
+    def drop_bindings_of(self, key):
+        return Deferred.fromCoroutine(self._drop_bindings_of(key))
+
+    async def _drop_bindings_of(self, key):
+        try:
+            dropped = await self._link.run(script_op(
+                DROP_BINDINGS, [self._key("bound", key)],
+                [self._key("bind", ""), key, self._key("bindings", "accounts")]))
+        except RedisDown:
+            return await self.mirror.drop_bindings_of(key)
+        await self.mirror.drop_bindings_of(key)
+        return int(dropped)
+
+    def count_bindings(self, now, keys=None):
+        return Deferred.fromCoroutine(self._count_bindings(now, None if keys is None else list(keys)))
+
+    async def _count_bindings(self, now, keys):
+        args = [num(now), self._key("bound", ""), self._key("bindings", "accounts"),
+                "all" if keys is None else "keys"] + ([] if keys is None else keys)
+        try:
+            reply = await self._link.run(script_op(COUNT_BINDINGS, [], args))
+        except RedisDown:
+            return await self.mirror.count_bindings(now, keys)
+        counts = {name: int(count) for name, count in zip(reply[::2], reply[1::2])}
+        if keys is None:
+            counts = {name: count for name, count in counts.items() if count}
+        return counts
+
+    def limit_bindings(self, cap):
+        # Redis bounds its bindings by their TTL; the cap bounds this instance's copy.
+        self.mirror.limit_bindings(cap)
 
     # ILockProvider -----------------------------------------------------------------------------
 
