@@ -24,11 +24,9 @@ from clproxy.state.model import (OUTCOME_SUCCESS, TOKEN_VERSION_FIELD, AccountSt
 from clproxy.state.redis.link import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_REPLY_TIMEOUT, RedisDown,
                                       RedisLink, reconnect_delay, redis_endpoint)
 from clproxy.state.redis.mirror import LocalMirror, fired
-from clproxy.state.redis.scripts import (ACCOUNT_STATS, COUNT_BINDINGS, DROP_BINDINGS,
-                                         EXTEND_COOLDOWN, PUT_BINDING, PUT_TOKEN_IF_NEWER,
+from clproxy.state.redis.scripts import (ACCOUNT_STATS, EXTEND_COOLDOWN, PUT_TOKEN_IF_NEWER,
                                          RATE_USAGE, RECORD_ATTEMPT, RECORD_OUTCOME, RELEASE_LOCK,
-                                         SET_COOLDOWN, TAKE_RATE_SLOT, TOUCH_BINDING, num, px_ttl,
-                                         script_op)
+                                         SET_COOLDOWN, TAKE_RATE_SLOT, num, px_ttl, script_op)
 from clproxy.state.redis.url import parse_redis_url
 
 # One namespace for the whole Redis store, whatever module logs (operators filter on it).
@@ -45,6 +43,85 @@ QUOTA_TTL = 8 * 24 * 3600.0
 #: A session binding's keys outlive its expiry by this long (seconds) before Redis reclaims them
 #: (expiry itself is decided by the times passed in, so a late reclaim is never a late expiry).
 BINDING_GRACE = 60.0
+
+
+# The Lua scripts of the session bindings (ISessionBindings), next to their only user. A binding is the hash ``P:bind:SESSION`` {account, last,
+# exp}; each account's bound sessions are the sorted set ``P:bound:ACCOUNT`` scored by expiry time
+# (counted without a scan); ``P:bindings:accounts`` is the set of accounts that have one. Expiry
+# is decided by the times passed in (``exp <= now``: gone); the key TTLs only reclaim memory.
+# The scripts name keys derived from values (the old account of a moved session), as a single
+# Redis allows.
+
+# KEYS: binding. ARGV: now, new expiry, ttl (ms), bound-set prefix, session, accounts set
+TOUCH_BINDING = """
+local v = redis.call('HMGET', KEYS[1], 'account', 'last', 'exp')
+if not v[1] or not v[3] or tonumber(v[3]) <= tonumber(ARGV[1]) then return false end
+redis.call('HSET', KEYS[1], 'last', ARGV[1], 'exp', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local bound = ARGV[4] .. v[1]
+redis.call('ZADD', bound, ARGV[2], ARGV[5])
+redis.call('PEXPIRE', bound, ARGV[3])
+redis.call('SADD', ARGV[6], v[1])
+return {v[1], v[2]}
+"""
+
+# KEYS: binding. ARGV: now, expiry, ttl (ms), bound-set prefix, session, account, accounts set.
+# Returns the account of the live binding replaced, or nil.
+PUT_BINDING = """
+local v = redis.call('HMGET', KEYS[1], 'account', 'exp')
+local replaced = false
+if v[1] then
+  if v[2] and tonumber(v[2]) > tonumber(ARGV[1]) then replaced = v[1] end
+  if v[1] ~= ARGV[6] then redis.call('ZREM', ARGV[4] .. v[1], ARGV[5]) end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'account', ARGV[6], 'last', ARGV[1], 'exp', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local bound = ARGV[4] .. ARGV[6]
+redis.call('ZREMRANGEBYSCORE', bound, '-inf', ARGV[1])
+redis.call('ZADD', bound, ARGV[2], ARGV[5])
+redis.call('PEXPIRE', bound, ARGV[3])
+redis.call('SADD', ARGV[7], ARGV[6])
+return replaced
+"""
+
+# KEYS: the account's bound set. ARGV: binding prefix, account, accounts set.
+# Drops the bindings that still point to the account; returns how many.
+DROP_BINDINGS = """
+local sessions = redis.call('ZRANGE', KEYS[1], 0, -1)
+local n = 0
+for _, s in ipairs(sessions) do
+  local k = ARGV[1] .. s
+  if redis.call('HGET', k, 'account') == ARGV[2] then
+    redis.call('DEL', k)
+    n = n + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', ARGV[3], ARGV[2])
+return n
+"""
+
+# ARGV: now, bound-set prefix, accounts set, 'all' or 'keys', then the account keys.
+# Returns account, count, account, count ... (expired members dropped first).
+COUNT_BINDINGS = """
+local accounts = {}
+if ARGV[4] == 'all' then
+  accounts = redis.call('SMEMBERS', ARGV[3])
+else
+  for i = 5, #ARGV do accounts[#accounts + 1] = ARGV[i] end
+end
+local out = {}
+for _, a in ipairs(accounts) do
+  local z = ARGV[2] .. a
+  redis.call('ZREMRANGEBYSCORE', z, '-inf', ARGV[1])
+  local n = redis.call('ZCARD', z)
+  if n == 0 then redis.call('SREM', ARGV[3], a) end
+  out[#out + 1] = a
+  out[#out + 1] = n
+end
+return out
+"""
 
 
 class TokenNotStored(Exception):
