@@ -137,4 +137,3 @@ def script_op(script: str, keys, args):
     """An ``op`` for ``RedisLink.run``: EVALSHA, falling back to EVAL (txredisapi keeps the SHA1s
     each connection has loaded)."""
     return lambda handler: handler.eval(script, keys, args)
-

@@ -45,12 +45,12 @@ QUOTA_TTL = 8 * 24 * 3600.0
 BINDING_GRACE = 60.0
 
 
-# The Lua scripts of the session bindings (ISessionBindings), next to their only user. A binding is the hash ``P:bind:SESSION`` {account, last,
-# exp}; each account's bound sessions are the sorted set ``P:bound:ACCOUNT`` scored by expiry time
-# (counted without a scan); ``P:bindings:accounts`` is the set of accounts that have one. Expiry
-# is decided by the times passed in (``exp <= now``: gone); the key TTLs only reclaim memory.
-# The scripts name keys derived from values (the old account of a moved session), as a single
-# Redis allows.
+# The Lua scripts of the session bindings (ISessionBindings), next to their only user. A binding
+# is the hash ``P:bind:SESSION`` {account, last, exp}; each account's bound sessions are the
+# sorted set ``P:bound:ACCOUNT`` scored by expiry time (counted without a scan);
+# ``P:bindings:accounts`` is the set of accounts that have one. Expiry is decided by the times
+# passed in (``exp <= now``: gone); the key TTLs only reclaim memory. The scripts name keys
+# derived from values (the old account of a moved session), as a single Redis allows.
 
 # KEYS: binding. ARGV: now, new expiry, ttl (ms), bound-set prefix, session, accounts set
 TOUCH_BINDING = """
