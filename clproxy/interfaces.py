@@ -347,3 +347,58 @@ class IRequestRecord(Interface):
     def finish(*, status, account_name=None, provider=None, actual_model=None, truncated=None, error=None,
                substituted=None):
         """The request is answered: write its summary, count it. Later calls do nothing."""
+
+
+class ISessionBindings(Interface):
+    """Which account each conversation (session) is bound to, so its prompt cache stays warm.
+
+    A binding is ``session -> (account key, last_used)`` and lives ``ttl`` seconds after its last
+    use; an expired binding reads as absent. Times are passed in, as everywhere (a store never
+    reads a clock). Session ids are short opaque strings (``clproxy.routing.affinity.session_of``
+    bounds them); they are not secrets but never credentials either. Under Redis every instance
+    sees the same bindings; in memory they are bounded by an LRU cap (:meth:`limit_bindings`).
+    """
+
+    def touch_binding(session, now, ttl):
+        """The live binding of ``session``, refreshed in the same step: its last use becomes
+        ``now`` and it lives ``ttl`` seconds from now. The account does not change.
+
+        :return: Deferred firing with ``(key, last_used)`` as it was before the refresh, or None
+            (nothing refreshed, nothing created) when the session has no live binding.
+        """
+
+    def get_binding(session, now):
+        """The live binding of ``session`` without refreshing it.
+
+        :return: Deferred firing with ``(key, last_used)`` or None. Reading never creates state.
+        """
+
+    def put_binding(session, key, now, ttl):
+        """Bind ``session`` to account ``key`` (last used ``now``, live ``ttl`` seconds), replacing
+        any binding it had, in one atomic step.
+
+        :return: Deferred firing with the account key of the live binding it replaced (which may
+            be ``key`` itself), or None when there was none.
+        """
+
+    def drop_bindings_of(key):
+        """Drop every binding to account ``key`` (the account was removed or disabled).
+
+        :return: Deferred firing with how many bindings were dropped.
+        """
+
+    def count_bindings(now, keys=None):
+        """How many live bindings each account has, for /status.
+
+        :param keys: the account keys to count (each one appears, 0 when it has none); None:
+            every account with a binding.
+        :return: Deferred firing with a new ``{key: int}`` dict.
+        """
+
+    def limit_bindings(cap):
+        """Keep at most ``cap`` bindings in this process's memory, evicting the least recently
+        used first (a shared backend keeps its own bound, the TTL, and applies the cap to its
+        local copy).
+
+        :return: None.
+        """

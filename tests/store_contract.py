@@ -8,7 +8,7 @@ import pytest
 import pytest_twisted
 from zope.interface.verify import verifyObject
 
-from clproxy.interfaces import IStateStore
+from clproxy.interfaces import ISessionBindings, IStateStore
 from clproxy.state.model import STAT_KEYS, AccountState
 
 
@@ -208,3 +208,102 @@ class StateStoreContract:
         store = self.make_store()
         await store.forget("nobody")
         assert (await store.get_account_states(["nobody"]))["nobody"] == AccountState()
+
+
+class SessionBindingsContract:
+    """Contract tests for ``ISessionBindings``; subclasses provide ``make_store()``."""
+
+    def make_store(self):
+        """A fresh, empty store."""
+        raise NotImplementedError
+
+    def test_provides_session_bindings(self):
+        """The store provides every member of ISessionBindings."""
+        assert verifyObject(ISessionBindings, self.make_store())
+
+    @pytest_twisted.ensureDeferred
+    async def test_unknown_session_has_no_binding(self):
+        """A session never bound reads as None, and touching it creates nothing."""
+        store = self.make_store()
+        assert await store.get_binding("s1", 0.0) is None
+        assert await store.touch_binding("s1", 0.0, 60.0) is None
+        assert await store.get_binding("s1", 0.0) is None
+        assert await store.count_bindings(0.0, ["a"]) == {"a": 0}
+
+    @pytest_twisted.ensureDeferred
+    async def test_put_then_get(self):
+        """A binding reads back with its account and last use; a first put replaces nothing."""
+        store = self.make_store()
+        assert await store.put_binding("s1", "a", 10.0, 60.0) is None
+        assert await store.get_binding("s1", 20.0) == ("a", 10.0)
+        assert await store.get_binding("s2", 20.0) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_put_reports_the_replaced_account(self):
+        """put_binding gives the account of the live binding it replaced (itself on a refresh)."""
+        store = self.make_store()
+        await store.put_binding("s1", "a", 10.0, 60.0)
+        assert await store.put_binding("s1", "a", 11.0, 60.0) == "a"
+        assert await store.put_binding("s1", "b", 12.0, 60.0) == "a"
+        assert await store.get_binding("s1", 13.0) == ("b", 12.0)
+        assert await store.count_bindings(13.0, ["a", "b"]) == {"a": 0, "b": 1}
+
+    @pytest_twisted.ensureDeferred
+    async def test_touch_refreshes_last_use_and_ttl(self):
+        """touch_binding gives the binding as it was and keeps it alive ``ttl`` from now."""
+        store = self.make_store()
+        await store.put_binding("s1", "a", 0.0, 60.0)
+        assert await store.touch_binding("s1", 50.0, 60.0) == ("a", 0.0)
+        assert await store.get_binding("s1", 100.0) == ("a", 50.0)
+        assert await store.get_binding("s1", 110.0) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_binding_expires_after_ttl(self):
+        """A binding not used for ``ttl`` seconds is gone: not read, not counted, not replaced."""
+        store = self.make_store()
+        await store.put_binding("s1", "a", 0.0, 60.0)
+        assert await store.get_binding("s1", 59.9) == ("a", 0.0)
+        assert await store.get_binding("s1", 60.0) is None
+        assert await store.touch_binding("s1", 60.0, 60.0) is None
+        assert await store.count_bindings(60.0, ["a"]) == {"a": 0}
+        assert await store.put_binding("s1", "b", 61.0, 60.0) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_count_bindings(self):
+        """Bindings are counted per account; keys None gives every bound account."""
+        store = self.make_store()
+        for index in range(3):
+            await store.put_binding("s{}".format(index), "a", 1.0, 60.0)
+        await store.put_binding("t", "b", 1.0, 60.0)
+        assert await store.count_bindings(2.0, ["a", "b", "c"]) == {"a": 3, "b": 1, "c": 0}
+        assert await store.count_bindings(2.0) == {"a": 3, "b": 1}
+
+    @pytest_twisted.ensureDeferred
+    async def test_drop_bindings_of_one_account(self):
+        """drop_bindings_of drops that account's bindings only and says how many."""
+        store = self.make_store()
+        await store.put_binding("s1", "a", 1.0, 60.0)
+        await store.put_binding("s2", "a", 1.0, 60.0)
+        await store.put_binding("s3", "b", 1.0, 60.0)
+        assert await store.drop_bindings_of("a") == 2
+        assert await store.drop_bindings_of("nobody") == 0
+        assert await store.get_binding("s1", 2.0) is None
+        assert await store.get_binding("s3", 2.0) == ("b", 1.0)
+        assert await store.count_bindings(2.0, ["a", "b"]) == {"a": 0, "b": 1}
+
+    @pytest_twisted.ensureDeferred
+    async def test_moved_session_is_not_dropped_with_its_old_account(self):
+        """A session moved away from an account survives dropping that account."""
+        store = self.make_store()
+        await store.put_binding("s1", "a", 1.0, 60.0)
+        await store.put_binding("s1", "b", 2.0, 60.0)
+        assert await store.drop_bindings_of("a") == 0
+        assert await store.get_binding("s1", 3.0) == ("b", 2.0)
+
+    @pytest_twisted.ensureDeferred
+    async def test_forget_keeps_bindings(self):
+        """forget (runtime state of an account) leaves its session bindings alone."""
+        store = self.make_store()
+        await store.put_binding("s1", "a", 1.0, 60.0)
+        await store.forget("a")
+        assert await store.get_binding("s1", 2.0) == ("a", 1.0)

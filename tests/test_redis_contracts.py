@@ -18,6 +18,7 @@ from clproxy.state.model import AccountState
 from clproxy.state.memory import MemoryStateStore
 from clproxy.state.redis import LocalMirror, RedisStateStore
 from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
+from store_contract import SessionBindingsContract
 
 
 class AtomicCooldownContract:
@@ -256,7 +257,7 @@ class LockProviderContract:
 
 
 class TestMirrorSharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
-                            LockProviderContract):
+                            LockProviderContract, SessionBindingsContract):
     """The local mirror (served during an outage) meets the shared-state contracts."""
 
     def make_store(self):
@@ -265,7 +266,7 @@ class TestMirrorSharedState(AtomicCooldownContract, SharedTokensContract, QuotaS
 
 
 class TestMemorySharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
-                            LockProviderContract):
+                            LockProviderContract, SessionBindingsContract):
     """The memory store, the backend of a single instance, meets every shared-state contract."""
 
     def make_store(self):
@@ -282,7 +283,7 @@ class TestMemoryLocks(LockProviderContract):
 
 
 class TestRedisSharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
-                           LockProviderContract):
+                           LockProviderContract, SessionBindingsContract):
     """The Redis store meets the shared-state contracts, every call answered by Redis."""
 
     @pytest.fixture(autouse=True)
@@ -300,7 +301,8 @@ class TestRedisSharedState(AtomicCooldownContract, SharedTokensContract, QuotaSt
 
 
 class TestRedisWithoutRedisSharedState(AtomicCooldownContract, SharedTokensContract,
-                                       QuotaStoreContract, LockProviderContract):
+                                       QuotaStoreContract, LockProviderContract,
+                                       SessionBindingsContract):
     """With Redis unreachable the store meets the shared-state contracts from its mirror."""
 
     def make_store(self):
@@ -356,3 +358,29 @@ def test_memory_lock_expires_on_its_clock():
     assert locks.try_acquire("l", 1000, clock) is None
     clock.advance(0.001)
     assert locks.try_acquire("l", 1000, clock) is not None
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_bindings_use_prefixed_keys_with_ttl(redis_server):  # noqa: F811
+    """Bindings live under the store's prefix with a TTL (Redis reclaims them), and counting needs
+    no scan: one sorted set per account."""
+    prefix = unique_prefix()
+    store = RedisStateStore(redis_server.url, reactor, prefix=prefix)
+    await store.connect()
+    try:
+        await store.put_binding("s1", "a", 100.0, 30.0)
+        ttl = await store._link.run(lambda r: r.execute_command("PTTL", prefix + ":bind:s1"))
+        bound_ttl = await store._link.run(lambda r: r.execute_command("PTTL", prefix + ":bound:a"))
+        assert 0 < ttl <= 90_000 and 0 < bound_ttl <= 90_000
+        assert await store._link.run(lambda r: r.zcard(prefix + ":bound:a")) == 1
+        assert await store.drop_bindings_of("a") == 1
+        assert await store._link.run(lambda r: r.exists(prefix + ":bound:a")) in (0, False)
+    finally:
+        await store.close()
+
+
+def test_redis_store_provides_session_bindings():
+    """The Redis store provides ISessionBindings (verifyObject, with no connection)."""
+    from clproxy.interfaces import ISessionBindings
+    assert verifyObject(ISessionBindings,
+                        RedisStateStore("redis://127.0.0.1:1/0", reactor, prefix=unique_prefix()))

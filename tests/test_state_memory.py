@@ -6,7 +6,7 @@ from zope.interface.verify import verifyObject
 
 from clproxy.interfaces import IStateStore
 from clproxy.state.memory import MemoryStateStore
-from store_contract import StateStoreContract
+from store_contract import SessionBindingsContract, StateStoreContract
 
 
 def fired(deferred):
@@ -25,6 +25,49 @@ class TestMemoryStateStore(StateStoreContract):
     def make_store(self):
         """A fresh memory store."""
         return MemoryStateStore()
+
+
+class TestMemorySessionBindings(SessionBindingsContract):
+    """The memory store meets the ISessionBindings contract."""
+
+    def make_store(self):
+        """A fresh memory store."""
+        return MemoryStateStore()
+
+
+def test_bindings_lru_cap_evicts_least_recently_used():
+    """Past the cap the least recently used binding goes first; a touch makes one recent."""
+    store = MemoryStateStore(max_bindings=3)
+    for index in range(3):
+        fired(store.put_binding("s{}".format(index), "a", float(index), 600.0))
+    assert fired(store.touch_binding("s0", 5.0, 600.0)) == ("a", 0.0)
+    fired(store.put_binding("s3", "b", 6.0, 600.0))
+    assert fired(store.get_binding("s1", 7.0)) is None
+    assert [fired(store.get_binding(s, 7.0)) is not None for s in ("s0", "s2", "s3")] == [True] * 3
+    assert fired(store.count_bindings(7.0)) == {"a": 2, "b": 1}
+    assert store.binding_footprint() == {"bindings": 3, "bound_accounts": 2}
+
+
+def test_bindings_memory_bounded_under_churn():
+    """However many sessions come and go, memory holds at most the cap."""
+    store = MemoryStateStore(max_bindings=50)
+    for index in range(5000):
+        fired(store.put_binding("s{}".format(index), "k{}".format(index % 7), float(index), 1e6))
+    assert store.binding_footprint() == {"bindings": 50, "bound_accounts": 7}
+    store.limit_bindings(10)
+    assert store.binding_footprint()["bindings"] == 10
+    assert fired(store.get_binding("s4999", 5000.0)) == ("k1", 4999.0)
+
+
+def test_expired_bindings_are_freed():
+    """Expired bindings leave memory once the store is next written or counted."""
+    store = MemoryStateStore()
+    for index in range(100):
+        fired(store.put_binding("s{}".format(index), "a", 0.0, 60.0))
+    fired(store.put_binding("late", "b", 100.0, 60.0))
+    assert store.binding_footprint() == {"bindings": 1, "bound_accounts": 1}
+    assert fired(store.count_bindings(200.0)) == {}
+    assert store.binding_footprint() == {"bindings": 0, "bound_accounts": 0}
 
 
 def test_verify_object():
@@ -103,10 +146,10 @@ def test_memory_backend_imports_nothing_of_redis():
 
 def test_memory_store_provides_every_state_interface():
     """One memory store is the whole state of a single instance: every interface, verified."""
-    from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens,
-                                    IStateLifecycle)
+    from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISessionBindings,
+                                    ISharedTokens, IStateLifecycle)
     store = MemoryStateStore()
     for interface in (IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider,
-                      IStateLifecycle):
+                      IStateLifecycle, ISessionBindings):
         assert verifyObject(interface, store)
     assert fired(store.connect()) is None and fired(store.close()) is None

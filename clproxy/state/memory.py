@@ -7,14 +7,14 @@ Redis store keeps one of these as its mirror of the last known shared state.
 
 import collections
 import json
-from typing import Deque, Dict, Optional
+from typing import Deque, Dict, Optional, Set
 
 import attr
 from twisted.internet import defer
 from zope.interface import implementer
 
-from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens,
-                                IStateLifecycle, IStateStore)
+from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISessionBindings,
+                                ISharedTokens, IStateLifecycle, IStateStore)
 from clproxy.state.locks import MemoryLocks
 from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, TOKEN_VERSION_FIELD,
                                  AccountState, empty_stats, validate_outcome)
@@ -35,6 +35,19 @@ class _AccountRecord:
     last_error: Optional[str] = None
 
 
+#: How many session bindings a memory store keeps unless told otherwise (``limit_bindings``).
+DEFAULT_BINDING_CAP = 10000
+
+
+@attr.s(auto_attribs=True)
+class _Binding:
+    """One session's binding (mutable; never leaves this module)."""
+
+    key: str
+    last_used: float
+    expires_at: float
+
+
 def _copy(record: dict) -> dict:
     """A deep copy through JSON: what a caller gets or gives can never alias the stored record,
     and a record that JSON cannot hold fails here as it would in Redis."""
@@ -49,7 +62,8 @@ def token_version(record) -> Optional[float]:
     return float(value)
 
 
-@implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle)
+@implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
+             ISessionBindings)
 class MemoryStateStore:
     """Every state interface in dicts; every Deferred it returns has already fired.
 
@@ -57,16 +71,22 @@ class MemoryStateStore:
     (reads never create one; ``forget`` drops one), one rate window per rate-limited key holding at
     most ``limit`` timestamps (expired ones are dropped on each use, an emptied window is removed),
     and one int per counter name, one token record and one quota snapshot per account, one lock
-    per name held. Nothing grows per request.
+    per name held, and at most ``limit_bindings`` session bindings (least recently used evicted
+    first). Nothing grows per request.
     """
 
-    def __init__(self):
+    def __init__(self, max_bindings: int = DEFAULT_BINDING_CAP):
         self._accounts: Dict[str, _AccountRecord] = {}
         self._rate_windows: Dict[str, Deque[float]] = {}
         self._counters: Dict[str, int] = {}
         self._tokens: Dict[str, dict] = {}
         self._quotas: Dict[str, dict] = {}
         self.locks = MemoryLocks()
+        # Session bindings in least-recently-used order (oldest first), and the sessions bound to
+        # each account, so counting and dropping one account's bindings need no full scan.
+        self._bindings: "collections.OrderedDict[str, _Binding]" = collections.OrderedDict()
+        self._bound: Dict[str, Set[str]] = {}
+        self._binding_cap = max(0, int(max_bindings))
 
     def _record(self, key: str) -> _AccountRecord:
         record = self._accounts.get(key)
@@ -227,10 +247,94 @@ class MemoryStateStore:
     def release(self, token):
         return self.locks.release(token)
 
+    # ISessionBindings
+    def _unbind(self, session: str) -> None:
+        binding = self._bindings.pop(session)
+        sessions = self._bound.get(binding.key)
+        if sessions is not None:
+            sessions.discard(session)
+            if not sessions:
+                del self._bound[binding.key]
+
+    def _live_binding(self, session, now) -> Optional[_Binding]:
+        """The binding of ``session`` unless it expired (an expired one is dropped)."""
+        binding = self._bindings.get(session)
+        if binding is not None and binding.expires_at <= now:
+            self._unbind(session)
+            return None
+        return binding
+
+    def _sweep_bindings(self, now) -> None:
+        """Drop expired bindings from the least recently used end (with one TTL for every
+        binding, that is expiry order; a longer-lived one stops the sweep early, which only
+        delays freeing memory: reads check expiry themselves)."""
+        while self._bindings:
+            session, binding = next(iter(self._bindings.items()))
+            if binding.expires_at > now:
+                return
+            self._unbind(session)
+
+    def _evict_bindings(self) -> None:
+        while len(self._bindings) > self._binding_cap:
+            self._unbind(next(iter(self._bindings)))
+
+    def touch_binding(self, session, now, ttl):
+        binding = self._live_binding(session, now)
+        if binding is None:
+            return defer.succeed(None)
+        before = (binding.key, binding.last_used)
+        binding.last_used = now
+        binding.expires_at = now + ttl
+        self._bindings.move_to_end(session)
+        return defer.succeed(before)
+
+    def get_binding(self, session, now):
+        binding = self._bindings.get(session)
+        if binding is None or binding.expires_at <= now:
+            return defer.succeed(None)
+        return defer.succeed((binding.key, binding.last_used))
+
+    def put_binding(self, session, key, now, ttl):
+        self._sweep_bindings(now)
+        previous = self._live_binding(session, now)
+        replaced = None if previous is None else previous.key
+        if previous is not None:
+            self._unbind(session)
+        self._bindings[session] = _Binding(key, now, now + ttl)
+        self._bound.setdefault(key, set()).add(session)
+        self._evict_bindings()
+        return defer.succeed(replaced)
+
+    def drop_bindings_of(self, key):
+        sessions = self._bound.pop(key, set())
+        for session in sessions:
+            del self._bindings[session]
+        return defer.succeed(len(sessions))
+
+    def count_bindings(self, now, keys=None):
+        self._sweep_bindings(now)
+        wanted = list(self._bound) if keys is None else list(keys)
+        counts = {}
+        for key in wanted:
+            counts[key] = sum(1 for session in self._bound.get(key, ())
+                              if self._bindings[session].expires_at > now)
+        if keys is None:
+            counts = {key: count for key, count in counts.items() if count}
+        return defer.succeed(counts)
+
+    def limit_bindings(self, cap):
+        self._binding_cap = max(0, int(cap))
+        self._evict_bindings()
+
     def footprint(self) -> Dict[str, int]:
         """Sizes of the internal tables (for tests and diagnostics): account records, rate windows,
-        timestamps held across all windows, counters."""
+        timestamps held across all windows, counters (bindings: ``binding_footprint``)."""
         return {"accounts": len(self._accounts),
                 "rate_windows": len(self._rate_windows),
                 "rate_stamps": sum(len(s) for s in self._rate_windows.values()),
                 "counters": len(self._counters)}
+
+    def binding_footprint(self) -> Dict[str, int]:
+        """Sizes of the session binding tables (for tests and diagnostics): bindings held and
+        accounts with at least one."""
+        return {"bindings": len(self._bindings), "bound_accounts": len(self._bound)}

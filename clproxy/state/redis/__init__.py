@@ -20,7 +20,8 @@ if TYPE_CHECKING:  # for type checkers; at run time ``__getattr__`` loads them o
     from clproxy.state.redis.mirror import LocalMirror  # noqa: F401
     from clproxy.state.redis.scripts import MAX_TTL  # noqa: F401
     from clproxy.state.redis.store import (  # noqa: F401
-        COOLDOWN_GRACE, LEVEL_TTL, QUOTA_TTL, STATS_TTL, RedisStateStore, TokenNotStored)
+        BINDING_GRACE, COOLDOWN_GRACE, LEVEL_TTL, QUOTA_TTL, STATS_TTL, RedisStateStore,
+        TokenNotStored)
 
 _LAZY = {
     "clproxy.state.redis.link": (
@@ -29,7 +30,7 @@ _LAZY = {
         "redis_endpoint"),
     "clproxy.state.redis.mirror": ("LocalMirror",),
     "clproxy.state.redis.scripts": ("MAX_TTL",),
-    "clproxy.state.redis.store": ("COOLDOWN_GRACE", "LEVEL_TTL", "QUOTA_TTL", "STATS_TTL",
+    "clproxy.state.redis.store": ("BINDING_GRACE", "COOLDOWN_GRACE", "LEVEL_TTL", "QUOTA_TTL", "STATS_TTL",
                                   "RedisStateStore", "TokenNotStored"),
 }
 _WHERE = {name: module for module, names in _LAZY.items() for name in names}

@@ -15,8 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISharedTokens,
-                                IStateLifecycle, IStateStore)
+from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISessionBindings,
+                                ISharedTokens, IStateLifecycle, IStateStore)
 from clproxy.state.locks import LockToken, new_owner, poll_for_lock
 from clproxy.state.memory import token_version
 from clproxy.state.model import (OUTCOME_SUCCESS, TOKEN_VERSION_FIELD, AccountState, empty_stats,
@@ -40,6 +40,88 @@ LEVEL_TTL = 24 * 3600.0
 STATS_TTL = 30 * 24 * 3600.0
 #: A quota snapshot not replaced for this long (seconds) vanishes (longer than the 7-day window).
 QUOTA_TTL = 8 * 24 * 3600.0
+#: A session binding's keys outlive its expiry by this long (seconds) before Redis reclaims them
+#: (expiry itself is decided by the times passed in, so a late reclaim is never a late expiry).
+BINDING_GRACE = 60.0
+
+
+# The Lua scripts of the session bindings (ISessionBindings), next to their only user. A binding
+# is the hash ``P:bind:SESSION`` {account, last, exp}; each account's bound sessions are the
+# sorted set ``P:bound:ACCOUNT`` scored by expiry time (counted without a scan);
+# ``P:bindings:accounts`` is the set of accounts that have one. Expiry is decided by the times
+# passed in (``exp <= now``: gone); the key TTLs only reclaim memory. The scripts name keys
+# derived from values (the old account of a moved session), as a single Redis allows.
+
+# KEYS: binding. ARGV: now, new expiry, ttl (ms), bound-set prefix, session, accounts set
+TOUCH_BINDING = """
+local v = redis.call('HMGET', KEYS[1], 'account', 'last', 'exp')
+if not v[1] or not v[3] or tonumber(v[3]) <= tonumber(ARGV[1]) then return false end
+redis.call('HSET', KEYS[1], 'last', ARGV[1], 'exp', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local bound = ARGV[4] .. v[1]
+redis.call('ZADD', bound, ARGV[2], ARGV[5])
+redis.call('PEXPIRE', bound, ARGV[3])
+redis.call('SADD', ARGV[6], v[1])
+return {v[1], v[2]}
+"""
+
+# KEYS: binding. ARGV: now, expiry, ttl (ms), bound-set prefix, session, account, accounts set.
+# Returns the account of the live binding replaced, or nil.
+PUT_BINDING = """
+local v = redis.call('HMGET', KEYS[1], 'account', 'exp')
+local replaced = false
+if v[1] then
+  if v[2] and tonumber(v[2]) > tonumber(ARGV[1]) then replaced = v[1] end
+  if v[1] ~= ARGV[6] then redis.call('ZREM', ARGV[4] .. v[1], ARGV[5]) end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'account', ARGV[6], 'last', ARGV[1], 'exp', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+local bound = ARGV[4] .. ARGV[6]
+redis.call('ZREMRANGEBYSCORE', bound, '-inf', ARGV[1])
+redis.call('ZADD', bound, ARGV[2], ARGV[5])
+redis.call('PEXPIRE', bound, ARGV[3])
+redis.call('SADD', ARGV[7], ARGV[6])
+return replaced
+"""
+
+# KEYS: the account's bound set. ARGV: binding prefix, account, accounts set.
+# Drops the bindings that still point to the account; returns how many.
+DROP_BINDINGS = """
+local sessions = redis.call('ZRANGE', KEYS[1], 0, -1)
+local n = 0
+for _, s in ipairs(sessions) do
+  local k = ARGV[1] .. s
+  if redis.call('HGET', k, 'account') == ARGV[2] then
+    redis.call('DEL', k)
+    n = n + 1
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', ARGV[3], ARGV[2])
+return n
+"""
+
+# ARGV: now, bound-set prefix, accounts set, 'all' or 'keys', then the account keys.
+# Returns account, count, account, count ... (expired members dropped first).
+COUNT_BINDINGS = """
+local accounts = {}
+if ARGV[4] == 'all' then
+  accounts = redis.call('SMEMBERS', ARGV[3])
+else
+  for i = 5, #ARGV do accounts[#accounts + 1] = ARGV[i] end
+end
+local out = {}
+for _, a in ipairs(accounts) do
+  local z = ARGV[2] .. a
+  redis.call('ZREMRANGEBYSCORE', z, '-inf', ARGV[1])
+  local n = redis.call('ZCARD', z)
+  if n == 0 then redis.call('SREM', ARGV[3], a) end
+  out[#out + 1] = a
+  out[#out + 1] = n
+end
+return out
+"""
 
 
 class TokenNotStored(Exception):
@@ -74,7 +156,8 @@ class _PendingWrites:
                 + len(self.token_deletes) + len(self.quotas))
 
 
-@implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle)
+@implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
+             ISessionBindings)
 class RedisStateStore(service.Service):
     """``IStateStore`` (and the shared tokens, quotas, cooldown extension and locks) in one Redis,
     shared by every instance that uses the same URL and ``prefix``.
@@ -90,7 +173,12 @@ class RedisStateStore(service.Service):
     ``COOLDOWN_GRACE`` after it), ``P:lvl:K`` 429 level (``LEVEL_TTL``), ``P:stats:K`` hash of
     counts (``STATS_TTL`` since the last write), ``P:rate:K`` sorted set of request times (at most
     ``limit`` members, expires with the window), ``P:quota:K`` JSON (``QUOTA_TTL``), ``P:token:K``
-    JSON (no TTL), ``P:lock:NAME`` owner token (the lock's TTL), ``P:counters:all`` hash.
+    JSON (no TTL), ``P:lock:NAME`` owner token (the lock's TTL), ``P:counters:all`` hash;
+    session bindings: ``P:bind:S`` hash {account, last, exp} of session ``S``, ``P:bound:K`` sorted
+    set of the sessions bound to ``K`` scored by expiry (counted with no scan), and
+    ``P:bindings:accounts`` the set of accounts with bindings (each key expires ``BINDING_GRACE``
+    after the binding's TTL). Bindings made while Redis is unreachable stay in this instance's
+    mirror (a binding is soft state: at worst a session picks an account afresh).
 
     ``clock`` is the process's clock: times are passed in as everywhere, the clock only turns them
     into TTLs (so expiry never depends on the Redis host's clock) and paces reconnection.
@@ -440,6 +528,86 @@ class RedisStateStore(service.Service):
             quotas[key] = _loads(blob)
             self.mirror.adopt_quota(key, _loads(blob))
         return quotas
+
+    # ISessionBindings --------------------------------------------------------------------------
+
+    def _binding_args(self, session, now, ttl):
+        return [num(now), num(now + ttl), px_ttl(float(ttl) + BINDING_GRACE),
+                self._key("bound", ""), session]
+
+    def touch_binding(self, session, now, ttl):
+        return Deferred.fromCoroutine(self._touch_binding(session, now, ttl))
+
+    async def _touch_binding(self, session, now, ttl):
+        args = self._binding_args(session, now, ttl) + [self._key("bindings", "accounts")]
+        try:
+            reply = await self._link.run(script_op(TOUCH_BINDING, [self._key("bind", session)],
+                                                   args))
+        except RedisDown:
+            return await self.mirror.touch_binding(session, now, ttl)
+        if not reply:
+            return None
+        key, last = reply[0], float(reply[1])
+        await self.mirror.put_binding(session, key, now, ttl)
+        return (key, last)
+
+    def get_binding(self, session, now):
+        return Deferred.fromCoroutine(self._get_binding(session, now))
+
+    async def _get_binding(self, session, now):
+        try:
+            key, last, expires = await self._link.run(
+                lambda r: r.hmget(self._key("bind", session), ["account", "last", "exp"]))
+        except RedisDown:
+            return await self.mirror.get_binding(session, now)
+        if key is None or last is None or expires is None or float(expires) <= now:
+            return None
+        return (key, float(last))
+
+    def put_binding(self, session, key, now, ttl):
+        return Deferred.fromCoroutine(self._put_binding(session, key, now, ttl))
+
+    async def _put_binding(self, session, key, now, ttl):
+        args = self._binding_args(session, now, ttl) + [key, self._key("bindings", "accounts")]
+        try:
+            replaced = await self._link.run(script_op(PUT_BINDING, [self._key("bind", session)],
+                                                      args))
+        except RedisDown:
+            return await self.mirror.put_binding(session, key, now, ttl)
+        await self.mirror.put_binding(session, key, now, ttl)
+        return replaced or None
+
+    def drop_bindings_of(self, key):
+        return Deferred.fromCoroutine(self._drop_bindings_of(key))
+
+    async def _drop_bindings_of(self, key):
+        try:
+            dropped = await self._link.run(script_op(
+                DROP_BINDINGS, [self._key("bound", key)],
+                [self._key("bind", ""), key, self._key("bindings", "accounts")]))
+        except RedisDown:
+            return await self.mirror.drop_bindings_of(key)
+        await self.mirror.drop_bindings_of(key)
+        return int(dropped)
+
+    def count_bindings(self, now, keys=None):
+        return Deferred.fromCoroutine(self._count_bindings(now, None if keys is None else list(keys)))
+
+    async def _count_bindings(self, now, keys):
+        args = [num(now), self._key("bound", ""), self._key("bindings", "accounts"),
+                "all" if keys is None else "keys"] + ([] if keys is None else keys)
+        try:
+            reply = await self._link.run(script_op(COUNT_BINDINGS, [], args))
+        except RedisDown:
+            return await self.mirror.count_bindings(now, keys)
+        counts = {name: int(count) for name, count in zip(reply[::2], reply[1::2])}
+        if keys is None:
+            counts = {name: count for name, count in counts.items() if count}
+        return counts
+
+    def limit_bindings(self, cap):
+        # Redis bounds its bindings by their TTL; the cap bounds this instance's copy.
+        self.mirror.limit_bindings(cap)
 
     # ILockProvider -----------------------------------------------------------------------------
 
