@@ -31,6 +31,7 @@ PURE = (
     "clproxy/routing/pool.py",
     "clproxy/routing/router.py",
     "clproxy/routing/limits.py",
+    "clproxy/routing/headroom.py",
     "clproxy/translate/*.py",
     "clproxy/proxy/sse.py",
     "clproxy/observe/redact.py",
