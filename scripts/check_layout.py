@@ -32,6 +32,7 @@ PURE = (
     "clproxy/routing/router.py",
     "clproxy/routing/limits.py",
     "clproxy/routing/affinity.py",
+    "clproxy/routing/headroom.py",
     "clproxy/translate/*.py",
     "clproxy/proxy/sse.py",
     "clproxy/observe/redact.py",

@@ -140,14 +140,17 @@ def test_shipped_example_file_mentions_every_field():
     with open(EXAMPLE_FILE, encoding="utf-8") as f:
         text = f.read()
     import clproxy.config as module
+    from clproxy.config import schema
     camel = {"model_mappings": "model-mappings", "fallback_chain": "fallback-chain",
              "passthrough_models": "passthrough-models", "google_ai": "google-ai",
-             "from_model": "from", "to_model": "to"}
+             "from_model": "from", "to_model": "to", "session_affinity": "session-affinity",
+             "queue_timeout": "queue-timeout", "switch_at": "switch-at"}
     missing = []
     for cls in (module.Config, module.AccountConfig, module.ModelMapping, module.FallbackTarget,
                 module.RoutingConfig, module.CloakingConfig, module.AnthropicProvider,
                 module.OpenAIProvider, module.GoogleProvider, module.ProvidersConfig, module.ServerConfig,
-                module.StateConfig, module.LoggingConfig):
+                module.StateConfig, module.LoggingConfig, schema.SessionAffinityConfig,
+                schema.QuotaRoutingConfig):
         for field in attr.fields(cls):
             head, *rest = field.name.split("_")
             spelled = camel.get(field.name, head + "".join(p.capitalize() for p in rest))
@@ -320,6 +323,8 @@ def test_defaults_have_the_documented_values():
     config = parse("").config
     assert config.version == 1 and config.accounts == ()
     assert config.routing.strategy == "fill-first"
+    assert config.routing.session_affinity.enabled is True and config.routing.session_affinity.ttl == 3600.0
+    assert config.routing.quota.switch_at == 0.9 and config.routing.queue_timeout == 30.0
     assert config.cloaking.mode == "auto"
     assert config.providers.anthropic.base_url == "https://api.anthropic.com"
     assert config.providers.anthropic.client_id == "9d1c250a-e61b-44d9-88ed-5944d1962f5e"
@@ -498,6 +503,22 @@ SECTION_ERRORS = [
     ("accounts:\n  anthropic: {name: a}", "accounts.anthropic", "must be a list, got a mapping"),
     ("accounts:\n  anthropic: [key]", "accounts.anthropic[0]", 'must be a mapping, got "key"'),
     ("routing: fill-first", "routing", 'must be a mapping, got "fill-first"'),
+    ("routing:\n  session-affinity: sticky", "routing.session-affinity", 'must be a mapping, got "sticky"'),
+    ("routing:\n  session-affinity:\n    enabled: 1", "routing.session-affinity.enabled",
+     "must be true or false, got 1"),
+    ("routing:\n  session-affinity:\n    ttl: 0", "routing.session-affinity.ttl",
+     "must be a positive number of seconds, got 0"),
+    ("routing:\n  session-affinity:\n    ttl: 1h", "routing.session-affinity.ttl",
+     'must be a positive number of seconds, got "1h"'),
+    ("routing:\n  quota:\n    switch-at: 0", "routing.quota.switch-at",
+     "must be a number greater than 0 and at most 1 (a fraction of the window), got 0"),
+    ("routing:\n  quota:\n    switch-at: 1.01", "routing.quota.switch-at",
+     "must be a number greater than 0 and at most 1 (a fraction of the window), got 1.01"),
+    ("routing:\n  quota:\n    switch-at: 90%", "routing.quota.switch-at",
+     'must be a number greater than 0 and at most 1 (a fraction of the window), got "90%"'),
+    ("routing:\n  quota: 0.9", "routing.quota", "must be a mapping, got 0.9"),
+    ("routing:\n  queue-timeout: 0", "routing.queue-timeout", "must be a positive number of seconds, got 0"),
+    ("routing:\n  queue-timeout: -5", "routing.queue-timeout", "must be a positive number of seconds, got -5"),
     ("routing:\n  strategy: random", "routing.strategy", 'must be one of "fill-first", "round-robin"'),
     ("routing:\n  model-mappings:\n    - {from: a, to: b, provider: mistral}",
      "routing.model-mappings[0].provider", 'unknown provider "mistral"; expected one of "anthropic", "openai", '
@@ -555,6 +576,41 @@ def test_section_errors(text, path, problem):
     error = parse_error(text + "\n")
     assert error.path == path
     assert error.problem.startswith(problem), error.problem
+
+
+ROUTING_KEYS_YAML = """
+routing:
+  strategy: drain-soonest
+  session-affinity:
+    enabled: false
+    ttl: 120
+  quota:
+    switch-at: 1
+  queue-timeout: 2.5
+"""
+
+
+def test_routing_keys_as_the_issue_writes_them():
+    """routing.session-affinity.{enabled,ttl}, routing.quota.switch-at and routing.queue-timeout are
+    read into the frozen routing config, without unknown-key warnings."""
+    loaded = parse(ROUTING_KEYS_YAML)
+    routing = loaded.config.routing
+    assert loaded.warnings == ()
+    assert routing.strategy == "drain-soonest"
+    assert (routing.session_affinity.enabled, routing.session_affinity.ttl) == (False, 120.0)
+    assert routing.quota.switch_at == 1.0 and routing.queue_timeout == 2.5
+    with pytest.raises(attr.exceptions.FrozenInstanceError):
+        routing.quota.switch_at = 0.5  # type: ignore[misc]
+
+
+def test_routing_keys_accept_other_spellings_and_interpolation():
+    """camelCase spellings and ${VAR} numbers work as for every other key; a typo warns."""
+    loaded = parse("routing:\n  sessionAffinity: {ttl: '${TTL}'}\n  quota: {switchAt: 0.5, swichAt: 1}\n"
+                   "  queueTimeout: 7\n", {"TTL": "90"})
+    routing = loaded.config.routing
+    assert routing.session_affinity.ttl == 90.0 and routing.session_affinity.enabled is True
+    assert routing.quota.switch_at == 0.5 and routing.queue_timeout == 7.0
+    assert any('unknown key "swichAt" at routing.quota' in w for w in loaded.warnings)
 
 
 def test_zero_drain_and_keepalive_are_allowed():

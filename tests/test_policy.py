@@ -200,6 +200,78 @@ def test_402_403_cool_five_minutes(status, reason, oauth):
         (COOL, reason, 300.0, 1)
 
 
+ORG_DISABLED = "This organization has been disabled."
+OAUTH_NOT_ALLOWED = "OAuth authentication is currently not allowed for this organization."
+
+
+@pytest.mark.parametrize("oauth", [True, False])
+@pytest.mark.parametrize("message, reason, words", [
+    (ORG_DISABLED, "organization-disabled", "the organization is disabled"),
+    (OAUTH_NOT_ALLOWED, "oauth-not-allowed", "OAuth authentication is not allowed for the organization"),
+])
+def test_403_dead_organization_disables_instead_of_cooling(message, reason, words, oauth):
+    """A 403 saying the organization is disabled or OAuth is not allowed for it disables the account
+    (a 5-minute cooldown would bring it back to fail every 5 minutes, forever)."""
+    result = verdict(403, body=error_body("permission_error", message), level=2, oauth=oauth)
+    assert result == Verdict(policy.DISABLE, 403, reason, None, 2, "permission_error: " + message)
+    assert policy.disable_reason(result) == f"{words} (upstream 403: {message})"
+    assert policy.DISABLE in policy.ACTIONS
+
+
+@pytest.mark.parametrize("status, error_type, message, reason", [
+    # As Anthropic has been seen to send them (anthropics/claude-code issues 19028 and 6590).
+    (400, "invalid_request_error", ORG_DISABLED, "organization-disabled"),
+    (401, "authentication_error", OAUTH_NOT_ALLOWED, "oauth-not-allowed"),
+    # Other wordings of the same facts.
+    (403, "permission_error", "Your organization is disabled", "organization-disabled"),
+    (403, "forbidden", "oauth authentication is not allowed for this organisation", "oauth-not-allowed"),
+])
+def test_dead_organization_messages_on_other_statuses_disable(status, error_type, message, reason):
+    """The same messages on a 400 or a 401 disable too: relaying the 400 to every request or
+    refreshing the token after the 401 can never help."""
+    result = verdict(status, body=error_body(error_type, message), oauth=True)
+    assert (result.action, result.status, result.reason, result.cooldown) == \
+        (policy.DISABLE, status, reason, None)
+
+
+def test_dead_organization_in_a_cut_short_body_disables():
+    """The message is found in a body prefix that is not complete JSON."""
+    body = error_body("permission_error", ORG_DISABLED)[:-3]
+    assert verdict(403, body=body).action == policy.DISABLE
+
+
+@pytest.mark.parametrize("status, body", [
+    (403, error_body("permission_error", "Your API key does not have permission to use the specified resource.")),
+    (403, error_body("forbidden", "Request not allowed")),
+    (403, error_body("permission_error", "The organization setting is disabled for this model")),
+    (403, b"<html>403 Forbidden: This organization has been disabled.</html>"),
+    (403, b""),
+    (429, error_body("rate_limit_error", ORG_DISABLED)),
+    (500, error_body("api_error", ORG_DISABLED)),
+])
+def test_other_errors_do_not_disable(status, body):
+    """Other 403s keep the capped 5-minute cooldown; the phrases count only in a JSON error message
+    of a 400/401/403."""
+    result = verdict(status, body=body)
+    assert result.action != policy.DISABLE
+    if status == 403:
+        assert (result.action, result.reason, result.cooldown) == (COOL, "permission", 300.0)
+
+
+def test_disable_reason_without_detail():
+    """A DISABLE verdict without upstream detail still says why."""
+    result = Verdict(policy.DISABLE, 403, "organization-disabled", None, 0)
+    assert policy.disable_reason(result) == "the organization is disabled (upstream 403)"
+
+
+def test_disable_verdict_describes_itself():
+    """The log line of a DISABLE names the reason and the action."""
+    result = verdict(403, body=error_body("permission_error", ORG_DISABLED))
+    assert result.describe("work") == ('<- 403 account=work backoff-level=0 cooldown=none '
+                                       'reason=organization-disabled action=disable '
+                                       'detail="permission_error: This organization has been disabled."')
+
+
 def test_404_returns_at_once():
     """A 404 goes back to the client at once, without cooldown."""
     result = verdict(404, body=error_body("not_found_error", "model: claude-x"), level=2)
@@ -414,8 +486,8 @@ def test_policy_and_pool_stay_pure():
 
 
 def test_actions_are_distinct():
-    """The five action names are the documented strings."""
-    assert policy.ACTIONS == ("success", "refresh", "cool-and-next", "next", "return")
+    """The six action names are the documented strings."""
+    assert policy.ACTIONS == ("success", "refresh", "cool-and-next", "next", "return", "disable")
 
 
 # -- unusable 2xx answers ------------------------------------------------------------------------

@@ -94,6 +94,18 @@ def test_fill_first_is_the_default():
     assert AccountPool(MemoryStateStore(), clock=Clock()).strategy == "fill-first"
 
 
+def test_drain_soonest_is_accepted_and_keeps_configured_order():
+    """drain-soonest is a pool strategy (also by hot reload) whose base order is fill-first's; the
+    quota reordering is the headroom module's."""
+    pool, _, _ = make_pool("drain-soonest")
+    accounts = [account("a"), account("b"), account("c")]
+    for _ in range(3):
+        assert names(run(pool.candidates(accounts))) == ["a", "b", "c"]
+    pool.strategy = "round-robin"
+    pool.strategy = "drain-soonest"
+    assert pool.strategy == "drain-soonest"
+
+
 def test_fill_first_switches_on_429_and_comes_back():
     """After a 429 the first account cools and the second serves, until the cooldown ends."""
     pool, _, clock = make_pool()

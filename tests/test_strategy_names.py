@@ -52,10 +52,16 @@ def test_accepted_names_are_canonical(name):
 @pytest.mark.parametrize("name", REFUSED)
 def test_refused_names_say_what_is_allowed(name):
     """Both refusals list the allowed names."""
-    with pytest.raises(usage.UsageError, match='must be one of "fill-first", "round-robin"'):
+    with pytest.raises(usage.UsageError, match='must be one of "fill-first", "round-robin", "drain-soonest"'):
         Options().parseOptions(["--strategy", name])
-    with pytest.raises(configuration.ConfigError, match='must be one of "fill-first", "round-robin"'):
+    with pytest.raises(configuration.ConfigError, match='must be one of "fill-first", "round-robin", "drain-soonest"'):
         configuration.parse_config(f'routing:\n  strategy: "{name}"\n', "t.yaml", {})
+
+
+def test_drain_soonest_is_a_strategy():
+    """drain-soonest (issue 13) is accepted by the file and --strategy, in any spelling."""
+    for spelling in ("drain-soonest", "Drain_Soonest", " DRAIN-SOONEST "):
+        assert file_strategy(spelling) == option_strategy(spelling) == "drain-soonest"
 
 
 def test_one_definition():

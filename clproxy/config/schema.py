@@ -16,7 +16,9 @@ CONFIG_FILE_NAME = "proxy-config.yaml"
 PROVIDERS = ("anthropic", "openai", "google-ai")
 PROVIDER_ALIASES = {"gemini": "google-ai", "google": "google-ai", "vertex": "google-ai",
                     "google_ai": "google-ai", "googleai": "google-ai"}
-STRATEGIES = ("fill-first", "round-robin")
+#: ``drain-soonest`` orders like fill-first; the quota rule (clproxy.routing.headroom) then sends a new
+#: session to the account whose 5h window resets soonest.
+STRATEGIES = ("fill-first", "round-robin", "drain-soonest")
 # Round-robin already honours each account's weight, so "weighted" is the same strategy.
 STRATEGY_ALIASES = {"weighted-round-robin": "round-robin", "weighted": "round-robin"}
 CLOAKING_MODES = ("auto", "always", "never")
@@ -97,13 +99,38 @@ class FallbackTarget:
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class SessionAffinityConfig:
+    """``routing.session-affinity``: keep a session on one account (its prompt cache stays warm).
+
+    ``ttl`` is seconds since the session's last request after which its binding is forgotten.
+    """
+
+    enabled: bool = True
+    ttl: float = 3600.0
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
+class QuotaRoutingConfig:
+    """``routing.quota``: an account whose utilization of any window is at or above ``switch_at``
+    (a fraction, ``0 < switch_at <= 1``) takes no new session while another account is below it."""
+
+    switch_at: float = 0.9
+
+
+@attr.s(frozen=True, auto_attribs=True, kw_only=True)
 class RoutingConfig:
-    """How accounts are picked and which models go where."""
+    """How accounts are picked and which models go where.
+
+    ``queue_timeout`` is how many seconds a request may wait for a concurrency slot (``> 0``).
+    """
 
     strategy: str = "fill-first"
     model_mappings: Tuple[ModelMapping, ...] = ()
     fallback_chain: Tuple[FallbackTarget, ...] = ()
     passthrough_models: Tuple[str, ...] = ()
+    session_affinity: SessionAffinityConfig = attr.Factory(SessionAffinityConfig)
+    quota: QuotaRoutingConfig = attr.Factory(QuotaRoutingConfig)
+    queue_timeout: float = 30.0
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)

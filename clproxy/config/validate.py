@@ -16,7 +16,8 @@ import attr
 from clproxy.config.schema import (
     CLOAKING_MODES, PROVIDER_ALIASES, PROVIDERS, STATE_BACKENDS, AccountConfig, AnthropicProvider,
     CloakingConfig, Config, ConfigError, FallbackTarget, GoogleProvider, LoggingConfig, ModelMapping,
-    OpenAIProvider, ProvidersConfig, RoutingConfig, ServerConfig, StateConfig, parse_strategy,
+    OpenAIProvider, ProvidersConfig, QuotaRoutingConfig, RoutingConfig, ServerConfig, SessionAffinityConfig,
+    StateConfig, parse_strategy,
 )
 
 
@@ -409,9 +410,37 @@ class _Reader:
         raw_passthrough, passthrough_path = keys.get("passthrough_models", "passthrough-models")
         passthrough = tuple(self.string(model, f"{passthrough_path}[{index}]")
                             for index, model in enumerate(self.items(raw_passthrough, passthrough_path)))
+        affinity = self.session_affinity(*keys.get("session_affinity", "session-affinity"))
+        quota = self.routing_quota(*keys.get("quota"))
+        queue_timeout = self.duration(*keys.get("queue_timeout", "queue-timeout"),
+                                      default=RoutingConfig().queue_timeout, positive=True)
         keys.finish()
         return RoutingConfig(strategy=strategy, model_mappings=tuple(mappings), fallback_chain=tuple(chain),
-                             passthrough_models=passthrough)
+                             passthrough_models=passthrough, session_affinity=affinity, quota=quota,
+                             queue_timeout=queue_timeout)
+
+    def session_affinity(self, value: Any, path: str) -> SessionAffinityConfig:
+        """``routing.session-affinity``: ``enabled`` (bool) and ``ttl`` (positive seconds)."""
+        keys = self.keys(value, path)
+        defaults = SessionAffinityConfig()
+        enabled = self.boolean(*keys.get("enabled"), default=defaults.enabled)
+        ttl = self.duration(*keys.get("ttl"), default=defaults.ttl, positive=True)
+        keys.finish()
+        return SessionAffinityConfig(enabled=enabled, ttl=ttl)
+
+    def routing_quota(self, value: Any, path: str) -> QuotaRoutingConfig:
+        """``routing.quota``: ``switch-at``, a utilization fraction with ``0 < x <= 1``."""
+        keys = self.keys(value, path)
+        raw, switch_path = keys.get("switch_at", "switch-at")
+        switch_at = QuotaRoutingConfig().switch_at
+        if raw is not _ABSENT:
+            number = self._numeric(raw)
+            if number is None or not 0 < number <= 1:
+                raise ConfigError(switch_path, "must be a number greater than 0 and at most 1 "
+                                               f"(a fraction of the window), got {_shown(raw, switch_path)}")
+            switch_at = float(number)
+        keys.finish()
+        return QuotaRoutingConfig(switch_at=switch_at)
 
     def cloaking(self, value: Any, path: str) -> CloakingConfig:
         keys = self.keys(value, path)

@@ -19,8 +19,9 @@ REFRESH = "refresh"     # OAuth 401: refresh the token and retry; no cooldown (s
 COOL = "cool-and-next"  # cool the account for ``cooldown`` seconds, try the next account
 NEXT = "next"           # transient: no cooldown, try the next account at once
 RETURN = "return"       # the client's answer: relay it as is, no retry, no cooldown
+DISABLE = "disable"     # the account can never serve again: take it out of the pool, try the next
 
-ACTIONS = (SUCCESS, REFRESH, COOL, NEXT, RETURN)
+ACTIONS = (SUCCESS, REFRESH, COOL, NEXT, RETURN, DISABLE)
 
 # Why (``Verdict.reason``).
 OK = "ok"
@@ -34,6 +35,14 @@ CLIENT_ERROR = "client-error"
 TRANSIENT = "transient"
 OVERLOADED = "overloaded"
 NETWORK = "network"
+ORGANIZATION_DISABLED = "organization-disabled"
+OAUTH_NOT_ALLOWED = "oauth-not-allowed"
+
+#: What a DISABLE verdict's reason means, in words for ``/status`` and ``clproxy auth list``.
+DISABLE_REASONS = {
+    ORGANIZATION_DISABLED: "the organization is disabled",
+    OAUTH_NOT_ALLOWED: "OAuth authentication is not allowed for the organization",
+}
 
 #: Cooldown after a 429 is capped here (seconds).
 BACKOFF_CAP = 600.0
@@ -58,6 +67,19 @@ _NUMERIC_RETRY_AFTER = re.compile(r"^(?:\d+(?:\.\d*)?|\.\d+)$")
 # Used on a body prefix that is JSON-looking but cut short, so json.loads cannot help.
 _ERROR_TYPE = re.compile(rb'"error"\s*:\s*\{\s*"type"\s*:\s*"([^"\\]{1,100})"')
 _ERROR_MESSAGE = re.compile(rb'"message"\s*:\s*"((?:[^"\\]|\\.){0,400})')
+# Upstream messages that no cooldown will ever fix ("This organization has been disabled.",
+# "OAuth authentication is currently not allowed for this organization."): matched loosely (case,
+# wording around the key phrase) because the exact text is Anthropic's to change.
+_ACCOUNT_DEAD = (
+    (re.compile(r"\borgani[sz]ation (?:has been|is|was) disabled\b", re.IGNORECASE), ORGANIZATION_DISABLED),
+    (re.compile(r"\boauth authentication is (?:currently )?not allowed for this organi[sz]ation\b",
+                re.IGNORECASE), OAUTH_NOT_ALLOWED),
+)
+#: Statuses whose error message is checked against ``_ACCOUNT_DEAD``. The issue names 403; Anthropic
+#: has also been seen to send "This organization has been disabled." as a 400 invalid_request_error
+#: and "OAuth authentication is currently not allowed..." as a 401, where retrying (relaying the 400
+#: for every request, refreshing the token after a 401) can never help either.
+_ACCOUNT_DEAD_STATUSES = frozenset({400, 401, 403})
 
 # unified-* header window infix -> key in quota_from_headers() and representative-claim value.
 _UNIFIED_WINDOWS = (("5h", "five_hour"), ("7d", "seven_day"), ("7d_oi", "seven_day_oi"))
@@ -68,7 +90,8 @@ _UNIFIED = "anthropic-ratelimit-unified-"
 class Verdict:
     """The decision about one upstream attempt.
 
-    ``action`` is one of SUCCESS, REFRESH, COOL, NEXT, RETURN. ``status`` is the HTTP status, or
+    ``action`` is one of SUCCESS, REFRESH, COOL, NEXT, RETURN, DISABLE (the account is dead for
+    good: mark it disabled with :func:`disable_reason`, no cooldown, try the next). ``status`` is the HTTP status, or
     None for a network error. ``cooldown`` is how long (seconds) to cool the account, None for none.
     ``backoff_level`` is the account's 429 backoff level *after* this verdict (0 after a success).
     ``detail`` is a short human description of the upstream error (error type and message, or the
@@ -166,6 +189,11 @@ def classify(status: int, headers: Mapping[str, str], body: bytes, *, now: float
     if 200 <= status < 300:
         # A 2xx is a success whatever its headers say (allowed_warning included).
         return Verdict(SUCCESS, status, OK, None, 0)
+    if status in _ACCOUNT_DEAD_STATUSES:
+        dead = _account_dead_reason(body)
+        if dead is not None:
+            # Not a 5-minute cooldown: it would come back every 5 minutes, forever, to fail again.
+            return Verdict(DISABLE, status, dead, None, level, _error_detail(body))
     if status == 429:
         return _classify_rate_limit(headers, body, now, level)
     if status == 401:
@@ -194,6 +222,18 @@ def classify(status: int, headers: Mapping[str, str], body: bytes, *, now: float
         return Verdict(RETURN, status, CLIENT_ERROR, None, level, _error_detail(body))
     # 1xx/3xx or nonsense from upstream: not the client's fault, not the account's; try another.
     return Verdict(NEXT, status, TRANSIENT, None, level, _error_detail(body))
+
+
+def disable_reason(verdict: Verdict) -> str:
+    """The text to store as the account's disabled reason for a DISABLE verdict, e.g.
+    ``the organization is disabled (upstream 403: This organization has been disabled.)``.
+
+    Never holds a credential (only the upstream's error type and message, as ``detail``)."""
+    what = DISABLE_REASONS.get(verdict.reason, verdict.reason)
+    status = "network error" if verdict.status is None else str(verdict.status)
+    detail = verdict.detail or ""
+    message = detail.partition(": ")[2] or detail  # detail is "error_type: message"
+    return "{} (upstream {}{})".format(what, status, ": " + message if message else "")
 
 
 def unrefreshable(verdict: Verdict) -> Verdict:
@@ -401,6 +441,17 @@ def _parse_error(body: bytes):
         return (True, error_type if isinstance(error_type, str) else None,
                 message if isinstance(message, str) else None)
     return True, None, None
+
+
+def _account_dead_reason(body: bytes) -> Optional[str]:
+    """ORGANIZATION_DISABLED or OAUTH_NOT_ALLOWED when the error message says so, else None."""
+    _, _, message = _parse_error(body)
+    if not message:
+        return None
+    for pattern, reason in _ACCOUNT_DEAD:
+        if pattern.search(message):
+            return reason
+    return None
 
 
 def _error_detail(body: bytes) -> Optional[str]:

@@ -15,6 +15,9 @@ from clproxy.state.model import OUTCOME_ERROR, OUTCOME_RATE_LIMITED, OUTCOME_SUC
 
 FILL_FIRST = "fill-first"
 ROUND_ROBIN = "round-robin"
+#: Same base order as fill-first; :func:`clproxy.routing.headroom.order_for_new_session` reorders a
+#: new session's candidates by quota (unknown first, then soonest 5h reset).
+DRAIN_SOONEST = "drain-soonest"
 
 #: ``Account.rate_limit`` is requests per this many seconds (a sliding window).
 RATE_WINDOW = 60.0
@@ -62,7 +65,8 @@ class AccountPool:
 
     @property
     def strategy(self) -> str:
-        """``"fill-first"`` or ``"round-robin"``; may be reassigned at runtime (hot reload)."""
+        """``"fill-first"``, ``"round-robin"`` or ``"drain-soonest"``; may be reassigned at runtime
+        (hot reload)."""
         return self._strategy
 
     @strategy.setter
@@ -79,7 +83,8 @@ class AccountPool:
         """The accounts one request may try, in order, each once: enabled, not cooling and below
         their rateLimit now.
 
-        fill-first keeps the configured order (the first usable account always comes first).
+        fill-first keeps the configured order (the first usable account always comes first);
+        drain-soonest does too here (its quota ordering is the headroom rule's, applied by the caller).
         round-robin puts the smooth-weighted pick first, then the others in configured order after
         it; each call advances the rotation by one pick. No rate slot is taken here (see ``admit``).
         """
