@@ -9,6 +9,8 @@ enabled or disabled), e.g. to point Claude Code at the proxy once a usable accou
 
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import attr
+
 from clproxy.observe.console import logger
 from clproxy.accounts.model import Account
 from clproxy.accounts.tokenstore import TokenStore, TokenStoreError, credential_fingerprint, discover_accounts
@@ -35,6 +37,8 @@ class AccountDirectory:
         self._files = None
         self._checked_at = float("-inf")
         self._listeners: List[Callable[[Tuple[Account, ...]], object]] = []
+        #: accounts the upstream said can never serve, with why (until a new credential or restart)
+        self._disabled: Dict[str, Tuple[str, str]] = {}
         self.refresh()
 
     def current(self) -> Tuple[Account, ...]:
@@ -58,6 +62,7 @@ class AccountDirectory:
             self._files = files
             return self._accounts
         fingerprints = {a.key: credential_fingerprint(a) for a in accounts}
+        accounts = self._apply_disabled(accounts, fingerprints)
         for account in accounts:
             before = self._fingerprints.get(account.key)
             if before is not None and before != fingerprints[account.key]:
@@ -78,6 +83,31 @@ class AccountDirectory:
                 except Exception:  # a listener's bug must not stop discovery (or the request asking)
                     log.failure("accounts: a listener failed")
         return accounts
+
+    def disable(self, account: Account, reason: str) -> None:
+        """Take ``account`` out of the pool with ``reason`` (shown in /status), at once. It stays
+        out until its credential changes (a new login) or the daemon restarts; a stored account is
+        also disabled in the token store by the caller, which survives both."""
+        self._disabled[account.key] = (reason, self._fingerprints.get(account.key, ""))
+        self._checked_at = float("-inf")  # the next current() re-applies it
+        self._files = None
+        self.refresh()
+
+    def _apply_disabled(self, accounts: Tuple[Account, ...], fingerprints: Mapping[str, str]) -> Tuple[Account, ...]:
+        """The accounts with the ones disabled at run time marked so (a changed credential clears it)."""
+        if not self._disabled:
+            return accounts
+        marked = []
+        for account in accounts:
+            held = self._disabled.get(account.key)
+            if held is not None and held[1] and held[1] != fingerprints.get(account.key):
+                del self._disabled[account.key]  # a new credential (a re-login): give it a chance
+                held = None
+            if held is not None:
+                account = attr.evolve(account, enabled=False,
+                                      metadata={**account.metadata, "disabled_reason": held[0]})
+            marked.append(account)
+        return tuple(marked)
 
     def add_listener(self, listener: Callable[[Tuple[Account, ...]], object]) -> None:
         """Call ``listener(accounts)`` after each discovery that changed the list (an account added,

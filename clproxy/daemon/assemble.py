@@ -36,6 +36,7 @@ from clproxy.providers.translation import Translation
 from clproxy.proxy.dispatch import DispatchSettings, Dispatcher
 from clproxy.proxy.shaping import PluginLoadError, pipeline_from_config
 from clproxy.proxy.upstream import UpstreamClient
+from clproxy.routing.affinity import SessionAffinity
 from clproxy.routing.pool import AccountPool
 from clproxy.routing.quota import QUOTA_FILE, QuotaBook
 from clproxy.routing.router import Router
@@ -84,6 +85,17 @@ def accounts_from_config(cfg) -> Tuple[Account, ...]:
                 source="config", excluded_models=tuple(a.excluded_models), max_concurrent=a.max_concurrent)
         for a in cfg.accounts
     )
+
+
+def make_affinity(routing, store, clock, previous: Optional[SessionAffinity] = None) -> Optional[SessionAffinity]:
+    """Session affinity as ``routing.session-affinity`` asks (None when it is off). A reload that
+    changes nothing keeps ``previous`` (its move counter); the bindings live in the store either way."""
+    if not routing.session_affinity.enabled:
+        return None
+    ttl = routing.session_affinity.ttl
+    if previous is not None and previous.ttl == ttl:
+        return previous
+    return SessionAffinity(store, clock, ttl=ttl)
 
 
 def make_state_store(state_config, reactor, tokens: TokenStore):
@@ -231,7 +243,11 @@ class Proxy:
         server = new.server
         self.dispatcher.settings = attr.evolve(self.dispatcher.settings,
                                                upstream_timeout=server.upstream_timeout,
-                                               request_deadline=server.request_deadline)
+                                               request_deadline=server.request_deadline,
+                                               queue_timeout=new.routing.queue_timeout,
+                                               switch_at=new.routing.quota.switch_at)
+        self.dispatcher.affinity = make_affinity(new.routing, self.store, self.dispatcher.clock,
+                                                 previous=self.dispatcher.affinity)
         self.translation.upstream_timeout = server.upstream_timeout
         self.translation.keepalive_interval = server.keepalive_interval
         self.site.max_body_bytes = server.max_body_bytes
@@ -296,13 +312,15 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                               keepalive_interval=cfg.server.keepalive_interval,
                               upstream_timeout=cfg.server.upstream_timeout, store=store)
     settings = DispatchSettings(passthrough=passthrough, upstream_timeout=cfg.server.upstream_timeout,
-                                request_deadline=cfg.server.request_deadline, config_path=config_path)
+                                request_deadline=cfg.server.request_deadline, config_path=config_path,
+                                queue_timeout=cfg.routing.queue_timeout, switch_at=cfg.routing.quota.switch_at)
     dispatcher: Dispatcher = Dispatcher(clock=clock, upstream=upstream, pool=pool, store=store,
                             accounts=directory.current, settings=settings, shaping=shaping,
                             router=Router.from_config(cfg.routing), refresher=refresher,
                             quotas=quotas, on_refreshed=directory.updated, translation=translation,
                             fallback=translation.fallback_hook(lambda: dispatcher.router.fallback_chain),
-                            observability=obs)
+                            observability=obs, affinity=make_affinity(cfg.routing, store, clock),
+                            on_disabled=directory.disable)
     status = StatusReport(clock=clock, pool=pool, store=store, accounts=directory.current,
                           strategy=lambda: pool.strategy, started=clock.seconds(), quotas=quotas,
                           extra=lambda: {"pid": os.getpid(), "observability": obs.status()})

@@ -27,7 +27,8 @@ from clproxy.observe.console import logger
 from clproxy.observe.recorder import Observability
 from clproxy.proxy.attempt import Answered, Attempt, Failure, NextAccount, downstream_headers
 from clproxy.proxy.shaping import CloakingPipeline
-from clproxy.routing import limits, policy
+from clproxy.routing import headroom, limits, policy
+from clproxy.routing.affinity import SessionAffinity, session_of
 from clproxy.routing.limits import ConcurrencyGate
 from clproxy.routing.router import Target
 from clproxy.translate.claude import strip_foreign_thinking
@@ -78,6 +79,8 @@ class DispatchSettings:
     config_path: str = "~/.clproxy/proxy-config.yaml"
     #: seconds a request may wait for a concurrency slot when every account is at its maxConcurrent
     queue_timeout: float = 30.0
+    #: quota utilization at or above which an account takes no new session (routing.quota.switch-at)
+    switch_at: float = 0.9
 
 
 @implementer(IResponseSink)
@@ -144,7 +147,9 @@ class Dispatcher:
                  refresher=None, fallback=None, shaping: Optional[CloakingPipeline] = None,
                  router=None, translation=None, quotas=None,
                  on_refreshed: Optional[Callable[[Account], None]] = None,
-                 observability: Optional[Observability] = None, gate: Optional[ConcurrencyGate] = None):
+                 observability: Optional[Observability] = None, gate: Optional[ConcurrencyGate] = None,
+                 affinity: Optional[SessionAffinity] = None,
+                 on_disabled: Optional[Callable[[Account, str], None]] = None):
         self.clock = clock
         #: request logs, metrics and traces (metrics only when none is given)
         self.obs = observability if observability is not None else Observability(clock=clock, logs_dir=None)
@@ -169,6 +174,11 @@ class Dispatcher:
         self.streams = set()
         #: requests in flight per account (maxConcurrent) and the FIFO queue of those waiting for one
         self.gate = gate if gate is not None else ConcurrencyGate(clock)
+        #: which account each session (a Claude Code conversation) is bound to; None: no affinity
+        self.affinity = affinity
+        #: told about an account the upstream says can never serve (organization disabled, OAuth
+        #: not allowed): the account directory takes it out of the pool, with the reason
+        self.on_disabled = on_disabled
 
     async def forward(self, request: ProxyRequest, out) -> None:
         """Answer ``request`` through ``out`` (any :class:`clproxy.interfaces.IResponseSink`).
@@ -215,10 +225,12 @@ class Dispatcher:
         enabled, exclusions = limits.serving(enabled, request.model)
         if not enabled:  # every account excludes this model: nothing is sent upstream
             raise ProxyError(404, limits.not_served_message(request.model or "", exclusions), "not_found_error")
+        session = None
         if self.settings.passthrough:
             candidates = (await self.pool.candidates(enabled))[:1] or enabled[:1]
         else:
-            candidates = await self.pool.candidates(enabled)
+            session = session_of_request(request) if self.affinity is not None else None
+            candidates = await self._ordered(await self.pool.candidates(enabled), session)
         deadline = self.clock.seconds() + self.settings.request_deadline
         attempt = self._attempt()
         failures: List[Failure] = []
@@ -235,6 +247,7 @@ class Dispatcher:
                 busy.append(account)
                 continue
             if await self._try_with_slot(attempt, request, out, account, slot, deadline, failures):
+                await self._bind(session, account)
                 return
             if self.settings.passthrough:
                 break
@@ -245,10 +258,44 @@ class Dispatcher:
             account, slot = taken
             busy = [a for a in busy if a.key != account.key]  # each account is tried once
             if await self._try_with_slot(attempt, request, out, account, slot, deadline, failures):
+                await self._bind(session, account)
                 return
         if out.disconnected:
             return
         await self._exhausted(request, out, enabled, failures)
+
+    async def _ordered(self, candidates: List[Account], session: Optional[str]) -> List[Account]:
+        """The pool's candidates in the order this request tries them.
+
+        A session bound to a usable account goes there first (its prompt cache lives there). A new
+        session (or a request without one) is ordered by the quota rule: accounts at or above
+        ``switch_at`` in a window take no new session while another has headroom
+        (:func:`clproxy.routing.headroom.order_for_new_session`).
+        """
+        if len(candidates) < 2:
+            return candidates
+        if session is not None and self.affinity is not None:
+            bound = await self.affinity.account_for(session)
+            if bound is not None:
+                first = [a for a in candidates if a.key == bound]
+                if first:
+                    return first + [a for a in candidates if a.key != bound]
+        if self.quotas is None:
+            return candidates
+        every = list(self.accounts())
+        snapshots = await self.quotas.latest(a.key for a in every)
+        return headroom.order_for_new_session(
+            candidates, snapshots, now=self.clock.seconds(), strategy=self.pool.strategy,
+            switch_at=self.settings.switch_at, organizations={a.key: a.org_id for a in every},
+            key=lambda a: a.key)
+
+    async def _bind(self, session: Optional[str], account: Account) -> None:
+        """``account`` answered this session: keep the session there (a move is counted)."""
+        if session is None or self.affinity is None:
+            return
+        if await self.affinity.bind(session, account.key):
+            self.obs.metrics.session_moved()
+            await self.store.incr(SESSION_MOVES)
 
     async def _try_with_slot(self, attempt: Attempt, request: ProxyRequest, out, account: Account, slot,
                              deadline: float, failures: List[Failure]) -> bool:
@@ -314,6 +361,8 @@ class Dispatcher:
                 return _Tried(answered=outcome, failures=tuple(failures))
             failures.append(outcome.failure)
             if isinstance(outcome, NextAccount):
+                if outcome.verdict.action == policy.DISABLE:
+                    await self._disable(account, policy.disable_reason(outcome.verdict))
                 return _Tried(failures=tuple(failures))
             if self.refresher is None or refreshes >= self.settings.max_refresh_retries:
                 # no refresh possible (or retries spent): only now does the 401 cool the account
@@ -321,6 +370,22 @@ class Dispatcher:
                 return _Tried(failures=tuple(failures))
             refreshes += 1
             force = True
+
+    async def _disable(self, account: Account, reason: str) -> None:
+        """The upstream says ``account`` can never serve (its organization is disabled, or OAuth is
+        not allowed for it): take it out of the pool with ``reason`` (kept in the token store for a
+        stored account, so ``auth list`` shows it), instead of cooling it again and again."""
+        log.warn("accounts: {name} disabled: {reason}", name=account.name, reason=reason)
+        if account.source == "store" and self.refresher is not None:
+            try:
+                await self.refresher.disable(account.key, reason)
+            except Exception as e:  # the pool still drops it below; the store keeps its old state
+                log.warn("accounts: could not record {name} as disabled: {error}", name=account.name,
+                         error=_safe_reason(e))
+        if self.affinity is not None:
+            await self.affinity.forget_account(account.key)
+        if self.on_disabled is not None:
+            self.on_disabled(account, reason)
 
     async def _exhausted(self, request, out, enabled: Sequence[Account], failures: Sequence[Failure]) -> None:
         """No account answered: fall back, or answer with the most truthful error there is.
@@ -380,6 +445,32 @@ class Dispatcher:
 # rejects the conversation with it ("Invalid signature in thinking block"). The byte search keeps
 # the common case (no such block) free of any parsing.
 _FOREIGN_SIGNATURE = re.compile(rb'"signature"\s*:\s*"(?:gemini:|")')
+
+
+#: the store counter of sessions rebound to another account (shared by every instance)
+SESSION_MOVES = "session_moves"
+# Claude Code puts ``metadata`` at the end of its body; only that tail is parsed, never the whole
+# (often hundreds of KB) body, and only when the session header is missing.
+_USER_ID = re.compile(rb'"user_id"\s*:\s*("(?:[^"\\]|\\.){0,400}")')
+
+
+def session_of_request(request: ProxyRequest) -> Optional[str]:
+    """The request's session: the ``x-claude-code-session-id`` header, else the ``session_id`` in
+    ``metadata.user_id`` (found without parsing the whole body); None when it has none."""
+    found = session_of(request.headers, None)
+    if found is not None or not request.body:
+        return found
+    at = request.body.rfind(b'"metadata"')
+    if at < 0:
+        return None
+    match = _USER_ID.search(request.body, at)
+    if match is None:
+        return None
+    try:
+        user_id = json.loads(match.group(1))
+    except ValueError:
+        return None
+    return session_of(request.headers, {"metadata": {"user_id": user_id}})
 
 
 def without_foreign_thinking(request: ProxyRequest) -> ProxyRequest:

@@ -205,6 +205,8 @@ class AccountPool:
             rate_used = None
             if _rate_limit(account) is not None:
                 rate_used, _ = await self._store.rate_usage(account.key, now, RATE_WINDOW)
+            if not account.enabled and account.metadata.get("disabled_reason"):
+                row["disabled_reason"] = account.metadata["disabled_reason"]
             row.update(key=account.key, name=account.name, kind=account.kind,
                        enabled=account.enabled, weight=account.weight,
                        rate_limit=account.rate_limit, state=state,
