@@ -225,6 +225,9 @@ def test_dashboard_queries_only_metrics_that_exist(tmp_path):
     obs = Observability(clock=clock, logs_dir=str(tmp_path), otlp_endpoint="http://127.0.0.1:9",
                         environ={})
     traffic(obs, clock)
+    # the routing panels' series exist once a request waited for a slot and a quota was seen
+    obs.metrics.observe_queue_wait(0.2)
+    obs.metrics.quota_source = lambda: {"work": {"five_hour": {"utilization": 0.4}}}
     exposed = set()
     for family in text_string_to_metric_families(obs.metrics.render()[0].decode()):
         exposed.update(sample.name for sample in family.samples)
@@ -235,6 +238,7 @@ def test_dashboard_queries_only_metrics_that_exist(tmp_path):
     missing = sorted(used - exposed)
     assert not missing, f"dashboard uses metrics /metrics does not expose: {missing}"
     titles = {panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"}
-    assert {"Traffic", "Failures", "Latency", "Routing per account", "Tokens"} <= titles
+    assert {"Traffic", "Failures", "Latency", "Routing per account", "Tokens",
+            "Sessions, quota and prompt cache"} <= titles
     if obs.otlp is not None:
         obs.otlp.stop(timeout=0)

@@ -1,8 +1,9 @@
 """``clproxy proxy status``: what the running daemon says about itself, from its live ``/status``.
 
 Finds the daemon through ``$CLPROXY_HOME/proxy-state.json`` (or ``--url``), prints PID, uptime,
-strategy, fallback chain, per-account usage and attempts vs completed requests. Exit 1 when no
-proxy answers; never a traceback.
+strategy, fallback chain, per-account usage and attempts vs completed requests, each account's quota
+windows (5h/7d utilization and reset) and bound sessions, the session moves and the queue. Exit 1
+when no proxy answers; never a traceback.
 """
 
 import argparse
@@ -191,6 +192,9 @@ def render_text(document: dict, now: float) -> str:
     ]
     if truncated:
         lines.append(f"  Truncated:       {truncated} stream(s) ended early")
+    if "sessionMoves" in document or "queueLength" in document:
+        lines.append(f"  Routing:         {_count(document.get('sessionMoves'))} session move(s), "
+                     f"{_count(document.get('queueLength'))} request(s) queued")
     logs = (document.get("observability") or {}).get("logs") or document.get("logs")
     if isinstance(logs, dict):
         dropped = sum((logs.get("dropped") or {}).values()) if isinstance(logs.get("dropped"), dict) else 0
@@ -203,7 +207,75 @@ def render_text(document: dict, now: float) -> str:
     else:
         lines.append("Accounts:")
         lines.extend(_account_table(accounts, now))
+        lines.append("")
+        lines.append("Quota and sessions:")
+        lines.extend(_routing_table(accounts))
+    groups = document.get("organizations") or []
+    if groups:
+        lines.append("")
+        lines.append("Organizations (accounts that share one quota):")
+        for group in groups:
+            if isinstance(group, dict):
+                names = ", ".join(str(name) for name in group.get("accounts") or [])
+                lines.append(f"  {group.get('id')}: {names} -- {format_quota(group.get('quota'))}")
     return "\n".join(lines) + "\n"
+
+
+#: What an unknown quota window (never seen, or reset since it was seen) shows.
+UNKNOWN_MARK = "\u2013"
+
+
+def format_quota(quota) -> str:
+    """``5h 62% (resets 14:05) · 7d 18%`` from a ``/status`` quota view; an unknown window (or one
+    that reset since it was seen) shows ``–``. The reset is the local wall-clock time."""
+    windows = quota.get("windows") if isinstance(quota, dict) else None
+    windows = windows if isinstance(windows, dict) else {}
+    parts = []
+    for name in ("5h", "7d"):
+        window = windows.get(name)
+        utilization = window.get("utilization") if isinstance(window, dict) else None
+        if not isinstance(utilization, (int, float)) or isinstance(utilization, bool) or window.get("expired"):
+            parts.append(f"{name} {UNKNOWN_MARK}")
+            continue
+        text = f"{name} {round(utilization * 100)}%"
+        reset = window.get("reset")
+        if name == "5h" and isinstance(reset, (int, float)) and not isinstance(reset, bool):
+            text += f" (resets {format_clock(reset)})"
+        parts.append(text)
+    return " \u00b7 ".join(parts)
+
+
+def format_clock(epoch: float) -> str:
+    """``14:05``: an epoch second as local wall-clock time (a window reset)."""
+    return time.strftime("%H:%M", time.localtime(epoch))
+
+
+def _routing_table(accounts: List[dict]) -> List[str]:
+    """One line per account: quota windows, bound sessions, requests in flight, cache hit ratio
+    and why it is disabled (when it is)."""
+    rows = [("NAME", "QUOTA", "SESSIONS", "IN FLIGHT", "CACHE HITS")]
+    notes = []
+    for account in accounts:
+        ratio = account.get("cacheHitRatio")
+        rows.append((
+            str(account.get("name") or account.get("key") or "?"),
+            format_quota(account.get("quota")),
+            _count(account.get("sessions")),
+            _count(account.get("inFlight")),
+            f"{ratio * 100:.0f}%" if isinstance(ratio, (int, float)) else "-",
+        ))
+        reason = account.get("disabledReason") or account.get("disabled_reason")
+        notes.append(f"disabled: {_short(reason, 200)}" if reason else "")
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row, note in zip(rows, [""] + notes):
+        cells = [cell.ljust(width) for cell, width in zip(row, widths)] + [note]
+        lines.append("  " + "  ".join(cells).rstrip())
+    return lines
+
+
+def _count(value) -> str:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else "0"
 
 
 def _first(document: dict, *keys):

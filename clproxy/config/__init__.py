@@ -11,13 +11,13 @@ from clproxy.config.paths import clproxy_home, default_config_path
 from clproxy.config.schema import (
     CLOAKING_MODES, CONFIG_FILE_NAME, PROVIDER_ALIASES, PROVIDERS, STATE_BACKENDS, STRATEGIES, STRATEGY_ALIASES,
     AccountConfig, AnthropicProvider, CloakingConfig, Config, ConfigError, FallbackTarget, GoogleProvider,
-    LoadedConfig, LoggingConfig, ModelMapping, OpenAIProvider, ProvidersConfig, RoutingConfig, ServerConfig,
-    StateConfig, parse_strategy,
+    LoadedConfig, LoggingConfig, ModelMapping, OpenAIProvider, ProvidersConfig, QuotaRoutingConfig, RoutingConfig,
+    ServerConfig, SessionAffinityConfig, StateConfig, parse_strategy,
 )
 
 __all__ = [
     "ConfigError", "LoadedConfig", "Config", "AccountConfig", "ModelMapping", "FallbackTarget",
-    "RoutingConfig", "CloakingConfig", "AnthropicProvider", "OpenAIProvider", "GoogleProvider",
+    "RoutingConfig", "SessionAffinityConfig", "QuotaRoutingConfig", "CloakingConfig", "AnthropicProvider", "OpenAIProvider", "GoogleProvider",
     "ProvidersConfig", "ServerConfig", "StateConfig", "LoggingConfig",
     "load_config", "parse_config", "load_env_file", "default_config_path", "clproxy_home",
     "PROVIDERS", "PROVIDER_ALIASES", "STRATEGIES", "STRATEGY_ALIASES", "CLOAKING_MODES", "STATE_BACKENDS",

@@ -323,6 +323,7 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                             on_disabled=directory.disable)
     status = StatusReport(clock=clock, pool=pool, store=store, accounts=directory.current,
                           strategy=lambda: pool.strategy, started=clock.seconds(), quotas=quotas,
+                          dispatcher=dispatcher, metrics=obs.metrics,
                           extra=lambda: {"pid": os.getpid(), "observability": obs.status()})
     drainer = Drainer(clock, cfg.server.drain_timeout)
     root = build_routes(dispatcher, status, metrics=obs.metrics_resource(),

@@ -35,7 +35,9 @@ class Options(usage.Options):
         ["port", "p", 55669, "Port to listen on."],  # checked in postOptions: one clear line
         ["host", "H", "127.0.0.1", "Host (interface) to bind to."],
         ["config", "c", None, "Config file (YAML or JSON). Default: $CLPROXY_HOME/proxy-config.yaml."],
-        ["strategy", "s", None, "Account selection: fill-first or round-robin (overrides the config)."],
+        # the names come from the one list the config parser accepts, so the help never lags behind
+        ["strategy", "s", None, "Account selection: " + " | ".join(configuration.STRATEGIES)
+         + " (overrides the config)."],
         ["env-file", None, None, "A KEY=VALUE file with provider keys (e.g. ANTHROPIC_API_KEY)."],
         ["health-interval", None, 30.0, "Seconds between account health checks.", float],
     ] + runstate.OPTION_PARAMETERS

@@ -9,7 +9,7 @@ import json
 from io import BytesIO
 
 from clproxy import jsoncodec
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from twisted.internet import defer
 from clproxy.observe.console import logger
@@ -20,7 +20,9 @@ from zope.interface import implementer
 
 from clproxy import __version__
 from clproxy.interfaces import IResponseSink
-from clproxy.proxy.dispatch import ProxyRequest
+from clproxy.proxy.dispatch import SESSION_MOVES, ProxyRequest
+from clproxy.observe.metrics import cache_hit_ratio
+from clproxy.routing.headroom import RULE_WINDOWS, group_headrooms, quota_view
 from clproxy.errors import ProxyError, error_event
 
 log = logger(__name__)
@@ -402,10 +404,19 @@ class StatusResource(Node):
 
 
 class StatusReport:
-    """Builds the /health and /status documents from the live daemon."""
+    """Builds the /health and /status documents from the live daemon.
+
+    Per account (the pool's snapshot rows, plus): ``quota`` (:func:`clproxy.routing.headroom.quota_view`
+    of its latest snapshot, with the snapshot's own fields kept beside it for older readers),
+    ``inFlight``, ``sessions`` (live bound sessions), ``cacheReadTokens``, ``cacheCreationTokens``,
+    ``cacheHitRatio`` (:func:`clproxy.observe.metrics.cache_hit_ratio`; tokens counted by this
+    process since it started) and ``disabledReason``. Proxy-wide: ``sessionMoves`` (every instance's,
+    from the state store), ``queueLength`` and ``organizations`` (accounts sharing an org id, judged
+    together by the quota rule).
+    """
 
     def __init__(self, *, clock, pool, store, accounts, strategy: Callable[[], str], started: float,
-                 extra: Callable[[], dict] = dict, quotas=None):
+                 extra: Callable[[], dict] = dict, quotas=None, dispatcher=None, metrics=None):
         self.clock = clock
         self.pool = pool
         self.store = store
@@ -414,6 +425,11 @@ class StatusReport:
         self.started = started
         self.extra = extra
         self.quotas = quotas
+        #: the gate (in flight, queue) and the affinity are read from the dispatcher at each call:
+        #: a reload may replace the affinity
+        self.dispatcher = dispatcher
+        #: the metrics book (token totals per account)
+        self.metrics = metrics
 
     def health(self) -> dict:
         """The small liveness document."""
@@ -425,15 +441,30 @@ class StatusReport:
         accounts = list(self.accounts())
         counters = await self.store.counters()
         rows = await self.pool.snapshot(accounts)
-        if self.quotas is not None:
-            latest = await self.quotas.latest(row["key"] for row in rows)
-            for row in rows:
-                row["quota"] = latest[row["key"]]
+        now = self.clock.seconds()
+        keys = [row["key"] for row in rows]
+        snapshots = await self.quotas.latest(a.key for a in accounts) if self.quotas is not None else {}
+        gate = getattr(self.dispatcher, "gate", None)
+        affinity = getattr(self.dispatcher, "affinity", None)
+        sessions = await affinity.sessions_by_account(keys) if affinity is not None and keys else {}
+        tokens = self.metrics.tokens_by_account() if self.metrics is not None else {}
+        for row in rows:
+            if self.quotas is not None:
+                row["quota"] = _quota(snapshots.get(row["key"]), now)
+            row["inFlight"] = gate.in_flight(row["key"]) if gate is not None else 0
+            row["sessions"] = sessions.get(row["key"], 0)
+            counted = tokens.get(row["name"]) or {}
+            read, creation = counted.get("cache_read", 0), counted.get("cache_creation", 0)
+            row["cacheReadTokens"] = int(read)
+            row["cacheCreationTokens"] = int(creation)
+            row["cacheHitRatio"] = cache_hit_ratio(read, creation, counted.get("input", 0))
+            if row.get("disabled_reason"):
+                row["disabledReason"] = row["disabled_reason"]
         document = {
             "status": "ok",
             "version": __version__,
             "strategy": self.strategy(),
-            "uptime": round(self.clock.seconds() - self.started, 3),
+            "uptime": round(now - self.started, 3),
             "accounts": rows,
             "counters": {
                 "upstream_attempts": counters.get("upstream_attempts", 0),
@@ -441,6 +472,45 @@ class StatusReport:
                 "truncated_streams": counters.get("truncated_streams", 0),
                 "model_substitutions": counters.get("model_substitutions", 0),
             },
+            "sessionMoves": int(counters.get(SESSION_MOVES, 0) or 0),
+            "queueLength": gate.queue_length() if gate is not None else 0,
+            "organizations": organizations(accounts, snapshots, now),
         }
         document.update(self.extra())
         return document
+
+
+def _quota(snapshot, now: float) -> dict:
+    """``quota_view`` of one snapshot, over the snapshot's own (snake_case) fields: readers of the
+    earlier ``/status`` find ``five_hour``/``representative_claim`` where they were."""
+    view = dict(snapshot or {})
+    view.update(quota_view(snapshot, now))
+    return view
+
+
+def organizations(accounts, snapshots, now: float) -> List[dict]:
+    """The organization groups of ``/status``: ``[{"id", "accounts": [names], "quota"}]`` for every
+    org id some account carries, in configured order. ``quota`` is what the quota rule judges each
+    member by (:func:`clproxy.routing.headroom.group_headrooms`: the worst utilization per window
+    and the worst status of the group): ``{"known", "status", "windows": {"5h": {"utilization",
+    "reset"}, "7d": {"utilization"}}}`` with only the windows known and current."""
+    members: Dict[str, List[Any]] = {}
+    for account in accounts:
+        if getattr(account, "org_id", None):
+            members.setdefault(account.org_id, []).append(account)
+    if not members:
+        return []
+    rooms = group_headrooms([group[0].key for group in members.values()], snapshots, now,
+                            {a.key: a.org_id for a in accounts})
+    groups = []
+    for org, group in members.items():
+        room = rooms[group[0].key]
+        windows: Dict[str, dict] = {}
+        for field, shown in RULE_WINDOWS:
+            if field in room.utilization:
+                windows[shown] = {"utilization": room.utilization[field]}
+        if room.five_hour_reset is not None:
+            windows.setdefault("5h", {"utilization": None})["reset"] = room.five_hour_reset
+        groups.append({"id": org, "accounts": [a.name for a in group],
+                       "quota": {"known": room.known, "status": room.status, "windows": windows}})
+    return groups

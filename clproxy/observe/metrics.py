@@ -163,6 +163,17 @@ class MetricsBook:
         observed: only requests that found every account at its maxConcurrent)."""
         self.queue_wait.observe((), seconds)
 
+    # --- reads (for /status) ----------------------------------------------------------------------
+
+    def tokens_by_account(self) -> Dict[str, Dict[str, float]]:
+        """Token totals per account name and type (every type of :data:`TOKEN_TYPES`, 0 when none),
+        summed over models and providers; ``/status`` shows the cache ones and the hit ratio."""
+        totals: Dict[str, Dict[str, float]] = {}
+        for (token_type, account, _model, _provider), value in self.tokens.items():
+            row = totals.setdefault(account, dict.fromkeys(TOKEN_TYPES, 0))
+            row[token_type] = row.get(token_type, 0) + value
+        return totals
+
     def session_moved(self) -> None:
         """A session was rebound to another account (its prompt cache is rebuilt there)."""
         self.session_moves += 1
@@ -254,16 +265,14 @@ class MetricsBook:
                                                              "(each rebuilds its prompt cache).")
         moves.add_metric([], self.session_moves)
         yield moves
+        per_account = self.tokens_by_account()
         for kind, name in (("cache_read", "clproxy_cache_read_tokens"),
                            ("cache_creation", "clproxy_cache_creation_tokens")):
-            per_account: Dict[str, float] = {}
-            for (token_type, account, _model, _provider), value in self.tokens.items():
-                if token_type == kind:
-                    per_account[account] = per_account.get(account, 0) + value
             family = CounterMetricFamily(name, f"Prompt-cache {kind.replace('_', ' ')} tokens, by account.",
                                          labels=("account",))
-            for account, value in sorted(per_account.items()):
-                family.add_metric([account], value)
+            for account, totals in sorted(per_account.items()):
+                if totals[kind]:
+                    family.add_metric([account], totals[kind])
             yield family
         utilization = GaugeMetricFamily("clproxy_account_quota_utilization",
                                         "Utilization (0-1) of the account's subscription window, from the "
@@ -280,6 +289,18 @@ class MetricsBook:
         """The exposition (Prometheus text, or OpenMetrics when ``accept`` asks) and its content type."""
         encoder, content_type = choose_encoder(accept or "")
         return encoder(self.registry), content_type
+
+
+def cache_hit_ratio(cache_read: float, cache_creation: float, input_tokens: float) -> Optional[float]:
+    """The share of prompt tokens served from the prompt cache: ``cache_read / (cache_read +
+    cache_creation + input)`` -- every prompt token is read from the cache, written to it, or
+    neither (``input_tokens`` counts only those after the last cache breakpoint). 0 to 1, rounded
+    to 4 places; None before any prompt token was counted (no ratio is not a 0 % ratio).
+    The one definition: ``/status`` ``cacheHitRatio`` and the Grafana hit-ratio panel use it."""
+    total = cache_read + cache_creation + input_tokens
+    if total <= 0:
+        return None
+    return round(cache_read / total, 4)
 
 
 def _counter(name: str, documentation: str, labels: Sequence[str], table: Dict[tuple, float]):
