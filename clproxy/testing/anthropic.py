@@ -166,6 +166,28 @@ def error_json(status: int, error_type: str, message: str) -> bytes:
                        "request_id": "req_fake"}).encode()
 
 
+def unified_headers(five_hour: Optional[float] = None, seven_day: Optional[float] = None,
+                    status: str = "allowed", reset: Optional[float] = None) -> Dict[str, str]:
+    """The subscription ("unified") rate-limit headers of an answer, for ``Script(headers=...)``.
+
+    ``five_hour``/``seven_day``: the windows' utilization (a fraction; None: that window is not
+    sent); ``reset``: the epoch second both windows reset (None: none is sent, the window never
+    counts as over).
+    """
+    headers = {"anthropic-ratelimit-unified-status": status}
+    for infix, utilization in (("5h", five_hour), ("7d", seven_day)):
+        if utilization is None:
+            continue
+        prefix = f"anthropic-ratelimit-unified-{infix}-"
+        headers[prefix + "utilization"] = f"{utilization:g}"
+        headers[prefix + "status"] = status
+        if reset is not None:
+            headers[prefix + "reset"] = str(int(reset))
+    if reset is not None:
+        headers["anthropic-ratelimit-unified-reset"] = str(int(reset))
+    return headers
+
+
 def credential_of(request) -> Optional[str]:
     """The API key or Bearer token a request carries."""
     key = request.getHeader(b"x-api-key")

@@ -1,0 +1,182 @@
+"""Session affinity, the quota rule and the disabling 403 through the dispatcher, in memory (issue 13).
+
+The pieces (clproxy.routing.affinity, headroom) are tested alone; here the dispatcher uses them, over
+the fake Anthropic resource on a task.Clock: a session stays on its account under round-robin, a
+failover moves it for good, a binding expires, an account near its quota takes no new session, and
+an account whose organization is disabled leaves the pool with its bindings.
+"""
+
+import json
+
+import attr
+
+from clproxy.proxy.dispatch import SESSION_MOVES, Dispatcher, ProxyRequest
+from clproxy.routing import policy
+from clproxy.routing.affinity import SessionAffinity
+from clproxy.routing.quota import QuotaBook
+from clproxy.testing.anthropic import error_json, unified_headers
+
+from helpers import RecordingSink
+from test_dispatch_memory import Harness, api, no_socket, run  # noqa: F401  (fixture)
+
+TTL = 600.0
+
+
+class RoutingHarness(Harness):
+    """The in-memory harness with session affinity, the quota book and a disabling directory.
+
+    ``on_disabled`` does what the account directory does: the account leaves the list at once
+    (marked disabled), and the call is recorded.
+    """
+
+    def __init__(self, accounts, tmp_path, strategy="round-robin", ttl=TTL, affinity=True, quotas=True,
+                 **settings):
+        super().__init__(accounts, **settings)
+        self.pool.strategy = strategy
+        self.affinity = SessionAffinity(self.store, self.clock, ttl=ttl) if affinity else None
+        self.quotas = QuotaBook(str(tmp_path / "quotas.json"), self.clock) if quotas else None
+        self.disabled = []
+        old = self.dispatcher
+        self.dispatcher = Dispatcher(
+            clock=self.clock, upstream=old.upstream, pool=self.pool, store=self.store,
+            accounts=lambda: self.accounts, settings=old.settings, observability=old.obs,
+            affinity=self.affinity, quotas=self.quotas, on_disabled=self.disable)
+
+    def disable(self, account, reason):
+        self.disabled.append((account.name, reason))
+        self.accounts = [attr.evolve(a, enabled=False) if a.key == account.key else a
+                         for a in self.accounts]
+
+    def ask(self, session=None, user_id=None):
+        """One non-streamed request of ``session`` (header) or ``user_id`` (metadata); the
+        credential that answered it."""
+        before = len(self.fake.requests)
+        out = RecordingSink()
+        self.forward(conversation(session, user_id), out)
+        assert out.status == 200, out.errors
+        return self.fake.requests[-1].credential if len(self.fake.requests) > before else None
+
+    def bound(self, session):
+        return run(self.affinity.account_for(session))
+
+
+def conversation(session=None, user_id=None) -> ProxyRequest:
+    body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    if user_id is not None:
+        body["metadata"] = {"user_id": user_id}
+    headers = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01")]
+    if session is not None:
+        headers.append((b"x-claude-code-session-id", session.encode()))
+    return ProxyRequest(method=b"POST", path=b"/v1/messages", query=b"", headers=headers,
+                        body=json.dumps(body).encode(), model="claude-sonnet-4-5")
+
+
+def test_the_fake_sends_unified_headers():
+    h = RoutingHarness([api("a")], tmp_path=None, quotas=False)
+    reset = h.clock.seconds() + 3600
+    h.fake.script("sk-a", headers=unified_headers(five_hour=0.95, seven_day=0.5, reset=reset))
+    out = RecordingSink()
+    h.forward(conversation("s"), out)
+    assert out.header(b"anthropic-ratelimit-unified-5h-utilization") == b"0.95"
+    assert out.header(b"anthropic-ratelimit-unified-5h-reset") == str(int(reset)).encode()
+    assert out.header(b"anthropic-ratelimit-unified-status") == b"allowed"
+
+
+def test_a_header_session_stays_on_one_account_under_round_robin(tmp_path):
+    h = RoutingHarness([api("a"), api("b")], tmp_path)
+    served = {"one": [], "two": []}
+    for i in range(20):  # irregular interleaving, so the rotation alone cannot look like affinity
+        served["one"].append(h.ask("one"))
+        if i % 3 == 0:
+            served["two"].append(h.ask("two"))
+    assert len(served["one"]) == 20 and set(served["one"]) == {"sk-a"}
+    assert len(set(served["two"])) == 1
+    assert h.ask() != h.ask()  # requests without a session still rotate
+
+
+def test_a_metadata_user_id_session_stays_on_one_account(tmp_path):
+    h = RoutingHarness([api("a"), api("b")], tmp_path)
+    current = json.dumps({"device_id": "d", "account_uuid": "", "session_id": "sess-json"})
+    legacy = "user_0abc_account__session_sess-legacy"
+    served = {current: [], legacy: []}
+    for i in range(20):
+        served[current].append(h.ask(user_id=current))
+        if i % 3 == 0:
+            served[legacy].append(h.ask(user_id=legacy))
+    assert set(served[current]) == {"sk-a"} and len(set(served[legacy])) == 1
+    assert h.bound("sess-json") == "config:a"
+    assert h.bound("sess-legacy") == "config:" + served[legacy][0][3:]
+
+
+def test_a_429_moves_the_session_and_it_stays_moved(tmp_path):
+    h = RoutingHarness([api("a"), api("b")], tmp_path)
+    assert h.ask("s") == "sk-a"
+    h.fake.script("sk-a", status=429, headers={"retry-after": "30"},
+                  body=error_json(429, "rate_limit_error", "slow down"), times=1)
+    assert h.ask("s") == "sk-b"  # the rotation says b, the binding a: a is tried, 429, b serves
+    assert [r.credential for r in h.fake.requests] == ["sk-a", "sk-a", "sk-b"]
+    assert h.bound("s") == "config:b"
+    assert run(h.store.counters())[SESSION_MOVES] == 1
+    h.clock.advance(60)  # a's cooldown is over: round-robin would hand it every other request
+    assert [h.ask("s") for _ in range(10)] == ["sk-b"] * 10
+    assert len(h.fake.requests) == 13  # one upstream request each: no flap back to a
+    assert h.affinity.moves == 1
+
+
+def test_a_binding_expires_after_its_ttl(tmp_path):
+    h = RoutingHarness([api("a"), api("b")], tmp_path, ttl=100)
+    assert h.ask("s") == "sk-a"  # rotation: a
+    h.clock.advance(99)
+    assert h.ask("s") == "sk-a"  # rotation says b; the binding (touched now) says a
+    h.clock.advance(101)
+    assert h.ask() == "sk-a"  # rotation: a (no session)
+    assert h.ask("s") == "sk-b"  # rotation: b, and the binding is gone
+    assert h.bound("s") == "config:b"
+
+
+def test_an_account_near_its_quota_takes_no_new_session_but_keeps_its_own(tmp_path):
+    h = RoutingHarness([api("a"), api("b")], tmp_path, strategy="fill-first")
+    reset = h.clock.seconds() + 3600
+    h.fake.script("sk-a", headers=unified_headers(five_hour=0.95, reset=reset))
+    assert h.ask("old") == "sk-a"  # a was unknown: fill-first takes it, and learns it is at 0.95
+    assert h.ask("new") == "sk-b"  # fill-first would say a; a is full for new sessions
+    assert h.ask() == "sk-b"  # a request without a session is new too
+    assert {h.ask("old") for _ in range(5)} == {"sk-a"}  # the bound session stays
+    h.clock.advance(3601)  # the 5h window reset: a has headroom again
+    assert h.ask("newer") == "sk-a"
+
+
+def test_drain_soonest_sends_a_new_session_to_the_unknown_account_first(tmp_path):
+    h = RoutingHarness([api("a"), api("b"), api("c")], tmp_path, strategy="drain-soonest")
+    now = h.clock.seconds()
+    h.fake.script("sk-a", headers=unified_headers(five_hour=0.1, reset=now + 4 * 3600))
+    h.fake.script("sk-b", headers=unified_headers(five_hour=0.5, reset=now + 3600))
+    assert h.ask("one") == "sk-a"  # all unknown: the given order
+    assert h.ask("two") == "sk-b"  # a is known now, b and c are not
+    assert h.ask("three") == "sk-c"
+    # all known (c unknown headers: none sent, so c stays unknown and goes first)
+    assert h.ask("four") == "sk-c"
+    h.fake.script("sk-c", headers=unified_headers(five_hour=0.2, reset=now + 2 * 3600))
+    assert h.ask("five") == "sk-c"  # learns c's quota
+    assert h.ask("six") == "sk-b"  # then the soonest 5h reset with headroom: b (1h), c (2h), a (4h)
+
+
+def test_a_disabled_organization_takes_the_account_out_with_its_bindings(tmp_path):
+    h = RoutingHarness([api("a"), api("b")], tmp_path)
+    assert h.ask("s") == "sk-a"
+    assert h.ask("other") == "sk-b"
+    assert h.ask("t") == "sk-a"
+    h.fake.script("sk-a", status=403,
+                  body=error_json(403, "permission_error", "This organization has been disabled."))
+    assert h.ask("s") == "sk-b"  # a answers 403 once; b serves
+    assert [(name, reason.split(" (")[0]) for name, reason in h.disabled] == \
+        [("a", "the organization is disabled")]
+    assert "This organization has been disabled." in h.disabled[0][1]
+    assert [v for v in h.verdicts() if v[0] == "a"][-1][1] == policy.DISABLE
+    assert not run(h.states())["config:a"].is_cooling(h.clock.seconds())  # no cooldown loop
+    assert h.bound("t") is None  # a's other session was dropped: it picks afresh
+    assert h.bound("s") == "config:b"
+    sent = len(h.fake.for_credential("sk-a"))
+    assert {h.ask(session) for session in ("s", "t", "u", None, None)} == {"sk-b"}
+    assert len(h.fake.for_credential("sk-a")) == sent  # the next requests never reach a
+    assert len(h.disabled) == 1
