@@ -33,6 +33,7 @@ PURE = (
     "clproxy/routing/limits.py",
     "clproxy/routing/affinity.py",
     "clproxy/routing/headroom.py",
+    "clproxy/team/limits.py",
     "clproxy/translate/*.py",
     "clproxy/proxy/sse.py",
     "clproxy/observe/redact.py",

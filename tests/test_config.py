@@ -1063,3 +1063,35 @@ def test_limit_errors_name_the_key_path(line, path, problem):
     """Invalid limits are reported at their own key path."""
     error = parse_error(account_yaml("name: b\napiKey: ${K}\n" + line + "\n"), {"K": "sk"})
     assert (error.path, error.problem) == (path, problem)
+
+
+# --- server.allowUnauthenticated (issue 14) --------------------------------------------------------
+
+
+def test_allow_unauthenticated_defaults_to_false():
+    """Without the key (or without a server section) an open bind stays refused."""
+    assert parse("server:\n  maxBodyBytes: 10\n").config.server.allow_unauthenticated is False
+    assert parse("version: 1\n").config.server.allow_unauthenticated is False
+
+
+@pytest.mark.parametrize("spelling", ["allowUnauthenticated", "allow_unauthenticated",
+                                      "allow-unauthenticated"])
+def test_allow_unauthenticated_is_read_in_every_spelling(spelling):
+    """``server.allowUnauthenticated: true`` is read, with no unknown-key warning."""
+    loaded = parse(f"server:\n  {spelling}: true\n")
+    assert loaded.config.server.allow_unauthenticated is True
+    assert loaded.warnings == ()
+
+
+def test_allow_unauthenticated_from_the_environment():
+    """A ``${VAR}`` that holds true/false is accepted like the other booleans."""
+    config = parse("server:\n  allowUnauthenticated: ${OPEN}\n", {"OPEN": "true"}).config
+    assert config.server.allow_unauthenticated is True
+
+
+@pytest.mark.parametrize("value, shown", [("'yes'", '"yes"'), ("1", "1"), ("[true]", "a list")])
+def test_allow_unauthenticated_errors_name_the_key_path(value, shown):
+    """Anything but a boolean is an error at ``server.allowUnauthenticated``."""
+    error = parse_error(f"server:\n  allowUnauthenticated: {value}\n")
+    assert (error.path, error.problem) == ("server.allowUnauthenticated",
+                                           f"must be true or false, got {shown}")

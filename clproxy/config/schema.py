@@ -196,6 +196,9 @@ class ServerConfig:
     max_connections_per_host: int = 1024
     drain_timeout: float = 30.0
     keepalive_interval: float = 15.0
+    #: Serve a non-loopback host with no client key (an open relay: anyone who reaches the port spends
+    #: the accounts). Off by default; when on, the daemon warns at every start.
+    allow_unauthenticated: bool = False
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)

@@ -524,6 +524,8 @@ class _Reader:
             drain_timeout=self.duration(*keys.get("drain_timeout"), default=d.drain_timeout),
             keepalive_interval=self.duration(*keys.get("keepalive_interval"),
                                              default=d.keepalive_interval),
+            allow_unauthenticated=self.boolean(*keys.get("allow_unauthenticated"),
+                                               default=d.allow_unauthenticated),
         )
         keys.finish()
         return server

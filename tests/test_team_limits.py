@@ -1,0 +1,435 @@
+"""Per-client-key limits (clproxy.team.limits) on a task.Clock: models patterns, the sliding rpm window
+and its truthful Retry-After, the day and month budgets up to the UTC window's end, the subscription
+rule, the open-relay check at listen time; and the rpm window shared by two Redis stores."""
+
+import calendar
+
+import attr
+import pytest
+import pytest_twisted
+from twisted.internet import defer, task
+
+from clproxy.accounts.model import API_KEY, OAUTH, Account
+from clproxy.errors import ProxyError
+from clproxy.state.memory import MemoryStateStore
+from clproxy.state.redis import RedisStateStore
+from clproxy.team.limits import (
+    RATE_NAMESPACE, KeyLimits, day_of, is_loopback, listen_check, model_allowed, month_of,
+    next_midnight, next_month_start, retry_after, subscription_allowed, usable_accounts,
+)
+from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
+
+SECRET = "clp_" + "s3cr3t" * 8
+
+
+@attr.s(auto_attribs=True, kw_only=True)
+class Record:
+    """The shape of a key record the limits read (clproxy.team.keys.KeyRecord has these fields)."""
+
+    name: str = "alice"
+    models: tuple = ()
+    rpm: object = None
+    tokens_per_day: object = None
+    usd_per_day: object = None
+    usd_per_month: object = None
+    allow_subscription: bool = False
+    #: Not read by the limits; here to prove nothing of the key reaches a message.
+    hash: str = "sha256:" + "ab" * 32
+    prefix: str = SECRET[:8]
+
+
+class FakeSpent:
+    """An in-memory spent source: ``(tokens, usd)`` per (key name, UTC day) and (key name, month)."""
+
+    def __init__(self):
+        self.days = {}
+        self.months = {}
+        self.asked = []
+
+    def add(self, name, day, month, tokens, usd):
+        t, u = self.days.get((name, day), (0, 0.0))
+        self.days[(name, day)] = (t + tokens, u + usd)
+        t, u = self.months.get((name, month), (0, 0.0))
+        self.months[(name, month)] = (t + tokens, u + usd)
+
+    async def spent(self, key_name, day):
+        self.asked.append(("day", key_name, day))
+        return self.days.get((key_name, day), (0, 0.0))
+
+    def spent_month(self, key_name, month):
+        # A Deferred, as a store-backed source would return: both shapes must work.
+        self.asked.append(("month", key_name, month))
+        return defer.succeed(self.months.get((key_name, month), (0, 0.0)))
+
+
+def at(*ymd_hms):
+    """Epoch seconds of a UTC date-time."""
+    return float(calendar.timegm(tuple(ymd_hms) + (0,) * (6 - len(ymd_hms))))
+
+
+def clock_at(when):
+    clock = task.Clock()
+    clock.advance(when)
+    return clock
+
+
+def run(coroutine):
+    """Run a coroutine whose awaits have all fired (memory store, fake spent); its outcome."""
+    out = []
+    defer.Deferred.fromCoroutine(coroutine).addBoth(out.append)
+    assert out, "the check waited on something that never fired"
+    return out[0]
+
+
+def fired(deferred):
+    """The result of a Deferred that has already fired (the memory store's)."""
+    out = []
+    deferred.addBoth(out.append)
+    return out[0]
+
+
+def refused(limits, record, model="claude-sonnet-4-5"):
+    """The ProxyError ``check`` raised (fails the test when it passed)."""
+    outcome = run(limits.check(record, model))
+    assert outcome is not None and outcome.check(ProxyError), f"expected a refusal, got {outcome!r}"
+    return outcome.value
+
+
+def passes(limits, record, model="claude-sonnet-4-5"):
+    outcome = run(limits.check(record, model))
+    if outcome is not None:
+        outcome.raiseException()
+    return True
+
+
+def retry(error):
+    headers = dict(error.headers)
+    return int(headers[b"retry-after"])
+
+
+def assert_no_secret(error, record):
+    """Nothing of the key (secret, hash, prefix, even the name) appears in the answer."""
+    text = error.message + repr(error.headers) + error.body().decode()
+    for needle in (SECRET, record.hash, record.prefix, record.name):
+        assert needle not in text
+
+
+def make(when, spent=None, store=None):
+    clock = clock_at(when)
+    spent = spent or FakeSpent()
+    return clock, spent, KeyLimits(store or MemoryStateStore(), clock, spent)
+
+
+NOON = at(2026, 3, 14, 12, 0, 0)
+
+
+# --- models -----------------------------------------------------------------------------------------
+
+
+def test_no_patterns_allow_every_model():
+    assert model_allowed(Record(), "anything-at-all")
+    _, _, limits = make(NOON)
+    assert passes(limits, Record(), "gpt-4o")
+
+
+def test_model_outside_the_patterns_is_403_naming_the_model():
+    record = Record(models=("claude-sonnet-*", "claude-haiku-4-5"))
+    _, spent, limits = make(NOON)
+    assert passes(limits, record, "claude-sonnet-4-5-20250929")
+    assert passes(limits, record, "claude-haiku-4-5")
+    error = refused(limits, record, "claude-opus-4-1")
+    assert (error.status, error.error_type) == (403, "permission_error")
+    assert "claude-opus-4-1" in error.message
+    assert_no_secret(error, record)
+    # Patterns are case-sensitive and anchored.
+    assert not model_allowed(record, "Claude-Sonnet-4")
+    assert not model_allowed(record, "claude-haiku-4-5-x")
+
+
+def test_a_refused_model_takes_no_rpm_slot_and_reads_no_budget():
+    record = Record(models=("a",), rpm=1, tokens_per_day=10)
+    _, spent, limits = make(NOON)
+    refused(limits, record, "b")
+    assert spent.asked == []
+    assert passes(limits, record, "a")
+
+
+# --- rpm --------------------------------------------------------------------------------------------
+
+
+def test_rpm_allows_exactly_the_limit_then_429_with_the_true_retry_after():
+    record = Record(rpm=3)
+    clock, _, limits = make(NOON)
+    assert passes(limits, record)            # t = 0
+    clock.advance(10.5)
+    assert passes(limits, record)            # t = 10.5
+    clock.advance(20)
+    assert passes(limits, record)            # t = 30.5: the third, exactly at the limit
+    clock.advance(4.25)                      # t = 34.75
+    error = refused(limits, record)
+    assert (error.status, error.error_type) == (429, "rate_limit_error")
+    # The oldest (t = 0) leaves the window at 60: 25.25 s, rounded up.
+    assert retry(error) == 26
+    assert "3 requests per minute" in error.message
+    assert_no_secret(error, record)
+
+
+def test_rpm_window_slides_a_slot_frees_when_the_oldest_leaves():
+    record = Record(rpm=2)
+    clock, _, limits = make(NOON)
+    passes(limits, record)                   # t = 0
+    clock.advance(30)
+    passes(limits, record)                   # t = 30
+    clock.advance(29.5)                      # t = 59.5
+    assert retry(refused(limits, record)) == 1
+    clock.advance(0.5)                       # t = 60: the first request has left the window
+    assert passes(limits, record)
+    # Now the window holds 30 and 60; the next slot frees at 90.
+    clock.advance(1)                         # t = 61
+    assert retry(refused(limits, record)) == 29
+    clock.advance(29)
+    assert passes(limits, record)
+
+
+def test_refused_requests_take_no_slot():
+    """Refusals do not extend the window: Retry-After is the truth for a client that honours it."""
+    record = Record(rpm=1)
+    clock, _, limits = make(NOON)
+    passes(limits, record)
+    for _ in range(5):
+        clock.advance(10)
+        refused(limits, record)
+    assert retry(refused(limits, record)) == 10
+    clock.advance(10)
+    assert passes(limits, record)
+
+
+def test_rpm_windows_are_per_key_and_apart_from_account_windows():
+    store = MemoryStateStore()
+    clock, _, limits = make(NOON, store=store)
+    passes(limits, Record(name="a", rpm=1))
+    passes(limits, Record(name="b", rpm=1))
+    refused(limits, Record(name="a", rpm=1))
+    # An account called "a" (key "config:a") has its own window.
+    assert fired(store.take_rate_slot("config:a", clock.seconds(), 1)) is True
+    assert fired(store.rate_usage(RATE_NAMESPACE + "a", clock.seconds()))[0] == 1
+
+
+def test_rpm_retry_after_is_at_least_one_second():
+    assert retry_after(100.0, 100.0) == 1
+    assert retry_after(100.2, 100.0) == 1
+    assert retry_after(101.0, 100.0) == 1
+    assert retry_after(101.01, 100.0) == 2
+
+
+# --- tokens and dollars per day / month -------------------------------------------------------------
+
+
+def test_utc_windows():
+    assert day_of(at(2026, 12, 31, 23, 59, 59)) == "2026-12-31"
+    assert month_of(at(2026, 12, 31, 23, 59, 59)) == "2026-12"
+    assert next_midnight(at(2026, 3, 14, 12)) == at(2026, 3, 15)
+    assert next_midnight(at(2026, 3, 14)) == at(2026, 3, 15)
+    assert next_month_start(at(2026, 2, 28, 23)) == at(2026, 3, 1)
+    assert next_month_start(at(2028, 2, 29, 1)) == at(2028, 3, 1)
+    assert next_month_start(at(2026, 12, 31, 23, 59, 59)) == at(2027, 1, 1)
+    assert next_month_start(at(2026, 12, 1)) == at(2027, 1, 1)
+
+
+def test_tokens_per_day_below_the_budget_passes_at_it_429_until_utc_midnight():
+    record = Record(tokens_per_day=1000)
+    when = at(2026, 3, 14, 22, 15, 30)
+    clock, spent, limits = make(when)
+    spent.add("alice", "2026-03-14", "2026-03", 999, 0.5)
+    assert passes(limits, record)
+    spent.add("alice", "2026-03-14", "2026-03", 1, 0.0)   # exactly at the limit: spent
+    error = refused(limits, record)
+    assert (error.status, error.error_type) == (429, "rate_limit_error")
+    assert retry(error) == 1 * 3600 + 44 * 60 + 30           # until 2026-03-15T00:00:00Z
+    assert "1,000 of 1,000 tokens per day" in error.message
+    assert_no_secret(error, record)
+    # Yesterday's tokens do not count: at midnight the budget renews.
+    clock.advance(retry(error))
+    assert day_of(clock.seconds()) == "2026-03-15"
+    assert passes(limits, record)
+    assert ("day", "alice", "2026-03-15") in spent.asked
+
+
+def test_tokens_over_the_budget_names_the_amount_spent():
+    record = Record(tokens_per_day=1000)
+    _, spent, limits = make(NOON)
+    spent.add("alice", day_of(NOON), month_of(NOON), 12345, 0.0)
+    error = refused(limits, record)
+    assert "12,345 of 1,000" in error.message
+
+
+def test_usd_per_day_429_until_midnight():
+    record = Record(usd_per_day=5)
+    clock, spent, limits = make(at(2026, 3, 14, 23, 59, 59.5))
+    spent.add("alice", "2026-03-14", "2026-03", 10, 4.99)
+    assert passes(limits, record)
+    spent.add("alice", "2026-03-14", "2026-03", 10, 0.01)
+    error = refused(limits, record)
+    assert (error.status, retry(error)) == (429, 1)
+    assert "$5.00 of $5.00 per day" in error.message
+    assert_no_secret(error, record)
+
+
+def test_usd_per_month_429_until_the_first_of_next_month():
+    record = Record(usd_per_month=100)
+    when = at(2026, 4, 30, 18, 0, 0)
+    _, spent, limits = make(when)
+    spent.add("alice", "2026-04-02", "2026-04", 10, 120.5)
+    error = refused(limits, record)
+    assert (error.status, error.error_type) == (429, "rate_limit_error")
+    assert retry(error) == 6 * 3600                          # until 2026-05-01T00:00:00Z
+    assert "$120.50 of $100.00 per month" in error.message
+    assert_no_secret(error, record)
+    assert spent.asked == [("month", "alice", "2026-04")]    # no day budget: the day is not read
+
+
+def test_usd_per_month_december_renews_on_january_first():
+    record = Record(usd_per_month=1.5)
+    when = at(2026, 12, 31, 12, 0, 0)
+    clock, spent, limits = make(when)
+    spent.add("alice", "2026-12-31", "2026-12", 10, 1.5)
+    error = refused(limits, record)
+    assert retry(error) == 12 * 3600                         # until 2027-01-01T00:00:00Z
+    clock.advance(12 * 3600)
+    assert month_of(clock.seconds()) == "2027-01"
+    assert passes(limits, record)
+
+
+def test_a_spent_budget_takes_no_rpm_slot():
+    record = Record(rpm=1, tokens_per_day=10)
+    clock, spent, limits = make(at(2026, 3, 14, 23, 59, 30))
+    spent.add("alice", "2026-03-14", "2026-03", 10, 0.0)
+    refused(limits, record)
+    clock.advance(30)                                        # the next day: budget renewed
+    assert passes(limits, record)
+
+
+def test_no_limits_reads_nothing_and_no_record_passes():
+    _, spent, limits = make(NOON)
+    assert passes(limits, Record())
+    assert spent.asked == []
+    assert run(limits.check(None, "x")) is None
+
+
+# --- subscription accounts --------------------------------------------------------------------------
+
+
+def acct(name, kind):
+    return Account(key=f"config:{name}", name=name, kind=kind, secret="sk-" + name)
+
+
+def test_subscription_allowed():
+    assert subscription_allowed(Record(allow_subscription=True))
+    assert not subscription_allowed(Record())
+    assert subscription_allowed(None)
+
+
+def test_oauth_accounts_only_for_keys_with_allow_subscription():
+    pool = [acct("max", OAUTH), acct("api", API_KEY), acct("pro", OAUTH), acct("api2", API_KEY)]
+    assert usable_accounts(Record(allow_subscription=True), pool) == pool
+    assert [a.name for a in usable_accounts(Record(), pool)] == ["api", "api2"]
+    assert usable_accounts(None, pool) == pool
+    assert usable_accounts(Record(), []) == []
+
+
+def test_no_api_key_account_left_is_403_saying_why():
+    record = Record()
+    with pytest.raises(ProxyError) as info:
+        usable_accounts(record, [acct("max", OAUTH)])
+    error = info.value
+    assert (error.status, error.error_type) == (403, "permission_error")
+    assert "subscription" in error.message and "--allow-subscription" in error.message
+    assert "no API-key account is available" in error.message
+    assert_no_secret(error, record)
+
+
+# --- no open relay ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "127.255.255.254", "localhost",
+                                  "LOCALHOST", "::1", "[::1]", "::ffff:127.0.0.1"])
+def test_loopback_hosts_need_no_key(host):
+    assert is_loopback(host)
+    assert listen_check(host, keys_exist=False, allow_unauthenticated=False) is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.168.1.20", "10.0.0.5", "fe80::1",
+                                  "128.0.0.1", "example.com", "localhost.example.com"])
+def test_other_hosts_without_keys_are_refused_with_one_line(host):
+    assert not is_loopback(host)
+    message = listen_check(host, keys_exist=False, allow_unauthenticated=False)
+    assert message == (
+        f"clproxy: refusing to listen on {host} without client keys: anyone who reaches the port "
+        "would spend your accounts; run `clproxy keys create NAME`, or set "
+        "server.allowUnauthenticated: true")
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.0.7"])
+def test_other_hosts_with_keys_are_fine(host):
+    assert listen_check(host, keys_exist=True, allow_unauthenticated=False) is None
+    assert listen_check(host, keys_exist=True, allow_unauthenticated=True) is None
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.0.7"])
+def test_allow_unauthenticated_turns_the_refusal_into_a_warning(host):
+    warning = listen_check(host, keys_exist=False, allow_unauthenticated=True)
+    assert warning.startswith("clproxy: WARNING: listening on " + host + " without client keys")
+    assert "refusing" not in warning and "clproxy keys create" in warning and "\n" not in warning
+
+
+# --- shared across instances (Redis) ----------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_rpm_window_is_shared_by_two_redis_stores(redis_server):  # noqa: F811
+    """Two instances (two stores, one prefix) on one redis-server hold one rpm window per key."""
+    prefix = unique_prefix()
+    clock = clock_at(NOON)
+    stores = [RedisStateStore(redis_server.url, clock, prefix=prefix) for _ in range(2)]
+    for store in stores:
+        await store.connect()
+    try:
+        first, second = (KeyLimits(store, clock, FakeSpent()) for store in stores)
+        record = Record(rpm=2)
+        await first.check(record, "m")
+        clock.advance(15)
+        await second.check(record, "m")
+        clock.advance(5)
+        for limits in (first, second):
+            with pytest.raises(ProxyError) as info:
+                await limits.check(record, "m")
+            assert (info.value.status, retry(info.value)) == (429, 40)
+        assert [store._link.failed_calls for store in stores] == [0, 0]
+        clock.advance(40)                                   # the first request left the window
+        await second.check(record, "m")
+        with pytest.raises(ProxyError):
+            await first.check(record, "m")
+    finally:
+        for store in stores:
+            await store.close()
+
+
+# --- purity -----------------------------------------------------------------------------------------
+
+
+def test_limits_module_is_checked_as_pure(tmp_path):
+    """scripts/check_layout.py refuses a global reactor import in clproxy/team/limits.py."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    package = tmp_path / "clproxy" / "team"
+    package.mkdir(parents=True)
+    (tmp_path / "clproxy" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "limits.py").write_text("def late():\n    from twisted.internet import reactor\n")
+    result = subprocess.run([sys.executable, os.path.join(root, "scripts", "check_layout.py"),
+                             str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "clproxy/team/limits.py" in result.stdout
