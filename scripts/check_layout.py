@@ -37,6 +37,7 @@ PURE = (
     "clproxy/proxy/sse.py",
     "clproxy/observe/redact.py",
     "clproxy/config/*.py",
+    "clproxy/team/pricing.py",
 )
 
 #: Modules that may use the global reactor, but must not import it at import time.

@@ -1,0 +1,1 @@
+"""Team mode: client keys, limits, usage ledger and cost (issue 14)."""
