@@ -116,3 +116,42 @@ def test_table_patterns_are_valid():
     """Every shipped entry has non-negative prices."""
     for name, price in PRICE_TABLE.items():
         assert price.input >= 0 and price.output >= 0, name
+
+
+def test_pricing_config_key():
+    """``pricing:`` in the config file: model names kept as written, numbers checked, and
+    Pricing.from_config takes it as is."""
+    from clproxy.config.validate import validate_document
+    warnings = []
+    config = validate_document({"pricing": {"claude-sonnet-4*": {"input": 1, "output": 2.5},
+                                            "My_Model": {"input": 0, "output": 0}}}, {}, warnings)
+    assert warnings == []
+    assert dict(config.pricing["claude-sonnet-4*"]) == {"input": 1.0, "output": 2.5}
+    assert "My_Model" in config.pricing
+    pricing = Pricing.from_config(config.pricing)
+    assert pricing.price("claude-sonnet-4-5") == Price(1, 2.5)
+    assert validate_document({}, {}, []).pricing == {}
+
+
+@pytest.mark.parametrize("bad,where", [
+    ({"pricing": ["x"]}, "pricing"),
+    ({"pricing": {"m": 3}}, "pricing.m"),
+    ({"pricing": {"m": {"input": 1}}}, "pricing.m.output"),
+    ({"pricing": {"m": {"input": -1, "output": 1}}}, "pricing.m.input"),
+    ({"pricing": {"m": {"input": "cheap", "output": 1}}}, "pricing.m.input"),
+])
+def test_pricing_config_errors(bad, where):
+    """A malformed ``pricing:`` entry is a ConfigError naming where."""
+    from clproxy.config.schema import ConfigError
+    from clproxy.config.validate import validate_document
+    with pytest.raises(ConfigError) as caught:
+        validate_document(bad, {}, [])
+    assert caught.value.path == where
+
+
+def test_pricing_config_unknown_inner_key_warns():
+    """An unknown key inside a price is a warning (a typo like ``ouput`` is also an error: missing)."""
+    from clproxy.config.validate import validate_document
+    warnings = []
+    validate_document({"pricing": {"m": {"input": 1, "output": 1, "cached": 2}}}, {}, warnings)
+    assert any("cached" in warning for warning in warnings)
