@@ -216,3 +216,19 @@ def test_reader_never_creates(tmp_path):
     connection = connect(path, create=True)
     assert query_summary(connection, "model") == []
     connection.close()
+
+
+def test_no_client_key_in_any_file(tmp_path):
+    """The ledger holds key names only: a client key's text appears in no file it writes."""
+    secret = "clp_" + "s3cr3t" * 8
+    ledger = UsageLedger(ledger_path(str(tmp_path)), task.Clock())
+    ledger.start()
+    ledger.record(UsageRow.from_usage(key_name="alice", account_name="a", model="m", usage={"input_tokens": 1},
+                                      cost_usd=None, status=200, duration=0.1, at=T0))
+    ledger.stop()
+    assert secret not in repr(ledger.__dict__)
+    for folder, _dirs, names in os.walk(str(tmp_path)):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                data = f.read()
+            assert b"clp_" not in data and secret.encode() not in data, name
