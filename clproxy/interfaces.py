@@ -402,3 +402,36 @@ class ISessionBindings(Interface):
 
         :return: None.
         """
+
+
+class IUsageCounters(Interface):
+    """What each client key spent per UTC day and month, for the team limits (tokens/day,
+    usd/day, usd/month).
+
+    ``day`` is ``YYYY-MM-DD`` (UTC) and ``month`` ``YYYY-MM``, both computed by the caller from
+    its clock (a store never reads a clock). ``add_usage`` adds to the day and to its month in one
+    step. Under Redis every instance adds to and reads the same sums (a day's sums expire after
+    the day is over, a month's after the month); in memory only the latest days and months are
+    kept. Key *names* only: a client key itself is never a counter's name.
+    """
+
+    def add_usage(key_name, day, tokens, usd):
+        """Add ``tokens`` (int) and ``usd`` (float; 0.0 for an unpriced request) to the sums of
+        ``key_name`` for ``day`` and for the month holding it.
+
+        :return: Deferred firing with None.
+        """
+
+    def get_usage(key_name, day):
+        """The sums of ``key_name`` for ``day``.
+
+        :return: Deferred firing with ``(tokens: int, usd: float)``; ``(0, 0.0)`` when nothing
+            was added.
+        """
+
+    def get_month_usage(key_name, month):
+        """The sums of ``key_name`` for ``month`` (``YYYY-MM``).
+
+        :return: Deferred firing with ``(tokens: int, usd: float)``; ``(0, 0.0)`` when nothing
+            was added.
+        """

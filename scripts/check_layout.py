@@ -38,6 +38,8 @@ PURE = (
     "clproxy/proxy/sse.py",
     "clproxy/observe/redact.py",
     "clproxy/config/*.py",
+    "clproxy/team/pricing.py",
+    "clproxy/team/usage.py",
 )
 
 #: Modules that may use the global reactor, but must not import it at import time.

@@ -8,7 +8,7 @@ import pytest
 import pytest_twisted
 from zope.interface.verify import verifyObject
 
-from clproxy.interfaces import ISessionBindings, IStateStore
+from clproxy.interfaces import ISessionBindings, IStateStore, IUsageCounters
 from clproxy.state.model import STAT_KEYS, AccountState
 
 
@@ -307,3 +307,47 @@ class SessionBindingsContract:
         await store.put_binding("s1", "a", 1.0, 60.0)
         await store.forget("a")
         assert await store.get_binding("s1", 2.0) == ("a", 1.0)
+
+
+class UsageCountersContract:
+    """Contract tests for ``IUsageCounters``; subclasses provide ``make_store()``."""
+
+    def make_store(self):
+        """A fresh, empty store."""
+        raise NotImplementedError
+
+    def test_provides_usage_counters(self):
+        """The store provides every member of IUsageCounters."""
+        assert verifyObject(IUsageCounters, self.make_store())
+
+    @pytest_twisted.ensureDeferred
+    async def test_nothing_added_reads_zero(self):
+        """A key with no usage reads (0, 0.0) for any day and month."""
+        store = self.make_store()
+        assert await store.get_usage("alice", "2026-05-28") == (0, 0.0)
+        assert await store.get_month_usage("alice", "2026-05") == (0, 0.0)
+
+    @pytest_twisted.ensureDeferred
+    async def test_add_sums_per_key_day_and_month(self):
+        """Additions sum per key and day, and per key and month; other keys and days are apart."""
+        store = self.make_store()
+        await store.add_usage("alice", "2026-05-28", 100, 0.25)
+        await store.add_usage("alice", "2026-05-28", 50, 0.5)
+        await store.add_usage("alice", "2026-05-29", 7, 0.0)
+        await store.add_usage("bob", "2026-05-28", 1, 1.0)
+        assert await store.get_usage("alice", "2026-05-28") == (150, pytest.approx(0.75))
+        assert await store.get_usage("alice", "2026-05-29") == (7, 0.0)
+        assert await store.get_usage("bob", "2026-05-28") == (1, pytest.approx(1.0))
+        assert await store.get_month_usage("alice", "2026-05") == (157, pytest.approx(0.75))
+        assert await store.get_month_usage("alice", "2026-06") == (0, 0.0)
+        tokens, usd = await store.get_usage("alice", "2026-05-28")
+        assert isinstance(tokens, int) and isinstance(usd, float)
+
+    @pytest_twisted.ensureDeferred
+    async def test_months_are_apart(self):
+        """A new month starts from zero."""
+        store = self.make_store()
+        await store.add_usage("alice", "2026-05-31", 10, 1.0)
+        await store.add_usage("alice", "2026-06-01", 3, 0.5)
+        assert await store.get_month_usage("alice", "2026-05") == (10, pytest.approx(1.0))
+        assert await store.get_month_usage("alice", "2026-06") == (3, pytest.approx(0.5))

@@ -6,7 +6,7 @@ from zope.interface.verify import verifyObject
 
 from clproxy.interfaces import IStateStore
 from clproxy.state.memory import MemoryStateStore
-from store_contract import SessionBindingsContract, StateStoreContract
+from store_contract import SessionBindingsContract, StateStoreContract, UsageCountersContract
 
 
 def fired(deferred):
@@ -25,6 +25,28 @@ class TestMemoryStateStore(StateStoreContract):
     def make_store(self):
         """A fresh memory store."""
         return MemoryStateStore()
+
+
+class TestMemoryUsageCounters(UsageCountersContract):
+    """The memory store meets the IUsageCounters contract."""
+
+    def make_store(self):
+        """A fresh memory store."""
+        return MemoryStateStore()
+
+
+def test_usage_counters_stay_bounded():
+    """Only the latest days and months of usage sums are kept, however many days pass."""
+    from clproxy.state.memory import USAGE_PERIODS_KEPT
+    store = MemoryStateStore()
+    for day in range(1, 29):
+        store.add_usage("alice", "2026-02-{:02d}".format(day), 1, 0.1)
+    for month in range(1, 13):
+        store.add_usage("alice", "2026-{:02d}-01".format(month), 1, 0.1)
+    assert len(store._usage_days) == USAGE_PERIODS_KEPT
+    assert len(store._usage_months) == USAGE_PERIODS_KEPT
+    assert fired(store.get_usage("alice", "2026-12-01")) == (1, 0.1)
+    assert fired(store.get_usage("alice", "2026-02-01")) == (0, 0.0)
 
 
 class TestMemorySessionBindings(SessionBindingsContract):
@@ -147,9 +169,9 @@ def test_memory_backend_imports_nothing_of_redis():
 def test_memory_store_provides_every_state_interface():
     """One memory store is the whole state of a single instance: every interface, verified."""
     from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISessionBindings,
-                                    ISharedTokens, IStateLifecycle)
+                                    ISharedTokens, IStateLifecycle, IUsageCounters)
     store = MemoryStateStore()
     for interface in (IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider,
-                      IStateLifecycle, ISessionBindings):
+                      IStateLifecycle, ISessionBindings, IUsageCounters):
         assert verifyObject(interface, store)
     assert fired(store.connect()) is None and fired(store.close()) is None

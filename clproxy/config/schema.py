@@ -232,6 +232,9 @@ class Config:
     server: ServerConfig = attr.Factory(ServerConfig)
     state: StateConfig = attr.Factory(StateConfig)
     logging: LoggingConfig = attr.Factory(LoggingConfig)
+    #: ``pricing:`` overrides of the shipped price table: model name or fnmatch pattern ->
+    #: ``{"input": USD per million tokens, "output": ...}`` (see ``clproxy.team.pricing``).
+    pricing: Mapping[str, Mapping[str, float]] = attr.ib(factory=lambda: types.MappingProxyType({}), hash=False)
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)

@@ -323,9 +323,37 @@ class _Reader:
             server=self.server(*top.get("server")),
             state=self.state(*top.get("state")),
             logging=self.logging(*top.get("logging")),
+            pricing=self.pricing(*top.get("pricing")),
         )
         top.finish()
         return config
+
+    def pricing(self, value: Any, path: str) -> Mapping[str, Mapping[str, float]]:
+        """``pricing: {MODEL_OR_PATTERN: {input: X, output: Y}}``, USD per million tokens (>= 0)."""
+        if value is _ABSENT:
+            return types.MappingProxyType({})
+        if not isinstance(value, dict):
+            raise ConfigError(path, f"must be a mapping of model (or pattern) to {{input, output}}, got "
+                                    f"{_shown(value, path)}")
+        prices: Dict[str, Mapping[str, float]] = {}
+        # Model names are kept as written: they are matched against model ids, not config keys.
+        for model, entry in value.items():
+            where = _join(path, model)
+            if not isinstance(model, str) or not model.strip():
+                raise ConfigError(where, "a model name or pattern must be a non-empty string")
+            if not isinstance(entry, dict):
+                raise ConfigError(where, f"must be {{input: USD_PER_MTOK, output: USD_PER_MTOK}}, got "
+                                         f"{_shown(entry, where)}")
+            keys = self.keys(entry, where)
+            price = {}
+            for name in ("input", "output"):
+                number, number_path = keys.get(name)
+                if number is _ABSENT:
+                    raise ConfigError(number_path, "required: USD per million tokens")
+                price[name] = self.non_negative(number, number_path, 0.0)
+            keys.finish()
+            prices[model.strip()] = types.MappingProxyType(price)
+        return types.MappingProxyType(prices)
 
     def accounts(self, value: Any, path: str) -> Tuple[AccountConfig, ...]:
         section = self.keys(value, path)

@@ -14,7 +14,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISessionBindings,
-                                ISharedTokens, IStateLifecycle, IStateStore)
+                                ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters)
 from clproxy.state.locks import MemoryLocks
 from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, TOKEN_VERSION_FIELD,
                                  AccountState, empty_stats, validate_outcome)
@@ -62,8 +62,13 @@ def token_version(record) -> Optional[float]:
     return float(value)
 
 
+#: How many distinct days (and months) of usage sums a memory store keeps: the current one and
+#: the one before (a request that started before midnight and ends after it).
+USAGE_PERIODS_KEPT = 2
+
+
 @implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
-             ISessionBindings)
+             ISessionBindings, IUsageCounters)
 class MemoryStateStore:
     """Every state interface in dicts; every Deferred it returns has already fired.
 
@@ -72,7 +77,8 @@ class MemoryStateStore:
     most ``limit`` timestamps (expired ones are dropped on each use, an emptied window is removed),
     and one int per counter name, one token record and one quota snapshot per account, one lock
     per name held, and at most ``limit_bindings`` session bindings (least recently used evicted
-    first). Nothing grows per request.
+    first), and the usage sums of the latest ``USAGE_PERIODS_KEPT`` days and months (one pair
+    per client key name used in them). Nothing grows per request.
     """
 
     def __init__(self, max_bindings: int = DEFAULT_BINDING_CAP):
@@ -87,6 +93,9 @@ class MemoryStateStore:
         self._bindings: "collections.OrderedDict[str, _Binding]" = collections.OrderedDict()
         self._bound: Dict[str, Set[str]] = {}
         self._binding_cap = max(0, int(max_bindings))
+        # Usage sums for the team limits: period (day or month) -> key name -> [tokens, usd].
+        self._usage_days: Dict[str, Dict[str, list]] = {}
+        self._usage_months: Dict[str, Dict[str, list]] = {}
 
     def _record(self, key: str) -> _AccountRecord:
         record = self._accounts.get(key)
@@ -325,6 +334,29 @@ class MemoryStateStore:
     def limit_bindings(self, cap):
         self._binding_cap = max(0, int(cap))
         self._evict_bindings()
+
+    # IUsageCounters
+    @staticmethod
+    def _add_period(periods: Dict[str, Dict[str, list]], period: str, key_name: str, tokens: int,
+                    usd: float) -> None:
+        sums = periods.setdefault(period, {}).setdefault(key_name, [0, 0.0])
+        sums[0] += int(tokens)
+        sums[1] += float(usd)
+        while len(periods) > USAGE_PERIODS_KEPT:  # ISO dates sort in time order: drop the oldest
+            del periods[min(periods)]
+
+    def add_usage(self, key_name, day, tokens, usd):
+        self._add_period(self._usage_days, day, key_name, tokens, usd)
+        self._add_period(self._usage_months, day[:7], key_name, tokens, usd)
+        return defer.succeed(None)
+
+    def get_usage(self, key_name, day):
+        tokens, usd = self._usage_days.get(day, {}).get(key_name, (0, 0.0))
+        return defer.succeed((tokens, usd))
+
+    def get_month_usage(self, key_name, month):
+        tokens, usd = self._usage_months.get(month, {}).get(key_name, (0, 0.0))
+        return defer.succeed((tokens, usd))
 
     def footprint(self) -> Dict[str, int]:
         """Sizes of the internal tables (for tests and diagnostics): account records, rate windows,

@@ -1,1 +1,1 @@
-"""Team mode: client keys, per-key limits, usage and cost (issue 14)."""
+"""Team mode: client keys, per-key limits, the usage ledger and cost (issue 14)."""

@@ -16,7 +16,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISessionBindings,
-                                ISharedTokens, IStateLifecycle, IStateStore)
+                                ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters)
 from clproxy.state.locks import LockToken, new_owner, poll_for_lock
 from clproxy.state.memory import token_version
 from clproxy.state.model import (OUTCOME_SUCCESS, TOKEN_VERSION_FIELD, AccountState, empty_stats,
@@ -43,6 +43,22 @@ QUOTA_TTL = 8 * 24 * 3600.0
 #: A session binding's keys outlive its expiry by this long (seconds) before Redis reclaims them
 #: (expiry itself is decided by the times passed in, so a late reclaim is never a late expiry).
 BINDING_GRACE = 60.0
+#: A day's usage sums (the team limits) vanish this long (seconds) after their last addition:
+#: past the day's end, whatever the clocks' skew.
+USAGE_DAY_TTL = 2 * 24 * 3600.0
+#: A month's usage sums vanish this long after their last addition.
+USAGE_MONTH_TTL = 32 * 24 * 3600.0
+
+# KEYS: day hash, month hash. ARGV: tokens, usd, day ttl (ms), month ttl (ms). One step, so a
+# crash between the two never leaves the day and the month disagreeing.
+ADD_USAGE = """
+for i = 1, 2 do
+  redis.call('HINCRBY', KEYS[i], 'tokens', ARGV[1])
+  redis.call('HINCRBYFLOAT', KEYS[i], 'usd', ARGV[2])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2 + i])
+end
+return 1
+"""
 
 
 # The Lua scripts of the session bindings (ISessionBindings), next to their only user. A binding
@@ -157,7 +173,7 @@ class _PendingWrites:
 
 
 @implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
-             ISessionBindings)
+             ISessionBindings, IUsageCounters)
 class RedisStateStore(service.Service):
     """``IStateStore`` (and the shared tokens, quotas, cooldown extension and locks) in one Redis,
     shared by every instance that uses the same URL and ``prefix``.
@@ -178,7 +194,10 @@ class RedisStateStore(service.Service):
     set of the sessions bound to ``K`` scored by expiry (counted with no scan), and
     ``P:bindings:accounts`` the set of accounts with bindings (each key expires ``BINDING_GRACE``
     after the binding's TTL). Bindings made while Redis is unreachable stay in this instance's
-    mirror (a binding is soft state: at worst a session picks an account afresh).
+    mirror (a binding is soft state: at worst a session picks an account afresh). Usage sums of
+    the team limits: ``P:usage:day:DAY:NAME`` and ``P:usage:month:MONTH:NAME`` hashes {tokens,
+    usd} (``USAGE_DAY_TTL``/``USAGE_MONTH_TTL`` after the last addition; ``NAME`` is a client
+    key's name, never the key); additions made while Redis is unreachable stay local.
 
     ``clock`` is the process's clock: times are passed in as everywhere, the clock only turns them
     into TTLs (so expiry never depends on the Redis host's clock) and paces reconnection.
@@ -608,6 +627,40 @@ class RedisStateStore(service.Service):
     def limit_bindings(self, cap):
         # Redis bounds its bindings by their TTL; the cap bounds this instance's copy.
         self.mirror.limit_bindings(cap)
+
+    # IUsageCounters ----------------------------------------------------------------------------
+
+    def _usage_key(self, kind: str, period: str, key_name: str) -> str:
+        return "{}:usage:{}:{}:{}".format(self._prefix, kind, period, key_name)
+
+    def add_usage(self, key_name, day, tokens, usd):
+        return Deferred.fromCoroutine(self._add_usage(key_name, day, int(tokens), float(usd)))
+
+    async def _add_usage(self, key_name, day, tokens, usd):
+        keys = [self._usage_key("day", day, key_name), self._usage_key("month", day[:7], key_name)]
+        args = [str(tokens), num(usd), px_ttl(USAGE_DAY_TTL), px_ttl(USAGE_MONTH_TTL)]
+        try:
+            await self._link.run(script_op(ADD_USAGE, keys, args))
+        except RedisDown:
+            pass  # counted locally only, like the other counts made during an outage
+        await self.mirror.add_usage(key_name, day, tokens, usd)
+        return None
+
+    def get_usage(self, key_name, day):
+        return Deferred.fromCoroutine(self._get_usage("day", day, key_name))
+
+    def get_month_usage(self, key_name, month):
+        return Deferred.fromCoroutine(self._get_usage("month", month, key_name))
+
+    async def _get_usage(self, kind, period, key_name):
+        try:
+            tokens, usd = await self._link.run(
+                lambda r: r.hmget(self._usage_key(kind, period, key_name), ["tokens", "usd"]))
+        except RedisDown:
+            if kind == "day":
+                return await self.mirror.get_usage(key_name, period)
+            return await self.mirror.get_month_usage(key_name, period)
+        return (int(tokens or 0), float(usd or 0.0))
 
     # ILockProvider -----------------------------------------------------------------------------
 
