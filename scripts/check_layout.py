@@ -37,6 +37,8 @@ PURE = (
     "clproxy/proxy/sse.py",
     "clproxy/observe/redact.py",
     "clproxy/config/*.py",
+    "clproxy/team/keys.py",
+    "clproxy/team/keystore.py",
 )
 
 #: Modules that may use the global reactor, but must not import it at import time.
