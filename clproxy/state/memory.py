@@ -13,8 +13,8 @@ import attr
 from twisted.internet import defer
 from zope.interface import implementer
 
-from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISessionBindings,
-                                ISharedTokens, IStateLifecycle, IStateStore)
+from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, IQuotaStore,
+                                ISessionBindings, ISharedTokens, IStateLifecycle, IStateStore)
 from clproxy.state.locks import MemoryLocks
 from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, TOKEN_VERSION_FIELD,
                                  AccountState, empty_stats, validate_outcome)
@@ -63,7 +63,7 @@ def token_version(record) -> Optional[float]:
 
 
 @implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
-             ISessionBindings)
+             ISessionBindings, IClientKeys)
 class MemoryStateStore:
     """Every state interface in dicts; every Deferred it returns has already fired.
 
@@ -87,6 +87,9 @@ class MemoryStateStore:
         self._bindings: "collections.OrderedDict[str, _Binding]" = collections.OrderedDict()
         self._bound: Dict[str, Set[str]] = {}
         self._binding_cap = max(0, int(max_bindings))
+        # Client keys (team mode): records by key hash, and the revoked hashes (tombstones).
+        self._client_keys: Dict[str, dict] = {}
+        self._revoked_keys: Set[str] = set()
 
     def _record(self, key: str) -> _AccountRecord:
         record = self._accounts.get(key)
@@ -325,6 +328,26 @@ class MemoryStateStore:
     def limit_bindings(self, cap):
         self._binding_cap = max(0, int(cap))
         self._evict_bindings()
+
+    # IClientKeys
+    def put_key(self, key_hash, record):
+        if key_hash in self._revoked_keys:
+            return defer.succeed(False)
+        self._client_keys[key_hash] = _copy(record)
+        return defer.succeed(True)
+
+    def revoke_key(self, key_hash):
+        self._client_keys.pop(key_hash, None)
+        self._revoked_keys.add(key_hash)
+        return defer.succeed(None)
+
+    def all_keys(self):
+        return defer.succeed({h: _copy(r) for h, r in self._client_keys.items()})
+
+    def adopt_client_keys(self, records) -> None:
+        """Replace the live client keys with ``records`` (``{hash: dict}``), tombstones kept:
+        for a mirror of a shared store."""
+        self._client_keys = {h: _copy(r) for h, r in records.items() if h not in self._revoked_keys}
 
     def footprint(self) -> Dict[str, int]:
         """Sizes of the internal tables (for tests and diagnostics): account records, rate windows,

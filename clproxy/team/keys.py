@@ -56,7 +56,7 @@ class KeyRecord:
     name: str
     hash: str = attr.ib(repr=False)
     prefix: str = ""
-    models: Tuple[str, ...] = attr.ib(default=(), converter=tuple)
+    models: Tuple[str, ...] = attr.ib(default=(), converter=lambda value: tuple(value))
     rpm: Optional[int] = None
     tokens_per_day: Optional[int] = None
     usd_per_day: Optional[float] = None
