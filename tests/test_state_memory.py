@@ -6,7 +6,7 @@ from zope.interface.verify import verifyObject
 
 from clproxy.interfaces import IStateStore
 from clproxy.state.memory import MemoryStateStore
-from store_contract import SessionBindingsContract, StateStoreContract
+from store_contract import ClientKeysContract, SessionBindingsContract, StateStoreContract
 
 
 def fired(deferred):
@@ -29,6 +29,14 @@ class TestMemoryStateStore(StateStoreContract):
 
 class TestMemorySessionBindings(SessionBindingsContract):
     """The memory store meets the ISessionBindings contract."""
+
+    def make_store(self):
+        """A fresh memory store."""
+        return MemoryStateStore()
+
+
+class TestMemoryClientKeys(ClientKeysContract):
+    """The memory store meets the IClientKeys contract."""
 
     def make_store(self):
         """A fresh memory store."""
