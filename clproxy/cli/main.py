@@ -1,4 +1,5 @@
-"""The ``clproxy`` command: ``clproxy proxy <start|stop|status|setup|install|uninstall|guard>``, ``clproxy auth``.
+"""The ``clproxy`` command: ``clproxy proxy <start|stop|status|setup|install|uninstall|guard>``, ``clproxy auth``,
+``clproxy keys``.
 
 ``proxy start`` runs the same service as ``twistd -n claudeproxy`` in the foreground, logging to
 the terminal; every failure is one line on stderr and a non-zero exit, never a traceback.
@@ -23,6 +24,7 @@ commands:
   proxy uninstall         remove that service
   proxy guard             (re)start the fail-open guard for the running proxy
   auth ...                manage accounts (login, import, list, status, refresh, cleanup, enable, logout)
+  keys ...                manage client keys (create, list, revoke): who may use this proxy
   version                 print clproxy's version (also: clproxy --version)
 
 `clproxy proxy <command> --help` lists each command's options.
@@ -48,6 +50,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if command == "auth":
             from clproxy.cli import auth
             return auth.main(rest)
+        if command == "keys":
+            from clproxy.cli import keys
+            return keys.main(rest)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
