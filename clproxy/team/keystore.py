@@ -232,6 +232,10 @@ class KeyWatcher(service.Service):
     ``shared`` is an ``IClientKeys`` (the Redis store under the Redis backend): the file's keys are
     published to it and the daemon serves its keys (see the module docstring). A key file that turns
     unreadable keeps the last good keys served (one error logged, never fail open).
+
+    At start, the daemon reads :meth:`KeyStore.records` itself before starting the watcher (a
+    corrupt file then stops the start with one line, and the ring is full before the port opens);
+    the watcher's first poll then finds nothing new unless the file changed meanwhile.
     """
 
     def __init__(self, store: KeyStore, clock: Any, on_change: Callable[[Tuple[KeyRecord, ...]], Any],
