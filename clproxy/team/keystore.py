@@ -235,7 +235,7 @@ class KeyWatcher(service.Service):
 
     At start, the daemon reads :meth:`KeyStore.records` itself before starting the watcher (a
     corrupt file then stops the start with one line, and the ring is full before the port opens);
-    the watcher's first poll then finds nothing new unless the file changed meanwhile.
+    the watcher's first poll hands the same keys (or newer ones) to ``on_change`` again.
     """
 
     def __init__(self, store: KeyStore, clock: Any, on_change: Callable[[Tuple[KeyRecord, ...]], Any],
