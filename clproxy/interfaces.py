@@ -435,3 +435,31 @@ class IUsageCounters(Interface):
         :return: Deferred firing with ``(tokens: int, usd: float)``; ``(0, 0.0)`` when nothing
             was added.
         """
+
+
+class IClientKeys(Interface):
+    """Client keys (team mode) shared by every instance: one JSON-able record per key hash.
+
+    Only hashes and limits are stored, never a key (``clproxy.team.keys.KeyRecord.to_json``).
+    A revoked hash leaves a tombstone: it is never accepted again, so an instance whose key file
+    still lists it cannot bring it back (keys are random; a revoked hash never legitimately
+    returns). Tombstones are 64 characters each and only grow with revocations.
+    """
+
+    def put_key(key_hash, record):
+        """Store ``record`` (a dict) under ``key_hash``, replacing any, unless it was revoked.
+
+        :return: Deferred firing with True when stored, False when the hash is revoked.
+        """
+
+    def revoke_key(key_hash):
+        """Drop the record of ``key_hash`` and refuse it from now on (harmless if unknown).
+
+        :return: Deferred firing with None.
+        """
+
+    def all_keys():
+        """Every live key.
+
+        :return: Deferred firing with a new ``{key_hash: record dict}`` (no revoked hash).
+        """

@@ -40,6 +40,8 @@ PURE = (
     "clproxy/config/*.py",
     "clproxy/team/pricing.py",
     "clproxy/team/usage.py",
+    "clproxy/team/keys.py",
+    "clproxy/team/keystore.py",
 )
 
 #: Modules that may use the global reactor, but must not import it at import time.

@@ -8,7 +8,7 @@ import pytest
 import pytest_twisted
 from zope.interface.verify import verifyObject
 
-from clproxy.interfaces import ISessionBindings, IStateStore, IUsageCounters
+from clproxy.interfaces import IClientKeys, ISessionBindings, IStateStore, IUsageCounters
 from clproxy.state.model import STAT_KEYS, AccountState
 
 
@@ -351,3 +351,54 @@ class UsageCountersContract:
         await store.add_usage("alice", "2026-06-01", 3, 0.5)
         assert await store.get_month_usage("alice", "2026-05") == (10, pytest.approx(1.0))
         assert await store.get_month_usage("alice", "2026-06") == (3, pytest.approx(0.5))
+
+
+class ClientKeysContract:
+    """Contract tests for ``IClientKeys``; subclasses provide ``make_store()``."""
+
+    def make_store(self):
+        """A fresh, empty store."""
+        raise NotImplementedError
+
+    def test_provides_client_keys(self):
+        """The store provides every member of IClientKeys."""
+        assert verifyObject(IClientKeys, self.make_store())
+
+    @pytest_twisted.ensureDeferred
+    async def test_no_keys(self):
+        """A fresh store has no key."""
+        assert await self.make_store().all_keys() == {}
+
+    @pytest_twisted.ensureDeferred
+    async def test_put_then_all(self):
+        """Records put are read back by hash, as given; a second put replaces the first."""
+        store = self.make_store()
+        first = {"name": "alice", "hash": "a" * 64, "rpm": 5, "models": ["claude-*"]}
+        assert await store.put_key("a" * 64, first) is True
+        assert await store.put_key("b" * 64, {"name": "bob", "hash": "b" * 64}) is True
+        assert await store.put_key("a" * 64, dict(first, rpm=7)) is True
+        assert await store.all_keys() == {"a" * 64: dict(first, rpm=7),
+                                          "b" * 64: {"name": "bob", "hash": "b" * 64}}
+
+    @pytest_twisted.ensureDeferred
+    async def test_all_keys_returns_a_copy(self):
+        """Changing what all_keys gave does not change the store."""
+        store = self.make_store()
+        await store.put_key("a" * 64, {"name": "alice"})
+        snapshot = await store.all_keys()
+        snapshot["a" * 64]["name"] = "mallory"
+        snapshot.clear()
+        assert await store.all_keys() == {"a" * 64: {"name": "alice"}}
+
+    @pytest_twisted.ensureDeferred
+    async def test_revoke_is_final(self):
+        """A revoked hash is gone and can never be put again; revoking an unknown one is harmless."""
+        store = self.make_store()
+        await store.put_key("a" * 64, {"name": "alice"})
+        await store.put_key("b" * 64, {"name": "bob"})
+        await store.revoke_key("a" * 64)
+        await store.revoke_key("c" * 64)
+        assert await store.all_keys() == {"b" * 64: {"name": "bob"}}
+        assert await store.put_key("a" * 64, {"name": "alice"}) is False
+        assert await store.put_key("c" * 64, {"name": "carol"}) is False
+        assert await store.all_keys() == {"b" * 64: {"name": "bob"}}

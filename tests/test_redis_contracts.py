@@ -18,7 +18,7 @@ from clproxy.state.model import AccountState
 from clproxy.state.memory import MemoryStateStore
 from clproxy.state.redis import LocalMirror, RedisStateStore
 from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
-from store_contract import SessionBindingsContract, UsageCountersContract
+from store_contract import ClientKeysContract, SessionBindingsContract, UsageCountersContract
 
 
 class AtomicCooldownContract:
@@ -257,7 +257,7 @@ class LockProviderContract:
 
 
 class TestMirrorSharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
-                            LockProviderContract, SessionBindingsContract, UsageCountersContract):
+                            LockProviderContract, SessionBindingsContract, UsageCountersContract, ClientKeysContract):
     """The local mirror (served during an outage) meets the shared-state contracts."""
 
     def make_store(self):
@@ -283,7 +283,7 @@ class TestMemoryLocks(LockProviderContract):
 
 
 class TestRedisSharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
-                           LockProviderContract, SessionBindingsContract, UsageCountersContract):
+                           LockProviderContract, SessionBindingsContract, UsageCountersContract, ClientKeysContract):
     """The Redis store meets the shared-state contracts, every call answered by Redis."""
 
     @pytest.fixture(autouse=True)
@@ -302,7 +302,7 @@ class TestRedisSharedState(AtomicCooldownContract, SharedTokensContract, QuotaSt
 
 class TestRedisWithoutRedisSharedState(AtomicCooldownContract, SharedTokensContract,
                                        QuotaStoreContract, LockProviderContract,
-                                       SessionBindingsContract, UsageCountersContract):
+                                       SessionBindingsContract, UsageCountersContract, ClientKeysContract):
     """With Redis unreachable the store meets the shared-state contracts from its mirror."""
 
     def make_store(self):
@@ -384,3 +384,54 @@ def test_redis_store_provides_session_bindings():
     from clproxy.interfaces import ISessionBindings
     assert verifyObject(ISessionBindings,
                         RedisStateStore("redis://127.0.0.1:1/0", reactor, prefix=unique_prefix()))
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_client_keys_shared_and_hashes_only(redis_server):  # noqa: F811
+    """Two instances on one Redis share client keys and revocations; Redis holds the records under
+    the prefix and nothing else (the records carry hashes, never keys)."""
+    prefix = unique_prefix()
+    one = RedisStateStore(redis_server.url, reactor, prefix=prefix)
+    two = RedisStateStore(redis_server.url, reactor, prefix=prefix)
+    await one.connect()
+    await two.connect()
+    try:
+        await one.put_key("a" * 64, {"name": "alice", "hash": "a" * 64})
+        assert list(await two.all_keys()) == ["a" * 64]
+        await two.revoke_key("a" * 64)
+        assert await one.all_keys() == {}
+        assert await one.put_key("a" * 64, {"name": "alice", "hash": "a" * 64}) is False
+        names = await one._link.run(lambda r: r.keys(prefix + ":ckeys*"))
+        assert sorted(names) == [prefix + ":ckeys:revoked"]
+    finally:
+        await one.close()
+        await two.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_client_key_changes_during_outage_reach_redis(redis_server):  # noqa: F811
+    """A put and a revocation made while Redis was unreachable are written once it is back."""
+    prefix = unique_prefix()
+    store = RedisStateStore(redis_server.url, reactor, prefix=prefix)
+    await store.connect()
+    other = RedisStateStore(redis_server.url, reactor, prefix=prefix)
+    await other.connect()
+    try:
+        await other.put_key("b" * 64, {"name": "bob"})
+        down = store._link.run
+
+        async def unreachable(op):
+            from clproxy.state.redis.link import RedisDown
+            raise RedisDown("test")
+
+        store._link.run = unreachable
+        await store.put_key("a" * 64, {"name": "alice"})
+        await store.revoke_key("b" * 64)
+        assert await store.all_keys() == {"a" * 64: {"name": "alice"}}
+        store._link.run = down
+        await store._replay()
+        assert await other.all_keys() == {"a" * 64: {"name": "alice"}}
+        assert store.pending_count() == 0
+    finally:
+        await store.close()
+        await other.close()

@@ -6,7 +6,8 @@ from zope.interface.verify import verifyObject
 
 from clproxy.interfaces import IStateStore
 from clproxy.state.memory import MemoryStateStore
-from store_contract import SessionBindingsContract, StateStoreContract, UsageCountersContract
+from store_contract import (ClientKeysContract, SessionBindingsContract, StateStoreContract,
+                            UsageCountersContract)
 
 
 def fired(deferred):
@@ -51,6 +52,14 @@ def test_usage_counters_stay_bounded():
 
 class TestMemorySessionBindings(SessionBindingsContract):
     """The memory store meets the ISessionBindings contract."""
+
+    def make_store(self):
+        """A fresh memory store."""
+        return MemoryStateStore()
+
+
+class TestMemoryClientKeys(ClientKeysContract):
+    """The memory store meets the IClientKeys contract."""
 
     def make_store(self):
         """A fresh memory store."""

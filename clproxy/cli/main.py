@@ -1,5 +1,6 @@
 """The ``clproxy`` command: ``clproxy proxy <start|stop|status|setup|install|uninstall|guard>``, ``clproxy auth``,
 ``clproxy usage``.
+``clproxy keys``.
 
 ``proxy start`` runs the same service as ``twistd -n claudeproxy`` in the foreground, logging to
 the terminal; every failure is one line on stderr and a non-zero exit, never a traceback.
@@ -25,6 +26,7 @@ commands:
   proxy guard             (re)start the fail-open guard for the running proxy
   auth ...                manage accounts (login, import, list, status, refresh, cleanup, enable, logout)
   usage [options]         requests, tokens and cost by key, account, model or day (`clproxy usage --help`)
+  keys ...                manage client keys (create, list, revoke): who may use this proxy
   version                 print clproxy's version (also: clproxy --version)
 
 `clproxy proxy <command> --help` lists each command's options.
@@ -53,6 +55,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if command == "usage":
             from clproxy.cli import usage as usage_command
             return usage_command.main(rest)
+        if command == "keys":
+            from clproxy.cli import keys
+            return keys.main(rest)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130

@@ -13,7 +13,7 @@ import attr
 from twisted.internet import defer
 from zope.interface import implementer
 
-from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISessionBindings,
+from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, IQuotaStore, ISessionBindings,
                                 ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters)
 from clproxy.state.locks import MemoryLocks
 from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, TOKEN_VERSION_FIELD,
@@ -68,7 +68,7 @@ USAGE_PERIODS_KEPT = 2
 
 
 @implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
-             ISessionBindings, IUsageCounters)
+             ISessionBindings, IUsageCounters, IClientKeys)
 class MemoryStateStore:
     """Every state interface in dicts; every Deferred it returns has already fired.
 
@@ -96,6 +96,9 @@ class MemoryStateStore:
         # Usage sums for the team limits: period (day or month) -> key name -> [tokens, usd].
         self._usage_days: Dict[str, Dict[str, list]] = {}
         self._usage_months: Dict[str, Dict[str, list]] = {}
+        # Client keys (team mode): records by key hash, and the revoked hashes (tombstones).
+        self._client_keys: Dict[str, dict] = {}
+        self._revoked_keys: Set[str] = set()
 
     def _record(self, key: str) -> _AccountRecord:
         record = self._accounts.get(key)
@@ -357,6 +360,25 @@ class MemoryStateStore:
     def get_month_usage(self, key_name, month):
         tokens, usd = self._usage_months.get(month, {}).get(key_name, (0, 0.0))
         return defer.succeed((tokens, usd))
+    # IClientKeys
+    def put_key(self, key_hash, record):
+        if key_hash in self._revoked_keys:
+            return defer.succeed(False)
+        self._client_keys[key_hash] = _copy(record)
+        return defer.succeed(True)
+
+    def revoke_key(self, key_hash):
+        self._client_keys.pop(key_hash, None)
+        self._revoked_keys.add(key_hash)
+        return defer.succeed(None)
+
+    def all_keys(self):
+        return defer.succeed({h: _copy(r) for h, r in self._client_keys.items()})
+
+    def adopt_client_keys(self, records) -> None:
+        """Replace the live client keys with ``records`` (``{hash: dict}``), tombstones kept:
+        for a mirror of a shared store."""
+        self._client_keys = {h: _copy(r) for h, r in records.items() if h not in self._revoked_keys}
 
     def footprint(self) -> Dict[str, int]:
         """Sizes of the internal tables (for tests and diagnostics): account records, rate windows,

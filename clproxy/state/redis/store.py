@@ -15,7 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from clproxy.interfaces import (IAtomicCooldown, ILockProvider, IQuotaStore, ISessionBindings,
+from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, IQuotaStore, ISessionBindings,
                                 ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters)
 from clproxy.state.locks import LockToken, new_owner, poll_for_lock
 from clproxy.state.memory import token_version
@@ -140,6 +140,24 @@ return out
 """
 
 
+# The client keys (IClientKeys): ``P:ckeys:live`` hash of key hash -> JSON record,
+# ``P:ckeys:revoked`` set of revoked hashes (tombstones, checked in the same step as the write).
+
+# KEYS: live hash, revoked set. ARGV: key hash, record JSON. Returns 1 stored, 0 revoked.
+PUT_CLIENT_KEY = """
+if redis.call('SISMEMBER', KEYS[2], ARGV[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS: live hash, revoked set. ARGV: key hash.
+REVOKE_CLIENT_KEY = """
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"""
+
+
 class TokenNotStored(Exception):
     """A token record reached neither Redis nor its file copy; it is kept in memory and written to
     Redis once it is reachable again. The message names the key, never the record."""
@@ -166,14 +184,17 @@ class _PendingWrites:
     tokens: set = attr.Factory(set)
     token_deletes: set = attr.Factory(set)
     quotas: set = attr.Factory(set)
+    client_keys: set = attr.Factory(set)
+    client_key_revokes: set = attr.Factory(set)
 
     def __len__(self):
         return (len(self.forgets) + len(self.cooldowns) + len(self.tokens)
-                + len(self.token_deletes) + len(self.quotas))
+                + len(self.token_deletes) + len(self.quotas) + len(self.client_keys)
+                + len(self.client_key_revokes))
 
 
 @implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
-             ISessionBindings, IUsageCounters)
+             ISessionBindings, IUsageCounters, IClientKeys)
 class RedisStateStore(service.Service):
     """``IStateStore`` (and the shared tokens, quotas, cooldown extension and locks) in one Redis,
     shared by every instance that uses the same URL and ``prefix``.
@@ -198,6 +219,10 @@ class RedisStateStore(service.Service):
     the team limits: ``P:usage:day:DAY:NAME`` and ``P:usage:month:MONTH:NAME`` hashes {tokens,
     usd} (``USAGE_DAY_TTL``/``USAGE_MONTH_TTL`` after the last addition; ``NAME`` is a client
     key's name, never the key); additions made while Redis is unreachable stay local.
+    mirror (a binding is soft state: at worst a session picks an account afresh).
+    Client keys: ``P:ckeys:live`` hash of key hash -> JSON record (hashes and limits only, never a
+    key), ``P:ckeys:revoked`` set of revoked hashes (no TTL: a revocation must outlive everything);
+    puts and revocations made during an outage are written on recovery, revocations first.
 
     ``clock`` is the process's clock: times are passed in as everywhere, the clock only turns them
     into TTLs (so expiry never depends on the Redis host's clock) and paces reconnection.
@@ -693,6 +718,64 @@ class RedisStateStore(service.Service):
             return False  # the lock ends with its TTL
         return bool(released)
 
+    # IClientKeys -------------------------------------------------------------------------------
+
+    def _client_key_names(self):
+        return [self._key("ckeys", "live"), self._key("ckeys", "revoked")]
+
+    def put_key(self, key_hash, record):
+        return Deferred.fromCoroutine(self._put_key(key_hash, dict(record)))
+
+    async def _put_key(self, key_hash, record):
+        blob = _json(record)
+        try:
+            stored = await self._link.run(script_op(PUT_CLIENT_KEY, self._client_key_names(),
+                                                    [key_hash, blob]))
+        except RedisDown:
+            stored = await self.mirror.put_key(key_hash, record)
+            if stored:
+                self._pending.client_keys.add(key_hash)
+            return stored
+        if stored:
+            await self.mirror.put_key(key_hash, record)
+        else:
+            await self.mirror.revoke_key(key_hash)
+        return bool(stored)
+
+    def revoke_key(self, key_hash):
+        return Deferred.fromCoroutine(self._revoke_key(key_hash))
+
+    async def _revoke_key(self, key_hash):
+        try:
+            await self._link.run(script_op(REVOKE_CLIENT_KEY, self._client_key_names(), [key_hash]))
+        except RedisDown:
+            self._pending.client_key_revokes.add(key_hash)
+        self._pending.client_keys.discard(key_hash)
+        await self.mirror.revoke_key(key_hash)
+
+    def all_keys(self):
+        return Deferred.fromCoroutine(self._all_keys())
+
+    async def _all_keys(self):
+        try:
+            raw = await self._link.run(lambda r: r.hgetall(self._key("ckeys", "live")))
+        except RedisDown:
+            return await self.mirror.all_keys()
+        records = {}
+        for key_hash, blob in (raw or {}).items():
+            record = _loads(blob)
+            if record is not None:
+                records[key_hash] = record
+        # puts made here during an outage and not yet replayed are live too
+        mine = await self.mirror.all_keys()
+        for key_hash in self._pending.client_keys:
+            if key_hash in mine:
+                records.setdefault(key_hash, mine[key_hash])
+        for key_hash in self._pending.client_key_revokes:
+            records.pop(key_hash, None)
+        self.mirror.adopt_client_keys(records)
+        return records
+
     # Recovery ----------------------------------------------------------------------------------
 
     async def _replay(self):
@@ -734,6 +817,15 @@ class RedisStateStore(service.Service):
                                         self._ttl_until(state.cooling_until, COOLDOWN_GRACE),
                                         str(state.backoff_level), px_ttl(LEVEL_TTL)]))
             pending.cooldowns.discard(key)
+        for key_hash in sorted(pending.client_key_revokes):
+            await self._link.run(script_op(REVOKE_CLIENT_KEY, self._client_key_names(), [key_hash]))
+            pending.client_key_revokes.discard(key_hash)
+        mine = fired(self.mirror.all_keys())
+        for key_hash in sorted(pending.client_keys):
+            if key_hash in mine:
+                await self._link.run(script_op(PUT_CLIENT_KEY, self._client_key_names(),
+                                               [key_hash, _json(mine[key_hash])]))
+            pending.client_keys.discard(key_hash)
         if count:
             log.info("redis at {url}: wrote {count} change(s) made during the outage",
                      url=self.url, count=count)

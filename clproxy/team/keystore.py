@@ -1,0 +1,309 @@
+"""The client key file ``$CLPROXY_HOME/keys.json`` and the watcher that keeps a daemon's keys current.
+
+The file holds hashes and limits only (mode 0600, every write an atomic rename). Reads take no lock;
+read-modify-writes hold the same advisory ``flock`` discipline as the token store (its lock helper,
+on ``keys.json.lock``), so ``clproxy keys`` and a running daemon never lose each other's writes.
+
+**File and shared store.** The file is the source of truth for ``clproxy keys`` on one machine.
+Under the Redis backend the daemon's :class:`KeyWatcher` also publishes the file to the shared
+store (``IClientKeys``): every key in the file is put, every key that left the file is revoked,
+and the daemon serves the store's keys, which every instance shares. A revocation leaves a
+tombstone in the store, so a machine whose file still holds a revoked key cannot bring it back:
+keys are random, a revoked hash never legitimately returns. Without a shared store the daemon
+serves the file's keys.
+"""
+
+import json
+import os
+import re
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
+
+import attr
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from clproxy.accounts.tokenstore import (DEFAULT_LOCK_POLL, DEFAULT_LOCK_TIMEOUT, TokenStoreLockTimeout,
+                                         _FileLock, _stat_signature, default_home)
+from clproxy.state.files import atomic_write
+from clproxy.team.keys import KeyRecord, display_prefix, generate_key, hash_key
+
+log = Logger()
+
+KEYS_FILE_NAME = "keys.json"
+KEYS_VERSION = 1
+#: How often (seconds) a daemon looks at the key file and the shared store: a change is served
+#: within two of these, inside the issue's 2 seconds.
+DEFAULT_WATCH_INTERVAL = 1.0
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
+
+__all__ = ["KeyStore", "KeyWatcher", "KeyStoreError", "KeyStoreCorrupt", "KeyExists", "UnknownKey",
+           "InvalidKeyName", "KeyStoreLockTimeout", "default_home"]
+
+
+class KeyStoreError(Exception):
+    """Base of the key store's errors; one line, never a key or a hash."""
+
+
+class KeyStoreCorrupt(KeyStoreError):
+    """keys.json cannot be read; it is left as it is."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"client key file {path} is unreadable ({reason}); it was left untouched: "
+                         f"repair it or move it away")
+
+
+class KeyExists(KeyStoreError):
+    """A key with this name exists already (names are unique)."""
+
+    def __init__(self, name: str):
+        super().__init__(f"a client key named {name!r} exists already (revoke it first, or pick "
+                         f"another name)")
+
+
+class UnknownKey(KeyStoreError):
+    """No key has this name."""
+
+    def __init__(self, name: str):
+        super().__init__(f"no client key named {name!r}")
+
+
+class InvalidKeyName(KeyStoreError, ValueError):
+    """Names are 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit."""
+
+    def __init__(self, name: str):
+        super().__init__(f"invalid key name {name[:80]!r}: use 1-64 letters, digits, '.', '_', '@' "
+                         f"or '-', starting with a letter or digit")
+
+
+#: The token store's lock timeout error, under this module's name.
+KeyStoreLockTimeout = TokenStoreLockTimeout
+
+
+class KeyStore:
+    """``$CLPROXY_HOME/keys.json``: client key records by name (hashes, never keys).
+
+    Snapshot reads (:meth:`load`, :meth:`records`, :meth:`fingerprint`) take no lock; changes
+    (:meth:`create`, :meth:`revoke`, :meth:`record_last_used`) take the lock, blocking up to
+    ``lock_timeout`` seconds. They are quick local file writes: the daemon may call
+    :meth:`record_last_used` from a thread (``deferToThread``) every so often, never per request.
+    """
+
+    def __init__(self, home: str, *, now: Callable[[], float] = time.time,
+                 lock_timeout: float = DEFAULT_LOCK_TIMEOUT, lock_poll: float = DEFAULT_LOCK_POLL):
+        self.home = os.path.abspath(home)
+        self.path = os.path.join(self.home, KEYS_FILE_NAME)
+        self.lock_path = self.path + ".lock"
+        self.now = now
+        self.lock_timeout = lock_timeout
+        self.lock_poll = lock_poll
+
+    def __repr__(self) -> str:
+        return f"KeyStore({self.path!r})"
+
+    # -- reading (no lock) --
+
+    def fingerprint(self) -> Optional[Tuple[int, int, int]]:
+        """(mtime_ns, size, inode) of keys.json, or None: cheap; when it changes, :meth:`load` again.
+        Every write is a rename, so the inode alone already changes."""
+        return _stat_signature(self.path)
+
+    def _read_raw(self) -> Dict[str, Any]:
+        try:
+            with open(self.path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return {"version": KEYS_VERSION, "keys": {}}
+        try:
+            raw = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise KeyStoreCorrupt(self.path, "not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise KeyStoreCorrupt(self.path, f"invalid JSON: {e.msg} at line {e.lineno}") from None
+        if not isinstance(raw, dict) or not isinstance(raw.get("keys", {}), dict):
+            raise KeyStoreCorrupt(self.path, "not a key file")
+        if raw.get("version", KEYS_VERSION) != KEYS_VERSION:
+            raise KeyStoreCorrupt(self.path, f"unsupported version {raw.get('version')!r}")
+        raw.setdefault("keys", {})
+        return raw
+
+    def load(self) -> Dict[str, KeyRecord]:
+        """Every record by name (missing file: none). :class:`KeyStoreCorrupt` if unreadable."""
+        raw = self._read_raw()
+        records = {}
+        for name, entry in raw["keys"].items():
+            if not isinstance(entry, dict):
+                raise KeyStoreCorrupt(self.path, f"the entry of {name!r} is not an object")
+            try:
+                records[name] = KeyRecord.from_json(dict(entry, name=name))
+            except ValueError as e:
+                raise KeyStoreCorrupt(self.path, str(e)) from None
+        return records
+
+    def records(self) -> Tuple[KeyRecord, ...]:
+        """Every record, by name."""
+        return tuple(sorted(self.load().values(), key=lambda r: r.name))
+
+    # -- writing (under the lock) --
+
+    @contextmanager
+    def locked(self, timeout: Optional[float] = None) -> Iterator[Dict[str, Any]]:
+        """Hold the key file's lock; yields the raw file content, written back (atomically) on exit
+        without an exception. The token store's lock helper: one flock discipline for both files."""
+        timeout = self.lock_timeout if timeout is None else timeout
+        os.makedirs(self.home, mode=0o700, exist_ok=True)
+        lock = _FileLock(self.lock_path)
+        deadline = time.monotonic() + timeout
+        while not lock.try_acquire():
+            if time.monotonic() >= deadline:
+                lock.close()
+                raise KeyStoreLockTimeout(self.lock_path, timeout)
+            time.sleep(self.lock_poll)
+        try:
+            raw = self._read_raw()
+            before = json.dumps(raw, sort_keys=True)
+            yield raw
+            if json.dumps(raw, sort_keys=True) != before:
+                raw["version"] = KEYS_VERSION
+                self._write(raw)
+        finally:
+            lock.release()
+
+    def _write(self, raw: Mapping[str, Any]) -> None:
+        """Every write of keys.json goes through here (tests replace it to inject faults)."""
+        atomic_write(self.path, (json.dumps(raw, indent=2, sort_keys=True) + "\n").encode("utf-8"), 0o600)
+
+    def create(self, name: str, *, models: Sequence[str] = (), rpm: Optional[int] = None,
+               tokens_per_day: Optional[int] = None, usd_per_day: Optional[float] = None,
+               usd_per_month: Optional[float] = None, allow_subscription: bool = False,
+               admin: bool = False) -> Tuple[str, KeyRecord]:
+        """A new key named ``name``: returns ``(key, record)``. The key exists only in the returned
+        value: show it once, keep nothing. :class:`KeyExists` if the name is taken."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidKeyName(str(name))
+        key = generate_key()
+        record = KeyRecord(name=name, hash=hash_key(key), prefix=display_prefix(key), models=tuple(models),
+                           rpm=rpm, tokens_per_day=tokens_per_day, usd_per_day=usd_per_day,
+                           usd_per_month=usd_per_month, allow_subscription=allow_subscription,
+                           admin=admin, created_at=self.now())
+        with self.locked() as raw:
+            if name in raw["keys"]:
+                raise KeyExists(name)
+            entry = record.to_json()
+            del entry["name"]
+            raw["keys"][name] = entry
+        return key, record
+
+    def revoke(self, name: str) -> KeyRecord:
+        """Remove the key named ``name``; :class:`UnknownKey` if there is none."""
+        with self.locked() as raw:
+            entry = raw["keys"].pop(name, None)
+            if entry is None:
+                raise UnknownKey(name)
+        return KeyRecord.from_json(dict(entry, name=name))
+
+    def record_last_used(self, times: Mapping[str, float]) -> None:
+        """Set ``last_used_at`` of each named key (only ever forward; revoked names are skipped):
+        for a daemon flushing the last uses it saw, in one write."""
+        with self.locked() as raw:
+            for name, when in times.items():
+                entry = raw["keys"].get(name)
+                if isinstance(entry, dict) and (entry.get("last_used_at") or 0) < when:
+                    entry["last_used_at"] = float(when)
+
+
+@attr.s(frozen=True, auto_attribs=True)
+class _Seen:
+    """What the watcher last served: the file's signature and records, the served set."""
+
+    fingerprint: Any = None
+    file_records: Tuple[KeyRecord, ...] = ()
+    served: Tuple[KeyRecord, ...] = ()
+
+
+class KeyWatcher(service.Service):
+    """Polls the key file (and the shared store, if any) every ``interval`` seconds on ``clock`` and
+    calls ``on_change(records)`` with the full set of keys to accept whenever it changes (and once
+    at start). The daemon passes ``KeyRing.replace`` as ``on_change``.
+
+    ``shared`` is an ``IClientKeys`` (the Redis store under the Redis backend): the file's keys are
+    published to it and the daemon serves its keys (see the module docstring). A key file that turns
+    unreadable keeps the last good keys served (one error logged, never fail open).
+
+    At start, the daemon reads :meth:`KeyStore.records` itself before starting the watcher (a
+    corrupt file then stops the start with one line, and the ring is full before the port opens);
+    the watcher's first poll hands the same keys (or newer ones) to ``on_change`` again.
+    """
+
+    def __init__(self, store: KeyStore, clock: Any, on_change: Callable[[Tuple[KeyRecord, ...]], Any],
+                 interval: float = DEFAULT_WATCH_INTERVAL, shared: Any = None):
+        self.store = store
+        self.clock = clock
+        self.on_change = on_change
+        self.interval = interval
+        self.shared = shared
+        # a fingerprint no file has: the first poll always reads the file
+        self._seen = _Seen(fingerprint=object())
+        self._loop: Optional[task.LoopingCall] = None
+        self._broken: Optional[str] = None
+        self._served_once = False
+
+    def startService(self) -> None:
+        """Serve the current keys now, then poll (a LoopingCall on the injected clock)."""
+        service.Service.startService(self)
+        self._loop = task.LoopingCall(self.poll)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> Any:
+        service.Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return None
+
+    def poll(self) -> defer.Deferred:
+        """One look: fires once ``on_change`` has been called if anything changed. Never fails: a
+        failure is logged and the next tick tries again (a stopped watcher would miss revocations)."""
+        return defer.ensureDeferred(self._poll()).addErrback(
+            lambda f: log.error("client key check failed ({error}); retrying", error=f.type.__name__))
+
+    async def _poll(self) -> None:
+        seen = self._seen
+        fingerprint = self.store.fingerprint()
+        file_records = seen.file_records
+        if fingerprint != seen.fingerprint:
+            try:
+                file_records = self.store.records()
+            except KeyStoreError as e:
+                if self._broken != str(e):
+                    self._broken = str(e)
+                    log.error("client keys not reloaded: {error}; the last good keys stay in force",
+                              error=str(e))
+                return
+            self._broken = None
+            if self.shared is not None:
+                await self._publish(seen.file_records, file_records)
+        served = file_records
+        if self.shared is not None:
+            try:
+                shared = await self.shared.all_keys()
+                served = tuple(sorted((KeyRecord.from_json(r) for r in shared.values()),
+                                      key=lambda r: r.name))
+            except Exception as e:  # keep serving what we had; the next tick tries again
+                log.error("could not read the shared client keys ({error})", error=type(e).__name__)
+                served = seen.served
+        self._seen = _Seen(fingerprint, file_records, served)
+        if served != seen.served or not self._served_once:
+            self._served_once = True
+            self.on_change(served)
+
+    async def _publish(self, before: Iterable[KeyRecord], after: Iterable[KeyRecord]) -> None:
+        """Put every key of the file into the shared store, revoke those that left the file."""
+        now = {r.hash: r for r in after}
+        for digest in {r.hash for r in before} - set(now):
+            await self.shared.revoke_key(digest)
+        for digest, record in now.items():
+            await self.shared.put_key(digest, record.to_json())
