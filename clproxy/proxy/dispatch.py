@@ -61,6 +61,9 @@ class ProxyRequest:
     #: the path the client called when it is not ``path`` (the OpenAI front door translates
     #: ``/v1/chat/completions`` into ``/v1/messages``); logs and metrics name this one
     client_path: Optional[bytes] = None
+    #: team mode: the client key's record (clproxy.team.keys.KeyRecord) that authenticated this
+    #: request, set by the HTTP side; None when the proxy has no client keys. Never the key itself.
+    client_key: object = attr.ib(default=None, eq=False, repr=False)
     #: the clproxy.observe.recorder.RequestRecord of this request (set by Dispatcher.forward; the
     #: translation path reads it here). Never on the response sink.
     record: object = attr.ib(default=None, eq=False, repr=False)
