@@ -454,15 +454,18 @@ _FOREIGN_SIGNATURE = re.compile(rb'"signature"\s*:\s*"(?:gemini:|")')
 SESSION_MOVES = "session_moves"
 # Claude Code puts ``metadata`` at the end of its body; only that tail is parsed, never the whole
 # (often hundreds of KB) body, and only when the session header is missing.
+_SESSION_HEADER = b"x-claude-code-session-id"
 _USER_ID = re.compile(rb'"user_id"\s*:\s*("(?:[^"\\]|\\.){0,400}")')
 
 
 def session_of_request(request: ProxyRequest) -> Optional[str]:
     """The request's session: the ``x-claude-code-session-id`` header, else the ``session_id`` in
     ``metadata.user_id`` (found without parsing the whole body); None when it has none."""
-    found = session_of(request.headers, None)
-    if found is not None or not request.body:
-        return found
+    for name, value in request.headers:  # raw byte pairs: the cheap scan, every request
+        if name.lower() == _SESSION_HEADER:
+            return session_of(((name, value),), None)
+    if not request.body:
+        return None
     at = request.body.rfind(b'"metadata"')
     if at < 0:
         return None
@@ -473,7 +476,7 @@ def session_of_request(request: ProxyRequest) -> Optional[str]:
         user_id = json.loads(match.group(1))
     except ValueError:
         return None
-    return session_of(request.headers, {"metadata": {"user_id": user_id}})
+    return session_of((), {"metadata": {"user_id": user_id}})
 
 
 def without_foreign_thinking(request: ProxyRequest) -> ProxyRequest:
