@@ -13,7 +13,6 @@ import os
 import time
 
 import pytest_twisted
-from twisted.internet import defer
 
 from clproxy.cli import usage as usage_cli
 from clproxy.team import usage as usage_ledger
@@ -202,8 +201,15 @@ async def test_status_shows_each_keys_usage_and_no_key_text_is_stored(fake, star
     assert row["month"]["tokens"] == 3140
     assert key not in body.decode() and record.hash not in body.decode()
     await proxy.service.stopService()
-    await defer.succeed(None)
     for directory, _, files in os.walk(home):
         for name in files:
             with open(os.path.join(directory, name), "rb") as handle:
                 assert key.encode() not in handle.read(), name
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_retention_comes_from_the_config(fake, start_proxy):
+    config = accounts_config(fake, "a", logging={"usageRetentionDays": 30})
+    proxy = start_proxy(config)
+    assert proxy.service.usage.ledger.retention_days == 30
+    assert start_proxy(accounts_config(fake, "a")).service.usage.ledger.retention_days == 90
