@@ -218,6 +218,8 @@ class LoggingConfig:
     retention_days: float = 7.0
     max_total_mb: float = 500.0
     debug_bodies: bool = False
+    #: days of rows kept in the usage ledger (``$CLPROXY_HOME/usage.sqlite3``); 0 keeps them all
+    usage_retention_days: float = 90.0
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)

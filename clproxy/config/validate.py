@@ -577,6 +577,8 @@ class _Reader:
             retention_days=self.non_negative(*keys.get("retention_days"), default=d.retention_days),
             max_total_mb=self.non_negative(*keys.get("max_total_mb"), default=d.max_total_mb),
             debug_bodies=self.boolean(*keys.get("debug_bodies"), default=d.debug_bodies),
+            usage_retention_days=self.non_negative(*keys.get("usage_retention_days"),
+                                                   default=d.usage_retention_days),
         )
         keys.finish()
         return logging

@@ -8,12 +8,13 @@ through the injected ``reactor``.
 
 import gc
 import os
+import time
 from typing import Any, Callable, Mapping, Optional, Tuple
 
 import attr
 from treq.client import HTTPClient
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IStreamServerEndpoint
 from twisted.web.client import Agent
 from zope.interface import implementer
@@ -41,7 +42,11 @@ from clproxy.routing.pool import AccountPool
 from clproxy.routing.quota import QUOTA_FILE, QuotaBook
 from clproxy.routing.router import Router
 from clproxy.state import open_store
+from clproxy.state.memory import MemoryStateStore
 from clproxy.state.probe import probe_store
+from clproxy.team import usage as usage_ledger
+from clproxy.team.keystore import KeyStore, KeyStoreError
+from clproxy.team.pricing import Pricing, PricingError
 
 log = console.logger(__name__)
 
@@ -221,12 +226,16 @@ class Proxy:
     started_with: Any = None
     #: set by the daemon when it runs with a lifecycle (state file, Claude Code's settings)
     lifecycle: Any = None
+    #: team mode's usage recording (:class:`UsageRecorder`): the ledger, prices, counters
+    usage: Any = None
 
     @property
     def services(self) -> Tuple[service.IService, ...]:
         """The services to run, in start order: observability first (it stops, and flushes, last),
         the shared state (with the upkeep under it), then the reload watcher."""
-        return (self.observability.service(), self.shared_state, self.watcher)
+        services = (self.observability.service(), self.shared_state, self.watcher)
+        # the usage ledger first: it stops last, after the drain, so the last requests are written
+        return services if self.usage is None else (self.usage.service(self.drainer),) + services
 
     def apply(self, reloaded) -> list:
         """A reloaded config: accounts, routing, shaping, strategy and the server's limits and
@@ -257,6 +266,8 @@ class Proxy:
         # against the config the daemon started with: that is what its state store and logs run on
         pending = restart_needed(self.started_with, new)
         self.config = new
+        if self.usage is not None:
+            self.usage.reconfigure(new)
         for warning in reloaded.warnings:
             log.warn("config: {warning}", warning=warning)
         if self.lifecycle is not None:
@@ -324,7 +335,8 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
     status = StatusReport(clock=clock, pool=pool, store=store, accounts=directory.current,
                           strategy=lambda: pool.strategy, started=clock.seconds(), quotas=quotas,
                           dispatcher=dispatcher, metrics=obs.metrics,
-                          extra=lambda: {"pid": os.getpid(), "observability": obs.status()})
+                          extra=lambda: {"pid": os.getpid(), "observability": obs.status()},
+                          keys=lambda: key_records(proxy))
     drainer = Drainer(clock, cfg.server.drain_timeout)
     root = build_routes(dispatcher, status, metrics=obs.metrics_resource(),
                         max_body_bytes=cfg.server.max_body_bytes)
@@ -342,12 +354,165 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                   quotas=quotas, observability=obs, translation=translation, dispatcher=dispatcher,
                   status=status, drainer=drainer, root=root, site=site, upkeep=upkeep,
                   shared_state=shared_state, watcher=watcher, strategy_override=strategy,
-                  started_with=cfg)
+                  started_with=cfg, usage=make_usage(cfg, home, clock, store))
+    obs.usage_sink = proxy.usage.record
     if not directory.current():
         log.warn("no Anthropic account yet: requests will be answered with 401 until you add one: "
                  "`clproxy auth login anthropic`, ANTHROPIC_API_KEY in the environment or --env-file, "
                  "or accounts.anthropic in {path}", path=config_path)
     return proxy
+
+
+def make_usage(cfg, home: str, clock, store) -> "UsageRecorder":
+    """Team mode's usage recording: the ledger under ``home`` (retention
+    ``logging.usageRetentionDays``), the prices (``pricing:``) and the store's per-key counters."""
+    ledger = usage_ledger.UsageLedger(usage_ledger.ledger_path(home), clock,
+                                      retention_days=cfg.logging.usage_retention_days)
+    try:
+        pricing = _pricing(cfg)
+    except PricingError as e:
+        raise SystemExit(f"clproxy: invalid configuration: {e}")
+    return UsageRecorder(ledger, store, pricing)
+
+
+def _pricing(cfg) -> Pricing:
+    return Pricing.from_config(cfg.pricing, warn=lambda message: log.warn("{message}", message=message))
+
+
+def key_records(proxy: "Proxy") -> tuple:
+    """The client keys' records for ``/status``: the daemon's key ring when it has one (kept current
+    by the key watcher), else the key file read now. Never fails: ``()`` when it cannot be read."""
+    ring = getattr(proxy, "keyring", None)
+    if ring is not None:
+        return tuple(ring)
+    try:
+        return KeyStore(proxy.home).records()
+    except (KeyStoreError, OSError):
+        return ()
+
+
+def utc_day(seconds: float) -> str:
+    """``YYYY-MM-DD`` (UTC) of ``seconds``: the day of the usage counters."""
+    return time.strftime("%Y-%m-%d", time.gmtime(seconds))
+
+
+class UsageRecorder:
+    """One :class:`~clproxy.team.usage.UsageRow` per finished request (the observability layer's
+    ``usage_sink``): priced, queued for the ledger (written off the reactor thread) and added to
+    the state store's per-key day/month counters that the limits read.
+
+    A request without a client key (no keys exist) is recorded with key ``None`` (``clproxy usage
+    --by key`` shows it as ``(none)``) and adds to no counter: no limit applies to it. A request
+    that reported no usage (an error, ``/v1/models``) costs 0.0, priced or not, so an unpriced model
+    is warned about only when it actually used tokens.
+    """
+
+    def __init__(self, ledger: usage_ledger.UsageLedger, store, pricing: Pricing):
+        self.ledger = ledger
+        self.store = store
+        self.pricing = pricing
+        self._service: Optional["UsageService"] = None
+
+    def reconfigure(self, cfg) -> None:
+        """A reloaded config: its ``pricing:`` from the next request on (validated already)."""
+        try:
+            self.pricing = _pricing(cfg)
+        except PricingError as e:
+            log.warn("config: pricing not reloaded: {error}", error=str(e))
+
+    def record(self, fields: Mapping[str, Any]) -> None:
+        """The usage sink: called on the reactor thread when a request is answered (no I/O)."""
+        usage = fields.get("usage") or {}
+        model = fields.get("model")
+        cost = self.pricing.cost_usd(model, usage) if usage else 0.0
+        row = usage_ledger.UsageRow.from_usage(
+            key_name=fields.get("key_name"), account_name=fields.get("account_name"), model=model,
+            usage=usage, cost_usd=cost, status=fields.get("status"), duration=fields.get("duration"),
+            at=fields.get("at") or 0.0)
+        self.ledger.record(row)
+        if row.key_name is not None and (row.tokens or row.cost_usd):
+            d = defer.maybeDeferred(self.store.add_usage, row.key_name, utc_day(row.at), row.tokens,
+                                    row.cost_usd or 0.0)
+            d.addErrback(lambda f: log.warn("usage counters: {error}", error=f.getErrorMessage()))
+
+    def seed_counters(self, now: float) -> int:
+        """Put this month's spending per key, read from the ledger, into a memory store's counters
+        (a Redis store keeps its own across restarts), so the limits survive a restart. Blocking:
+        called at start, before the listener. Returns the number of keys seeded."""
+        if not isinstance(self.store, MemoryStateStore):
+            return 0
+        day_start, month_start = usage_ledger.utc_day_start(now), usage_ledger.utc_month_start(now)
+        try:
+            connection = usage_ledger.connect(self.ledger.path, create=False)
+        except FileNotFoundError:
+            return 0
+        try:
+            rows = connection.execute(
+                "SELECT key_name, at >= ?, SUM(input_tokens + output_tokens + cache_creation_5m "
+                "+ cache_creation_1h), SUM(cost_usd) FROM usage WHERE key_name IS NOT NULL AND at >= ? "
+                "GROUP BY key_name, at >= ?", (day_start, month_start, day_start)).fetchall()
+        finally:
+            connection.close()
+        today, first = utc_day(now), utc_day(month_start)
+        seeded = set()
+        for key_name, is_today, tokens, usd in rows:
+            # earlier days of the month go to its first day: they count for the month, not today
+            day = today if is_today else first
+            if day == today and not is_today:
+                continue  # (today is the 1st: nothing before it in this month)
+            self.store.add_usage(key_name, day, int(tokens or 0), float(usd or 0.0))
+            seeded.add(key_name)
+        return len(seeded)
+
+    def service(self, drainer: Drainer) -> service.IService:
+        """The ledger's service (see :class:`UsageService`)."""
+        if self._service is None:
+            self._service = UsageService(self, drainer)
+        return self._service
+
+
+class UsageService(service.Service):
+    """Opens the ledger and seeds the counters when started; logs the ledger's warnings every few
+    seconds; when stopped, waits for the drain (requests in flight still record), then writes what
+    is queued and closes the ledger."""
+
+    NOTES_INTERVAL = 5.0
+
+    def __init__(self, recorder: UsageRecorder, drainer: Drainer):
+        self.recorder = recorder
+        self.drainer = drainer
+        self._notes: Optional[task.LoopingCall] = None
+
+    def startService(self):
+        super().startService()
+        ledger = self.recorder.ledger
+        try:
+            ledger.start()
+            seeded = self.recorder.seed_counters(ledger.clock.seconds())
+            if seeded:
+                log.info("usage: this month's spending of {count} key(s) read from {path}", count=seeded,
+                         path=ledger.path)
+        except Exception as e:  # an unusable ledger costs usage rows, never serving
+            log.warn("usage: cannot open {path}: {error}; usage is not recorded", path=ledger.path,
+                     error=f"{type(e).__name__}: {e}")
+        self._notes = task.LoopingCall(self.log_notes)
+        self._notes.clock = ledger.clock
+        self._notes.start(self.NOTES_INTERVAL, now=False)
+
+    def log_notes(self) -> None:
+        """Log the ledger's warnings (each once), on the reactor thread."""
+        for level, message in self.recorder.ledger.take_notes():
+            getattr(log, level)("{message}", message=message)
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        super().stopService()
+        if self._notes is not None and self._notes.running:
+            self._notes.stop()
+        self._notes = None
+        yield self.drainer.drain()
+        self.recorder.ledger.stop()
+        self.log_notes()
 
 
 class ProxyService(service.MultiService):

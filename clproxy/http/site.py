@@ -6,10 +6,11 @@ Request bodies are bounded while they arrive, so an oversized upload never fills
 """
 
 import json
+import time
 from io import BytesIO
 
 from clproxy import jsoncodec
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet import defer
 from clproxy.observe.console import logger
@@ -412,11 +413,15 @@ class StatusReport:
     ``cacheHitRatio`` (:func:`clproxy.observe.metrics.cache_hit_ratio`; tokens counted by this
     process since it started) and ``disabledReason``. Proxy-wide: ``sessionMoves`` (every instance's,
     from the state store), ``queueLength`` and ``organizations`` (accounts sharing an org id, judged
-    together by the quota rule).
+    together by the quota rule). Team mode (``keys`` given and at least one key): ``keys``, one row
+    per client key: ``name``, ``prefix``, ``admin``, ``limits``, ``today`` ``{tokens, usd}`` and
+    ``month`` ``{tokens, usd}`` from the state store's usage counters (every instance's under
+    Redis). Never a key or its hash.
     """
 
     def __init__(self, *, clock, pool, store, accounts, strategy: Callable[[], str], started: float,
-                 extra: Callable[[], dict] = dict, quotas=None, dispatcher=None, metrics=None):
+                 extra: Callable[[], dict] = dict, quotas=None, dispatcher=None, metrics=None,
+                 keys: Optional[Callable[[], Iterable]] = None):
         self.clock = clock
         self.pool = pool
         self.store = store
@@ -430,6 +435,8 @@ class StatusReport:
         self.dispatcher = dispatcher
         #: the metrics book (token totals per account)
         self.metrics = metrics
+        #: team mode: the client keys' records (``clproxy.team.keys.KeyRecord``); None: no section
+        self.keys = keys
 
     def health(self) -> dict:
         """The small liveness document."""
@@ -476,8 +483,25 @@ class StatusReport:
             "queueLength": gate.queue_length() if gate is not None else 0,
             "organizations": organizations(accounts, snapshots, now),
         }
+        if self.keys is not None:
+            keys_section = await self._keys(now)
+            if keys_section:
+                document["keys"] = keys_section
         document.update(self.extra())
         return document
+
+    async def _keys(self, now: float) -> list:
+        """The ``keys`` section: each key's spending today and this month against its limits."""
+        day = time.strftime("%Y-%m-%d", time.gmtime(now))
+        rows = []
+        for record in self.keys():
+            tokens, usd = await self.store.get_usage(record.name, day)
+            month_tokens, month_usd = await self.store.get_month_usage(record.name, day[:7])
+            rows.append({"name": record.name, "prefix": record.prefix, "admin": record.admin,
+                         "limits": record.limits(),
+                         "today": {"tokens": int(tokens), "usd": round(float(usd), 6)},
+                         "month": {"tokens": int(month_tokens), "usd": round(float(month_usd), 6)}})
+        return rows
 
 
 def _quota(snapshot, now: float) -> dict:

@@ -68,6 +68,10 @@ def fan_out(observers):
 class Observability:
     """The request log families, metrics, trace context and OTLP export of one daemon.
 
+    ``usage_sink(fields)``, when set, is called once per finished request with a dict of
+    ``key_name, account_name, provider, model, usage, status, duration, at`` (see
+    :meth:`RequestRecord.finish`); its failure is logged, never the request's.
+
     ``clock`` (``IReactorTime``) gives every timestamp and drives retention; ``logs_dir`` None
     disables the JSONL files. ``otlp_endpoint`` (else ``OTEL_EXPORTER_OTLP_ENDPOINT`` in ``environ``)
     turns on OTLP export when the ``otlp`` extra is installed; ``otlp_timeout`` bounds one export
@@ -78,8 +82,12 @@ class Observability:
     def __init__(self, *, clock, logs_dir: Optional[str], retention_days: float = 7,
                  max_total_mb: float = 500, debug_bodies: bool = False,
                  otlp_endpoint: Optional[str] = None, environ: Mapping[str, str] = os.environ,
-                 echo: bool = False, max_pending: int = 100_000, otlp_timeout: float = 5.0):
+                 echo: bool = False, max_pending: int = 100_000, otlp_timeout: float = 5.0,
+                 usage_sink: Optional[Callable[[dict], None]] = None):
         self.clock = clock
+        #: told once per finished request (``RequestRecord.finish``) with its usage fields: the team
+        #: usage ledger and counters (None: nobody listens). Settable after construction.
+        self.usage_sink = usage_sink
         self.logs_dir = logs_dir
         self.retention_days = retention_days
         self.max_total_bytes = int(max_total_mb * 1024 * 1024)
@@ -218,7 +226,8 @@ class RequestRecord:
                  "span_id", "parent_span_id", "trace_flags", "tracestate", "session_id", "user_id",
                  "conversation_id", "claude_session_id", "ttfb", "_usage", "attempts", "refreshes",
                  "_next_attempt_span", "_attempt_started", "finished", "_chunks", "_chunk_bytes",
-                 "_chunk_meta", "_responses", "account", "provider", "actual_model", "truncated", "error")
+                 "_chunk_meta", "_responses", "account", "provider", "actual_model", "truncated", "error",
+                 "key_name")
 
     def __init__(self, obs: Observability, request_id: str, method, path, model, stream: bool,
                  headers: Sequence[Tuple[bytes, bytes]]):
@@ -255,6 +264,8 @@ class RequestRecord:
         self.actual_model: Optional[str] = None
         self.truncated = False
         self.error: Optional[str] = None
+        #: the client key's name (team mode; never the key), set by the dispatcher; None without keys
+        self.key_name: Optional[str] = None
 
     def outbound_headers(self) -> List[Tuple[bytes, bytes]]:
         """``traceparent`` (and ``tracestate``) for the next upstream attempt; call once per attempt,
@@ -394,6 +405,14 @@ class RequestRecord:
         metrics.request_finished(status, account, requested, provider, duration, self.ttfb, usage, truncated)
         if substituted and actual_model:
             metrics.substitution(requested, actual_model, provider)
+        sink = obs.usage_sink
+        if sink is not None:
+            try:
+                sink({"key_name": self.key_name, "account_name": account_name, "provider": provider,
+                      "model": actual_model or self.model, "usage": usage, "status": status,
+                      "duration": duration, "at": now})
+            except Exception:
+                log.failure("usage recording failed for {requestId}", requestId=self.request_id)
 
     def _capture(self, phase: str, seq: int, headers, body: bytes, streamed: bool,
                  status: Optional[int] = None) -> None:
@@ -462,6 +481,7 @@ _AFTER_USAGE = re.compile(rb'\s*:\s*\{')
 _AFTER_MODEL = re.compile(rb'\s*:\s*"((?:[^"\\]|\\.){1,200})"')
 _DECODER = json.JSONDecoder()
 _USAGE_FIELDS = ("input_tokens", "output_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+_CACHE_TTL_FIELDS = ("ephemeral_5m_input_tokens", "ephemeral_1h_input_tokens")
 #: How much of the end of a response is searched for its usage.
 TAIL_BYTES = 4096
 #: A usage object is decoded from at most this many bytes (it is a few hundred).
@@ -491,7 +511,13 @@ def _last_usage(data: bytes) -> dict:
                 return {}
         if not isinstance(value, dict):
             return {}
-        return {k: value[k] for k in _USAGE_FIELDS if type(value.get(k)) is int}
+        found = {k: value[k] for k in _USAGE_FIELDS if type(value.get(k)) is int}
+        detail = value.get("cache_creation")
+        if isinstance(detail, dict):  # the 5-minute / 1-hour split of the cache writes (usage ledger)
+            split = {k: detail[k] for k in _CACHE_TTL_FIELDS if type(detail.get(k)) is int}
+            if split:
+                found["cache_creation"] = split
+        return found
 
 
 def usage_from_sse_tail(tail: bytes) -> dict:

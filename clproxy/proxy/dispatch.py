@@ -193,6 +193,7 @@ class Dispatcher:
             request_id=request.request_id, method=request.method,
             path=request.client_path or request.path, model=request.model,
             stream=request.stream, headers=request.headers, body=request.body)
+        record.key_name = getattr(request.client_key, "name", None)  # team mode: whose usage this is
         out = TimedSink(out, record)
         try:
             await self._forward(request, out)
