@@ -270,3 +270,30 @@ def test_a_public_host_without_keys_refuses_to_start(tmp_path, command):
     assert len(lines) == 1 and "0.0.0.0" in lines[0], output
     if command[1] == "-m":
         assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, output
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoking_the_last_key_of_a_running_public_daemon_refuses_v1(fake, start_proxy, tmp_path):
+    """A daemon on 0.0.0.0 whose last key is revoked answers /v1 with 401 naming `clproxy keys
+    create`, never unauthenticated."""
+    key, _ = make_key(tmp_path)
+    proxy = start_proxy(accounts_config(fake, "a"), host="0.0.0.0")
+    url = proxy.url.replace("0.0.0.0", "127.0.0.1")
+    assert (await send(url + "/v1/messages", request_body(), with_key(key)))[0] == 200
+    KeyStore(str(tmp_path / "home")).revoke("alice")
+    started = time.monotonic()
+    while True:  # every answer a 401: the one before the watcher saw it, then the no-key refusal
+        status, _, body = await send(url + "/v1/messages", request_body())
+        assert status == 401 and time.monotonic() - started < 2.0, status
+        if "clproxy keys create" in error(body)[1]:
+            break
+    assert len(fake.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_allow_unauthenticated_serves_a_public_host_with_a_warning(fake, start_proxy, logs):
+    config = accounts_config(fake, "a", server={"allowUnauthenticated": True})
+    proxy = start_proxy(config, host="0.0.0.0")
+    assert any("WARNING" in line and "allowUnauthenticated" in line for line in logs), logs
+    url = proxy.url.replace("0.0.0.0", "127.0.0.1")
+    assert (await send(url + "/v1/messages", request_body()))[0] == 200
