@@ -37,5 +37,7 @@ def test_the_assembled_daemon_serves_the_same_table(tmp_path):
 
     proxy = built(tmp_path)
     served = paths(proxy.root)
-    assert served == paths(build_routes(object(), object(), metrics=proxy.observability.metrics_resource()))
+    # the client-key guards (team mode) are part of the table the daemon serves
+    assert served == paths(build_routes(object(), object(), metrics=proxy.observability.metrics_resource(),
+                                        auth=proxy.auth))
     assert served[b"/metrics"] is not resource.Resource

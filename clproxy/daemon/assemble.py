@@ -29,6 +29,7 @@ from clproxy.daemon import runstate
 from clproxy.daemon.drain import Drainer
 from clproxy.daemon.reload import ConfigWatcher, restart_needed
 from clproxy.daemon.upkeep import AccountUpkeep
+from clproxy.http.auth import ClientAuth
 from clproxy.http.routes import build_routes
 from clproxy.http.site import ProxySite, StatusReport
 from clproxy.observe import console
@@ -45,7 +46,9 @@ from clproxy.state import open_store
 from clproxy.state.memory import MemoryStateStore
 from clproxy.state.probe import probe_store
 from clproxy.team import usage as usage_ledger
-from clproxy.team.keystore import KeyStore, KeyStoreError
+from clproxy.team.keys import KeyRing
+from clproxy.team.keystore import DEFAULT_WATCH_INTERVAL, KeyStore, KeyStoreError, KeyWatcher
+from clproxy.team.limits import KeyLimits, listen_check
 from clproxy.team.pricing import Pricing, PricingError
 
 log = console.logger(__name__)
@@ -228,6 +231,12 @@ class Proxy:
     lifecycle: Any = None
     #: team mode's usage recording (:class:`UsageRecorder`): the ledger, prices, counters
     usage: Any = None
+    #: team mode: the key file, the keys accepted now (kept current by ``key_watcher``, a child of
+    #: the shared state) and the routes' check
+    keys: Optional[KeyStore] = None
+    ring: Optional[KeyRing] = None
+    key_watcher: Optional[KeyWatcher] = None
+    auth: Optional[ClientAuth] = None
 
     @property
     def services(self) -> Tuple[service.IService, ...]:
@@ -285,15 +294,24 @@ class Proxy:
 def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                 config_path: Optional[str] = None, strategy: Optional[str] = None,
                 passthrough: bool = False, debug: bool = False, health_interval: float = 30.0,
-                load_config: Optional[Callable[[str], Any]] = None) -> Proxy:
+                load_config: Optional[Callable[[str], Any]] = None,
+                host: str = "127.0.0.1") -> Proxy:
     """Build and connect every part of the daemon for the validated config ``cfg``.
 
     ``environ`` is the effective environment (``--env-file`` merged), ``home`` is ``CLPROXY_HOME``;
     ``strategy`` and ``passthrough`` are the command line's overrides. ``load_config(path)`` is what
-    a reload calls (default: the config loader with ``environ``). Raises ``SystemExit`` with one
-    line when the config cannot be served (bad shaping plugin, unreachable Redis).
+    a reload calls (default: the config loader with ``environ``); ``host`` is the interface the
+    daemon will listen on. Raises ``SystemExit`` with one line when the config cannot be served (bad
+    shaping plugin, unreachable Redis, a corrupt key file, a non-loopback ``host`` without a client
+    key and without ``server.allowUnauthenticated``).
     """
     config_path = config_path or configuration.default_config_path(environ)
+    keys, ring = load_client_keys(home)
+    problem = listen_check(host, not ring.empty, cfg.server.allow_unauthenticated)
+    if problem and not cfg.server.allow_unauthenticated:
+        raise SystemExit(problem)
+    if problem:
+        log.warn("{warning}", warning=problem)
     tokens = TokenStore(home)
     store = make_state_store(cfg.state, reactor, tokens)
     pool = AccountPool(store, strategy=strategy or cfg.routing.strategy, clock=clock)
@@ -331,19 +349,25 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                             quotas=quotas, on_refreshed=directory.updated, translation=translation,
                             fallback=translation.fallback_hook(lambda: dispatcher.router.fallback_chain),
                             observability=obs, affinity=make_affinity(cfg.routing, store, clock),
-                            on_disabled=directory.disable)
+                            on_disabled=directory.disable,
+                            key_limits=KeyLimits(store, clock, UsageSpent(store)))
     status = StatusReport(clock=clock, pool=pool, store=store, accounts=directory.current,
                           strategy=lambda: pool.strategy, started=clock.seconds(), quotas=quotas,
                           dispatcher=dispatcher, metrics=obs.metrics,
                           extra=lambda: {"pid": os.getpid(), "observability": obs.status()},
                           keys=lambda: key_records(proxy))
     drainer = Drainer(clock, cfg.server.drain_timeout)
+    # the config in force decides (a reload may change it); read through ``proxy``, bound below
+    auth = ClientAuth(ring, host, lambda: bool(proxy.config.server.allow_unauthenticated))
     root = build_routes(dispatcher, status, metrics=obs.metrics_resource(),
-                        max_body_bytes=cfg.server.max_body_bytes)
+                        max_body_bytes=cfg.server.max_body_bytes, auth=auth)
     site = ProxySite(root, max_body_bytes=cfg.server.max_body_bytes, drainer=drainer)
     shared_state = SharedState(store, tokens)
     upkeep = AccountUpkeep(directory, refresher, clock, interval=health_interval, observability=obs)
     upkeep.setServiceParent(shared_state)
+    # under the shared state: it publishes the file to the (connected) store and serves its keys
+    key_watcher = KeyWatcher(keys, clock, ring.replace, interval=DEFAULT_WATCH_INTERVAL, shared=store)
+    key_watcher.setServiceParent(shared_state)
     if load_config is None:
         def load_config(path):
             return configuration.load_config(path, environ)
@@ -354,7 +378,8 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                   quotas=quotas, observability=obs, translation=translation, dispatcher=dispatcher,
                   status=status, drainer=drainer, root=root, site=site, upkeep=upkeep,
                   shared_state=shared_state, watcher=watcher, strategy_override=strategy,
-                  started_with=cfg, usage=make_usage(cfg, home, clock, store))
+                  started_with=cfg, usage=make_usage(cfg, home, clock, store), keys=keys, ring=ring,
+                  key_watcher=key_watcher, auth=auth)
     obs.usage_sink = proxy.usage.record
     if not directory.current():
         log.warn("no Anthropic account yet: requests will be answered with 401 until you add one: "
@@ -382,7 +407,7 @@ def _pricing(cfg) -> Pricing:
 def key_records(proxy: "Proxy") -> tuple:
     """The client keys' records for ``/status``: the daemon's key ring when it has one (kept current
     by the key watcher), else the key file read now. Never fails: ``()`` when it cannot be read."""
-    ring = getattr(proxy, "keyring", None)
+    ring = proxy.ring
     if ring is not None:
         return tuple(ring)
     try:
@@ -513,6 +538,32 @@ class UsageService(service.Service):
         yield self.drainer.drain()
         self.recorder.ledger.stop()
         self.log_notes()
+
+
+def load_client_keys(home: str) -> Tuple[KeyStore, KeyRing]:
+    """The key file of ``home`` and a ring of its keys, read once before the port opens (the
+    watcher keeps it current afterwards); a corrupt file stops the start with one line."""
+    keys = KeyStore(home)
+    try:
+        return keys, KeyRing(keys.records())
+    except KeyStoreError as e:
+        raise SystemExit(f"clproxy: {e}")
+
+
+class UsageSpent:
+    """What each client key spent, for :class:`clproxy.team.limits.KeyLimits`: an adapter over the
+    state store's ``IUsageCounters`` (shared by every instance under Redis)."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def spent(self, key_name: str, day: str):
+        """(tokens, usd) of ``key_name`` on the UTC day ``day``."""
+        return self.store.get_usage(key_name, day)
+
+    def spent_month(self, key_name: str, month: str):
+        """(tokens, usd) of ``key_name`` in the UTC month ``month``."""
+        return self.store.get_month_usage(key_name, month)
 
 
 class ProxyService(service.MultiService):

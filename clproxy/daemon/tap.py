@@ -106,7 +106,8 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
     proxy = build_proxy(loaded.config, clock=reactor, reactor=reactor, environ=env, home=home,
                         config_path=options.get("config"), strategy=options.get("strategy"),
                         passthrough=bool(options.get("passthrough")), debug=bool(options.get("debug")),
-                        health_interval=float(options.get("health-interval") or 30.0))
+                        health_interval=float(options.get("health-interval") or 30.0),
+                        host=options["host"])
     top = serve(proxy, listen_description(options["host"], options["port"]), reactor)
     install_sighup(proxy.watcher, reactor)
     # after the listener: the lifecycle starts once the port is bound and stops first (Claude

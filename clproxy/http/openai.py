@@ -329,7 +329,8 @@ class ChatCompletionsResource(resource.Resource):
         claude_body = json.dumps(claude, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
         proxy_request = ProxyRequest(method=b"POST", path=b"/v1/messages", query=b"", headers=headers,
                                      body=claude_body, model=model, stream=stream,
-                                     client_path=request.path)
+                                     client_path=request.path,
+                                     client_key=getattr(request, "client_key", None))
         return proxy_request, model, stream, include_usage
 
 
@@ -462,12 +463,13 @@ class ModelsListing(resource.Resource):
         d.addErrback(self._failed, request)
         return server.NOT_DONE_YET
 
-    async def listing(self, headers=()) -> Tuple[list, Optional[CapturedResponse]]:
-        """The OpenAI model entries, and the upstream answer when it failed (None when it worked)."""
+    async def listing(self, headers=(), client_key=None) -> Tuple[list, Optional[CapturedResponse]]:
+        """The OpenAI model entries, and the upstream answer when it failed (None when it worked).
+        ``client_key``: the asking client's key record (its subscription rule picks the account)."""
         captured = CapturedResponse()
         upstream_request = ProxyRequest(method=b"GET", path=b"/v1/models", query=b"?limit=1000",
                                         headers=[(b"anthropic-version", ANTHROPIC_VERSION)] + list(headers),
-                                        body=None)
+                                        body=None, client_key=client_key)
         await self.dispatcher.forward(upstream_request, captured)
         entries, seen = [], set()
 
@@ -503,7 +505,7 @@ class ModelsListing(resource.Resource):
                 yield target.model, target.provider
 
     async def _answer(self, request, wanted: Optional[str]) -> None:
-        entries, failed = await self.listing()
+        entries, failed = await self.listing(client_key=getattr(request, "client_key", None))
         if request._disconnected:
             return
         if wanted is not None:

@@ -10,27 +10,36 @@
     /metrics                    GET   Prometheus text (when observability is wired)
 
 Anything else gets an Anthropic-shaped 404 (an OpenAI-shaped one under ``/v1/chat``).
+
+With ``auth`` (a :class:`clproxy.http.auth.ClientAuth`), ``/v1`` is behind the client-key check and
+``/status`` and ``/metrics`` behind the admin check; ``/health`` stays open.
 """
+
+from typing import Optional
 
 from twisted.web import resource
 
+from clproxy.http.auth import ClientAuth, Guarded
 from clproxy.http.openai import DEFAULT_MAX_BODY_BYTES, ModelsListing, chat_node
 from clproxy.http.site import HealthResource, MessagesResource, ModelsResource, Node
 from clproxy.http.site import StatusReport, StatusResource
 
 
 def build_routes(dispatcher, status: StatusReport, *, metrics=None, router=None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> resource.Resource:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth: Optional[ClientAuth] = None
+                 ) -> resource.Resource:
     """The root resource. ``router`` None: the dispatcher's router in force (it changes on reload);
-    ``metrics``: the ``GET /metrics`` resource, or None when observability is not wired."""
+    ``metrics``: the ``GET /metrics`` resource, or None when observability is not wired; ``auth``
+    None: no client keys at all (tests of the routes alone)."""
     root = Node()
     v1 = Node()
-    root.putChild(b"v1", v1)
+    root.putChild(b"v1", Guarded(v1, auth.client) if auth is not None else v1)
     v1.putChild(b"messages", MessagesResource(dispatcher))
     v1.putChild(b"models", ModelsListing(dispatcher, router, ModelsResource(dispatcher)))
     v1.putChild(b"chat", chat_node(dispatcher, max_body_bytes))
     root.putChild(b"health", HealthResource(status))
-    root.putChild(b"status", StatusResource(status))
+    status_resource = StatusResource(status)
+    root.putChild(b"status", Guarded(status_resource, auth.admin) if auth is not None else status_resource)
     if metrics is not None:
-        root.putChild(b"metrics", metrics)
+        root.putChild(b"metrics", Guarded(metrics, auth.admin) if auth is not None else metrics)
     return root

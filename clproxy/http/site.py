@@ -279,7 +279,13 @@ def parse_messages_request(request: server.Request, needs_model: bool = True) ->
     uri = request.uri
     query = uri[uri.index(b"?"):] if b"?" in uri else b""
     return ProxyRequest(method=request.method, path=request.path, query=query,
-                        headers=list(_raw_headers(request)), body=body, model=model, stream=stream)
+                        headers=list(_raw_headers(request)), body=body, model=model, stream=stream,
+                        client_key=client_key_of(request))
+
+
+def client_key_of(request):
+    """The key record the auth check accepted for ``request`` (None without client keys)."""
+    return getattr(request, "client_key", None)
 
 
 def _raw_headers(request):
@@ -359,7 +365,8 @@ class ModelsResource(Node):
         uri = request.uri
         query = uri[uri.index(b"?"):] if b"?" in uri else b""
         proxy_request = ProxyRequest(method=b"GET", path=request.path, query=query,
-                                     headers=list(_raw_headers(request)), body=None)
+                                     headers=list(_raw_headers(request)), body=None,
+                                     client_key=client_key_of(request))
         out = ClientResponse(request)
         d = defer.ensureDeferred(self.dispatcher.forward(proxy_request, out))
         d.addErrback(_internal_error, out)

@@ -31,6 +31,7 @@ from clproxy.routing import headroom, limits, policy
 from clproxy.routing.affinity import SessionAffinity, session_of
 from clproxy.routing.limits import ConcurrencyGate
 from clproxy.routing.router import Target
+from clproxy.team.limits import usable_accounts
 from clproxy.translate.claude import strip_foreign_thinking
 
 # downstream_headers lives in attempt.py; it is still importable from here, where it was
@@ -152,7 +153,7 @@ class Dispatcher:
                  on_refreshed: Optional[Callable[[Account], None]] = None,
                  observability: Optional[Observability] = None, gate: Optional[ConcurrencyGate] = None,
                  affinity: Optional[SessionAffinity] = None,
-                 on_disabled: Optional[Callable[[Account, str], None]] = None):
+                 on_disabled: Optional[Callable[[Account, str], None]] = None, key_limits=None):
         self.clock = clock
         #: request logs, metrics and traces (metrics only when none is given)
         self.obs = observability if observability is not None else Observability(clock=clock, logs_dir=None)
@@ -182,6 +183,8 @@ class Dispatcher:
         #: told about an account the upstream says can never serve (organization disabled, OAuth
         #: not allowed): the account directory takes it out of the pool, with the reason
         self.on_disabled = on_disabled
+        #: clproxy.team.limits.KeyLimits: the client key's model, budget and rpm checks (None: none)
+        self.key_limits = key_limits
 
     async def forward(self, request: ProxyRequest, out) -> None:
         """Answer ``request`` through ``out`` (any :class:`clproxy.interfaces.IResponseSink`).
@@ -209,6 +212,10 @@ class Dispatcher:
             await self.store.incr("completed_requests")
 
     async def _forward(self, request: ProxyRequest, out) -> None:
+        client = request.client_key
+        # before anything is routed or sent: a refused request reaches no provider and takes no slot
+        if client is not None and self.key_limits is not None and request.model is not None:
+            await self.key_limits.check(client, request.model)
         if self.router is not None and request.model:
             route = self.router.route(request.model)
             if route.translated:
@@ -226,6 +233,8 @@ class Dispatcher:
         enabled = [a for a in accounts if a.enabled]
         if not enabled:
             raise self._no_account_error(accounts)
+        # subscription (OAuth) accounts serve only keys allowed to use them (403 when none is left)
+        enabled = usable_accounts(client, enabled)
         enabled, exclusions = limits.serving(enabled, request.model)
         if not enabled:  # every account excludes this model: nothing is sent upstream
             raise ProxyError(404, limits.not_served_message(request.model or "", exclusions), "not_found_error")

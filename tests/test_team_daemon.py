@@ -1,0 +1,299 @@
+"""Team mode through a real daemon: client keys on /v1, the admin check on /status and /metrics, the
+per-key limits and the subscription rule before dispatch, and no open relay on a non-loopback host."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import anthropic
+import pytest
+import pytest_twisted
+import treq
+from twisted.internet import reactor
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
+
+from clproxy.accounts.oauth import TokenSet
+from clproxy.accounts.tokenstore import StoredCredential, TokenStore
+from clproxy.http.auth import ClientAuth
+from clproxy.team.keys import KeyRing
+from clproxy.team.keystore import KeyStore
+from clproxy.team.limits import day_of, next_midnight
+from clproxy.testing.oauth import listen_fake_oauth
+from conftest import accounts_config
+from helpers import in_thread, request_body, until
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+async def send(url, body=None, headers=None, method=b"POST"):
+    """(status, headers, body) of one request carrying exactly ``headers`` (no client key unless given)."""
+    from twisted.web.client import FileBodyProducer
+    from io import BytesIO
+    all_headers = {b"content-type": [b"application/json"], b"anthropic-version": [b"2023-06-01"]}
+    all_headers.update(headers or {})
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    response = await agent.request(method, url.encode(), Headers(all_headers),
+                                   FileBodyProducer(BytesIO(body)) if body is not None else None)
+    return response.code, response.headers, await treq.content(response)
+
+
+def error(body):
+    parsed = json.loads(body)
+    return parsed["error"]["type"], parsed["error"]["message"]
+
+
+def make_key(tmp_path, name="alice", **limits):
+    """A client key in the daemon's home (as `clproxy keys create` makes it): (key, record)."""
+    return KeyStore(str(tmp_path / "home")).create(name, **limits)
+
+
+def with_key(key):
+    return {b"x-api-key": [key.encode()]}
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_key_is_401_and_nothing_goes_upstream(fake, start_proxy, tmp_path):
+    """With a key in the home, a request without one (or with a wrong one) is 401 and never sent."""
+    key, _ = make_key(tmp_path)
+    proxy = start_proxy(accounts_config(fake, "a"))
+    for headers in ({}, {b"x-api-key": [b"clp_wrong"]}, {b"authorization": [b"Bearer nope"]}):
+        status, _, body = await send(proxy.url + "/v1/messages", request_body(), headers)
+        assert status == 401 and error(body)[0] == "authentication_error"
+        assert key not in body.decode()
+    status, _, _ = await send(proxy.url + "/v1/messages/count_tokens", request_body())
+    assert status == 401
+    status, _, _ = await send(proxy.url + "/v1/models", None, method=b"GET")
+    assert status == 401
+    status, _, body = await send(proxy.url + "/v1/chat/completions", json.dumps(
+        {"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "hi"}]}).encode())
+    assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+    assert "type" not in json.loads(body)  # the OpenAI shape under /v1/chat
+    assert fake.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_good_key_passes_and_never_reaches_the_upstream(fake, start_proxy, tmp_path):
+    """x-api-key and Bearer (the SDK's auth_token) both pass; the upstream sees the account's
+    credential, never the client key; no file under CLPROXY_HOME holds the key (only its hash)."""
+    key, record = make_key(tmp_path)
+    proxy = start_proxy(accounts_config(fake, "a"))
+    status, _, _ = await send(proxy.url + "/v1/messages", request_body(), with_key(key))
+    assert status == 200
+
+    def by_sdk():
+        client = anthropic.Anthropic(base_url=proxy.url, auth_token=key, api_key=None, max_retries=0)
+        return client.messages.create(model="claude-sonnet-4-5", max_tokens=10,
+                                      messages=[{"role": "user", "content": "hi"}])
+    message = await in_thread(by_sdk)
+    assert message.content
+    assert len(fake.requests) == 2
+    for recorded in fake.requests:
+        assert recorded.credential == "key-a"
+        assert all(key.encode() not in value for _, value in recorded.headers)
+    home = tmp_path / "home"
+    await until(lambda: any(home.rglob("*")))
+    for path in home.rglob("*"):
+        if path.is_file():
+            assert key.encode() not in path.read_bytes(), path
+    assert record.hash.encode() in (home / "keys.json").read_bytes()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_revoked_key_is_refused_within_two_seconds(fake, start_proxy, tmp_path):
+    """`clproxy keys revoke` while the daemon runs: the key is refused within 2 s; a key created
+    meanwhile is accepted within 2 s."""
+    key, _ = make_key(tmp_path)
+    make_key(tmp_path, "bob")
+    proxy = start_proxy(accounts_config(fake, "a"))
+    assert (await send(proxy.url + "/v1/messages", request_body(), with_key(key)))[0] == 200
+    KeyStore(str(tmp_path / "home")).revoke("alice")
+    started = time.monotonic()
+    statuses = []
+
+    async def refused():
+        statuses.append((await send(proxy.url + "/v1/messages", request_body(), with_key(key)))[0])
+        return statuses[-1] == 401
+    while not await refused():
+        assert time.monotonic() - started < 2.0, statuses
+    new_key, _ = make_key(tmp_path, "carol")
+    started = time.monotonic()
+    while (await send(proxy.url + "/v1/messages", request_body(), with_key(new_key)))[0] != 200:
+        assert time.monotonic() - started < 2.0
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoking_the_last_key_on_a_public_bind_does_not_open_the_relay(fake, tmp_path):
+    """No key left on a non-loopback bind (without allowUnauthenticated): /v1 is refused, naming
+    `clproxy keys create`; on loopback, or when allowed, no key means open."""
+    ring = KeyRing()
+
+    class Request:
+        requestHeaders = Headers()
+
+    refusal = ClientAuth(ring, "0.0.0.0").client(Request())
+    assert refusal.status == 401 and "clproxy keys create" in refusal.message
+    assert ClientAuth(ring, "0.0.0.0", lambda: True).client(Request()) is None
+    assert ClientAuth(ring, "127.0.0.1").client(Request()) is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_models_outside_the_key_are_403(fake, start_proxy, tmp_path):
+    key, _ = make_key(tmp_path, models=["claude-haiku-*"])
+    proxy = start_proxy(accounts_config(fake, "a"))
+    status, _, body = await send(proxy.url + "/v1/messages", request_body(model="claude-opus-4-1"),
+                                 with_key(key))
+    assert status == 403 and error(body)[0] == "permission_error" and "claude-opus-4-1" in error(body)[1]
+    assert fake.requests == []
+    status, _, _ = await send(proxy.url + "/v1/messages", request_body(model="claude-haiku-4-5"),
+                              with_key(key))
+    assert status == 200 and len(fake.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_rpm_is_429_with_a_truthful_retry_after(fake, start_proxy, tmp_path):
+    key, _ = make_key(tmp_path, rpm=2)
+    proxy = start_proxy(accounts_config(fake, "a"))
+    first = time.time()
+    for _ in range(2):
+        assert (await send(proxy.url + "/v1/messages", request_body(), with_key(key)))[0] == 200
+    status, headers, body = await send(proxy.url + "/v1/messages", request_body(), with_key(key))
+    assert status == 429 and error(body)[0] == "rate_limit_error"
+    retry = int(headers.getRawHeaders(b"retry-after")[0])
+    # the first request leaves the sliding minute 60 s after it was taken
+    assert first + 60 - time.time() - 1 <= retry <= 60
+    assert len(fake.requests) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_spent_token_budget_is_429_until_midnight_utc(fake, start_proxy, tmp_path):
+    key, _ = make_key(tmp_path, tokens_per_day=1000)
+    proxy = start_proxy(accounts_config(fake, "a"))
+    await proxy.service.store.add_usage("alice", day_of(time.time()), 1000, 0.0)
+    status, headers, body = await send(proxy.url + "/v1/messages", request_body(), with_key(key))
+    now = time.time()
+    assert status == 429 and error(body)[0] == "rate_limit_error" and "00:00 UTC" in error(body)[1]
+    retry = int(headers.getRawHeaders(b"retry-after")[0])
+    assert abs(now + retry - next_midnight(now)) <= 2
+    assert fake.requests == []
+
+
+@pytest.fixture
+def oauth():
+    server, port, _ = listen_fake_oauth(reactor)
+    yield server
+    pytest_twisted.blockon(port.stopListening())
+
+
+def seed_oauth(home, oauth):
+    pair = oauth.seed_tokens()
+    tokens = TokenSet(access_token=pair.access_token, refresh_token=pair.refresh_token)
+    TokenStore(str(home)).put(StoredCredential.new_oauth("work", tokens, time.time(),
+                                                         expires_at=time.time() + 3600 * 8))
+    return pair
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscription_accounts_serve_only_keys_allowed_to_use_them(fake, oauth, start_proxy,
+                                                                         tmp_path):
+    """A key without --allow-subscription never reaches the OAuth account; one with it may."""
+    pair = seed_oauth(tmp_path / "home", oauth)
+    plain, _ = make_key(tmp_path, "plain")
+    subscriber, _ = make_key(tmp_path, "sub", allow_subscription=True)
+    config = accounts_config(fake, "a", routing={"strategy": "round-robin"})
+    config["providers"] = {"anthropic": {"baseUrl": fake.url, "oauthTokenUrl": oauth.token_url}}
+    proxy = start_proxy(config)
+    for _ in range(4):
+        assert (await send(proxy.url + "/v1/messages", request_body(), with_key(plain)))[0] == 200
+    assert {r.credential for r in fake.requests} == {"key-a"}
+    fake.clear()
+    for _ in range(4):
+        assert (await send(proxy.url + "/v1/messages", request_body(), with_key(subscriber)))[0] == 200
+    assert pair.access_token in {r.credential for r in fake.requests}
+
+
+@pytest_twisted.ensureDeferred
+async def test_only_subscription_accounts_is_403_for_a_plain_key(fake, oauth, start_proxy, tmp_path):
+    seed_oauth(tmp_path / "home", oauth)
+    plain, _ = make_key(tmp_path, "plain")
+    proxy = start_proxy({"providers": {"anthropic": {"baseUrl": fake.url,
+                                                     "oauthTokenUrl": oauth.token_url}}})
+    status, _, body = await send(proxy.url + "/v1/messages", request_body(), with_key(plain))
+    assert status == 403 and error(body)[0] == "permission_error"
+    assert "--allow-subscription" in error(body)[1]
+    assert fake.requests == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_and_metrics_need_an_admin_key_health_stays_open(fake, start_proxy, tmp_path):
+    plain, _ = make_key(tmp_path, "plain")
+    admin, _ = make_key(tmp_path, "boss", admin=True)
+    proxy = start_proxy(accounts_config(fake, "a"))
+    for path in ("/status", "/metrics"):
+        for headers in ({}, with_key(plain), {b"authorization": [b"Bearer " + plain.encode()]}):
+            status, _, body = await send(proxy.url + path, None, headers, method=b"GET")
+            assert status == 401 and error(body)[0] == "authentication_error", path
+        status, _, body = await send(proxy.url + path, None,
+                                     {b"authorization": [b"Bearer " + admin.encode()]}, method=b"GET")
+        assert status == 200, path
+        assert admin not in body.decode() and plain not in body.decode()
+    assert (await send(proxy.url + "/health", None, method=b"GET"))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_key_on_loopback_stays_open(fake, start_proxy):
+    proxy = start_proxy(accounts_config(fake, "a"))
+    assert (await send(proxy.url + "/v1/messages", request_body()))[0] == 200
+    assert (await send(proxy.url + "/status", None, method=b"GET"))[0] == 200
+
+
+def _environment(home):
+    env = dict(os.environ, CLPROXY_HOME=str(home), CLPROXY_CLAUDE_SETTINGS="off")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    env.pop("ANTHROPIC_API_KEY", None)
+    return env
+
+
+@pytest.mark.parametrize("command", [
+    [sys.executable, "-m", "clproxy", "proxy", "start"],
+    [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "claudeproxy"]])
+def test_a_public_host_without_keys_refuses_to_start(tmp_path, command):
+    result = subprocess.run(command + ["--host", "0.0.0.0", "--port", "1", "--no-guard"],
+                            capture_output=True, text=True, env=_environment(tmp_path / "home"),
+                            cwd=str(tmp_path), timeout=60)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if "clproxy keys create" in line]
+    assert len(lines) == 1 and "0.0.0.0" in lines[0], output
+    if command[1] == "-m":
+        assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, output
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoking_the_last_key_of_a_running_public_daemon_refuses_v1(fake, start_proxy, tmp_path):
+    """A daemon on 0.0.0.0 whose last key is revoked answers /v1 with 401 naming `clproxy keys
+    create`, never unauthenticated."""
+    key, _ = make_key(tmp_path)
+    proxy = start_proxy(accounts_config(fake, "a"), host="0.0.0.0")
+    url = proxy.url.replace("0.0.0.0", "127.0.0.1")
+    assert (await send(url + "/v1/messages", request_body(), with_key(key)))[0] == 200
+    KeyStore(str(tmp_path / "home")).revoke("alice")
+    started = time.monotonic()
+    while True:  # every answer a 401: the one before the watcher saw it, then the no-key refusal
+        status, _, body = await send(url + "/v1/messages", request_body())
+        assert status == 401 and time.monotonic() - started < 2.0, status
+        if "clproxy keys create" in error(body)[1]:
+            break
+    assert len(fake.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_allow_unauthenticated_serves_a_public_host_with_a_warning(fake, start_proxy, logs):
+    config = accounts_config(fake, "a", server={"allowUnauthenticated": True})
+    proxy = start_proxy(config, host="0.0.0.0")
+    assert any("WARNING" in line and "allowUnauthenticated" in line for line in logs), logs
+    url = proxy.url.replace("0.0.0.0", "127.0.0.1")
+    assert (await send(url + "/v1/messages", request_body()))[0] == 200
