@@ -188,21 +188,24 @@ async def test_status_shows_each_keys_usage_and_no_key_text_is_stored(fake, star
     home = tmp_path / "home"
     proxy = start_proxy(accounts_config(fake, "a"))
     key, record = KeyStore(str(home)).create("carol", tokens_per_day=1000000, usd_per_day=5.0)
+    admin_key, _ = KeyStore(str(home)).create("ops", admin=True)  # /status needs an admin key now
     as_key(proxy, record)
+    await until(lambda: proxy.service.ring is not None and len(proxy.service.ring) == 2)  # the watcher
     fake.script(body=body_with(USAGE), times=1)
     status, _, _ = await post(proxy.url + "/v1/messages", request_body(), headers={b"x-api-key": [key.encode()]})
     assert status == 200
     await until(lambda: proxy.service.usage.ledger.pending == 0 and proxy.service.usage.ledger.written >= 1)
-    status, _, body = await post(proxy.url + "/status", None, method=b"GET")
+    status, _, body = await post(proxy.url + "/status", None, method=b"GET",
+                                 headers={b"x-api-key": [admin_key.encode()]})
     assert status == 200
     document = json.loads(body)
-    [row] = document["keys"]
+    [row] = [r for r in document["keys"] if r["name"] == "carol"]
     assert row["name"] == "carol" and row["prefix"] == record.prefix and row["admin"] is False
     assert row["limits"]["tokens_per_day"] == 1000000 and row["limits"]["usd_per_day"] == 5.0
     assert row["today"]["tokens"] == 3140
     assert abs(row["today"]["usd"] - expected_cost(USAGE)) < 1e-6
     assert row["month"]["tokens"] == 3140
-    assert key not in body.decode() and record.hash not in body.decode()
+    assert key not in body.decode() and record.hash not in body.decode() and admin_key not in body.decode()
     await proxy.service.stopService()
     for directory, _, files in os.walk(home):
         for name in files:
