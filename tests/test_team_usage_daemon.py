@@ -247,8 +247,6 @@ async def test_a_translated_answer_records_a_row(fake, start_proxy, tmp_path):
     assert [(r["model"], r["account_name"], r["status"]) for r in rows] == [("gemini-2.5-flash", None, 200)]
 
 
-@pytest.mark.xfail(strict=True, reason="clproxy/providers/translation.py does not pass the provider's usage "
-                                       "to the request record yet (record.usage): outside this change")
 @pytest_twisted.ensureDeferred
 async def test_a_translated_answer_records_the_providers_tokens(fake, start_proxy, tmp_path):
     rows = await _answered_by_gemini(fake, start_proxy, tmp_path)

@@ -181,6 +181,9 @@ class Translation:
         except (ValueError, TypeError, AttributeError, KeyError) as e:
             raise _NotAnswered(ProxyError(502, f"{client.name} sent an answer clproxy cannot translate: {e}"),
                                f"untranslatable answer: {e}")
+        record = getattr(request, "record", None)
+        if record is not None and isinstance(message.get("usage"), dict):
+            record.usage(message["usage"])  # the translated tokens count in the summary and the ledger
         if out.disconnected:
             return
         encoded = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
@@ -198,7 +201,8 @@ class Translation:
         translated = TranslatedStream(
             client.stream_translator(target.model), clock=self.clock, out=out, commit=commit,
             provider=client.name, idle_timeout=self.upstream_timeout,
-            keepalive_interval=self.keepalive_interval)
+            keepalive_interval=self.keepalive_interval,
+            on_usage=getattr(getattr(request, "record", None), "usage", None))
         response.deliverBody(translated)
         out.on_disconnect(translated.abort)
         self.streams.add(translated)
@@ -224,8 +228,11 @@ class TranslatedStream(protocol.Protocol):
     """
 
     def __init__(self, translator, *, clock, out, commit: Callable[[str], None], provider: str,
-                 idle_timeout: float, keepalive_interval: float):
+                 idle_timeout: float, keepalive_interval: float,
+                 on_usage: Optional[Callable[[dict], None]] = None):
         self.translator = translator
+        #: told the translated ``usage`` of message_start and message_delta (later values win)
+        self.on_usage = on_usage
         self.clock = clock
         self.out = out
         self._commit = commit
@@ -299,6 +306,12 @@ class TranslatedStream(protocol.Protocol):
     def _emit(self, events) -> None:
         if self._finished:
             return
+        if self.on_usage is not None:
+            for name, data in events:
+                usage = ((data.get("message") or {}).get("usage") if name == "message_start"
+                         else data.get("usage") if name == "message_delta" else None)
+                if isinstance(usage, dict):
+                    self.on_usage(usage)
         if not self.committed:
             self._pending.extend(events)
             error = next((data for name, data in self._pending if name == "error"), None)
