@@ -39,6 +39,17 @@ def test_ordinary_text_is_left_alone():
     assert redact_text(text) == text
 
 
+def test_clproxy_client_keys_are_masked_in_text_bytes_and_collected():
+    """A clproxy client key (``clp_`` + 43 url-safe characters) pasted into a prompt or a tool's
+    output is masked like any other key shape; ``clp_config`` and the like are left alone."""
+    from clproxy.team.keys import generate_key
+    key = generate_key()
+    assert key not in redact_text(f"export ANTHROPIC_API_KEY={key}")
+    assert key.encode() not in redact_raw(b'{"text":"ANTHROPIC_API_KEY=' + key.encode() + b'"}')
+    assert key in collect_secrets({"content": f"the key is {key}"})
+    assert redact_text("see clp_config and clp_x") == "see clp_config and clp_x"
+
+
 def test_sensitive_json_keys_are_redacted_at_any_depth():
     """authorization, x-api-key, cookies, tokens, api_key and client_secret lose their values, nested too."""
     document = {"model": "claude", "metadata": {"api_key": "k1", "deeper": [{"refresh_token": "k2"}]},

@@ -1,7 +1,8 @@
 """Redaction: what must never reach a log file, a body capture or an OTLP collector.
 
 Pure functions. Secret-bearing headers and JSON keys (at any depth) lose their values; key-shaped
-strings (``sk-ant-...``, OpenAI ``sk-...``, Google ``AIza...``, ``Bearer ...``) are masked anywhere.
+strings (``sk-ant-...``, OpenAI ``sk-...``, Google ``AIza...``, clproxy's ``clp_...``, ``Bearer ...``)
+are masked anywhere.
 """
 
 import json
@@ -31,6 +32,8 @@ _KEY_SHAPES = [
      "sk-" + REDACTED),
     (re.compile(r"(?<![A-Za-z0-9])AIza[0-9A-Za-z_\-]{30,}"), "AIza" + REDACTED),
     (re.compile(r"(?i)\bBearer\s+[A-Za-z0-9\-._~+/]+=*"), "Bearer " + REDACTED),
+    # clproxy's own client keys (clproxy.team.keys: ``clp_`` + 43 url-safe characters)
+    (re.compile(r"(?<![A-Za-z0-9])clp_[A-Za-z0-9_\-]{20,}"), "clp_" + REDACTED),
 ]
 _KEY_SHAPES_B = [(re.compile(p.pattern.encode("ascii"), p.flags & re.IGNORECASE), r.encode("ascii"))
                  for p, r in _KEY_SHAPES]
@@ -72,7 +75,8 @@ def redact_text(text: str) -> str:
     if '"' in text:
         text = _TEXT_PAIR.sub(_TEXT_REPLACEMENT, text)
         text = _TEXT_ESCAPED_PAIR.sub(_TEXT_REPLACEMENT, text)
-    if "sk-" not in text and "AIza" not in text and "earer" not in text and "EARER" not in text:
+    if ("sk-" not in text and "AIza" not in text and "earer" not in text and "EARER" not in text
+            and "clp_" not in text):
         return text
     for pattern, replacement in _KEY_SHAPES:
         text = pattern.sub(replacement, text)
