@@ -221,8 +221,8 @@ class ErrorResource(resource.Resource):
 
 
 def not_found(request: server.Request) -> ErrorResource:
-    path = request.path.decode("latin-1", "replace")[:200]
-    return ErrorResource(ProxyError(404, f"clproxy does not serve {path}"))
+    """The resource answering ``request``'s unknown path with an Anthropic-shaped 404."""
+    return ErrorResource(_not_found_error(request))
 
 
 class Node(resource.Resource):
