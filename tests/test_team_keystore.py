@@ -218,3 +218,20 @@ def test_watcher_publishes_to_shared_store_and_serves_it(tmp_path):
     for w in watchers:
         w.stopService()
     assert json.dumps(shared._client_keys).find(key) == -1
+
+
+def test_watcher_serves_the_file_keys_when_the_shared_store_cannot_be_read_at_start(tmp_path):
+    """A shared store that fails on the first poll does not empty the ring (which would run a
+    loopback daemon without authentication): the file's keys are served until it answers."""
+    class Unreadable(MemoryStateStore):
+        def all_keys(self):
+            raise ConnectionError("redis is down")
+
+    clock = task.Clock()
+    store = KeyStore(str(tmp_path))
+    key, _ = store.create("alice")
+    ring = KeyRing(store.records())
+    watcher = KeyWatcher(store, clock, ring.replace, shared=Unreadable())
+    watcher.startService()
+    assert ring.verify(key) is not None and not ring.empty
+    watcher.stopService()

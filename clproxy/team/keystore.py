@@ -294,7 +294,8 @@ class KeyWatcher(service.Service):
                                       key=lambda r: r.name))
             except Exception as e:  # keep serving what we had; the next tick tries again
                 log.error("could not read the shared client keys ({error})", error=type(e).__name__)
-                served = seen.served
+                # nothing served yet: the file's keys, never none (an empty ring opens a loopback daemon)
+                served = seen.served if self._served_once else file_records
         self._seen = _Seen(fingerprint, file_records, served)
         if served != seen.served or not self._served_once:
             self._served_once = True
