@@ -242,3 +242,11 @@ def test_dashboard_queries_only_metrics_that_exist(tmp_path):
             "Sessions, quota and prompt cache"} <= titles
     if obs.otlp is not None:
         obs.otlp.stop(timeout=0)
+
+
+def test_quota_utilization_windows_are_the_quota_rules_windows():
+    """``clproxy_account_quota_utilization{window}`` names exactly the windows the quota rule judges
+    (and /status shows): one definition, not a copy that may drift."""
+    from clproxy.observe.metrics import QUOTA_WINDOWS
+    from clproxy.routing.headroom import RULE_WINDOWS
+    assert QUOTA_WINDOWS is RULE_WINDOWS

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.web import resource, server
 
 from clproxy.observe.console import logger
+from clproxy.routing.headroom import RULE_WINDOWS
 
 log = logger(__name__)
 
@@ -25,8 +26,9 @@ TTFB_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30, 60)
 ATTEMPT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300)
 #: Seconds a request waited for a concurrency slot (maxConcurrent), from none to queue-timeout.
 QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
-#: The quota windows reported as ``clproxy_account_quota_utilization{window}``.
-QUOTA_WINDOWS = (("five_hour", "5h"), ("seven_day", "7d"))
+#: The quota windows reported as ``clproxy_account_quota_utilization{window}``: those the quota
+#: rule judges (one definition, :data:`clproxy.routing.headroom.RULE_WINDOWS`).
+QUOTA_WINDOWS = RULE_WINDOWS
 #: New label combinations past this many per metric are folded into one ``other`` series.
 MAX_SERIES = 2000
 TOKEN_TYPES = ("input", "output", "cache_creation", "cache_read")
