@@ -41,3 +41,29 @@ def test_the_assembled_daemon_serves_the_same_table(tmp_path):
     assert served == paths(build_routes(object(), object(), metrics=proxy.observability.metrics_resource(),
                                         auth=proxy.auth))
     assert served[b"/metrics"] is not resource.Resource
+
+
+def test_status_answer_after_the_client_left_writes_nothing():
+    """/status builds its document asynchronously; a client that hung up meanwhile gets nothing
+    written (Twisted would raise on a write to a finished request), and no error is logged."""
+    from twisted.internet import defer
+    from twisted.python.failure import Failure
+    from twisted.web.test.requesthelper import DummyRequest
+
+    from clproxy.http.site import StatusResource
+
+    class SlowStatus:
+        def __init__(self):
+            self.pending = defer.Deferred()
+
+        async def status(self):
+            return await self.pending
+
+    status = SlowStatus()
+    request = DummyRequest([b"status"])
+    request.method = b"GET"
+    StatusResource(status).render(request)
+    request.processingFailed(Failure(ConnectionError("client went away")))  # fires notifyFinish's errback
+    written = list(request.written)
+    status.pending.callback({"ok": True})
+    assert request.written == written  # nothing more after the client left

@@ -397,13 +397,19 @@ class StatusResource(Node):
 
     def render_GET(self, request):
         d = defer.ensureDeferred(self.status.status())
+        gone = []  # the client hung up while the document was being built: nobody to answer
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
 
         def done(value):
+            if gone:
+                return
             request.write(write_json(request, value))
             request.finish()
 
         def failed(failure):
             log.failure("status failed", failure)
+            if gone:
+                return
             request.write(write_error(request, ProxyError(500, "status is unavailable")))
             request.finish()
 
