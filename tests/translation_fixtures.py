@@ -10,8 +10,8 @@ from clproxy import config as configuration
 from clproxy.daemon.assemble import build_proxy, serve
 from clproxy.proxy.dispatch import ProxyRequest
 from clproxy.testing.providers import listen_fake_gemini, listen_fake_openai
-from clproxy.proxy.sse import SSEParser
 from clproxy.proxy.upstream import UpstreamClient
+from helpers import RecordingSink
 
 
 @pytest.fixture
@@ -57,76 +57,13 @@ def load(config: dict):
     return configuration.parse_config(json.dumps(config), "test-config.json", environ={}).config
 
 
-class RecordingOut:
-    """A ``ClientResponse`` stand-in that records what was written and can simulate a client leaving."""
-
-    def __init__(self):
-        self.disconnected = False
-        self.started = False
-        self.status = None
-        self.headers = []
-        self.writes = []
-        self.finished = False
-        self.cancel = None
-        self.producer = None
-        self.errors = []
-
-    def on_disconnect(self, cancel):
-        self.cancel = cancel
-
-    def start(self, status, headers):
-        self.started = True
-        self.status = status
-        self.headers = list(headers)
-
-    def write(self, data):
-        if not self.disconnected:
-            self.writes.append(data)
-
-    def finish(self):
-        self.finished = True
-        self.disconnected = True
-
-    def send(self, status, headers, body):
-        self.start(status, headers)
-        self.write(body)
-        self.finish()
-
-    def send_error(self, error):
-        self.errors.append(error)
-        self.send(error.status, [(b"content-type", [b"application/json"])]
-                  + [(n, [v]) for n, v in error.headers], error.body())
-
-    def register_producer(self, producer):
-        self.producer = producer
-
-    def unregister_producer(self):
-        self.producer = None
-
-    def disconnect(self):
-        """The client goes away."""
-        self.disconnected = True
-        cancel, self.cancel = self.cancel, None
-        if cancel is not None:
-            cancel()
-
-    # -- reading what was written ---------------------------------------------------------------
-    @property
-    def body(self) -> bytes:
-        return b"".join(self.writes)
-
-    def header(self, name: bytes):
-        for key, values in self.headers:
-            if key.lower() == name.lower():
-                return values[0]
-        return None
+class RecordingOut(RecordingSink):
+    """The test sink of tests/helpers.py (an IResponseSink that records what was written and can
+    play the client leaving), plus the body parsed as JSON."""
 
     def json(self):
+        """The whole answer's body, parsed."""
         return json.loads(self.body)
-
-    def events(self):
-        """The SSE events written, as (name, parsed data)."""
-        return [(e.name, json.loads(e.data)) for e in SSEParser().feed(self.body)]
 
 
 def claude_request(stream=False, model="claude-sonnet-4-5", path=b"/v1/messages", **extra) -> ProxyRequest:
