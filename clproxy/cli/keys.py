@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO
 
 from clproxy.team.keys import KeyRecord
 from clproxy.team.keystore import KeyStore, KeyStoreError, default_home
+from clproxy.cli.argparsing import UsageExit as _UsageExit, writing_parser
 
 #: Printed by ``keys create --allow-subscription``: the README's "Terms of use", for this key.
 SUBSCRIPTION_TERMS = (
@@ -23,12 +24,6 @@ SUBSCRIPTION_TERMS = (
     "Code. clproxy forwards requests as the client shaped them and never disguises another client as "
     "Claude Code; use API keys for any other client. You are responsible for using each account "
     "within its provider's terms.")
-
-
-class _UsageExit(Exception):
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
 
 
 def _positive_int(text: str) -> int:
@@ -58,20 +53,7 @@ def _pattern(text: str) -> str:
 
 
 def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
-    class Parser(argparse.ArgumentParser):
-        def _print_message(self, message: str, file: Any = None) -> None:
-            if message:
-                (stdout if file is sys.stdout else stderr).write(message)
-
-        def exit(self, status: int = 0, message: Optional[str] = None) -> None:  # type: ignore[override]
-            if message:
-                stderr.write(message)
-            raise _UsageExit(status)
-
-        def error(self, message: str) -> None:  # type: ignore[override]
-            stderr.write(self.format_usage())
-            stderr.write(f"{self.prog}: error: {message}\n")
-            raise _UsageExit(2)
+    Parser = writing_parser(stdout, stderr)
 
     common = Parser(add_help=False)
     common.add_argument("--format", choices=("text", "json"), default="text", help="output format")

@@ -17,31 +17,13 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, TextIO
 
 from clproxy.config import clproxy_home
 from clproxy.team.usage import DIMENSIONS, SUM_FIELDS, connect, ledger_path, parse_since, query_summary
+from clproxy.cli.argparsing import UsageExit as _UsageExit, writing_parser
 
 DEFAULT_BY = "key"
 
 
-class _UsageExit(Exception):
-    def __init__(self, code: int):
-        super().__init__(code)
-        self.code = code
-
-
 def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
-    class Parser(argparse.ArgumentParser):
-        def _print_message(self, message: str, file: Any = None) -> None:
-            if message:
-                (stdout if file is sys.stdout else stderr).write(message)
-
-        def exit(self, status: int = 0, message: Optional[str] = None) -> None:  # type: ignore[override]
-            if message:
-                stderr.write(message)
-            raise _UsageExit(status)
-
-        def error(self, message: str) -> None:  # type: ignore[override]
-            stderr.write(self.format_usage())
-            stderr.write(f"{self.prog}: error: {message}\n")
-            raise _UsageExit(2)
+    Parser = writing_parser(stdout, stderr)
 
     parser = Parser(prog="clproxy usage",
                     description="Requests, tokens (prompt cache included) and cost in USD, summed by client "
