@@ -16,7 +16,8 @@ from zope.interface import implementer
 
 from clproxy.proxy import sse
 from clproxy.proxy.dispatch import ProxyRequest
-from clproxy.errors import ProxyError, error_event
+from clproxy.errors import ProxyError
+from clproxy.http.site import send_anthropic_error
 from clproxy.interfaces import IResponseSink
 from clproxy.observe.console import logger
 from clproxy.translate.claude import TranslationError
@@ -408,14 +409,7 @@ class CapturedResponse:
         self.finish()
 
     def send_error(self, error: ProxyError) -> None:
-        if self.disconnected:
-            return
-        if self.started:
-            self.write(error_event(error.message, error.error_type))
-            self.finish()
-            return
-        self.send(error.status, [(b"content-type", [JSON])] + [(n, [v]) for n, v in error.headers],
-                  error.body())
+        send_anthropic_error(self, error)
 
     def register_producer(self, producer) -> None:
         pass

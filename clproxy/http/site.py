@@ -31,6 +31,18 @@ log = logger(__name__)
 JSON = b"application/json"
 
 
+def send_anthropic_error(sink, error: ProxyError) -> None:
+    """Answer ``error`` through ``sink`` (an IResponseSink) in Anthropic's shape: a whole JSON error
+    with its status and headers before the answer started, an SSE ``error`` event and the end after."""
+    if sink.disconnected:
+        return
+    if sink.started:
+        sink.write(error_event(error.message, error.error_type))
+        sink.finish()
+        return
+    sink.send(error.status, [(b"content-type", [JSON])] + [(n, [v]) for n, v in error.headers], error.body())
+
+
 @implementer(IResponseSink)
 class ClientResponse:
     """Writes one answer to one client request; the dispatcher's only handle on the connection.
@@ -92,14 +104,7 @@ class ClientResponse:
 
     def send_error(self, error: ProxyError) -> None:
         """An Anthropic-shaped error, or an SSE error event when the response was already committed."""
-        if self.disconnected:
-            return
-        if self.started:
-            self.write(error_event(error.message, error.error_type))
-            self.finish()
-            return
-        self.send(error.status, [(b"content-type", [JSON])] + [(n, [v]) for n, v in error.headers],
-                  error.body())
+        send_anthropic_error(self, error)
 
     def register_producer(self, producer) -> None:
         """Let the client's transport pause ``producer`` (the upstream) when it cannot keep up."""
