@@ -16,6 +16,7 @@ from twisted.internet import task
 from twisted.logger import Logger, LogLevel
 
 from clproxy.observe import console
+from clproxy.observe.activity import Activity
 from clproxy.observe.jsonl import ATTEMPT_NAMESPACE, BODY_NAMESPACE, REQUEST_NAMESPACE, JsonlWriter
 from clproxy.observe.metrics import MetricsBook, MetricsResource
 from clproxy.observe.trace import format_traceparent, new_span_id, new_trace_id, read_inbound
@@ -92,6 +93,8 @@ class Observability:
         self.retention_days = retention_days
         self.max_total_bytes = int(max_total_mb * 1024 * 1024)
         self.metrics = MetricsBook(clock)
+        #: the last hour of traffic and the last requests, for the dashboard (bounded, in memory)
+        self.activity = Activity(clock)
         self.writer = JsonlWriter(logs_dir, max_pending=max_pending) if logs_dir else None
         self.otlp = None
         self.otlp_timeout = otlp_timeout
@@ -227,7 +230,7 @@ class RequestRecord:
                  "conversation_id", "claude_session_id", "ttfb", "_usage", "attempts", "refreshes",
                  "_next_attempt_span", "_attempt_started", "finished", "_chunks", "_chunk_bytes",
                  "_chunk_meta", "_responses", "account", "provider", "actual_model", "truncated", "error",
-                 "key_name")
+                 "key_name", "attempt_rows")
 
     def __init__(self, obs: Observability, request_id: str, method, path, model, stream: bool,
                  headers: Sequence[Tuple[bytes, bytes]]):
@@ -266,6 +269,8 @@ class RequestRecord:
         self.error: Optional[str] = None
         #: the client key's name (team mode; never the key), set by the dispatcher; None without keys
         self.key_name: Optional[str] = None
+        #: each attempt's dashboard row (account, provider, status, classification, durationMs)
+        self.attempt_rows: List[dict] = []
 
     def outbound_headers(self) -> List[Tuple[bytes, bytes]]:
         """``traceparent`` (and ``tracestate``) for the next upstream attempt; call once per attempt,
@@ -311,6 +316,11 @@ class RequestRecord:
                 claudeSessionId=self.claude_session_id, time=now)
         obs.metrics.attempt(status, account, model or "-", provider, classification, cooldown, level,
                             duration, now)
+        self.attempt_rows.append({"account": account_name, "provider": provider, "status": status,
+                                  "classification": classification,
+                                  "durationMs": round(duration * 1000, 3)})
+        if status == 429:
+            obs.activity.rate_limited(now)
 
     def first_byte(self) -> None:
         """The client gets its first byte now (status line of a stream, or a whole answer)."""
@@ -405,6 +415,16 @@ class RequestRecord:
         metrics.request_finished(status, account, requested, provider, duration, self.ttfb, usage, truncated)
         if substituted and actual_model:
             metrics.substitution(requested, actual_model, provider)
+        obs.activity.finished({
+            "at": now, "started": self.started, "id": self.request_id, "key": self.key_name,
+            "model": actual_model or self.model, "requestedModel": self.model, "account": account_name,
+            "provider": provider, "status": status, "durationMs": round(duration * 1000, 3),
+            "ttfbMs": None if self.ttfb is None else round(self.ttfb * 1000, 3), "stream": self.stream,
+            "truncated": bool(truncated), "error": error,
+            "tokens": {"input": usage.get("input_tokens"), "output": usage.get("output_tokens"),
+                       "cacheRead": usage.get("cache_read_input_tokens"),
+                       "cacheCreation": usage.get("cache_creation_input_tokens")},
+            "attempts": self.attempt_rows})
         sink = obs.usage_sink
         if sink is not None:
             try:
