@@ -17,7 +17,8 @@ setup(
     # scans every sys.path entry for a twisted/plugins/ directory, finds claudeproxy_plugin.py.
     package_dir={"": "."},
     packages=find_packages(include=["clproxy", "clproxy.*"]) + ["twisted.plugins"],
-    package_data={"twisted": ["plugins/claudeproxy_plugin.py"]},
+    # the dashboard's page (plain HTML, CSS and JavaScript, served from the package)
+    package_data={"twisted": ["plugins/claudeproxy_plugin.py"], "clproxy.dashboard": ["static/*"]},
     include_package_data=True,
     install_requires=[
         # The lower bounds are Debian 12 (bookworm)'s versions, which tests/test_ops_deb_chroot.py
@@ -58,6 +59,8 @@ setup(
             "ruff>=0.17,<0.18",
             "mypy>=2.4,<2.5",
             "mypy-zope>=1.0.17",
+            # drives Debian's chromium (through chromium-driver) in the dashboard's browser tests
+            "selenium>=4.20",
         ],
     },
     entry_points={"console_scripts": ["clproxy = clproxy.cli.main:main"]},

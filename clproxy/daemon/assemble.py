@@ -29,6 +29,9 @@ from clproxy.daemon import runstate
 from clproxy.daemon.drain import Drainer
 from clproxy.daemon.reload import ConfigWatcher, restart_needed
 from clproxy.daemon.upkeep import AccountUpkeep
+from clproxy.dashboard.access import DashboardAccess
+from clproxy.dashboard.feed import DashboardFeed, dashboard_state
+from clproxy.dashboard.resources import DashboardRoot
 from clproxy.http.auth import ClientAuth
 from clproxy.http.routes import build_routes
 from clproxy.http.site import ProxySite, StatusReport
@@ -237,12 +240,17 @@ class Proxy:
     ring: Optional[KeyRing] = None
     key_watcher: Optional[KeyWatcher] = None
     auth: Optional[ClientAuth] = None
+    #: the live dashboard's feed (a service: it closes open pages' streams before the drain)
+    feed: Optional[DashboardFeed] = None
 
     @property
     def services(self) -> Tuple[service.IService, ...]:
         """The services to run, in start order: observability first (it stops, and flushes, last),
         the shared state (with the upkeep under it), then the reload watcher."""
-        services = (self.observability.service(), self.shared_state, self.watcher)
+        services: Tuple[service.IService, ...] = (self.observability.service(), self.shared_state,
+                                                   self.watcher)
+        if self.feed is not None:
+            services += (self.feed,)
         # the usage ledger first: it stops last, after the drain, so the last requests are written
         return services if self.usage is None else (self.usage.service(self.drainer),) + services
 
@@ -359,8 +367,11 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
     drainer = Drainer(clock, cfg.server.drain_timeout)
     # the config in force decides (a reload may change it); read through ``proxy``, bound below
     auth = ClientAuth(ring, host, lambda: bool(proxy.config.server.allow_unauthenticated))
+    feed = DashboardFeed(lambda: dashboard_now(status, obs.activity, dispatcher, clock), obs.activity, clock)
+    dashboard = DashboardRoot(DashboardAccess(ring, clock, host,
+                                              lambda: bool(proxy.config.server.allow_unauthenticated)), feed)
     root = build_routes(dispatcher, status, metrics=obs.metrics_resource(),
-                        max_body_bytes=cfg.server.max_body_bytes, auth=auth)
+                        max_body_bytes=cfg.server.max_body_bytes, auth=auth, dashboard=dashboard)
     site = ProxySite(root, max_body_bytes=cfg.server.max_body_bytes, drainer=drainer)
     shared_state = SharedState(store, tokens)
     upkeep = AccountUpkeep(directory, refresher, clock, interval=health_interval, observability=obs)
@@ -379,13 +390,22 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                   status=status, drainer=drainer, root=root, site=site, upkeep=upkeep,
                   shared_state=shared_state, watcher=watcher, strategy_override=strategy,
                   started_with=cfg, usage=make_usage(cfg, home, clock, store), keys=keys, ring=ring,
-                  key_watcher=key_watcher, auth=auth)
+                  key_watcher=key_watcher, auth=auth, feed=feed)
     obs.usage_sink = proxy.usage.record
     if not directory.current():
         log.warn("no Anthropic account yet: requests will be answered with 401 until you add one: "
                  "`clproxy auth login anthropic`, ANTHROPIC_API_KEY in the environment or --env-file, "
                  "or accounts.anthropic in {path}", path=config_path)
     return proxy
+
+
+async def dashboard_now(status: StatusReport, activity, dispatcher, clock) -> dict:
+    """The dashboard's state now: the ``/status`` document, the last hour's traffic and the
+    fallback chain in force (:func:`clproxy.dashboard.feed.dashboard_state`)."""
+    document = await status.status()
+    now = clock.seconds()
+    chain = [{"provider": t.provider, "model": t.model} for t in dispatcher.router.fallback_chain]
+    return dashboard_state(document, now=now, traffic=activity.traffic(now), fallback_chain=chain)
 
 
 def make_usage(cfg, home: str, clock, store) -> "UsageRecorder":

@@ -8,6 +8,7 @@
     /v1/chat/completions        POST  the OpenAI-compatible front door
     /health /status             GET   liveness and the pool's state
     /metrics                    GET   Prometheus text (when observability is wired)
+    /dashboard, /dashboard/*    GET   the live dashboard (clproxy.dashboard.resources; its own auth)
 
 Anything else gets an Anthropic-shaped 404 (an OpenAI-shaped one under ``/v1/chat``).
 
@@ -26,11 +27,12 @@ from clproxy.http.site import StatusReport, StatusResource
 
 
 def build_routes(dispatcher, status: StatusReport, *, metrics=None, router=None,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth: Optional[ClientAuth] = None
-                 ) -> resource.Resource:
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, auth: Optional[ClientAuth] = None,
+                 dashboard: Optional[resource.Resource] = None) -> resource.Resource:
     """The root resource. ``router`` None: the dispatcher's router in force (it changes on reload);
     ``metrics``: the ``GET /metrics`` resource, or None when observability is not wired; ``auth``
-    None: no client keys at all (tests of the routes alone)."""
+    None: no client keys at all (tests of the routes alone); ``dashboard``: the ``/dashboard``
+    resource (it checks its viewers itself: the page must load to offer its login form)."""
     root = Node()
     v1 = Node()
     root.putChild(b"v1", Guarded(v1, auth.client) if auth is not None else v1)
@@ -42,4 +44,6 @@ def build_routes(dispatcher, status: StatusReport, *, metrics=None, router=None,
     root.putChild(b"status", Guarded(status_resource, auth.admin) if auth is not None else status_resource)
     if metrics is not None:
         root.putChild(b"metrics", Guarded(metrics, auth.admin) if auth is not None else metrics)
+    if dashboard is not None:
+        root.putChild(b"dashboard", dashboard)
     return root

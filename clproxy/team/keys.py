@@ -145,6 +145,11 @@ class KeyRing:
         """At least one admin key exists."""
         return any(r.admin for r in self._by_hash.values())
 
+    def find(self, key_hash: str) -> Optional[KeyRecord]:
+        """The record of the key whose hash is ``key_hash`` (a login session remembers only the
+        hash), or None when that key is gone."""
+        return self._by_hash.get(key_hash)
+
     def verify(self, presented: Optional[str]) -> Optional[KeyRecord]:
         """The record of the presented key, or None (missing, malformed, unknown or revoked).
 

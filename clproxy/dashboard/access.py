@@ -1,0 +1,188 @@
+"""Who may look at the dashboard, and the login that lets a browser in.
+
+The rule: with no client key at all the dashboard is open where the relay is (loopback, or
+``server.allowUnauthenticated``); otherwise it needs an admin client key, presented as
+``Authorization: Bearer`` / ``x-api-key`` (scripts, a browser told to send it), or once to the
+page's login form, which turns it into a session cookie.
+
+A session is a random token in an ``HttpOnly; SameSite=Strict`` cookie scoped to ``/dashboard``
+that expires (:data:`SESSION_TTL`); the daemon keeps only the token's SHA-256 and the hash of the
+key it was opened with, so revoking the key (or taking its admin right) ends its sessions at once.
+Login attempts are rate-limited per peer address and overall (:class:`LoginThrottle`), answered
+with a true ``Retry-After``. No key, token or part of one is ever logged or echoed.
+"""
+
+import collections
+import hashlib
+import secrets
+from typing import Callable, Deque, Optional, Tuple
+
+from clproxy.team.keys import KeyRing, extract_client_key
+from clproxy.team.limits import is_loopback
+
+COOKIE = b"clproxy_dashboard"
+SESSION_TTL = 8 * 3600.0
+MAX_SESSIONS = 1024
+
+
+class LoginThrottle:
+    """At most ``per_peer`` login attempts per peer address and ``overall`` in all, in any
+    ``window`` seconds (a sliding window of attempt times, bounded: at most ``max_peers`` peers are
+    remembered, the least recent forgotten first)."""
+
+    def __init__(self, clock, per_peer: int = 5, overall: int = 30, window: float = 60.0,
+                 max_peers: int = 10_000):
+        self.clock = clock
+        self.per_peer = per_peer
+        self.overall = overall
+        self.window = window
+        self.max_peers = max_peers
+        self._peers: "collections.OrderedDict[str, Deque[float]]" = collections.OrderedDict()
+        self._all: Deque[float] = collections.deque()
+
+    def _expire(self, times: Deque[float], now: float) -> None:
+        while times and times[0] <= now - self.window:
+            times.popleft()
+
+    def admit(self, peer: str) -> Optional[float]:
+        """Count one attempt from ``peer``: None when it may go on, else the seconds until the next
+        attempt would be admitted (the attempt is then not counted)."""
+        now = self.clock.seconds()
+        times = self._peers.get(peer)
+        if times is None:
+            times = self._peers[peer] = collections.deque()
+            while len(self._peers) > self.max_peers:
+                self._peers.popitem(last=False)
+        else:
+            self._peers.move_to_end(peer)
+        self._expire(times, now)
+        self._expire(self._all, now)
+        waits = []
+        if len(times) >= self.per_peer:
+            waits.append(times[0] + self.window - now)
+        if len(self._all) >= self.overall:
+            waits.append(self._all[0] + self.window - now)
+        if waits:
+            return max(waits)
+        times.append(now)
+        self._all.append(now)
+        return None
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class LoginSessions:
+    """Open login sessions: token digest -> (hash of the admin key used, expiry). Bounded by
+    ``max_sessions`` (the oldest is closed first)."""
+
+    def __init__(self, clock, ttl: float = SESSION_TTL, max_sessions: int = MAX_SESSIONS):
+        self.clock = clock
+        self.ttl = ttl
+        self.max_sessions = max_sessions
+        self._open: "collections.OrderedDict[str, Tuple[str, float]]" = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def open(self, key_hash: str) -> str:
+        """A new session for the key with ``key_hash``; returns its token (for the cookie only)."""
+        token = secrets.token_urlsafe(32)
+        self._open[_digest(token)] = (key_hash, self.clock.seconds() + self.ttl)
+        while len(self._open) > self.max_sessions:
+            self._open.popitem(last=False)
+        return token
+
+    def key_hash(self, token: Optional[str]) -> Optional[str]:
+        """The key hash of the live session ``token`` names, or None (unknown, expired: removed)."""
+        if not token or len(token) > 200:
+            return None
+        digest = _digest(token)
+        found = self._open.get(digest)
+        if found is None:
+            return None
+        if found[1] <= self.clock.seconds():
+            del self._open[digest]
+            return None
+        return found[0]
+
+    def close(self, token: Optional[str]) -> None:
+        """End the session ``token`` names (nothing when there is none)."""
+        if token and len(token) <= 200:
+            self._open.pop(_digest(token), None)
+
+
+class DashboardAccess:
+    """The dashboard's gate over the live key ring.
+
+    ``host`` is the interface the daemon listens on; ``allow_unauthenticated()`` reads the config in
+    force (the same two facts decide whether the relay itself is open)."""
+
+    def __init__(self, ring: KeyRing, clock, host: str = "127.0.0.1",
+                 allow_unauthenticated: Callable[[], bool] = lambda: False,
+                 sessions: Optional[LoginSessions] = None, throttle: Optional[LoginThrottle] = None):
+        self.ring = ring
+        self.clock = clock
+        self.host = host
+        self.allow_unauthenticated = allow_unauthenticated
+        self.sessions = sessions if sessions is not None else LoginSessions(clock)
+        self.throttle = throttle if throttle is not None else LoginThrottle(clock)
+
+    def is_open(self) -> bool:
+        """No client key exists and the relay is open here: anyone who reaches it may look."""
+        return self.ring.empty and (is_loopback(self.host) or bool(self.allow_unauthenticated()))
+
+    def login_possible(self) -> bool:
+        """Whether an admin key exists to log in with."""
+        return self.ring.has_admin
+
+    def _admin_hash(self, key_hash: Optional[str]) -> Optional[str]:
+        record = self.ring.find(key_hash) if key_hash else None
+        return record.hash if record is not None and record.admin else None
+
+    def by_header(self, request) -> Optional[str]:
+        """The hash of the admin key ``request`` presents in its headers, or None."""
+        record = self.ring.verify(extract_client_key(request.requestHeaders))
+        return record.hash if record is not None and record.admin else None
+
+    def by_cookie(self, request) -> Optional[str]:
+        """The hash of the admin key behind ``request``'s session cookie, or None (no cookie, an
+        expired session, or a key revoked or no longer admin since)."""
+        token = request.getCookie(COOKIE)
+        if not token:
+            return None
+        return self._admin_hash(self.sessions.key_hash(token.decode("ascii", "replace")))
+
+    def allowed(self, request) -> bool:
+        """Whether ``request`` may read the dashboard's data."""
+        return self.is_open() or self.by_header(request) is not None or self.by_cookie(request) is not None
+
+    def login(self, presented: Optional[str], peer: str) -> Tuple[int, str, Optional[str], Optional[float]]:
+        """One login attempt: ``(status, message, session token or None, retry after or None)``.
+        200 with a token for an admin key; 429 when throttled; 403 for a valid key that is not an
+        admin's; 401 otherwise. The message never repeats what was presented."""
+        wait = self.throttle.admit(peer)
+        if wait is not None:
+            return 429, "too many login attempts; try again later", None, wait
+        if self.ring.empty:
+            return 400, "no client key exists: the dashboard is open on loopback", None, None
+        record = self.ring.verify(presented)
+        if record is None:
+            return 401, "that is not a valid clproxy client key", None, None
+        if not record.admin:
+            return 403, "the dashboard needs an admin client key (clproxy keys create NAME --admin)", None, None
+        return 200, "logged in", self.sessions.open(record.hash), None
+
+    def logout(self, request) -> None:
+        """End the session of ``request``'s cookie."""
+        token = request.getCookie(COOKIE)
+        if token:
+            self.sessions.close(token.decode("ascii", "replace"))
+
+
+def session_cookie(token: str, max_age: float) -> bytes:
+    """The ``Set-Cookie`` value carrying ``token`` (``max_age`` 0 removes the cookie)."""
+    return (COOKIE + b"=" + token.encode("ascii") + b"; Path=/dashboard; Max-Age=" +
+            str(int(max_age)).encode("ascii") + b"; HttpOnly; SameSite=Strict")
+
