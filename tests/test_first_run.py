@@ -138,9 +138,10 @@ def test_test_script_names_a_missing_tool_in_one_line_and_stops(tmp_path):
     assert result.returncode != 0
     sudo = "sudo " if os.geteuid() else ""
     assert output.splitlines() == [
-        "scripts/test: missing redis-server, mmdebstrap, dpkg-buildpackage, dh, dh_python3, python3-all, "
-        f"python3-setuptools; install them with: {sudo}apt-get install redis-server mmdebstrap dpkg-dev "
-        "debhelper dh-python python3-all python3-setuptools"], output
+        "scripts/test: missing redis-server, mmdebstrap, dpkg-buildpackage, dh, dh_python3, chromium, "
+        f"chromedriver, python3-all, python3-setuptools; install them with: {sudo}apt-get install "
+        "redis-server mmdebstrap dpkg-dev debhelper dh-python chromium chromium-driver python3-all "
+        "python3-setuptools"], output
     assert not venv_dir.exists(), "the venv was made (and pytest would have run) despite the missing tool"
 
 

@@ -1,0 +1,304 @@
+"""The dashboard's parts alone, on a ``task.Clock``: the activity ring, the login throttle and
+sessions, the access rule, the state document and the live feed's fan-out."""
+
+import json
+
+import pytest
+from twisted.internet import defer, task
+from twisted.web.test.requesthelper import DummyRequest
+
+from clproxy.dashboard.access import COOKIE, DashboardAccess, LoginSessions, LoginThrottle
+from clproxy.dashboard.feed import DashboardFeed, dashboard_state, percent
+from clproxy.observe.activity import LATENCY_BOUNDS, Activity, quantile_ms
+from clproxy.team.keys import KeyRing, KeyRecord, hash_key
+
+
+def finished(activity, at, status=200, duration=10.0, **extra):
+    row = {"at": at, "status": status, "durationMs": duration, "id": f"r{activity.seq + 1}"}
+    row.update(extra)
+    activity.finished(row)
+    return row
+
+
+# --- the activity ring ------------------------------------------------------------------------
+
+def test_traffic_counts_per_minute_with_errors_429s_and_quantiles():
+    clock = task.Clock()
+    clock.advance(1_000_020)  # 20 s into a minute
+    activity = Activity(clock)
+    for duration in (10.0, 10.0, 10.0, 400.0):
+        finished(activity, clock.seconds(), duration=duration)
+    finished(activity, clock.seconds(), status=529)
+    finished(activity, clock.seconds(), status=200, truncated=True)
+    activity.rate_limited(clock.seconds())
+    activity.rate_limited(clock.seconds())
+    series = activity.traffic()
+    assert len(series) == 60
+    now = series[-1]
+    assert now["t"] == 1_000_020 - 1_000_020 % 60
+    assert (now["requests"], now["errors"], now["rateLimited"]) == (6, 2, 2)
+    assert 10.0 <= now["p50Ms"] <= 12.5
+    assert now["p95Ms"] >= 400.0
+    assert all(m["requests"] == 0 and m["p50Ms"] is None for m in series[:-1])
+
+
+def test_the_ring_keeps_one_hour_and_forgets_older_minutes():
+    clock = task.Clock()
+    activity = Activity(clock)
+    for minute in range(130):
+        finished(activity, minute * 60.0 + 1)
+    assert len(activity._ring) == 60
+    clock.advance(129 * 60 + 30)
+    series = activity.traffic()
+    assert [m["requests"] for m in series] == [1] * 60
+    assert series[0]["t"] == 70 * 60
+    clock.advance(30 * 60)  # half an hour of silence: the quiet minutes read as zeros
+    assert sum(m["requests"] for m in activity.traffic()) == 30
+
+
+def test_recent_requests_are_bounded_newest_first_and_read_after_a_sequence():
+    clock = task.Clock()
+    activity = Activity(clock, keep=200)
+    for _ in range(250):
+        finished(activity, 1.0)
+    rows = activity.recent()
+    assert len(rows) == 200 and rows[0]["seq"] == 250 and rows[-1]["seq"] == 51
+    assert [r["seq"] for r in activity.recent(after=247)] == [250, 249, 248]
+    assert activity.recent(after=250) == []
+
+
+def test_quantiles_of_the_histogram():
+    histogram = [0] * (len(LATENCY_BOUNDS) + 1)
+    assert quantile_ms(histogram, 0.5) is None
+    histogram[0] = 1
+    histogram[-1] = 1  # beyond the last bound: read as that bound, never infinity
+    assert quantile_ms(histogram, 0.5) == LATENCY_BOUNDS[0]
+    assert quantile_ms(histogram, 0.95) == LATENCY_BOUNDS[-1]
+
+
+# --- throttle, sessions, access ---------------------------------------------------------------
+
+def test_login_throttle_admits_five_per_peer_then_gives_a_true_wait():
+    clock = task.Clock()
+    throttle = LoginThrottle(clock, per_peer=5, overall=30, window=60.0)
+    for i in range(5):
+        assert throttle.admit("10.0.0.1") is None
+        clock.advance(1)
+    assert throttle.admit("10.0.0.1") == pytest.approx(55.0)
+    assert throttle.admit("10.0.0.2") is None  # another peer is not held up by the first
+    clock.advance(55)
+    assert throttle.admit("10.0.0.1") is None  # exactly when it said
+
+
+def test_login_throttle_has_an_overall_cap_and_remembers_a_bounded_number_of_peers():
+    clock = task.Clock()
+    throttle = LoginThrottle(clock, per_peer=5, overall=3, window=60.0, max_peers=2)
+    assert [throttle.admit(f"p{i}") for i in range(3)] == [None, None, None]
+    assert throttle.admit("p9") == pytest.approx(60.0)
+    assert len(throttle._peers) == 2
+
+
+def test_sessions_expire_and_are_bounded():
+    clock = task.Clock()
+    sessions = LoginSessions(clock, ttl=100.0, max_sessions=2)
+    first = sessions.open("h1")
+    assert sessions.key_hash(first) == "h1"
+    clock.advance(100)
+    assert sessions.key_hash(first) is None and len(sessions) == 0
+    tokens = [sessions.open("h") for _ in range(3)]
+    assert sessions.key_hash(tokens[0]) is None and sessions.key_hash(tokens[2]) == "h"
+    sessions.close(tokens[2])
+    assert sessions.key_hash(tokens[2]) is None
+    assert sessions.key_hash("x" * 500) is None
+
+
+def record(name, key, admin):
+    return KeyRecord(name=name, hash=hash_key(key), prefix=key[:8], admin=admin)
+
+
+class Request(DummyRequest):
+    """A request with cookies, as twisted.web's real one has."""
+
+    cookies: dict
+
+    def getCookie(self, name):
+        return getattr(self, "cookies", {}).get(name)
+
+
+def with_headers(headers=None, cookie=None):
+    request = Request([b""])
+    for name, value in (headers or {}).items():
+        request.requestHeaders.setRawHeaders(name, [value])
+    if cookie is not None:
+        request.cookies = {COOKIE: cookie.encode()}
+    return request
+
+
+def test_access_is_open_on_loopback_without_keys_only():
+    clock = task.Clock()
+    assert DashboardAccess(KeyRing(), clock, "127.0.0.1").allowed(with_headers())
+    assert not DashboardAccess(KeyRing(), clock, "0.0.0.0").allowed(with_headers())
+    assert DashboardAccess(KeyRing(), clock, "0.0.0.0", lambda: True).allowed(with_headers())
+
+
+def test_access_needs_an_admin_key_and_a_revoked_key_ends_its_sessions():
+    clock = task.Clock()
+    admin_key, plain_key = "clp_" + "a" * 40, "clp_" + "b" * 40
+    ring = KeyRing([record("boss", admin_key, True), record("alice", plain_key, False)])
+    access = DashboardAccess(ring, clock)
+    assert not access.allowed(with_headers())
+    assert not access.allowed(with_headers({b"authorization": b"Bearer " + plain_key.encode()}))
+    assert access.allowed(with_headers({b"authorization": b"Bearer " + admin_key.encode()}))
+
+    assert access.login(plain_key, "p")[:1] == (403,)
+    assert access.login("clp_wrong", "p")[:1] == (401,)
+    status, message, token, _ = access.login(admin_key, "p")
+    assert status == 200 and token and admin_key not in message
+    assert access.allowed(with_headers(cookie=token))
+    ring.replace([record("alice", plain_key, False)])  # the admin key is revoked
+    assert not access.allowed(with_headers(cookie=token))
+
+
+def test_login_attempts_are_throttled_with_the_wait():
+    clock = task.Clock()
+    access = DashboardAccess(KeyRing([record("boss", "clp_" + "a" * 40, True)]), clock)
+    for _ in range(5):
+        assert access.login("clp_wrong", "1.2.3.4")[0] == 401
+    status, _, token, wait = access.login("clp_" + "a" * 40, "1.2.3.4")
+    assert (status, token) == (429, None) and wait == pytest.approx(60.0)
+
+
+# --- the state document -----------------------------------------------------------------------
+
+STATUS = {
+    "version": "0.1.0", "uptime": 12.5, "strategy": "fill-first",
+    "counters": {"upstream_attempts": 7, "completed_requests": 5, "truncated_streams": 1},
+    "sessionMoves": 2, "queueLength": 3, "pid": 4242, "observability": {"logs": {"dir": "/secret/path"}},
+    "accounts": [
+        {"key": "anthropic:work", "name": "work", "kind": "oauth", "state": "cooling", "cooling_until": 130.0,
+         "backoff_level": 2, "attempts": 9, "successes": 6, "errors": 3, "rate_limits": 2,
+         "last_error": "429 rate-limited", "last_error_at": 100.0, "inFlight": 1, "sessions": 4,
+         "cacheHitRatio": 0.5,
+         "quota": {"windows": {"5h": {"utilization": 0.625, "reset": 5000, "status": "allowed"},
+                               "7d": {"utilization": 0.18, "reset": 90, "expired": True}}}},
+        {"key": "anthropic:off", "name": "off", "kind": "api-key", "state": "disabled",
+         "disabledReason": "organization disabled", "quota": {"windows": {}}},
+    ],
+    "keys": [{"name": "alice", "prefix": "clp_abcd", "admin": False, "limits": {"usd_per_day": 5.0},
+              "today": {"tokens": 10, "usd": 0.5}, "month": {"tokens": 30, "usd": 1.5}}],
+}
+
+
+def test_the_state_takes_what_the_page_shows_and_nothing_else():
+    state = dashboard_state(STATUS, now=120.0, traffic=[], fallback_chain=[{"provider": "openai", "model": "gpt"}])
+    work, off = state["accounts"]
+    assert work["state"] == "cooling" and work["coolingUntil"] == 130.0 and work["backoffLevel"] == 2
+    assert work["quota"] == {"5h": {"percent": 63, "reset": 5000, "status": "allowed"}}  # 7d is over
+    assert (work["attempts"], work["errors"], work["rateLimits"], work["inFlight"], work["sessions"]) == (9, 3, 2, 1, 4)
+    assert off["state"] == "disabled" and off["disabledReason"] == "organization disabled" and off["quota"] == {}
+    assert state["proxy"]["fallbackChain"] == [{"provider": "openai", "model": "gpt"}]
+    assert (state["proxy"]["attempts"], state["proxy"]["completed"], state["proxy"]["truncated"]) == (7, 5, 1)
+    assert state["keys"] == [{"name": "alice", "admin": False, "limits": {"usd_per_day": 5.0},
+                              "today": {"tokens": 10, "usd": 0.5}, "month": {"tokens": 30, "usd": 1.5}}]
+    text = json.dumps(state)
+    assert "clp_abcd" not in text and "/secret/path" not in text and "anthropic:work" not in text
+
+
+@pytest.mark.parametrize("value, expected", [(0.0, 0), (0.004, 0), (0.995, 100), (1.7, 100), (-1, 0),
+                                             (None, None), ("0.5", None), (True, None)])
+def test_percent_is_an_integer_0_to_100_or_unknown(value, expected):
+    assert percent(value) == expected
+
+
+# --- the feed ---------------------------------------------------------------------------------
+
+class Page(DummyRequest):
+    """An open page's event stream (a request that keeps what is written)."""
+
+    def __init__(self):
+        super().__init__([b""])
+        self.producer = None
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None
+
+    def frames(self):
+        text = b"".join(self.written).decode()
+        return [json.loads(block.split("data: ", 1)[1]) for block in text.split("\n\n") if "data: " in block]
+
+
+def make_feed():
+    clock = task.Clock()
+    activity = Activity(clock)
+    built = []
+
+    def state():
+        built.append(clock.seconds())
+        return defer.succeed({"now": clock.seconds()})
+
+    return clock, activity, DashboardFeed(state, activity, clock), built
+
+
+def test_no_open_page_costs_nothing():
+    clock, activity, feed, built = make_feed()
+    for _ in range(100):
+        finished(activity, clock.seconds())
+        clock.advance(1)
+    assert built == [] and clock.getDelayedCalls() == []
+
+
+def test_twenty_pages_share_one_document_per_tick_and_get_only_new_requests():
+    clock, activity, feed, built = make_feed()
+    finished(activity, 0.0)
+    pages = [Page() for _ in range(20)]
+    for page in pages:
+        feed.subscribe(page)
+    for page in pages:
+        assert page.frames()[0]["full"] and len(page.frames()[0]["requests"]) == 1
+    built.clear()
+    finished(activity, 0.5)
+    clock.advance(1)
+    assert len(built) == 1  # one document for twenty pages
+    for page in pages:
+        latest = page.frames()[-1]
+        assert not latest["full"] and [r["id"] for r in latest["requests"]] == ["r2"]
+    clock.advance(1)
+    assert all(page.frames()[-1]["requests"] == [] for page in pages)
+    assert len({bytes(page.written[-1]) for page in pages}) == 1  # the same bytes for all
+
+
+def test_a_page_that_cannot_keep_up_is_skipped_then_sent_everything():
+    clock, activity, feed, built = make_feed()
+    slow, quick = Page(), Page()
+    feed.subscribe(slow)
+    feed.subscribe(quick)
+    slow.producer.pauseProducing()
+    before = len(slow.written)
+    finished(activity, 0.2)
+    clock.advance(1)
+    finished(activity, 1.2)
+    clock.advance(1)
+    assert len(slow.written) == before  # nothing queued for a page whose connection is full
+    slow.producer.resumeProducing()
+    clock.advance(1)
+    latest = slow.frames()[-1]
+    assert latest["full"] and [r["id"] for r in latest["requests"]] == ["r2", "r1"]
+    assert [r["id"] for r in quick.frames()[-2]["requests"]] == ["r2"]
+
+
+def test_the_tick_stops_with_the_last_page_and_stopping_closes_the_streams():
+    clock, activity, feed, built = make_feed()
+    first, second = Page(), Page()
+    feed.subscribe(first)
+    feed.subscribe(second)
+    first.processingFailed(Exception("gone"))  # a page closed by its reader
+    clock.advance(1)
+    assert feed.subscribers and clock.getDelayedCalls()
+    feed.stopService()
+    assert second.finished and not feed.subscribers and clock.getDelayedCalls() == []
+    built.clear()
+    clock.advance(5)
+    assert built == []
