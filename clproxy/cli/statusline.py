@@ -118,20 +118,23 @@ def describe(document: Any) -> str:
         parts = [_clean(account.get("name")) or "?"]
         if account.get("state") in ("cooling", "disabled"):
             parts[0] += f" ({account['state']})"
-        quota = document.get("quota") if isinstance(document.get("quota"), dict) else {}
+        quota = _mapping(document.get("quota"))
         for window in ("5h", "7d"):
-            percent = _percent((quota.get(window) or {}).get("utilization")
-                               if isinstance(quota.get(window), dict) else None)
+            percent = _percent(_mapping(quota.get(window)).get("utilization"))
             if percent is not None:
                 parts.append(f"{window} {percent}%")
         return SEPARATOR.join(parts)
-    pool = document.get("pool") if isinstance(document.get("pool"), dict) else {}
+    pool = _mapping(document.get("pool"))
     ready, total = pool.get("ready"), pool.get("total")
     if not isinstance(ready, int) or not isinstance(total, int):
         return "no account bound yet"
     if total == 0:
         return "no accounts"
     return f"{ready} of {total} account{'' if total == 1 else 's'} ready"
+
+
+def _mapping(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _percent(value: Any) -> Optional[int]:
