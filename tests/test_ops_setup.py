@@ -128,4 +128,5 @@ def test_settings_not_pointing_yet_is_reported(environ):
     """When the service answers but settings.json does not point at it, setup says what to do."""
     code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x"))
     assert code == 0 and "does not point at it yet" in out
-    assert not os.path.exists(environ["CLPROXY_CLAUDE_SETTINGS"])
+    # setup itself sets only the status line; pointing Claude Code at the proxy is the daemon's job
+    assert "env" not in claude_settings.read_settings(environ["CLPROXY_CLAUDE_SETTINGS"])
