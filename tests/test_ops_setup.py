@@ -128,4 +128,114 @@ def test_settings_not_pointing_yet_is_reported(environ):
     """When the service answers but settings.json does not point at it, setup says what to do."""
     code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x"))
     assert code == 0 and "does not point at it yet" in out
-    assert not os.path.exists(environ["CLPROXY_CLAUDE_SETTINGS"])
+    # setup itself sets only the status line; pointing Claude Code at the proxy is the daemon's job
+    assert "env" not in claude_settings.read_settings(environ["CLPROXY_CLAUDE_SETTINGS"])
+
+
+# --- Claude Code's statusLine ----------------------------------------------------------------------
+
+THEIRS = {"type": "command", "command": "~/.claude/my-status.sh", "padding": 0}
+
+
+def with_account(environ):
+    return dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x")
+
+
+def status_line(environ):
+    return (claude_settings.read_settings(environ["CLPROXY_CLAUDE_SETTINGS"]) or {}).get("statusLine")
+
+
+def write_settings(environ, document):
+    claude_settings.write_settings(environ["CLPROXY_CLAUDE_SETTINGS"], document)
+
+
+def uninstall(environ):
+    out, err = io.StringIO(), io.StringIO()
+    code = service.uninstall_main([], stdout=out, stderr=err, environ=environ, platform="linux",
+                                  runner=FakeManager())
+    assert code == 0, err.getvalue()
+    return out.getvalue()
+
+
+def test_setup_installs_our_status_line_and_uninstall_removes_it(environ):
+    """No statusLine of the user's: setup sets `clproxy statusline`, uninstall removes it (and the file
+    it created), keeping every other setting."""
+    env = with_account(environ)
+    code, out, err = run(env)
+    assert code == 0, err
+    ours = status_line(env)
+    assert claude_settings.is_our_status_line(ours) and ours["command"] == setup.status_line_command()
+    assert "status line shows the account" in out
+    assert "removed clproxy's statusLine" in uninstall(env)
+    assert not os.path.exists(env["CLPROXY_CLAUDE_SETTINGS"])  # setup created it: nothing of the user's in it
+
+
+def test_setup_keeps_the_users_own_status_line_unless_they_agree(environ):
+    """A statusLine of the user's: kept when nobody is asked (one line says how to add ours) or they say
+    no; replaced when they say yes, and uninstall puts theirs back with their other settings."""
+    env = with_account(environ)
+    write_settings(env, {"statusLine": THEIRS, "model": "opus"})
+    code, out, err = run(env, ask=lambda question: None)
+    assert code == 0, err
+    assert status_line(env) == THEIRS
+    kept = [line for line in out.splitlines() if "Kept your own statusLine" in line]
+    assert len(kept) == 1 and "--statusline" in kept[0]
+    questions = []
+    code, out, err = run(env, ask=lambda question: questions.append(question) or False)
+    assert status_line(env) == THEIRS and "my-status.sh" in questions[0]
+
+    code, out, err = run(env, ask=lambda question: True)
+    assert code == 0 and claude_settings.is_our_status_line(status_line(env))
+    code, out, err = run(env, ask=lambda question: pytest.fail("ours is there: nothing to ask"))
+    assert code == 0 and claude_settings.is_our_status_line(status_line(env))
+    assert "restored your own statusLine" in uninstall(env)
+    assert claude_settings.read_settings(env["CLPROXY_CLAUDE_SETTINGS"]) == {"statusLine": THEIRS, "model": "opus"}
+
+
+def test_statusline_flag_replaces_and_no_statusline_leaves_it_alone(environ):
+    """--statusline replaces the user's own without asking; --no-statusline touches nothing."""
+    env = with_account(environ)
+    write_settings(env, {"statusLine": THEIRS})
+    code, out, err = run(env, ["--no-statusline"], ask=lambda question: pytest.fail("not asked"))
+    assert code == 0 and status_line(env) == THEIRS
+    code, out, err = run(env, ["--statusline"], ask=lambda question: pytest.fail("not asked"))
+    assert code == 0 and claude_settings.is_our_status_line(status_line(env))
+    uninstall(env)
+    assert status_line(env) == THEIRS
+
+
+def test_uninstall_leaves_a_status_line_changed_since(environ):
+    """Someone changed statusLine after setup: uninstall leaves their value alone."""
+    env = with_account(environ)
+    write_settings(env, {"statusLine": THEIRS})
+    run(env, ["--statusline"])
+    newer = {"type": "command", "command": "starship statusline"}
+    write_settings(env, {"statusLine": newer})
+    uninstall(env)
+    assert status_line(env) == newer
+
+
+def test_no_service_setup_also_offers_the_status_line(environ):
+    """`setup --no-service` sets the status line before running in the foreground; uninstall removes it
+    even though no service was installed."""
+    env = with_account(environ)
+    code, out, err = run(env, ["--no-service"], foreground=lambda port, host: 0)
+    assert code == 0 and claude_settings.is_our_status_line(status_line(env))
+    assert "removed clproxy's statusLine" in uninstall(env)
+    assert status_line(env) is None
+
+
+def test_status_line_command_prefers_the_script_next_to_the_interpreter(tmp_path):
+    """The clproxy script beside the interpreter is used by absolute path; else `clproxy` on the PATH."""
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text("")
+    assert setup.status_line_command(str(python)) == "clproxy statusline"
+    script = tmp_path / "bin" / "clproxy"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    assert setup.status_line_command(str(python)) == f"{script} statusline"
+    assert claude_settings.is_our_status_line({"type": "command", "command": f"{script} statusline"})
+    assert claude_settings.is_our_status_line({"type": "command", "command": "python3 -m clproxy statusline"})
+    assert not claude_settings.is_our_status_line({"type": "command", "command": "statusline"})
+    assert not claude_settings.is_our_status_line(THEIRS)

@@ -1,9 +1,10 @@
 """The ``clproxy`` command: ``clproxy proxy <start|stop|status|setup|install|uninstall|guard>``, ``clproxy auth``,
-``clproxy usage``.
-``clproxy keys``.
+``clproxy usage``, ``clproxy keys``, ``clproxy statusline``.
 
 ``proxy start`` runs the same service as ``twistd -n claudeproxy`` in the foreground, logging to
 the terminal; every failure is one line on stderr and a non-zero exit, never a traceback.
+Twisted is imported only by the commands that need it: ``clproxy statusline`` runs after every
+Claude Code message and must start fast.
 """
 
 import os
@@ -11,8 +12,6 @@ import signal
 import sys
 import time
 from typing import Callable, List, Mapping, Optional
-
-from twisted.python import usage
 
 USAGE = """usage: clproxy <command> [options]
 
@@ -27,6 +26,7 @@ commands:
   auth ...                manage accounts (login, import, list, status, refresh, cleanup, enable, logout)
   usage [options]         requests, tokens and cost by key, account, model or day (`clproxy usage --help`)
   keys ...                manage client keys (create, list, revoke): who may use this proxy
+  statusline              one line for Claude Code's statusLine: the account serving the session
   version                 print clproxy's version (also: clproxy --version)
 
 `clproxy proxy <command> --help` lists each command's options.
@@ -58,6 +58,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if command == "keys":
             from clproxy.cli import keys
             return keys.main(rest)
+        if command == "statusline":
+            from clproxy.cli import statusline
+            return statusline.main(rest)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
@@ -93,6 +96,7 @@ def start(argv: List[str], environ: Mapping[str, str] = os.environ) -> int:
     from twisted.internet import reactor
     from twisted.internet.error import CannotListenError
     from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.python import usage
 
     from clproxy.daemon import runstate
     from clproxy.daemon.tap import Options, makeService

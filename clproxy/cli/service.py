@@ -2,6 +2,8 @@
 
 Linux gets a systemd user unit, macOS a launchd agent. What install writes is listed, with hashes, in
 ``$CLPROXY_HOME/service-manifest.json``; uninstall removes only files listed there and still unchanged.
+What ``clproxy proxy setup`` did to Claude Code's ``statusLine`` is recorded in
+``$CLPROXY_HOME/claude-statusline.json``; uninstall puts the user's own back (or removes ours).
 """
 
 import argparse
@@ -24,6 +26,7 @@ from clproxy.integrations import claude_settings
 UNIT_NAME = "clproxy.service"
 LAUNCHD_LABEL = "com.clproxy.proxy"
 MANIFEST_NAME = "service-manifest.json"
+STATUS_LINE_RECORD_NAME = "claude-statusline.json"
 ENV_FILE_NAME = ".env"
 MARKER = "# Written by `clproxy proxy install`; `clproxy proxy uninstall` removes it."
 DEFAULT_PORT = 55669
@@ -82,6 +85,46 @@ def plist_path(environ: Mapping[str, str] = os.environ) -> str:
 def manifest_path(environ: Mapping[str, str] = os.environ) -> str:
     """``$CLPROXY_HOME/service-manifest.json``."""
     return os.path.join(configuration.clproxy_home(environ), MANIFEST_NAME)
+
+
+def status_line_record_path(environ: Mapping[str, str] = os.environ) -> str:
+    """``$CLPROXY_HOME/claude-statusline.json``: what setup did to Claude Code's ``statusLine``."""
+    return os.path.join(configuration.clproxy_home(environ), STATUS_LINE_RECORD_NAME)
+
+
+def read_status_line_record(environ: Mapping[str, str] = os.environ) -> Optional[Dict[str, Any]]:
+    """The record :func:`claude_settings.configure_status_line` returned at setup, or None."""
+    try:
+        with open(status_line_record_path(environ), "rb") as f:
+            record = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("path"), str) else None
+
+
+def write_status_line_record(record: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> None:
+    """Keep ``record`` for uninstall (0600: it names the user's own status-line command)."""
+    _write(status_line_record_path(environ), (json.dumps(record, indent=2) + "\n").encode(), 0o600)
+
+
+def restore_status_line(environ: Mapping[str, str], outcome: "Outcome") -> None:
+    """Undo what setup did to Claude Code's ``statusLine`` (see the record), noting it in ``outcome``."""
+    record = read_status_line_record(environ)
+    if record is None:
+        return
+    try:
+        done = claude_settings.restore_status_line(record)
+    except claude_settings.SettingsError as e:
+        outcome.notes.append(f"{e}; clproxy's statusLine was left in it")
+        return
+    if done == "restored":
+        outcome.notes.append(f"restored your own statusLine in {record['path']}")
+    elif done == "removed":
+        outcome.notes.append(f"removed clproxy's statusLine from {record['path']}")
+    try:
+        os.unlink(status_line_record_path(environ))
+    except OSError:
+        pass
 
 
 def env_file_path(environ: Mapping[str, str] = os.environ) -> str:
@@ -316,6 +359,7 @@ def uninstall(*, environ: Mapping[str, str] = os.environ, platform: str = sys.pl
     kind = kind_for(platform)
     manifest = read_manifest(environ)
     outcome = Outcome(kind=kind)
+    restore_status_line(environ, outcome)  # setup may have set it even without a service (--no-service)
     path = unit_path(environ) if kind == "systemd" else plist_path(environ)
     if manifest is None:
         if os.path.exists(path) and _carries_marker(path):
@@ -323,7 +367,7 @@ def uninstall(*, environ: Mapping[str, str] = os.environ, platform: str = sys.pl
         elif os.path.exists(path):
             raise ServiceError(f"{path} was not written by `clproxy proxy install`; left alone")
         else:
-            outcome.notes.append("no clproxy service is installed; nothing to do")
+            outcome.notes.append("no clproxy service is installed" + ("" if outcome.notes else "; nothing to do"))
             return outcome
     if kind == "systemd":
         code, output = _systemctl(runner, "disable", "--now", UNIT_NAME)

@@ -1,14 +1,17 @@
 """``clproxy proxy setup``: one-command onboarding.
 
 Find an account (or run the OAuth login), install the per-user service (or, with ``--no-service``,
-start in the foreground), then check that the proxy answers and Claude Code points at it.
+start in the foreground), then check that the proxy answers and Claude Code points at it. Claude
+Code's ``statusLine`` is set to ``clproxy statusline`` unless the user has one of their own (then only
+when they agree: asked on a terminal, or ``--statusline``); ``--no-statusline`` leaves it alone.
 """
 
 import argparse
 import os
+import shlex
 import sys
 import time
-from typing import Callable, List, Mapping, Sequence, TextIO
+from typing import Callable, List, Mapping, Optional, Sequence, TextIO
 
 from clproxy import config as configuration
 from clproxy.daemon import runstate
@@ -85,6 +88,59 @@ def wait_healthy(url: str, timeout: float = HEALTH_WAIT, sleep: Callable[[float]
         sleep(0.25)
 
 
+def status_line_command(python: Optional[str] = None) -> str:
+    """The shell line for ``statusLine``: the ``clproxy`` script next to this interpreter (so it
+    works outside the venv), else ``clproxy`` on the PATH."""
+    script = os.path.join(os.path.dirname(os.path.abspath(python or sys.executable)), "clproxy")
+    if os.path.isfile(script) and os.access(script, os.X_OK):
+        return f"{shlex.quote(script)} statusline"
+    return "clproxy statusline"
+
+
+def ask_on_terminal(question: str) -> Optional[bool]:
+    """Ask a yes/no ``question`` when stdin is a terminal; None when there is nobody to ask."""
+    try:
+        if not sys.stdin.isatty():
+            return None
+        answer = input(question + " [y/N] ")
+    except (EOFError, OSError, ValueError):
+        return None
+    return answer.strip().lower() in ("y", "yes")
+
+
+def offer_status_line(settings: Optional[str], choice: Optional[bool], environ: Mapping[str, str],
+                      stdout: TextIO, stderr: TextIO, ask: Callable[[str], Optional[bool]],
+                      command: Optional[str] = None) -> None:
+    """Set Claude Code's ``statusLine`` to ``clproxy statusline``. ``choice``: True (``--statusline``:
+    replace the user's own too), False (``--no-statusline``: touch nothing), None (keep the user's
+    own unless ``ask`` gets a yes). Records what it replaced for ``clproxy proxy uninstall``."""
+    if not settings or choice is False:
+        return
+    command = command or status_line_command()
+    try:
+        earlier = service.read_status_line_record(environ)
+        record = claude_settings.configure_status_line(settings, command, replace=bool(choice), earlier=earlier)
+        if record is None:
+            current = (claude_settings.read_settings(settings) or {}).get("statusLine")
+            shown = current.get("command") if isinstance(current, dict) else None
+            if ask(f"Claude Code already has a statusLine ({shown or 'yours'}). Replace it with clproxy's "
+                   f"(the account serving each session; uninstall puts yours back)?"):
+                record = claude_settings.configure_status_line(settings, command, replace=True, earlier=earlier)
+        if record is None:
+            stdout.write(f"Kept your own statusLine in {settings}; to show clproxy's instead, run "
+                         f"`clproxy proxy setup --statusline` or set its command to `{command}`.\n")
+            return
+        service.write_status_line_record(record, environ)
+    except claude_settings.SettingsError as e:
+        stderr.write(f"warning: {e}; Claude Code's statusLine was not set\n")
+        return
+    except OSError as e:
+        stderr.write(f"warning: cannot record Claude Code's statusLine change: {e.strerror or e}\n")
+        return
+    stdout.write(f"Claude Code's status line shows the account serving each session ({settings}: "
+                 f"statusLine runs `{command}`).\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clproxy proxy setup",
@@ -94,6 +150,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-p", "--port", type=service._port, default=service.DEFAULT_PORT,
                         help="port (default 55669)")
     parser.add_argument("-H", "--host", default=service.DEFAULT_HOST, help="interface (default 127.0.0.1)")
+    line = parser.add_mutually_exclusive_group()
+    line.add_argument("--statusline", dest="statusline", action="store_const", const=True, default=None,
+                      help="set Claude Code's statusLine to `clproxy statusline` even if you have your own "
+                           "(uninstall puts yours back); default: only when you have none, or you agree")
+    line.add_argument("--no-statusline", dest="statusline", action="store_const", const=False,
+                      help="leave Claude Code's statusLine alone")
     return parser
 
 
@@ -101,8 +163,9 @@ def main(argv: Sequence[str], *, stdout: TextIO = sys.stdout, stderr: TextIO = s
          environ: Mapping[str, str] = os.environ, login: Callable[[Sequence[str]], int] = default_login,
          foreground: Callable[[int, str], int] = exec_foreground,
          runner: service.Runner = service.run_command, platform: str = sys.platform,
-         healthy: Callable[[str], bool] = wait_healthy) -> int:
-    """``clproxy proxy setup [--no-service] [-p PORT] [-H HOST]``."""
+         healthy: Callable[[str], bool] = wait_healthy,
+         ask: Callable[[str], Optional[bool]] = ask_on_terminal) -> int:
+    """``clproxy proxy setup [--no-service] [-p PORT] [-H HOST] [--statusline | --no-statusline]``."""
     try:
         args = _parser().parse_args(list(argv))
     except SystemExit as e:
@@ -127,7 +190,9 @@ def main(argv: Sequence[str], *, stdout: TextIO = sys.stdout, stderr: TextIO = s
     if status == "running" and not service.installed(environ):
         stderr.write(f"clproxy proxy setup: {runstate.describe_running(state, runstate.state_path(environ))}\n")
         return 1
+    settings = claude_settings.default_settings_path(environ)
     if args.no_service:
+        offer_status_line(settings, args.statusline, environ, stdout, stderr, ask)
         stdout.write(f"Starting the proxy in the foreground on {url} (Ctrl-C stops it). Claude Code "
                      f"points at it while it runs; restart Claude Code to pick that up.\n")
         return foreground(args.port, args.host)
@@ -151,7 +216,7 @@ def main(argv: Sequence[str], *, stdout: TextIO = sys.stdout, stderr: TextIO = s
         stderr.write(f"clproxy proxy setup: the service did not answer {url}/health within "
                      f"{HEALTH_WAIT:g}s; see its log ({_log_hint(outcome.kind)})\n")
         return 1
-    settings = claude_settings.default_settings_path(environ)
+    offer_status_line(settings, args.statusline, environ, stdout, stderr, ask)
     if settings and claude_settings.pointing_at(settings, url):
         stdout.write(f"Claude Code now uses the proxy ({settings}: env.ANTHROPIC_BASE_URL={url}). "
                      f"Restart Claude Code to pick it up.\n")

@@ -7,13 +7,15 @@
     /v1/models                  GET   Anthropic's list (with ``anthropic-version``) or OpenAI's
     /v1/chat/completions        POST  the OpenAI-compatible front door
     /health /status             GET   liveness and the pool's state
+    /session/{session_id}       GET   the account serving one Claude Code session (``clproxy statusline``)
     /metrics                    GET   Prometheus text (when observability is wired)
     /dashboard, /dashboard/*    GET   the live dashboard (clproxy.dashboard.resources; its own auth)
 
 Anything else gets an Anthropic-shaped 404 (an OpenAI-shaped one under ``/v1/chat``).
 
 With ``auth`` (a :class:`clproxy.http.auth.ClientAuth`), ``/v1`` is behind the client-key check and
-``/status`` and ``/metrics`` behind the admin check; ``/health`` stays open.
+``/status`` and ``/metrics`` behind the admin check, ``/session`` behind the client-key check (a
+team member sees which account serves their own session); ``/health`` stays open.
 """
 
 from typing import Optional
@@ -22,6 +24,7 @@ from twisted.web import resource
 
 from clproxy.http.auth import ClientAuth, Guarded
 from clproxy.http.openai import DEFAULT_MAX_BODY_BYTES, ModelsListing, chat_node
+from clproxy.http.session import SessionNode
 from clproxy.http.site import HealthResource, MessagesResource, ModelsResource, Node
 from clproxy.http.site import StatusReport, StatusResource
 
@@ -42,6 +45,7 @@ def build_routes(dispatcher, status: StatusReport, *, metrics=None, router=None,
     root.putChild(b"health", HealthResource(status))
     status_resource = StatusResource(status)
     root.putChild(b"status", Guarded(status_resource, auth.admin) if auth is not None else status_resource)
+    root.putChild(b"session", Guarded(SessionNode(status), auth.client) if auth is not None else SessionNode(status))
     if metrics is not None:
         root.putChild(b"metrics", Guarded(metrics, auth.admin) if auth is not None else metrics)
     if dashboard is not None:

@@ -401,25 +401,31 @@ class StatusResource(Node):
         self.status = status
 
     def render_GET(self, request):
-        d = defer.ensureDeferred(self.status.status())
-        gone = []  # the client hung up while the document was being built: nobody to answer
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        return answer_json_later(request, self.status.status(), "status")
 
-        def done(value):
-            if gone:
-                return
-            request.write(write_json(request, value))
-            request.finish()
 
-        def failed(failure):
-            log.failure("status failed", failure)
-            if gone:
-                return
-            request.write(write_error(request, ProxyError(500, "status is unavailable")))
-            request.finish()
+def answer_json_later(request: server.Request, document, what: str):
+    """Answer ``request`` with the JSON of ``document`` (a coroutine) once it is built; a failure is
+    an Anthropic-shaped 500 naming ``what``, a client gone meanwhile gets nothing. For ``render_*``."""
+    d = defer.ensureDeferred(document)
+    gone = []  # the client hung up while the document was being built: nobody to answer
+    request.notifyFinish().addErrback(lambda _: gone.append(True))
 
-        d.addCallbacks(done, failed)
-        return server.NOT_DONE_YET
+    def done(value):
+        if gone:
+            return
+        request.write(write_json(request, value))
+        request.finish()
+
+    def failed(failure):
+        log.failure("{what} failed", failure, what=what)
+        if gone:
+            return
+        request.write(write_error(request, ProxyError(500, f"{what} is unavailable")))
+        request.finish()
+
+    d.addCallbacks(done, failed)
+    return server.NOT_DONE_YET
 
 
 class StatusReport:

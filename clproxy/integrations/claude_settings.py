@@ -1,13 +1,16 @@
 """Point Claude Code at the proxy through ``env`` in its ``settings.json``, and take it back exactly.
 
 ``configure`` sets a few ``env`` keys and returns a record of what it changed (and the values they
-replaced); ``restore`` undoes only that. Every other key is kept; writes are atomic and keep the mode.
-:class:`SetOnceUsable` holds that change back while the daemon has no usable account.
+replaced); ``restore`` undoes only that. ``configure_status_line`` / ``restore_status_line`` do the
+same for the ``statusLine`` setting (``clproxy statusline``). Every other key is kept; writes are
+atomic and keep the mode. :class:`SetOnceUsable` holds that change back while the daemon has no
+usable account.
 """
 
 import errno
 import json
 import os
+import shlex
 import stat
 import tempfile
 from typing import Any, Dict, List, Mapping, Optional
@@ -20,6 +23,7 @@ from clproxy.observe import console
 __all__ = [
     "SettingsError", "SETTINGS_ENV", "DEFAULT_TOOL_SEARCH", "default_settings_path", "proxy_env",
     "read_settings", "write_settings", "configure", "restore", "pointing_at", "SetOnceUsable",
+    "status_line_setting", "is_our_status_line", "configure_status_line", "restore_status_line",
 ]
 
 log = console.logger(__name__)
@@ -213,6 +217,79 @@ def restore(record: Mapping[str, Any]) -> List[str]:
             pass  # fall through and write the empty document
     write_settings(path, document)
     return restored
+
+
+def status_line_setting(command: str) -> Dict[str, str]:
+    """The ``statusLine`` value that runs ``command`` (``clproxy statusline``, as a shell line)."""
+    return {"type": "command", "command": command}
+
+
+def is_our_status_line(value: Any) -> bool:
+    """Whether a ``statusLine`` value runs ``clproxy statusline`` (any path to ``clproxy``, or
+    ``python -m clproxy statusline``)."""
+    if not isinstance(value, dict) or value.get("type") != "command":
+        return False
+    try:
+        words = shlex.split(str(value.get("command") or ""))
+    except ValueError:
+        return False
+    return len(words) >= 2 and words[-1] == "statusline" and os.path.basename(words[-2]) == "clproxy"
+
+
+def configure_status_line(path: str, command: str, replace: bool = False,
+                          earlier: Optional[Mapping[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """Set Claude Code's ``statusLine`` to run ``command``, keeping a user's own unless ``replace``.
+
+    Returns the record :func:`restore_status_line` needs (``{"path", "set", "previous",
+    "createdFile"}``; ``previous`` is the user's value or None), or None when the user has a status
+    line of their own and ``replace`` is false (nothing is written). Ours already there is updated
+    in place; ``earlier`` (the record of that earlier install) keeps what it replaced.
+    """
+    document = read_settings(path)
+    created_file = document is None
+    document = {} if document is None else document
+    current = document.get("statusLine")
+    wanted = status_line_setting(command)
+    if current is None:
+        previous = None
+    elif is_our_status_line(current):
+        same_file = earlier is not None and earlier.get("path") == os.path.abspath(path)
+        previous = earlier.get("previous") if same_file and earlier is not None else None
+        created_file = bool(same_file and earlier is not None and earlier.get("createdFile"))
+    elif replace:
+        previous = current
+    else:
+        return None
+    record = {"path": os.path.abspath(path), "set": wanted, "previous": previous,
+              "createdFile": created_file}
+    if current != wanted:
+        document["statusLine"] = wanted
+        write_settings(path, document)
+    return record
+
+
+def restore_status_line(record: Mapping[str, Any]) -> Optional[str]:
+    """Undo :func:`configure_status_line` while ``statusLine`` is still what it set: the user's own
+    comes back (``"restored"``) or ours is removed (``"removed"``). None when there was nothing to
+    undo (file gone, or someone changed the status line since: theirs now, left alone)."""
+    path = record["path"]
+    document = read_settings(path)
+    if document is None or document.get("statusLine") != record.get("set"):
+        return None
+    previous = record.get("previous")
+    if previous is not None:
+        document["statusLine"] = previous
+        write_settings(path, document)
+        return "restored"
+    del document["statusLine"]
+    if record.get("createdFile") and not document:
+        try:
+            os.unlink(os.path.realpath(path))
+            return "removed"
+        except OSError:
+            pass  # fall through and write the empty document
+    write_settings(path, document)
+    return "removed"
 
 
 def pointing_at(path: str, base_url: str) -> bool:

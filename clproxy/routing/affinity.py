@@ -54,6 +54,10 @@ def _valid(value: Any) -> Optional[str]:
     return value if _SESSION_RE.match(value) else None
 
 
+#: The check every reader of a session id shares (``GET /session/{id}``, ``clproxy statusline``).
+valid_session_id = _valid
+
+
 def _header(headers: Any, name: str) -> Any:
     """The first value of header ``name`` in Twisted ``Headers``, a mapping (any key case, str or
     bytes keys) or a sequence of ``(name, value)`` pairs; None when absent or unreadable."""
@@ -155,6 +159,14 @@ class SessionAffinity:
         if not self.enabled or session is None:
             return None
         binding = await self._store.touch_binding(session, self._clock.seconds(), self.ttl)
+        return None if binding is None else binding[0]
+
+    async def peek(self, session: Optional[str]) -> Optional[str]:
+        """The account key ``session`` is bound to, without refreshing the binding (a reader such
+        as the status line must not keep a session alive); None as for :meth:`account_for`."""
+        if not self.enabled or session is None:
+            return None
+        binding = await self._store.get_binding(session, self._clock.seconds())
         return None if binding is None else binding[0]
 
     async def bind(self, session: Optional[str], account_key: str) -> bool:
