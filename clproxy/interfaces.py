@@ -463,3 +463,32 @@ class IClientKeys(Interface):
 
         :return: Deferred firing with a new ``{key_hash: record dict}`` (no revoked hash).
         """
+
+
+class ILoginSessions(Interface):
+    """The dashboard's login sessions, shared by every process that serves it (workers, instances
+    on one Redis): a page logged in on one is let in by all.
+
+    A session is stored under the SHA-256 digest of its token (the token itself lives only in the
+    browser's cookie) with the hash of the admin key it was opened with and its expiry. Times are
+    passed in (a store never reads a clock). In memory at most ``MAX_LOGINS`` are kept (the
+    oldest dropped first); under Redis each expires by its TTL.
+    """
+
+    def put_login(digest, key_hash, expires, now):
+        """Store the session ``digest`` for the key with ``key_hash`` until ``expires`` (epoch s).
+
+        :return: Deferred firing with None.
+        """
+
+    def get_login(digest, now):
+        """The key hash of the live session ``digest``.
+
+        :return: Deferred firing with the key hash, or None (unknown or expired).
+        """
+
+    def drop_login(digest):
+        """End the session ``digest`` (harmless if unknown).
+
+        :return: Deferred firing with None.
+        """

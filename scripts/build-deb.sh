@@ -24,6 +24,10 @@ doc="$root/usr/share/doc/clproxy"
     install -D -m 0644 "$top/$f" "$site/$f"
 done
 install -D -m 0644 "$top/twisted/plugins/claudeproxy_plugin.py" "$site/twisted/plugins/claudeproxy_plugin.py"
+# the dashboard's page: package data, as setup.py's package_data ships it
+(cd "$top" && find clproxy/dashboard/static -type f) | while read -r f; do
+    install -D -m 0644 "$top/$f" "$site/$f"
+done
 
 # the command: the same small script debian/rules installs (not setuptools' entry-point wrapper,
 # which needs the egg-info neither build ships)

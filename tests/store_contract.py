@@ -6,9 +6,10 @@ every call, so an asynchronous store (Redis) runs the same tests as the memory o
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 from zope.interface.verify import verifyObject
 
-from clproxy.interfaces import IClientKeys, ISessionBindings, IStateStore, IUsageCounters
+from clproxy.interfaces import IClientKeys, ILoginSessions, ISessionBindings, IStateStore, IUsageCounters
 from clproxy.state.model import STAT_KEYS, AccountState
 
 
@@ -402,3 +403,37 @@ class ClientKeysContract:
         assert await store.put_key("a" * 64, {"name": "alice"}) is False
         assert await store.put_key("c" * 64, {"name": "carol"}) is False
         assert await store.all_keys() == {"b" * 64: {"name": "bob"}}
+
+
+class LoginSessionsContract:
+    """Contract tests for ``ILoginSessions``; subclasses provide ``make_store()``."""
+
+    def make_store(self):
+        """A fresh, empty store."""
+        raise NotImplementedError
+
+    def test_provides_login_sessions(self):
+        """The store provides every member of ILoginSessions."""
+        assert verifyObject(ILoginSessions, self.make_store())
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_session_is_read_back_until_it_expires(self):
+        """A session put is read back with its key hash while now is before its expiry, not after."""
+        store = self.make_store()
+        now = reactor.seconds()
+        await store.put_login("d" * 64, "k" * 64, now + 60, now)
+        assert await store.get_login("d" * 64, now + 59) == "k" * 64
+        assert await store.get_login("d" * 64, now + 60) is None
+        assert await store.get_login("e" * 64, now) is None
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_dropped_session_is_gone(self):
+        """drop_login ends one session, leaves the others, and is harmless when unknown."""
+        store = self.make_store()
+        now = reactor.seconds()
+        await store.put_login("a" * 64, "k1", now + 60, now)
+        await store.put_login("b" * 64, "k2", now + 60, now)
+        await store.drop_login("a" * 64)
+        await store.drop_login("c" * 64)
+        assert await store.get_login("a" * 64, now) is None
+        assert await store.get_login("b" * 64, now) == "k2"

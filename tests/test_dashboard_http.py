@@ -15,6 +15,7 @@ from clproxy.dashboard.resources import CSP
 from clproxy.team.keystore import KeyStore
 from conftest import accounts_config
 from helpers import post, request_body, until
+from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
 
 
 async def get(url, headers=None, method=b"GET", body=None):
@@ -203,3 +204,23 @@ async def test_the_live_feed_sends_a_full_frame_then_new_requests(fake, start_pr
     await proxy.service.stopService()
     assert reactor.seconds() - started < 2.0 and not feed.subscribers
     proxy.service.stopService = lambda: defer.succeed(None)  # stopped already: the fixture's stop is moot
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_login_on_one_instance_lets_the_page_in_on_another_sharing_redis(
+        fake, start_proxy, tmp_path, redis_server):  # noqa: F811
+    """Sessions live in the shared store: a page logged in through one instance (or worker) is let
+    in by the other, and a logout through either ends it for both."""
+    admin, _ = keys(tmp_path)
+    config = accounts_config(fake, "work")
+    config["state"] = {"backend": "redis", "url": redis_server.url, "prefix": unique_prefix()}
+    first, second = start_proxy(config), start_proxy(config)
+    await until(lambda: first.service.store.available and second.service.store.available)
+    status, headers, _ = await get(first.url + "/dashboard/login", login_headers(), method=b"POST",
+                                   body=json.dumps({"key": admin}).encode())
+    assert status == 200
+    session = cookie_of(headers).split(";")[0].encode()
+    assert (await get(second.url + "/dashboard/state", {b"cookie": [session]}))[0] == 200
+    await get(second.url + "/dashboard/logout", {b"cookie": [session], b"x-clproxy-dashboard": [b"1"]},
+              method=b"POST", body=b"")
+    assert (await get(first.url + "/dashboard/state", {b"cookie": [session]}))[0] == 401

@@ -5,11 +5,13 @@ import json
 
 import pytest
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from clproxy.dashboard.access import COOKIE, DashboardAccess, LoginSessions, LoginThrottle
 from clproxy.dashboard.feed import DashboardFeed, dashboard_state, percent
 from clproxy.observe.activity import LATENCY_BOUNDS, Activity, quantile_ms
+from clproxy.state.memory import MAX_LOGINS, MemoryStateStore
 from clproxy.team.keys import KeyRing, KeyRecord, hash_key
 
 
@@ -98,18 +100,38 @@ def test_login_throttle_has_an_overall_cap_and_remembers_a_bounded_number_of_pee
     assert len(throttle._peers) == 2
 
 
-def test_sessions_expire_and_are_bounded():
+def now_result(coroutine):
+    """The result of a coroutine over the memory store (whose Deferreds have all fired)."""
+    results = []
+    defer.ensureDeferred(coroutine).addBoth(results.append)
+    assert results, "the coroutine waited on something that never fired"
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+def test_sessions_expire_and_are_kept_as_digests_in_the_store():
     clock = task.Clock()
-    sessions = LoginSessions(clock, ttl=100.0, max_sessions=2)
-    first = sessions.open("h1")
-    assert sessions.key_hash(first) == "h1"
+    store = MemoryStateStore()
+    sessions = LoginSessions(store, clock, ttl=100.0)
+    token = now_result(sessions.open("h1"))
+    assert now_result(sessions.key_hash(token)) == "h1"
+    assert token not in repr(store._logins)  # only its digest is kept
     clock.advance(100)
-    assert sessions.key_hash(first) is None and len(sessions) == 0
-    tokens = [sessions.open("h") for _ in range(3)]
-    assert sessions.key_hash(tokens[0]) is None and sessions.key_hash(tokens[2]) == "h"
-    sessions.close(tokens[2])
-    assert sessions.key_hash(tokens[2]) is None
-    assert sessions.key_hash("x" * 500) is None
+    assert now_result(sessions.key_hash(token)) is None and not store._logins
+    token = now_result(sessions.open("h2"))
+    now_result(sessions.close(token))
+    assert now_result(sessions.key_hash(token)) is None
+    assert now_result(sessions.key_hash("x" * 500)) is None and now_result(sessions.key_hash("")) is None
+
+
+def test_the_memory_store_keeps_a_bounded_number_of_sessions():
+    store = MemoryStateStore()
+    for i in range(MAX_LOGINS + 5):
+        store.put_login(f"d{i}", "h", 100.0, 0.0)
+    assert len(store._logins) == MAX_LOGINS
+    assert now_result(store.get_login("d0", 1.0)) is None
+    assert now_result(store.get_login(f"d{MAX_LOGINS + 4}", 1.0)) == "h"
 
 
 def record(name, key, admin):
@@ -134,37 +156,38 @@ def with_headers(headers=None, cookie=None):
     return request
 
 
+def access(ring, host="127.0.0.1", allow=lambda: False):
+    return DashboardAccess(ring, LoginSessions(MemoryStateStore(), task.Clock()), host, allow)
+
+
 def test_access_is_open_on_loopback_without_keys_only():
-    clock = task.Clock()
-    assert DashboardAccess(KeyRing(), clock, "127.0.0.1").allowed(with_headers())
-    assert not DashboardAccess(KeyRing(), clock, "0.0.0.0").allowed(with_headers())
-    assert DashboardAccess(KeyRing(), clock, "0.0.0.0", lambda: True).allowed(with_headers())
+    assert now_result(access(KeyRing(), "127.0.0.1").allowed(with_headers()))
+    assert not now_result(access(KeyRing(), "0.0.0.0").allowed(with_headers()))
+    assert now_result(access(KeyRing(), "0.0.0.0", lambda: True).allowed(with_headers()))
 
 
 def test_access_needs_an_admin_key_and_a_revoked_key_ends_its_sessions():
-    clock = task.Clock()
     admin_key, plain_key = "clp_" + "a" * 40, "clp_" + "b" * 40
     ring = KeyRing([record("boss", admin_key, True), record("alice", plain_key, False)])
-    access = DashboardAccess(ring, clock)
-    assert not access.allowed(with_headers())
-    assert not access.allowed(with_headers({b"authorization": b"Bearer " + plain_key.encode()}))
-    assert access.allowed(with_headers({b"authorization": b"Bearer " + admin_key.encode()}))
+    gate = access(ring)
+    assert not now_result(gate.allowed(with_headers()))
+    assert not now_result(gate.allowed(with_headers({b"authorization": b"Bearer " + plain_key.encode()})))
+    assert now_result(gate.allowed(with_headers({b"authorization": b"Bearer " + admin_key.encode()})))
 
-    assert access.login(plain_key, "p")[:1] == (403,)
-    assert access.login("clp_wrong", "p")[:1] == (401,)
-    status, message, token, _ = access.login(admin_key, "p")
+    assert now_result(gate.login(plain_key, "p"))[:1] == (403,)
+    assert now_result(gate.login("clp_wrong", "p"))[:1] == (401,)
+    status, message, token, _ = now_result(gate.login(admin_key, "p"))
     assert status == 200 and token and admin_key not in message
-    assert access.allowed(with_headers(cookie=token))
+    assert now_result(gate.allowed(with_headers(cookie=token)))
     ring.replace([record("alice", plain_key, False)])  # the admin key is revoked
-    assert not access.allowed(with_headers(cookie=token))
+    assert not now_result(gate.allowed(with_headers(cookie=token)))
 
 
 def test_login_attempts_are_throttled_with_the_wait():
-    clock = task.Clock()
-    access = DashboardAccess(KeyRing([record("boss", "clp_" + "a" * 40, True)]), clock)
+    gate = access(KeyRing([record("boss", "clp_" + "a" * 40, True)]))
     for _ in range(5):
-        assert access.login("clp_wrong", "1.2.3.4")[0] == 401
-    status, _, token, wait = access.login("clp_" + "a" * 40, "1.2.3.4")
+        assert now_result(gate.login("clp_wrong", "1.2.3.4"))[0] == 401
+    status, _, token, wait = now_result(gate.login("clp_" + "a" * 40, "1.2.3.4"))
     assert (status, token) == (429, None) and wait == pytest.approx(60.0)
 
 
@@ -302,3 +325,18 @@ def test_the_tick_stops_with_the_last_page_and_stopping_closes_the_streams():
     built.clear()
     clock.advance(5)
     assert built == []
+
+
+def test_a_broken_install_answers_503_and_never_stops_the_daemon():
+    """Without the page's files /dashboard and its assets say what is missing (503); the data
+    routes stay."""
+    from clproxy.dashboard.resources import DashboardRoot
+    from clproxy.http.site import ErrorResource
+
+    def missing(name):
+        raise FileNotFoundError(2, "No such file or directory", name)
+
+    clock, activity, feed, _ = make_feed()
+    root = DashboardRoot(access(KeyRing()), feed, read=missing)
+    assert isinstance(root.page, ErrorResource) and root.page.error.status == 503
+    assert root.children[b"app.js"] is root.page and b"state" in root.children

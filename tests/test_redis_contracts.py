@@ -18,7 +18,7 @@ from clproxy.state.model import AccountState
 from clproxy.state.memory import MemoryStateStore
 from clproxy.state.redis import LocalMirror, RedisStateStore
 from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
-from store_contract import ClientKeysContract, SessionBindingsContract, UsageCountersContract
+from store_contract import ClientKeysContract, LoginSessionsContract, SessionBindingsContract, UsageCountersContract
 
 
 class AtomicCooldownContract:
@@ -257,7 +257,8 @@ class LockProviderContract:
 
 
 class TestMirrorSharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
-                            LockProviderContract, SessionBindingsContract, UsageCountersContract, ClientKeysContract):
+                            LockProviderContract, SessionBindingsContract, UsageCountersContract, ClientKeysContract,
+                            LoginSessionsContract):
     """The local mirror (served during an outage) meets the shared-state contracts."""
 
     def make_store(self):
@@ -266,7 +267,8 @@ class TestMirrorSharedState(AtomicCooldownContract, SharedTokensContract, QuotaS
 
 
 class TestMemorySharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
-                            LockProviderContract, SessionBindingsContract, UsageCountersContract):
+                            LockProviderContract, SessionBindingsContract, UsageCountersContract,
+                            LoginSessionsContract):
     """The memory store, the backend of a single instance, meets every shared-state contract."""
 
     def make_store(self):
@@ -283,7 +285,8 @@ class TestMemoryLocks(LockProviderContract):
 
 
 class TestRedisSharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
-                           LockProviderContract, SessionBindingsContract, UsageCountersContract, ClientKeysContract):
+                           LockProviderContract, SessionBindingsContract, UsageCountersContract, ClientKeysContract,
+                            LoginSessionsContract):
     """The Redis store meets the shared-state contracts, every call answered by Redis."""
 
     @pytest.fixture(autouse=True)
@@ -302,7 +305,8 @@ class TestRedisSharedState(AtomicCooldownContract, SharedTokensContract, QuotaSt
 
 class TestRedisWithoutRedisSharedState(AtomicCooldownContract, SharedTokensContract,
                                        QuotaStoreContract, LockProviderContract,
-                                       SessionBindingsContract, UsageCountersContract, ClientKeysContract):
+                                       SessionBindingsContract, UsageCountersContract, ClientKeysContract,
+                                       LoginSessionsContract):
     """With Redis unreachable the store meets the shared-state contracts from its mirror."""
 
     def make_store(self):

@@ -39,7 +39,8 @@ def test_the_assembled_daemon_serves_the_same_table(tmp_path):
     served = paths(proxy.root)
     # the client-key guards (team mode) are part of the table the daemon serves
     assert served == paths(build_routes(object(), object(), metrics=proxy.observability.metrics_resource(),
-                                        auth=proxy.auth))
+                                        auth=proxy.auth, dashboard=proxy.root.children[b"dashboard"]))
+    assert b"/dashboard/events" in served and b"/dashboard/login" in served
     assert served[b"/metrics"] is not resource.Resource
 
 

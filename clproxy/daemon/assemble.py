@@ -29,7 +29,7 @@ from clproxy.daemon import runstate
 from clproxy.daemon.drain import Drainer
 from clproxy.daemon.reload import ConfigWatcher, restart_needed
 from clproxy.daemon.upkeep import AccountUpkeep
-from clproxy.dashboard.access import DashboardAccess
+from clproxy.dashboard.access import DashboardAccess, LoginSessions
 from clproxy.dashboard.feed import DashboardFeed, dashboard_state
 from clproxy.dashboard.resources import DashboardRoot
 from clproxy.http.auth import ClientAuth
@@ -368,7 +368,7 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
     # the config in force decides (a reload may change it); read through ``proxy``, bound below
     auth = ClientAuth(ring, host, lambda: bool(proxy.config.server.allow_unauthenticated))
     feed = DashboardFeed(lambda: dashboard_now(status, obs.activity, dispatcher, clock), obs.activity, clock)
-    dashboard = DashboardRoot(DashboardAccess(ring, clock, host,
+    dashboard = DashboardRoot(DashboardAccess(ring, LoginSessions(store, clock), host,
                                               lambda: bool(proxy.config.server.allow_unauthenticated)), feed)
     root = build_routes(dispatcher, status, metrics=obs.metrics_resource(),
                         max_body_bytes=cfg.server.max_body_bytes, auth=auth, dashboard=dashboard)

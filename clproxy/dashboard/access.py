@@ -6,8 +6,9 @@ The rule: with no client key at all the dashboard is open where the relay is (lo
 page's login form, which turns it into a session cookie.
 
 A session is a random token in an ``HttpOnly; SameSite=Strict`` cookie scoped to ``/dashboard``
-that expires (:data:`SESSION_TTL`); the daemon keeps only the token's SHA-256 and the hash of the
-key it was opened with, so revoking the key (or taking its admin right) ends its sessions at once.
+that expires (:data:`SESSION_TTL`); the state store keeps only the token's SHA-256 and the hash of
+the key it was opened with (shared by every worker and instance on one Redis), so revoking the key
+(or taking its admin right) ends its sessions at once.
 Login attempts are rate-limited per peer address and overall (:class:`LoginThrottle`), answered
 with a true ``Retry-After``. No key, token or part of one is ever logged or echoed.
 """
@@ -22,7 +23,8 @@ from clproxy.team.limits import is_loopback
 
 COOKIE = b"clproxy_dashboard"
 SESSION_TTL = 8 * 3600.0
-MAX_SESSIONS = 1024
+#: a longer cookie value is no token of ours (ours are 43 characters)
+MAX_TOKEN_LENGTH = 200
 
 
 class LoginThrottle:
@@ -74,43 +76,32 @@ def _digest(token: str) -> str:
 
 
 class LoginSessions:
-    """Open login sessions: token digest -> (hash of the admin key used, expiry). Bounded by
-    ``max_sessions`` (the oldest is closed first)."""
+    """Open login sessions, kept in the state store (``ILoginSessions``: every worker and instance
+    on the same Redis sees them) under the digest of their token; they expire ``ttl`` seconds
+    after login."""
 
-    def __init__(self, clock, ttl: float = SESSION_TTL, max_sessions: int = MAX_SESSIONS):
+    def __init__(self, store, clock, ttl: float = SESSION_TTL):
+        self.store = store
         self.clock = clock
         self.ttl = ttl
-        self.max_sessions = max_sessions
-        self._open: "collections.OrderedDict[str, Tuple[str, float]]" = collections.OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._open)
-
-    def open(self, key_hash: str) -> str:
+    async def open(self, key_hash: str) -> str:
         """A new session for the key with ``key_hash``; returns its token (for the cookie only)."""
         token = secrets.token_urlsafe(32)
-        self._open[_digest(token)] = (key_hash, self.clock.seconds() + self.ttl)
-        while len(self._open) > self.max_sessions:
-            self._open.popitem(last=False)
+        now = self.clock.seconds()
+        await self.store.put_login(_digest(token), key_hash, now + self.ttl, now)
         return token
 
-    def key_hash(self, token: Optional[str]) -> Optional[str]:
-        """The key hash of the live session ``token`` names, or None (unknown, expired: removed)."""
-        if not token or len(token) > 200:
+    async def key_hash(self, token: Optional[str]) -> Optional[str]:
+        """The key hash of the live session ``token`` names, or None (unknown, expired)."""
+        if not token or len(token) > MAX_TOKEN_LENGTH:
             return None
-        digest = _digest(token)
-        found = self._open.get(digest)
-        if found is None:
-            return None
-        if found[1] <= self.clock.seconds():
-            del self._open[digest]
-            return None
-        return found[0]
+        return await self.store.get_login(_digest(token), self.clock.seconds())
 
-    def close(self, token: Optional[str]) -> None:
+    async def close(self, token: Optional[str]) -> None:
         """End the session ``token`` names (nothing when there is none)."""
-        if token and len(token) <= 200:
-            self._open.pop(_digest(token), None)
+        if token and len(token) <= MAX_TOKEN_LENGTH:
+            await self.store.drop_login(_digest(token))
 
 
 class DashboardAccess:
@@ -119,15 +110,14 @@ class DashboardAccess:
     ``host`` is the interface the daemon listens on; ``allow_unauthenticated()`` reads the config in
     force (the same two facts decide whether the relay itself is open)."""
 
-    def __init__(self, ring: KeyRing, clock, host: str = "127.0.0.1",
+    def __init__(self, ring: KeyRing, sessions: LoginSessions, host: str = "127.0.0.1",
                  allow_unauthenticated: Callable[[], bool] = lambda: False,
-                 sessions: Optional[LoginSessions] = None, throttle: Optional[LoginThrottle] = None):
+                 throttle: Optional[LoginThrottle] = None):
         self.ring = ring
-        self.clock = clock
+        self.sessions = sessions
         self.host = host
         self.allow_unauthenticated = allow_unauthenticated
-        self.sessions = sessions if sessions is not None else LoginSessions(clock)
-        self.throttle = throttle if throttle is not None else LoginThrottle(clock)
+        self.throttle = throttle if throttle is not None else LoginThrottle(sessions.clock)
 
     def is_open(self) -> bool:
         """No client key exists and the relay is open here: anyone who reaches it may look."""
@@ -146,19 +136,20 @@ class DashboardAccess:
         record = self.ring.verify(extract_client_key(request.requestHeaders))
         return record.hash if record is not None and record.admin else None
 
-    def by_cookie(self, request) -> Optional[str]:
+    async def by_cookie(self, request) -> Optional[str]:
         """The hash of the admin key behind ``request``'s session cookie, or None (no cookie, an
         expired session, or a key revoked or no longer admin since)."""
         token = request.getCookie(COOKIE)
         if not token:
             return None
-        return self._admin_hash(self.sessions.key_hash(token.decode("ascii", "replace")))
+        return self._admin_hash(await self.sessions.key_hash(token.decode("ascii", "replace")))
 
-    def allowed(self, request) -> bool:
+    async def allowed(self, request) -> bool:
         """Whether ``request`` may read the dashboard's data."""
-        return self.is_open() or self.by_header(request) is not None or self.by_cookie(request) is not None
+        return (self.is_open() or self.by_header(request) is not None
+                or await self.by_cookie(request) is not None)
 
-    def login(self, presented: Optional[str], peer: str) -> Tuple[int, str, Optional[str], Optional[float]]:
+    async def login(self, presented: Optional[str], peer: str) -> Tuple[int, str, Optional[str], Optional[float]]:
         """One login attempt: ``(status, message, session token or None, retry after or None)``.
         200 with a token for an admin key; 429 when throttled; 403 for a valid key that is not an
         admin's; 401 otherwise. The message never repeats what was presented."""
@@ -172,13 +163,13 @@ class DashboardAccess:
             return 401, "that is not a valid clproxy client key", None, None
         if not record.admin:
             return 403, "the dashboard needs an admin client key (clproxy keys create NAME --admin)", None, None
-        return 200, "logged in", self.sessions.open(record.hash), None
+        return 200, "logged in", await self.sessions.open(record.hash), None
 
-    def logout(self, request) -> None:
+    async def logout(self, request) -> None:
         """End the session of ``request``'s cookie."""
         token = request.getCookie(COOKIE)
         if token:
-            self.sessions.close(token.decode("ascii", "replace"))
+            await self.sessions.close(token.decode("ascii", "replace"))
 
 
 def session_cookie(token: str, max_age: float) -> bytes:

@@ -19,16 +19,17 @@ session cookie, so its live feed (which a browser opens without that header) is 
 """
 
 import json
+import math
 from importlib import resources as package_data
 from typing import Dict, Optional, Tuple
 
-from twisted.internet import defer
-from twisted.web import server
+from twisted.web import resource
+
 
 from clproxy.dashboard.access import DashboardAccess, session_cookie
 from clproxy.dashboard.feed import DashboardFeed
 from clproxy.errors import ProxyError
-from clproxy.http.site import Node, not_found, write_error, write_json
+from clproxy.http.site import ErrorResource, Node, answer_later, not_found, write_error, write_json
 from clproxy.observe import console
 
 log = console.logger(__name__)
@@ -73,32 +74,42 @@ class _Asset(Node):
     isLeaf = True
     allowed = (b"GET",)
 
-    def __init__(self, body: bytes, content_type: bytes, access: Optional[DashboardAccess] = None):
+    def __init__(self, body: bytes, content_type: bytes):
         super().__init__()
-        self.body, self.content_type, self.access = body, content_type, access
+        self.body, self.content_type = body, content_type
 
     def render_GET(self, request):
         if request.postpath not in ([], [b""]):
             return write_error(request, ProxyError(404, "clproxy does not serve that path"))
-        self._cookie_for_bearer(request)
         request.responseHeaders.setRawHeaders(b"content-type", [self.content_type])
         return self.body
 
-    def _cookie_for_bearer(self, request) -> None:
-        # a browser told to send an admin key (an extension, a test driver) gets a session, so the
-        # page's own requests, which cannot add that header, are let in as well
+
+class _Page(_Asset):
+    """The page. A browser told to send an admin key in its headers (an extension, a test driver)
+    also gets a session cookie, so the page's own requests, which cannot add that header, are let
+    in as well."""
+
+    def __init__(self, body: bytes, content_type: bytes, access: DashboardAccess):
+        super().__init__(body, content_type)
+        self.access = access
+
+    def render_GET(self, request):
+        key_hash = self.access.by_header(request)
+        if key_hash is None:
+            return super().render_GET(request)
+        return answer_later(request, self._with_session(request, key_hash), "the dashboard page")
+
+    async def _with_session(self, request, key_hash: str) -> bytes:
         access = self.access
-        if access is None:
-            return
-        key_hash = access.by_header(request)
-        if key_hash is None or access.by_cookie(request) is not None:
-            return
-        token = access.sessions.open(key_hash)
-        request.responseHeaders.addRawHeader(b"set-cookie", session_cookie(token, access.sessions.ttl))
+        if await access.by_cookie(request) is None:
+            token = await access.sessions.open(key_hash)
+            request.responseHeaders.addRawHeader(b"set-cookie", session_cookie(token, access.sessions.ttl))
+        return super().render_GET(request)
 
 
 class _Protected(Node):
-    """A dashboard resource that needs the viewer to be let in."""
+    """A dashboard resource that needs the viewer to be let in (:meth:`answer` once they are)."""
 
     isLeaf = True
     allowed = (b"GET",)
@@ -107,40 +118,32 @@ class _Protected(Node):
         super().__init__()
         self.access, self.feed = access, feed
 
-    def render(self, request):
-        if not self.access.allowed(request):
+    def render_GET(self, request):
+        return answer_later(request, self._checked(request), "the dashboard")
+
+    async def _checked(self, request) -> Optional[bytes]:
+        if not await self.access.allowed(request):
             return write_error(request, ProxyError(401, NEED_LOGIN, "authentication_error"))
-        return super().render(request)
+        return await self.answer(request)
+
+    async def answer(self, request) -> Optional[bytes]:
+        """The answer's body (None: the request is the resource's to finish)."""
+        raise NotImplementedError
 
 
 class _State(_Protected):
-    def render_GET(self, request):
-        gone = []
-        request.notifyFinish().addErrback(lambda _: gone.append(True))
-
-        def done(document):
-            if not gone:
-                request.write(write_json(request, document))
-                request.finish()
-
-        def failed(failure):
-            log.failure("the dashboard state failed", failure)
-            if not gone:
-                request.write(write_error(request, ProxyError(500, "the dashboard state is unavailable")))
-                request.finish()
-
-        defer.ensureDeferred(self.feed.snapshot()).addCallbacks(done, failed)
-        return server.NOT_DONE_YET
+    async def answer(self, request) -> Optional[bytes]:
+        return write_json(request, await self.feed.snapshot())
 
 
 class _Events(_Protected):
-    def render_GET(self, request):
+    async def answer(self, request) -> Optional[bytes]:
         request.setResponseCode(200)
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
         request.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
         request.write(b"retry: 2000\n\n")
         self.feed.subscribe(request)
-        return server.NOT_DONE_YET
+        return None  # the feed writes from now on, and finishes when the daemon stops
 
 
 class _WhoAmI(Node):
@@ -152,10 +155,14 @@ class _WhoAmI(Node):
         self.access = access
 
     def render_GET(self, request):
+        return answer_later(request, self._answer(request), "the dashboard")
+
+    async def _answer(self, request) -> bytes:
         access = self.access
-        return write_json(request, {"authenticated": access.allowed(request), "open": access.is_open(),
-                                    "loginPossible": access.login_possible(),
-                                    "session": access.by_cookie(request) is not None})
+        session = await access.by_cookie(request) is not None
+        return write_json(request, {"authenticated": session or await access.allowed(request),
+                                    "open": access.is_open(), "loginPossible": access.login_possible(),
+                                    "session": session})
 
 
 def _same_origin(request) -> bool:
@@ -189,13 +196,16 @@ class _Change(Node):
 
 class _Login(_Change):
     def render_POST(self, request):
+        return answer_later(request, self._answer(request), "the dashboard login")
+
+    async def _answer(self, request) -> bytes:
         body = request.content.read(MAX_LOGIN_BODY + 1) if request.content is not None else b""
         presented = _login_key(body)
         peer = getattr(request.getClientAddress(), "host", "?")
-        status, message, token, wait = self.access.login(presented, peer)
-        if status == 429:
+        status, message, token, wait = await self.access.login(presented, peer)
+        if status == 429 and wait is not None:
             # a true wait: the oldest counted attempt leaves the window then
-            request.responseHeaders.setRawHeaders(b"retry-after", [str(max(1, int(wait + 0.999))).encode()])
+            request.responseHeaders.setRawHeaders(b"retry-after", [str(max(1, math.ceil(wait))).encode()])
         if token is None:
             error_type = {401: "authentication_error", 403: "permission_error",
                           429: "rate_limit_error"}.get(status, "invalid_request_error")
@@ -219,26 +229,51 @@ def _login_key(body: bytes) -> Optional[str]:
 
 class _Logout(_Change):
     def render_POST(self, request):
-        self.access.logout(request)
+        return answer_later(request, self._answer(request), "the dashboard logout")
+
+    async def _answer(self, request) -> bytes:
+        await self.access.logout(request)
         request.responseHeaders.addRawHeader(b"set-cookie", session_cookie("", 0))
         return write_json(request, {"ok": True})
 
 
+def load_assets(read=read_asset) -> Dict[bytes, Tuple[bytes, bytes]]:
+    """Every file of the page by URL path (``b""`` is the page): ``{path: (body, content type)}``.
+    Raises OSError when one is missing (a broken install)."""
+    name, kind = PAGE
+    files = {b"": (read(name), kind)}
+    for path, (file_name, kind) in ASSETS.items():
+        files[path] = (read(file_name), kind)
+    return files
+
+
 class DashboardRoot(Node):
-    """``/dashboard`` and everything under it (see the module docstring)."""
+    """``/dashboard`` and everything under it (see the module docstring).
+
+    The page's files are read once, here. Without them (a broken install) the proxy still serves
+    and ``/dashboard`` answers 503 saying what is missing: a dashboard must never stop the relay.
+    """
 
     allowed = (b"GET",)
 
-    def __init__(self, access: DashboardAccess, feed: DashboardFeed,
-                 assets: Optional[Dict[bytes, Tuple[bytes, bytes]]] = None):
+    def __init__(self, access: DashboardAccess, feed: DashboardFeed, read=read_asset):
         super().__init__()
         self.access = access
-        name, content_type = PAGE
-        self.page = _Asset(read_asset(name), content_type, access)
-        files = assets if assets is not None else {
-            path: (read_asset(file_name), kind) for path, (file_name, kind) in ASSETS.items()}
-        for path, (body, kind) in files.items():
-            self.putChild(path, _Asset(body, kind))
+        self.page: resource.Resource
+        try:
+            files = load_assets(read)
+        except OSError as e:
+            log.error("the dashboard's files are missing ({why}): /dashboard answers 503 until clproxy "
+                      "is reinstalled", why=e.strerror or e)
+            self.page = ErrorResource(ProxyError(503, "the dashboard's files are not installed; reinstall "
+                                                      "clproxy", "api_error"))
+            for path in ASSETS:
+                self.putChild(path, self.page)
+        else:
+            body, kind = files.pop(b"")
+            self.page = _Page(body, kind, access)
+            for path, (body, kind) in files.items():
+                self.putChild(path, _Asset(body, kind))
         self.putChild(b"whoami", _WhoAmI(access))
         self.putChild(b"state", _State(access, feed))
         self.putChild(b"events", _Events(access, feed))

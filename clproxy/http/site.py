@@ -404,18 +404,17 @@ class StatusResource(Node):
         return answer_json_later(request, self.status.status(), "status")
 
 
-def answer_json_later(request: server.Request, document, what: str):
-    """Answer ``request`` with the JSON of ``document`` (a coroutine) once it is built; a failure is
-    an Anthropic-shaped 500 naming ``what``, a client gone meanwhile gets nothing. For ``render_*``."""
-    d = defer.ensureDeferred(document)
-    gone = []  # the client hung up while the document was being built: nobody to answer
+def answer_later(request: server.Request, answer, what: str):
+    """Render ``request`` with the bytes the coroutine ``answer`` returns once it has them (it sets
+    the status and headers; None: it finishes the request itself). A failure is an
+    Anthropic-shaped 500 naming ``what``; a client gone meanwhile gets nothing. For ``render_*``."""
+    gone = []  # the client hung up while the answer was being built: nobody to answer
     request.notifyFinish().addErrback(lambda _: gone.append(True))
 
-    def done(value):
-        if gone:
-            return
-        request.write(write_json(request, value))
-        request.finish()
+    def done(body):
+        if not gone and body is not None:
+            request.write(body)
+            request.finish()
 
     def failed(failure):
         log.failure("{what} failed", failure, what=what)
@@ -424,8 +423,16 @@ def answer_json_later(request: server.Request, document, what: str):
         request.write(write_error(request, ProxyError(500, f"{what} is unavailable")))
         request.finish()
 
-    d.addCallbacks(done, failed)
+    defer.ensureDeferred(answer).addCallbacks(done, failed)
     return server.NOT_DONE_YET
+
+
+def answer_json_later(request: server.Request, document, what: str):
+    """:func:`answer_later` with the JSON of ``document`` (a coroutine)."""
+    async def as_json():
+        return write_json(request, await document)
+
+    return answer_later(request, as_json(), what)
 
 
 class StatusReport:

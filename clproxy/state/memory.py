@@ -7,14 +7,14 @@ Redis store keeps one of these as its mirror of the last known shared state.
 
 import collections
 import json
-from typing import Deque, Dict, Optional, Set
+from typing import Deque, Dict, Optional, Set, Tuple
 
 import attr
 from twisted.internet import defer
 from zope.interface import implementer
 
-from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, IQuotaStore, ISessionBindings,
-                                ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters)
+from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, ILoginSessions, IQuotaStore,
+                                ISessionBindings, ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters)
 from clproxy.state.locks import MemoryLocks
 from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, TOKEN_VERSION_FIELD,
                                  AccountState, empty_stats, validate_outcome)
@@ -67,8 +67,12 @@ def token_version(record) -> Optional[float]:
 USAGE_PERIODS_KEPT = 2
 
 
+#: How many dashboard login sessions a memory store keeps (the oldest is dropped first).
+MAX_LOGINS = 1024
+
+
 @implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
-             ISessionBindings, IUsageCounters, IClientKeys)
+             ISessionBindings, IUsageCounters, IClientKeys, ILoginSessions)
 class MemoryStateStore:
     """Every state interface in dicts; every Deferred it returns has already fired.
 
@@ -99,6 +103,8 @@ class MemoryStateStore:
         # Client keys (team mode): records by key hash, and the revoked hashes (tombstones).
         self._client_keys: Dict[str, dict] = {}
         self._revoked_keys: Set[str] = set()
+        # Dashboard login sessions: token digest -> (key hash, expiry), oldest first.
+        self._logins: "collections.OrderedDict[str, Tuple[str, float]]" = collections.OrderedDict()
 
     def _record(self, key: str) -> _AccountRecord:
         record = self._accounts.get(key)
@@ -374,6 +380,27 @@ class MemoryStateStore:
 
     def all_keys(self):
         return defer.succeed({h: _copy(r) for h, r in self._client_keys.items()})
+
+    # ILoginSessions
+    def put_login(self, digest, key_hash, expires, now):
+        self._logins[digest] = (key_hash, float(expires))
+        self._logins.move_to_end(digest)
+        while len(self._logins) > MAX_LOGINS:
+            self._logins.popitem(last=False)
+        return defer.succeed(None)
+
+    def get_login(self, digest, now):
+        found = self._logins.get(digest)
+        if found is None:
+            return defer.succeed(None)
+        if found[1] <= now:
+            del self._logins[digest]
+            return defer.succeed(None)
+        return defer.succeed(found[0])
+
+    def drop_login(self, digest):
+        self._logins.pop(digest, None)
+        return defer.succeed(None)
 
     def adopt_client_keys(self, records) -> None:
         """Replace the live client keys with ``records`` (``{hash: dict}``), tombstones kept:

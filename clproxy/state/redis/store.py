@@ -15,8 +15,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, IQuotaStore, ISessionBindings,
-                                ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters)
+from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, ILoginSessions, IQuotaStore,
+                                ISessionBindings, ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters)
 from clproxy.state.locks import LockToken, new_owner, poll_for_lock
 from clproxy.state.memory import token_version
 from clproxy.state.model import (OUTCOME_SUCCESS, TOKEN_VERSION_FIELD, AccountState, empty_stats,
@@ -194,7 +194,7 @@ class _PendingWrites:
 
 
 @implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
-             ISessionBindings, IUsageCounters, IClientKeys)
+             ISessionBindings, IUsageCounters, IClientKeys, ILoginSessions)
 class RedisStateStore(service.Service):
     """``IStateStore`` (and the shared tokens, quotas, cooldown extension and locks) in one Redis,
     shared by every instance that uses the same URL and ``prefix``.
@@ -686,6 +686,51 @@ class RedisStateStore(service.Service):
                 return await self.mirror.get_usage(key_name, period)
             return await self.mirror.get_month_usage(key_name, period)
         return (int(tokens or 0), float(usd or 0.0))
+
+    # ILoginSessions ----------------------------------------------------------------------------
+    # One string per session, "KEYHASH EXPIRES", living until it expires (Redis drops it then).
+    # During an outage the mirror holds the sessions opened meanwhile; they are not replayed:
+    # at worst a person logs in again.
+
+    def put_login(self, digest, key_hash, expires, now):
+        return Deferred.fromCoroutine(self._put_login(digest, key_hash, float(expires), float(now)))
+
+    async def _put_login(self, digest, key_hash, expires, now):
+        await self.mirror.put_login(digest, key_hash, expires, now)
+        value = "{} {}".format(key_hash, num(expires))
+        try:
+            await self._link.run(lambda r: r.set(self._key("login", digest), value,
+                                                 pexpire=int(px_ttl(expires - now))))
+        except RedisDown:
+            pass
+
+    def get_login(self, digest, now):
+        return Deferred.fromCoroutine(self._get_login(digest, float(now)))
+
+    async def _get_login(self, digest, now):
+        try:
+            value = await self._link.run(lambda r: r.get(self._key("login", digest)))
+        except RedisDown:
+            return await self.mirror.get_login(digest, now)
+        if not isinstance(value, (str, bytes)):
+            return None
+        if isinstance(value, bytes):
+            value = value.decode("ascii", "replace")
+        key_hash, _, expires = value.partition(" ")
+        try:
+            return key_hash if float(expires) > now else None
+        except ValueError:
+            return None
+
+    def drop_login(self, digest):
+        return Deferred.fromCoroutine(self._drop_login(digest))
+
+    async def _drop_login(self, digest):
+        await self.mirror.drop_login(digest)
+        try:
+            await self._link.run(lambda r: r.delete(self._key("login", digest)))
+        except RedisDown:
+            pass
 
     # ILockProvider -----------------------------------------------------------------------------
 
