@@ -57,10 +57,18 @@ def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], f
                         health_interval=float(options.get("health-interval") or 30.0),
                         host=options["host"])
     supervisor = os.getppid()
-    own = proxy.status.extra
-    # /status says which worker answered: its in-process counters are its own (not aggregated)
-    proxy.status.extra = lambda: dict(own(), worker={"index": index, "count": count, "pid": os.getpid(),
-                                                     "supervisor": supervisor})
+    own, track = proxy.status.extra, proxy.drainer.track
+    served = [0]
+
+    def counted(finished) -> None:
+        served[0] += 1
+        track(finished)
+
+    proxy.drainer.track = counted  # type: ignore[method-assign]
+    # /status: "pid" is the daemon's (the supervisor, as in proxy-state.json: the one to signal);
+    # "worker" says which worker answered, whose in-process counters are its own (not aggregated)
+    proxy.status.extra = lambda: dict(own(), pid=supervisor, worker={"index": index, "count": count, "pid": os.getpid(),
+                                                     "supervisor": supervisor, "requests": served[0]})
     endpoint = RecordingEndpoint(AdoptedEndpoint(reactor, fd))
     top = ProxyService(proxy, endpoint)
     for child in proxy.services:
