@@ -16,7 +16,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
-from clproxy.daemon import runstate
+from clproxy.daemon import runstate, tap, workers
 from clproxy.testing.anthropic import error_json
 from conftest import accounts_config
 from helpers import post, request_body
@@ -247,3 +247,42 @@ def test_workers_without_redis_or_out_of_range_are_refused_in_one_line(tmp_path,
     assert result.returncode != 0
     assert line in result.stdout + result.stderr, result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_proxy_start_refuses_workers_without_redis_in_one_line(tmp_path):
+    """`clproxy proxy start --workers 2` on the memory backend: the same one line, exit 1."""
+    path = tmp_path / "proxy-config.json"
+    path.write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "clproxy", "proxy", "start", "--port", str(free_port()),
+                             "--no-guard", "--config", str(path), "--workers", "2"], capture_output=True,
+                            text=True, env=environment(tmp_path / "home"), cwd=str(tmp_path), timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip() == ("clproxy: --workers 2 needs state.backend: redis (workers share "
+                                     "cooldowns, refreshes, sessions and limits through it)")
+
+
+def test_restart_backoff_grows_for_a_worker_that_keeps_dying_at_start():
+    """0.25 s after one death, doubling per quick death in a row, never above 30 s."""
+    assert [workers.restart_delay(n) for n in (1, 2, 3, 4)] == [0.25, 0.5, 1.0, 2.0]
+    assert workers.restart_delay(50) == 30.0
+
+
+def test_worker_command_line_has_no_footprint_of_its_own(tmp_path):
+    """A worker gets the daemon's options but never writes Claude Code's settings or starts a guard."""
+    argv = workers.worker_argv({"host": "::1", "config": "c.yaml", "strategy": "round-robin",
+                                "debug": True, "health-interval": 5.0}, 2, 3)
+    assert argv[2:7] == ["clproxy.daemon.worker", "3", "2", "3", "--"]
+    options = tap.Options()
+    options.parseOptions(argv[7:])
+    assert (options["host"], options["claude-settings"], options["no-guard"]) == ("::1", "off", True)
+    assert options["config"] == os.path.abspath("c.yaml") and options["debug"]
+    assert options["strategy"] == "round-robin" and options["workers"] is None
+
+
+def test_workers_with_an_unreachable_redis_are_refused_in_one_line(tmp_path):
+    """The supervisor checks Redis answers before spawning anything: one line, as one process says."""
+    result = _twistd(tmp_path, {"state": {"backend": "redis", "url": f"redis://127.0.0.1:{free_port()}/0"}},
+                     "--workers", "2")
+    assert result.returncode != 0
+    assert "Redis" in result.stdout + result.stderr or "redis" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr and "worker 1 started" not in result.stdout

@@ -242,7 +242,12 @@ def supervise(options: Mapping, cfg, count: int, *, reactor, environ: Mapping[st
     from clproxy.daemon import runstate
     from clproxy.daemon.assemble import accounts_from_config
     from clproxy.integrations import claude_settings
+    from clproxy.state.probe import probe_store
 
+    # refused here in one line, as a single process does, rather than by workers dying at start
+    problem = probe_store(cfg.state)
+    if problem:
+        raise SystemExit(f"clproxy: {problem}")
     top = service.MultiService()
     supervisor = WorkerSupervisor(reactor, host=options["host"], port=options["port"], count=count,
                                   options=options, environ=environ, drain_timeout=cfg.server.drain_timeout)
