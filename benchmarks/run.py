@@ -828,12 +828,14 @@ def report(results):
                  if l[k]["failures"]]
         for n, k, f in fails:
             out.append(f"  failures at {n} streams ({k}): {f}")
-    out.append("")
-    out.append("Targets")
+    if results["targets"]:
+        out.append("")
+        out.append("Targets")
     rows = [[t["label"], fmt(t["value"], 3 if isinstance(t["value"], float) else 0),
              ("<= " if t["name"] != "proxy_rps_c32" else ">= ") + fmt(t["target"]) if t["target"] != "all" else "all",
              {True: "PASS", False: "MISS", None: "n/a"}[t["pass"]]] for t in results["targets"]]
-    out.append(table(rows, ["target", "value", "wanted", "result"]))
+    if rows:
+        out.append(table(rows, ["target", "value", "wanted", "result"]))
     if ns:
         out.append("req/s ratio proxy/direct: " + ", ".join(f"c={r['concurrency']}: {r['ratio']:.3f}"
                                                            for r in ns["runs"]))
