@@ -387,11 +387,11 @@ class Bench:
             self._template = template
         return self._template
 
-    def start_proxy(self):
+    def start_proxy(self, extra=(), config=None):
         port = free_port()
         template = self.proxy_template()
-        argv = [part.format(python=sys.executable, port=port, config=self.config_path)
-                for part in shlex.split(template)]
+        argv = [part.format(python=sys.executable, port=port, config=config or self.config_path)
+                for part in shlex.split(template)] + list(extra)
         env = self.proxy_env()
         proxy = Process("proxy", pinned(self.args.proxy_cpu, argv),
                         os.path.join(self.tmp, f"proxy-{port}.log"), env=env, cwd=REPO)
@@ -498,6 +498,62 @@ class Bench:
             "errors": raw["errors"], "error_count": errors,
             "cpu": usage,
         }
+
+    # workers: 1 against N on the same machine, unpinned ---------------------------------
+    def proxy_tree(self):
+        """The daemon's pids: the supervisor and its worker processes (just the daemon with one)."""
+        pids = {"proxy": self.proxy.pid}
+        try:
+            with open(f"/proc/{self.proxy.pid}/task/{self.proxy.pid}/children") as f:
+                children = [int(pid) for pid in f.read().split()]
+        except OSError:
+            children = []
+        for i, pid in enumerate(children, 1):
+            pids[f"worker{i}"] = pid
+        return pids
+
+    def run_workers(self):
+        """Non-stream at ``--workers-concurrency`` through 1 worker, then N, both on the Redis state
+        store (needed by N; used by 1 too, so the two differ only in the process count)."""
+        a = self.args
+        redis_port = free_port()
+        redis = Process("redis", [shutil.which("redis-server") or "redis-server", "--port", str(redis_port),
+                                  "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                        os.path.join(self.tmp, "redis.log"))
+        config = os.path.join(self.tmp, "config-redis.json")
+        with open(self.config_path) as f:
+            document = json.load(f)
+        document["state"] = {"backend": "redis", "url": f"redis://127.0.0.1:{redis_port}/0"}
+        with open(config, "w") as f:
+            json.dump(document, f)
+        c = a.workers_concurrency
+        section = {"concurrency": c, "runs": []}
+        try:
+            for count in (1, a.workers):
+                self.start_proxy(["--workers", str(count)], config=config)
+                try:
+                    self.sanity_nonstream()
+                    progress(f"workers={count} c={c}: warm-up {a.warmup:g}s, run {a.duration:g}s")
+                    self.wrk("proxy", c, a.warmup, record=False)
+                    tree = self.proxy_tree()
+                    meter = Meter(dict(tree, upstream=self.upstream.pid, redis=redis.pid))
+                    row = self.wrk("proxy", c, a.duration)
+                    cpu = meter.finish()
+                    daemon = sum(cpu.get(f"{name}_cpu_pct") or 0.0 for name in tree)
+                    row["workers"] = count
+                    row["cpu"] = cpu
+                    row["daemon_cpu_pct"] = round(daemon, 1)
+                    row["load_cpu_pct"] = round((cpu.get("upstream_cpu_pct") or 0.0)
+                                                + (cpu.get("generator_cpu_pct") or 0.0), 1)
+                    row["redis_cpu_pct"] = cpu.get("redis_cpu_pct")
+                    section["runs"].append(row)
+                finally:
+                    self.stop_proxy()
+        finally:
+            redis.stop()
+        one, many = section["runs"][0], section["runs"][-1]
+        section["ratio"] = round(many["rps"] / one["rps"], 3) if one["rps"] else None
+        return section
 
     def run_nonstream(self):
         a = self.args
@@ -705,6 +761,17 @@ def report(results):
     out.append(f"proxy on core {meta['proxy_cpu']}, load generator + fake upstream on core {meta['load_cpu']}; "
                f"body {meta['body_bytes']:,} bytes; loadavg before {meta['loadavg_before']}")
     out.append(f"proxy: {meta['proxy_cmd']}  (niceness {meta.get('niceness')})")
+    workers = results.get("workers")
+    if workers:
+        out.append("")
+        out.append(f"Workers, non-stream POST /v1/messages at c={workers['concurrency']}, unpinned "
+                   f"(wrk -t1, {meta['duration_s']:g} s after {meta['warmup_s']:g} s warm-up; CPU % of one core)")
+        out.append(table([[str(r["workers"]), fmt(r["rps"], 0), fmt(r["p50_ms"]), fmt(r["p99_ms"]),
+                           str(r["error_count"]), fmt(r["daemon_cpu_pct"], 0), fmt(r["load_cpu_pct"], 0),
+                           fmt(r["redis_cpu_pct"], 0)] for r in workers["runs"]],
+                         ["workers", "req/s", "p50 ms", "p99 ms", "errors", "daemon cpu%",
+                          "wrk+upstream cpu%", "redis cpu%"]))
+        out.append(f"ratio {workers['runs'][-1]['workers']} workers / 1: {fmt(workers['ratio'], 2)}x")
     ns = results.get("nonstream")
     if ns:
         out.append("")
@@ -761,12 +828,14 @@ def report(results):
                  if l[k]["failures"]]
         for n, k, f in fails:
             out.append(f"  failures at {n} streams ({k}): {f}")
-    out.append("")
-    out.append("Targets")
+    if results["targets"]:
+        out.append("")
+        out.append("Targets")
     rows = [[t["label"], fmt(t["value"], 3 if isinstance(t["value"], float) else 0),
              ("<= " if t["name"] != "proxy_rps_c32" else ">= ") + fmt(t["target"]) if t["target"] != "all" else "all",
              {True: "PASS", False: "MISS", None: "n/a"}[t["pass"]]] for t in results["targets"]]
-    out.append(table(rows, ["target", "value", "wanted", "result"]))
+    if rows:
+        out.append(table(rows, ["target", "value", "wanted", "result"]))
     if ns:
         out.append("req/s ratio proxy/direct: " + ", ".join(f"c={r['concurrency']}: {r['ratio']:.3f}"
                                                            for r in ns["runs"]))
@@ -809,6 +878,11 @@ def noise_note(results):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="clproxy load benchmark: direct vs through the proxy.")
     p.add_argument("--quick", action="store_true", help="short durations (a smoke run)")
+    p.add_argument("--workers", type=int,
+                   help="instead of the usual sections: non-stream through 1 worker, then this many "
+                        "(--workers N, Redis state), unpinned, with each side's CPU share")
+    p.add_argument("--workers-concurrency", type=int, default=32,
+                   help="wrk connections for --workers (default 32)")
     p.add_argument("--only", choices=("nonstream", "stream"), help="run one section only")
     p.add_argument("--proxy-cmd", help="command template starting the daemon; {python}, {port} and {config} "
                                        f"are filled in (default: {DEFAULT_PROXY_CMD!r})")
@@ -845,7 +919,10 @@ def parse_args(argv):
     if args.ramp is None:
         args.ramp = 1.0 if args.stream_mode == "sustained" else 0.5
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cpus) < 2 or args.proxy_cpu not in cpus or args.load_cpu not in cpus or args.proxy_cpu == args.load_cpu:
+    if args.workers:
+        # N workers need the cores: nothing is pinned, and each side's CPU share is reported instead
+        args.proxy_cpu = args.load_cpu = None
+    elif len(cpus) < 2 or args.proxy_cpu not in cpus or args.load_cpu not in cpus or args.proxy_cpu == args.load_cpu:
         sys.stderr.write(f"[bench] cannot pin to cores {args.proxy_cpu}/{args.load_cpu} (have {cpus}); "
                          "running unpinned\n")
         args.proxy_cpu = args.load_cpu = None
@@ -890,9 +967,11 @@ def main(argv=None):
     try:
         results["meta"]["proxy_cmd"] = bench.proxy_template()
         bench.start_upstream()
-        if args.only in (None, "nonstream"):
+        if args.workers:
+            results["workers"] = bench.run_workers()
+        elif args.only in (None, "nonstream"):
             results["nonstream"] = bench.run_nonstream()
-        if args.only in (None, "stream"):
+        if args.only in (None, "stream") and not args.workers:
             results["stream"] = bench.run_streams()
     except BenchError as e:
         sys.stderr.write(f"[bench] FAILED: {e}\n")

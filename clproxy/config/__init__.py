@@ -9,7 +9,7 @@ use the names re-exported here (``from clproxy import config as configuration``)
 from clproxy.config.load import load_config, load_env_file, parse_config
 from clproxy.config.paths import clproxy_home, default_config_path
 from clproxy.config.schema import (
-    CLOAKING_MODES, CONFIG_FILE_NAME, PROVIDER_ALIASES, PROVIDERS, STATE_BACKENDS, STRATEGIES, STRATEGY_ALIASES,
+    CLOAKING_MODES, CONFIG_FILE_NAME, MAX_WORKERS, PROVIDER_ALIASES, PROVIDERS, STATE_BACKENDS, STRATEGIES, STRATEGY_ALIASES,
     AccountConfig, AnthropicProvider, CloakingConfig, Config, ConfigError, FallbackTarget, GoogleProvider,
     LoadedConfig, LoggingConfig, ModelMapping, OpenAIProvider, ProvidersConfig, QuotaRoutingConfig, RoutingConfig,
     ServerConfig, SessionAffinityConfig, StateConfig, parse_strategy,
@@ -21,5 +21,5 @@ __all__ = [
     "ProvidersConfig", "ServerConfig", "StateConfig", "LoggingConfig",
     "load_config", "parse_config", "load_env_file", "default_config_path", "clproxy_home",
     "PROVIDERS", "PROVIDER_ALIASES", "STRATEGIES", "STRATEGY_ALIASES", "CLOAKING_MODES", "STATE_BACKENDS",
-    "CONFIG_FILE_NAME", "parse_strategy",
+    "CONFIG_FILE_NAME", "MAX_WORKERS", "parse_strategy",
 ]

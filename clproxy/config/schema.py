@@ -199,6 +199,13 @@ class ServerConfig:
     #: Serve a non-loopback host with no client key (an open relay: anyone who reaches the port spends
     #: the accounts). Off by default; when on, the daemon warns at every start.
     allow_unauthenticated: bool = False
+    #: Worker processes serving the one listening port (1: a single process, as before; more
+    #: needs ``state.backend: redis``, see clproxy/daemon/workers.py). ``--workers`` wins.
+    workers: int = 1
+
+
+#: The most worker processes ``server.workers`` / ``--workers`` accept.
+MAX_WORKERS = 64
 
 
 @attr.s(frozen=True, auto_attribs=True, kw_only=True)

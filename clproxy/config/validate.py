@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union, overload
 import attr
 
 from clproxy.config.schema import (
-    CLOAKING_MODES, PROVIDER_ALIASES, PROVIDERS, STATE_BACKENDS, AccountConfig, AnthropicProvider,
+    CLOAKING_MODES, MAX_WORKERS, PROVIDER_ALIASES, PROVIDERS, STATE_BACKENDS, AccountConfig, AnthropicProvider,
     CloakingConfig, Config, ConfigError, FallbackTarget, GoogleProvider, LoggingConfig, ModelMapping,
     OpenAIProvider, ProvidersConfig, QuotaRoutingConfig, RoutingConfig, ServerConfig, SessionAffinityConfig,
     StateConfig, parse_strategy,
@@ -218,6 +218,14 @@ class _Reader:
         number = self._numeric(value)
         if number is None or number <= 0 or number != int(number):
             raise ConfigError(path, f"must be a positive integer, got {_shown(value, path)}")
+        return int(number)
+
+    def worker_count(self, value: Any, path: str, default: int) -> int:
+        if value is _ABSENT:
+            return default
+        number = self._numeric(value)
+        if number is None or number != int(number) or not 1 <= number <= MAX_WORKERS:
+            raise ConfigError(path, f"must be an integer from 1 to {MAX_WORKERS}, got {_shown(value, path)}")
         return int(number)
 
     def positive_number(self, value: Any, path: str, default: Union[int, float]) -> Union[int, float]:
@@ -554,6 +562,7 @@ class _Reader:
                                              default=d.keepalive_interval),
             allow_unauthenticated=self.boolean(*keys.get("allow_unauthenticated"),
                                                default=d.allow_unauthenticated),
+            workers=self.worker_count(*keys.get("workers"), default=d.workers),
         )
         keys.finish()
         return server

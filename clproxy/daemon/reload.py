@@ -26,9 +26,10 @@ def _one_line(error: BaseException) -> str:
 
 #: Config keys (or sections, ending in ".") a running daemon cannot take over: the state store is
 #: connected and the JSONL logs opened once, at start; the token refresher keeps its OAuth client.
-#: Everything else is applied by a reload (``server.*`` included). The port and host are options of
-#: the command line, not config keys.
-RESTART_ONLY = ("state.", "logging.", "providers.anthropic.oauthTokenUrl",
+#: ``server.workers`` is the supervisor's, which spawns the workers once. Everything else is applied
+#: by a reload (the rest of ``server.*`` included). The port and host are options of the command
+#: line, not config keys.
+RESTART_ONLY = ("state.", "logging.", "server.workers", "providers.anthropic.oauthTokenUrl",
                 "providers.anthropic.clientId", "providers.anthropic.refreshBeforeExpiry")
 
 

@@ -13,7 +13,7 @@ from twisted.logger import LogLevel
 from twisted.python import usage
 
 from clproxy import config as configuration
-from clproxy.daemon import runstate
+from clproxy.daemon import runstate, workers
 from clproxy.daemon.assemble import build_proxy, check_home, effective_environment, serve
 from clproxy.daemon.reload import install_sighup
 from clproxy.integrations import claude_settings
@@ -40,6 +40,8 @@ class Options(usage.Options):
          + " (overrides the config)."],
         ["env-file", None, None, "A KEY=VALUE file with provider keys (e.g. ANTHROPIC_API_KEY)."],
         ["health-interval", None, 30.0, "Seconds between account health checks.", float],
+        ["workers", "w", None, "Worker processes serving the one port (default: the config's "
+         "server.workers, else 1; more than 1 needs state.backend: redis)."],
     ] + runstate.OPTION_PARAMETERS
     optFlags = [
         ["debug", "d", "Debug output."],
@@ -63,6 +65,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--strategy {e}, got {self['strategy']!r}") from None
         if self["health-interval"] <= 0:
             raise usage.UsageError("--health-interval must be a positive number of seconds")
+        if self["workers"] is not None:
+            self["workers"] = parse_workers(self["workers"])
         if self["debug"] and self["quiet"]:
             raise usage.UsageError("--debug and --quiet contradict each other; pick one")
 
@@ -78,18 +82,26 @@ def parse_port(value) -> int:
     return port
 
 
+def parse_workers(value) -> int:
+    """``--workers``' value as a count; a :class:`usage.UsageError` of one line otherwise."""
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        count = None
+    if count is None or not 1 <= count <= configuration.MAX_WORKERS:
+        raise usage.UsageError(f"--workers must be a number from 1 to {configuration.MAX_WORKERS}, "
+                               f"not {str(value)!r}")
+    return count
+
+
 def listen_description(host: str, port: int) -> str:
     """The endpoint string the daemon listens on (``tcp:55669:interface=127.0.0.1:backlog=1024``)."""
     return f"tcp:{int(port)}:interface={endpoints.quoteStringArgument(host)}:backlog=1024"
 
 
-def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, str]] = None):
-    """The daemon from parsed options: load the config, :func:`build_proxy`, add its services and a
-    listener; raises ``SystemExit`` with one line on a bad config."""
-    if reactor is None:
-        from twisted.internet import reactor
-    environ = os.environ if environ is None else environ
-    runstate.quiet_signal_stops(reactor)
+def load(options: Mapping, environ: Mapping[str, str]):
+    """``(effective environment, CLPROXY_HOME, loaded config)`` for parsed options, the log level
+    set; ``SystemExit`` with one line on a bad config or home."""
     console.set_level(LogLevel.debug if options.get("debug") else
                       LogLevel.warn if options.get("quiet") else LogLevel.info)
     try:
@@ -103,6 +115,21 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
         log.warn("config: {warning}", warning=warning)
     for note in loaded.notes:
         log.info("config: {note}", note=note)
+    return env, home, loaded
+
+
+def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, str]] = None):
+    """The daemon from parsed options: load the config, :func:`build_proxy`, add its services and a
+    listener (or, with more than one worker, a supervisor of worker processes); raises
+    ``SystemExit`` with one line on a bad config."""
+    if reactor is None:
+        from twisted.internet import reactor
+    environ = os.environ if environ is None else environ
+    runstate.quiet_signal_stops(reactor)
+    env, home, loaded = load(options, environ)
+    count = workers.worker_count(options, loaded.config)
+    if count > 1:
+        return workers.supervise(options, loaded.config, count, reactor=reactor, environ=env, home=home)
     proxy = build_proxy(loaded.config, clock=reactor, reactor=reactor, environ=env, home=home,
                         config_path=options.get("config"), strategy=options.get("strategy"),
                         passthrough=bool(options.get("passthrough")), debug=bool(options.get("debug")),

@@ -1,0 +1,133 @@
+"""One worker process of ``--workers N`` (``python -m clproxy.daemon.worker FD INDEX COUNT -- OPTIONS``).
+
+It builds the same daemon as a single process (:func:`~clproxy.daemon.assemble.build_proxy`) but
+serves the listening socket its supervisor passed as descriptor ``FD`` instead of binding one, writes
+no footprint (state file, Claude Code's settings: the supervisor's), and stops (draining) on SIGTERM
+or when its supervisor is gone. See :mod:`clproxy.daemon.workers`.
+"""
+
+import os
+import socket
+import sys
+from typing import List, Mapping, Optional
+
+from twisted.application import internet
+from twisted.internet import defer
+from twisted.internet.interfaces import IStreamServerEndpoint
+from zope.interface import implementer
+
+from clproxy.daemon import runstate
+from clproxy.daemon.assemble import ProxyService, RecordingEndpoint, build_proxy
+from clproxy.daemon.reload import install_sighup
+from clproxy.observe import console
+
+log = console.logger(__name__)
+
+#: Seconds between two looks at whether the supervisor is still there.
+PARENT_CHECK_INTERVAL = 1.0
+
+
+@implementer(IStreamServerEndpoint)
+class AdoptedEndpoint:
+    """Listens by adopting an already listening socket (descriptor ``fd``, inherited) instead of
+    binding one; the reactor works on its own duplicate, so ``fd`` is closed once adopted."""
+
+    def __init__(self, reactor, fd: int):
+        self.reactor = reactor
+        self.fd = fd
+
+    def listen(self, factory):
+        """Adopt the socket for ``factory``."""
+        with socket.socket(fileno=os.dup(self.fd)) as probe:
+            family = probe.family
+        port = self.reactor.adoptStreamPort(self.fd, family, factory)
+        os.close(self.fd)
+        return defer.succeed(port)
+
+
+def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], fd: int, index: int,
+                        count: int) -> ProxyService:
+    """The worker's top service: the whole daemon serving the adopted socket ``fd``."""
+    from clproxy.daemon.tap import load
+
+    env, home, loaded = load(options, environ)
+    proxy = build_proxy(loaded.config, clock=reactor, reactor=reactor, environ=env, home=home,
+                        config_path=options.get("config"), strategy=options.get("strategy"),
+                        passthrough=bool(options.get("passthrough")), debug=bool(options.get("debug")),
+                        health_interval=float(options.get("health-interval") or 30.0),
+                        host=options["host"])
+    supervisor = os.getppid()
+    own, track = proxy.status.extra, proxy.drainer.track
+    served = [0]
+
+    def counted(finished) -> None:
+        served[0] += 1
+        track(finished)
+
+    proxy.drainer.track = counted  # type: ignore[method-assign]
+    # /status: "pid" is the daemon's (the supervisor, as in proxy-state.json: the one to signal);
+    # "worker" says which worker answered, whose in-process counters are its own (not aggregated)
+    proxy.status.extra = lambda: dict(own(), pid=supervisor, worker={"index": index, "count": count, "pid": os.getpid(),
+                                                     "supervisor": supervisor, "requests": served[0]})
+    endpoint = RecordingEndpoint(AdoptedEndpoint(reactor, fd))
+    top = ProxyService(proxy, endpoint)
+    for child in proxy.services:
+        child.setServiceParent(top)
+    internet.StreamServerEndpointService(endpoint, proxy.site).setServiceParent(top)
+    install_sighup(proxy.watcher, reactor)
+    orphan_check = internet.TimerService(PARENT_CHECK_INTERVAL, _stop_when_orphaned, reactor, supervisor)
+    orphan_check.clock = reactor
+    orphan_check.setServiceParent(top)
+    return top
+
+
+def _stop_when_orphaned(reactor, supervisor: int) -> None:
+    # a supervisor killed without its stop (SIGKILL) leaves no one to restart or stop the workers
+    if os.getppid() != supervisor:
+        log.warn("the supervisor (pid {pid}) is gone; stopping", pid=supervisor)
+        runstate.stop_reactor(reactor)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run one worker until SIGTERM/SIGINT (drain, then exit) or its supervisor is gone."""
+    from twisted.internet import reactor
+    from twisted.logger import FileLogObserver, formatEventAsClassicLogText, globalLogBeginner
+    from twisted.python import usage
+
+    from clproxy.daemon.tap import Options
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        fd, index, count = (int(value) for value in argv[:3])
+        assert argv[3] == "--"
+    except (ValueError, AssertionError, IndexError):
+        sys.stderr.write("usage: python -m clproxy.daemon.worker FD INDEX COUNT -- OPTIONS "
+                         "(started by `--workers N`, not by hand)\n")
+        return 2
+    options = Options()
+    try:
+        options.parseOptions(argv[4:])
+    except usage.UsageError as e:
+        sys.stderr.write(f"clproxy worker {index}: {e}\n")
+        return 2
+    runstate.quiet_signal_stops(reactor)
+    try:
+        top = make_worker_service(options, reactor, os.environ, fd, index, count)
+        top.startService()
+    except SystemExit as e:
+        sys.stderr.write(f"{e} (worker {index})\n")
+        return 1
+    prefix = f"[worker {index} pid {os.getpid()}] "
+
+    def format_event(event) -> Optional[str]:
+        text = formatEventAsClassicLogText(event)
+        return prefix + text if text else None
+
+    globalLogBeginner.beginLoggingTo([FileLogObserver(sys.stdout, format_event)], redirectStandardIO=False)
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

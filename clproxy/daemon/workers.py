@@ -1,0 +1,269 @@
+"""``--workers N``: a small supervisor process owns the one listening socket and N worker processes
+serve it, acting as one daemon through the Redis state store.
+
+Why a shared socket and not ``SO_REUSEPORT``: the supervisor binds and listens once and hands the
+listening descriptor to each worker (``spawnProcess`` ``childFDs``), which adopts it
+(``adoptStreamPort``). The kernel then gives each connection to whichever worker accepts first. That
+works the same on Linux and macOS (macOS accepts ``SO_REUSEPORT`` but does not balance connections
+over the sockets), never opens a window where a second program can bind the port, and the port stays
+open (connections queue in the backlog) while a dead worker is restarted.
+
+What is shared and how: cooldowns, the refresh single-flight, session bindings, key limits and usage
+counters live in the state store. The ``memory`` backend is a Python object in each process, so
+``workers > 1`` requires ``state.backend: redis`` (the same store that makes several instances on
+several machines act as one) and is refused at start otherwise. The files each process writes are
+safe with N writers: the token store and the key file take an ``flock`` around read-modify-write,
+the JSONL logs are opened ``O_APPEND`` and written a whole batch of lines per ``write``, the usage
+ledger is SQLite in WAL mode (its own locking), the quota snapshot is an atomic rename of a cache.
+Only the supervisor writes ``proxy-state.json`` and Claude Code's settings and starts the guard.
+
+``/health``, ``/status`` and ``/metrics`` are answered by whichever worker takes the connection:
+what they read from the store (cooldowns, sessions, key usage) is global; in-process counters
+(requests, latencies, ``/metrics`` totals) are that worker's own (``/status`` names it under
+``worker``). They are not aggregated.
+"""
+
+import os
+import signal
+import socket
+import sys
+from typing import Any, Dict, List, Mapping, Optional
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+
+from clproxy.observe import console
+
+log = console.logger(__name__)
+
+#: A worker that dies sooner than this after its start counts as failing to start (backoff grows).
+QUICK_DEATH_SECONDS = 10.0
+#: The descriptor number the listening socket has in a worker.
+WORKER_LISTEN_FD = 3
+
+
+def worker_count(options: Mapping, cfg) -> int:
+    """``--workers`` when given, else ``server.workers``; ``SystemExit`` with one line when more than
+    one is asked for without a shared (Redis) state store."""
+    given = options.get("workers")
+    count = int(given) if given is not None else int(cfg.server.workers)
+    if count > 1 and cfg.state.backend != "redis":
+        source = f"--workers {count}" if given is not None else f"server.workers: {count}"
+        raise SystemExit(f"clproxy: {source} needs state.backend: redis (workers share cooldowns, "
+                         f"refreshes, sessions and limits through it)")
+    return count
+
+
+def restart_delay(failures: int) -> float:
+    """Seconds to wait before restarting a worker after ``failures`` quick deaths in a row (1 for a
+    worker that died after running a while): 0.25, 0.5, 1, ... up to 30."""
+    return min(30.0, 0.25 * 2 ** max(0, failures - 1))
+
+
+def describe_exit(reason) -> str:
+    """``status 1`` or ``signal 9 (SIGKILL)`` for a process's ended reason."""
+    value = getattr(reason, "value", None)
+    signum = getattr(value, "signal", None)
+    if signum is not None:
+        try:
+            return f"signal {signum} ({signal.Signals(signum).name})"
+        except ValueError:
+            return f"signal {signum}"
+    return f"status {getattr(value, 'exitCode', '?')}"
+
+
+def worker_argv(options: Mapping, index: int, count: int) -> List[str]:
+    """The command line of worker ``index`` of ``count``: the daemon's own options (without the
+    footprint: no state file, settings or guard of its own), after the worker's arguments."""
+    args = [sys.executable, "-m", "clproxy.daemon.worker", str(WORKER_LISTEN_FD), str(index), str(count),
+            "--", "--host", str(options.get("host") or "127.0.0.1"), "--claude-settings", "off", "--no-guard",
+            "--health-interval", str(options.get("health-interval") or 30.0)]
+    if options.get("config"):
+        args += ["--config", os.path.abspath(os.path.expanduser(str(options["config"])))]
+    if options.get("strategy"):
+        args += ["--strategy", str(options["strategy"])]
+    if options.get("env-file"):
+        args += ["--env-file", os.path.abspath(os.path.expanduser(str(options["env-file"])))]
+    for flag in ("debug", "quiet", "passthrough"):
+        if options.get(flag):
+            args.append(f"--{flag}")
+    return args
+
+
+class _WorkerProcess(protocol.ProcessProtocol):
+    def __init__(self, supervisor: "WorkerSupervisor", index: int, started: float):
+        self.supervisor, self.index, self.started = supervisor, index, started
+        self.pid: Optional[int] = None
+
+    def processEnded(self, reason):
+        self.supervisor.ended(self, reason)
+
+
+class WorkerSupervisor(service.Service):
+    """Binds ``host:port`` once, runs ``count`` workers on it and restarts one that dies (with
+    :func:`restart_delay`); on stop, closes its copy of the socket, sends the workers SIGTERM (each
+    drains its requests) and fires when all have exited (SIGKILL after ``drain_timeout`` + 10 s)."""
+
+    name = "workers"  # type: ignore[assignment]
+
+    def __init__(self, reactor, *, host: str, port: int, count: int, options: Mapping,
+                 environ: Mapping[str, str], drain_timeout: float):
+        self.reactor = reactor
+        self.host, self.port, self.count = host, port, count
+        self.options = options
+        self.environ = dict(environ)
+        self.drain_timeout = drain_timeout
+        self.socket: Optional[socket.socket] = None
+        #: index -> the live worker's process transport
+        self.live: Dict[int, Any] = {}
+        self.failures: Dict[int, int] = {}
+        self._restarts: Dict[int, Any] = {}
+        self._stopping = False
+        self._all_ended: Optional[defer.Deferred] = None
+
+    def address(self):
+        """The (host, port) the workers serve (useful with ``--port 0``)."""
+        if self.socket is None:
+            return None
+        return self.socket.getsockname()[:2]
+
+    def pids(self) -> List[int]:
+        """The live workers' pids."""
+        return [process.pid for process in self.live.values() if process.pid]
+
+    def startService(self):
+        """Bind and listen (``CannotListenError`` as a single process would raise), then spawn."""
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Twisted's TCP ports
+            sock.bind((self.host, self.port))
+            sock.listen(1024)
+        except OSError as e:
+            sock.close()
+            raise error.CannotListenError(self.host, self.port, e)
+        sock.setblocking(False)
+        self.socket = sock
+        super().startService()
+        log.info("clproxy supervisor (pid {pid}) listening on {host}:{port} with {count} workers",
+                 pid=os.getpid(), host=self.address()[0], port=self.address()[1], count=self.count)
+        for index in range(1, self.count + 1):
+            self.spawn(index)
+        self._install_sighup()
+
+    def spawn(self, index: int) -> None:
+        """Start worker ``index`` on the listening socket."""
+        self._restarts.pop(index, None)
+        if self._stopping or self.socket is None:
+            return
+        worker = _WorkerProcess(self, index, self.reactor.seconds())
+        args = worker_argv(self.options, index, self.count)
+        # the worker's stdout and stderr are ours (the log), the socket is its fd 3, nothing else
+        process = self.reactor.spawnProcess(worker, args[0], args, env=self.environ,
+                                            childFDs={1: 1, 2: 2, WORKER_LISTEN_FD: self.socket.fileno()})
+        self.live[index] = process
+        worker.pid = process.pid
+        log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
+
+    def ended(self, worker: _WorkerProcess, reason) -> None:
+        """A worker exited: restart it (after the backoff) unless the daemon is stopping."""
+        self.live.pop(worker.index, None)
+        pid = worker.pid
+        if self._stopping:
+            log.info("worker {index} (pid {pid}) exited ({how})", index=worker.index, pid=pid,
+                     how=describe_exit(reason))
+            if not self.live and self._all_ended is not None and not self._all_ended.called:
+                self._all_ended.callback(None)
+            return
+        lived = self.reactor.seconds() - worker.started
+        failures = self.failures.get(worker.index, 0) + 1 if lived < QUICK_DEATH_SECONDS else 1
+        self.failures[worker.index] = failures
+        delay = restart_delay(failures)
+        log.warn("worker {index} (pid {pid}) exited with {how} after {lived:.1f}s; restarting it in "
+                 "{delay:g}s", index=worker.index, pid=pid, how=describe_exit(reason), lived=lived,
+                 delay=delay)
+        self._restarts[worker.index] = self.reactor.callLater(delay, self.spawn, worker.index)
+
+    def signal_workers(self, signum: int) -> None:
+        """Send ``signum`` to every live worker."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signum)
+            except OSError:
+                pass
+
+    def _install_sighup(self) -> None:
+        sighup = getattr(signal, "SIGHUP", None)
+        if sighup is None:
+            return
+        try:
+            # each worker reloads its own config (it also watches the file)
+            signal.signal(sighup, lambda signum, frame: self.reactor.callFromThread(
+                self.signal_workers, sighup))
+        except ValueError:  # not the main thread (tests)
+            pass
+
+    def stopService(self):
+        """Close the socket here, SIGTERM the workers, wait for them (SIGKILL at the deadline)."""
+        super().stopService()
+        self._stopping = True
+        for call in self._restarts.values():
+            if call.active():
+                call.cancel()
+        self._restarts.clear()
+        if self.socket is not None:
+            self.socket.close()  # the workers hold the port until each has stopped listening
+            self.socket = None
+        if not self.live:
+            return defer.succeed(None)
+        self._all_ended = defer.Deferred()
+        log.info("stopping {count} worker(s): {pids}", count=len(self.live),
+                 pids=" ".join(map(str, self.pids())))
+        self.signal_workers(signal.SIGTERM)
+        deadline = self.reactor.callLater(self.drain_timeout + 10.0, self._kill_stragglers)
+
+        def ended(result):
+            if deadline.active():
+                deadline.cancel()
+            return result
+        return self._all_ended.addBoth(ended)
+
+    def _kill_stragglers(self) -> None:
+        log.warn("workers still running after the drain: {pids}; killing them",
+                 pids=" ".join(map(str, self.pids())))
+        self.signal_workers(signal.SIGKILL)
+
+
+def supervise(options: Mapping, cfg, count: int, *, reactor, environ: Mapping[str, str], home: str):
+    """The top service of ``--workers N``: the supervisor and the daemon's footprint (state file,
+    Claude Code's settings once an account is usable, the guard), which only it writes."""
+    from clproxy.accounts.directory import AccountDirectory
+    from clproxy.accounts.tokenstore import TokenStore
+    from clproxy.daemon import runstate
+    from clproxy.daemon.assemble import accounts_from_config
+    from clproxy.integrations import claude_settings
+    from clproxy.state.probe import probe_store
+
+    # refused here in one line, as a single process does, rather than by workers dying at start
+    problem = probe_store(cfg.state)
+    if problem:
+        raise SystemExit(f"clproxy: {problem}")
+    top = service.MultiService()
+    supervisor = WorkerSupervisor(reactor, host=options["host"], port=options["port"], count=count,
+                                  options=options, environ=environ, drain_timeout=cfg.server.drain_timeout)
+    supervisor.setServiceParent(top)
+    top.supervisor = supervisor  # type: ignore[attr-defined]
+    top.address = supervisor.address  # type: ignore[attr-defined]
+    strategy = options.get("strategy") or cfg.routing.strategy
+    top.lifecycle = None  # type: ignore[attr-defined]
+    lifecycle = runstate.attach_lifecycle(top, options, environ, strategy=lambda: strategy,
+                                          fallback_chain=lambda: runstate.chain_of(cfg),
+                                          config_path=options.get("config"))
+    top.lifecycle = lifecycle  # type: ignore[attr-defined]
+    if lifecycle is not None and lifecycle.settings_path:
+        # the workers serve the accounts; the supervisor only looks whether one is usable
+        directory = AccountDirectory(store=TokenStore(home), clock=reactor, environ=environ,
+                                     config_accounts=accounts_from_config(cfg),
+                                     base_url=cfg.providers.anthropic.base_url)
+        claude_settings.SetOnceUsable(lifecycle, directory, reactor).setServiceParent(top)
+    return top

@@ -1,0 +1,288 @@
+"""``--workers N``: one port served by N worker processes that act as one daemon (issue 17).
+
+The daemon runs as a real ``twistd -n claudeproxy --workers 2`` process tree over a real
+redis-server; the fake Anthropic API and OAuth server run in this test process. Which worker answered
+is told by ``/status`` (``worker``: its pid and the requests it served), never by the proxied answers.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+
+from clproxy.daemon import runstate, tap, workers
+from clproxy.testing.anthropic import error_json
+from conftest import accounts_config
+from helpers import post, request_body
+from redis_server import free_port, redis_server, unique_prefix  # noqa: F401  (fixture)
+from test_401_storm import oauth, seed  # noqa: F401  (fixture)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def environment(home) -> dict:
+    env = dict(os.environ, CLPROXY_HOME=str(home), CLPROXY_CLAUDE_SETTINGS="off")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    env.pop("ANTHROPIC_API_KEY", None)
+    return env
+
+
+def shared(config: dict, redis) -> dict:
+    """``config`` on the Redis state store (a prefix of this test's own)."""
+    return dict(config, state={"backend": "redis", "url": redis.url, "prefix": unique_prefix()})
+
+
+async def pause(seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+class Daemon:
+    """A ``twistd -n claudeproxy --workers N`` process tree on a free port."""
+
+    def __init__(self, tmp_path, config: dict, workers: int = 2):
+        self.home = tmp_path / "home"
+        self.config = tmp_path / "proxy-config.json"
+        self.config.write_text(json.dumps(config))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = open(tmp_path / "daemon.log", "wb")
+        self.log_path = tmp_path / "daemon.log"
+        self.process = subprocess.Popen(
+            [TWISTD, "-n", "--pidfile=", "claudeproxy", "--port", str(self.port), "--no-guard",
+             "--config", str(self.config), "--workers", str(workers)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=environment(self.home), cwd=str(tmp_path))
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    async def status(self) -> dict:
+        """``/status`` over a fresh connection: whichever worker accepts it answers."""
+        code, _, body = await post(self.url + "/status", b"", method=b"GET")
+        assert code == 200, body
+        return json.loads(body)
+
+    async def worker_pids(self, wanted: int, timeout: float = 20.0, exclude=()) -> set:
+        """Ask /status until ``wanted`` different worker pids (not in ``exclude``) have answered."""
+        seen: set = set()
+        deadline = time.monotonic() + timeout
+        while len(seen) < wanted:
+            assert time.monotonic() < deadline, f"only workers {seen} answered\n{self.output()}"
+            assert self.process.poll() is None, self.output()
+            try:
+                pid = (await self.status())["worker"]["pid"]
+            except Exception:  # not listening yet, or a worker starting
+                await pause(0.05)
+                continue
+            if pid not in exclude:
+                seen.add(pid)
+        return seen
+
+    async def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM the supervisor and wait for it to exit; its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while self.process.poll() is None:
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError("the supervisor did not stop\n" + self.output())
+            await pause(0.05)
+        self.log.close()
+        return self.process.returncode
+
+
+@pytest.fixture
+def daemons():
+    """Start daemons; each is stopped (and its workers checked gone) after the test."""
+    started = []
+
+    def start(*args, **kwargs) -> Daemon:
+        daemon = Daemon(*args, **kwargs)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        if daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()
+        daemon.log.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_workers_serve_one_port_and_share_the_requests(tmp_path, daemons, fake, redis_server):
+    """Two workers answer on the one port; requests on fresh connections reach both of them."""
+    daemon = daemons(tmp_path, shared(accounts_config(fake, "a"), redis_server))
+    pids = await daemon.worker_pids(2)
+    assert daemon.process.pid not in pids
+    for _ in range(20):
+        code, _, body = await post(daemon.url + "/v1/messages", request_body())
+        assert code == 200, body
+    assert len(fake.for_credential("key-a")) == 20
+    served = {}
+    deadline = time.monotonic() + 20
+    while set(served) != pids:
+        assert time.monotonic() < deadline, served
+        worker = (await daemon.status())["worker"]
+        served[worker["pid"]] = worker["requests"]
+    # /status itself counts too; each worker answered some of the 20 messages
+    assert sum(served.values()) >= 20 and min(served.values()) > 0, served
+    state = runstate.read_state(str(daemon.home / runstate.STATE_FILE_NAME))
+    assert (state["pid"], state["port"]) == (daemon.process.pid, daemon.port)
+    assert await daemon.stop() in (0, -signal.SIGTERM)  # twistd re-raises the signal it stopped on
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_429_seen_by_one_worker_cools_the_account_for_the_other(tmp_path, daemons, fake,
+                                                                        redis_server):
+    """The first request's 429 cools the only account for both workers: the others, wherever they
+    land, get 429 with the remaining Retry-After and never reach the upstream."""
+    fake.script("key-a", status=429, headers={"retry-after": "30"},
+                body=error_json(429, "rate_limit_error", "slow down"))
+    daemon = daemons(tmp_path, shared(accounts_config(fake, "a"), redis_server))
+    await daemon.worker_pids(2)
+    for _ in range(12):
+        code, headers, body = await post(daemon.url + "/v1/messages", request_body())
+        assert code == 429, body
+        assert 0 < int(headers.getRawHeaders("retry-after")[0]) <= 30
+    assert len(fake.for_credential("key-a")) == 1
+    served = {}
+    deadline = time.monotonic() + 20
+    while len(served) < 2:
+        assert time.monotonic() < deadline, served
+        worker = (await daemon.status())["worker"]
+        served[worker["pid"]] = worker["requests"]
+    assert min(served.values()) > 1, served  # both answered messages besides this /status
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_refresh_for_fifty_requests_spread_over_workers(tmp_path, daemons, fake, oauth,
+                                                                   redis_server):
+    """An expired OAuth token and 50 concurrent requests over two workers: one refresh in all."""
+    seed(tmp_path / "home", oauth, expires_in=-60)
+    config = {"providers": {"anthropic": {"baseUrl": fake.url, "oauthTokenUrl": oauth.token_url}}}
+    daemon = daemons(tmp_path, shared(config, redis_server))
+    await daemon.worker_pids(2)
+    answers = await defer.gatherResults([
+        defer.ensureDeferred(post(daemon.url + "/v1/messages", request_body())) for _ in range(50)])
+    assert [code for code, _, _ in answers] == [200] * 50, [b for _, _, b in answers if b][:3]
+    assert oauth.refresh_calls == 1
+    assert len({r.credential for r in fake.requests}) == 1  # all on the one new token
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(tmp_path, daemons, fake,
+                                                                         redis_server):
+    """SIGKILL one worker: the supervisor starts a new one (a new pid answers /status), the port
+    stays open and every request sent meanwhile is answered."""
+    daemon = daemons(tmp_path, shared(accounts_config(fake, "a"), redis_server))
+    first = await daemon.worker_pids(2)
+    victim = sorted(first)[0]
+    os.kill(victim, signal.SIGKILL)
+    answered = 0
+    seen: set = set()
+    deadline = time.monotonic() + 20
+    while not seen - first:
+        assert time.monotonic() < deadline, f"no new worker answered\n{daemon.output()}"
+        code, _, body = await post(daemon.url + "/v1/messages", request_body())
+        assert code == 200, body
+        answered += 1
+        seen.add((await daemon.status())["worker"]["pid"])
+    assert victim not in seen and not runstate.pid_alive(victim)
+    assert len(fake.requests) == answered
+    assert "exited with signal 9 (SIGKILL)" in daemon.output()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sigterm_stops_the_supervisor_and_every_worker(tmp_path, daemons, fake, redis_server):
+    """`clproxy proxy status` sees the daemon; `clproxy proxy stop` (SIGTERM to the supervisor)
+    stops it and all its workers, and removes the state file."""
+    daemon = daemons(tmp_path, shared(accounts_config(fake, "a"), redis_server))
+    pids = await daemon.worker_pids(2)
+
+    def clproxy(*args):
+        return subprocess.run([sys.executable, "-m", "clproxy", "proxy", *args], capture_output=True,
+                              text=True, env=environment(daemon.home), timeout=60)
+
+    status = await defer.Deferred.fromCoroutine(_in_thread(clproxy, "status"))
+    assert status.returncode == 0 and str(daemon.process.pid) in status.stdout, status.stdout + status.stderr
+    stopped = await defer.Deferred.fromCoroutine(_in_thread(clproxy, "stop"))
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert await daemon.stop() in (0, -signal.SIGTERM)  # twistd re-raises the signal it stopped on
+    assert not [pid for pid in pids if runstate.pid_alive(pid)]
+    assert not (daemon.home / runstate.STATE_FILE_NAME).exists()
+
+
+async def _in_thread(function, *args):
+    from twisted.internet import threads
+    return await threads.deferToThread(function, *args)
+
+
+def _twistd(tmp_path, config: dict, *args):
+    path = tmp_path / "proxy-config.json"
+    path.write_text(json.dumps(config))
+    return subprocess.run([TWISTD, "-n", "--pidfile=", "claudeproxy", "--port", str(free_port()),
+                           "--no-guard", "--config", str(path), *args], capture_output=True, text=True,
+                          env=environment(tmp_path / "home"), cwd=str(tmp_path), timeout=60)
+
+
+@pytest.mark.parametrize("config, args, line", [
+    ({}, ["--workers", "2"], "clproxy: --workers 2 needs state.backend: redis (workers share cooldowns, "
+                             "refreshes, sessions and limits through it)"),
+    ({"server": {"workers": 3}}, [], "clproxy: server.workers: 3 needs state.backend: redis"),
+    ({"server": {"workers": 65}}, [], "server.workers: must be an integer from 1 to 64, got 65"),
+    ({}, ["--workers", "0"], "--workers must be a number from 1 to 64, not '0'"),
+    ({}, ["--workers", "two"], "--workers must be a number from 1 to 64, not 'two'"),
+])
+def test_workers_without_redis_or_out_of_range_are_refused_in_one_line(tmp_path, config, args, line):
+    """More than one worker on the memory backend, or a count outside 1..64: refused, one line."""
+    result = _twistd(tmp_path, config, *args)
+    assert result.returncode != 0
+    assert line in result.stdout + result.stderr, result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_proxy_start_refuses_workers_without_redis_in_one_line(tmp_path):
+    """`clproxy proxy start --workers 2` on the memory backend: the same one line, exit 1."""
+    path = tmp_path / "proxy-config.json"
+    path.write_text("{}")
+    result = subprocess.run([sys.executable, "-m", "clproxy", "proxy", "start", "--port", str(free_port()),
+                             "--no-guard", "--config", str(path), "--workers", "2"], capture_output=True,
+                            text=True, env=environment(tmp_path / "home"), cwd=str(tmp_path), timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.strip() == ("clproxy: --workers 2 needs state.backend: redis (workers share "
+                                     "cooldowns, refreshes, sessions and limits through it)")
+
+
+def test_restart_backoff_grows_for_a_worker_that_keeps_dying_at_start():
+    """0.25 s after one death, doubling per quick death in a row, never above 30 s."""
+    assert [workers.restart_delay(n) for n in (1, 2, 3, 4)] == [0.25, 0.5, 1.0, 2.0]
+    assert workers.restart_delay(50) == 30.0
+
+
+def test_worker_command_line_has_no_footprint_of_its_own(tmp_path):
+    """A worker gets the daemon's options but never writes Claude Code's settings or starts a guard."""
+    argv = workers.worker_argv({"host": "::1", "config": "c.yaml", "strategy": "round-robin",
+                                "debug": True, "health-interval": 5.0}, 2, 3)
+    assert argv[2:7] == ["clproxy.daemon.worker", "3", "2", "3", "--"]
+    options = tap.Options()
+    options.parseOptions(argv[7:])
+    assert (options["host"], options["claude-settings"], options["no-guard"]) == ("::1", "off", True)
+    assert options["config"] == os.path.abspath("c.yaml") and options["debug"]
+    assert options["strategy"] == "round-robin" and options["workers"] is None
+
+
+def test_workers_with_an_unreachable_redis_are_refused_in_one_line(tmp_path):
+    """The supervisor checks Redis answers before spawning anything: one line, as one process says."""
+    result = _twistd(tmp_path, {"state": {"backend": "redis", "url": f"redis://127.0.0.1:{free_port()}/0"}},
+                     "--workers", "2")
+    assert result.returncode != 0
+    assert "Redis" in result.stdout + result.stderr or "redis" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr and "worker 1 started" not in result.stdout
