@@ -140,7 +140,8 @@ def _mapping(value: Any) -> dict:
 def _percent(value: Any) -> Optional[int]:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         return None
-    return int(round(min(max(value, 0.0), 10.0) * 100))
+    # half up, as the dashboard rounds (62.5% reads 63% in both); above 100% is shown as it is
+    return int(min(max(value, 0.0), 10.0) * 100 + 0.5)
 
 
 def _clean(name: Any) -> str:
