@@ -194,6 +194,8 @@ async def test_the_live_feed_sends_a_full_frame_then_new_requests(fake, start_pr
     assert first["full"] and first["state"]["accounts"][0]["name"] == "work" and first["requests"] == []
     feed = proxy.service.feed
     assert len(feed.subscribers) == 1
+    status, _, body = await get(proxy.url + "/dashboard/events", method=b"HEAD")
+    assert status == 200 and body == b"" and len(feed.subscribers) == 1  # a HEAD opens no stream
     await post(proxy.url + "/v1/messages", request_body())
     await until(lambda: any(f["requests"] for f in frames()[1:]), timeout=5)
     later = [f for f in frames()[1:] if f["requests"]][0]

@@ -3,7 +3,7 @@
     /dashboard, /dashboard/        GET   the page (no data in it; open to all, it shows a login form)
     /dashboard/app.js, style.css,  GET   its assets, package data read once at start
       favicon.svg
-    /dashboard/whoami              GET   {"authenticated", "open", "loginPossible"}
+    /dashboard/whoami              GET   {"authenticated", "open", "loginPossible", "session"}
     /dashboard/state               GET   the whole document once (see clproxy.dashboard.feed)
     /dashboard/events              GET   the live feed (server-sent events)
     /dashboard/login               POST  {"key": ...} -> a session cookie
@@ -24,7 +24,6 @@ from importlib import resources as package_data
 from typing import Dict, Optional, Tuple
 
 from twisted.web import resource
-
 
 from clproxy.dashboard.access import DashboardAccess, session_cookie
 from clproxy.dashboard.feed import DashboardFeed
@@ -144,6 +143,11 @@ class _Events(_Protected):
         request.write(b"retry: 2000\n\n")
         self.feed.subscribe(request)
         return None  # the feed writes from now on, and finishes when the daemon stops
+
+    def render_HEAD(self, request):
+        # a HEAD has no body to stream into: it must not open a subscription that never ends
+        request.responseHeaders.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
+        return b""
 
 
 class _WhoAmI(Node):
