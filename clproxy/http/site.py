@@ -89,6 +89,7 @@ class ClientResponse:
 
     def finish(self) -> None:
         """End the response."""
+        self._cancel = None  # often the upstream relay, which refers back here: no cycle to collect
         if not self.disconnected:
             self.disconnected = True  # nothing more may be written
             self._request.finish()

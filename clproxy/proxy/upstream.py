@@ -39,6 +39,15 @@ class _NoDelayClientProtocol(HTTP11ClientProtocol):
         _no_delay(self.transport)
         super().connectionMade()
 
+    def _disconnectParser(self, reason) -> None:
+        # A finished parser and its body decoder refer to each other (the decoder's finishCallback
+        # is the parser's method), which keeps the parser, the response and the request (with its
+        # body) alive until a full collection; breaking the cycle frees them at once.
+        parser = self._parser
+        super()._disconnectParser(reason)
+        if parser is not None:
+            parser.bodyDecoder = None
+
 
 class _NoDelayClientFactory(webclient._HTTP11ClientFactory):
     noisy = False  # no "Starting factory" log line per upstream connection
@@ -56,7 +65,8 @@ class BytesProducer:
         self.length = len(body)
 
     def startProducing(self, consumer):
-        consumer.write(self._body)
+        body, self._body = self._body, b""  # not kept: the request object may outlive the exchange
+        consumer.write(body)
         return defer.succeed(None)
 
     def pauseProducing(self):
@@ -336,6 +346,9 @@ class StreamRelay(protocol.Protocol):
             why = f"upstream {self._host} ended the stream before message_stop"
         else:
             why = None
+        # the client's write method refers back to this relay (its disconnect callback): without
+        # this, the pair and everything they hold wait for a full collection
+        self._write = None
         self.done.callback(StreamOutcome(truncated=why is not None, reason=why))
 
     # -- control ---------------------------------------------------------------------------
