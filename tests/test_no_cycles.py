@@ -52,3 +52,15 @@ async def test_a_streamed_and_a_whole_answer_leave_no_cycle(fake, start_proxy):
                and getattr(getattr(o, "request", None), "uri", b"").startswith(upstream)]
     assert parsers == []  # the daemon's upstream parser (and the request body it holds) is freed
 
+
+def test_full_collections_are_rarer_than_the_default():
+    """The daemon's collector tuning keeps young thresholds and makes full collections 10x rarer."""
+    from clproxy.daemon.assemble import FULL_COLLECTION_THRESHOLD, tune_garbage_collector
+    before = gc.get_threshold()
+    try:
+        tune_garbage_collector()
+        assert gc.get_threshold() == (before[0], before[1], FULL_COLLECTION_THRESHOLD)
+        assert FULL_COLLECTION_THRESHOLD >= 10 * 10
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
