@@ -6,12 +6,13 @@ import gc
 
 import pytest_twisted
 
+from clproxy.proxy.upstream import ChunkedPassthrough
 from clproxy.testing import anthropic as testing
 from conftest import accounts_config
 from helpers import post, request_body, stream, until
 
 #: the daemon's per-request objects that a cycle used to keep alive until a full collection
-PER_REQUEST = {"StreamRelay", "ClientResponse", "ProxyHTTPRequest", "RequestRecord", "TimedSink",
+PER_REQUEST = {"StreamRelay", "ChunkedPassthrough", "ChunkedBody", "ClientResponse", "ProxyHTTPRequest", "RequestRecord", "TimedSink",
                "ProxyRequest"}
 
 
@@ -27,16 +28,27 @@ def _cyclic_garbage():
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_streamed_and_a_whole_answer_leave_no_cycle(fake, start_proxy):
-    """After a stream and a whole answer are relayed, none of their objects waits for the collector."""
+async def test_a_streamed_and_a_whole_answer_leave_no_cycle(fake, start_proxy, monkeypatch):
+    """After a stream (on the fast path) and a whole answer are relayed, none of their objects waits
+    for the collector."""
+    taken = []
+    original = ChunkedPassthrough.replacing.__func__
+
+    def spy(cls, *args):
+        made = original(cls, *args)
+        taken.append(made)
+        return made
+
+    monkeypatch.setattr(ChunkedPassthrough, "replacing", classmethod(spy))
     proxy = start_proxy(accounts_config(fake, "one"))
-    fake.script(events=testing.text_stream("hello there"))
+    fake.script(events=testing.text_stream(("hello", " there")), pace=0.02)
     response, body = await stream(proxy.url + "/v1/messages", request_body(stream=True))
     assert await body.done  # warm-up: connections and caches made once are not per-request garbage
     gc.collect()
     gc.disable()
     try:
-        fake.script(events=testing.text_stream("hello again"))
+        # paced: relayed on the fast path after the first event (ChunkedPassthrough)
+        fake.script(events=testing.text_stream(("hello", " again", "!")), pace=0.02)
         response, body = await stream(proxy.url + "/v1/messages", request_body(stream=True))
         assert response.code == 200 and await body.done
         status, _headers, _content = await post(proxy.url + "/v1/messages", request_body())
@@ -45,6 +57,7 @@ async def test_a_streamed_and_a_whole_answer_leave_no_cycle(fake, start_proxy):
         garbage = _cyclic_garbage()
     finally:
         gc.enable()
+    assert len(taken) == 2 and None not in taken  # both streams went through the fast path
     names = sorted({type(o).__qualname__ for o in garbage} & PER_REQUEST)
     assert names == []
     upstream = fake.url.encode()

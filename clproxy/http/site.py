@@ -107,6 +107,17 @@ class ClientResponse:
         """An Anthropic-shaped error, or an SSE error event when the response was already committed."""
         send_anthropic_error(self, error)
 
+    def chunked_body(self) -> Optional["ChunkedBody"]:
+        """The client's connection for writing chunked framing as it is, or None when this response
+        does not send its body chunked (an HTTP/1.0 client, a length) or has not started writing."""
+        request = self._request
+        if self.disconnected or not request.startedWriting or not request.chunked or request.finished:
+            return None
+        transport = getattr(request.channel, "transport", None)
+        if transport is None or not isinstance(request.channel, http.HTTPChannel):
+            return None
+        return ChunkedBody(request, transport)
+
     def register_producer(self, producer) -> None:
         """Let the client's transport pause ``producer`` (the upstream) when it cannot keep up."""
         if not self.disconnected:
@@ -116,6 +127,25 @@ class ClientResponse:
         """Undo :meth:`register_producer` before finishing."""
         if not self.disconnected:
             self._request.unregisterProducer()
+
+
+class ChunkedBody:
+    """A chunked response body whose framing the caller writes itself (an upstream's own chunks,
+    relayed as they came). While it is held, twisted.web's request adds no framing and no last
+    chunk of its own; :meth:`release` gives the framing back (for an error event and the end)."""
+
+    __slots__ = ("_request", "write")
+
+    def __init__(self, request: server.Request, transport):
+        self._request = request
+        request.chunked = 0  # the relayed bytes carry their own chunk framing and last chunk
+        #: writes bytes to the client as they are (the transport's own method: nothing per chunk)
+        self.write = transport.write
+
+    def release(self) -> None:
+        """Frame later writes again (and end with a last chunk): the relayed framing stopped at a
+        chunk boundary without its last chunk."""
+        self._request.chunked = 1
 
 
 def write_error(request: server.Request, error: ProxyError) -> bytes:
