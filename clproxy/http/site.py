@@ -58,6 +58,8 @@ class ClientResponse:
         #: the status sent to the client (None until the response starts)
         self.status: Optional[int] = None
         self._cancel: Optional[Callable[[], None]] = None
+        #: the ChunkedBody handed out (its framing is the caller's until it is released)
+        self._chunked: Optional["ChunkedBody"] = None
         request.notifyFinish().addErrback(self._gone)
 
     def _gone(self, _failure) -> None:
@@ -84,12 +86,18 @@ class ClientResponse:
 
     def write(self, data: bytes) -> None:
         """Write body bytes as they are (no-op after a disconnect)."""
+        if self._chunked is not None:
+            data = self._take_framing_back(data)
         if not self.disconnected:
             self._request.write(data)
 
     def finish(self) -> None:
         """End the response."""
         self._cancel = None  # often the upstream relay, which refers back here: no cycle to collect
+        if self._chunked is not None:
+            rest = self._take_framing_back(b"")
+            if rest and not self.disconnected:
+                self._request.write(rest)
         if not self.disconnected:
             self.disconnected = True  # nothing more may be written
             self._request.finish()
@@ -116,7 +124,14 @@ class ClientResponse:
         transport = getattr(request.channel, "transport", None)
         if transport is None or not isinstance(request.channel, http.HTTPChannel):
             return None
-        return ChunkedBody(request, transport)
+        self._chunked = ChunkedBody(request, transport)
+        return self._chunked
+
+    def _take_framing_back(self, data: bytes) -> bytes:
+        # whatever writes after a relayed framing (an error event, an error answer from a code
+        # path that knows nothing of it) gets the open chunk closed first, and framed writes
+        body, self._chunked = self._chunked, None
+        return body.end(data)
 
     def register_producer(self, producer) -> None:
         """Let the client's transport pause ``producer`` (the upstream) when it cannot keep up."""
@@ -134,18 +149,30 @@ class ChunkedBody:
     relayed as they came). While it is held, twisted.web's request adds no framing and no last
     chunk of its own; :meth:`release` gives the framing back (for an error event and the end)."""
 
-    __slots__ = ("_request", "write")
+    __slots__ = ("_request", "write", "closing")
 
     def __init__(self, request: server.Request, transport):
         self._request = request
         request.chunked = 0  # the relayed bytes carry their own chunk framing and last chunk
         #: writes bytes to the client as they are (the transport's own method: nothing per chunk)
         self.write = transport.write
+        #: set by the relayed framing's owner: ``closing(data)`` completes the chunk it left open
+        #: (with the first bytes of ``data``), releases, and returns the rest of ``data``
+        self.closing: Optional[Callable[[bytes], bytes]] = None
 
     def release(self) -> None:
         """Frame later writes again (and end with a last chunk): the relayed framing stopped at a
         chunk boundary without its last chunk."""
         self._request.chunked = 1
+
+    def end(self, data: bytes) -> bytes:
+        """Give the framing back before ``data`` is written through the request (closing the open
+        chunk if the owner left one); returns what is left of ``data`` to write."""
+        closing, self.closing = self.closing, None
+        if closing is not None:
+            return closing(data)
+        self.release()
+        return data
 
 
 def write_error(request: server.Request, error: ProxyError) -> bytes:

@@ -268,7 +268,7 @@ class Attempt:
         elif ended.truncated:
             log.warn("stream truncated account={account}: {reason}", account=account.name,
                      reason=ended.reason)
-            out.write(relay.end_framing(error_event(ended.reason)))
+            out.write(error_event(ended.reason))  # after the open chunk relayed as it came, if any
             await self.store.incr("truncated_streams")
             how = TRUNCATED
         out.finish()

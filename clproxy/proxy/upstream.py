@@ -403,14 +403,6 @@ class StreamRelay(protocol.Protocol):
         if passthrough is not None:
             self.passthrough = passthrough
 
-    def end_framing(self, last: bytes) -> bytes:
-        """Before ``last`` (an error event) goes to the client after a truncated stream: close the
-        chunk the relayed framing left open and give the framing back to the client's request.
-        Returns what is left of ``last`` to write through the request."""
-        if self.passthrough is None:
-            return last
-        return self.passthrough.close(last)
-
     def producer(self):
         """The upstream transport as an ``IPushProducer``, for the client's ``registerProducer``."""
         return self.transport
@@ -467,8 +459,9 @@ class ChunkedPassthrough:
     ``dataReceived``, ``noMoreData``) and follows the framing only as far as it must: to find the
     last chunk (then the parser is told the body ended, so the connection goes back to the pool
     and the relay sees a complete body), to keep the payload's tail (usage), and to know which
-    chunk is open when the upstream breaks off (:meth:`close` completes it, so the client's
-    error event arrives in well-formed chunks). A chunk-size line split across reads is held
+    chunk is open when the upstream breaks off (:meth:`close`, which the client's response calls
+    before whatever it writes next, completes it: the error event arrives in well-formed chunks).
+    A chunk-size line split across reads is held
     until its end (a few bytes); the last chunk is not relayed: once it arrived the client's
     request frames again and ends the body itself, as it does on the decoding path.
     """
@@ -515,6 +508,7 @@ class ChunkedPassthrough:
         if body is None:
             return None
         passthrough = cls(relay, body.write, body.release, decoder.finishCallback)
+        body.closing = passthrough.close  # whatever writes next through the client's request
         if state == "BODY":
             # the client's chunk for the data so far is closed; the rest of this upstream chunk
             # goes out in a chunk of its own, closed by the upstream's CRLF
