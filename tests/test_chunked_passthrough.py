@@ -108,6 +108,7 @@ async def test_paced_stream_is_relayed_with_the_upstreams_framing_byte_for_byte(
     status, headers, chunks, rest = await response_of(client)
     assert status == 200 and headers[b"content-type"].startswith(b"text/event-stream")
     assert len(passthroughs) == 1, "the stream was not relayed on the fast path"
+    assert passthroughs[0]._write.__name__ == "write_now"  # sent on the socket when nothing is queued
     assert b"".join(chunks) == b"".join(frames)
     # the fake writes one chunk per event: every event after the first few arrived in its own
     # upstream chunk, relayed with that framing
@@ -292,5 +293,6 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_on_the_fast_path(
     status, _headers, chunks, _rest = await response_of(client)
     body = b"".join(chunks)
     assert status == 200 and len(passthroughs) == 1
+    # in order although some writes went straight to the socket and others waited in the buffer
     assert body == b"".join(encode_event(n, d) for n, d in events)
     client.transport.loseConnection()
