@@ -58,6 +58,8 @@ class ClientResponse:
         #: the status sent to the client (None until the response starts)
         self.status: Optional[int] = None
         self._cancel: Optional[Callable[[], None]] = None
+        #: the ChunkedBody handed out (its framing is the caller's until it is released)
+        self._chunked: Optional["ChunkedBody"] = None
         request.notifyFinish().addErrback(self._gone)
 
     def _gone(self, _failure) -> None:
@@ -84,11 +86,18 @@ class ClientResponse:
 
     def write(self, data: bytes) -> None:
         """Write body bytes as they are (no-op after a disconnect)."""
+        if self._chunked is not None:
+            data = self._take_framing_back(data)
         if not self.disconnected:
             self._request.write(data)
 
     def finish(self) -> None:
         """End the response."""
+        self._cancel = None  # often the upstream relay, which refers back here: no cycle to collect
+        if self._chunked is not None:
+            rest = self._take_framing_back(b"")
+            if rest and not self.disconnected:
+                self._request.write(rest)
         if not self.disconnected:
             self.disconnected = True  # nothing more may be written
             self._request.finish()
@@ -106,6 +115,24 @@ class ClientResponse:
         """An Anthropic-shaped error, or an SSE error event when the response was already committed."""
         send_anthropic_error(self, error)
 
+    def chunked_body(self) -> Optional["ChunkedBody"]:
+        """The client's connection for writing chunked framing as it is, or None when this response
+        does not send its body chunked (an HTTP/1.0 client, a length) or has not started writing."""
+        request = self._request
+        if self.disconnected or not request.startedWriting or not request.chunked or request.finished:
+            return None
+        transport = getattr(request.channel, "transport", None)
+        if transport is None or not isinstance(request.channel, http.HTTPChannel):
+            return None
+        self._chunked = ChunkedBody(request, transport)
+        return self._chunked
+
+    def _take_framing_back(self, data: bytes) -> bytes:
+        # whatever writes after a relayed framing (an error event, an error answer from a code
+        # path that knows nothing of it) gets the open chunk closed first, and framed writes
+        body, self._chunked = self._chunked, None
+        return body.end(data)
+
     def register_producer(self, producer) -> None:
         """Let the client's transport pause ``producer`` (the upstream) when it cannot keep up."""
         if not self.disconnected:
@@ -115,6 +142,64 @@ class ClientResponse:
         """Undo :meth:`register_producer` before finishing."""
         if not self.disconnected:
             self._request.unregisterProducer()
+
+
+class ChunkedBody:
+    """A chunked response body whose framing the caller writes itself (an upstream's own chunks,
+    relayed as they came). While it is held, twisted.web's request adds no framing and no last
+    chunk of its own; :meth:`release` gives the framing back (for an error event and the end)."""
+
+    __slots__ = ("_request", "write", "closing")
+
+    def __init__(self, request: server.Request, transport):
+        self._request = request
+        request.chunked = 0  # the relayed bytes carry their own chunk framing and last chunk
+        #: writes bytes to the client as they are, straight to the socket when nothing is queued
+        self.write = write_through(transport)
+        #: set by the relayed framing's owner: ``closing(data)`` completes the chunk it left open
+        #: (with the first bytes of ``data``), releases, and returns the rest of ``data``
+        self.closing: Optional[Callable[[bytes], bytes]] = None
+
+    def release(self) -> None:
+        """Frame later writes again (and end with a last chunk): the relayed framing stopped at a
+        chunk boundary without its last chunk."""
+        self._request.chunked = 1
+
+    def end(self, data: bytes) -> bytes:
+        """Give the framing back before ``data`` is written through the request (closing the open
+        chunk if the owner left one); returns what is left of ``data`` to write."""
+        closing, self.closing = self.closing, None
+        if closing is not None:
+            return closing(data)
+        self.release()
+        return data
+
+
+def write_through(transport) -> Callable[[bytes], None]:
+    """``transport.write``, except that when nothing is waiting in the transport's buffer the
+    bytes are sent on the socket at once; only what the socket does not take is buffered (and
+    counts for backpressure as before). A buffered write costs two epoll updates and a reactor
+    turn before the send: per relayed event, that was most of the write's cost."""
+    write = transport.write
+    sock = getattr(transport, "socket", None)
+    if sock is None or not all(hasattr(transport, name) for name in
+                               ("dataBuffer", "offset", "_tempDataBuffer", "connected", "_writeDisconnected")):
+        return write  # not a plain TCP transport (TLS, a test's): its own write
+    send = sock.send
+
+    def write_now(data: bytes) -> None:
+        if (not transport._tempDataBuffer and len(transport.dataBuffer) == transport.offset
+                and transport.connected and not transport._writeDisconnected and not transport.disconnecting):
+            try:
+                sent = send(data)
+            except OSError:  # would block, or the connection is failing: the transport finds out
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        write(data)
+
+    return write_now
 
 
 def write_error(request: server.Request, error: ProxyError) -> bytes:

@@ -249,7 +249,9 @@ class Attempt:
         """Commit the stream to the client and relay it to its end (or its truncation)."""
         out.start(response.code, downstream_headers(response.headers))
         out.register_producer(relay.producer())
-        relay.commit(request.record.tee(out.write, status=response.code, headers=response.headers))
+        write = request.record.tee(out.write, status=response.code, headers=response.headers)
+        # when nothing captures the body, the upstream's chunks may be relayed as they are
+        relay.commit(write, getattr(out, "chunked_body", None) if write == out.write else None)
         self.streams.add(relay)
         try:
             ended = await relay.done
@@ -266,7 +268,7 @@ class Attempt:
         elif ended.truncated:
             log.warn("stream truncated account={account}: {reason}", account=account.name,
                      reason=ended.reason)
-            out.write(error_event(ended.reason))
+            out.write(error_event(ended.reason))  # after the open chunk relayed as it came, if any
             await self.store.incr("truncated_streams")
             how = TRUNCATED
         out.finish()

@@ -105,6 +105,8 @@ class TimedSink:
         self.on_disconnect = out.on_disconnect
         self.register_producer = out.register_producer
         self.unregister_producer = out.unregister_producer
+        #: the sink's own ``chunked_body`` (clproxy.http.site.ClientResponse), if it has one
+        self.chunked_body = getattr(out, "chunked_body", None)
 
     @property
     def disconnected(self) -> bool:

@@ -14,7 +14,7 @@ from clproxy.observe.console import logger
 from twisted.python.failure import Failure
 from twisted.web import client as webclient
 from twisted.web._newclient import HTTP11ClientProtocol, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.http import PotentialDataLoss, _ChunkedTransferDecoder, _DataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, UNKNOWN_LENGTH
 from zope.interface import implementer
@@ -39,6 +39,15 @@ class _NoDelayClientProtocol(HTTP11ClientProtocol):
         _no_delay(self.transport)
         super().connectionMade()
 
+    def _disconnectParser(self, reason) -> None:
+        # A finished parser and its body decoder refer to each other (the decoder's finishCallback
+        # is the parser's method), which keeps the parser, the response and the request (with its
+        # body) alive until a full collection; breaking the cycle frees them at once.
+        parser = self._parser
+        super()._disconnectParser(reason)
+        if parser is not None:
+            parser.bodyDecoder = None
+
 
 class _NoDelayClientFactory(webclient._HTTP11ClientFactory):
     noisy = False  # no "Starting factory" log line per upstream connection
@@ -56,7 +65,8 @@ class BytesProducer:
         self.length = len(body)
 
     def startProducing(self, consumer):
-        consumer.write(self._body)
+        body, self._body = self._body, b""  # not kept: the request object may outlive the exchange
+        consumer.write(body)
         return defer.succeed(None)
 
     def pauseProducing(self):
@@ -290,6 +300,9 @@ class StreamRelay(protocol.Protocol):
         self._lost = False
         self._timed_out = False
         self.bytes_relayed = 0
+        #: the ChunkedPassthrough relaying the upstream's framing as it is, once it took over
+        self.passthrough: Optional["ChunkedPassthrough"] = None
+        self._chunked_body = None
 
     # -- protocol --------------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -302,6 +315,8 @@ class StreamRelay(protocol.Protocol):
             write(data)
             self.bytes_relayed += len(data)
             self._tail = (self._tail + data[-TAIL_BYTES:])[-TAIL_BYTES:]
+            if self._chunked_body is not None:
+                self._switch_soon()
             return
         self._held.append(data)
         if self.first_event.called or self._parser is None:
@@ -327,7 +342,11 @@ class StreamRelay(protocol.Protocol):
         if self._write is None:
             return  # never committed (the dispatcher moved on to another account)
         clean = reason.check(ResponseDone, PotentialDataLoss) is not None
-        complete = b"message_stop" in self._tail or b"event: error" in self._tail
+        if self.passthrough is not None:
+            self._tail = (self._tail + self.passthrough.tail())[-TAIL_BYTES:]
+            self.passthrough.detach()  # it referred to this relay: no cycle left behind
+        tail = self._tail
+        complete = b"message_stop" in tail or b"event: error" in tail
         if self._timed_out:
             why = f"upstream {self._host} went silent for {self._idle_timeout:g}s mid-stream"
         elif not clean:
@@ -336,22 +355,53 @@ class StreamRelay(protocol.Protocol):
             why = f"upstream {self._host} ended the stream before message_stop"
         else:
             why = None
+        # the client's write method refers back to this relay (its disconnect callback): without
+        # this, the pair and everything they hold wait for a full collection
+        self._write = None
         self.done.callback(StreamOutcome(truncated=why is not None, reason=why))
 
     # -- control ---------------------------------------------------------------------------
     @property
     def tail(self) -> bytes:
-        """The last bytes received (up to TAIL_BYTES): where the final usage is."""
+        """The last bytes of the body received (up to TAIL_BYTES): where the final usage is."""
+        if self.passthrough is not None and not self._lost:
+            return (self._tail + self.passthrough.tail())[-TAIL_BYTES:]
         return self._tail
 
-    def commit(self, write: Callable[[bytes], None]) -> None:
-        """Write what was held, then write every later chunk through ``write`` as it arrives."""
+    def commit(self, write: Callable[[bytes], None],
+               chunked_body: Optional[Callable[[], Optional[object]]] = None) -> None:
+        """Write what was held, then write every later chunk through ``write`` as it arrives.
+
+        With ``chunked_body`` (``ClientResponse.chunked_body``: the client's connection) the
+        upstream's chunked framing is relayed as it is from the next reactor turn on, when the
+        upstream answered chunked: no decoding and re-encoding per event (see
+        :class:`ChunkedPassthrough`)."""
         held, self._held = b"".join(self._held), []
         self._write = write
         if held:
             write(held)
             self.bytes_relayed += len(held)
             self._tail = held[-TAIL_BYTES:]
+        self._chunked_body = chunked_body
+        if chunked_body is not None and held:
+            self._switch_soon()
+
+    def _switch_soon(self) -> None:
+        # not now: this may run inside twisted's chunked decoder (delivering an event), whose
+        # state is only consistent once it has returned; and only once the client's response
+        # has its head (written with the first bytes)
+        chunked_body, self._chunked_body = self._chunked_body, None
+        self._clock.callLater(0, self._pass_chunks_through, chunked_body)
+
+    def _pass_chunks_through(self, chunked_body) -> None:
+        if self._lost or self._write is None:
+            return
+        parser = _parser_of(self.transport)
+        if parser is None:
+            return
+        passthrough = ChunkedPassthrough.replacing(parser, self, chunked_body)
+        if passthrough is not None:
+            self.passthrough = passthrough
 
     def producer(self):
         """The upstream transport as an ``IPushProducer``, for the client's ``registerProducer``."""
@@ -388,6 +438,217 @@ class StreamRelay(protocol.Protocol):
         if not self.first_event.called:
             self.first_event.errback(FirstEventFailed(f"upstream {self._host}: {why}"))
         self.abort()
+
+
+def _parser_of(transport):
+    """The HTTP client parser reading the response a body protocol was given ``transport`` of
+    (twisted's TransportProxyProducer around the upstream connection), or None."""
+    connection = getattr(transport, "_producer", None)
+    protocol_ = getattr(connection, "protocol", None)
+    protocol_ = getattr(protocol_, "_wrappedProtocol", protocol_)  # an endpoint's wrapper
+    if not isinstance(protocol_, HTTP11ClientProtocol):
+        return None
+    return getattr(protocol_, "_parser", None)
+
+
+class ChunkedPassthrough:
+    """Relays a chunked upstream body to a chunked client response as it is: the upstream's
+    chunk-size lines and data go to the client's transport in the bytes they came in.
+
+    It replaces twisted's chunked decoder in the upstream's HTTP parser (the same two calls:
+    ``dataReceived``, ``noMoreData``) and follows the framing only as far as it must: to find the
+    last chunk (then the parser is told the body ended, so the connection goes back to the pool
+    and the relay sees a complete body), to keep the payload's tail (usage), and to know which
+    chunk is open when the upstream breaks off (:meth:`close`, which the client's response calls
+    before whatever it writes next, completes it: the error event arrives in well-formed chunks).
+    A chunk-size line split across reads is held
+    until its end (a few bytes); the last chunk is not relayed: once it arrived the client's
+    request frames again and ends the body itself, as it does on the decoding path.
+    """
+
+    max_line = 4096  # a chunk-size line with extensions, or the last chunk with its trailers: 64 KiB
+    max_last = 65536
+
+    def __init__(self, relay: "StreamRelay", write: Callable[[bytes], None], release: Callable[[], None],
+                 finish: Callable[[bytes], None]):
+        self._relay = relay
+        self._write = write
+        self._release = release
+        self._finish = finish
+        self._left = 0       # data bytes left in the open chunk
+        self._crlf = 0       # bytes of the CRLF after the open chunk's data not yet seen
+        self._skip = 0       # bytes of a CRLF the client already has (twisted framed that chunk)
+        self._pending = b""  # a chunk-size line (or the last chunk) not yet complete: not sent yet
+        self._tail: List[bytes] = []
+        self._tail_size = 0
+        self.done = False
+
+    @classmethod
+    def replacing(cls, parser, relay: "StreamRelay",
+                  chunked_body: Callable[[], Optional[object]]) -> Optional["ChunkedPassthrough"]:
+        """Take over from twisted's decoder in ``parser`` where it stands, or None when it cannot
+        (the body is not chunked on both sides, or the decoder is in the last chunk's trailers).
+        ``chunked_body`` is called only when the upstream side can: it gives the client's side
+        (``ClientResponse.chunked_body``) or None."""
+        decoder = getattr(parser, "bodyDecoder", None)
+        if type(decoder) is not _ChunkedTransferDecoder or getattr(parser, "state", None) != "BODY":
+            return None
+        response = getattr(parser, "response", None)
+        if getattr(response, "_bodyProtocol", None) is not relay:
+            return None
+        state = decoder.state
+        buffered = bytes(decoder._buffer)
+        if state == "BODY" and buffered:
+            return None  # twisted delivers what it holds at once; this is not a state it leaves
+        if state == "CRLF" and not b"\r\n".startswith(buffered):
+            return None
+        if state not in ("CHUNK_LENGTH", "BODY", "CRLF"):
+            return None
+        body = chunked_body()
+        if body is None:
+            return None
+        passthrough = cls(relay, body.write, body.release, decoder.finishCallback)
+        body.closing = passthrough.close  # whatever writes next through the client's request
+        if state == "BODY":
+            # the client's chunk for the data so far is closed; the rest of this upstream chunk
+            # goes out in a chunk of its own, closed by the upstream's CRLF
+            passthrough._left = decoder.length
+            body.write(b"%x\r\n" % decoder.length)
+        elif state == "CRLF":
+            passthrough._skip = 2 - len(buffered)  # the client's chunk is closed already
+        else:
+            passthrough._pending = buffered
+        parser.bodyDecoder = passthrough
+        return passthrough
+
+    def dataReceived(self, data: bytes) -> None:
+        relay = self._relay
+        relay._chunks += 1  # the idle watchdog's count
+        if self._skip:
+            skip, self._skip = self._skip, 0
+            expected = b"\r\n"[2 - skip:]
+            if not data.startswith(expected[:len(data)]):
+                raise _MalformedChunks("chunk data not followed by CRLF")
+            if len(data) < skip:
+                self._skip = skip - len(data)
+                return
+            data = data[skip:]
+        if self._pending:
+            data = self._pending + data
+            self._pending = b""
+        size = len(data)
+        pos = 0
+        tail = self._tail
+        while pos < size:
+            left = self._left
+            if left:
+                end = pos + left
+                if end > size:
+                    end = size
+                tail.append(data[pos:end])
+                self._tail_size += end - pos
+                self._left = left - (end - pos)
+                pos = end
+                if not self._left:
+                    self._crlf = 2
+                continue
+            crlf = self._crlf
+            if crlf:
+                expected = b"\r\n"[2 - crlf:]
+                got = data[pos:pos + crlf]
+                if not expected.startswith(got):
+                    raise _MalformedChunks("chunk data not followed by CRLF")
+                self._crlf = crlf - len(got)
+                pos += len(got)
+                continue
+            eol = data.find(b"\r\n", pos)
+            if eol < 0:
+                if size - pos > self.max_line:
+                    raise _MalformedChunks("chunk-size line too long")
+                self._hold(data, pos)
+                return
+            length = _chunk_size(data[pos:eol])
+            if length == 0:
+                end = data.find(b"\r\n\r\n", eol)
+                if end < 0:
+                    if size - pos > self.max_last:
+                        raise _MalformedChunks("trailers too long")
+                    self._hold(data, pos)
+                    return
+                # the last chunk is not relayed: the client's request writes its own when it
+                # finishes (after an error event, if the stream turns out to be incomplete)
+                if pos:
+                    self._send(data[:pos])
+                self.done = True
+                self._trim()
+                self._release()
+                self._finish(data[end + 4:])
+                return
+            self._left = length
+            pos = eol + 2
+        self._send(data)
+        self._trim()
+
+    def _hold(self, data: bytes, pos: int) -> None:
+        self._pending = data[pos:]
+        if pos:
+            self._send(data[:pos])
+        self._trim()
+
+    def _send(self, data: bytes) -> None:
+        self._write(data)
+        self._relay.bytes_relayed += len(data)
+
+    def _trim(self) -> None:
+        tail = self._tail
+        while len(tail) > 1 and self._tail_size - len(tail[0]) >= TAIL_BYTES:
+            self._tail_size -= len(tail.pop(0))
+
+    def tail(self) -> bytes:
+        """The last payload bytes relayed (the events, without framing), up to TAIL_BYTES."""
+        return b"".join(self._tail)[-TAIL_BYTES:]
+
+    def detach(self) -> None:
+        """Forget the relay (it has ended)."""
+        self._relay = None
+
+    def noMoreData(self) -> None:
+        if not self.done:
+            raise _DataLoss("the upstream's chunked body ended before its last chunk")
+
+    def close(self, last: bytes) -> bytes:
+        """Complete the chunk left open (with the first bytes of ``last``, then blank lines, which
+        SSE ignores), give the framing back, and return the rest of ``last``."""
+        if self.done:
+            return last  # the framing was given back at the last chunk
+        out = b""
+        left = self._left
+        if self._skip:
+            pass  # twisted closed the client's chunk; the upstream's CRLF was still to come
+        elif left:
+            fill = last[:left]
+            last = last[left:]
+            out = fill + b"\n" * (left - len(fill)) + b"\r\n"
+        elif self._crlf:
+            out = b"\r\n"[2 - self._crlf:]
+        self._left = self._crlf = self._skip = 0
+        self._pending = b""
+        if out:
+            self._write(out)
+        self._release()
+        return last
+
+
+class _MalformedChunks(ValueError):
+    """The upstream's chunked framing is broken (the connection is given up, the stream truncated)."""
+
+
+def _chunk_size(line: bytes) -> int:
+    """A chunk-size line's size (extensions ignored); strict hex digits, as twisted's decoder."""
+    digits = line.split(b";", 1)[0]
+    if not digits or digits.strip(b"0123456789abcdefABCDEF") or len(digits) > 16:
+        raise _MalformedChunks("bad chunk-size line")
+    return int(digits, 16)
 
 
 class StreamOutcome:

@@ -1,0 +1,298 @@
+"""The streaming fast path: after the first event, an upstream's chunked framing is relayed to an
+HTTP/1.1 client as it came (no decoding and re-encoding per event). These tests run the real daemon
+over loopback with raw-socket clients, and check that the path was taken, and that it keeps every
+guarantee of the decoding path: the same bytes, truncation as an error event in well-formed chunks
+and a truncated record, backpressure, a client connection that serves its next request, usage
+from the stream's tail, and the upstream connection going back to the pool."""
+
+import json
+import os
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import defer, endpoints, protocol, reactor, task
+
+from clproxy.proxy import upstream as upstream_module
+from clproxy.proxy.sse import encode_event
+from clproxy.proxy.upstream import ChunkedPassthrough
+from clproxy.testing import anthropic as testing
+from conftest import accounts_config
+from helpers import request_body, until
+
+
+@pytest.fixture
+def passthroughs(monkeypatch):
+    """Every ChunkedPassthrough that took over a stream, in order."""
+    taken = []
+    original = ChunkedPassthrough.replacing.__func__
+
+    def spy(cls, parser, relay, chunked_body):
+        made = original(cls, parser, relay, chunked_body)
+        if made is not None:
+            taken.append(made)
+        return made
+
+    monkeypatch.setattr(upstream_module.ChunkedPassthrough, "replacing", classmethod(spy))
+    return taken
+
+
+class RawClient(protocol.Protocol):
+    """A raw HTTP/1.1 client on one keep-alive connection: sends requests, keeps every byte."""
+
+    def __init__(self):
+        self.data = bytearray()
+        self.closed = defer.Deferred()
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self.closed.callback(None)
+
+    def post(self, body: bytes, path: bytes = b"/v1/messages") -> None:
+        self.transport.write(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+                             b"x-api-key: c\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+
+
+async def connect(proxy, client=None):
+    host, port = proxy.service.address()
+    client = client or RawClient()
+    await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, host, port), client)
+    return client
+
+
+def parse_response(raw: bytes):
+    """(status, headers, chunks, rest) of the first chunked response in ``raw``, or None while it
+    is incomplete; ``chunks`` is each chunk's payload as the client saw it framed."""
+    head, sep, rest = bytes(raw).partition(b"\r\n\r\n")
+    if not sep:
+        return None
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    assert headers.get(b"transfer-encoding") == b"chunked"
+    chunks = []
+    while True:
+        size_line, sep, after = rest.partition(b"\r\n")
+        if not sep:
+            return None
+        size = int(size_line.split(b";")[0], 16)  # raises on a malformed size line
+        if size == 0:
+            if not after.startswith(b"\r\n"):
+                return None
+            return status, headers, chunks, after[2:]
+        if len(after) < size + 2:
+            return None
+        assert after[size:size + 2] == b"\r\n", "a chunk's data is not followed by CRLF"
+        chunks.append(after[:size])
+        rest = after[size + 2:]
+
+
+async def response_of(client):
+    await until(lambda: parse_response(client.data) is not None)
+    return parse_response(client.data)
+
+
+@pytest_twisted.ensureDeferred
+async def test_paced_stream_is_relayed_with_the_upstreams_framing_byte_for_byte(fake, start_proxy,
+                                                                               passthroughs):
+    """After the first event each upstream chunk reaches a raw client as it was framed; the body is
+    the upstream's events byte for byte, and the same connection then serves a second request."""
+    proxy = start_proxy(accounts_config(fake, "one"))
+    events = testing.text_stream(parts=["a", "b", "c", "d", "e", "f"])
+    frames = [encode_event(name, data) for name, data in events]
+    fake.script(events=events, pace=0.02, times=1)
+    client = await connect(proxy)
+    client.post(request_body(stream=True))
+    status, headers, chunks, rest = await response_of(client)
+    assert status == 200 and headers[b"content-type"].startswith(b"text/event-stream")
+    assert len(passthroughs) == 1, "the stream was not relayed on the fast path"
+    assert passthroughs[0]._write.__name__ == "write_now"  # sent on the socket when nothing is queued
+    assert b"".join(chunks) == b"".join(frames)
+    # the fake writes one chunk per event: every event after the first few arrived in its own
+    # upstream chunk, relayed with that framing
+    assert chunks[-3:] == frames[-3:]
+    assert rest == b""
+    # keep-alive: the next request on the same client connection is answered in full
+    del client.data[:]
+    client.post(request_body())
+    await until(lambda: b"\r\n\r\n" in client.data and client.data.endswith(b"}"))
+    assert client.data.startswith(b"HTTP/1.1 200")
+    assert json.loads(bytes(client.data).partition(b"\r\n\r\n")[2])["type"] == "message"
+    await until(lambda: not proxy.dispatcher.streams)
+    # the upstream connection went back to the pool: one connection served both requests
+    assert len({r.client_port for r in fake.requests}) == 1
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_is_recorded_from_the_tail_of_a_relayed_stream(fake, start_proxy, passthroughs, tmp_path):
+    """Output tokens of the final message_delta, which only the fast path saw, reach the summary."""
+    proxy = start_proxy(accounts_config(fake, "one"))
+    events = testing.text_stream(parts=["x"] * 5)
+    for name, data in events:
+        if name == "message_delta":
+            data["usage"] = {"output_tokens": 4321}
+    fake.script(events=events, pace=0.02, times=1)
+    client = await connect(proxy)
+    client.post(request_body(stream=True))
+    await response_of(client)
+    assert len(passthroughs) == 1
+    await until(lambda: not proxy.dispatcher.streams)
+    [summary] = summaries(proxy, tmp_path)
+    assert summary["outputTokens"] == 4321 and summary["truncated"] is False
+    client.transport.loseConnection()
+
+
+def summaries(proxy, tmp_path):
+    """The proxy's request summaries (JSONL) so far."""
+    obs = getattr(proxy.service, "observability", None)
+    if obs is not None:
+        obs.flush()
+    folder = tmp_path / "home" / "logs"
+    rows = []
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("proxy-2") and name.endswith(".jsonl"):
+            with open(folder / name, "rb") as f:
+                rows.extend(json.loads(line) for line in f)
+    return rows
+
+
+@pytest.mark.parametrize("cut_after", [3, 5])
+@pytest_twisted.ensureDeferred
+async def test_an_upstream_cut_mid_stream_ends_with_an_error_event_in_well_formed_chunks(
+        fake, start_proxy, passthroughs, cut_after, tmp_path):
+    """The upstream's connection dropping after the fast path took over: the client gets the events
+    so far, then an ``event: error`` and a proper last chunk; the stream counts as truncated."""
+    proxy = start_proxy(accounts_config(fake, "one"))
+    events = testing.text_stream(parts=["p"] * 8)
+    frames = [encode_event(name, data) for name, data in events]
+    fake.script(events=events, pace=0.02, cut_after=cut_after, times=1)
+    client = await connect(proxy)
+    client.post(request_body(stream=True))
+    status, _headers, chunks, rest = await response_of(client)
+    assert status == 200 and rest == b""
+    assert len(passthroughs) == 1
+    body = b"".join(chunks)
+    assert body.startswith(b"".join(frames[:cut_after]))
+    after = body[len(b"".join(frames[:cut_after])):]
+    assert after.startswith(b"event: error\ndata: ") and after.endswith(b"\n\n")
+    assert json.loads(after.split(b"data: ", 1)[1])["type"] == "error"
+    await until(lambda: not proxy.dispatcher.streams)
+    [summary] = summaries(proxy, tmp_path)
+    assert summary["truncated"] is True
+    client.transport.loseConnection()
+
+
+@pytest.mark.parametrize("open_left", [0, 7, 40, 500])
+def test_close_completes_the_open_chunk_with_the_error_event(open_left):
+    """Mid-chunk, the error event's first bytes (then blank lines) complete the open chunk; what is
+    left of it goes through the request's own framing: decoded, the client sees partial + event."""
+    written, released = [], []
+
+    class Body:
+        write = staticmethod(written.append)
+
+        @staticmethod
+        def release():
+            released.append(True)
+
+    passthrough = ChunkedPassthrough(None, Body.write, Body.release, lambda rest: None)
+    passthrough._left = open_left
+    event = b"event: error\ndata: {\"type\":\"error\"}\n\n"
+    rest = passthrough.close(event)
+    assert released == [True]
+    closing = b"".join(written)
+    if open_left == 0:
+        assert closing == b"" and rest == event
+        return
+    assert closing.endswith(b"\r\n") and len(closing) == open_left + 2
+    filled = closing[:-2]
+    assert filled + rest == event + b"\n" * max(0, open_left - len(event))
+
+
+def test_a_partial_chunk_size_line_is_held_until_its_end():
+    """A chunk-size line split across reads is not sent in part; the last chunk is not relayed and
+    ends the body (the parser is told, with what followed it)."""
+    written, finished, released = [], [], []
+
+    class Relay:
+        _chunks = 0
+        bytes_relayed = 0
+
+    passthrough = ChunkedPassthrough(Relay(), written.append, lambda: released.append(True), finished.append)
+    passthrough.dataReceived(b"5\r\nhello\r\n1")
+    assert b"".join(written) == b"5\r\nhello\r\n"
+    passthrough.dataReceived(b"0\r\n0123456789abcdef\r\n0\r")
+    assert b"".join(written) == b"5\r\nhello\r\n10\r\n0123456789abcdef\r\n"
+    assert finished == [] and released == []
+    passthrough.dataReceived(b"\n\r\nNEXT")
+    assert finished == [b"NEXT"] and released == [True] and passthrough.done
+    assert passthrough.tail() == b"hello0123456789abcdef"
+    passthrough.noMoreData()  # complete: no data loss
+
+
+def test_a_body_cut_before_its_last_chunk_is_data_loss():
+    """noMoreData before the last chunk raises, so the relay sees the stream as broken off."""
+    from twisted.web.http import _DataLoss
+
+    class Relay:
+        _chunks = 0
+        bytes_relayed = 0
+
+    passthrough = ChunkedPassthrough(Relay(), lambda data: None, lambda: None, lambda rest: None)
+    passthrough.dataReceived(b"5\r\nhel")
+    with pytest.raises(_DataLoss):
+        passthrough.noMoreData()
+
+
+@pytest.mark.parametrize("line", [b"zz", b"0x10", b"+5", b" 5", b""])
+def test_a_malformed_chunk_size_line_breaks_the_stream(line):
+    """A chunk-size line twisted's decoder would refuse is refused here too."""
+
+    class Relay:
+        _chunks = 0
+        bytes_relayed = 0
+
+    passthrough = ChunkedPassthrough(Relay(), lambda data: None, lambda: None, lambda rest: None)
+    with pytest.raises(ValueError):
+        passthrough.dataReceived(line + b"\r\nhello\r\n")
+
+
+class SlowReader(RawClient):
+    """A raw client that stops reading once its request is sent, until told to resume."""
+
+    def connectionMade(self):
+        # a fixed small receive buffer (no autotuning up to tens of MB) so the stall shows quickly
+        self.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        self.post(request_body(stream=True))
+        self.transport.pauseProducing()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_client_that_stops_reading_pauses_the_upstream_on_the_fast_path(fake, start_proxy,
+                                                                                passthroughs):
+    """Backpressure on the fast path: a stalled client stops the upstream being read, then the
+    whole stream arrives once it reads again."""
+    proxy = start_proxy(accounts_config(fake, "one"))
+    events = testing.text_stream(parts=["z" * 10_000] * 1200)  # ~12 MB
+    total = sum(len(encode_event(n, d)) for n, d in events)
+    fake.script(events=events, times=1)
+    client = await connect(proxy, SlowReader())
+    await until(lambda: proxy.dispatcher.streams)
+    relay = next(iter(proxy.dispatcher.streams))
+    await until(lambda: relay.passthrough is not None)
+    last, still = -1, 0
+    while still < 15:  # until the relay stalls (no progress across many polls)
+        await task.deferLater(reactor, 0.02, lambda: None)
+        still = still + 1 if relay.bytes_relayed == last else 0
+        last = relay.bytes_relayed
+    assert relay.bytes_relayed < total // 2, "the upstream was read although the client was not"
+    client.transport.resumeProducing()
+    status, _headers, chunks, _rest = await response_of(client)
+    body = b"".join(chunks)
+    assert status == 200 and len(passthroughs) == 1
+    # in order although some writes went straight to the socket and others waited in the buffer
+    assert body == b"".join(encode_event(n, d) for n, d in events)
+    client.transport.loseConnection()
