@@ -67,7 +67,7 @@ async def test_a_streamed_and_a_whole_answer_leave_no_cycle(fake, start_proxy, m
 
 
 def test_full_collections_are_rarer_than_the_default():
-    """The daemon's collector tuning keeps young thresholds and makes full collections 10x rarer."""
+    """The daemon's collector tuning keeps young thresholds and makes full collections 100x rarer."""
     from clproxy.daemon.assemble import FULL_COLLECTION_THRESHOLD, tune_garbage_collector
     before = gc.get_threshold()
     try:

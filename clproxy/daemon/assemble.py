@@ -144,7 +144,7 @@ def tune_garbage_collector() -> None:
 
     Young collections keep their default thresholds (collecting them less often made each pause
     longer and, while requests still left reference cycles, let them pile up). Full collections
-    are made ten times rarer: every object of a request that lives longer than a few young
+    are made a hundred times rarer: every object of a request that lives longer than a few young
     collections (a whole stream's) is promoted to the old generation, so under 1,000 streams the
     default ran a full collection over every live stream about once a second, 100-150 ms each.
     A request leaves no reference cycle behind (tests/test_no_cycles.py), so rarer full
@@ -156,8 +156,11 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(young, middle, FULL_COLLECTION_THRESHOLD)
 
 
-#: gc's third threshold: a full collection after this many middle-generation ones (default 10)
-FULL_COLLECTION_THRESHOLD = 100
+#: gc's third threshold: a full collection after this many middle-generation ones (default 10).
+#: 100 took the 1,000-stream added per-event p99 from ~480 to ~200 ms; 1,000 took it to ~154 ms
+#: (same run); none at all only to ~145 ms, so what is left is not the collector
+#: (benchmarks/README.md, "Lever D").
+FULL_COLLECTION_THRESHOLD = 1000
 
 
 class SharedState(service.MultiService):
