@@ -9,6 +9,7 @@ from twisted.internet import defer, protocol, reactor, task, threads
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.test.requesthelper import DummyRequest
 from zope.interface import implementer
 
 from clproxy.errors import error_event
@@ -184,3 +185,17 @@ class RecordingSink:
     def events(self):
         """The SSE events written, as (name, parsed data)."""
         return [(e.name, json.loads(e.data)) for e in SSEParser().feed(self.body)]
+
+
+class ProducerRequest(DummyRequest):
+    """A twisted.web request double whose producer registration keeps the (push) producer."""
+
+    def __init__(self):
+        super().__init__([b""])
+        self.producer = None
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+    def unregisterProducer(self):
+        self.producer = None

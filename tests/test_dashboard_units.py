@@ -13,6 +13,7 @@ from clproxy.dashboard.feed import DashboardFeed, dashboard_state, percent
 from clproxy.observe.activity import LATENCY_BOUNDS, Activity, quantile_ms
 from clproxy.state.memory import MAX_LOGINS, MemoryStateStore
 from clproxy.team.keys import KeyRing, KeyRecord, hash_key
+from helpers import ProducerRequest
 
 
 def finished(activity, at, status=200, duration=10.0, **extra):
@@ -235,18 +236,8 @@ def test_percent_is_an_integer_0_to_100_or_unknown(value, expected):
 
 # --- the feed ---------------------------------------------------------------------------------
 
-class Page(DummyRequest):
-    """An open page's event stream (a request that keeps what is written)."""
-
-    def __init__(self):
-        super().__init__([b""])
-        self.producer = None
-
-    def registerProducer(self, producer, streaming):
-        self.producer = producer
-
-    def unregisterProducer(self):
-        self.producer = None
+class Page(ProducerRequest):
+    """An open page's event stream (a request that keeps what is written and its producer)."""
 
     def frames(self):
         text = b"".join(self.written).decode()

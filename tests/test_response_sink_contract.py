@@ -13,7 +13,6 @@ import json
 import pytest
 from twisted.internet.error import ConnectionDone
 from twisted.python.failure import Failure
-from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
 
 from clproxy.errors import ProxyError
@@ -24,24 +23,10 @@ from clproxy.proxy.dispatch import TimedSink
 from clproxy.proxy.sse import encode_event
 from clproxy.testing.anthropic import message, text_stream
 
-from helpers import RecordingSink
+from helpers import ProducerRequest as _Request, RecordingSink
 
 SSE = [(b"content-type", [b"text/event-stream"])]
 JSON = [(b"content-type", [b"application/json"])]
-
-
-class _Request(DummyRequest):
-    """A twisted.web request double whose producer registration keeps the (push) producer."""
-
-    def __init__(self):
-        super().__init__([b""])
-        self.producer = None
-
-    def registerProducer(self, producer, streaming):
-        self.producer = producer
-
-    def unregisterProducer(self):
-        self.producer = None
 
 
 class _Client:
