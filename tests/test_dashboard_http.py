@@ -53,6 +53,8 @@ def cookie_of(headers):
 
 @pytest_twisted.ensureDeferred
 async def test_page_and_assets_carry_the_security_headers_and_no_inline_script(fake, start_proxy):
+    """Every dashboard answer carries the CSP, X-Frame-Options and nosniff, no CORS header; the page
+    has no inline script or style."""
     proxy = start_proxy(accounts_config(fake, "work"))
     for path, kind in (("/dashboard", "text/html"), ("/dashboard/", "text/html"),
                        ("/dashboard/app.js", "text/javascript"), ("/dashboard/style.css", "text/css"),
@@ -77,6 +79,8 @@ async def test_page_and_assets_carry_the_security_headers_and_no_inline_script(f
 
 @pytest_twisted.ensureDeferred
 async def test_the_state_document_shows_the_pool(fake, start_proxy):
+    """After one request the state shows the account, its 5h quota from the upstream's headers, the
+    request row with its attempt, and the traffic."""
     fake.script("key-work", headers={"anthropic-ratelimit-unified-5h-utilization": "0.4",
                                      "anthropic-ratelimit-unified-status": "allowed"})
     proxy = start_proxy(accounts_config(fake, "work"))
@@ -96,6 +100,8 @@ async def test_the_state_document_shows_the_pool(fake, start_proxy):
 
 @pytest_twisted.ensureDeferred
 async def test_with_keys_data_needs_an_admin_key_or_its_session(fake, start_proxy, tmp_path):
+    """With keys: the data needs an admin key; a page loaded with it gets a session cookie
+    (HttpOnly, Strict, 8 h) that a logout ends."""
     admin, plain = keys(tmp_path)
     proxy = start_proxy(accounts_config(fake, "work"))
     base = proxy.url + "/dashboard"
@@ -126,6 +132,8 @@ async def test_with_keys_data_needs_an_admin_key_or_its_session(fake, start_prox
 
 @pytest_twisted.ensureDeferred
 async def test_login_form_call_is_csrf_safe_typed_and_rate_limited(fake, start_proxy, tmp_path):
+    """Login refuses what a cross-site form could send, answers malformed bodies with a typed 401,
+    and is rate-limited with a Retry-After."""
     admin, plain = keys(tmp_path)
     proxy = start_proxy(accounts_config(fake, "work"))
     url = proxy.url + "/dashboard/login"
@@ -149,6 +157,8 @@ async def test_login_form_call_is_csrf_safe_typed_and_rate_limited(fake, start_p
 
 @pytest_twisted.ensureDeferred
 async def test_login_then_the_session_reads_and_no_key_reaches_the_logs(fake, start_proxy, tmp_path):
+    """A login's session reads the state, and neither a good nor a wrong key is written to any file
+    under the home."""
     admin, _ = keys(tmp_path)
     proxy = start_proxy(accounts_config(fake, "work"))
     status, headers, answer = await get(proxy.url + "/dashboard/login",
@@ -170,6 +180,8 @@ async def test_login_then_the_session_reads_and_no_key_reaches_the_logs(fake, st
 
 @pytest_twisted.ensureDeferred
 async def test_the_live_feed_sends_a_full_frame_then_new_requests(fake, start_proxy):
+    """The feed sends a full frame at once, then only new requests; a HEAD opens no stream; a
+    graceful stop closes open pages at once."""
     proxy = start_proxy(accounts_config(fake, "work"))
     agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
     response = await agent.request(b"GET", (proxy.url + "/dashboard/events").encode())

@@ -26,6 +26,8 @@ def finished(activity, at, status=200, duration=10.0, **extra):
 # --- the activity ring ------------------------------------------------------------------------
 
 def test_traffic_counts_per_minute_with_errors_429s_and_quantiles():
+    """One minute's bucket counts requests, errors (status >= 400 or truncated) and 429s met
+    upstream, and reads p50/p95 from its histogram; quiet minutes are zeros."""
     clock = task.Clock()
     clock.advance(1_000_020)  # 20 s into a minute
     activity = Activity(clock)
@@ -46,6 +48,8 @@ def test_traffic_counts_per_minute_with_errors_429s_and_quantiles():
 
 
 def test_the_ring_keeps_one_hour_and_forgets_older_minutes():
+    """The ring holds 60 minutes whatever the traffic, and the series always ends with the current
+    minute."""
     clock = task.Clock()
     activity = Activity(clock)
     for minute in range(130):
@@ -60,6 +64,8 @@ def test_the_ring_keeps_one_hour_and_forgets_older_minutes():
 
 
 def test_recent_requests_are_bounded_newest_first_and_read_after_a_sequence():
+    """The last 200 requests are kept, newest first; a feed reads only those after the sequence it
+    sent."""
     clock = task.Clock()
     activity = Activity(clock, keep=200)
     for _ in range(250):
@@ -71,6 +77,8 @@ def test_recent_requests_are_bounded_newest_first_and_read_after_a_sequence():
 
 
 def test_quantiles_of_the_histogram():
+    """Quantiles of the latency histogram: None when empty, the last bound (never infinity) for the
+    overflow bucket."""
     histogram = [0] * (len(LATENCY_BOUNDS) + 1)
     assert quantile_ms(histogram, 0.5) is None
     histogram[0] = 1
@@ -82,6 +90,8 @@ def test_quantiles_of_the_histogram():
 # --- throttle, sessions, access ---------------------------------------------------------------
 
 def test_login_throttle_admits_five_per_peer_then_gives_a_true_wait():
+    """Five attempts a minute per address; the sixth is told exactly how long to wait, and is
+    admitted then."""
     clock = task.Clock()
     throttle = LoginThrottle(clock, per_peer=5, overall=30, window=60.0)
     for i in range(5):
@@ -94,6 +104,7 @@ def test_login_throttle_admits_five_per_peer_then_gives_a_true_wait():
 
 
 def test_login_throttle_has_an_overall_cap_and_remembers_a_bounded_number_of_peers():
+    """Many addresses together meet the overall cap; the addresses remembered are bounded."""
     clock = task.Clock()
     throttle = LoginThrottle(clock, per_peer=5, overall=3, window=60.0, max_peers=2)
     assert [throttle.admit(f"p{i}") for i in range(3)] == [None, None, None]
@@ -112,6 +123,8 @@ def now_result(coroutine):
 
 
 def test_sessions_expire_and_are_kept_as_digests_in_the_store():
+    """A session reads back until it expires; the store holds the token's digest, never the token;
+    closing ends it."""
     clock = task.Clock()
     store = MemoryStateStore()
     sessions = LoginSessions(store, clock, ttl=100.0)
@@ -127,6 +140,7 @@ def test_sessions_expire_and_are_kept_as_digests_in_the_store():
 
 
 def test_the_memory_store_keeps_a_bounded_number_of_sessions():
+    """The memory store keeps at most MAX_LOGINS sessions, dropping the oldest."""
     store = MemoryStateStore()
     for i in range(MAX_LOGINS + 5):
         store.put_login(f"d{i}", "h", 100.0, 0.0)
@@ -162,12 +176,16 @@ def access(ring, host="127.0.0.1", allow=lambda: False):
 
 
 def test_access_is_open_on_loopback_without_keys_only():
+    """Without any client key the dashboard is open where the relay is (loopback, or
+    allowUnauthenticated)."""
     assert now_result(access(KeyRing(), "127.0.0.1").allowed(with_headers()))
     assert not now_result(access(KeyRing(), "0.0.0.0").allowed(with_headers()))
     assert now_result(access(KeyRing(), "0.0.0.0", lambda: True).allowed(with_headers()))
 
 
 def test_access_needs_an_admin_key_and_a_revoked_key_ends_its_sessions():
+    """With keys only an admin key (header or session) is let in; revoking that key ends its
+    sessions."""
     admin_key, plain_key = "clp_" + "a" * 40, "clp_" + "b" * 40
     ring = KeyRing([record("boss", admin_key, True), record("alice", plain_key, False)])
     gate = access(ring)
@@ -185,6 +203,7 @@ def test_access_needs_an_admin_key_and_a_revoked_key_ends_its_sessions():
 
 
 def test_login_attempts_are_throttled_with_the_wait():
+    """Failed logins count: after five from one address even the right key gets a 429 and the wait."""
     gate = access(KeyRing([record("boss", "clp_" + "a" * 40, True)]))
     for _ in range(5):
         assert now_result(gate.login("clp_wrong", "1.2.3.4"))[0] == 401
@@ -214,6 +233,8 @@ STATUS = {
 
 
 def test_the_state_takes_what_the_page_shows_and_nothing_else():
+    """The state document picks the page's fields from /status: no key prefix, path or account key
+    reaches it; an expired window is unknown."""
     state = dashboard_state(STATUS, now=120.0, traffic=[], fallback_chain=[{"provider": "openai", "model": "gpt"}])
     work, off = state["accounts"]
     assert work["state"] == "cooling" and work["coolingUntil"] == 130.0 and work["backoffLevel"] == 2
@@ -231,6 +252,7 @@ def test_the_state_takes_what_the_page_shows_and_nothing_else():
 @pytest.mark.parametrize("value, expected", [(0.0, 0), (0.004, 0), (0.995, 100), (1.7, 100), (-1, 0),
                                              (None, None), ("0.5", None), (True, None)])
 def test_percent_is_an_integer_0_to_100_or_unknown(value, expected):
+    """Utilization becomes an integer percent 0..100 (half up), or None when it is not a number."""
     assert percent(value) == expected
 
 
@@ -257,6 +279,7 @@ def make_feed():
 
 
 def test_no_open_page_costs_nothing():
+    """With no page open no document is built and no timer runs, however many requests pass."""
     clock, activity, feed, built = make_feed()
     for _ in range(100):
         finished(activity, clock.seconds())
@@ -265,6 +288,8 @@ def test_no_open_page_costs_nothing():
 
 
 def test_twenty_pages_share_one_document_per_tick_and_get_only_new_requests():
+    """Twenty pages: one document per tick, the same bytes to all, each carrying only the requests
+    new since the last tick."""
     clock, activity, feed, built = make_feed()
     finished(activity, 0.0)
     pages = [Page() for _ in range(20)]
@@ -285,6 +310,8 @@ def test_twenty_pages_share_one_document_per_tick_and_get_only_new_requests():
 
 
 def test_a_page_that_cannot_keep_up_is_skipped_then_sent_everything():
+    """A page whose connection pushes back gets nothing queued, then a full frame when it can take
+    more."""
     clock, activity, feed, built = make_feed()
     slow, quick = Page(), Page()
     feed.subscribe(slow)
@@ -304,6 +331,8 @@ def test_a_page_that_cannot_keep_up_is_skipped_then_sent_everything():
 
 
 def test_the_tick_stops_with_the_last_page_and_stopping_closes_the_streams():
+    """The tick stops with the last page; stopping the feed finishes every open stream and cancels
+    its timer."""
     clock, activity, feed, built = make_feed()
     first, second = Page(), Page()
     feed.subscribe(first)
