@@ -164,7 +164,7 @@ def with_port(argv: list, port: int) -> list:
 
 
 async def run_daemon(box: Chroot, argv: list, env: dict, port: int, log_path: str, userspec: str = None):
-    """Start ``argv`` inside the chroot, check /health and one proxied request, stop it with SIGTERM.
+    """Start ``argv`` in the chroot, check /health, one proxied request and /dashboard, stop it with SIGTERM.
 
     Returns the daemon's output; fails if it does not answer, exits non-zero or prints a traceback.
     """
@@ -189,6 +189,9 @@ async def run_daemon(box: Chroot, argv: list, env: dict, port: int, log_path: st
                    b'"messages": [{"role": "user", "content": "hello from the chroot"}]}')
         status, body = await in_thread(http, base + "/v1/messages", request)
         assert status == 200 and b"Hello from the fake upstream." in body, (status, body, output())
+        # the packaged daemon serves its dashboard page (package data the .deb must ship)
+        status, body = await in_thread(http, base + "/dashboard")
+        assert status == 200 and b"/dashboard/app.js" in body, (status, output())
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)  # what systemctl stop sends
