@@ -528,7 +528,7 @@ class Bench:
         with open(config, "w") as f:
             json.dump(document, f)
         c = a.workers_concurrency
-        section = {"concurrency": c, "runs": []}
+        section = {"concurrency": c, "runs": [], "streams": []}
         try:
             for count in (1, a.workers):
                 self.start_proxy(["--workers", str(count)], config=config)
@@ -548,13 +548,39 @@ class Bench:
                                                 + (cpu.get("generator_cpu_pct") or 0.0), 1)
                     row["redis_cpu_pct"] = cpu.get("redis_cpu_pct")
                     section["runs"].append(row)
+                    if a.workers_streams:
+                        section["streams"].append(self._workers_streams(count, redis.pid))
                 finally:
                     self.stop_proxy()
         finally:
             redis.stop()
         one, many = section["runs"][0], section["runs"][-1]
         section["ratio"] = round(many["rps"] / one["rps"], 3) if one["rps"] else None
+        if section["streams"]:
+            first, last = section["streams"][0], section["streams"][-1]
+            section["streams_ratio"] = (round(last["streams_per_s"] / first["streams_per_s"], 3)
+                                        if first["streams_per_s"] else None)
         return section
+
+    def _workers_streams(self, count, redis_pid):
+        """``--workers-streams`` paced streams through the daemon now running ``count`` workers:
+        streams/s, TTFB and per-event delay, and each side's CPU share."""
+        a = self.args
+        progress(f"workers={count}: {a.workers_streams} paced streams for {a.stream_duration:g}s")
+        tree = self.proxy_tree()
+        meter = Meter(dict(tree, upstream=self.upstream.pid, redis=redis_pid))
+        result = self.stream_client("proxy", a.workers_streams)
+        cpu = meter.finish()
+        return {"workers": count, "streams": a.workers_streams, "completed": result["completed"],
+                "started": result["started"], "streams_per_s": result["streams_per_s"],
+                "failures": result.get("failures"), "status": result.get("status"),
+                "client_cpu_pct": result.get("client_cpu_pct"),
+                "steady_cpu_pct": (result.get("cpu") or {}).get("steady_cpu_pct"),
+                "ttfb_p50_ms": result["ttfb_ms"].get("p50"),
+                "event_delay_p99_ms": result["event_delay_ms"].get("p99"),
+                "daemon_cpu_pct": round(sum(cpu.get(f"{name}_cpu_pct") or 0.0 for name in tree), 1),
+                "load_cpu_pct": round((cpu.get("upstream_cpu_pct") or 0.0) + (cpu.get("generator_cpu_pct") or 0.0), 1),
+                "redis_cpu_pct": cpu.get("redis_cpu_pct")}
 
     def run_nonstream(self):
         a = self.args
@@ -773,6 +799,16 @@ def report(results):
                          ["workers", "req/s", "p50 ms", "p99 ms", "errors", "daemon cpu%",
                           "wrk+upstream cpu%", "redis cpu%"]))
         out.append(f"ratio {workers['runs'][-1]['workers']} workers / 1: {fmt(workers['ratio'], 2)}x")
+        if workers.get("streams"):
+            out.append("")
+            out.append(f"Workers, {workers['streams'][0]['streams']:,} paced streams, unpinned (CPU % of one core)")
+            out.append(table([[str(r["workers"]), f"{r['completed']}/{r['started']}", fmt(r["streams_per_s"], 0),
+                               fmt(r["ttfb_p50_ms"]), fmt(r["event_delay_p99_ms"]), fmt(r["daemon_cpu_pct"], 0),
+                               fmt(r["load_cpu_pct"], 0), fmt(r["redis_cpu_pct"], 0)] for r in workers["streams"]],
+                             ["workers", "complete", "streams/s", "ttfb p50 ms", "delay p99 ms", "daemon cpu%",
+                              "client+upstream cpu%", "redis cpu%"]))
+            out.append(f"ratio {workers['streams'][-1]['workers']} workers / 1 (streams/s): "
+                       f"{fmt(workers.get('streams_ratio'), 2)}x")
     ns = results.get("nonstream")
     if ns:
         out.append("")
@@ -884,6 +920,8 @@ def parse_args(argv):
                         "(--workers N, Redis state), unpinned, with each side's CPU share")
     p.add_argument("--workers-concurrency", type=int, default=32,
                    help="wrk connections for --workers (default 32)")
+    p.add_argument("--workers-streams", type=int, default=0,
+                   help="with --workers: also this many concurrent paced streams through 1 and N workers")
     p.add_argument("--only", choices=("nonstream", "stream"), help="run one section only")
     p.add_argument("--proxy-cmd", help="command template starting the daemon; {python}, {port} and {config} "
                                        f"are filled in (default: {DEFAULT_PROXY_CMD!r})")
