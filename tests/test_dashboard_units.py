@@ -9,7 +9,8 @@ from twisted.python.failure import Failure
 from twisted.web.test.requesthelper import DummyRequest
 
 from clproxy.dashboard.access import COOKIE, DashboardAccess, LoginSessions, LoginThrottle
-from clproxy.dashboard.feed import DashboardFeed, dashboard_state, percent
+from clproxy.dashboard.feed import DashboardFeed, dashboard_state
+from clproxy.routing.headroom import percent
 from clproxy.observe.activity import LATENCY_BOUNDS, Activity, quantile_ms
 from clproxy.state.memory import MAX_LOGINS, MemoryStateStore
 from clproxy.team.keys import KeyRing, KeyRecord, hash_key
@@ -249,11 +250,16 @@ def test_the_state_takes_what_the_page_shows_and_nothing_else():
     assert "clp_abcd" not in text and "/secret/path" not in text and "anthropic:work" not in text
 
 
-@pytest.mark.parametrize("value, expected", [(0.0, 0), (0.004, 0), (0.995, 100), (1.7, 100), (-1, 0),
-                                             (None, None), ("0.5", None), (True, None)])
-def test_percent_is_an_integer_0_to_100_or_unknown(value, expected):
-    """Utilization becomes an integer percent 0..100 (half up), or None when it is not a number."""
+@pytest.mark.parametrize("value, expected", [(0.0, 0), (0.004, 0), (0.625, 63), (0.995, 100), (1.7, 170),
+                                             (-1, 0), (float("nan"), None), (None, None), ("0.5", None),
+                                             (True, None)])
+def test_percent_is_an_integer_rounded_half_up_or_unknown(value, expected):
+    """Utilization becomes an integer percent (half up, never below 0, above 100 when overdrawn), or
+    None when it is not a finite number; the dashboard's bars stop at 100."""
     assert percent(value) == expected
+    row = {"quota": {"windows": {"5h": {"utilization": value}}}}
+    bar = dashboard_state({"accounts": [row]}, now=0, traffic=[], fallback_chain=[])["accounts"][0]["quota"]
+    assert bar == ({} if expected is None else {"5h": {"percent": min(expected, 100), "reset": None, "status": None}})
 
 
 # --- the feed ---------------------------------------------------------------------------------

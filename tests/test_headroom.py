@@ -322,3 +322,16 @@ def test_headroom_is_pure():
             "assert not bad, bad")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_current_windows_are_the_known_5h_and_7d_ones_not_yet_over():
+    """What /session, the dashboard and the status line show: 5h and 7d with a utilization and a
+    reset not past; an expired window, one without a utilization and the model-scoped 7d_oi are left out."""
+    from clproxy.routing.headroom import current_windows
+
+    view = {"windows": {"5h": {"utilization": 0.5, "reset": 200.0, "expired": False},
+                        "7d": {"utilization": 0.2, "reset": 50.0, "expired": True},
+                        "7d_oi": {"utilization": 0.9, "reset": 900.0}}}
+    assert current_windows(view) == {"5h": {"utilization": 0.5, "reset": 200.0, "expired": False}}
+    assert current_windows({"windows": {"5h": {"utilization": None}}}) == {}
+    assert current_windows(None) == {} and current_windows({"windows": "broken"}) == {}

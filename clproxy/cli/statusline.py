@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional, TextIO
 from clproxy.cli.argparsing import UsageExit, writing_parser
 from clproxy.cli.status import read_state, url_from_state
 from clproxy.routing.affinity import valid_session_id
+from clproxy.routing.headroom import percent as utilization_percent
 
 TIMEOUT = 1.0
 #: The most of stdin read (Claude Code's JSON is a few hundred bytes).
@@ -120,7 +121,7 @@ def describe(document: Any) -> str:
             parts[0] += f" ({account['state']})"
         quota = _mapping(document.get("quota"))
         for window in ("5h", "7d"):
-            percent = _percent(_mapping(quota.get(window)).get("utilization"))
+            percent = utilization_percent(_mapping(quota.get(window)).get("utilization"))
             if percent is not None:
                 parts.append(f"{window} {percent}%")
         return SEPARATOR.join(parts)
@@ -135,13 +136,6 @@ def describe(document: Any) -> str:
 
 def _mapping(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
-
-
-def _percent(value: Any) -> Optional[int]:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        return None
-    # half up, as the dashboard rounds (62.5% reads 63% in both); above 100% is shown as it is
-    return int(min(max(value, 0.0), 10.0) * 100 + 0.5)
 
 
 def _clean(name: Any) -> str:

@@ -28,34 +28,16 @@ from twisted.internet.interfaces import IPushProducer
 
 from clproxy.observe import console
 from clproxy.observe.activity import Activity
+from clproxy.routing.headroom import current_windows, percent
 
 log = console.logger(__name__)
 
 TICK = 1.0
-#: the quota windows a row shows, as ``/status`` names them
-WINDOWS = ("5h", "7d")
-
-
-def percent(utilization: Any) -> Optional[int]:
-    """A utilization fraction as an integer percent 0..100, rounded half up (None when unknown)."""
-    if not isinstance(utilization, (int, float)) or isinstance(utilization, bool):
-        return None
-    return int(min(max(float(utilization), 0.0), 1.0) * 100 + 0.5)  # half up, as people read 62.5%
-
-
 def _quota(row: Dict[str, Any]) -> Dict[str, Any]:
-    windows = (row.get("quota") or {}).get("windows") or {}
-    shown = {}
-    for name in WINDOWS:
-        window = windows.get(name)
-        # a window whose reset has passed describes an hour that is over: unknown, not stale
-        if not isinstance(window, dict) or window.get("expired"):
-            continue
-        value = percent(window.get("utilization"))
-        if value is None:
-            continue
-        shown[name] = {"percent": value, "reset": window.get("reset"), "status": window.get("status")}
-    return shown
+    """The row's current 5h/7d windows with their percent for the bars (0..100: ``aria-valuenow``)."""
+    return {name: {"percent": min(100, percent(window["utilization"]) or 0), "reset": window.get("reset"),
+                   "status": window.get("status")}
+            for name, window in current_windows(row.get("quota")).items()}
 
 
 def _account(row: Dict[str, Any]) -> Dict[str, Any]:

@@ -9,12 +9,8 @@ refreshing it), the account's state the pool's snapshot, the windows
 from typing import Any, Dict, Optional
 
 from clproxy.routing.affinity import valid_session_id
-from clproxy.routing.headroom import quota_view
+from clproxy.routing.headroom import current_windows, quota_view
 from clproxy.http.site import Node, answer_json_later, not_found
-
-#: The windows the document shows (``quota_view``'s names), in order.
-WINDOWS = ("5h", "7d")
-
 
 class SessionNode(Node):
     """``/session``: its only children are valid session ids; anything else is an Anthropic-shaped 404."""
@@ -73,11 +69,5 @@ async def session_document(status, session: str) -> Dict[str, Any]:
 
 
 def _windows(snapshot: Optional[Dict[str, Any]], now: float) -> Dict[str, Dict[str, Any]]:
-    shown = quota_view(snapshot, now)["windows"]
-    windows = {}
-    for name in WINDOWS:
-        window = shown.get(name)
-        if window is None or window.get("utilization") is None or window.get("expired"):
-            continue
-        windows[name] = {"utilization": window["utilization"], "reset": window.get("reset")}
-    return windows
+    return {name: {"utilization": window["utilization"], "reset": window.get("reset")}
+            for name, window in current_windows(quota_view(snapshot, now)).items()}

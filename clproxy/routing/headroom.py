@@ -23,6 +23,7 @@ snapshots of ``QuotaBook.latest`` for every account of the pool (siblings that a
 the shared window). ``/status`` shows :func:`quota_view` of each account's snapshot.
 """
 
+import math
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import attr
@@ -195,6 +196,29 @@ def quota_view(snapshot: Optional[Snapshot], now: Optional[float] = None) -> Dic
     return {"known": True, "status": snapshot.get("status"), "reset": _number(snapshot.get("reset")),
             "representativeClaim": snapshot.get("representative_claim"),
             "updatedAt": _number(snapshot.get("updated_at")), "windows": windows}
+
+
+def current_windows(view: Any) -> Dict[str, Dict[str, Any]]:
+    """The 5h and 7d windows of a :func:`quota_view` known now: with a utilization, and a reset not
+    yet past (a window that is over says nothing of the new one). ``{"5h": {...}, ...}``, the
+    windows as the view has them; what ``/session``, the dashboard and the status line show."""
+    windows = view.get("windows") if isinstance(view, Mapping) else None
+    current: Dict[str, Dict[str, Any]] = {}
+    for _field, shown in RULE_WINDOWS:
+        window = windows.get(shown) if isinstance(windows, Mapping) else None
+        if isinstance(window, Mapping) and not window.get("expired") and percent(window.get("utilization")) is not None:
+            current[shown] = dict(window)
+    return current
+
+
+def percent(utilization: Any) -> Optional[int]:
+    """A utilization fraction as an integer percent, rounded half up as people read it (62.5% is
+    63%), never below 0 (above 100 when the window is overdrawn); None when it is not a number."""
+    if isinstance(utilization, bool) or not isinstance(utilization, (int, float)):
+        return None
+    if not math.isfinite(utilization):
+        return None
+    return int(max(float(utilization), 0.0) * 100 + 0.5)
 
 
 def _merge(group: Sequence[Headroom]) -> Headroom:
