@@ -82,6 +82,8 @@ async def test_the_services_are_present_and_start_and_stop_on_the_clock(tmp_path
 
 
 def test_listen_description_is_an_endpoint_string():
+    """The listen address becomes a Twisted endpoint string with a backlog of 1024, an IPv6 host like
+    ::1 with its colons escaped, so the daemon can listen on either family."""
     assert tap.listen_description("127.0.0.1", 55669) == "tcp:55669:interface=127.0.0.1:backlog=1024"
     assert tap.listen_description("::1", 8080) == r"tcp:8080:interface=\:\:1:backlog=1024"
 
@@ -123,6 +125,8 @@ async def test_a_redis_config_gives_the_redis_store_service(tmp_path, redis_serv
 
 
 def test_an_unreachable_redis_refuses_to_build_without_the_password(tmp_path):
+    """A Redis state URL that cannot be reached stops the build (SystemExit) naming 127.0.0.1:9, and the
+    message never shows the URL's password, so a failed start leaks no secret to the logs."""
     config = dict(CONFIG, state={"backend": "redis", "url": "redis://:s3cret@127.0.0.1:9/0"})
     with pytest.raises(SystemExit) as e:
         built(tmp_path, config)

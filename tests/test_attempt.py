@@ -93,6 +93,8 @@ def oauth(name="max", secret="token"):
 
 
 def test_a_whole_answer_is_relayed():
+    """A 200 message is relayed whole to the client as Answered(RELAYED), with exactly one SUCCESS
+    verdict recorded for the account."""
     t = Try()
     out = RecordingSink()
     assert t.run(api(), out) == Answered(RELAYED)
@@ -101,6 +103,8 @@ def test_a_whole_answer_is_relayed():
 
 
 def test_a_rate_limit_goes_to_the_next_account_with_anthropics_answer_kept():
+    """A 429 with Retry-After 30 yields NextAccount with a COOL/RATE_LIMITED verdict and keeps Anthropic's
+    status, body and headers in the failure, while nothing at all reaches the client yet."""
     t = Try()
     body = error_json(429, "rate_limit_error", "rate limited")
     t.fake.script("sk-work", status=429, headers={"retry-after": "30"}, body=body)
@@ -116,6 +120,8 @@ def test_a_rate_limit_goes_to_the_next_account_with_anthropics_answer_kept():
 
 
 def test_overload_goes_to_the_next_account_without_cooling():
+    """A 529 overload moves on to the next account with a NEXT verdict, not a cooldown: overload is
+    Anthropic's state, not the account's fault."""
     t = Try()
     t.fake.script("sk-work", status=529, body=error_json(529, "overloaded_error", "Overloaded"))
     outcome = t.run(api(), RecordingSink())
@@ -124,6 +130,8 @@ def test_overload_goes_to_the_next_account_without_cooling():
 
 
 def test_an_oauth_401_asks_for_a_refresh_and_a_retry():
+    """A revoked OAuth token's 401 yields RefreshAndRetry with a REFRESH verdict and sends the client
+    nothing, so the same account can be retried with a new token."""
     t = Try()
     t.fake.revoke("token")
     out = RecordingSink()
@@ -134,6 +142,8 @@ def test_an_oauth_401_asks_for_a_refresh_and_a_retry():
 
 
 def test_an_oauth_401_as_a_streams_first_event_asks_for_a_refresh():
+    """An authentication_error arriving as a stream's first event counts as a 401 and asks for a refresh,
+    before the client's stream has started."""
     t = Try()
     t.fake.script("token", events=[("error", {"type": "error", "error": {
         "type": "authentication_error", "message": "OAuth token has expired"}})])
@@ -146,6 +156,8 @@ def test_an_oauth_401_as_a_streams_first_event_asks_for_a_refresh():
 
 
 def test_a_client_error_is_relayed_as_the_answer():
+    """A 400 invalid_request_error is the client's fault: it is relayed as the answer with a RETURN verdict
+    instead of trying another account."""
     t = Try()
     t.fake.script("sk-work", status=400, body=error_json(400, "invalid_request_error", "bad"))
     out = RecordingSink()
@@ -155,6 +167,8 @@ def test_a_client_error_is_relayed_as_the_answer():
 
 
 def test_in_passthrough_mode_a_rate_limit_is_relayed():
+    """In passthrough mode a 429 is not failed over but relayed to the client as Answered(RELAYED) with
+    its status 429."""
     t = Try(passthrough=True)
     t.fake.script("sk-work", status=429, body=error_json(429, "rate_limit_error", "rate limited"))
     out = RecordingSink()
@@ -163,6 +177,8 @@ def test_in_passthrough_mode_a_rate_limit_is_relayed():
 
 
 def test_a_reset_connection_is_a_network_failure():
+    """A connection reset before any answer is a NEXT/NETWORK failure with no status and an UpstreamError,
+    and the client is sent nothing, so the request can go on to another account."""
     t = Try()
     t.fake.script("sk-work", reset=True)
     out = RecordingSink()
@@ -174,6 +190,8 @@ def test_a_reset_connection_is_a_network_failure():
 
 
 def test_a_silent_upstream_times_out():
+    """An upstream that stays silent 60 s is given up after the 20 s upstream timeout: the outcome is
+    NextAccount with a network failure of kind "timeout"."""
     t = Try(upstream_timeout=20.0)
     t.fake.script("sk-work", delay=60.0)
     outcome = t.run(api(), RecordingSink(), advance=[20.0])
@@ -183,6 +201,8 @@ def test_a_silent_upstream_times_out():
 
 @pytest.mark.parametrize("body", [b"", b"[]"], ids=["empty", "not-an-object"])
 def test_an_unusable_success_is_a_network_failure(body):
+    """A 200 whose body is empty or not a JSON object is treated as a network failure (no status, the
+    client sent nothing), not relayed as if it were an answer."""
     t = Try()
     t.fake.script("sk-work", body=body)
     out = RecordingSink()
@@ -193,6 +213,8 @@ def test_an_unusable_success_is_a_network_failure(body):
 
 
 def test_a_whole_stream_is_streamed():
+    """A complete stream is relayed as Answered(STREAMED) ending in message_stop, and the attempt no
+    longer lists it among its open streams afterwards."""
     t = Try()
     t.fake.script("sk-work", events=text_stream(["a", "b"]))
     out = RecordingSink()
@@ -202,6 +224,8 @@ def test_a_whole_stream_is_streamed():
 
 
 def test_a_stream_cut_before_its_first_event_is_a_network_failure():
+    """A stream that ends before its first event is a network failure for the next account, and the
+    client's stream has not started, so a retry stays invisible to it."""
     t = Try()
     t.fake.script("sk-work", end_before_first=True)
     out = RecordingSink()
@@ -211,6 +235,8 @@ def test_a_stream_cut_before_its_first_event_is_a_network_failure():
 
 
 def test_a_stream_cut_after_commit_is_truncated():
+    """A stream cut after 4 events is Answered(TRUNCATED): the client gets a final error event and an
+    end, and the try still counts as a SUCCESS because it was already committed."""
     t = Try()
     t.fake.script("sk-work", cut_after=4)
     out = RecordingSink()
@@ -220,6 +246,8 @@ def test_a_stream_cut_after_commit_is_truncated():
 
 
 def test_the_client_leaving_mid_stream():
+    """A client that disconnects one second into a paced 3-chunk stream ends the attempt as
+    Answered(CLIENT_GONE) instead of leaving it waiting on the upstream."""
     t = Try()
     t.fake.script("sk-work", events=text_stream(["a", "b", "c"]), pace=1.0)
     out = RecordingSink()
@@ -235,6 +263,8 @@ def test_the_client_leaving_mid_stream():
 
 
 def test_the_client_leaving_before_the_answer_records_nothing():
+    """A client that leaves while the upstream is still silent (30 s delay) gives CLIENT_GONE with no
+    verdict and no attempt recorded, so the account is not judged for it."""
     t = Try()
     t.fake.script("sk-work", delay=30.0)
     out = RecordingSink()
@@ -246,6 +276,8 @@ def test_the_client_leaving_before_the_answer_records_nothing():
 
 
 def test_outcomes_are_values():
+    """Outcomes and failures are frozen, comparable values (no assignment after creation) and no
+    exception class carries the control flow between the attempt and its caller."""
     failure = Failure("config:a", status=429, headers=[], body=b"{}")
     verdict = policy.classify_network_error("refused", backoff_level=0)
     assert NextAccount(verdict, failure) == NextAccount(verdict, failure)

@@ -129,11 +129,15 @@ def run(coroutine):
 
 
 def test_no_socket_guard_is_armed():
+    """The no-socket guard is in force: listening on the real reactor fails with "opened a socket", so
+    every test in this file really runs in memory."""
     with pytest.raises(AssertionError, match="opened a socket"):
         reactor.listenTCP(0, None)
 
 
 def test_a_whole_answer_in_memory():
+    """One API-key account answers 200 through the in-memory agent: one SUCCESS verdict, the message
+    relayed whole, its key sent upstream, a TTFB of 0.0 recorded and exactly one upstream request."""
     h = Harness([api("work")])
     out = RecordingSink()
     request = messages()
@@ -147,6 +151,8 @@ def test_a_whole_answer_in_memory():
 
 
 def test_429_fails_over_to_the_next_account_and_cools_the_first():
+    """A 429 with Retry-After 30 on the first account fails over to the second, which answers 200; the
+    first is cooled for exactly 30 s and the second is not cooled at all."""
     h = Harness([api("first"), api("second")])
     h.fake.script("sk-first", status=429, headers={"retry-after": "30"},
                   body=error_json(429, "rate_limit_error", "Number of requests has exceeded your rate limit"))
@@ -162,6 +168,8 @@ def test_429_fails_over_to_the_next_account_and_cools_the_first():
 
 
 def test_401_refreshes_and_retries_the_same_account_with_the_new_token():
+    """An OAuth 401 forces one refresh and a retry on the same account with the new token, which
+    succeeds; one refresh is recorded and the account is not cooled for it."""
     refresher = StubRefresher(["token-new"])
     h = Harness([oauth("max", "token-old"), api("spare")], refresher=refresher)
     h.fake.revoke("token-old")
@@ -178,6 +186,8 @@ def test_401_refreshes_and_retries_the_same_account_with_the_new_token():
 
 
 def test_a_first_attempt_whose_fresh_connection_breaks_is_retried_on_the_next_account():
+    """A connection reset before any response sends the request on to the second account at once: two
+    upstream connections, a 200 for the client, and no account cooled."""
     # the bootstrap of an attempt: its connection is reset before any response; nothing reached
     # the client, so the request goes on at once to the next account, and nobody is cooled
     h = Harness([api("first"), api("second")])
@@ -193,6 +203,8 @@ def test_a_first_attempt_whose_fresh_connection_breaks_is_retried_on_the_next_ac
 
 
 def test_an_upstream_silent_past_the_timeout_is_left_for_the_next_account():
+    """An account silent for 60 s is left after the 20 s timeout (NEXT/NETWORK, "timeout after 20 s")
+    and the next account answers the client with 200."""
     h = Harness([api("slow"), api("quick")], upstream_timeout=20.0)
     h.fake.script("sk-slow", delay=60.0)
     out = RecordingSink()
@@ -206,6 +218,8 @@ def test_an_upstream_silent_past_the_timeout_is_left_for_the_next_account():
 @pytest.mark.parametrize("cut", [dict(end_before_first=True), dict(cut_after=0)],
                          ids=["ended-cleanly", "connection-closed"])
 def test_a_stream_cut_before_its_first_event_goes_to_the_next_account(cut):
+    """A stream that ends or closes before its first event goes to the next account, and the client
+    sees one whole stream only: a single message_start through message_stop."""
     h = Harness([api("first"), api("second")])
     h.fake.script("sk-first", times=1, **cut)
     out = RecordingSink()
@@ -220,6 +234,8 @@ def test_a_stream_cut_before_its_first_event_goes_to_the_next_account(cut):
 
 
 def test_a_stream_truncated_after_commit_ends_with_an_error_event():
+    """A stream cut after 4 good events is not retried elsewhere: the client keeps those events, then an
+    api_error event and no message_stop, and the record and counters count one truncated stream."""
     h = Harness([api("first"), api("second")])
     h.fake.script("sk-first", cut_after=4)  # message_start, block start, ping, one delta
     out = RecordingSink()
@@ -241,6 +257,8 @@ def test_a_stream_truncated_after_commit_ends_with_an_error_event():
 
 
 def test_a_whole_stream_reaches_the_client_in_order():
+    """A 3-chunk stream reaches the client with its deltas in order, and the backpressure producer is
+    unregistered before the end."""
     h = Harness([api("work")])
     h.fake.script("sk-work", events=text_stream(["one", " two", " three"]))
     out = RecordingSink()
@@ -251,6 +269,8 @@ def test_a_whole_stream_reaches_the_client_in_order():
 
 
 def test_exhaustion_answers_429_with_the_earliest_recovery_as_retry_after():
+    """When both accounts answer 429 (Retry-After 40 and 25), the client gets a 429 whose Retry-After is
+    25, the earliest recovery, and a message saying all 2 accounts are cooling down."""
     h = Harness([api("a"), api("b")])
     for name, wait in (("sk-a", "40"), ("sk-b", "25")):
         h.fake.script(name, status=429, headers={"retry-after": wait},
@@ -269,6 +289,8 @@ def test_exhaustion_answers_429_with_the_earliest_recovery_as_retry_after():
 
 
 def test_exhaustion_by_overload_relays_anthropics_529():
+    """When both accounts are overloaded, Anthropic's own 529 and Retry-After 3 are relayed and no
+    account is cooled, since the overload is not theirs."""
     h = Harness([api("a"), api("b")])
     for name in ("sk-a", "sk-b"):
         h.fake.script(name, status=529, headers={"retry-after": "3"},
@@ -283,6 +305,8 @@ def test_exhaustion_by_overload_relays_anthropics_529():
 
 
 def test_the_client_leaving_mid_stream_cancels_the_upstream():
+    """A client leaving one second into a paced stream ends the forward and closes the upstream connection
+    (none left open), so a departed client does not leak connections."""
     h = Harness([api("work")])
     h.fake.script("sk-work", events=text_stream(["a", "b", "c", "d"]), pace=1.0)
     out = RecordingSink()
@@ -302,6 +326,8 @@ def test_the_client_leaving_mid_stream_cancels_the_upstream():
 
 
 def test_the_openai_adapter_gets_its_time_to_first_byte_recorded():
+    """A request answered through the OpenAI adapter gets a chat.completion and a recorded time to first
+    byte, which it once lacked because the record never reached the inner response."""
     # the record was attached to the adapter before, whose inner response never saw it: an
     # OpenAI front-door request had no time to first byte
     h = Harness([api("work")])
@@ -313,6 +339,8 @@ def test_the_openai_adapter_gets_its_time_to_first_byte_recorded():
 
 
 def test_the_memory_agent_serves_a_resource_byte_for_byte():
+    """The in-memory agent delivers a request's path and binary body byte for byte, only once flushed,
+    and leaves no connection open: the harness every other test relies on."""
     import treq
     from twisted.web.resource import Resource
 
@@ -349,6 +377,8 @@ class FailingRefresher:
 
 
 def test_an_account_whose_refresh_fails_is_cooled_and_skipped_without_an_attempt():
+    """An OAuth account whose refresh fails is cooled for AUTH_COOLDOWN and skipped without being sent
+    any request; the spare API-key account answers 200."""
     h = Harness([oauth("max", "token"), api("spare")], refresher=FailingRefresher())
     out = RecordingSink()
     request = messages()
@@ -360,6 +390,8 @@ def test_an_account_whose_refresh_fails_is_cooled_and_skipped_without_an_attempt
 
 
 def test_refresh_retries_spent_cool_the_account_and_the_loop_goes_on():
+    """With max_refresh_retries 2, three 401s in a row (two forced refreshes) cool the OAuth account for
+    AUTH_COOLDOWN, and the request goes on to the spare account, which answers 200."""
     refresher = StubRefresher(["token-2", "token-3"])
     h = Harness([oauth("max", "token-1"), api("spare")], refresher=refresher, max_refresh_retries=2)
     for token in ("token-1", "token-2", "token-3"):
@@ -374,6 +406,8 @@ def test_refresh_retries_spent_cool_the_account_and_the_loop_goes_on():
 
 
 def test_every_credential_rejected_relays_anthropics_401_not_a_429():
+    """When both accounts' keys are rejected, the client gets Anthropic's own 401 ("invalid x-api-key"),
+    not a made-up 429, so a bad key is reported as what it is."""
     h = Harness([api("a"), api("b")])
     for key in ("sk-a", "sk-b"):
         h.fake.script(key, status=401, body=error_json(401, "authentication_error", "invalid x-api-key"))
@@ -385,6 +419,8 @@ def test_every_credential_rejected_relays_anthropics_401_not_a_429():
 
 
 def test_a_rejected_credential_then_a_broken_retry_still_relays_the_401():
+    """A 401 followed by a retry whose connection breaks still relays Anthropic's 401, the last real
+    answer, rather than the network failure with no status."""
     # the last try of the request broke (no status): the answer to relay is the last one Anthropic
     # gave, not the network failure (the shared mutable failure once sent a status of None here)
     refresher = StubRefresher(["token-new"])
@@ -401,6 +437,8 @@ def test_a_rejected_credential_then_a_broken_retry_still_relays_the_401():
 @pytest.mark.parametrize("script, status", [(dict(reset=True), 502), (dict(delay=60.0), 504)],
                          ids=["reset", "timeout"])
 def test_exhaustion_by_network_failures_answers_502_or_504(script, status):
+    """A lone account that fails by network gives the client a 502 for a reset and a 504 for a timeout,
+    and the account is not cooled for it."""
     h = Harness([api("only")], upstream_timeout=20.0)
     h.fake.script("sk-only", **script)
     out = RecordingSink()

@@ -27,6 +27,8 @@ def results(d):
 
 
 def test_exact_pattern_matches_only_that_model():
+    """A pattern without wildcards excludes only that exact model: neither a dated variant of it nor
+    another model is barred, so a precise rule cannot catch too much."""
     a = account("a", ["claude-opus-4-1"])
     assert excluded(a, "claude-opus-4-1") == "claude-opus-4-1"
     assert excluded(a, "claude-opus-4-1-20250805") is None
@@ -34,6 +36,8 @@ def test_exact_pattern_matches_only_that_model():
 
 
 def test_wildcard_patterns():
+    """Shell-style wildcards work: * spans any run of characters and ? exactly one, so "*-haiku-?"
+    bars claude-3-haiku-5 but not claude-3-haiku-20240307; the rule that matched is named."""
     a = account("a", ["claude-opus-*", "*-haiku-?"])
     assert excluded(a, "claude-opus-4-1-20250805") == "claude-opus-*"
     assert excluded(a, "claude-3-haiku-5") == "*-haiku-?"
@@ -42,16 +46,21 @@ def test_wildcard_patterns():
 
 
 def test_matching_is_case_sensitive():
+    """Model patterns match case-sensitively: "claude-opus-*" bars claude-opus-4 but not
+    Claude-Opus-4, as Anthropic's model names are lower case."""
     a = account("a", ["claude-opus-*"])
     assert excluded(a, "Claude-Opus-4") is None
     assert excluded(a, "claude-opus-4") == "claude-opus-*"
 
 
 def test_no_patterns_excludes_nothing():
+    """An account without exclusion patterns may serve every model."""
     assert excluded(account("a"), "claude-opus-4") is None
 
 
 def test_serving_keeps_order_and_names_the_rules():
+    """serving() keeps the accounts in their configured order and names each rule that barred one
+    (account key, name, pattern); a model no rule matches leaves all three accounts and no rules."""
     a = account("a", ["claude-opus-*"])
     b = account("b")
     c = account("c", ["*opus*"])
@@ -63,6 +72,8 @@ def test_serving_keeps_order_and_names_the_rules():
 
 
 def test_serving_none_and_the_404_message():
+    """When no account may serve a model the 404 message names the model, the pattern and the account,
+    and a request with no model is barred by no rule."""
     a = account("a", ["claude-opus-*"])
     allowed, rules = serving([a], "claude-opus-4")
     assert allowed == ()
@@ -76,6 +87,8 @@ def test_serving_none_and_the_404_message():
 
 
 def test_cap_and_release():
+    """With max_concurrent 2 a third slot is refused until one is released; a slot taken at once reports
+    a wait of 0, and releasing every slot brings the count in flight back to 0."""
     gate = ConcurrencyGate(Clock())
     a = account("a", max_concurrent=2)
     s1, s2 = gate.try_acquire(a), gate.try_acquire(a)
@@ -92,6 +105,8 @@ def test_cap_and_release():
 
 
 def test_no_cap_always_gives_a_slot_and_counts_it():
+    """An account without a cap hands out all 50 slots asked for, still counting them in flight (50,
+    then 0 once released) so the figures stay true."""
     gate = ConcurrencyGate(Clock())
     a = account("a")
     slots = [gate.try_acquire(a) for _ in range(50)]
@@ -103,6 +118,8 @@ def test_no_cap_always_gives_a_slot_and_counts_it():
 
 
 def test_release_twice_is_harmless():
+    """Releasing a slot twice frees it only once: a stale release must not free the slot another request
+    holds, which would let a capped account exceed max_concurrent 1."""
     gate = ConcurrencyGate(Clock())
     a = account("a", max_concurrent=1)
     s1 = gate.try_acquire(a)
@@ -117,6 +134,8 @@ def test_release_twice_is_harmless():
 
 
 def test_wait_fires_at_once_when_a_slot_is_free():
+    """Waiting on accounts a and b while only a is full fires at once with b and a wait of 0, leaving
+    nothing in the queue."""
     gate = ConcurrencyGate(Clock())
     a, b = account("a", max_concurrent=1), account("b", max_concurrent=1)
     held = gate.try_acquire(a)
@@ -127,6 +146,8 @@ def test_wait_fires_at_once_when_a_slot_is_free():
 
 
 def test_waiters_are_served_fifo_and_report_the_wait():
+    """Two waiters on a full account are served first come first served, reporting waits of 3 s and 2 s,
+    and a handed-over slot stays counted so a newcomer cannot jump the queue."""
     clock = Clock()
     gate = ConcurrencyGate(clock)
     a = account("a", max_concurrent=1)
@@ -149,6 +170,8 @@ def test_waiters_are_served_fifo_and_report_the_wait():
 
 
 def test_a_waiter_is_served_by_any_of_its_accounts():
+    """A freed slot on b goes to the first waiter that can use b, overtaking an earlier waiter that only
+    accepts a, which is then served when a frees."""
     gate = ConcurrencyGate(Clock())
     a, b = account("a", max_concurrent=1), account("b", max_concurrent=1)
     ha, hb = gate.try_acquire(a), gate.try_acquire(b)
@@ -161,6 +184,8 @@ def test_a_waiter_is_served_by_any_of_its_accounts():
 
 
 def test_timeout_errbacks_and_leaves_the_queue():
+    """A waiter still waiting at 30 s (not at 29.9) fails with QueueTimeout reporting the 30 s waited,
+    leaves the queue, and takes no slot and leaves no timer behind."""
     clock = Clock()
     gate = ConcurrencyGate(clock)
     a = account("a", max_concurrent=1)
@@ -179,6 +204,8 @@ def test_timeout_errbacks_and_leaves_the_queue():
 
 
 def test_cancel_leaves_at_once_and_does_not_steal_a_later_slot():
+    """A cancelled waiter (the client hung up) leaves the queue at once, and the next freed slot goes
+    to the waiter behind it; no slot leaks and both timers are gone."""
     clock = Clock()
     gate = ConcurrencyGate(clock)
     a = account("a", max_concurrent=1)
@@ -197,6 +224,8 @@ def test_cancel_leaves_at_once_and_does_not_steal_a_later_slot():
 
 
 def test_served_waiter_timer_is_cancelled():
+    """A waiter served before its 30 s timeout gets no late QueueTimeout when the clock moves on 60 s:
+    its timer was cancelled when it was served."""
     clock = Clock()
     gate = ConcurrencyGate(clock)
     a = account("a", max_concurrent=1)
@@ -210,6 +239,8 @@ def test_served_waiter_timer_is_cancelled():
 
 
 def test_many_waiters_all_served_in_order_without_leaks():
+    """100 waiters on an account capped at 2 are all served in arrival order, each releasing from its
+    callback, ending with an empty queue, nothing in flight and no timer left."""
     clock = Clock()
     gate = ConcurrencyGate(clock)
     a = account("a", max_concurrent=2)
@@ -232,6 +263,8 @@ def test_many_waiters_all_served_in_order_without_leaks():
 
 
 def test_release_inside_a_waiter_callback_passes_the_slot_on():
+    """A waiter that releases its slot inside its own callback passes it straight on to the next waiter,
+    keeping exactly one slot in flight at the cap of 1."""
     gate = ConcurrencyGate(Clock())
     a = account("a", max_concurrent=1)
     held = gate.try_acquire(a)

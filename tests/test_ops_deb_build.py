@@ -53,6 +53,8 @@ def control_file(deb: str, name: str, tmp) -> str:
 
 
 def test_debian_rules_and_build_deb_sh_build_the_same_package(tmp_path):
+    """dpkg-buildpackage with debian/rules and scripts/build-deb.sh build the same .deb: the same files,
+    control fields and dependencies (python3-prometheus-client among them), md5sums and conffiles."""
     tools_or_fail()
     source = tmp_path / "clproxy"
     shutil.copytree(REPO, source, ignore=NOT_SOURCE)

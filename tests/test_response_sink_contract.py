@@ -146,11 +146,14 @@ def _in_order(body: bytes, texts) -> bool:
 
 
 def test_provides_the_interface(pair):
+    """Every sink implementation really provides IResponseSink, as verifyObject checks it."""
     sink, _ = pair
     assert verifyObject(IResponseSink, sink)
 
 
 def test_status_is_none_until_an_answer_then_the_answers(pair):
+    """A sink's status is None, and it is neither started nor disconnected, until an answer is sent;
+    then it reports that answer's 200, and the client received it."""
     sink, client = pair
     assert sink.status is None and not sink.started and not sink.disconnected
     sink.send(200, JSON, json.dumps(message("hi")).encode())
@@ -159,6 +162,8 @@ def test_status_is_none_until_an_answer_then_the_answers(pair):
 
 
 def test_a_whole_answer_reaches_the_client_once_and_ends_it(pair):
+    """A whole answer reaches the client once and ends the response: a late write or a second send (500)
+    changes neither the client's body nor the 200 status."""
     sink, client = pair
     sink.send(200, JSON + [(b"request-id", [b"req_1"])], json.dumps(message("the whole answer")).encode())
     assert b"the whole answer" in client.body
@@ -170,6 +175,8 @@ def test_a_whole_answer_reaches_the_client_once_and_ends_it(pair):
 
 
 def test_a_streams_chunks_reach_the_client_in_order(pair):
+    """A stream of 4 parts, each frame written in two pieces split anywhere, reaches the client in order
+    with status 200, and finishing it ends the response."""
     sink, client = pair
     sink.start(200, SSE)
     assert sink.started and sink.status == 200 and not sink.disconnected
@@ -188,6 +195,8 @@ def test_a_streams_chunks_reach_the_client_in_order(pair):
 
 
 def test_an_error_answer_keeps_status_message_and_retry_after(pair):
+    """An error answer keeps its 429 status, its message and its Retry-After of 17 on the way to the
+    client, then ends the response."""
     sink, client = pair
     sink.send_error(ProxyError(429, "all accounts are cooling", "rate_limit_error",
                                headers=[(b"retry-after", b"17")]))
@@ -198,6 +207,8 @@ def test_an_error_answer_keeps_status_message_and_retry_after(pair):
 
 
 def test_an_error_after_the_stream_started_is_an_event_in_it(pair):
+    """An error after the stream has started becomes an event in it after the text already sent, and
+    the status stays the committed 200."""
     sink, client = pair
     sink.start(200, SSE)
     frames = _claude_stream(["first"])
@@ -209,6 +220,8 @@ def test_an_error_after_the_stream_started_is_an_event_in_it(pair):
 
 
 def test_an_upstream_error_answer_is_relayed_with_its_status(pair):
+    """An upstream error answer sent as such (529 overloaded) reaches the client with its own status and
+    its message."""
     sink, client = pair
     body = json.dumps({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}).encode()
     sink.send(529, JSON, body)
@@ -217,6 +230,8 @@ def test_an_upstream_error_answer_is_relayed_with_its_status(pair):
 
 
 def test_the_client_going_away_cancels_and_silences(pair):
+    """When the client goes away only the last on_disconnect callback runs, the status stays None (so
+    499 is recorded), and every later start, write, send, error or finish reaches nobody."""
     sink, client = pair
     cancelled = []
     sink.on_disconnect(lambda: cancelled.append("first"))
@@ -234,6 +249,8 @@ def test_the_client_going_away_cancels_and_silences(pair):
 
 
 def test_the_client_going_away_mid_stream_keeps_what_was_sent(pair):
+    """A client gone mid-stream fires the disconnect callback, keeps the status 200 already sent, and
+    gets none of the events written after it left."""
     sink, client = pair
     cancelled = []
     sink.start(200, SSE)
@@ -249,6 +266,8 @@ def test_the_client_going_away_mid_stream_keeps_what_was_sent(pair):
 
 
 def test_timed_sink_tells_the_record_of_the_first_byte_once():
+    """TimedSink tells the record of its first byte exactly once, even when a stream start is followed
+    by an error, so the time to first byte is not overwritten."""
     inner, record = RecordingSink(), _Record()
     sink = TimedSink(inner, record)
     sink.start(200, SSE)
@@ -257,6 +276,8 @@ def test_timed_sink_tells_the_record_of_the_first_byte_once():
 
 
 def test_timed_sink_tells_nothing_when_the_client_left_first():
+    """TimedSink records no first byte when the client had already left before the answer, as no byte
+    ever reached it."""
     inner, record = RecordingSink(), _Record()
     sink = TimedSink(inner, record)
     inner.disconnect()

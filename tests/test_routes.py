@@ -18,6 +18,8 @@ def paths(node, prefix=b""):
 
 
 def test_the_whole_table_comes_from_build_routes():
+    """build_routes alone gives the whole table: /v1/messages, /v1/models, /v1/chat/completions,
+    /health, /status, and /metrics when a metrics resource is given."""
     metrics = resource.Resource()
     metrics.isLeaf = True
     table = paths(build_routes(object(), object(), metrics=metrics))
@@ -29,10 +31,13 @@ def test_the_whole_table_comes_from_build_routes():
 
 
 def test_no_metrics_route_without_observability():
+    """Without a metrics resource the table has no /metrics route."""
     assert b"/metrics" not in paths(build_routes(object(), object()))
 
 
 def test_the_assembled_daemon_serves_the_same_table(tmp_path):
+    """The assembled daemon serves exactly the table build_routes gives, its client-key guards and the
+    dashboard's /events and /login included, and a real /metrics resource."""
     from test_assemble import built
 
     proxy = built(tmp_path)

@@ -66,6 +66,8 @@ async def cooled_down(proxy, timeout=5.0):
 
 @pytest_twisted.ensureDeferred
 async def test_a_session_stays_on_one_account_across_20_requests(fake, start_proxy):
+    """Through the real daemon and SDK, a session's 20 requests interleaved with another session and
+    sessionless ones all land on one account, while 3 sessionless requests still rotate over a, b, c."""
     proxy = start_proxy(config(fake, "a", "b", "c"))
     client = sdk(proxy)
     one, two = [], []
@@ -83,6 +85,8 @@ async def test_a_session_stays_on_one_account_across_20_requests(fake, start_pro
 
 @pytest_twisted.ensureDeferred
 async def test_a_429_moves_the_session_and_it_stays_moved(fake, start_proxy):
+    """A 429 on the session's account moves it to b, and it stays on b for 6 more requests once a has
+    cooled down: one upstream request each (9 in all), no flapping back."""
     proxy = start_proxy(config(fake, "a", "b"))
     client = sdk(proxy)
     assert await served_by(fake, client, "s") == "key-a"
@@ -98,6 +102,8 @@ async def test_a_429_moves_the_session_and_it_stays_moved(fake, start_proxy):
 
 @pytest_twisted.ensureDeferred
 async def test_an_account_at_95_percent_takes_no_new_session(fake, start_proxy):
+    """Under fill-first, an account reporting 95% of its 5-hour quota takes no new session (they go to
+    b) while the session already bound to it stays there for 3 more requests."""
     proxy = start_proxy(config(fake, "a", "b", routing={"strategy": "fill-first"}))
     client = sdk(proxy)
     fake.script("key-a", headers=testing.unified_headers(five_hour=0.95, reset=time.time() + 3600))
@@ -109,6 +115,8 @@ async def test_an_account_at_95_percent_takes_no_new_session(fake, start_proxy):
 
 @pytest_twisted.ensureDeferred
 async def test_an_opus_request_skips_the_account_that_excludes_opus(fake, start_proxy):
+    """An Opus request skips account a, which excludes claude-opus-*, and reaches b with its model
+    unchanged, while a Sonnet request is still served by a under fill-first."""
     proxy = start_proxy(config(fake, "a", "b", routing={"strategy": "fill-first"},
                                a={"excludedModels": ["claude-opus-*"]}))
     client = sdk(proxy)
@@ -120,6 +128,8 @@ async def test_an_opus_request_skips_the_account_that_excludes_opus(fake, start_
 
 @pytest_twisted.ensureDeferred
 async def test_two_paced_streams_with_max_concurrent_1_land_on_two_accounts(fake, start_proxy):
+    """Two concurrent paced streams with maxConcurrent 1 on each account land on a and b, where
+    fill-first alone would send both to a, and both arrive whole."""
     proxy = start_proxy(config(fake, "a", "b", routing={"strategy": "fill-first"},
                                a={"maxConcurrent": 1}, b={"maxConcurrent": 1}))
     fake.script(None, events=testing.text_stream(["x"] * 5), pace=0.1)
@@ -131,6 +141,8 @@ async def test_two_paced_streams_with_max_concurrent_1_land_on_two_accounts(fake
 
 @pytest_twisted.ensureDeferred
 async def test_all_accounts_capped_the_third_request_waits_for_a_slot(fake, start_proxy):
+    """With both accounts at maxConcurrent 1 and streaming, a third request waits in the queue instead
+    of failing, is served once a slot frees (3 upstream requests), and the queue ends empty."""
     proxy = start_proxy(config(fake, "a", "b", a={"maxConcurrent": 1}, b={"maxConcurrent": 1}))
     fake.script(None, events=testing.text_stream(["x"] * 5), pace=0.2, times=2)
     client = sdk(proxy)

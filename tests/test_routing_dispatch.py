@@ -72,6 +72,8 @@ def conversation(session=None, user_id=None) -> ProxyRequest:
 
 
 def test_the_fake_sends_unified_headers():
+    """The fake Anthropic sends the unified rate-limit headers it is scripted with (5h utilization
+    0.95, its reset, status allowed), which the quota-routing tests rely on."""
     h = RoutingHarness([api("a")], tmp_path=None, quotas=False)
     reset = h.clock.seconds() + 3600
     h.fake.script("sk-a", headers=unified_headers(five_hour=0.95, seven_day=0.5, reset=reset))
@@ -83,6 +85,8 @@ def test_the_fake_sends_unified_headers():
 
 
 def test_a_header_session_stays_on_one_account_under_round_robin(tmp_path):
+    """Under round-robin, a session named in a header stays on one account for all 20 of its requests,
+    interleaved with another session, while requests without a session still rotate."""
     h = RoutingHarness([api("a"), api("b")], tmp_path)
     served = {"one": [], "two": []}
     for i in range(20):  # irregular interleaving, so the rotation alone cannot look like affinity
@@ -95,6 +99,8 @@ def test_a_header_session_stays_on_one_account_under_round_robin(tmp_path):
 
 
 def test_a_metadata_user_id_session_stays_on_one_account(tmp_path):
+    """A session taken from metadata.user_id, in both the JSON form and the legacy
+    "user_..._session_..." form, stays on one account and is bound under its session id."""
     h = RoutingHarness([api("a"), api("b")], tmp_path)
     current = json.dumps({"device_id": "d", "account_uuid": "", "session_id": "sess-json"})
     legacy = "user_0abc_account__session_sess-legacy"
@@ -109,6 +115,8 @@ def test_a_metadata_user_id_session_stays_on_one_account(tmp_path):
 
 
 def test_a_429_moves_the_session_and_it_stays_moved(tmp_path):
+    """A 429 moves the session from a to b (one session move counted), and it stays on b for 10 more
+    requests after a's cooldown: 13 upstream requests in all, no flapping back."""
     h = RoutingHarness([api("a"), api("b")], tmp_path)
     assert h.ask("s") == "sk-a"
     h.fake.script("sk-a", status=429, headers={"retry-after": "30"},
@@ -124,6 +132,8 @@ def test_a_429_moves_the_session_and_it_stays_moved(tmp_path):
 
 
 def test_a_binding_expires_after_its_ttl(tmp_path):
+    """A session binding with a TTL of 100 s holds when touched at 99 s, but after 101 s idle it is gone
+    and the session goes where the rotation sends it."""
     h = RoutingHarness([api("a"), api("b")], tmp_path, ttl=100)
     assert h.ask("s") == "sk-a"  # rotation: a
     h.clock.advance(99)
@@ -135,6 +145,8 @@ def test_a_binding_expires_after_its_ttl(tmp_path):
 
 
 def test_an_account_near_its_quota_takes_no_new_session_but_keeps_its_own(tmp_path):
+    """An account at 95% of its 5-hour quota takes no new session nor sessionless request but keeps
+    its bound session, and takes new sessions again once the window resets after 3601 s."""
     h = RoutingHarness([api("a"), api("b")], tmp_path, strategy="fill-first")
     reset = h.clock.seconds() + 3600
     h.fake.script("sk-a", headers=unified_headers(five_hour=0.95, reset=reset))
@@ -147,6 +159,8 @@ def test_an_account_near_its_quota_takes_no_new_session_but_keeps_its_own(tmp_pa
 
 
 def test_drain_soonest_sends_a_new_session_to_the_unknown_account_first(tmp_path):
+    """drain-soonest sends new sessions to accounts whose quota is unknown first, then to the one
+    with the soonest 5-hour reset that has headroom (b in 1 h before c in 2 h and a in 4 h)."""
     h = RoutingHarness([api("a"), api("b"), api("c")], tmp_path, strategy="drain-soonest")
     now = h.clock.seconds()
     h.fake.script("sk-a", headers=unified_headers(five_hour=0.1, reset=now + 4 * 3600))
@@ -162,6 +176,8 @@ def test_drain_soonest_sends_a_new_session_to_the_unknown_account_first(tmp_path
 
 
 def test_a_disabled_organization_takes_the_account_out_with_its_bindings(tmp_path):
+    """A 403 "organization has been disabled" disables account a once, without a cooldown loop, drops
+    its session bindings, and no later request ever reaches a again."""
     h = RoutingHarness([api("a"), api("b")], tmp_path)
     assert h.ask("s") == "sk-a"
     assert h.ask("other") == "sk-b"

@@ -38,6 +38,8 @@ def step(h: Harness, seconds: float) -> None:
 
 
 def test_an_excluded_model_skips_that_account():
+    """An Opus request skips account a, which excludes claude-opus-*, and is served 200 by b; a Sonnet
+    request still goes to a under fill-first."""
     h = Harness([api("a", excluded_models=("claude-opus-*",)), api("b")])
     out = RecordingSink()
     h.forward(request_for("claude-opus-4-1"), out)
@@ -48,6 +50,8 @@ def test_an_excluded_model_skips_that_account():
 
 
 def test_a_model_no_account_may_serve_is_404_and_nothing_is_sent():
+    """A model every account excludes is a 404 not_found_error naming the model and both patterns,
+    and no request is sent upstream at all."""
     h = Harness([api("a", excluded_models=("claude-opus-*",)), api("b", excluded_models=("*opus*",))])
     out = RecordingSink()
     h.forward(request_for("claude-opus-4-1"), out)
@@ -58,6 +62,8 @@ def test_a_model_no_account_may_serve_is_404_and_nothing_is_sent():
 
 
 def test_a_busy_account_is_skipped_for_the_next():
+    """With maxConcurrent 1, a second stream while a is busy goes to b: one in flight on each, and
+    both counts back to 0 once the streams end."""
     h = Harness([api("a", max_concurrent=1), api("b", max_concurrent=1)])
     h.fake.script("sk-a", events=text_stream(["x"] * 4), pace=1.0)
     h.fake.script("sk-b", events=text_stream(["y"] * 4), pace=1.0)
@@ -73,6 +79,8 @@ def test_a_busy_account_is_skipped_for_the_next():
 
 
 def test_when_every_account_is_busy_the_request_waits_for_a_slot():
+    """When the only account is at maxConcurrent 1, a second request is queued rather than failed, is
+    served 200 once the stream ends, and its wait in the queue is observed in the metrics."""
     h = Harness([api("a", max_concurrent=1)], queue_timeout=30)
     h.fake.script("sk-a", events=text_stream(["x"] * 3), pace=1.0, times=1)
     first, waiting = RecordingSink(), RecordingSink()
@@ -89,6 +97,8 @@ def test_when_every_account_is_busy_the_request_waits_for_a_slot():
 
 
 def test_the_queue_times_out_with_a_429():
+    """A request queued behind a busy account for longer than the 5 s queue timeout gets a 429
+    rate_limit_error naming maxConcurrent and queue-timeout with Retry-After 1, and never goes upstream."""
     h = Harness([api("a", max_concurrent=1)], queue_timeout=5)
     h.fake.script("sk-a", events=text_stream(["x"] * 20), pace=1.0, times=1)
     busy, waiting = RecordingSink(), RecordingSink()
@@ -105,6 +115,8 @@ def test_the_queue_times_out_with_a_429():
 
 
 def test_a_client_that_hangs_up_leaves_the_queue_at_once():
+    """A queued client that hangs up leaves the queue at once (2 waiting, then 1) and never reaches the
+    upstream, while the request behind it is still served 200."""
     h = Harness([api("a", max_concurrent=1)], queue_timeout=30)
     h.fake.script("sk-a", events=text_stream(["x"] * 3), pace=1.0, times=1)
     busy, leaving, later = RecordingSink(), RecordingSink(), RecordingSink()

@@ -42,6 +42,8 @@ async def cooled_down(proxy, timeout=5.0):
 @pytest_twisted.ensureDeferred
 async def test_a_session_bound_through_one_instance_is_served_by_the_same_account_through_the_other(
         fake, start_proxy, redis_server):  # noqa: F811
+    """Two daemons sharing one Redis share session bindings: a session bound to a through one stays on a
+    through the other, and its move to b after a 429 through the second holds through the first."""
     config = shared_config(fake, redis_server.url, "a", "b")
     one = start_proxy(config)
     two = start_proxy(config)

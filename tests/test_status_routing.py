@@ -148,17 +148,23 @@ async def test_disabled_reason_is_shown(fake, start_proxy):
 
 
 def test_cache_hit_ratio_is_read_over_every_prompt_token():
+    """The cache hit ratio is cache reads over every prompt token (read, written and uncached): 300 of
+    500 is 0.6, none at all is None, and it is rounded to 4 places (0.3333)."""
     assert cache_hit_ratio(300, 100, 100) == 0.6
     assert cache_hit_ratio(0, 0, 0) is None
     assert cache_hit_ratio(1, 0, 2) == 0.3333
 
 
 def test_strategy_help_lists_every_strategy():
+    """The --strategy option's help lists all three strategies: round-robin, fill-first and
+    drain-soonest."""
     (help_text,) = [p[3] for p in Options.optParameters if p[0] == "strategy"]
     assert "drain-soonest" in help_text and "round-robin" in help_text and "fill-first" in help_text
 
 
 def test_config_reexports_the_routing_sections():
+    """clproxy.config re-exports SessionAffinityConfig and QuotaRoutingConfig from its schema and lists
+    them in __all__, so callers import them from one place."""
     from clproxy import config
     from clproxy.config.schema import QuotaRoutingConfig, SessionAffinityConfig
     assert config.SessionAffinityConfig is SessionAffinityConfig and config.QuotaRoutingConfig is QuotaRoutingConfig

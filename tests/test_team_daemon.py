@@ -141,6 +141,8 @@ async def test_revoking_the_last_key_on_a_public_bind_does_not_open_the_relay(fa
 
 @pytest_twisted.ensureDeferred
 async def test_models_outside_the_key_are_403(fake, start_proxy, tmp_path):
+    """A key limited to claude-haiku-* gets a 403 permission_error naming claude-opus-4-1 without any
+    upstream request, while a Haiku model through the same key is served 200."""
     key, _ = make_key(tmp_path, models=["claude-haiku-*"])
     proxy = start_proxy(accounts_config(fake, "a"))
     status, _, body = await send(proxy.url + "/v1/messages", request_body(model="claude-opus-4-1"),
@@ -154,6 +156,8 @@ async def test_models_outside_the_key_are_403(fake, start_proxy, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_rpm_is_429_with_a_truthful_retry_after(fake, start_proxy, tmp_path):
+    """A key with rpm 2 gets its first 2 requests served and the third a 429 whose Retry-After is when
+    the first leaves the sliding minute (at most 60 s); only 2 requests reach upstream."""
     key, _ = make_key(tmp_path, rpm=2)
     proxy = start_proxy(accounts_config(fake, "a"))
     first = time.time()
@@ -169,6 +173,8 @@ async def test_rpm_is_429_with_a_truthful_retry_after(fake, start_proxy, tmp_pat
 
 @pytest_twisted.ensureDeferred
 async def test_a_spent_token_budget_is_429_until_midnight_utc(fake, start_proxy, tmp_path):
+    """A key whose 1,000 tokens per day are spent gets a 429 saying 00:00 UTC, with a Retry-After to the
+    next UTC midnight (within 2 s), and nothing is sent upstream."""
     key, _ = make_key(tmp_path, tokens_per_day=1000)
     proxy = start_proxy(accounts_config(fake, "a"))
     await proxy.service.store.add_usage("alice", day_of(time.time()), 1000, 0.0)
@@ -216,6 +222,8 @@ async def test_subscription_accounts_serve_only_keys_allowed_to_use_them(fake, o
 
 @pytest_twisted.ensureDeferred
 async def test_only_subscription_accounts_is_403_for_a_plain_key(fake, oauth, start_proxy, tmp_path):
+    """With only an OAuth subscription account, a key without --allow-subscription gets a 403 that
+    names that flag, and nothing is sent upstream."""
     seed_oauth(tmp_path / "home", oauth)
     plain, _ = make_key(tmp_path, "plain")
     proxy = start_proxy({"providers": {"anthropic": {"baseUrl": fake.url,
@@ -228,6 +236,8 @@ async def test_only_subscription_accounts_is_403_for_a_plain_key(fake, oauth, st
 
 @pytest_twisted.ensureDeferred
 async def test_status_and_metrics_need_an_admin_key_health_stays_open(fake, start_proxy, tmp_path):
+    """/status and /metrics answer 401 with no key or a plain key (either header) and 200 only to an
+    admin key, without showing any key's text, while /health stays open to all."""
     plain, _ = make_key(tmp_path, "plain")
     admin, _ = make_key(tmp_path, "boss", admin=True)
     proxy = start_proxy(accounts_config(fake, "a"))
@@ -244,6 +254,8 @@ async def test_status_and_metrics_need_an_admin_key_health_stays_open(fake, star
 
 @pytest_twisted.ensureDeferred
 async def test_no_key_on_loopback_stays_open(fake, start_proxy):
+    """With no client keys on a loopback address, /v1/messages and /status stay open without a key, as
+    before team mode."""
     proxy = start_proxy(accounts_config(fake, "a"))
     assert (await send(proxy.url + "/v1/messages", request_body()))[0] == 200
     assert (await send(proxy.url + "/status", None, method=b"GET"))[0] == 200
@@ -260,6 +272,8 @@ def _environment(home):
     [sys.executable, "-m", "clproxy", "proxy", "start"],
     [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=", "claudeproxy"]])
 def test_a_public_host_without_keys_refuses_to_start(tmp_path, command):
+    """Both `python -m clproxy proxy start` and twistd refuse to listen on 0.0.0.0 without client keys:
+    a non-zero exit, no traceback, and one line naming the host and `clproxy keys create`."""
     result = subprocess.run(command + ["--host", "0.0.0.0", "--port", "1", "--no-guard"],
                             capture_output=True, text=True, env=_environment(tmp_path / "home"),
                             cwd=str(tmp_path), timeout=60)
@@ -292,6 +306,8 @@ async def test_revoking_the_last_key_of_a_running_public_daemon_refuses_v1(fake,
 
 @pytest_twisted.ensureDeferred
 async def test_allow_unauthenticated_serves_a_public_host_with_a_warning(fake, start_proxy, logs):
+    """With allowUnauthenticated, a daemon on 0.0.0.0 without keys logs a WARNING naming that setting
+    and serves requests with 200 instead of refusing to start."""
     config = accounts_config(fake, "a", server={"allowUnauthenticated": True})
     proxy = start_proxy(config, host="0.0.0.0")
     assert any("WARNING" in line and "allowUnauthenticated" in line for line in logs), logs

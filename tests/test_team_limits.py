@@ -127,12 +127,15 @@ NOON = at(2026, 3, 14, 12, 0, 0)
 
 
 def test_no_patterns_allow_every_model():
+    """A key without model patterns may use any model at all, even one that is not Claude's."""
     assert model_allowed(Record(), "anything-at-all")
     _, _, limits = make(NOON)
     assert passes(limits, Record(), "gpt-4o")
 
 
 def test_model_outside_the_patterns_is_403_naming_the_model():
+    """A model outside the key's patterns is a 403 permission_error naming the model and no secret;
+    patterns are case-sensitive and anchored, so Claude-Sonnet-4 and claude-haiku-4-5-x are refused."""
     record = Record(models=("claude-sonnet-*", "claude-haiku-4-5"))
     _, spent, limits = make(NOON)
     assert passes(limits, record, "claude-sonnet-4-5-20250929")
@@ -147,6 +150,8 @@ def test_model_outside_the_patterns_is_403_naming_the_model():
 
 
 def test_a_refused_model_takes_no_rpm_slot_and_reads_no_budget():
+    """A refused model neither takes the key's one rpm slot nor reads its budget, so the next allowed
+    request still passes."""
     record = Record(models=("a",), rpm=1, tokens_per_day=10)
     _, spent, limits = make(NOON)
     refused(limits, record, "b")
@@ -158,6 +163,8 @@ def test_a_refused_model_takes_no_rpm_slot_and_reads_no_budget():
 
 
 def test_rpm_allows_exactly_the_limit_then_429_with_the_true_retry_after():
+    """rpm 3 allows exactly 3 requests in the minute; the fourth at 34.75 s is a 429 with Retry-After
+    26 (the oldest leaves at 60 s: 25.25 s, rounded up) and names "3 requests per minute"."""
     record = Record(rpm=3)
     clock, _, limits = make(NOON)
     assert passes(limits, record)            # t = 0
@@ -175,6 +182,8 @@ def test_rpm_allows_exactly_the_limit_then_429_with_the_true_retry_after():
 
 
 def test_rpm_window_slides_a_slot_frees_when_the_oldest_leaves():
+    """The rpm window slides: with rpm 2, a slot frees exactly when the oldest request is 60 s old, and
+    the Retry-After counts down to that moment (1 s at 59.5 s, 29 s at 61 s)."""
     record = Record(rpm=2)
     clock, _, limits = make(NOON)
     passes(limits, record)                   # t = 0
@@ -205,6 +214,8 @@ def test_refused_requests_take_no_slot():
 
 
 def test_rpm_windows_are_per_key_and_apart_from_account_windows():
+    """Each key has its own rpm window, and a key named "a" shares none with the account config:a,
+    so one key's traffic never throttles another key or an account."""
     store = MemoryStateStore()
     clock, _, limits = make(NOON, store=store)
     passes(limits, Record(name="a", rpm=1))
@@ -216,6 +227,8 @@ def test_rpm_windows_are_per_key_and_apart_from_account_windows():
 
 
 def test_rpm_retry_after_is_at_least_one_second():
+    """The rpm Retry-After is rounded up to whole seconds and never below 1, even when the slot frees
+    now, and 1.01 s gives 2."""
     assert retry_after(100.0, 100.0) == 1
     assert retry_after(100.2, 100.0) == 1
     assert retry_after(101.0, 100.0) == 1
@@ -226,6 +239,8 @@ def test_rpm_retry_after_is_at_least_one_second():
 
 
 def test_utc_windows():
+    """Day and month windows are UTC: the next midnight and the next month's start are right across
+    month ends, a leap-year February and December into January."""
     assert day_of(at(2026, 12, 31, 23, 59, 59)) == "2026-12-31"
     assert month_of(at(2026, 12, 31, 23, 59, 59)) == "2026-12"
     assert next_midnight(at(2026, 3, 14, 12)) == at(2026, 3, 15)
@@ -237,6 +252,8 @@ def test_utc_windows():
 
 
 def test_tokens_per_day_below_the_budget_passes_at_it_429_until_utc_midnight():
+    """999 of 1,000 tokens per day passes, 1,000 is a 429 with Retry-After 1 h 44 min 30 s until UTC
+    midnight, and at midnight the budget renews because only the new day's tokens are read."""
     record = Record(tokens_per_day=1000)
     when = at(2026, 3, 14, 22, 15, 30)
     clock, spent, limits = make(when)
@@ -256,6 +273,7 @@ def test_tokens_per_day_below_the_budget_passes_at_it_429_until_utc_midnight():
 
 
 def test_tokens_over_the_budget_names_the_amount_spent():
+    """A token budget overrun names the amount actually spent, "12,345 of 1,000", not just the limit."""
     record = Record(tokens_per_day=1000)
     _, spent, limits = make(NOON)
     spent.add("alice", day_of(NOON), month_of(NOON), 12345, 0.0)
@@ -264,6 +282,8 @@ def test_tokens_over_the_budget_names_the_amount_spent():
 
 
 def test_usd_per_day_429_until_midnight():
+    """A $5 daily budget passes at $4.99 and is a 429 at $5.00, with Retry-After 1 s half a second
+    before UTC midnight (rounded up) and "$5.00 of $5.00 per day" in the message."""
     record = Record(usd_per_day=5)
     clock, spent, limits = make(at(2026, 3, 14, 23, 59, 59.5))
     spent.add("alice", "2026-03-14", "2026-03", 10, 4.99)
@@ -276,6 +296,8 @@ def test_usd_per_day_429_until_midnight():
 
 
 def test_usd_per_month_429_until_the_first_of_next_month():
+    """A $100 monthly budget at $120.50 spent is a 429 until 1 May 00:00 UTC (6 h away), and with no
+    day budget only the month's spending is read."""
     record = Record(usd_per_month=100)
     when = at(2026, 4, 30, 18, 0, 0)
     _, spent, limits = make(when)
@@ -289,6 +311,8 @@ def test_usd_per_month_429_until_the_first_of_next_month():
 
 
 def test_usd_per_month_december_renews_on_january_first():
+    """A monthly budget spent on 31 December renews on 1 January of the next year, 12 h later, when the
+    request passes again."""
     record = Record(usd_per_month=1.5)
     when = at(2026, 12, 31, 12, 0, 0)
     clock, spent, limits = make(when)
@@ -301,6 +325,8 @@ def test_usd_per_month_december_renews_on_january_first():
 
 
 def test_a_spent_budget_takes_no_rpm_slot():
+    """A request refused for a spent token budget takes no rpm slot: 30 s later, on the next day, the
+    key's one request a minute still passes."""
     record = Record(rpm=1, tokens_per_day=10)
     clock, spent, limits = make(at(2026, 3, 14, 23, 59, 30))
     spent.add("alice", "2026-03-14", "2026-03", 10, 0.0)
@@ -310,6 +336,8 @@ def test_a_spent_budget_takes_no_rpm_slot():
 
 
 def test_no_limits_reads_nothing_and_no_record_passes():
+    """A key without limits passes without reading any usage, and a request with no key record at all
+    passes the check."""
     _, spent, limits = make(NOON)
     assert passes(limits, Record())
     assert spent.asked == []
@@ -324,12 +352,16 @@ def acct(name, kind):
 
 
 def test_subscription_allowed():
+    """Subscription accounts are allowed for a key with allow_subscription, refused for a plain key,
+    and allowed when there is no key record (no team mode)."""
     assert subscription_allowed(Record(allow_subscription=True))
     assert not subscription_allowed(Record())
     assert subscription_allowed(None)
 
 
 def test_oauth_accounts_only_for_keys_with_allow_subscription():
+    """A plain key may use only the API-key accounts of the pool; a key with allow_subscription, or no
+    key record, may use them all, in the pool's order."""
     pool = [acct("max", OAUTH), acct("api", API_KEY), acct("pro", OAUTH), acct("api2", API_KEY)]
     assert usable_accounts(Record(allow_subscription=True), pool) == pool
     assert [a.name for a in usable_accounts(Record(), pool)] == ["api", "api2"]
@@ -338,6 +370,8 @@ def test_oauth_accounts_only_for_keys_with_allow_subscription():
 
 
 def test_no_api_key_account_left_is_403_saying_why():
+    """A plain key facing only OAuth accounts gets a 403 permission_error saying no API-key account is
+    available and pointing at --allow-subscription, without any secret."""
     record = Record()
     with pytest.raises(ProxyError) as info:
         usable_accounts(record, [acct("max", OAUTH)])
@@ -354,6 +388,8 @@ def test_no_api_key_account_left_is_403_saying_why():
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "127.255.255.254", "localhost",
                                   "LOCALHOST", "::1", "[::1]", "::ffff:127.0.0.1"])
 def test_loopback_hosts_need_no_key(host):
+    """Every loopback spelling (127.x, localhost in any case, ::1, [::1], IPv4-mapped 127.0.0.1) may
+    listen without client keys."""
     assert is_loopback(host)
     assert listen_check(host, keys_exist=False, allow_unauthenticated=False) is None
 
@@ -361,6 +397,8 @@ def test_loopback_hosts_need_no_key(host):
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.168.1.20", "10.0.0.5", "fe80::1",
                                   "128.0.0.1", "example.com", "localhost.example.com"])
 def test_other_hosts_without_keys_are_refused_with_one_line(host):
+    """Any other host (wildcards, private or public addresses, names merely starting with localhost) is
+    refused without keys, with one line saying why and how to fix it."""
     assert not is_loopback(host)
     message = listen_check(host, keys_exist=False, allow_unauthenticated=False)
     assert message == (
@@ -372,12 +410,15 @@ def test_other_hosts_without_keys_are_refused_with_one_line(host):
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.0.7"])
 def test_other_hosts_with_keys_are_fine(host):
+    """A public host with client keys may listen, whether or not allowUnauthenticated is set."""
     assert listen_check(host, keys_exist=True, allow_unauthenticated=False) is None
     assert listen_check(host, keys_exist=True, allow_unauthenticated=True) is None
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.0.7"])
 def test_allow_unauthenticated_turns_the_refusal_into_a_warning(host):
+    """allowUnauthenticated turns the refusal into a one-line WARNING naming the host and still
+    suggesting `clproxy keys create`."""
     warning = listen_check(host, keys_exist=False, allow_unauthenticated=True)
     assert warning.startswith("clproxy: WARNING: listening on " + host + " without client keys")
     assert "refusing" not in warning and "clproxy keys create" in warning and "\n" not in warning

@@ -98,6 +98,8 @@ async def one_of_each(proxy):
 
 @pytest_twisted.ensureDeferred
 async def test_rows_equal_the_upstream_usage_and_cost(fake, start_proxy, tmp_path):
+    """A whole answer and a stream through a key each leave a ledger row with Anthropic's exact usage
+    and cost, and the key's daily counter holds twice 3,140 tokens (cache reads not counted)."""
     home = tmp_path / "home"
     proxy = start_proxy(accounts_config(fake, "a"))
     _, record = KeyStore(str(home)).create("alice")
@@ -127,6 +129,8 @@ async def test_rows_equal_the_upstream_usage_and_cost(fake, start_proxy, tmp_pat
 
 @pytest_twisted.ensureDeferred
 async def test_without_a_key_rows_have_no_key_and_no_counter(fake, start_proxy, tmp_path):
+    """A request without a client key still gets a ledger row, with no key name and no per-key counter,
+    and `clproxy usage --by key` shows it as (none)."""
     home = tmp_path / "home"
     proxy = start_proxy(accounts_config(fake, "a"))
     status, _, _ = await post(proxy.url + "/v1/messages", request_body())
@@ -143,6 +147,8 @@ async def test_without_a_key_rows_have_no_key_and_no_counter(fake, start_proxy, 
 
 @pytest_twisted.ensureDeferred
 async def test_a_model_without_a_price_costs_null_with_one_warning(fake, start_proxy, tmp_path, logs):
+    """A model with no known price is recorded with a null cost, not a wrong one, and its 2 requests
+    log the "no price for model" warning only once."""
     home = tmp_path / "home"
     proxy = start_proxy(accounts_config(fake, "a"))
     unknown = "claude-mystery-9"
@@ -159,6 +165,8 @@ async def test_a_model_without_a_price_costs_null_with_one_warning(fake, start_p
 
 @pytest_twisted.ensureDeferred
 async def test_usage_survives_a_restart(fake, start_proxy, tmp_path):
+    """A key's daily and monthly usage survive a daemon restart, and `clproxy usage --by key` reports
+    its 2 requests with their tokens and cost."""
     home = tmp_path / "home"
     proxy = start_proxy(accounts_config(fake, "a"))
     _, record = KeyStore(str(home)).create("bob")
@@ -185,6 +193,8 @@ async def test_usage_survives_a_restart(fake, start_proxy, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_status_shows_each_keys_usage_and_no_key_text_is_stored(fake, start_proxy, tmp_path):
+    """/status shows each key's limits and today's and this month's usage (3,140 tokens) to an admin,
+    and no key's text or hash appears in it nor in any file under the home directory."""
     home = tmp_path / "home"
     proxy = start_proxy(accounts_config(fake, "a"))
     key, record = KeyStore(str(home)).create("carol", tokens_per_day=1000000, usd_per_day=5.0)
@@ -215,6 +225,7 @@ async def test_status_shows_each_keys_usage_and_no_key_text_is_stored(fake, star
 
 @pytest_twisted.ensureDeferred
 async def test_usage_retention_comes_from_the_config(fake, start_proxy):
+    """The usage ledger keeps logging.usageRetentionDays days (30 here), and 90 by default."""
     config = accounts_config(fake, "a", logging={"usageRetentionDays": 30})
     proxy = start_proxy(config)
     assert proxy.service.usage.ledger.retention_days == 30
@@ -243,11 +254,15 @@ async def _answered_by_gemini(fake, start_proxy, tmp_path):
 
 @pytest_twisted.ensureDeferred
 async def test_a_translated_answer_records_a_row(fake, start_proxy, tmp_path):
+    """An answer from the Gemini fallback after a 429 still records a ledger row, with Gemini's model,
+    no Anthropic account and status 200."""
     rows = await _answered_by_gemini(fake, start_proxy, tmp_path)
     assert [(r["model"], r["account_name"], r["status"]) for r in rows] == [("gemini-2.5-flash", None, 200)]
 
 
 @pytest_twisted.ensureDeferred
 async def test_a_translated_answer_records_the_providers_tokens(fake, start_proxy, tmp_path):
+    """A Gemini fallback answer's row records the provider's own input and output token counts, not
+    zeros."""
     rows = await _answered_by_gemini(fake, start_proxy, tmp_path)
     assert rows[0]["input_tokens"] > 0 and rows[0]["output_tokens"] > 0
