@@ -461,10 +461,10 @@ class _IdleSweeper:
     relay's own idle timeout, the relay is aborted as silent. Sweeps run every ``T / N`` seconds,
     T the smallest idle timeout watched (N = :data:`SWEEPS_PER_TIMEOUT`). The bound, plus the
     reactor's lateness: with one timeout T for all (the usual case) a silent stream is aborted
-    after more than T and at most T * (1 + 1/N) after its last data (or its start), as the sweep
+    no sooner than T and at most T * (1 + 1/N) after its last data (or its start), as the sweep
     that saw its last data is at most T/N after it and T is a whole number of sweeps. When
     timeouts differ (streams started before a reload changed it), a stream's timeout need not end
-    on a sweep and the sweep interval may change under it: each is aborted after more than its own
+    on a sweep and the sweep interval may change under it: each is aborted no sooner than its own
     timeout T' and at most T' * (1 + 2/N) after its last data.
 
     The sweeper of a clock lives in a module-level dict keyed by the clock, and only while it
