@@ -120,6 +120,22 @@ def test_the_abort_moment_with_one_timeout():
     assert clock.getDelayedCalls() == []
 
 
+def test_float_rounding_does_not_cost_a_sweep():
+    """With a clock not at 0 and a timeout that is no round binary number (1.3 s), N sweeps of T/N
+    may add up to a hair under T: the stream is still aborted on the Nth sweep after the one that
+    saw its last data, not one sweep later (beyond the bound)."""
+    clock = task.Clock()
+    clock.advance(0.1)
+    relay = connected(clock, 1.3)  # its first event arrived: the first sweep sees it
+    sweeps = 0
+    while not relay._lost:
+        [call] = clock.getDelayedCalls()
+        clock.advance(call.getTime() - clock.seconds())  # to the sweep exactly, as a reactor would
+        sweeps += 1
+        assert sweeps <= 1 + SWEEPS_PER_TIMEOUT, "a sweep late"
+    assert sweeps == 1 + SWEEPS_PER_TIMEOUT
+
+
 def test_an_ended_stream_leaves_the_sweeper():
     """A relay whose stream ended is no longer watched (nor referred to) by the sweeper; the
     last one ending cancels the timer and drops the sweeper."""
