@@ -279,6 +279,10 @@ class StreamRelay(protocol.Protocol):
     :attr:`first_event` fires with that event, or fails with :class:`FirstEventFailed`. After
     :meth:`commit` every chunk is written to the client the moment it arrives; the client's
     transport pauses the upstream socket when it cannot keep up (backpressure).
+
+    With ``idle_timeout`` > 0, a stream that sends nothing for that long (before or after its
+    first event) is aborted: "timed out" before its first event, "went silent" after. Its clock's
+    :class:`_IdleSweeper` watches it, not a timer of its own.
     """
 
     max_bootstrap_bytes = 1024 * 1024
@@ -439,6 +443,7 @@ class StreamRelay(protocol.Protocol):
 
 #: idle sweeps per idle timeout (N): the sweeper runs every ``idle_timeout / N`` seconds, so a
 #: silent stream is aborted between idle_timeout and idle_timeout * (1 + 1/N) after its last data
+#: (when all streams share one timeout; see :class:`_IdleSweeper` for mixed ones)
 SWEEPS_PER_TIMEOUT = 4
 
 # N sweeps of T/N add up to T give or take a float rounding: without this slack, a stream silent
@@ -467,10 +472,10 @@ class _IdleSweeper:
     on a sweep and the sweep interval may change under it: each is aborted no sooner than its own
     timeout T' and at most T' * (1 + 2/N) after its last data.
 
-    The sweeper of a clock lives in a module-level dict keyed by the clock, and only while it
-    watches a relay: the last relay leaving removes it, so the dict holds nothing for a clock
-    (a test's ``task.Clock``) that has no live stream, and a relay ending is dropped at once
-    (no reference to it outlives its connection). Handing a sweeper down from the daemon to each
+    The sweeper of a clock lives in a dict on this class (one per process) keyed by the clock,
+    and only while it watches a relay: the last relay leaving removes it, so the dict holds
+    nothing for a clock (a test's ``task.Clock``) that has no live stream, and a relay ending is
+    dropped at once (no reference to it outlives its connection). Handing a sweeper down from the daemon to each
     try would work as well, but every place that builds a try (the dispatcher and tests) would
     have to carry it, for the same one sweeper per reactor.
     """
