@@ -76,3 +76,16 @@ def test_downstream_drops_hop_by_hop_and_keeps_rate_limit_headers():
                         b"content-length": [b"12"]})
     names = {n.lower() for n, _ in downstream_headers(upstream)}
     assert names == {b"content-type", b"request-id", b"retry-after", b"anthropic-ratelimit-tokens-remaining"}
+
+
+def test_request_ids_are_req_clp_and_96_random_bits_each_new():
+    """Every ProxyRequest gets its own id: ``req_clp_`` then 24 lowercase hex digits, as the JSONL
+    records and the dashboard have always shown it (1,000 ids, no repeat)."""
+    import re
+
+    from clproxy.proxy.dispatch import ProxyRequest, new_request_id
+
+    ids = {ProxyRequest(method=b"POST", path=b"/v1/messages", query=b"", headers=[], body=b"{}").request_id
+           for _ in range(500)} | {new_request_id() for _ in range(500)}
+    assert len(ids) == 1000
+    assert all(re.fullmatch(r"req_clp_[0-9a-f]{24}", request_id) for request_id in ids)
