@@ -10,6 +10,7 @@ from twisted.internet import defer
 from clproxy.observe.aggregate import GAUGE_TTL, PUBLISH_INTERVAL, WorkerMetrics, exposition, merge, split
 from clproxy.observe.recorder import Observability
 from clproxy.state.memory import MemoryStateStore
+from helpers import post
 from test_observe_metrics import make_clock, samples, scrape, traffic, value
 
 HOME = dict(account="home", model="claude-sonnet-4-5", provider="anthropic")
@@ -257,3 +258,18 @@ async def test_metrics_resource_answers_the_sums_and_its_own_numbers_when_they_f
     response, text = await scrape(resource)
     assert response.code == 200 and requests(samples(text)) == 2
     assert "clproxy_metrics_partial" not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_single_daemon_renders_its_own_numbers_with_no_store_traffic(start_proxy):
+    """Without a supervisor /metrics is the book's own exposition, as before: no partial gauge and
+    nothing published to the state store."""
+    proxy = start_proxy({})
+    store = proxy.service.store
+    calls = []
+    store.publish_worker_metrics = lambda *args: calls.append(args)
+    store.read_worker_metrics = lambda *args: calls.append(args)
+    code, _, body = await post(proxy.url + "/metrics", b"", method=b"GET")
+    text = body.decode("utf-8")
+    assert code == 200 and "clproxy_requests_in_flight" in text
+    assert "clproxy_metrics_partial" not in text and calls == []

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
 
 from clproxy.daemon import runstate, tap, workers
@@ -67,6 +68,34 @@ class Daemon:
         code, _, body = await post(self.url + "/status", b"", method=b"GET")
         assert code == 200, body
         return json.loads(body)
+
+    async def metrics(self) -> dict:
+        """``/metrics`` over a fresh connection: ``{"requests": clproxy_requests_total summed over
+        its labels, "partial": clproxy_metrics_partial}``."""
+        code, _, body = await post(self.url + "/metrics", b"", method=b"GET")
+        assert code == 200, body
+        found = {"requests": 0.0}
+        for family in text_string_to_metric_families(body.decode("utf-8")):
+            for sample in family.samples:
+                if sample.name == "clproxy_requests_total":
+                    found["requests"] += sample.value
+                elif sample.name == "clproxy_metrics_partial":
+                    found["partial"] = sample.value
+        return found
+
+    async def metrics_reach(self, requests: int, timeout: float = 20.0, floor: float = 0.0) -> list:
+        """Scrape until the request counter is ``requests`` (each worker reports every second);
+        every value seen, each checked to be at least ``floor`` and never below the one before."""
+        seen: list = []
+        deadline = time.monotonic() + timeout
+        while not seen or seen[-1] != requests:
+            assert time.monotonic() < deadline, f"the counter went {seen}, not to {requests}\n{self.output()}"
+            found = await self.metrics()
+            assert found["partial"] == 0, found
+            assert found["requests"] >= max(seen + [floor]), seen + [found["requests"]]
+            seen.append(found["requests"])
+            await pause(0.1)
+        return seen
 
     async def worker_pids(self, wanted: int, timeout: float = 20.0, exclude=()) -> set:
         """Ask /status until ``wanted`` different worker pids (not in ``exclude``) have answered."""
@@ -201,6 +230,31 @@ async def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(tmp_path
 
 
 @pytest_twisted.ensureDeferred
+async def test_metrics_count_every_workers_requests_and_never_go_down(tmp_path, daemons, fake, redis_server):
+    """/metrics on either worker counts the requests of both: N requests spread over two workers
+    read N on every scrape; a worker killed with SIGKILL and replaced never makes the counter go
+    down, and the requests after it add up."""
+    daemon = daemons(tmp_path, shared(accounts_config(fake, "a"), redis_server))
+    pids = await daemon.worker_pids(2)
+    sent = 30
+    for _ in range(sent):
+        code, _, body = await post(daemon.url + "/v1/messages", request_body())
+        assert code == 200, body
+    await daemon.metrics_reach(sent)
+    for _ in range(12):  # fresh connections: either worker answers
+        assert await daemon.metrics() == {"requests": sent, "partial": 0}
+    os.kill(sorted(pids)[0], signal.SIGKILL)
+    await daemon.worker_pids(1, exclude=pids)  # its replacement answers
+    for _ in range(12):
+        assert await daemon.metrics() == {"requests": sent, "partial": 0}
+    for _ in range(10):
+        code, _, body = await post(daemon.url + "/v1/messages", request_body())
+        assert code == 200, body
+    await daemon.metrics_reach(sent + 10, floor=sent)
+    assert "exited with signal 9 (SIGKILL)" in daemon.output()
+
+
+@pytest_twisted.ensureDeferred
 async def test_sigterm_stops_the_supervisor_and_every_worker(tmp_path, daemons, fake, redis_server):
     """`clproxy proxy status` sees the daemon; `clproxy proxy stop` (SIGTERM to the supervisor)
     stops it and all its workers, and removes the state file."""
@@ -270,10 +324,10 @@ def test_restart_backoff_grows_for_a_worker_that_keeps_dying_at_start():
 def test_worker_command_line_has_no_footprint_of_its_own(tmp_path):
     """A worker gets the daemon's options but never writes Claude Code's settings or starts a guard."""
     argv = workers.worker_argv({"host": "::1", "config": "c.yaml", "strategy": "round-robin",
-                                "debug": True, "health-interval": 5.0}, 2, 3)
-    assert argv[2:7] == ["clproxy.daemon.worker", "3", "2", "3", "--"]
+                                "debug": True, "health-interval": 5.0}, 2, 3, "run-1")
+    assert argv[2:8] == ["clproxy.daemon.worker", "3", "2", "3", "run-1", "--"]
     options = tap.Options()
-    options.parseOptions(argv[7:])
+    options.parseOptions(argv[8:])
     assert (options["host"], options["claude-settings"], options["no-guard"]) == ("::1", "off", True)
     assert options["config"] == os.path.abspath("c.yaml") and options["debug"]
     assert options["strategy"] == "round-robin" and options["workers"] is None

@@ -27,6 +27,7 @@ import os
 import signal
 import socket
 import sys
+import uuid
 from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.application import service
@@ -72,11 +73,12 @@ def describe_exit(reason) -> str:
     return f"status {getattr(value, 'exitCode', '?')}"
 
 
-def worker_argv(options: Mapping, index: int, count: int) -> List[str]:
-    """The command line of worker ``index`` of ``count``: the daemon's own options (without the
-    footprint: no state file, settings or guard of its own), after the worker's arguments."""
+def worker_argv(options: Mapping, index: int, count: int, run: str) -> List[str]:
+    """The command line of worker ``index`` of ``count`` in the supervisor's run ``run``: the
+    daemon's own options (without the footprint: no state file, settings or guard of its own),
+    after the worker's arguments."""
     args = [sys.executable, "-m", "clproxy.daemon.worker", str(WORKER_LISTEN_FD), str(index), str(count),
-            "--", "--host", str(options.get("host") or "127.0.0.1"), "--claude-settings", "off", "--no-guard",
+            run, "--", "--host", str(options.get("host") or "127.0.0.1"), "--claude-settings", "off", "--no-guard",
             "--health-interval", str(options.get("health-interval") or 30.0)]
     if options.get("config"):
         args += ["--config", os.path.abspath(os.path.expanduser(str(options["config"])))]
@@ -113,6 +115,8 @@ class WorkerSupervisor(service.Service):
         self.options = options
         self.environ = dict(environ)
         self.drain_timeout = drain_timeout
+        #: this supervisor's run: its workers' metric reports are kept (and summed) under it
+        self.run = uuid.uuid4().hex[:16]
         self.socket: Optional[socket.socket] = None
         #: index -> the live worker's process transport
         self.live: Dict[int, Any] = {}
@@ -157,7 +161,7 @@ class WorkerSupervisor(service.Service):
         if self._stopping or self.socket is None:
             return
         worker = _WorkerProcess(self, index, self.reactor.seconds())
-        args = worker_argv(self.options, index, self.count)
+        args = worker_argv(self.options, index, self.count, self.run)
         # the worker's stdout and stderr are ours (the log), the socket is its fd 3, nothing else
         process = self.reactor.spawnProcess(worker, args[0], args, env=self.environ,
                                             childFDs={1: 1, 2: 2, WORKER_LISTEN_FD: self.socket.fileno()})
