@@ -254,6 +254,51 @@ async def test_metrics_count_every_workers_requests_and_never_go_down(tmp_path, 
     assert "exited with signal 9 (SIGKILL)" in daemon.output()
 
 
+async def strategies_of(daemon, pids: set, timeout: float = 20.0, wanted=None) -> dict:
+    """``{worker pid: strategy}`` from /status until every pid of ``pids`` answered (with
+    ``wanted``, once each answered with it)."""
+    found: dict = {}
+    deadline = time.monotonic() + timeout
+    while set(found) != pids or (wanted is not None and set(found.values()) != {wanted}):
+        assert time.monotonic() < deadline, f"{found}\n{daemon.output()}"
+        status = await daemon.status()
+        found[status["worker"]["pid"]] = status["strategy"]
+    return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reloads_the_state_file_and_the_workers_and_a_bad_config_changes_nothing(
+        tmp_path, daemons, fake, redis_server):
+    """SIGHUP to the supervisor: a new strategy and fallback chain reach proxy-state.json and every
+    worker; then an invalid config changes neither and is said in one line (not once per worker)."""
+    config = dict(shared(accounts_config(fake, "a"), redis_server), routing={"strategy": "fill-first"})
+    daemon = daemons(tmp_path, config)
+    pids = await daemon.worker_pids(2)
+    path = str(daemon.home / runstate.STATE_FILE_NAME)
+    assert (runstate.read_state(path)["strategy"], runstate.read_state(path)["fallbackChain"]) == ("fill-first", [])
+    chain = [{"provider": "openai", "model": "gpt-4o"}]
+    daemon.config.write_text(json.dumps(dict(config, routing={"strategy": "round-robin", "fallbackChain": chain})))
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while runstate.read_state(path)["strategy"] != "round-robin":
+        assert time.monotonic() < deadline, daemon.output()
+        await pause(0.05)
+    assert runstate.read_state(path)["fallbackChain"] == chain
+    await strategies_of(daemon, pids, wanted="round-robin")
+
+    daemon.config.write_text(json.dumps(dict(config, routing={"strategy": "nonsense"})))
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while "config reload failed" not in daemon.output():
+        assert time.monotonic() < deadline, daemon.output()
+        await pause(0.05)
+    await pause(2.0)  # a worker watching the file itself would have noticed and said so by now
+    assert daemon.output().count("config reload failed") == 1, daemon.output()
+    assert runstate.read_state(path)["strategy"] == "round-robin"
+    assert runstate.read_state(path)["fallbackChain"] == chain
+    assert await strategies_of(daemon, pids) == dict.fromkeys(pids, "round-robin")
+
+
 @pytest_twisted.ensureDeferred
 async def test_sigterm_stops_the_supervisor_and_every_worker(tmp_path, daemons, fake, redis_server):
     """`clproxy proxy status` sees the daemon; `clproxy proxy stop` (SIGTERM to the supervisor)

@@ -84,6 +84,9 @@ def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], f
     for child in proxy.services:
         child.setServiceParent(top)
     internet.StreamServerEndpointService(endpoint, proxy.site).setServiceParent(top)
+    # the supervisor watches the file and, once it has checked a new config, SIGHUPs the workers:
+    # N watchers would say N times that a bad config was refused
+    proxy.watcher.polling = False
     install_sighup(proxy.watcher, reactor)
     orphan_check = internet.TimerService(PARENT_CHECK_INTERVAL, _stop_when_orphaned, reactor, supervisor)
     orphan_check.clock = reactor

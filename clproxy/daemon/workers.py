@@ -153,7 +153,6 @@ class WorkerSupervisor(service.Service):
                  pid=os.getpid(), host=self.address()[0], port=self.address()[1], count=self.count)
         for index in range(1, self.count + 1):
             self.spawn(index)
-        self._install_sighup()
 
     def spawn(self, index: int) -> None:
         """Start worker ``index`` on the listening socket."""
@@ -196,17 +195,6 @@ class WorkerSupervisor(service.Service):
             except OSError:
                 pass
 
-    def _install_sighup(self) -> None:
-        sighup = getattr(signal, "SIGHUP", None)
-        if sighup is None:
-            return
-        try:
-            # each worker reloads its own config (it also watches the file)
-            signal.signal(sighup, lambda signum, frame: self.reactor.callFromThread(
-                self.signal_workers, sighup))
-        except ValueError:  # not the main thread (tests)
-            pass
-
     def stopService(self):
         """Close the socket here, SIGTERM the workers, wait for them (SIGKILL at the deadline)."""
         super().stopService()
@@ -238,13 +226,49 @@ class WorkerSupervisor(service.Service):
         self.signal_workers(signal.SIGKILL)
 
 
+class SupervisedConfig:
+    """The config in force in a supervisor. A reload (SIGHUP, or a change of the file: the
+    supervisor's :class:`~clproxy.daemon.reload.ConfigWatcher` calls :meth:`apply`) is checked as
+    a single daemon checks it; only a good one is written to the state file and passed on to the
+    workers (SIGHUP: each reloads the file; they do not watch it themselves). A bad one changes
+    nothing, and the watcher says why in one line."""
+
+    def __init__(self, cfg, strategy_override: Optional[str], supervisor: WorkerSupervisor):
+        self.config = self.started_with = cfg
+        self.strategy_override = strategy_override
+        self.supervisor = supervisor
+        #: the state file's writer (None when the daemon runs without one)
+        self.lifecycle: Optional[Any] = None
+
+    def strategy(self) -> str:
+        """The strategy in force: ``--strategy``, else the config's."""
+        return self.strategy_override or self.config.routing.strategy
+
+    def apply(self, reloaded) -> List[str]:
+        """Install ``reloaded`` (a loaded config) or raise; the keys that need a restart."""
+        from clproxy.daemon.assemble import reload_parts
+        from clproxy.daemon.reload import restart_needed
+
+        reload_parts(reloaded.config)  # raises before anything changes
+        self.config = reloaded.config
+        if self.lifecycle is not None:
+            self.lifecycle.config_reloaded(self.strategy(), self.config)
+        sighup = getattr(signal, "SIGHUP", None)
+        if sighup is not None:
+            self.supervisor.signal_workers(sighup)
+        return restart_needed(self.started_with, self.config)
+
+
 def supervise(options: Mapping, cfg, count: int, *, reactor, environ: Mapping[str, str], home: str):
-    """The top service of ``--workers N``: the supervisor and the daemon's footprint (state file,
-    Claude Code's settings once an account is usable, the guard), which only it writes."""
+    """The top service of ``--workers N``: the supervisor, the config's watcher (SIGHUP reloads;
+    see :class:`SupervisedConfig`) and the daemon's footprint (state file, Claude Code's settings
+    once an account is usable, the guard), which only it writes."""
+    from clproxy import config as configuration
     from clproxy.accounts.directory import AccountDirectory
     from clproxy.accounts.tokenstore import TokenStore
     from clproxy.daemon import runstate
     from clproxy.daemon.assemble import accounts_from_config
+    from clproxy.daemon.reload import ConfigWatcher, install_sighup
     from clproxy.integrations import claude_settings
     from clproxy.state.probe import probe_store
 
@@ -258,12 +282,18 @@ def supervise(options: Mapping, cfg, count: int, *, reactor, environ: Mapping[st
     supervisor.setServiceParent(top)
     top.supervisor = supervisor  # type: ignore[attr-defined]
     top.address = supervisor.address  # type: ignore[attr-defined]
-    strategy = options.get("strategy") or cfg.routing.strategy
+    current = SupervisedConfig(cfg, options.get("strategy"), supervisor)
+    config_path = options.get("config") or configuration.default_config_path(environ)
+    watcher = ConfigWatcher(config_path, lambda path: configuration.load_config(path, environ), current.apply,
+                            reactor)
+    watcher.setServiceParent(top)
+    top.watcher, top.current = watcher, current  # type: ignore[attr-defined]
+    install_sighup(watcher, reactor)
     top.lifecycle = None  # type: ignore[attr-defined]
-    lifecycle = runstate.attach_lifecycle(top, options, environ, strategy=lambda: strategy,
-                                          fallback_chain=lambda: runstate.chain_of(cfg),
+    lifecycle = runstate.attach_lifecycle(top, options, environ, strategy=current.strategy,
+                                          fallback_chain=lambda: runstate.chain_of(current.config),
                                           config_path=options.get("config"))
-    top.lifecycle = lifecycle  # type: ignore[attr-defined]
+    top.lifecycle = current.lifecycle = lifecycle  # type: ignore[attr-defined]
     if lifecycle is not None and lifecycle.settings_path:
         # the workers serve the accounts; the supervisor only looks whether one is usable
         directory = AccountDirectory(store=TokenStore(home), clock=reactor, environ=environ,
