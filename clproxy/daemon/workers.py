@@ -16,11 +16,15 @@ safe with N writers: the token store and the key file take an ``flock`` around r
 the JSONL logs are opened ``O_APPEND`` and written a whole batch of lines per ``write``, the usage
 ledger is SQLite in WAL mode (its own locking), the quota snapshot is an atomic rename of a cache.
 Only the supervisor writes ``proxy-state.json`` and Claude Code's settings and starts the guard.
+It also watches the config: a reload (SIGHUP or a changed file) is checked as one process checks
+it, written to the state file and passed on to the workers (SIGHUP); a bad one changes nothing.
 
-``/health``, ``/status`` and ``/metrics`` are answered by whichever worker takes the connection:
-what they read from the store (cooldowns, sessions, key usage) is global; in-process counters
-(requests, latencies, ``/metrics`` totals) are that worker's own (``/status`` names it under
-``worker``). They are not aggregated.
+``/metrics`` acts as one daemon's: each worker publishes its metrics to the store under the
+supervisor's run id every second, and a scrape on any worker answers the sums over all of them
+(:mod:`clproxy.observe.aggregate`; a replaced worker's totals stay in the sums, so counters never go
+down). ``/health`` and ``/status`` are answered by whichever worker takes the connection: what they
+read from the store (cooldowns, sessions, key usage) is global; their in-process figures (requests
+served, latencies) are that worker's own (``/status`` names it under ``worker``).
 """
 
 import os
