@@ -28,6 +28,17 @@ class Run:
         self.clock = clock or make_clock()
         self.store = store if store is not None else MemoryStateStore()
 
+    async def two_busy_workers(self):
+        """Workers 1 and 2 after two requests on the first and four on the second (``traffic``
+        twice), the second's published: ``(first, its metrics, second, its metrics)``."""
+        first, first_metrics = self.worker(1, "a")
+        second, second_metrics = self.worker(2, "b")
+        traffic(first, self.clock)
+        traffic(second, self.clock)
+        traffic(second, self.clock)
+        await second_metrics.publish()
+        return first, first_metrics, second, second_metrics
+
     def worker(self, index: int, incarnation: str, **kwargs):
         obs = Observability(clock=self.clock, logs_dir=None)
         metrics = WorkerMetrics(obs.metrics, self.store, self.clock, run="run-1", worker=index,
@@ -73,14 +84,9 @@ async def test_a_scrape_sums_counters_and_histograms_over_workers_and_counts_sha
     """Counters and histogram buckets, sums and counts are the workers' sums on whichever worker is
     scraped; a gauge read from the shared store (account cooling) is told once, not per worker."""
     run = Run()
-    first, first_metrics = run.worker(1, "a")
-    second, second_metrics = run.worker(2, "b")
-    traffic(first, run.clock)
-    traffic(second, run.clock)
-    traffic(second, run.clock)
+    first, first_metrics, second, second_metrics = await run.two_busy_workers()
     for obs in (first, second):
         obs.metrics.set_accounts([{"name": "work", "cooling_until": run.clock.seconds() + 60, "backoff_level": 1}])
-    await second_metrics.publish()
     for metrics in (first_metrics, second_metrics):
         found = await render(metrics)
         assert requests(found) == 6
@@ -154,12 +160,7 @@ async def test_a_replaced_worker_never_makes_a_counter_go_down():
     """Worker 2 dies and a new incarnation starts from zero: its predecessor's last totals are
     retired into the run's, so every scrape's request count is at least the one before."""
     run = Run()
-    first, first_metrics = run.worker(1, "a")
-    second, second_metrics = run.worker(2, "b")
-    traffic(first, run.clock)
-    traffic(second, run.clock)
-    traffic(second, run.clock)
-    await second_metrics.publish()
+    first, first_metrics, _, _ = await run.two_busy_workers()
     seen = [requests(await render(first_metrics))]
     assert seen == [6]
     reborn, reborn_metrics = run.worker(2, "c")  # worker 2's new process, nothing counted yet
