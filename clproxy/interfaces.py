@@ -492,3 +492,37 @@ class ILoginSessions(Interface):
 
         :return: Deferred firing with None.
         """
+
+
+class IWorkerMetrics(Interface):
+    """The metric totals of the worker processes of one ``--workers N`` run, so that a scrape of
+    ``/metrics`` on any worker answers for all of them (:mod:`clproxy.observe.aggregate`).
+
+    A *run* is one supervisor's life (an opaque id it gives its workers); a *worker* is an index
+    (1..N) in it; an *incarnation* is one process of that index (a restarted worker is a new one).
+    A report is flat: ``{series: number}``, a series being an opaque string (a metric's name and
+    labels: never a secret). *Totals* are a process's running sums since it started (within one
+    incarnation they only grow); *gauges* are its values now (requests in flight). Times are passed
+    in (a store never reads a clock). Under Redis every worker reads and writes the same reports,
+    and a run's reports vanish a while after its last report; in memory only the latest runs are kept.
+    """
+
+    def publish_worker_metrics(run, worker, incarnation, totals, gauges, now, ttl):
+        """Replace the report of ``worker`` of ``run`` with ``totals`` and ``gauges``.
+
+        When the totals stored for ``worker`` are another incarnation's, they are first added to
+        the run's *retired* totals, in the same atomic step, so a sum over the run never goes down
+        when a worker dies and is replaced.
+        :param ttl: seconds the gauges count from ``now`` (a worker that stops reporting has its
+            gauges vanish; its totals stay, and are retired when its index reports again).
+        :return: Deferred firing with None; it fails when the report could not be stored.
+        """
+
+    def read_worker_metrics(run, now):
+        """The sums over every worker of ``run``.
+
+        :return: Deferred firing with ``(totals, gauges)``, two new dicts: per series, the retired
+            totals plus the latest totals of every worker (alive or not), and the sum of the gauges
+            of the reports still live at ``now``; ``({}, {})`` for an unknown run. It fails when the
+            shared reports cannot be read (the caller's answer would be one worker's only).
+        """

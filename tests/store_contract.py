@@ -9,7 +9,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from zope.interface.verify import verifyObject
 
-from clproxy.interfaces import IClientKeys, ILoginSessions, ISessionBindings, IStateStore, IUsageCounters
+from clproxy.interfaces import (IClientKeys, ILoginSessions, ISessionBindings, IStateStore, IUsageCounters,
+                                IWorkerMetrics)
 from clproxy.state.model import STAT_KEYS, AccountState
 
 
@@ -437,3 +438,70 @@ class LoginSessionsContract:
         await store.drop_login("c" * 64)
         assert await store.get_login("a" * 64, now) is None
         assert await store.get_login("b" * 64, now) == "k2"
+
+
+class WorkerMetricsContract:
+    """Contract tests for ``IWorkerMetrics``; subclasses provide ``make_store()``."""
+
+    def make_store(self):
+        """A fresh, empty store."""
+        raise NotImplementedError
+
+    def test_provides_worker_metrics(self):
+        """The store provides every member of IWorkerMetrics."""
+        assert verifyObject(IWorkerMetrics, self.make_store())
+
+    @pytest_twisted.ensureDeferred
+    async def test_unknown_run_reads_empty(self):
+        """A run nobody reported in reads as no totals and no gauges."""
+        assert await self.make_store().read_worker_metrics("nobody", 10.0) == ({}, {})
+
+    @pytest_twisted.ensureDeferred
+    async def test_totals_and_live_gauges_sum_over_workers(self):
+        """Totals and gauges sum per series over the workers; a report replaces its worker's last."""
+        store = self.make_store()
+        await store.publish_worker_metrics("r", 1, "a", {"req": 3, "sum": 0.25}, {"busy": 2}, 100.0, 5.0)
+        await store.publish_worker_metrics("r", 2, "b", {"req": 4, "other": 1}, {"busy": 1}, 100.0, 5.0)
+        await store.publish_worker_metrics("r", 1, "a", {"req": 5, "sum": 0.5}, {"busy": 0}, 101.0, 5.0)
+        totals, gauges = await store.read_worker_metrics("r", 102.0)
+        assert totals == {"req": 9.0, "sum": 0.5, "other": 1.0}
+        assert gauges == {"busy": 1.0}
+
+    @pytest_twisted.ensureDeferred
+    async def test_gauges_vanish_after_their_ttl_totals_stay(self):
+        """A report's gauges count until now + ttl; its totals count after that too."""
+        store = self.make_store()
+        await store.publish_worker_metrics("r", 1, "a", {"req": 3}, {"busy": 2}, 100.0, 5.0)
+        await store.publish_worker_metrics("r", 2, "b", {"req": 4}, {"busy": 1}, 103.0, 5.0)
+        assert await store.read_worker_metrics("r", 104.9) == ({"req": 7.0}, {"busy": 3.0})
+        assert await store.read_worker_metrics("r", 105.0) == ({"req": 7.0}, {"busy": 1.0})
+        assert await store.read_worker_metrics("r", 200.0) == ({"req": 7.0}, {})
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_new_incarnation_retires_the_old_totals(self):
+        """A worker index reporting as a new incarnation keeps its old totals in the sum (retired),
+        so the sum never goes down; the same incarnation again replaces, never adds."""
+        store = self.make_store()
+        await store.publish_worker_metrics("r", 1, "first", {"req": 10, "t": 1.5}, {}, 100.0, 5.0)
+        await store.publish_worker_metrics("r", 1, "second", {"req": 1}, {}, 110.0, 5.0)
+        assert (await store.read_worker_metrics("r", 110.0))[0] == {"req": 11.0, "t": 1.5}
+        await store.publish_worker_metrics("r", 1, "second", {"req": 2}, {}, 111.0, 5.0)
+        await store.publish_worker_metrics("r", 1, "third", {"req": 0}, {}, 112.0, 5.0)
+        assert (await store.read_worker_metrics("r", 112.0))[0] == {"req": 12.0, "t": 1.5}
+
+    @pytest_twisted.ensureDeferred
+    async def test_runs_are_apart(self):
+        """Reports of one run never count in another's sums."""
+        store = self.make_store()
+        await store.publish_worker_metrics("r1", 1, "a", {"req": 3}, {"busy": 1}, 100.0, 5.0)
+        await store.publish_worker_metrics("r2", 1, "b", {"req": 4}, {}, 100.0, 5.0)
+        assert await store.read_worker_metrics("r1", 101.0) == ({"req": 3.0}, {"busy": 1.0})
+        assert await store.read_worker_metrics("r2", 101.0) == ({"req": 4.0}, {})
+
+    @pytest_twisted.ensureDeferred
+    async def test_series_with_any_characters_round_trip(self):
+        """Series are opaque strings: quotes, spaces, colons and non-ASCII come back as given."""
+        store = self.make_store()
+        series = '["clproxy_requests","total",[["account","Zoë: \\"a b\\""]]]'
+        await store.publish_worker_metrics("r", 1, "a", {series: 2}, {series: 1}, 100.0, 5.0)
+        assert await store.read_worker_metrics("r", 101.0) == ({series: 2.0}, {series: 1.0})

@@ -183,3 +183,19 @@ def test_sighup_triggers_a_reload_through_the_reactor(tmp_path):
         assert reactor.calls == [(h.watcher.reload_now, ("SIGHUP",))]
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_watcher_that_does_not_poll_reloads_only_when_told(tmp_path):
+    """polling False (a worker: its supervisor watches the file): a change is not picked up, no
+    timer runs, and reload_now still reloads."""
+    h = Harness(tmp_path)
+    h.watcher.polling = False
+    h.watcher.startService()
+    assert h.clock.getDelayedCalls() == []
+    h.write(OTHER)
+    h.settle()
+    h.settle()
+    assert h.applied == []
+    h.watcher.reload_now("SIGHUP")
+    assert [c.routing.strategy for c in h.applied] == ["round-robin"]
+    h.watcher.stopService()

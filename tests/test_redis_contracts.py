@@ -18,7 +18,8 @@ from clproxy.state.model import AccountState
 from clproxy.state.memory import MemoryStateStore
 from clproxy.state.redis import LocalMirror, RedisStateStore
 from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
-from store_contract import ClientKeysContract, LoginSessionsContract, SessionBindingsContract, UsageCountersContract
+from store_contract import (ClientKeysContract, LoginSessionsContract, SessionBindingsContract, UsageCountersContract,
+                            WorkerMetricsContract)
 
 
 class AtomicCooldownContract:
@@ -286,7 +287,7 @@ class TestMemoryLocks(LockProviderContract):
 
 class TestRedisSharedState(AtomicCooldownContract, SharedTokensContract, QuotaStoreContract,
                            LockProviderContract, SessionBindingsContract, UsageCountersContract, ClientKeysContract,
-                            LoginSessionsContract):
+                            LoginSessionsContract, WorkerMetricsContract):
     """The Redis store meets the shared-state contracts, every call answered by Redis."""
 
     @pytest.fixture(autouse=True)
@@ -439,3 +440,37 @@ async def test_redis_client_key_changes_during_outage_reach_redis(redis_server):
     finally:
         await store.close()
         await other.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_worker_metrics_fail_without_redis_and_are_not_mirrored():
+    """With Redis unreachable, publishing and reading worker metrics fail (a worker alone knows only
+    its own numbers) instead of answering from the local mirror."""
+    from clproxy.state.redis.link import RedisDown
+    store = RedisStateStore("redis://127.0.0.1:1/0", reactor, prefix=unique_prefix())
+    with pytest.raises(RedisDown):
+        await store.publish_worker_metrics("r", 1, "a", {"req": 1}, {}, 1.0, 5.0)
+    with pytest.raises(RedisDown):
+        await store.read_worker_metrics("r", 1.0)
+    assert await store.mirror.read_worker_metrics("r", 1.0) == ({}, {})
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_worker_metrics_keys_are_prefixed_and_expire(redis_server):  # noqa: F811
+    """Every key of a run is under ``P:wm:RUN:`` and lives RUN_TTL after the last report, the
+    retired totals and the other workers' reports included."""
+    from clproxy.state.redis.workermetrics import RUN_TTL
+    store = RedisStateStore(redis_server.url, reactor, prefix=unique_prefix())
+    await store.connect()
+    try:
+        await store.publish_worker_metrics("r", 1, "a", {"req": 1}, {"busy": 1}, 1.0, 5.0)
+        await store.publish_worker_metrics("r", 2, "b", {"req": 1}, {}, 1.0, 5.0)
+        await store.publish_worker_metrics("r", 1, "c", {"req": 1}, {}, 1.0, 5.0)
+        raw = store._link._handler
+        keys = sorted(await raw.keys(store._key("*", "*")))
+        assert keys == sorted(store._run_prefix("r") + name for name in (
+            "workers", "retired", "inc:1", "inc:2", "totals:1", "totals:2", "gauges:1", "gauges:2"))
+        for key in keys:
+            assert RUN_TTL * 1000 - 5_000 < await raw.execute_command("PTTL", key) <= RUN_TTL * 1000
+    finally:
+        await store.close()

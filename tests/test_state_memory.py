@@ -7,7 +7,7 @@ from zope.interface.verify import verifyObject
 from clproxy.interfaces import IStateStore
 from clproxy.state.memory import MemoryStateStore
 from store_contract import (ClientKeysContract, SessionBindingsContract, StateStoreContract,
-                            UsageCountersContract)
+                            UsageCountersContract, WorkerMetricsContract)
 
 
 def fired(deferred):
@@ -34,6 +34,25 @@ class TestMemoryUsageCounters(UsageCountersContract):
     def make_store(self):
         """A fresh memory store."""
         return MemoryStateStore()
+
+
+class TestMemoryWorkerMetrics(WorkerMetricsContract):
+    """The memory store meets the IWorkerMetrics contract."""
+
+    def make_store(self):
+        """A fresh memory store."""
+        return MemoryStateStore()
+
+
+def test_worker_metrics_keep_only_the_latest_runs():
+    """A memory store keeps the reports of the latest few runs only, however many runs report."""
+    from clproxy.state.memory import WORKER_METRIC_RUNS_KEPT
+    store = MemoryStateStore()
+    for run in range(50):
+        store.publish_worker_metrics(str(run), 1, "a", {"req": run}, {}, 1.0, 5.0)
+    assert len(store._worker_runs) == WORKER_METRIC_RUNS_KEPT
+    assert fired(store.read_worker_metrics("49", 1.0)) == ({"req": 49.0}, {})
+    assert fired(store.read_worker_metrics("0", 1.0)) == ({}, {})
 
 
 def test_usage_counters_stay_bounded():

@@ -14,6 +14,7 @@ import time
 
 import pytest
 import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
 
 from clproxy.daemon import runstate, tap, workers
@@ -67,6 +68,34 @@ class Daemon:
         code, _, body = await post(self.url + "/status", b"", method=b"GET")
         assert code == 200, body
         return json.loads(body)
+
+    async def metrics(self) -> dict:
+        """``/metrics`` over a fresh connection: ``{"requests": clproxy_requests_total summed over
+        its labels, "partial": clproxy_metrics_partial}``."""
+        code, _, body = await post(self.url + "/metrics", b"", method=b"GET")
+        assert code == 200, body
+        found = {"requests": 0.0}
+        for family in text_string_to_metric_families(body.decode("utf-8")):
+            for sample in family.samples:
+                if sample.name == "clproxy_requests_total":
+                    found["requests"] += sample.value
+                elif sample.name == "clproxy_metrics_partial":
+                    found["partial"] = sample.value
+        return found
+
+    async def metrics_reach(self, requests: int, timeout: float = 20.0, floor: float = 0.0) -> list:
+        """Scrape until the request counter is ``requests`` (each worker reports every second);
+        every value seen, each checked to be at least ``floor`` and never below the one before."""
+        seen: list = []
+        deadline = time.monotonic() + timeout
+        while not seen or seen[-1] != requests:
+            assert time.monotonic() < deadline, f"the counter went {seen}, not to {requests}\n{self.output()}"
+            found = await self.metrics()
+            assert found["partial"] == 0, found
+            assert found["requests"] >= max(seen + [floor]), seen + [found["requests"]]
+            seen.append(found["requests"])
+            await pause(0.1)
+        return seen
 
     async def worker_pids(self, wanted: int, timeout: float = 20.0, exclude=()) -> set:
         """Ask /status until ``wanted`` different worker pids (not in ``exclude``) have answered."""
@@ -201,6 +230,76 @@ async def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(tmp_path
 
 
 @pytest_twisted.ensureDeferred
+async def test_metrics_count_every_workers_requests_and_never_go_down(tmp_path, daemons, fake, redis_server):
+    """/metrics on either worker counts the requests of both: N requests spread over two workers
+    read N on every scrape; a worker killed with SIGKILL and replaced never makes the counter go
+    down, and the requests after it add up."""
+    daemon = daemons(tmp_path, shared(accounts_config(fake, "a"), redis_server))
+    pids = await daemon.worker_pids(2)
+    sent = 30
+    for _ in range(sent):
+        code, _, body = await post(daemon.url + "/v1/messages", request_body())
+        assert code == 200, body
+    await daemon.metrics_reach(sent)
+    for _ in range(12):  # fresh connections: either worker answers
+        assert await daemon.metrics() == {"requests": sent, "partial": 0}
+    os.kill(sorted(pids)[0], signal.SIGKILL)
+    await daemon.worker_pids(1, exclude=pids)  # its replacement answers
+    for _ in range(12):
+        assert await daemon.metrics() == {"requests": sent, "partial": 0}
+    for _ in range(10):
+        code, _, body = await post(daemon.url + "/v1/messages", request_body())
+        assert code == 200, body
+    await daemon.metrics_reach(sent + 10, floor=sent)
+    assert "exited with signal 9 (SIGKILL)" in daemon.output()
+
+
+async def strategies_of(daemon, pids: set, timeout: float = 20.0, wanted=None) -> dict:
+    """``{worker pid: strategy}`` from /status until every pid of ``pids`` answered (with
+    ``wanted``, once each answered with it)."""
+    found: dict = {}
+    deadline = time.monotonic() + timeout
+    while set(found) != pids or (wanted is not None and set(found.values()) != {wanted}):
+        assert time.monotonic() < deadline, f"{found}\n{daemon.output()}"
+        status = await daemon.status()
+        found[status["worker"]["pid"]] = status["strategy"]
+    return found
+
+
+@pytest_twisted.ensureDeferred
+async def test_sighup_reloads_the_state_file_and_the_workers_and_a_bad_config_changes_nothing(
+        tmp_path, daemons, fake, redis_server):
+    """SIGHUP to the supervisor: a new strategy and fallback chain reach proxy-state.json and every
+    worker; then an invalid config changes neither and is said in one line (not once per worker)."""
+    config = dict(shared(accounts_config(fake, "a"), redis_server), routing={"strategy": "fill-first"})
+    daemon = daemons(tmp_path, config)
+    pids = await daemon.worker_pids(2)
+    path = str(daemon.home / runstate.STATE_FILE_NAME)
+    assert (runstate.read_state(path)["strategy"], runstate.read_state(path)["fallbackChain"]) == ("fill-first", [])
+    chain = [{"provider": "openai", "model": "gpt-4o"}]
+    daemon.config.write_text(json.dumps(dict(config, routing={"strategy": "round-robin", "fallbackChain": chain})))
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while runstate.read_state(path)["strategy"] != "round-robin":
+        assert time.monotonic() < deadline, daemon.output()
+        await pause(0.05)
+    assert runstate.read_state(path)["fallbackChain"] == chain
+    await strategies_of(daemon, pids, wanted="round-robin")
+
+    daemon.config.write_text(json.dumps(dict(config, routing={"strategy": "nonsense"})))
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while "config reload failed" not in daemon.output():
+        assert time.monotonic() < deadline, daemon.output()
+        await pause(0.05)
+    await pause(2.0)  # a worker watching the file itself would have noticed and said so by now
+    assert daemon.output().count("config reload failed") == 1, daemon.output()
+    assert runstate.read_state(path)["strategy"] == "round-robin"
+    assert runstate.read_state(path)["fallbackChain"] == chain
+    assert await strategies_of(daemon, pids) == dict.fromkeys(pids, "round-robin")
+
+
+@pytest_twisted.ensureDeferred
 async def test_sigterm_stops_the_supervisor_and_every_worker(tmp_path, daemons, fake, redis_server):
     """`clproxy proxy status` sees the daemon; `clproxy proxy stop` (SIGTERM to the supervisor)
     stops it and all its workers, and removes the state file."""
@@ -270,10 +369,10 @@ def test_restart_backoff_grows_for_a_worker_that_keeps_dying_at_start():
 def test_worker_command_line_has_no_footprint_of_its_own(tmp_path):
     """A worker gets the daemon's options but never writes Claude Code's settings or starts a guard."""
     argv = workers.worker_argv({"host": "::1", "config": "c.yaml", "strategy": "round-robin",
-                                "debug": True, "health-interval": 5.0}, 2, 3)
-    assert argv[2:7] == ["clproxy.daemon.worker", "3", "2", "3", "--"]
+                                "debug": True, "health-interval": 5.0}, 2, 3, "run-1")
+    assert argv[2:8] == ["clproxy.daemon.worker", "3", "2", "3", "run-1", "--"]
     options = tap.Options()
-    options.parseOptions(argv[7:])
+    options.parseOptions(argv[8:])
     assert (options["host"], options["claude-settings"], options["no-guard"]) == ("::1", "off", True)
     assert options["config"] == os.path.abspath("c.yaml") and options["debug"]
     assert options["strategy"] == "round-robin" and options["workers"] is None

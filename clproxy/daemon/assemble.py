@@ -25,7 +25,6 @@ from clproxy.accounts.model import Account
 from clproxy.accounts.oauth import OAuthEndpoints
 from clproxy.accounts.refresh import TokenRefresher
 from clproxy.accounts.tokenstore import StoredCredential, TokenStore, TokenStoreError
-from clproxy.daemon import runstate
 from clproxy.daemon.drain import Drainer
 from clproxy.daemon.reload import ConfigWatcher, restart_needed
 from clproxy.daemon.upkeep import AccountUpkeep
@@ -274,8 +273,7 @@ class Proxy:
         timeouts change; requests in flight finish with what they started with. Returns the
         changed keys that need a restart (the watcher's log line names them)."""
         new = reloaded.config
-        shaping = pipeline_from_config(new.cloaking)  # raises before anything changes
-        router = Router.from_config(new.routing)
+        shaping, router = reload_parts(new)  # raises before anything changes
         self.pool.strategy = self.strategy_override or new.routing.strategy
         self.dispatcher.shaping, self.dispatcher.router = shaping, router
         self.translation.reconfigure(new.providers)
@@ -303,7 +301,7 @@ class Proxy:
         for warning in reloaded.warnings:
             log.warn("config: {warning}", warning=warning)
         if self.lifecycle is not None:
-            self.lifecycle.update(strategy=self.pool.strategy, fallbackChain=runstate.chain_of(new))
+            self.lifecycle.config_reloaded(self.pool.strategy, new)
         return pending
 
     async def close(self) -> None:
@@ -312,6 +310,13 @@ class Proxy:
         self.quotas.flush()
         await self.store.close()
         await self.upstream.close()
+
+
+def reload_parts(new) -> Tuple[Any, Router]:
+    """The parts a reloaded config ``new`` needs built before anything changes: its shaping pipeline
+    and its router. Raises (a plugin that does not load, a bad route) when ``new`` cannot be
+    served, so a bad reload changes nothing; the supervisor of ``--workers N`` checks with it too."""
+    return pipeline_from_config(new.cloaking), Router.from_config(new.routing)
 
 
 def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,

@@ -83,6 +83,8 @@ class ConfigWatcher(service.Service):
         self.digest: Optional[str] = None
         self.reloads = 0
         self.failures = 0
+        #: False: reload only when told (a worker of ``--workers N``: its supervisor watches the file)
+        self.polling = True
         self._signature: Optional[Tuple[int, int]] = None
         self._loop: Optional[task.LoopingCall] = None
         self._pending = None
@@ -108,6 +110,8 @@ class ConfigWatcher(service.Service):
         super().startService()
         self._signature = self._stat()
         self.digest = self._read_digest()
+        if not self.polling:
+            return
         self._loop = task.LoopingCall(self.poll)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=False)

@@ -356,6 +356,10 @@ class Lifecycle(service.Service):
         except OSError as e:
             log.warn("could not update {path}: {error}", path=self.path, error=e.strerror or str(e))
 
+    def config_reloaded(self, strategy: Optional[str], cfg) -> None:
+        """A reloaded config is in force: rewrite the state file's strategy and fallback chain."""
+        self.update(strategy=strategy, fallbackChain=chain_of(cfg))
+
     def stopService(self):
         """Undo everything :meth:`startService` did."""
         self.cleanup()

@@ -1,14 +1,17 @@
-"""One worker process of ``--workers N`` (``python -m clproxy.daemon.worker FD INDEX COUNT -- OPTIONS``).
+"""One worker process of ``--workers N``
+(``python -m clproxy.daemon.worker FD INDEX COUNT RUN -- OPTIONS``).
 
 It builds the same daemon as a single process (:func:`~clproxy.daemon.assemble.build_proxy`) but
 serves the listening socket its supervisor passed as descriptor ``FD`` instead of binding one, writes
-no footprint (state file, Claude Code's settings: the supervisor's), and stops (draining) on SIGTERM
-or when its supervisor is gone. See :mod:`clproxy.daemon.workers`.
+no footprint (state file, Claude Code's settings: the supervisor's), publishes its metrics for the
+supervisor's run ``RUN`` (``/metrics`` answers the sums over the workers), and stops (draining) on
+SIGTERM or when its supervisor is gone. See :mod:`clproxy.daemon.workers`.
 """
 
 import os
 import socket
 import sys
+import uuid
 from typing import List, Mapping, Optional
 
 from twisted.application import internet
@@ -20,6 +23,7 @@ from clproxy.daemon import runstate
 from clproxy.daemon.assemble import ProxyService, RecordingEndpoint, build_proxy
 from clproxy.daemon.reload import install_sighup
 from clproxy.observe import console
+from clproxy.observe.aggregate import WorkerMetrics
 
 log = console.logger(__name__)
 
@@ -46,8 +50,9 @@ class AdoptedEndpoint:
 
 
 def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], fd: int, index: int,
-                        count: int) -> ProxyService:
-    """The worker's top service: the whole daemon serving the adopted socket ``fd``."""
+                        count: int, run: str) -> ProxyService:
+    """The worker's top service: the whole daemon serving the adopted socket ``fd``, its metrics
+    published for (and ``/metrics`` summed over) the supervisor's run ``run``."""
     from clproxy.daemon.tap import load
 
     env, home, loaded = load(options, environ)
@@ -66,14 +71,22 @@ def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], f
 
     proxy.drainer.track = counted  # type: ignore[method-assign]
     # /status: "pid" is the daemon's (the supervisor, as in proxy-state.json: the one to signal);
-    # "worker" says which worker answered, whose in-process counters are its own (not aggregated)
+    # "worker" says which worker answered, whose in-process counters are its own (/metrics sums them)
     proxy.status.extra = lambda: dict(own(), pid=supervisor, worker={"index": index, "count": count, "pid": os.getpid(),
                                                      "supervisor": supervisor, "requests": served[0]})
+    # a new incarnation id per process: the store retires a replaced worker's totals by it
+    metrics = WorkerMetrics(proxy.observability.metrics, proxy.store, reactor, run=run, worker=index,
+                            incarnation=f"{os.getpid()}-{uuid.uuid4().hex[:8]}", drained=proxy.drainer.drain)
+    metrics.setServiceParent(proxy.shared_state)  # publishes once the store is connected
+    proxy.observability.metrics_resource().exposition = metrics.render
     endpoint = RecordingEndpoint(AdoptedEndpoint(reactor, fd))
     top = ProxyService(proxy, endpoint)
     for child in proxy.services:
         child.setServiceParent(top)
     internet.StreamServerEndpointService(endpoint, proxy.site).setServiceParent(top)
+    # the supervisor watches the file and, once it has checked a new config, SIGHUPs the workers:
+    # N watchers would say N times that a bad config was refused
+    proxy.watcher.polling = False
     install_sighup(proxy.watcher, reactor)
     orphan_check = internet.TimerService(PARENT_CHECK_INTERVAL, _stop_when_orphaned, reactor, supervisor)
     orphan_check.clock = reactor
@@ -99,20 +112,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         fd, index, count = (int(value) for value in argv[:3])
-        assert argv[3] == "--"
+        run = argv[3]
+        assert run and argv[4] == "--"
     except (ValueError, AssertionError, IndexError):
-        sys.stderr.write("usage: python -m clproxy.daemon.worker FD INDEX COUNT -- OPTIONS "
+        sys.stderr.write("usage: python -m clproxy.daemon.worker FD INDEX COUNT RUN -- OPTIONS "
                          "(started by `--workers N`, not by hand)\n")
         return 2
     options = Options()
     try:
-        options.parseOptions(argv[4:])
+        options.parseOptions(argv[5:])
     except usage.UsageError as e:
         sys.stderr.write(f"clproxy worker {index}: {e}\n")
         return 2
     runstate.quiet_signal_stops(reactor)
     try:
-        top = make_worker_service(options, reactor, os.environ, fd, index, count)
+        top = make_worker_service(options, reactor, os.environ, fd, index, count, run)
         top.startService()
     except SystemExit as e:
         sys.stderr.write(f"{e} (worker {index})\n")

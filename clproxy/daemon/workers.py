@@ -16,17 +16,22 @@ safe with N writers: the token store and the key file take an ``flock`` around r
 the JSONL logs are opened ``O_APPEND`` and written a whole batch of lines per ``write``, the usage
 ledger is SQLite in WAL mode (its own locking), the quota snapshot is an atomic rename of a cache.
 Only the supervisor writes ``proxy-state.json`` and Claude Code's settings and starts the guard.
+It also watches the config: a reload (SIGHUP or a changed file) is checked as one process checks
+it, written to the state file and passed on to the workers (SIGHUP); a bad one changes nothing.
 
-``/health``, ``/status`` and ``/metrics`` are answered by whichever worker takes the connection:
-what they read from the store (cooldowns, sessions, key usage) is global; in-process counters
-(requests, latencies, ``/metrics`` totals) are that worker's own (``/status`` names it under
-``worker``). They are not aggregated.
+``/metrics`` acts as one daemon's: each worker publishes its metrics to the store under the
+supervisor's run id every second, and a scrape on any worker answers the sums over all of them
+(:mod:`clproxy.observe.aggregate`; a replaced worker's totals stay in the sums, so counters never go
+down). ``/health`` and ``/status`` are answered by whichever worker takes the connection: what they
+read from the store (cooldowns, sessions, key usage) is global; their in-process figures (requests
+served, latencies) are that worker's own (``/status`` names it under ``worker``).
 """
 
 import os
 import signal
 import socket
 import sys
+import uuid
 from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.application import service
@@ -72,11 +77,12 @@ def describe_exit(reason) -> str:
     return f"status {getattr(value, 'exitCode', '?')}"
 
 
-def worker_argv(options: Mapping, index: int, count: int) -> List[str]:
-    """The command line of worker ``index`` of ``count``: the daemon's own options (without the
-    footprint: no state file, settings or guard of its own), after the worker's arguments."""
+def worker_argv(options: Mapping, index: int, count: int, run: str) -> List[str]:
+    """The command line of worker ``index`` of ``count`` in the supervisor's run ``run``: the
+    daemon's own options (without the footprint: no state file, settings or guard of its own),
+    after the worker's arguments."""
     args = [sys.executable, "-m", "clproxy.daemon.worker", str(WORKER_LISTEN_FD), str(index), str(count),
-            "--", "--host", str(options.get("host") or "127.0.0.1"), "--claude-settings", "off", "--no-guard",
+            run, "--", "--host", str(options.get("host") or "127.0.0.1"), "--claude-settings", "off", "--no-guard",
             "--health-interval", str(options.get("health-interval") or 30.0)]
     if options.get("config"):
         args += ["--config", os.path.abspath(os.path.expanduser(str(options["config"])))]
@@ -113,6 +119,8 @@ class WorkerSupervisor(service.Service):
         self.options = options
         self.environ = dict(environ)
         self.drain_timeout = drain_timeout
+        #: this supervisor's run: its workers' metric reports are kept (and summed) under it
+        self.run = uuid.uuid4().hex[:16]
         self.socket: Optional[socket.socket] = None
         #: index -> the live worker's process transport
         self.live: Dict[int, Any] = {}
@@ -149,7 +157,6 @@ class WorkerSupervisor(service.Service):
                  pid=os.getpid(), host=self.address()[0], port=self.address()[1], count=self.count)
         for index in range(1, self.count + 1):
             self.spawn(index)
-        self._install_sighup()
 
     def spawn(self, index: int) -> None:
         """Start worker ``index`` on the listening socket."""
@@ -157,7 +164,7 @@ class WorkerSupervisor(service.Service):
         if self._stopping or self.socket is None:
             return
         worker = _WorkerProcess(self, index, self.reactor.seconds())
-        args = worker_argv(self.options, index, self.count)
+        args = worker_argv(self.options, index, self.count, self.run)
         # the worker's stdout and stderr are ours (the log), the socket is its fd 3, nothing else
         process = self.reactor.spawnProcess(worker, args[0], args, env=self.environ,
                                             childFDs={1: 1, 2: 2, WORKER_LISTEN_FD: self.socket.fileno()})
@@ -192,17 +199,6 @@ class WorkerSupervisor(service.Service):
             except OSError:
                 pass
 
-    def _install_sighup(self) -> None:
-        sighup = getattr(signal, "SIGHUP", None)
-        if sighup is None:
-            return
-        try:
-            # each worker reloads its own config (it also watches the file)
-            signal.signal(sighup, lambda signum, frame: self.reactor.callFromThread(
-                self.signal_workers, sighup))
-        except ValueError:  # not the main thread (tests)
-            pass
-
     def stopService(self):
         """Close the socket here, SIGTERM the workers, wait for them (SIGKILL at the deadline)."""
         super().stopService()
@@ -234,13 +230,49 @@ class WorkerSupervisor(service.Service):
         self.signal_workers(signal.SIGKILL)
 
 
+class SupervisedConfig:
+    """The config in force in a supervisor. A reload (SIGHUP, or a change of the file: the
+    supervisor's :class:`~clproxy.daemon.reload.ConfigWatcher` calls :meth:`apply`) is checked as
+    a single daemon checks it; only a good one is written to the state file and passed on to the
+    workers (SIGHUP: each reloads the file; they do not watch it themselves). A bad one changes
+    nothing, and the watcher says why in one line."""
+
+    def __init__(self, cfg, strategy_override: Optional[str], supervisor: WorkerSupervisor):
+        self.config = self.started_with = cfg
+        self.strategy_override = strategy_override
+        self.supervisor = supervisor
+        #: the state file's writer (None when the daemon runs without one)
+        self.lifecycle: Optional[Any] = None
+
+    def strategy(self) -> str:
+        """The strategy in force: ``--strategy``, else the config's."""
+        return self.strategy_override or self.config.routing.strategy
+
+    def apply(self, reloaded) -> List[str]:
+        """Install ``reloaded`` (a loaded config) or raise; the keys that need a restart."""
+        from clproxy.daemon.assemble import reload_parts
+        from clproxy.daemon.reload import restart_needed
+
+        reload_parts(reloaded.config)  # raises before anything changes
+        self.config = reloaded.config
+        if self.lifecycle is not None:
+            self.lifecycle.config_reloaded(self.strategy(), self.config)
+        sighup = getattr(signal, "SIGHUP", None)
+        if sighup is not None:
+            self.supervisor.signal_workers(sighup)
+        return restart_needed(self.started_with, self.config)
+
+
 def supervise(options: Mapping, cfg, count: int, *, reactor, environ: Mapping[str, str], home: str):
-    """The top service of ``--workers N``: the supervisor and the daemon's footprint (state file,
-    Claude Code's settings once an account is usable, the guard), which only it writes."""
+    """The top service of ``--workers N``: the supervisor, the config's watcher (SIGHUP reloads;
+    see :class:`SupervisedConfig`) and the daemon's footprint (state file, Claude Code's settings
+    once an account is usable, the guard), which only it writes."""
+    from clproxy import config as configuration
     from clproxy.accounts.directory import AccountDirectory
     from clproxy.accounts.tokenstore import TokenStore
     from clproxy.daemon import runstate
     from clproxy.daemon.assemble import accounts_from_config
+    from clproxy.daemon.reload import ConfigWatcher, install_sighup
     from clproxy.integrations import claude_settings
     from clproxy.state.probe import probe_store
 
@@ -254,12 +286,18 @@ def supervise(options: Mapping, cfg, count: int, *, reactor, environ: Mapping[st
     supervisor.setServiceParent(top)
     top.supervisor = supervisor  # type: ignore[attr-defined]
     top.address = supervisor.address  # type: ignore[attr-defined]
-    strategy = options.get("strategy") or cfg.routing.strategy
+    current = SupervisedConfig(cfg, options.get("strategy"), supervisor)
+    config_path = options.get("config") or configuration.default_config_path(environ)
+    watcher = ConfigWatcher(config_path, lambda path: configuration.load_config(path, environ), current.apply,
+                            reactor)
+    watcher.setServiceParent(top)
+    top.watcher, top.current = watcher, current  # type: ignore[attr-defined]
+    install_sighup(watcher, reactor)
     top.lifecycle = None  # type: ignore[attr-defined]
-    lifecycle = runstate.attach_lifecycle(top, options, environ, strategy=lambda: strategy,
-                                          fallback_chain=lambda: runstate.chain_of(cfg),
+    lifecycle = runstate.attach_lifecycle(top, options, environ, strategy=current.strategy,
+                                          fallback_chain=lambda: runstate.chain_of(current.config),
                                           config_path=options.get("config"))
-    top.lifecycle = lifecycle  # type: ignore[attr-defined]
+    top.lifecycle = current.lifecycle = lifecycle  # type: ignore[attr-defined]
     if lifecycle is not None and lifecycle.settings_path:
         # the workers serve the accounts; the supervisor only looks whether one is usable
         directory = AccountDirectory(store=TokenStore(home), clock=reactor, environ=environ,

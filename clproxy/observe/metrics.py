@@ -5,7 +5,7 @@ Updating a metric is a dict increment (no locks, no label objects); prometheus-c
 """
 
 from bisect import bisect_left
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Awaitable, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -313,7 +313,8 @@ def _counter(name: str, documentation: str, labels: Sequence[str], table: Dict[t
 
 
 class MetricsResource(resource.Resource):
-    """``GET /metrics``: refreshes the account gauges from the pool (when one is watched), then renders."""
+    """``GET /metrics``: refreshes the account gauges from the pool (when one is watched), then renders
+    the book, or asks :attr:`exposition` (a worker of ``--workers N``: the sums over every worker)."""
 
     isLeaf = True
 
@@ -322,34 +323,51 @@ class MetricsResource(resource.Resource):
         self.book = book
         #: () -> None (no pool), or the pool's snapshot rows (a list, Deferred or coroutine)
         self.snapshot = snapshot
+        #: (accept) -> (body, content type), a coroutine; None: the book renders itself
+        self.exposition: Optional[Callable[[Optional[str]], Awaitable[Tuple[bytes, str]]]] = None
 
     def render_GET(self, request):
         pending = self.snapshot() if self.snapshot is not None else None
-        if pending is None:
-            return self._write(request)
+        if pending is None and self.exposition is None:
+            return self._write(request, *self.book.render(self._accept(request)))
         gone = []
         request.notifyFinish().addErrback(gone.append)
-        if isinstance(pending, (list, tuple)):
-            d = defer.succeed(pending)
+        if pending is None:
+            d = defer.succeed(None)
         else:
-            d = defer.ensureDeferred(pending)
-        d.addCallback(self.book.set_accounts)
-        d.addErrback(lambda f: log.failure("account snapshot for /metrics failed", f))
+            d = defer.succeed(pending) if isinstance(pending, (list, tuple)) else defer.ensureDeferred(pending)
+            d.addCallback(self.book.set_accounts)
+            d.addErrback(lambda f: log.failure("account snapshot for /metrics failed", f))
+        d.addCallback(lambda _: self._rendered(request))
 
-        def done(_):
+        def done(rendered):
             if not gone:
-                request.write(self._write(request))
+                request.write(self._write(request, *rendered))
                 request.finish()
 
         d.addCallback(done)
         return server.NOT_DONE_YET
 
+    def _rendered(self, request):
+        accept = self._accept(request)
+        if self.exposition is None:
+            return self.book.render(accept)
+
+        def own_numbers(failure):
+            log.failure("/metrics: the workers' sums failed; answering with this process's own", failure)
+            return self.book.render(accept)
+        return defer.ensureDeferred(self.exposition(accept)).addErrback(own_numbers)
+
     def render_HEAD(self, request):
         return self.render_GET(request)
 
-    def _write(self, request) -> bytes:
+    @staticmethod
+    def _accept(request) -> Optional[str]:
         accept = request.getHeader(b"accept")
-        body, content_type = self.book.render(accept.decode("latin-1") if accept else None)
+        return accept.decode("latin-1") if accept else None
+
+    @staticmethod
+    def _write(request, body: bytes, content_type: str) -> bytes:
         request.setHeader(b"content-type", content_type.encode("ascii"))
         request.setHeader(b"cache-control", b"no-store")
         return body

@@ -123,6 +123,7 @@ class Observability:
         self.metrics.extra.append(self._own_metrics)
         self._snapshot: Optional[Callable[[], object]] = None
         self._service: Optional[service.MultiService] = None
+        self._metrics_resource: Optional[MetricsResource] = None
 
     # --- wiring ---------------------------------------------------------------------------------
 
@@ -133,9 +134,12 @@ class Observability:
             self._service = _ObservabilityService(self)
         return self._service
 
-    def metrics_resource(self):
-        """The ``GET /metrics`` resource (a leaf: ``root.putChild(b"metrics", ...)``)."""
-        return MetricsResource(self.metrics, self._pool_snapshot)
+    def metrics_resource(self) -> MetricsResource:
+        """The ``GET /metrics`` resource (a leaf: ``root.putChild(b"metrics", ...)``); one per daemon,
+        so that a worker of ``--workers N`` can give it the sums over every worker."""
+        if self._metrics_resource is None:
+            self._metrics_resource = MetricsResource(self.metrics, self._pool_snapshot)
+        return self._metrics_resource
 
     def watch_pool(self, pool, accounts: Callable[[], Sequence]) -> None:
         """Read the per-account gauges from ``pool.snapshot(accounts())`` at every scrape (without

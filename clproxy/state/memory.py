@@ -14,10 +14,11 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, ILoginSessions, IQuotaStore,
-                                ISessionBindings, ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters)
+                                ISessionBindings, ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters,
+                                IWorkerMetrics)
 from clproxy.state.locks import MemoryLocks
 from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, TOKEN_VERSION_FIELD,
-                                 AccountState, empty_stats, validate_outcome)
+                                 AccountState, add_series, empty_stats, validate_outcome)
 
 
 @attr.s(auto_attribs=True)
@@ -70,9 +71,22 @@ USAGE_PERIODS_KEPT = 2
 #: How many dashboard login sessions a memory store keeps (the oldest is dropped first).
 MAX_LOGINS = 1024
 
+#: How many ``--workers`` runs' metric reports a memory store keeps (the oldest dropped first).
+WORKER_METRIC_RUNS_KEPT = 4
+
+
+@attr.s(auto_attribs=True)
+class _WorkerReport:
+    """The latest metric report of one worker index (``IWorkerMetrics``)."""
+
+    incarnation: str
+    totals: Dict[str, float]
+    gauges: Dict[str, float]
+    live_until: float
+
 
 @implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
-             ISessionBindings, IUsageCounters, IClientKeys, ILoginSessions)
+             ISessionBindings, IUsageCounters, IClientKeys, ILoginSessions, IWorkerMetrics)
 class MemoryStateStore:
     """Every state interface in dicts; every Deferred it returns has already fired.
 
@@ -82,7 +96,9 @@ class MemoryStateStore:
     and one int per counter name, one token record and one quota snapshot per account, one lock
     per name held, and at most ``limit_bindings`` session bindings (least recently used evicted
     first), and the usage sums of the latest ``USAGE_PERIODS_KEPT`` days and months (one pair
-    per client key name used in them). Nothing grows per request.
+    per client key name used in them), and the worker metric reports of the latest
+    ``WORKER_METRIC_RUNS_KEPT`` runs (one per worker index, plus the retired totals). Nothing grows
+    per request.
     """
 
     def __init__(self, max_bindings: int = DEFAULT_BINDING_CAP):
@@ -105,6 +121,9 @@ class MemoryStateStore:
         self._revoked_keys: Set[str] = set()
         # Dashboard login sessions: token digest -> (key hash, expiry), oldest first.
         self._logins: "collections.OrderedDict[str, Tuple[str, float]]" = collections.OrderedDict()
+        # Worker metrics: run -> (retired totals, worker index -> its latest report), oldest run first.
+        self._worker_runs: "collections.OrderedDict[str, Tuple[Dict[str, float], Dict[int, _WorkerReport]]]" = \
+            collections.OrderedDict()
 
     def _record(self, key: str) -> _AccountRecord:
         record = self._accounts.get(key)
@@ -401,6 +420,29 @@ class MemoryStateStore:
     def drop_login(self, digest):
         self._logins.pop(digest, None)
         return defer.succeed(None)
+
+    # IWorkerMetrics
+    def publish_worker_metrics(self, run, worker, incarnation, totals, gauges, now, ttl):
+        if run not in self._worker_runs:
+            self._worker_runs[run] = ({}, {})
+            while len(self._worker_runs) > WORKER_METRIC_RUNS_KEPT:
+                self._worker_runs.popitem(last=False)
+        retired, reports = self._worker_runs[run]
+        previous = reports.get(int(worker))
+        if previous is not None and previous.incarnation != str(incarnation):
+            add_series(retired, previous.totals)
+        reports[int(worker)] = _WorkerReport(str(incarnation), add_series({}, totals), add_series({}, gauges),
+                                             float(now) + float(ttl))
+        return defer.succeed(None)
+
+    def read_worker_metrics(self, run, now):
+        retired, reports = self._worker_runs.get(run, ({}, {}))
+        totals, gauges = add_series({}, retired), {}
+        for report in reports.values():
+            add_series(totals, report.totals)
+            if report.live_until > now:
+                add_series(gauges, report.gauges)
+        return defer.succeed((totals, gauges))
 
     def adopt_client_keys(self, records) -> None:
         """Replace the live client keys with ``records`` (``{hash: dict}``), tombstones kept:

@@ -49,3 +49,11 @@ def validate_outcome(outcome: str) -> Optional[ValueError]:
         return None
     return ValueError("unknown outcome {!r}; expected one of {}".format(
         outcome, ", ".join(sorted(OUTCOMES))))
+
+
+def add_series(sums: dict, report) -> dict:
+    """Add a report of the worker metrics (``IWorkerMetrics``: a ``{series: number}`` dict, or
+    ``(series, number)`` pairs with numbers as strings, as Redis gives them) into ``sums``."""
+    for series, value in (report.items() if isinstance(report, dict) else report):
+        sums[series] = sums.get(series, 0.0) + float(value)
+    return sums

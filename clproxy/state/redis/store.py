@@ -16,7 +16,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, ILoginSessions, IQuotaStore,
-                                ISessionBindings, ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters)
+                                ISessionBindings, ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters,
+                                IWorkerMetrics)
 from clproxy.state.locks import LockToken, new_owner, poll_for_lock
 from clproxy.state.memory import token_version
 from clproxy.state.model import (OUTCOME_SUCCESS, TOKEN_VERSION_FIELD, AccountState, empty_stats,
@@ -28,6 +29,7 @@ from clproxy.state.redis.scripts import (ACCOUNT_STATS, EXTEND_COOLDOWN, PUT_TOK
                                          RATE_USAGE, RECORD_ATTEMPT, RECORD_OUTCOME, RELEASE_LOCK,
                                          SET_COOLDOWN, TAKE_RATE_SLOT, num, px_ttl, script_op)
 from clproxy.state.redis.url import parse_redis_url
+from clproxy.state.redis.workermetrics import RedisWorkerMetrics
 
 # One namespace for the whole Redis store, whatever module logs (operators filter on it).
 log = Logger(namespace="clproxy.state.redis")
@@ -194,8 +196,8 @@ class _PendingWrites:
 
 
 @implementer(IStateStore, IAtomicCooldown, ISharedTokens, IQuotaStore, ILockProvider, IStateLifecycle,
-             ISessionBindings, IUsageCounters, IClientKeys, ILoginSessions)
-class RedisStateStore(service.Service):
+             ISessionBindings, IUsageCounters, IClientKeys, ILoginSessions, IWorkerMetrics)
+class RedisStateStore(RedisWorkerMetrics, service.Service):
     """``IStateStore`` (and the shared tokens, quotas, cooldown extension and locks) in one Redis,
     shared by every instance that uses the same URL and ``prefix``.
 
@@ -223,6 +225,8 @@ class RedisStateStore(service.Service):
     Client keys: ``P:ckeys:live`` hash of key hash -> JSON record (hashes and limits only, never a
     key), ``P:ckeys:revoked`` set of revoked hashes (no TTL: a revocation must outlive everything);
     puts and revocations made during an outage are written on recovery, revocations first.
+    Worker metrics (``--workers N``): ``P:wm:RUN:...``, see :class:`RedisWorkerMetrics`; never
+    served from the mirror (a worker alone knows only its own numbers).
 
     ``clock`` is the process's clock: times are passed in as everywhere, the clock only turns them
     into TTLs (so expiry never depends on the Redis host's clock) and paces reconnection.
