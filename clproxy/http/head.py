@@ -164,15 +164,18 @@ class HeadChannel(http.HTTPChannel):
             self._busyReceiving = True
             try:
                 self._take_head(head)
+                transport = self.transport
+                if transport and transport.disconnecting:
+                    return None  # twisted stops reading here too, leaving the buffer
+                if self._buffer and not self.paused and not self.line_mode:
+                    # the body came with the head: LineReceiver's next step, in raw mode, which
+                    # may end the request and leave the next one in the buffer
+                    data, self._buffer = self._buffer, b""
+                    self.rawDataReceived(data)
             finally:
                 self._busyReceiving = False
-            transport = self.transport
-            if transport and transport.disconnecting:
-                return None  # twisted stops reading here too, leaving the buffer
             data, self._buffer = self._buffer, b""
-            if not data:
-                return None
-            if not self._may_take_head():  # a body, or a request still being answered
+            if not self._may_take_head():  # a body still coming, a request still being answered...
                 return basic.LineReceiver.dataReceived(self, data)
 
     def _take_head(self, head: Head) -> None:
