@@ -133,6 +133,7 @@ CASES = [
     ("pipelined gets", get(path=b"/a") + get(path=b"/b") + get(path=b"/c"), 3),
     ("pipelined post then get", post() + get(), 2),
     ("pipelined chunked then get", chunked() + get(), 2),
+    ("2,000 pipelined posts", post(b"x") * 2000, 2000),
     ("pipelined, second incomplete", get() + b"GET /b HTTP/1.1\r\nHo", 1),
     ("post then IE's extra CRLF then get", post() + b"\r\n" + get(), 1),
     ("trailing garbage after a request", get() + b"\x00\x01garbage", 1),
