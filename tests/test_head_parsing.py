@@ -333,12 +333,15 @@ def test_the_fast_path_is_taken():
 def test_a_changed_twisted_turns_it_off(monkeypatch):
     """Another source for any mirrored function gives another digest, which is not a known one."""
     assert head.fingerprint() in head.KNOWN_FINGERPRINTS
-    changed = dict((f, "# changed\n") for f in head.MIRRORED[3:4])
+    holder, name = head.MIRRORED[3]
+    changed = {getattr(holder, name): "# changed\n"}
     real = head.inspect.getsource
     monkeypatch.setattr(head.inspect, "getsource", lambda f: changed.get(f) or real(f))
     assert head.fingerprint() not in head.KNOWN_FINGERPRINTS
     monkeypatch.setattr(head.inspect, "getsource", lambda f: (_ for _ in ()).throw(OSError("no source")))
     assert head.fingerprint() == ""
+    monkeypatch.undo()
+    assert head.fingerprint(head.MIRRORED + ((head.http, "_not_in_this_twisted"),)) == ""
 
 
 def test_a_patched_twisted_at_import_leaves_twisted_parsing():

@@ -24,22 +24,23 @@ from twisted.web import http, http_headers
 from twisted.web.iweb import INonQueuedRequestFactory
 
 #: The twisted functions whose behaviour :func:`parse_head` and :class:`HeadChannel` reproduce or
-#: rely on (their state, their checks, the contract of the ones called). A change in any of them
-#: may change what a head means, so the fast path is off until they are checked again.
+#: rely on (their state, their checks, the contract of the ones called), as (holder, name): a change
+#: in any of them may change what a head means, so the fast path is off until they are checked
+#: again. Older releases lack some of them (22.4 has no _parseRequestLine nor _NameEncoder).
 MIRRORED = (
-    basic.LineReceiver.dataReceived,
-    http.HTTPChannel.dataReceived,
-    http.HTTPChannel.lineReceived,
-    http.HTTPChannel.headerReceived,
-    http.HTTPChannel._maybeChooseTransferDecoder,
-    http._parseRequestLine,
-    http_headers._NameEncoder.encode,
-    http_headers.Headers.addRawHeader,
-    http_headers._sanitizeLinearWhitespace,
+    (basic.LineReceiver, "dataReceived"),
+    (http.HTTPChannel, "dataReceived"),
+    (http.HTTPChannel, "lineReceived"),
+    (http.HTTPChannel, "headerReceived"),
+    (http.HTTPChannel, "_maybeChooseTransferDecoder"),
+    (http, "_parseRequestLine"),
+    (getattr(http_headers, "_NameEncoder", None), "encode"),
+    (http_headers.Headers, "addRawHeader"),
+    (http_headers, "_sanitizeLinearWhitespace"),
 )
 
 #: The methods of the channel whose work the fast path does instead of calling them.
-OWN_PARSING = (http.HTTPChannel.lineReceived, http.HTTPChannel.headerReceived)
+OWN_PARSING = ("lineReceived", "headerReceived")
 
 #: sha256 of :func:`fingerprint` for the twisted releases checked against this module (with
 #: tests/test_head_parsing.py): 26.10.0.
@@ -55,13 +56,14 @@ FRAMING = (b"Content-Length", b"Transfer-Encoding")
 Head = Tuple[bytes, bytes, bytes, List[Tuple[bytes, bytes]], int, int]
 
 
-def fingerprint(functions=MIRRORED) -> str:
-    """A sha256 over the source of ``functions``, or "" when a source cannot be read."""
+def fingerprint(mirrored=MIRRORED) -> str:
+    """A sha256 over the source of the ``mirrored`` functions, or "" when one is missing or its
+    source cannot be read."""
     digest = hashlib.sha256()
-    for function in functions:
+    for holder, name in mirrored:
         try:
-            digest.update(inspect.getsource(function).encode("utf-8"))
-        except (OSError, TypeError):
+            digest.update(inspect.getsource(getattr(holder, name)).encode("utf-8"))
+        except (AttributeError, OSError, TypeError):
             return ""
     return digest.hexdigest()
 
@@ -137,7 +139,7 @@ class HeadChannel(http.HTTPChannel):
         super().__init_subclass__(**kwargs)
         # a subclass with its own line or header handling must get it called: no fast path there
         if cls.dataReceived is not HeadChannel.dataReceived or any(
-                getattr(cls, f.__name__) is not f for f in OWN_PARSING):
+                getattr(cls, name) is not getattr(http.HTTPChannel, name) for name in OWN_PARSING):
             cls.fast_head = False
 
     def _may_take_head(self) -> bool:
