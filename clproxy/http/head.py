@@ -17,7 +17,7 @@ known here. Any other twisted (Debian 12's 22.4, a newer release) parses the pla
 
 import hashlib
 import inspect
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from twisted.protocols import basic
 from twisted.web import http, http_headers
@@ -145,10 +145,14 @@ class HeadChannel(http.HTTPChannel):
     def _may_take_head(self) -> bool:
         """Whether twisted would now read a new request's first line from fresh data, with nothing
         buffered and no state of a previous line to carry on (the only state the fast path starts in)."""
-        transport = self.transport
-        return (self.fast_head and self.line_mode and not self._buffer and not self._busyReceiving
-                and not self.paused and self.persistent and self._HTTPChannel__first_line == 1
-                and not (transport and transport.disconnecting))
+        return bool(self.fast_head and self.line_mode and not self._buffer and not self._busyReceiving
+                    and not self.paused and self.persistent and self._HTTPChannel__first_line == 1
+                    and not self._closing())
+
+    def _closing(self) -> bool:
+        """LineReceiver's test for stopping after a line: the connection is being closed."""
+        transport: Any = self.transport
+        return bool(transport and transport.disconnecting)
 
     def dataReceived(self, data: bytes) -> None:
         if not self._may_take_head():
@@ -166,8 +170,7 @@ class HeadChannel(http.HTTPChannel):
             self._busyReceiving = True
             try:
                 self._take_head(head)
-                transport = self.transport
-                if transport and transport.disconnecting:
+                if self._closing():
                     return None  # twisted stops reading here too, leaving the buffer
                 if self._buffer and not self.paused and not self.line_mode:
                     # the body came with the head: LineReceiver's next step, in raw mode, which
