@@ -96,7 +96,9 @@ def parse_head(data: bytes, max_line: int, max_size: int, max_headers: int) -> O
         method, target, version = http._parseRequestLine(lines[0])
     except ValueError:
         return None
-    encode = http_headers._nameEncoder.encode
+    encoder = http_headers._nameEncoder
+    # encode() starts with this look-up; a hit spares the call (only valid names are cached)
+    canonical, encode = encoder._canonicalHeaderCache.get, encoder.encode
     headers = []
     decoders = 0
     for line in lines[1:]:
@@ -105,7 +107,7 @@ def parse_head(data: bytes, max_line: int, max_size: int, max_headers: int) -> O
         if not colon:
             return None
         try:
-            name = encode(name)
+            name = canonical(name) or encode(name)
         except http_headers.InvalidHeaderName:
             return None
         value = value.strip(b" \t")
@@ -180,6 +182,8 @@ class HeadChannel(http.HTTPChannel):
             finally:
                 self._busyReceiving = False
             data, self._buffer = self._buffer, b""
+            if not data:
+                return None
             if not self._may_take_head():  # a body still coming, a request still being answered...
                 return basic.LineReceiver.dataReceived(self, data)
 
