@@ -42,6 +42,9 @@ from clproxy.http import head  # noqa: E402
 from clproxy.http.site import ProxyHTTPRequest, ProxySite  # noqa: E402
 
 BODY = b'{"model":"claude-sonnet-4-5","max_tokens":1,"messages":[{"role":"user","content":"hi"}]}'
+#: the two run sizes under callgrind (each run is ~25 s of start-up plus ~5 ms a request)
+SMALL, LARGE = 1000, 5000
+
 REQUEST = request_bytes("127.0.0.1:8082", "/v1/messages?beta=true", BODY, stream=False)
 
 
@@ -106,7 +109,7 @@ def instructions(fast: bool, full: bool, count: int) -> int:
         result = subprocess.run(
             ["/usr/bin/valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
              "--one", "fast" if fast else "twisted", "full" if full else "head", str(count)],
-            capture_output=True, text=True, check=True)
+            capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONHASHSEED="0"))
         found = re.search(r"Collected : (\d+)", result.stderr)
         if not found:
             raise RuntimeError("no instruction count from callgrind: " + result.stderr[-500:])
@@ -148,9 +151,9 @@ def main() -> None:
     if not shutil.which("/usr/bin/valgrind"):
         print("callgrind: /usr/bin/valgrind not found")
         return
-    print("instructions per request (callgrind, runs of 2,000 and 12,000 requests):")
+    print(f"instructions per request (callgrind, runs of {SMALL:,} and {LARGE:,} requests):")
     for full in (False, True):
-        counts = {fast: per_request_instructions(fast, full, 2000, 12000) for fast in (True, False)}
+        counts = {fast: per_request_instructions(fast, full, SMALL, LARGE) for fast in (True, False)}
         name = "full" if full else "head"
         print(f"  {name} one pass {counts[True]:9.0f}   twisted {counts[False]:9.0f}   "
               f"ratio {counts[True] / counts[False]:.2f}   saved {counts[False] - counts[True]:.0f}")

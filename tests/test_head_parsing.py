@@ -13,7 +13,8 @@ import subprocess
 import sys
 
 import pytest
-from twisted.internet import task
+import pytest_twisted
+from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet.testing import StringTransport
 from twisted.web import resource, server
 
@@ -370,3 +371,57 @@ def test_a_subclass_with_its_own_header_handling_is_left_to_twisted():
         pass
 
     assert not Own.fast_head and Plain.fast_head
+
+
+class Collect(protocol.Protocol):
+    """Sends its bytes, then keeps what comes back until the server closes (or a deadline)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.received = []
+        self.done = defer.Deferred()
+
+    def connectionMade(self):
+        self.transport.write(self.data)
+        self.deadline = reactor.callLater(5, self.transport.abortConnection)
+
+    def dataReceived(self, data):
+        self.received.append(data)
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        closed_by_server = self.deadline.active()
+        if closed_by_server:
+            self.deadline.cancel()
+        self.done.callback((b"".join(self.received), closed_by_server))
+
+
+async def over_loopback(data: bytes, fast: bool):
+    """What a client gets back over a real TCP connection to a ProxySite, and whether it was closed."""
+    site = ProxySite(Echo(False), max_body_bytes=1000)
+    site.protocol = type("Channel", (ProxyChannel,), {"fast_head": fast})
+    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    try:
+        client = Collect(data)
+        await endpoints.connectProtocol(
+            endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port), client)
+        return await client.done
+    finally:
+        await port.stopListening()
+
+
+LOOPBACK = [
+    CLAUDE + get(path=b"/b") + post() + get(headers=H + b"Connection: close\r\n"),
+    chunked() + get(version=b"HTTP/1.0"),
+    post(headers=b"Expect: 100-continue\r\nConnection: close\r\n"),
+    get() + get(headers=b"Bad Name: x\r\n") + get(),
+    get(headers=b"X-A: a\r\n b\r\nConnection: close\r\n"),
+]
+
+
+@pytest.mark.parametrize("data", LOOPBACK, ids=range(len(LOOPBACK)))
+@pytest_twisted.ensureDeferred
+async def test_same_over_loopback(data):
+    """Over a real connection: the same answers, and the server closing the same way."""
+    fast = await over_loopback(data, True)
+    assert fast == await over_loopback(data, False)
+    assert fast[1]  # each case ends with the server closing
