@@ -16,7 +16,8 @@ Timing is printed as the per-request median over rounds (min-max). With ``--call
 /usr/bin/valgrind), it also counts instructions per request under ``valgrind --tool=callgrind``
 (two runs of different sizes per mode; the difference divided by the extra requests removes the
 start-up), which the noise of a shared machine does not move.
-Run: ``.venv/bin/python benchmarks/head_parse_cost.py [--callgrind]``.
+Run: ``.venv/bin/python benchmarks/head_parse_cost.py [--body claude] [--callgrind]`` (``--body claude``:
+the ~20 KB body of benchmarks/payload.py instead of a small one).
 """
 
 import argparse
@@ -33,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from payload import request_bytes  # noqa: E402
+from payload import build_body, request_bytes  # noqa: E402
 from twisted.internet import task  # noqa: E402
 from twisted.internet.testing import StringTransport  # noqa: E402
 from twisted.web import resource  # noqa: E402
@@ -45,7 +46,14 @@ BODY = b'{"model":"claude-sonnet-4-5","max_tokens":1,"messages":[{"role":"user",
 #: the two run sizes under callgrind (each run is ~25 s of start-up plus ~5 ms a request)
 SMALL, LARGE = 1000, 5000
 
-REQUEST = request_bytes("127.0.0.1:8082", "/v1/messages?beta=true", BODY, stream=False)
+#: the bodies: a small one, or the ~20 KB Claude-Code-like one (which comes in the same read as its
+#: head too, and which twisted's line splitting copies once per head line)
+BODIES = {"small": BODY, "claude": build_body(stream=False)}
+
+
+def request(body: str) -> bytes:
+    """The whole request, head and body, as the client sends it."""
+    return request_bytes("127.0.0.1:8082", "/v1/messages?beta=true", BODIES[body], stream=False)
 
 
 class Ok(resource.Resource):
@@ -77,13 +85,13 @@ def channel(fast: bool, full: bool):
     return proto, transport
 
 
-def feed(fast: bool, full: bool, count: int) -> float:
+def feed(data: bytes, fast: bool, full: bool, count: int) -> float:
     """Seconds to feed ``count`` requests, one read each, to one channel."""
     proto, transport = channel(fast, full)
     receive, clear = proto.dataReceived, transport.clear
     start = time.perf_counter()
     for _ in range(count):
-        receive(REQUEST)
+        receive(data)
         clear()
     elapsed = time.perf_counter() - start
     assert len(proto.requests) == 0 and not transport.disconnecting
@@ -91,24 +99,24 @@ def feed(fast: bool, full: bool, count: int) -> float:
     return elapsed
 
 
-def timing(full: bool, rounds: int, count: int):
+def timing(data: bytes, full: bool, rounds: int, count: int):
     """Per-request microseconds, {fast: (median, min, max)}, rounds of both modes interleaved."""
     samples = {True: [], False: []}
     for fast in (True, False):
-        feed(fast, full, count // 10)  # warm up (caches, the name encoder's cache)
+        feed(data, fast, full, count // 10)  # warm up (caches, the name encoder's cache)
     for _ in range(rounds):
         for fast in (True, False):
-            samples[fast].append(feed(fast, full, count) / count * 1e6)
+            samples[fast].append(feed(data, fast, full, count) / count * 1e6)
     return {fast: (statistics.median(s), min(s), max(s)) for fast, s in samples.items()}
 
 
-def instructions(fast: bool, full: bool, count: int) -> int:
+def instructions(body: str, fast: bool, full: bool, count: int) -> int:
     """Instructions callgrind counts for a run of this script feeding ``count`` requests."""
     with tempfile.TemporaryDirectory() as directory:
         out = os.path.join(directory, "callgrind.out")
         result = subprocess.run(
             ["/usr/bin/valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
-             "--one", "fast" if fast else "twisted", "full" if full else "head", str(count)],
+             "--body", body, "--one", "fast" if fast else "twisted", "full" if full else "head", str(count)],
             capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONHASHSEED="0"))
         found = re.search(r"Collected : (\d+)", result.stderr)
         if not found:
@@ -116,9 +124,9 @@ def instructions(fast: bool, full: bool, count: int) -> int:
         return int(found.group(1))
 
 
-def per_request_instructions(fast: bool, full: bool, small: int, large: int) -> float:
+def per_request_instructions(body: str, fast: bool, full: bool, small: int, large: int) -> float:
     """Instructions per request: the difference between two run sizes over the extra requests."""
-    return (instructions(fast, full, large) - instructions(fast, full, small)) / (large - small)
+    return (instructions(body, fast, full, large) - instructions(body, fast, full, small)) / (large - small)
 
 
 def main() -> None:
@@ -126,20 +134,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--count", type=int, default=5000, help="requests per round")
     parser.add_argument("--callgrind", action="store_true", help="also count instructions with valgrind")
+    parser.add_argument("--body", choices=sorted(BODIES), default="small")
     parser.add_argument("--one", nargs=3, metavar=("MODE", "WHAT", "COUNT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:  # one run under callgrind
         mode, what, count = args.one
-        feed(mode == "fast", what == "full", int(count))
+        feed(request(args.body), mode == "fast", what == "full", int(count))
         return
     if not head.ENABLED:
         print("the one-pass parser is off for this twisted (its fingerprint is not a known one)")
         return
-    lines = REQUEST.count(b"\r\n") - 2
-    print(f"request: {len(REQUEST)} bytes ({lines} header lines, {len(BODY)}-byte body); "
+    data = request(args.body)
+    lines = data[:data.index(b"\r\n\r\n")].count(b"\r\n")
+    print(f"request: {len(data)} bytes ({lines} header lines, {len(BODIES[args.body])}-byte body); "
           f"{args.rounds} rounds of {args.count} requests on one keep-alive channel")
     for full in (False, True):
-        figures = timing(full, args.rounds, args.count)
+        figures = timing(data, full, args.rounds, args.count)
         name = "full" if full else "head"
         for fast in (True, False):
             median, low, high = figures[fast]
@@ -153,7 +163,7 @@ def main() -> None:
         return
     print(f"instructions per request (callgrind, runs of {SMALL:,} and {LARGE:,} requests):")
     for full in (False, True):
-        counts = {fast: per_request_instructions(fast, full, SMALL, LARGE) for fast in (True, False)}
+        counts = {fast: per_request_instructions(args.body, fast, full, SMALL, LARGE) for fast in (True, False)}
         name = "full" if full else "head"
         print(f"  {name} one pass {counts[True]:9.0f}   twisted {counts[False]:9.0f}   "
               f"ratio {counts[True] / counts[False]:.2f}   saved {counts[False] - counts[True]:.0f}")
