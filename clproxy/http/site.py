@@ -20,6 +20,7 @@ from twisted.web import http, resource, server
 from zope.interface import implementer
 
 from clproxy import __version__
+from clproxy.http.head import HeadChannel
 from clproxy.interfaces import IResponseSink
 from clproxy.proxy.dispatch import SESSION_MOVES, ProxyRequest
 from clproxy.observe.metrics import cache_hit_ratio
@@ -255,8 +256,9 @@ class ProxyHTTPRequest(server.Request):
         super().write(data)
 
 
-class ProxyChannel(http.HTTPChannel):
-    """An HTTP channel that turns Nagle's algorithm off (SSE events are small writes)."""
+class ProxyChannel(HeadChannel):
+    """An HTTP channel that turns Nagle's algorithm off (SSE events are small writes) and parses a
+    request head in one pass where it can (:mod:`clproxy.http.head`)."""
 
     def connectionMade(self) -> None:
         super().connectionMade()
