@@ -537,6 +537,9 @@ class HTTP1Pool:
             idle.remove(connection)
             if not idle:
                 del self._idle[connection.key]
+        if not self._idle and self._sweep is not None:
+            self._sweep.cancel()  # nothing idle: no timer left behind (a stopped daemon, a test)
+            self._sweep = None
 
     def _close_stale(self) -> None:
         self._sweep = None
