@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Tuple
 from twisted.internet import defer, error, protocol
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseDone
-from twisted.web.http import PotentialDataLoss, _ChunkedTransferDecoder, _DataLoss
+from twisted.web.http import PotentialDataLoss, _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH
 
@@ -380,13 +380,16 @@ class HTTP1Connection(protocol.Protocol):
             self._keep_alive = False
         else:
             self._left = length
-        # the body bytes that came with the head are held by the response (or end it at once)
-        # before the caller hears of it: a small answer is complete, its connection pooled again
+        exchange.answer(response)
+        # the body bytes that came with the head go to the body's reader after the caller heard
+        # of the response, as twisted's parser does: a stream reader judging the first event
+        # (StreamRelay) must be able to commit before the end of a short stream reaches it
+        if self.response is not response:
+            return  # the caller gave up on it at once
         if length == 0:
             self._body_done(buffer)
         elif buffer:
             self._body(buffer)
-        exchange.answer(response)
 
     def _body(self, data: bytes) -> None:
         mode = self._mode
@@ -440,7 +443,7 @@ class HTTP1Connection(protocol.Protocol):
         state, self.state = self.state, "CLOSED"
         exchange, self._exchange = self._exchange, None
         response, self.response = self.response, None
-        decoder, self.bodyDecoder = self.bodyDecoder, None
+        self.bodyDecoder = None
         if state == "HEAD" and exchange is not None:
             if self.reused and not self._heard and not exchange.retried and exchange.deferred is not None \
                     and reason.check(error.ConnectionDone, error.ConnectionLost):
@@ -452,13 +455,10 @@ class HTTP1Connection(protocol.Protocol):
                 return
             exchange.answer(reason)
         elif state == "BODY" and response is not None:
+            # a body cut short ends with the connection's reason, as twisted's first reason:
+            # only a body without length may end with the connection
             if self._mode is UNKNOWN_LENGTH and reason.check(error.ConnectionDone):
                 reason = Failure(PotentialDataLoss())
-            elif decoder is not None and reason.check(error.ConnectionDone, error.ConnectionLost):
-                try:
-                    decoder.noMoreData()
-                except _DataLoss as e:
-                    reason = Failure(e)
             response._end(reason)
 
 
