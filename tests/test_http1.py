@@ -439,3 +439,86 @@ async def test_no_cycle_left_by_a_request_or_a_closed_connection(server, upstrea
     finally:
         gc.enable()
     assert names & {"HTTP1Connection", "Response", "_Exchange", "_BodyCollector", "Headers"} == set()
+
+
+# -- TLS over loopback ---------------------------------------------------------------------
+def self_signed(name: str):
+    """A key and a self-signed certificate for DNS name ``name`` (in its subjectAltName, which
+    service_identity checks), as twisted ``PrivateCertificate``."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from twisted.internet import ssl
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
+    return ssl.PrivateCertificate.loadPEM(pem)
+
+
+@pytest.fixture
+def tls_server():
+    """Starts the raw server over TLS with a certificate made for a given name."""
+    ports = []
+
+    def listen(name: str):
+        certificate = self_signed(name)
+        factory = protocol.Factory.forProtocol(RawServer)
+        factory.connections, factory.requests, factory.hold, factory.close_after = [], [], None, 0
+        port = reactor.listenSSL(0, factory, certificate.options(), interface="127.0.0.1")
+        ports.append((port, factory))
+        factory.port = port.getHost().port
+        factory.certificate = certificate
+        return factory
+
+    yield listen
+    for port, factory in ports:
+        for connection in factory.connections:
+            connection.transport.loseConnection()
+        pytest_twisted.blockon(port.stopListening())
+
+
+def trusting(client: UpstreamClient, certificate) -> UpstreamClient:
+    """``client`` trusting ``certificate`` as its only root (the endpoints' TLS policy, else as
+    shipped: optionsForClientTLS with the hostname check)."""
+    from twisted.web import client as webclient
+    policy = webclient.BrowserLikePolicyForHTTPS(trustRoot=certificate)
+    client._endpoints._standard = webclient._StandardEndpointFactory(reactor, policy, 5, None)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_with_the_right_hostname_is_accepted(tls_server, upstream):
+    """https to a trusted certificate for the host asked for: answered, and kept alive."""
+    server = tls_server("localhost")
+    trusting(upstream, server.certificate)
+    url = f"https://localhost:{server.port}/v1/messages".encode()
+    assert await post(upstream, url) == (200, b"{}")
+    assert await post(upstream, url) == (200, b"{}")
+    assert len(set(server.requests)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_with_the_wrong_hostname_is_refused(tls_server, upstream):
+    """A trusted certificate made for another name than the URL's: the request fails as a TLS
+    failure, in words, and nothing reaches the server."""
+    server = tls_server("other.example")
+    trusting(upstream, server.certificate)
+    url = f"https://localhost:{server.port}/v1/messages".encode()
+    with pytest.raises(UpstreamError) as caught:
+        await post(upstream, url)
+    assert caught.value.kind == "network"
+    assert caught.value.what == f"TLS with localhost:{server.port} failed"
+    assert "VerificationError" in caught.value.message  # the name, not the trust, was refused
+    assert not server.requests
