@@ -9,7 +9,7 @@ response's headers, ``deliverBody`` with ``ResponseDone`` / ``PotentialDataLoss`
 the end, and twisted's chunked decoder (which ``ChunkedPassthrough`` may take over).
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import defer, error, protocol
 from twisted.python.failure import Failure
@@ -179,7 +179,7 @@ class Response:
         self.length = length
         self._connection = connection
         # named as twisted's Response names it: ChunkedPassthrough.replacing checks it
-        self._bodyProtocol = None
+        self._bodyProtocol: Any = None
         self._held: Optional[List[bytes]] = []  # body bytes that arrived before deliverBody
         self._ended: Optional[Failure] = None
         self._paused = False
@@ -244,7 +244,7 @@ class _Exchange:
     __slots__ = ("data", "head_only", "key", "deferred", "connection", "connecting", "retried")
 
     def __init__(self, data: List[bytes], head_only: bool, key):
-        self.data = data
+        self.data: Optional[List[bytes]] = data
         self.head_only = head_only
         self.key = key
         self.deferred: Optional[defer.Deferred] = None
@@ -287,15 +287,21 @@ class HTTP1Connection(protocol.Protocol):
     ``ChunkedPassthrough.replacing`` takes over the chunked decoder through them.
     """
 
+    # Any, not Optional: set while they are used (by state), and not re-checked on the hot path
+    transport: Any
+    response: Any
+    bodyDecoder: Any
+    _exchange: Any
+
     def __init__(self, pool: "HTTP1Pool", key):
         self._pool = pool
         self.key = key
         self.state = "IDLE"
         self.reused = False
         self.idle_since = 0.0
-        self.response: Optional[Response] = None
+        self.response = None
         self.bodyDecoder = None
-        self._exchange: Optional[_Exchange] = None
+        self._exchange = None
         self._buffer = b""
         self._heard = False  # a byte of the current response arrived (no retry after that)
         self._left = 0  # Content-Length bytes still to read
