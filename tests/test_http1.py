@@ -15,7 +15,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 
-from clproxy.proxy.http1 import HTTP1Pool, MalformedResponse, split_url
+from clproxy.proxy.http1 import HTTP1Pool, MalformedResponse, _Target, split_url
 from clproxy.proxy.upstream import UpstreamClient, UpstreamError, read_body
 
 
@@ -522,3 +522,35 @@ async def test_tls_with_the_wrong_hostname_is_refused(tls_server, upstream):
     assert caught.value.what == f"TLS with localhost:{server.port} failed"
     assert "VerificationError" in caught.value.message  # the name, not the trust, was refused
     assert not server.requests
+
+
+def test_reconfigure_reaches_the_new_client():
+    """A reload's limits reach the HTTP/1.1 client: the idle maximum at once, the connect timeout
+    for the next connection (the endpoints are shared)."""
+    client = UpstreamClient(task.Clock(), connect_timeout=10, max_connections_per_host=4)
+    client.reconfigure(connect_timeout=3, max_connections_per_host=9)
+    assert client.http1.max_idle_per_host == 9 and client.pool.maxPersistentPerHost == 9
+    endpoint = client.http1._endpoints.endpointForURI(_Target(b"http", b"127.0.0.1", 80))
+    assert endpoint._timeout == 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_stream_is_aborted_by_the_idle_sweeper(server, upstream):
+    """A stream that sends its head and then nothing: the relay's idle watchdog aborts it, which
+    drops the upstream connection (not returned to the pool)."""
+    from clproxy.proxy.upstream import FirstEventFailed, StreamRelay
+
+    class Silent(RawServer):
+        def answer(self):
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                 b"Transfer-Encoding: chunked\r\n\r\n")
+
+    server.protocol = Silent
+    response = await upstream.send(b"POST", server.url, Headers(), b"{}", 10, reactor)
+    relay = StreamRelay(reactor, 0.2, "upstream")
+    response.deliverBody(relay)
+    with pytest.raises(FirstEventFailed, match="timed out before its first event"):
+        await relay.first_event
+    assert not upstream.http1._idle
+    while server.connections[0].transport.connected:
+        await task.deferLater(reactor, 0.01, lambda: None)  # the server sees the connection go

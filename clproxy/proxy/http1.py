@@ -12,11 +12,13 @@ the end, and twisted's chunked decoder (which ``ChunkedPassthrough`` may take ov
 from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseDone
 from twisted.web.http import PotentialDataLoss, _ChunkedTransferDecoder
 from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
 from twisted.web.iweb import UNKNOWN_LENGTH
+from zope.interface import implementer
 
 __all__ = ["HTTP1Pool", "Response", "MalformedResponse"]
 
@@ -160,6 +162,7 @@ def body_length(code: int, head_only: bool, headers: Headers):
     return int(value)
 
 
+@implementer(IPushProducer)
 class Response:
     """An upstream's answer: ``code``, ``phrase``, ``headers`` (twisted ``Headers``), ``length``
     (bytes, or ``UNKNOWN_LENGTH``), and :meth:`deliverBody`.
