@@ -9,6 +9,7 @@ response's headers, ``deliverBody`` with ``ResponseDone`` / ``PotentialDataLoss`
 the end, and twisted's chunked decoder (which ``ChunkedPassthrough`` may take over).
 """
 
+import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.internet import defer, error, protocol
@@ -16,7 +17,7 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseDone
 from twisted.web.http import PotentialDataLoss, _ChunkedTransferDecoder
-from twisted.web.http_headers import Headers, InvalidHeaderName, _nameEncoder
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
@@ -79,11 +80,10 @@ def split_url(url: bytes) -> Tuple[bytes, bytes, int, bytes, bytes]:
 def request_head(method: bytes, path: bytes, host: bytes, headers: Headers, length: Optional[int]) -> bytes:
     """The request line and headers; ``Host`` unless the caller set one, ``Content-Length`` for a
     body (the caller's own framing headers are not sent: this client frames the body itself)."""
-    raw = headers._rawHeaders  # names in canonical case, values already free of CR/LF
     lines = [method, b" ", path, b" HTTP/1.1\r\n"]
-    if b"Host" not in raw:
+    if not headers.hasHeader(b"host"):
         lines += (b"Host: ", host, b"\r\n")
-    for name, values in raw.items():
+    for name, values in headers.getAllRawHeaders():  # values are free of CR/LF (Headers sees to it)
         if name in _FRAMING:
             continue
         for value in values:
@@ -94,8 +94,34 @@ def request_head(method: bytes, path: bytes, host: bytes, headers: Headers, leng
     return b"".join(lines)
 
 
-_FRAMING = {b"Content-Length", b"Transfer-Encoding", b"Connection"}
+_FRAMING = {b"Content-Length", b"Transfer-Encoding", b"Connection"}  # as getAllRawHeaders names them
 _TOKEN_DIGITS = frozenset(b"0123456789")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+
+# Header names as a Headers object keys them: lower case up to Twisted 22, canonical case
+# (Content-Type) since. Learnt from Headers itself, once per name: names repeat from one answer
+# to the next, so the dict lookup is all most headers cost (bounded: a server could send endless
+# new names).
+_keys: Dict[bytes, bytes] = {}
+_MAX_KEYS = 10_000
+
+
+def _key(name: bytes) -> Optional[bytes]:
+    """The ``Headers`` key of a header name, or None when it is not a valid name (a token)."""
+    key = _keys.get(name)
+    if key is None:
+        if not _TOKEN.match(name):
+            return None
+        sample = Headers()
+        sample.addRawHeader(name, b"")
+        key = next(iter(sample._rawHeaders))
+        if len(_keys) < _MAX_KEYS:
+            _keys[name] = key
+    return key
+
+
+_CONNECTION, _TRANSFER_ENCODING, _CONTENT_LENGTH = (
+    _key(b"connection"), _key(b"transfer-encoding"), _key(b"content-length"))
 
 
 def parse_head(head: bytes) -> Tuple[int, bytes, bool, Headers]:
@@ -113,7 +139,6 @@ def parse_head(head: bytes) -> Tuple[int, bytes, bool, Headers]:
         raise MalformedResponse("bad status line")
     raw: Dict[bytes, List[bytes]] = {}
     last: Optional[List[bytes]] = None
-    encode = _nameEncoder.encode
     for line in lines[1:]:
         if line[-1:] == b"\r":
             line = line[:-1]
@@ -123,10 +148,7 @@ def parse_head(head: bytes) -> Tuple[int, bytes, bool, Headers]:
             last[-1] = last[-1] + b" " + line.strip(b" \t")
             continue
         name, sep, value = line.partition(b":")
-        try:
-            key = encode(name) if sep else None
-        except InvalidHeaderName:
-            key = None
+        key = _keys.get(name) or _key(name) if sep else None
         if key is None:
             raise MalformedResponse("bad header line")
         last = raw.get(key)
@@ -135,7 +157,7 @@ def parse_head(head: bytes) -> Tuple[int, bytes, bool, Headers]:
         last.append(value.strip(b" \t"))
     headers = Headers()
     headers._rawHeaders = raw
-    connection = b",".join(raw.get(b"Connection", ())).lower()
+    connection = b",".join(raw.get(_CONNECTION, ())).lower()
     keep_alive = b"close" not in connection if version == b"HTTP/1.1" else b"keep-alive" in connection
     return int(code_text), phrase, keep_alive, headers
 
@@ -146,11 +168,11 @@ def body_length(code: int, head_only: bool, headers: Headers):
     if head_only or code in (204, 304) or code < 200:
         return 0
     raw = headers._rawHeaders
-    coding = raw.get(b"Transfer-Encoding")
+    coding = raw.get(_TRANSFER_ENCODING)
     if coding:
         last = b",".join(coding).rsplit(b",", 1)[-1].strip().lower()
         return "chunked" if last == b"chunked" else UNKNOWN_LENGTH
-    lengths = raw.get(b"Content-Length")
+    lengths = raw.get(_CONTENT_LENGTH)
     if not lengths:
         return UNKNOWN_LENGTH
     values = {v.strip() for value in lengths for v in value.split(b",")}
