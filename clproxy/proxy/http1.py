@@ -10,7 +10,7 @@ the end, and twisted's chunked decoder (which ``ChunkedPassthrough`` may take ov
 """
 
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, cast
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IPushProducer
@@ -121,7 +121,7 @@ def _key(name: bytes) -> Optional[bytes]:
 
 
 _CONNECTION, _TRANSFER_ENCODING, _CONTENT_LENGTH = (
-    _key(b"connection"), _key(b"transfer-encoding"), _key(b"content-length"))
+    cast(bytes, _key(b"connection")), cast(bytes, _key(b"transfer-encoding")), cast(bytes, _key(b"content-length")))
 
 
 def parse_head(head: bytes) -> Tuple[int, bytes, bool, Headers]:
