@@ -498,6 +498,7 @@ def trusting(client: UpstreamClient, certificate) -> UpstreamClient:
     return client
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # twisted hands pyOpenSSL the certificate
 @pytest_twisted.ensureDeferred
 async def test_tls_with_the_right_hostname_is_accepted(tls_server, upstream):
     """https to a trusted certificate for the host asked for: answered, and kept alive."""
@@ -509,6 +510,7 @@ async def test_tls_with_the_right_hostname_is_accepted(tls_server, upstream):
     assert len(set(server.requests)) == 1
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest_twisted.ensureDeferred
 async def test_tls_with_the_wrong_hostname_is_refused(tls_server, upstream):
     """A trusted certificate made for another name than the URL's: the request fails as a TLS
