@@ -149,7 +149,8 @@ class UpstreamClient:
 
     def send(self, method: bytes, url: bytes, headers: Headers, body: Optional[bytes],
              timeout: float, clock: IReactorTime) -> "defer.Deferred":
-        """Send one request; fires with the ``IResponse`` once its headers arrived.
+        """Send one request; fires with the response (a :class:`clproxy.proxy.http1.Response`, or the agent's
+        ``IResponse``) once its headers arrived.
 
         Fails with :class:`UpstreamError` when the upstream is unreachable or sends no response
         headers within ``timeout`` seconds. Cancelling the Deferred closes the connection.
