@@ -556,3 +556,20 @@ async def test_a_silent_stream_is_aborted_by_the_idle_sweeper(server, upstream):
     assert not upstream.http1._idle
     while server.connections[0].transport.connected:
         await task.deferLater(reactor, 0.01, lambda: None)  # the server sees the connection go
+
+
+def test_a_connection_aborted_by_the_reader_is_not_pooled_even_if_the_body_completes():
+    """The body's reader gives up inside the last bytes' delivery: the connection, on its way
+    out, is not handed to the next request."""
+
+    class GiveUp(Body):
+        def dataReceived(self, data):
+            super().dataReceived(data)
+            self.transport.stopProducing()
+
+    pool, connection, d = exchange([b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n"])
+    got = []
+    d.addCallback(got.append)
+    got[0].deliverBody(GiveUp())
+    connection.dataReceived(b"ok")
+    assert not pool._idle and connection.transport.disconnecting

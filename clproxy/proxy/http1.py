@@ -332,6 +332,7 @@ class HTTP1Connection(protocol.Protocol):
         self._left = 0  # Content-Length bytes still to read
         self._mode = None  # the body's framing: an int length, "chunked" or UNKNOWN_LENGTH
         self._keep_alive = False
+        self._aborting = False  # dropped, its connectionLost yet to come: never pooled again
         self._on_close: List[defer.Deferred] = []
 
     def connectionMade(self) -> None:
@@ -357,6 +358,7 @@ class HTTP1Connection(protocol.Protocol):
     def abort(self) -> None:
         """Drop the connection now (a cancelled request, a reader that gave up, a broken answer)."""
         if self.state != "CLOSED" and self.transport is not None:
+            self._aborting = True
             self.transport.abortConnection()
 
     # -- reading ---------------------------------------------------------------------------
@@ -447,7 +449,8 @@ class HTTP1Connection(protocol.Protocol):
         response = self.response
         self.response = self.bodyDecoder = self._exchange = None
         self.state = "IDLE"
-        if rest or not self._keep_alive:
+        if rest or not self._keep_alive or self._aborting:
+            # e.g. the body's reader gave up on the last bytes: the connection is on its way out
             self.transport.loseConnection()
             self.state = "CLOSED"
         else:
