@@ -297,8 +297,10 @@ class IUpstream(Interface):
     :class:`clproxy.testing.memory.MemoryAgent`)."""
 
     def send(method, url, headers, body, timeout, clock):
-        """Send one request as raw bytes; a Deferred that fires with the ``IResponse`` once its
-        headers arrived, or fails with :class:`clproxy.proxy.upstream.UpstreamError` (the words say
+        """Send one request as raw bytes; a Deferred that fires with the response once its headers
+        arrived (what callers use of an ``IResponse``: ``code``, ``phrase``, ``headers`` as twisted
+        ``Headers``, ``length``, ``deliverBody``, whose protocol's transport pauses, resumes and
+        stops the upstream connection; :class:`clproxy.proxy.http1.Response`), or fails with :class:`clproxy.proxy.upstream.UpstreamError` (the words say
         what happened: refused by host:port, timeout after N s, closed before answering)."""
 
     def reconfigure(*, connect_timeout=None, max_connections_per_host=None):

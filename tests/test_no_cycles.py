@@ -6,6 +6,7 @@ import gc
 
 import pytest_twisted
 
+from clproxy.proxy import http1
 from clproxy.proxy.upstream import ChunkedPassthrough
 from clproxy.testing import anthropic as testing
 from conftest import accounts_config
@@ -64,6 +65,11 @@ async def test_a_streamed_and_a_whole_answer_leave_no_cycle(fake, start_proxy, m
     parsers = [o for o in garbage if type(o).__qualname__ == "HTTPClientParser"
                and getattr(getattr(o, "request", None), "uri", b"").startswith(upstream)]
     assert parsers == []  # the daemon's upstream parser (and the request body it holds) is freed
+    # nor the upstream client's response, exchange, connection or chunked decoder (the test's
+    # own client is twisted's Agent: its Response is not the daemon's)
+    ours = [o for o in garbage if type(o).__module__ == http1.__name__
+            or getattr(getattr(o, "finishCallback", None), "__self__", None).__class__ is http1.HTTP1Connection]
+    assert ours == []
 
 
 def test_full_collections_are_rarer_than_the_default():

@@ -173,7 +173,7 @@ class ProviderClient:
         return None
 
     def send(self, prepared: PreparedRequest, timeout: float, clock) -> defer.Deferred:
-        """Send; fires with the 2xx ``IResponse``, or fails with :class:`ProviderError`.
+        """Send; fires with the 2xx response (``UpstreamClient.send``'s), or fails with :class:`ProviderError`.
 
         Cancelling the Deferred (the client went away) abandons the request at any stage.
         """

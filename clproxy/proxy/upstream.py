@@ -1,8 +1,9 @@
 """Talking to an upstream over HTTP: send raw bytes, read a bounded body, relay a stream.
 
-The client is a bare ``twisted.web.client.Agent`` on a persistent ``HTTPConnectionPool``: no cookie
-jar (it would leak one account's cookies into another's requests), no redirect following and no
-content decoding, so what the upstream sends is what the client gets.
+Requests go over :mod:`clproxy.proxy.http1`, a lean HTTP/1.1 client with kept-alive connections
+(or over an ``IAgent`` given instead, as the in-memory tests do): no cookie jar (it would leak one
+account's cookies into another's requests), no redirect following and no content decoding, so
+what the upstream sends is what the client gets.
 """
 
 from typing import Callable, Dict, List, Optional, Set
@@ -22,16 +23,9 @@ from zope.interface import implementer
 from clproxy.interfaces import IUpstream
 
 from clproxy.proxy import sse
+from clproxy.proxy.http1 import HTTP1Pool, MalformedResponse, Response as HTTP1Response, _no_delay
 
 log = logger(__name__)
-
-
-def _no_delay(transport) -> None:
-    """Turn Nagle's algorithm off: SSE events are small writes that must leave at once."""
-    try:
-        transport.setTcpNoDelay(True)
-    except Exception:  # not a TCP transport (UNIX socket, TLS wrapper without it): nothing to do
-        pass
 
 
 class _NoDelayClientProtocol(HTTP11ClientProtocol):
@@ -123,7 +117,12 @@ class UpstreamError(Exception):
 
 @implementer(IUpstream)
 class UpstreamClient:
-    """Sends requests to upstreams over one shared pool of persistent connections."""
+    """Sends requests to upstreams over one shared pool of persistent connections.
+
+    ``agent`` (an ``IAgent``) replaces the HTTP/1.1 client, e.g. :func:`twisted_agent` or the
+    tests' in-memory agent. ``pool`` is a twisted ``HTTPConnectionPool`` with the same limits, for
+    those that need an Agent of their own (the token refresher).
+    """
 
     def __init__(self, reactor, *, connect_timeout: float = 10.0, max_connections_per_host: int = 256,
                  agent=None):
@@ -134,7 +133,9 @@ class UpstreamClient:
         self.pool.retryAutomatically = False  # POSTs are never silently re-sent by the pool
         self.pool._factory = _NoDelayClientFactory
         self._endpoints = _EndpointFactory(reactor, connect_timeout)
-        self.agent = agent or webclient.Agent.usingEndpointFactory(reactor, self._endpoints, pool=self.pool)
+        self.http1 = HTTP1Pool(reactor, self._endpoints, max_idle_per_host=max_connections_per_host,
+                               idle_timeout=self.pool.cachedConnectionTimeout)
+        self.agent = agent
 
     def reconfigure(self, *, connect_timeout: Optional[float] = None,
                     max_connections_per_host: Optional[int] = None) -> None:
@@ -144,16 +145,20 @@ class UpstreamClient:
             self._endpoints.set_timeout(connect_timeout)
         if max_connections_per_host is not None:
             self.pool.maxPersistentPerHost = max_connections_per_host
+            self.http1.max_idle_per_host = max_connections_per_host
 
     def send(self, method: bytes, url: bytes, headers: Headers, body: Optional[bytes],
              timeout: float, clock: IReactorTime) -> "defer.Deferred":
-        """Send one request; fires with the ``IResponse`` once its headers arrived.
+        """Send one request; fires with the response (a :class:`clproxy.proxy.http1.Response`, or the agent's
+        ``IResponse``) once its headers arrived.
 
         Fails with :class:`UpstreamError` when the upstream is unreachable or sends no response
         headers within ``timeout`` seconds. Cancelling the Deferred closes the connection.
         """
-        producer = BytesProducer(body) if body is not None else None
-        d = self.agent.request(method, url, headers, producer)
+        if self.agent is None:
+            d = self.http1.request(method, url, headers, body)
+        else:
+            d = self.agent.request(method, url, headers, BytesProducer(body) if body is not None else None)
         timer = clock.callLater(timeout, d.cancel)
         host = _host_of(url)
 
@@ -175,7 +180,13 @@ class UpstreamClient:
 
     def close(self) -> "defer.Deferred":
         """Close every cached connection (called from ``stopService``)."""
-        return self.pool.closeCachedConnections()
+        return defer.DeferredList([self.pool.closeCachedConnections(), self.http1.close()])
+
+
+def twisted_agent(client: UpstreamClient):
+    """twisted's ``Agent`` on ``client``'s pool and endpoints: how upstream requests were sent
+    before :mod:`clproxy.proxy.http1` (the benchmark compares the two)."""
+    return webclient.Agent.usingEndpointFactory(client._reactor, client._endpoints, pool=client.pool)
 
 
 def _host_of(url: bytes) -> str:
@@ -220,7 +231,10 @@ def _what_happened(failure: Failure, host: str) -> str:
         return f"no route to {host}"
     if isinstance(value, (error.ConnectionLost, error.ConnectionDone, error.ConnectionAborted)):
         return f"{host} closed the connection before answering"
-    if "SSL" in type(value).__module__ or "ssl" in type(value).__module__:
+    if isinstance(value, MalformedResponse):
+        return f"{host} sent an answer that is not valid HTTP/1.1 ({value})"
+    module = type(value).__module__
+    if "SSL" in module or "ssl" in module or "service_identity" in module:
         return f"TLS with {host} failed"
     return f"connecting to {host} failed ({type(value).__name__})"
 
@@ -549,7 +563,10 @@ class _IdleSweeper:
 
 def _parser_of(transport):
     """The HTTP client parser reading the response a body protocol was given ``transport`` of
-    (twisted's TransportProxyProducer around the upstream connection), or None."""
+    (an :mod:`http1` response, or twisted's TransportProxyProducer around the upstream
+    connection), or None."""
+    if isinstance(transport, HTTP1Response):
+        return transport._connection  # the connection parses its response itself
     connection = getattr(transport, "_producer", None)
     protocol_ = getattr(connection, "protocol", None)
     protocol_ = getattr(protocol_, "_wrappedProtocol", protocol_)  # an endpoint's wrapper
