@@ -286,3 +286,36 @@ def test_outcomes_are_values():
     with pytest.raises(attr.exceptions.FrozenInstanceError):
         Answered(RELAYED).how = STREAMED  # type: ignore[misc]
     assert not hasattr(attempt_module, "_Answered")  # no exception carries control flow
+
+
+class _GatedPool(_Pool):
+    """A pool whose ``record`` waits for ``gate`` (a shared store on a slow Redis round trip)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.gate = defer.Deferred()
+
+    async def record(self, account, verdict):
+        await self.gate
+        await super().record(account, verdict)
+
+
+def test_a_stream_that_ends_whole_while_its_verdict_is_recorded_is_relayed_whole():
+    """A short stream can end entirely between its first event and the commit (the pool's record
+    waits on Redis): the attempt still finishes as STREAMED with every event relayed, instead of
+    waiting forever for an end that already happened."""
+    t = Try()
+    t.pool = t.attempt.pool = _GatedPool(t.store, clock=t.clock)
+    t.fake.script("sk-work", events=text_stream(["a", "b"]))
+    out = RecordingSink()
+    d, request = t.start(api(), out, stream=True)
+    t.agent.flush()
+    assert not d.called and not out.started  # the whole stream arrived; the verdict is not recorded yet
+    t.pool.gate.callback(None)
+    t.agent.flush()
+    assert d.called, "the attempt hung on a stream that had already ended"
+    assert d.result == Answered(STREAMED)
+    names = [n for n, _ in out.events()]
+    assert names[0] == "message_start" and names[-1] == "message_stop" and "error" not in names
+    assert out.finished
+    assert request.record._usage["output_tokens"] == 2  # the final usage, read from the stream's tail

@@ -204,6 +204,14 @@ def _cancelled(failure: Failure) -> bool:
     return any(r.check(defer.CancelledError) for r in reasons)
 
 
+def _broke_off(reason: Failure) -> str:
+    """Why a body's connection was lost, "" when the body ended cleanly (whole, or closed by a
+    server that gave no length: twisted's ``PotentialDataLoss``)."""
+    if reason.check(ResponseDone, PotentialDataLoss) is not None:
+        return ""
+    return _describe(reason)
+
+
 def _describe(failure: Failure) -> str:
     """A one-line reason for a connection failure, without a traceback."""
     value = failure.value
@@ -317,6 +325,9 @@ class StreamRelay(protocol.Protocol):
         self._quiet_since = 0.0  # when that sweep ran: the stream has been silent since at most then
         self._sweeper: Optional["_IdleSweeper"] = None
         self._lost = False
+        #: how it broke off ("" when it ended cleanly), when that was before commit(): kept as
+        #: text, not as the Failure, whose traceback would keep frames alive with the relay
+        self._ended_before_commit: Optional[str] = None
         self._timed_out = False
         self.bytes_relayed = 0
         #: the ChunkedPassthrough relaying the upstream's framing as it is, once it took over
@@ -360,8 +371,17 @@ class StreamRelay(protocol.Protocol):
                 f"upstream {self._host} stream {why} before its first event"))
             return
         if self._write is None:
-            return  # never committed (the dispatcher moved on to another account)
-        clean = reason.check(ResponseDone, PotentialDataLoss) is not None
+            # not committed (yet): the dispatcher either moved on to another account, or is
+            # still between the first event and the commit (recording the account's answer may
+            # wait on Redis); a short stream can end whole in that gap, so keep why it ended
+            # and let commit() finish it
+            self._ended_before_commit = _broke_off(reason)
+            return
+        self._end(_broke_off(reason))
+
+    def _end(self, broke_off: str) -> None:
+        """Judge how the committed stream ended (``broke_off``: why its connection was lost
+        uncleanly, "" for a clean end) and fire :attr:`done` with it."""
         if self.passthrough is not None:
             self._tail = (self._tail + self.passthrough.tail())[-TAIL_BYTES:]
             self.passthrough.detach()  # it referred to this relay: no cycle left behind
@@ -369,8 +389,8 @@ class StreamRelay(protocol.Protocol):
         complete = b"message_stop" in tail or b"event: error" in tail
         if self._timed_out:
             why = f"upstream {self._host} went silent for {self._idle_timeout:g}s mid-stream"
-        elif not clean:
-            why = f"upstream {self._host} broke off the stream: {_describe(reason)}"
+        elif broke_off:
+            why = f"upstream {self._host} broke off the stream: {broke_off}"
         elif not complete:
             why = f"upstream {self._host} ended the stream before message_stop"
         else:
@@ -402,6 +422,9 @@ class StreamRelay(protocol.Protocol):
             write(held)
             self.bytes_relayed += len(held)
             self._tail = held[-TAIL_BYTES:]
+        if self._lost:  # it ended before the commit: everything it sent was just written
+            self._end(self._ended_before_commit)
+            return
         self._chunked_body = chunked_body
         if chunked_body is not None and held:
             self._switch_soon()

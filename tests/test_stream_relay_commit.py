@@ -1,0 +1,83 @@
+"""A stream relay whose upstream ended before the dispatcher committed it to the client.
+
+Between a stream's first event and its commit the dispatcher records the account's verdict,
+which may wait on a Redis round trip; a short stream can end (whole, cut, or without its
+message_stop) in that gap. The relay must then write everything it held on commit and fire
+``done`` with the same judgement it would have made had the end come after the commit.
+"""
+
+from twisted.internet import error, task
+from twisted.python.failure import Failure
+from twisted.web._newclient import ResponseDone
+
+from clproxy.proxy.sse import encode_event
+from clproxy.proxy.upstream import StreamRelay
+
+START = encode_event("message_start", {"type": "message_start"})
+DELTA = encode_event("content_block_delta", {"type": "content_block_delta"})
+STOP = encode_event("message_stop", {"type": "message_stop"})
+
+
+class Transport:
+    """The upstream body's transport as a relay sees it."""
+
+    def stopProducing(self) -> None:
+        pass
+
+
+def ended_before_commit(chunks, reason):
+    """A relay that received ``chunks``, then lost its connection with ``reason``, uncommitted."""
+    relay = StreamRelay(task.Clock(), 20.0, "upstream.test")
+    relay.makeConnection(Transport())
+    for chunk in chunks:
+        relay.dataReceived(chunk)
+    assert relay.first_event.called
+    relay.connectionLost(reason)
+    assert not relay.done.called  # nobody committed it yet: nothing to judge for
+    return relay
+
+
+def commit(relay):
+    """Commit ``relay``; returns (what the client got, the StreamOutcome)."""
+    written, outcome = [], []
+    relay.done.addCallback(outcome.append)
+    relay.commit(written.append)
+    assert outcome, "done never fired for a stream that had already ended"
+    return b"".join(written), outcome[0]
+
+
+def test_a_whole_stream_ended_before_commit_is_written_and_complete():
+    """Every byte held is written on commit and the stream counts as complete."""
+    relay = ended_before_commit([START, DELTA, STOP], Failure(ResponseDone()))
+    written, outcome = commit(relay)
+    assert written == START + DELTA + STOP
+    assert not outcome.truncated and outcome.reason is None
+    assert relay.tail.endswith(STOP)  # where the final usage is read from
+
+
+def test_a_stream_broken_before_commit_is_truncated():
+    """A connection lost mid-stream before the commit is a truncation, with its cause."""
+    relay = ended_before_commit([START, DELTA], Failure(error.ConnectionLost()))
+    written, outcome = commit(relay)
+    assert written == START + DELTA
+    assert outcome.truncated and "broke off the stream" in outcome.reason
+
+
+def test_a_clean_end_without_message_stop_before_commit_is_truncated():
+    """A clean close that never sent message_stop is still a truncation."""
+    relay = ended_before_commit([START, DELTA], Failure(ResponseDone()))
+    written, outcome = commit(relay)
+    assert written == START + DELTA
+    assert outcome.truncated and "before message_stop" in outcome.reason
+
+
+def test_a_relay_abandoned_after_its_end_keeps_no_failure():
+    """An ended relay the dispatcher never commits keeps why it ended as text, not the Failure
+    (whose traceback would keep the frames that lost it alive as long as the relay)."""
+    try:
+        raise error.ConnectionLost()
+    except error.ConnectionLost:
+        reason = Failure()
+    relay = ended_before_commit([START], reason)
+    assert relay._ended_before_commit.startswith("ConnectionLost")
+    assert not any(isinstance(v, Failure) for v in vars(relay).values())
