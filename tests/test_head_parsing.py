@@ -8,6 +8,9 @@ channel's parsing state. The fast path must also really be taken for the heads i
 not for the others): each case says how many heads it expects in one pass.
 """
 
+import importlib.util
+import inspect
+import linecache
 import os
 import subprocess
 import sys
@@ -335,14 +338,63 @@ def test_a_changed_twisted_turns_it_off(monkeypatch):
     """Another source for any mirrored function gives another digest, which is not a known one."""
     assert head.fingerprint() in head.KNOWN_FINGERPRINTS
     holder, name = head.MIRRORED[3]
-    changed = {getattr(holder, name): "# changed\n"}
-    real = head.inspect.getsource
-    monkeypatch.setattr(head.inspect, "getsource", lambda f: changed.get(f) or real(f))
+    changed = {getattr(holder, name): b"# changed\n"}
+    real = head.source_of
+    monkeypatch.setattr(head, "source_of", lambda f: changed.get(f) or real(f))
     assert head.fingerprint() not in head.KNOWN_FINGERPRINTS
-    monkeypatch.setattr(head.inspect, "getsource", lambda f: (_ for _ in ()).throw(OSError("no source")))
+    monkeypatch.setattr(head, "source_of", lambda f: (_ for _ in ()).throw(OSError("no source")))
     assert head.fingerprint() == ""
     monkeypatch.undo()
     assert head.fingerprint(head.MIRRORED + ((head.http, "_not_in_this_twisted"),)) == ""
+
+
+def test_the_source_read_is_the_whole_function_as_inspect_reads_it(tmp_path):
+    """source_of gives what inspect.getsource gives, for every mirrored twisted function and for
+    a decorated function with a signature over several lines, a nested closure and a last
+    statement over several lines; a change at its very end changes it."""
+    for holder, name in head.MIRRORED:
+        function = getattr(holder, name)
+        assert head.source_of(function) == inspect.getsource(function).encode("utf-8")
+    text = (
+        "import functools\n\n\n"
+        "class Holder:\n"
+        "    @staticmethod\n"
+        "    @functools.lru_cache(maxsize=None)\n"
+        "    def parse(\n"
+        "        line,\n"
+        "    ):\n"
+        "        # a comment\n\n"
+        "        def inner(x):\n"
+        "            return x.split(\n"
+        "                b' ')\n"
+        "        return inner(line) + [\n"
+        "            b'END'\n"
+        "        ]\n"
+        "    # a trailing comment\n\n"
+        "    def other(self):\n"
+        "        return 1\n")
+    before = _load_function(tmp_path, "before_mod", text)
+    assert head.source_of(before) == inspect.getsource(before).encode("utf-8")
+    assert head.source_of(before).endswith(b"        ]\n")
+    after = _load_function(tmp_path, "after_mod", text.replace("b'END'", "b'END2'"))
+    assert head.source_of(after) != head.source_of(before)
+
+
+def _load_function(directory, module_name, text):
+    """Holder.parse from a module of ``text`` written to ``directory`` and imported from there."""
+    path = directory / f"{module_name}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.Holder.parse.__wrapped__
+
+
+def test_reading_the_source_keeps_no_lines_cached():
+    """The digest reads twisted's files without filling linecache (idle memory)."""
+    linecache.clearcache()
+    assert head.fingerprint() in head.KNOWN_FINGERPRINTS
+    assert not [name for name in linecache.cache if "twisted" in name]
 
 
 def test_a_patched_twisted_at_import_leaves_twisted_parsing():
