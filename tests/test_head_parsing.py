@@ -21,6 +21,7 @@ from twisted.internet import defer, endpoints, protocol, reactor, task
 from twisted.internet.testing import StringTransport
 from twisted.web import resource, server
 
+from clproxy import mirrored
 from clproxy.http import head
 from clproxy.http.site import ProxyChannel, ProxySite
 
@@ -339,10 +340,10 @@ def test_a_changed_twisted_turns_it_off(monkeypatch):
     assert head.fingerprint() in head.KNOWN_FINGERPRINTS
     holder, name = head.MIRRORED[3]
     changed = {getattr(holder, name): b"# changed\n"}
-    real = head.source_of
-    monkeypatch.setattr(head, "source_of", lambda f: changed.get(f) or real(f))
+    real = mirrored.source_of
+    monkeypatch.setattr(mirrored, "source_of", lambda f: changed.get(f) or real(f))
     assert head.fingerprint() not in head.KNOWN_FINGERPRINTS
-    monkeypatch.setattr(head, "source_of", lambda f: (_ for _ in ()).throw(OSError("no source")))
+    monkeypatch.setattr(mirrored, "source_of", lambda f: (_ for _ in ()).throw(OSError("no source")))
     assert head.fingerprint() == ""
     monkeypatch.undo()
     assert head.fingerprint(head.MIRRORED + ((head.http, "_not_in_this_twisted"),)) == ""
@@ -354,7 +355,7 @@ def test_the_source_read_is_the_whole_function_as_inspect_reads_it(tmp_path):
     statement over several lines; a change at its very end changes it."""
     for holder, name in head.MIRRORED:
         function = getattr(holder, name)
-        assert head.source_of(function) == inspect.getsource(function).encode("utf-8")
+        assert mirrored.source_of(function) == inspect.getsource(function).encode("utf-8")
     text = (
         "import functools\n\n\n"
         "class Holder:\n"
@@ -374,10 +375,10 @@ def test_the_source_read_is_the_whole_function_as_inspect_reads_it(tmp_path):
         "    def other(self):\n"
         "        return 1\n")
     before = _load_function(tmp_path, "before_mod", text)
-    assert head.source_of(before) == inspect.getsource(before).encode("utf-8")
-    assert head.source_of(before).endswith(b"        ]\n")
+    assert mirrored.source_of(before) == inspect.getsource(before).encode("utf-8")
+    assert mirrored.source_of(before).endswith(b"        ]\n")
     after = _load_function(tmp_path, "after_mod", text.replace("b'END'", "b'END2'"))
-    assert head.source_of(after) != head.source_of(before)
+    assert mirrored.source_of(after) != mirrored.source_of(before)
 
 
 def _load_function(directory, module_name, text):
