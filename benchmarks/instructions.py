@@ -14,7 +14,9 @@ the total. Variants alternate within each round. It prints, per variant, the med
 instructions per request over the rounds and the ratio to the first variant.
 
 ``--mode nonstream`` sends the ~20 KB Claude-Code-like body of ``benchmarks/payload.py``;
-``--mode stream`` the streaming one (the fake answers 40 text deltas, unpaced).
+``--mode stream`` the streaming one (the fake answers 40 text deltas, unpaced: they reach the
+daemon in a few reads; ``--interval-ms 5`` paces them so that each is a read and a write of its
+own, as in the paced benchmark, and the per-event cost counts).
 
 Usage: ``python benchmarks/instructions.py --variant base=/tmp/old --variant new=. [--mode stream]``.
 Needs ``valgrind`` (Debian package ``valgrind``). Each measurement takes a minute or more: the
@@ -55,10 +57,10 @@ def first_line(proc, prefix: bytes) -> bytes:
     return line
 
 
-def start_upstream(workdir: str, deltas: int):
+def start_upstream(workdir: str, deltas: int, interval_ms: float = 0.0):
     """The fake upstream on a free loopback port, unpaced; returns (process, port)."""
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "upstream.py"), "--port", "0",
-                             "--deltas", str(deltas), "--interval-ms", "0"],
+                             "--deltas", str(deltas), "--interval-ms", str(interval_ms)],
                             stdout=subprocess.PIPE, stderr=open(os.path.join(workdir, "upstream.log"), "wb"))
     port = int(first_line(proc, b"READY ").split()[1])
     return proc, port
@@ -178,6 +180,8 @@ def parse_args(argv=None):
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--deltas", type=int, default=40, help="text deltas per streamed answer")
+    parser.add_argument("--interval-ms", type=float, default=0.0,
+                        help="pace the streamed deltas this far apart (0: unpaced)")
     return parser.parse_args(argv)
 
 
@@ -192,7 +196,7 @@ def main(argv=None) -> int:
             sys.exit(f"--variant {spec}: expected NAME=DIR, DIR a clproxy source tree")
         variants.append((name, tree))
     workdir = tempfile.mkdtemp(prefix="clproxy-instr-")
-    upstream, upstream_port = start_upstream(workdir, args.deltas)
+    upstream, upstream_port = start_upstream(workdir, args.deltas, args.interval_ms)
     counts = {name: [] for name, _ in variants}
     try:
         for round_number in range(args.rounds):

@@ -25,6 +25,7 @@ from clproxy.accounts.model import Account
 from clproxy.accounts.oauth import OAuthEndpoints
 from clproxy.accounts.refresh import TokenRefresher
 from clproxy.accounts.tokenstore import StoredCredential, TokenStore, TokenStoreError
+from clproxy.daemon import fastpoll
 from clproxy.daemon.drain import Drainer
 from clproxy.daemon.reload import ConfigWatcher, restart_needed
 from clproxy.daemon.upkeep import AccountUpkeep
@@ -613,10 +614,12 @@ class ProxyService(service.MultiService):
     The parts are readable on it by name (``service.pool``, ``service.dispatcher``): the lifecycle
     and the tests read them."""
 
-    def __init__(self, proxy: Proxy, listener: Optional[RecordingEndpoint] = None):
+    def __init__(self, proxy: Proxy, listener: Optional[RecordingEndpoint] = None, reactor=None):
         super().__init__()
         self.proxy = proxy
         self.endpoint = listener
+        #: the reactor the daemon runs on: given the lean event loop on start (None: left alone)
+        self.reactor = reactor
 
     def __getattr__(self, name):
         # only reached for names the service itself lacks
@@ -627,6 +630,8 @@ class ProxyService(service.MultiService):
 
     def startService(self):
         tune_garbage_collector()
+        if self.reactor is not None:
+            fastpoll.install(self.reactor)  # twisted's own loop stays where it is not a checked one
         super().startService()
 
     def address(self):
@@ -650,7 +655,7 @@ def serve(proxy: Proxy, description: str, reactor) -> ProxyService:
     from twisted.internet import endpoints
 
     endpoint = RecordingEndpoint(endpoints.serverFromString(reactor, description))
-    top = ProxyService(proxy, endpoint)
+    top = ProxyService(proxy, endpoint, reactor)
     for child in proxy.services:
         child.setServiceParent(top)
     listener = internet.StreamServerEndpointService(endpoint, proxy.site)

@@ -80,7 +80,7 @@ def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], f
     metrics.setServiceParent(proxy.shared_state)  # publishes once the store is connected
     proxy.observability.metrics_resource().exposition = metrics.render
     endpoint = RecordingEndpoint(AdoptedEndpoint(reactor, fd))
-    top = ProxyService(proxy, endpoint)
+    top = ProxyService(proxy, endpoint, reactor)
     for child in proxy.services:
         child.setServiceParent(top)
     internet.StreamServerEndpointService(endpoint, proxy.site).setServiceParent(top)

@@ -1,0 +1,87 @@
+"""The epoll reactor's event loop without a log context built around every I/O event.
+
+twisted's ``EPollReactor.doPoll`` hands each ready descriptor to ``_doReadOrWrite`` through
+``log.callWithLogger``: per event it asks the descriptor for its log prefix, copies the log context
+dict, pushes it on the context stack and pops it again, so that a legacy ``log.msg`` made while
+handling the event says which connection it came from. clproxy logs through ``twisted.logger``
+(which does not read that context), and at 1,000 streams there are ~50,000 events a second: the
+wrapper was ~5% of the daemon's time (py-spy, benchmarks/README.md), ~1 µs an event.
+
+:func:`install` gives a reactor the same loop with the event handed to ``_doReadOrWrite``
+directly; an exception that escapes it is still logged with the descriptor's prefix, as
+``callWithLogger`` does (``_doReadOrWrite`` already catches and logs what the protocol raises
+and disconnects it). Only twisted's epoll reactor is changed, and only when the code it mirrors
+is the code it was checked against (:mod:`clproxy.mirrored`); anything else keeps its own loop.
+"""
+
+import errno
+import types
+
+from twisted.internet import epollreactor, posixbase
+from twisted.python import log
+
+from clproxy import mirrored
+
+#: What :func:`do_poll` replaces or relies on: the loop it replaces, the wrapper it leaves out,
+#: and the dispatch it calls (which must keep catching the protocol's exceptions).
+MIRRORED = (
+    (epollreactor.EPollReactor, "doPoll"),
+    (log, "callWithLogger"),
+    (posixbase._PollLikeMixin, "_doReadOrWrite"),
+)
+
+#: sha256 of the MIRRORED functions' source for the twisted releases checked (26.10.0).
+KNOWN_FINGERPRINTS = frozenset({
+    "36f3829bc30978121f2ec62b6da0173d7a8d390a396cb835654b30c78c1b4e9a",
+})
+
+#: Whether this twisted's loop is the one :func:`do_poll` was checked against (computed once).
+ENABLED = mirrored.fingerprint(MIRRORED) in KNOWN_FINGERPRINTS
+
+
+def install(reactor) -> bool:
+    """Give ``reactor`` :func:`do_poll` as its loop step when it is twisted's epoll reactor and
+    this twisted is a checked one; True when it has it (now or already)."""
+    if type(reactor) is not epollreactor.EPollReactor or not ENABLED:
+        return False
+    # the reactor's run loop calls self.doIteration(timeout) on every turn: an instance attribute
+    # takes the place of the class's doIteration (= doPoll) for this reactor only
+    if getattr(reactor.doIteration, "__func__", None) is not do_poll:
+        reactor.doIteration = types.MethodType(do_poll, reactor)  # type: ignore[method-assign]
+    return True
+
+
+def do_poll(self, timeout):
+    """``EPollReactor.doPoll`` with each event dispatched without ``log.callWithLogger``."""
+    if timeout is None:
+        timeout = -1  # wait until something happens
+    try:
+        # at most as many events as descriptors watched, for at most timeout seconds (twisted's)
+        ready = self._poller.poll(timeout, len(self._selectables))
+    except OSError as err:
+        if err.errno == errno.EINTR:
+            return
+        raise
+    selectables = self._selectables
+    dispatch = self._doReadOrWrite
+    for fd, event in ready:
+        selectable = selectables.get(fd)
+        if selectable is None:  # removed by an earlier event of this same poll
+            continue
+        try:
+            dispatch(selectable, fd, event)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            _log_escaped(selectable)
+
+
+def _log_escaped(selectable) -> None:
+    """Log the exception being handled with ``selectable``'s prefix, as callWithLogger would."""
+    try:
+        prefix = selectable.logPrefix()
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        prefix = "(buggy logPrefix method)"
+    log.err(system=prefix)
