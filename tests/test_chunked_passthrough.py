@@ -260,6 +260,54 @@ def test_a_malformed_chunk_size_line_breaks_the_stream(line):
         passthrough.dataReceived(line + b"\r\nhello\r\n")
 
 
+def _relay_stub():
+    class Relay:
+        _chunks = 0
+        bytes_relayed = 0
+    return Relay()
+
+
+@pytest.mark.parametrize("reads", ["one chunk per read", "two per read", "split at every third byte"])
+def test_whole_chunk_reads_and_other_reads_relay_the_same(reads):
+    """A stream of 60 events (up to ~2 KB each, a size line with an extension) relays the same
+    bytes, keeps the same tail and counts the same bytes whether each read is one whole chunk
+    (the usual paced read), two, or pieces that split size lines, data and CRLFs."""
+    chunks = []
+    for i in range(60):
+        payload = (b"data: {\"i\": %d}\n\n" % i) * (1 + (i * 37) % 90)
+        size = b"%x" % len(payload) + (b";ext=1" if i == 7 else b"")
+        chunks.append(size + b"\r\n" + payload + b"\r\n")
+    stream = b"".join(chunks)
+    if reads == "one chunk per read":
+        pieces = chunks
+    elif reads == "two per read":
+        pieces = [b"".join(chunks[i:i + 2]) for i in range(0, len(chunks), 2)]
+    else:
+        pieces = [stream[i:i + 3] for i in range(0, len(stream), 3)]
+    written = []
+    relay = _relay_stub()
+    passthrough = ChunkedPassthrough(relay, written.append, lambda: None, lambda rest: None)
+    for piece in pieces:
+        passthrough.dataReceived(piece)
+    payloads = b"".join(c.split(b"\r\n", 1)[1][:-2] for c in chunks)
+    assert b"".join(written) == stream and relay.bytes_relayed == len(stream)
+    assert passthrough.tail() == payloads[-2048:]
+    assert relay._chunks == len(pieces)
+    passthrough.dataReceived(b"0\r\n\r\n")
+    assert passthrough.done
+
+
+@pytest.mark.parametrize("read", [b"5\r\nhelloXY", b"5\r\nhello\n\n", b"g\r\nhello\r\n"])
+def test_a_whole_read_with_broken_framing_is_refused(read):
+    """A read shaped like one chunk whose CRLF after the data, or whose size, is wrong is refused
+    (its data is not relayed)."""
+    written = []
+    passthrough = ChunkedPassthrough(_relay_stub(), written.append, lambda: None, lambda rest: None)
+    with pytest.raises(ValueError):
+        passthrough.dataReceived(read)
+    assert b"hello" not in b"".join(written)
+
+
 class SlowReader(RawClient):
     """A raw client that stops reading once its request is sent, until told to resume."""
 
