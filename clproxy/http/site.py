@@ -7,12 +7,14 @@ Request bodies are bounded while they arrive, so an oversized upload never fills
 
 import json
 import time
+from contextlib import contextmanager
 from io import BytesIO
 
 from clproxy import jsoncodec
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 from twisted.internet import defer
+from twisted.internet.protocol import connectionDone
 from clproxy.observe.console import logger
 from twisted.python.failure import Failure
 from twisted.web import http, resource, server
@@ -21,6 +23,7 @@ from zope.interface import implementer
 
 from clproxy import __version__
 from clproxy.http.head import HeadChannel
+from clproxy.sendnow import write_through
 from clproxy.interfaces import IResponseSink
 from clproxy.proxy.dispatch import SESSION_MOVES, ProxyRequest
 from clproxy.observe.metrics import cache_hit_ratio
@@ -176,33 +179,6 @@ class ChunkedBody:
         return data
 
 
-def write_through(transport) -> Callable[[bytes], None]:
-    """``transport.write``, except that when nothing is waiting in the transport's buffer the
-    bytes are sent on the socket at once; only what the socket does not take is buffered (and
-    counts for backpressure as before). A buffered write costs two epoll updates and a reactor
-    turn before the send: per relayed event, that was most of the write's cost."""
-    write = transport.write
-    sock = getattr(transport, "socket", None)
-    if sock is None or not all(hasattr(transport, name) for name in
-                               ("dataBuffer", "offset", "_tempDataBuffer", "connected", "_writeDisconnected")):
-        return write  # not a plain TCP transport (TLS, a test's): its own write
-    send = sock.send
-
-    def write_now(data: bytes) -> None:
-        if (not transport._tempDataBuffer and len(transport.dataBuffer) == transport.offset
-                and transport.connected and not transport._writeDisconnected and not transport.disconnecting):
-            try:
-                sent = send(data)
-            except OSError:  # would block, or the connection is failing: the transport finds out
-                sent = 0
-            if sent == len(data):
-                return
-            data = data[sent:]
-        write(data)
-
-    return write_now
-
-
 def write_error(request: server.Request, error: ProxyError) -> bytes:
     """Set status and headers for ``error`` on a plain (synchronous) render and return its body."""
     request.setResponseCode(error.status)
@@ -253,19 +229,81 @@ class ProxyHTTPRequest(server.Request):
             server_header = self.responseHeaders.getRawHeaders(b"server")
             if server_header and server_header[0].startswith(b"TwistedWeb"):
                 self.responseHeaders.removeHeader(b"server")
+            gather = getattr(self.channel, "gather", None)
+            if gather is not None:
+                # the head and the first bytes leave in one send (one segment), not two
+                with gather():
+                    super().write(data)
+                return
         super().write(data)
 
 
 class ProxyChannel(HeadChannel):
-    """An HTTP channel that turns Nagle's algorithm off (SSE events are small writes) and parses a
-    request head in one pass where it can (:mod:`clproxy.http.head`)."""
+    """An HTTP channel that turns Nagle's algorithm off (SSE events are small writes), parses a
+    request head in one pass where it can (:mod:`clproxy.http.head`), and sends what it writes at
+    once.
+
+    twisted's TCP transport buffers every write until the next reactor turn: two ``epoll_ctl``
+    calls (watch for writable, stop watching) and a turn of the loop per response. On a plain
+    TCP connection the channel's transport writes are sent on the socket right away when nothing
+    is waiting in its buffer (:func:`write_through`; what the socket does not take is buffered
+    as before, with the same backpressure), and a response's head is gathered with its first
+    bytes (:meth:`gather`) so that they still leave together.
+    """
+
+    _gathered: Optional[List[bytes]] = None
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        transport = self.transport
         try:
-            self.transport.setTcpNoDelay(True)
+            transport.setTcpNoDelay(True)
         except Exception:
             pass
+        send = write_through(transport)
+        if send == transport.write:
+            return  # not a plain TCP transport (TLS, a test's): its own writes
+        channel = self
+
+        def write(data: bytes) -> None:
+            gathered = channel._gathered
+            if gathered is not None:
+                gathered.append(data)
+            else:
+                send(data)
+
+        def write_sequence(pieces) -> None:
+            gathered = channel._gathered
+            if gathered is not None:
+                gathered.extend(pieces)
+            else:
+                send(b"".join(pieces))
+
+        # instance attributes in place of the class's methods, for this connection only; they
+        # refer to the channel, so connectionLost takes them away again (no cycle left)
+        transport.write, transport.writeSequence = write, write_sequence
+
+    @contextmanager
+    def gather(self):
+        """Hold the transport writes made inside the block and send them as one write after it
+        (at once when the connection sends its writes at once)."""
+        if self._gathered is not None or "write" not in vars(self.transport):
+            yield
+            return
+        self._gathered = gathered = []
+        try:
+            yield
+        finally:
+            self._gathered = None
+            if gathered:
+                self.transport.write(b"".join(gathered))
+
+    def connectionLost(self, reason=connectionDone) -> None:
+        transport = self.transport
+        if transport is not None:
+            vars(transport).pop("write", None)
+            vars(transport).pop("writeSequence", None)
+        super().connectionLost(reason)
 
 
 class ProxySite(server.Site):

@@ -21,6 +21,8 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
+from clproxy.sendnow import write_through
+
 __all__ = ["HTTP1Pool", "Response", "MalformedResponse"]
 
 #: The longest response head read (status line and headers) before the answer is called malformed.
@@ -337,6 +339,8 @@ class HTTP1Connection(protocol.Protocol):
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
+        # the request leaves now, not on the next reactor turn (see clproxy.sendnow)
+        self._write = write_through(self.transport)
 
     def send(self, exchange: _Exchange) -> None:
         """Write ``exchange``'s request (head and body in one write) and wait for its answer."""
@@ -344,7 +348,7 @@ class HTTP1Connection(protocol.Protocol):
         self._heard = False
         self._exchange = exchange
         exchange.connection = self
-        self.transport.writeSequence(exchange.data)
+        self._write(b"".join(cast(List[bytes], exchange.data)))  # set until answered
 
     def closed(self) -> defer.Deferred:
         """Fires once the connection is closed."""
