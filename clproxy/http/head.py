@@ -65,6 +65,10 @@ def fingerprint(functions=MIRRORED) -> str:
 ENABLED = fingerprint() in KNOWN_FINGERPRINTS
 
 
+# twisted.web.http is a deprecation proxy module: each attribute read there is a Python call
+_parse_request_line = getattr(http, "_parseRequestLine", None)
+
+
 def parse_head(data: bytes, max_line: int, max_size: int, max_headers: int) -> Optional[Head]:
     """The request head at the start of ``data`` if it is complete there and twisted would accept
     it, with the limits left (``max_line`` per line, ``max_size`` for the sum of the line lengths,
@@ -86,7 +90,7 @@ def parse_head(data: bytes, max_line: int, max_size: int, max_headers: int) -> O
     if b"\x00" in head or head.count(b"\r") != count or head.count(b"\n") != count:
         return None
     try:
-        method, target, version = http._parseRequestLine(lines[0])
+        method, target, version = _parse_request_line(lines[0])
     except ValueError:
         return None
     encoder = http_headers._nameEncoder

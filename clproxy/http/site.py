@@ -47,6 +47,10 @@ def send_anthropic_error(sink, error: ProxyError) -> None:
     sink.send(error.status, [(b"content-type", [JSON])] + [(n, [v]) for n, v in error.headers], error.body())
 
 
+# twisted.web.http is a deprecation proxy module: each attribute read there is a Python call
+_HTTPChannel = http.HTTPChannel
+
+
 @implementer(IResponseSink)
 class ClientResponse:
     """Writes one answer to one client request; the dispatcher's only handle on the connection.
@@ -126,7 +130,7 @@ class ClientResponse:
         if self.disconnected or not request.startedWriting or not request.chunked or request.finished:
             return None
         transport = getattr(request.channel, "transport", None)
-        if transport is None or not isinstance(request.channel, http.HTTPChannel):
+        if transport is None or not isinstance(request.channel, _HTTPChannel):
             return None
         self._chunked = ChunkedBody(request, transport)
         return self._chunked
