@@ -66,7 +66,7 @@ ENABLED = fingerprint() in KNOWN_FINGERPRINTS
 
 
 # twisted.web.http is a deprecation proxy module: each attribute read there is a Python call
-_parse_request_line = getattr(http, "_parseRequestLine", None)
+_parse_request_line: Any = getattr(http, "_parseRequestLine", None)  # older twisted: none (ENABLED is off)
 
 
 def parse_head(data: bytes, max_line: int, max_size: int, max_headers: int) -> Optional[Head]:
