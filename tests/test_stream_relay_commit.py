@@ -81,3 +81,16 @@ def test_a_relay_abandoned_after_its_end_keeps_no_failure():
     relay = ended_before_commit([START], reason)
     assert relay._ended_before_commit.startswith("ConnectionLost")
     assert not any(isinstance(v, Failure) for v in vars(relay).values())
+
+
+def test_a_stream_lost_before_its_first_event_then_committed_is_judged_by_how_it_ended():
+    """Passthrough mode commits without waiting for the first event: a stream that broke off
+    before sending anything is then a truncation saying so (not a clean end), and done fires."""
+    relay = StreamRelay(task.Clock(), 20.0, "upstream.test")
+    relay.makeConnection(Transport())
+    failed = []
+    relay.first_event.addErrback(failed.append)
+    relay.connectionLost(Failure(error.ConnectionLost()))
+    assert failed and "ConnectionLost" in str(failed[0].value)
+    written, outcome = commit(relay)
+    assert written == b"" and outcome.truncated and "broke off the stream" in outcome.reason

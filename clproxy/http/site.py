@@ -291,7 +291,8 @@ class ProxyChannel(HeadChannel):
     def gather(self):
         """Hold the transport writes made inside the block and send them as one write after it
         (at once when the connection sends its writes at once)."""
-        if self._gathered is not None or "write" not in vars(self.transport):
+        transport = self.transport
+        if self._gathered is not None or transport is None or "write" not in vars(transport):
             yield
             return
         self._gathered = gathered = []
@@ -300,7 +301,7 @@ class ProxyChannel(HeadChannel):
         finally:
             self._gathered = None
             if gathered:
-                self.transport.write(b"".join(gathered))
+                transport.write(b"".join(gathered))
 
     def connectionLost(self, reason=connectionDone) -> None:
         transport = self.transport

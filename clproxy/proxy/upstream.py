@@ -365,8 +365,10 @@ class StreamRelay(protocol.Protocol):
         self._lost = True
         self._leave_sweeper()
         if not self.first_event.called:
+            # (passthrough mode commits without waiting for the first event: commit() judges it)
+            self._ended_before_commit = _broke_off(reason)
             why = "timed out" if self._timed_out else (
-                "closed" if reason.check(ResponseDone, PotentialDataLoss) else _describe(reason))
+                "closed" if not self._ended_before_commit else self._ended_before_commit)
             self.first_event.errback(FirstEventFailed(
                 f"upstream {self._host} stream {why} before its first event"))
             return
