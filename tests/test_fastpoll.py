@@ -27,6 +27,8 @@ def turn(reactor, until, limit=500):
 
 
 class Echo(protocol.Protocol):
+    """Sends back what it gets; b"boom" makes it raise instead."""
+
     def dataReceived(self, data):
         if data == b"boom":
             raise ValueError("the protocol broke")
@@ -34,6 +36,8 @@ class Echo(protocol.Protocol):
 
 
 class Client(protocol.Protocol):
+    """Keeps what it receives and how its connection ended."""
+
     def __init__(self):
         self.received = b""
         self.lost = None

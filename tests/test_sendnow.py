@@ -115,6 +115,8 @@ async def test_a_tls_transport_keeps_its_own_write():
 
 
 class Answer(resource.Resource):
+    """Answers with "hello" and notes what twisted's buffers held right after the write."""
+
     isLeaf = True
 
     def render_GET(self, request):
