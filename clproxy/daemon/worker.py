@@ -15,8 +15,9 @@ import uuid
 from typing import List, Mapping, Optional
 
 from twisted.application import internet
-from twisted.internet import defer
+from twisted.internet import defer, tcp
 from twisted.internet.interfaces import IStreamServerEndpoint
+from twisted.internet.posixbase import PosixReactorBase
 from zope.interface import implementer
 
 from clproxy.daemon import runstate
@@ -31,10 +32,31 @@ log = console.logger(__name__)
 PARENT_CHECK_INTERVAL = 1.0
 
 
+class OneAcceptPort(tcp.Port):
+    """A TCP listening port that accepts one connection each time its socket is ready.
+
+    Every worker listens on the same socket and every one of them is woken when a connection
+    arrives. twisted's port accepts up to ``numberAccepts`` connections per wake-up (100 at
+    first, 20 more each time it takes as many as it may), so the first worker awake takes a whole
+    burst (a client opening 32 connections at once) and the others get none of it: two workers
+    served no more than one (1.02x at c=32). Taking one per wake-up, the worker that is back in
+    its loop first, the less busy one, takes the next.
+    """
+
+    @property  # type: ignore[override]
+    def numberAccepts(self) -> int:
+        return 1
+
+    @numberAccepts.setter
+    def numberAccepts(self, value: int) -> None:
+        pass  # twisted's port scales it after each wake-up: here it stays 1
+
+
 @implementer(IStreamServerEndpoint)
 class AdoptedEndpoint:
     """Listens by adopting an already listening socket (descriptor ``fd``, inherited) instead of
-    binding one; the reactor works on its own duplicate, so ``fd`` is closed once adopted."""
+    binding one; the reactor works on its own duplicate, so ``fd`` is closed once adopted. A TCP
+    socket is served by a :class:`OneAcceptPort` (shared with the other workers)."""
 
     def __init__(self, reactor, fd: int):
         self.reactor = reactor
@@ -44,7 +66,11 @@ class AdoptedEndpoint:
         """Adopt the socket for ``factory``."""
         with socket.socket(fileno=os.dup(self.fd)) as probe:
             family = probe.family
-        port = self.reactor.adoptStreamPort(self.fd, family, factory)
+        if family in (socket.AF_INET, socket.AF_INET6) and isinstance(self.reactor, PosixReactorBase):
+            port = OneAcceptPort._fromListeningDescriptor(self.reactor, self.fd, family, factory)
+            port.startListening()
+        else:
+            port = self.reactor.adoptStreamPort(self.fd, family, factory)
         os.close(self.fd)
         return defer.succeed(port)
 
