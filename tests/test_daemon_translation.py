@@ -49,6 +49,7 @@ async def test_all_accounts_limited_falls_back_to_gemini_then_openai(fake, provi
     with pytest.raises(anthropic.RateLimitError) as caught:
         await in_thread(ask)
     assert int(caught.value.response.headers["retry-after"]) >= 1  # the pool's 429, not a fallback error
+    client.close()  # its pooled connections, not left to the collector
 
 
 @pytest_twisted.ensureDeferred
@@ -73,6 +74,7 @@ async def test_openai_sdk_through_front_door_reaches_claude_account(fake, provid
     assert text == "Hello from the fake." and chunks[-1].usage is not None
     models = await in_thread(lambda: [m.id for m in client.models.list()])
     assert "claude-sonnet-4-5" in models
+    client.close()
 
 
 @pytest_twisted.ensureDeferred
@@ -80,6 +82,7 @@ async def test_fallback_answer_is_logged_with_provider_and_actual_model(fake, pr
     """The summary names the fallback provider and the model that answered; attempts list every try."""
     import glob
     import json as jsonlib
+    from pathlib import Path
     gemini, oai = providers
     proxy = start_proxy(config(fake, gemini, oai), environ={"CLPROXY_HOME": str(tmp_path / "home")})
     fake.script(status=429, headers={"retry-after": "30"},
@@ -87,12 +90,13 @@ async def test_fallback_answer_is_logged_with_provider_and_actual_model(fake, pr
     client = anthropic.Anthropic(base_url=proxy.url, api_key="c", max_retries=0)
     await in_thread(lambda: client.messages.create(model="claude-sonnet-4-5", max_tokens=50,
                                                    messages=[{"role": "user", "content": "hi"}]))
+    client.close()
     await in_thread(proxy.service.observability.flush)
     logs = tmp_path / "home" / "logs"
     summary = [jsonlib.loads(line) for f in glob.glob(str(logs / "proxy-2*.jsonl"))
-               for line in open(f)][-1]
+               for line in Path(f).read_text().splitlines()][-1]
     attempts = [jsonlib.loads(line) for f in glob.glob(str(logs / "proxy-attempts-*.jsonl"))
-                for line in open(f)]
+                for line in Path(f).read_text().splitlines()]
     assert summary["provider"] == "google-ai" and summary["status"] == 200
     assert summary["actualModel"] and summary["actualModel"] != "claude-sonnet-4-5" and summary["substituted"]
     assert [a["provider"] for a in attempts] == ["anthropic", "anthropic", "google-ai"]
