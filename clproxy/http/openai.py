@@ -305,6 +305,9 @@ class ChatCompletionsResource(resource.Resource):
             reason = f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) \
                 else "not UTF-8 text"
             raise ProxyError(400, f"request body is not valid JSON: {reason}")
+        except RecursionError:
+            raise ProxyError(400, "request body nests JSON arrays or objects too deeply to parse "
+                                  "(about a thousand levels at most)")
         if not isinstance(parsed, dict):
             raise ProxyError(400, "request body must be a JSON object")
         model = parsed.get("model")
