@@ -36,9 +36,11 @@ setup(
         # used when it is not installed (Debian does not package it).
     ],
     extras_require={
-        # orjson parses the 20+ KB request bodies faster than json (benchmarks/json_cost.py); Debian
-        # does not package it, so it is optional: clproxy.jsoncodec falls back to json without it.
-        "fast": ["orjson>=3.9"],
+        # orjson parses the 20+ KB request bodies faster than json (benchmarks/json_cost.py), and
+        # msgspec checks a body whole while building only the fields the proxy reads (model,
+        # stream): a quarter of orjson's time, and no objects for the collector. Debian packages
+        # neither, so both are optional: clproxy.jsoncodec falls back to json without them.
+        "fast": ["orjson>=3.9", "msgspec>=0.18"],
         # OTLP/HTTP export of spans and log records (OTEL_EXPORTER_OTLP_ENDPOINT)
         "otlp": [
             "opentelemetry-sdk>=1.30",
@@ -46,6 +48,7 @@ setup(
         ],
         "test": [
             "orjson>=3.9",
+            "msgspec>=0.18",
             "txredisapi",
             "pytest>=7",
             "pytest-twisted>=1.14",

@@ -4,8 +4,10 @@ The daemon parses every /v1/messages body once (clproxy.http.site.parse_messages
 clproxy.jsoncodec) to read ``model`` and ``stream``. Debian does not package orjson, so the .deb
 parses with json; this measures the difference on the benchmark's ~20 KB Claude-Code-like body
 (benchmarks/payload.py): rounds of 1,000 parses, median and spread per backend, and what json adds
-per request. It also times ``dumps`` of the same document (the JSONL recorder's rows are smaller).
-Run: ``.venv/bin/python benchmarks/json_cost.py`` (orjson comes with ``pip install '.[fast]'``).
+per request. It also times what the daemon runs now, ``clproxy.jsoncodec.object_reader`` (with
+msgspec: the body checked whole, only ``model`` and ``stream`` built), and ``dumps`` of the same
+document (the JSONL recorder's rows are smaller).
+Run: ``.venv/bin/python benchmarks/json_cost.py`` (orjson and msgspec come with ``pip install '.[fast]'``).
 """
 
 import json
@@ -18,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from payload import build_body  # noqa: E402
+
+from clproxy import jsoncodec  # noqa: E402
 
 try:
     import orjson
@@ -58,6 +62,9 @@ def main(rounds: int = 9, per_round: int = 1000) -> None:
     fast = measure(orjson.loads, body, rounds, per_round)
     print(line("orjson", fast))
     print(f"  json costs {std[0] - fast[0]:.1f} us more per request ({std[0] / fast[0]:.1f}x orjson)")
+    reader = "msgspec" if jsoncodec.msgspec is not None else "full parse"
+    read = measure(jsoncodec.object_reader("model", "stream"), body, rounds, per_round)
+    print(line("reader", read) + f"  (object_reader over {reader}: {read[0] / fast[0]:.2f}x orjson)")
     print("dumps (the same document):")
     std_dumps = measure(lambda d: json.dumps(d, ensure_ascii=False, separators=(",", ":")).encode(), document,
                         rounds, per_round)

@@ -65,3 +65,85 @@ def test_orjson_backend_agrees_with_json():
     assert jsoncodec.dumps({"a": 1}, newline=True) == b'{"a":1}\n'
     with pytest.raises(jsoncodec.JSONDecodeError):
         jsoncodec.loads(b"{broken")
+
+
+# (bytes, the fields loads finds in them, or None when they are not one JSON object to loads)
+READER_CASES = [
+    (b'{"model": "m", "stream": true, "messages": [{"role": "user", "content": [1, {"a": null}]}]}',
+     {"model": "m", "stream": True}),
+    (b'{"messages": []}', {}),
+    (b'  {"model": "a", "model": "b", "stream": "yes"}\n', {"model": "b", "stream": "yes"}),
+    ('{"model": "é", "x": "\u2028 ✓"}'.encode(), {"model": "é"}),
+    (b'{"model": {"nested": [1, 2]}, "stream": 0}', {"model": {"nested": [1, 2]}, "stream": 0}),
+    (b'{"model": "m", "messages": [{"role": "user",}]}', None),  # broken where no field is read
+    (b'{"model": "m", "x": "\xff"}', None),  # bad UTF-8 inside a skipped string
+    (b'{"model": "m"} {"model": "m"}', None),
+    (b'{"model": "m", "x": tru}', None),
+    (b'{"model": "m", "x": "\x01"}', None),  # a raw control character in a string
+    (b"[1, 2]", None),
+    (b'"model"', None),
+    (b"", None),
+]
+
+
+@pytest.mark.parametrize("body,parsed", READER_CASES)
+def test_object_reader_agrees_with_a_full_parse(body, parsed):
+    """The reader gives the named fields of every object loads accepts, and None for the rest."""
+    read = jsoncodec.object_reader("model", "stream")
+    if parsed is None:
+        assert read(body) is None
+        try:
+            assert not isinstance(json.loads(body), dict)
+        except ValueError:
+            pass
+    else:
+        assert json.loads(body) == {**json.loads(body), **parsed}
+        assert read(body) == (parsed.get("model"), parsed.get("stream"))
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "m", "x": "\\ud83d"}',  # a lone surrogate escape: JSON allows it, orjson does not
+    b'{"model": "m", "x": NaN}',  # Python's json accepts NaN
+    b'\xef\xbb\xbf{"model": "m"}',
+    b'{"model": "m", "deep": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+])
+def test_object_reader_leaves_the_doubtful_to_the_full_parse(body):
+    """What only the standard parser accepts, or nothing parses, the reader declines: no exception."""
+    assert jsoncodec.object_reader("model")(body) is None
+
+
+def test_object_reader_with_no_fields_checks_the_object():
+    """With no names the reader is a check: () for a JSON object, None for anything else."""
+    check = jsoncodec.object_reader()
+    assert check(b'{"a": [1, {"b": 2}]}') == () and check(b"[]") is None and check(b'{"a": }') is None
+
+
+def test_object_reader_without_msgspec_parses_in_full():
+    """Where msgspec cannot be imported the reader still gives the same fields, by a full parse."""
+    guard = NO_ORJSON.replace('name == "orjson" or name.startswith("orjson.")', 'name == "msgspec"')
+    code = ("from clproxy import jsoncodec as c\n"
+            "print(c.msgspec is None)\n"
+            "r = c.object_reader('model', 'stream')\n"
+            "print(r(b'{\"model\": \"m\", \"x\": [1], \"stream\": true}'), r(b'[1]'), r(b'{\"x\": 1'))\n")
+    result = subprocess.run([sys.executable, "-c", guard + code], capture_output=True, text=True,
+                            cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["True", "('m', True) None None"]
+
+
+@pytest.mark.skipif(jsoncodec.msgspec is None, reason="msgspec (the `fast` extra) is not installed")
+def test_object_reader_builds_only_the_named_fields():
+    """With msgspec the rest of the body is checked but not built: no object for its thousand items."""
+    import gc
+    body = b'{"model": "m", "messages": [' + b",".join([b'{"role": "user", "content": [1]}'] * 1000) + b"]}"
+    read = jsoncodec.object_reader("model")
+    read(body)
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        assert read(body) == ("m",)
+        built = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert built < 10, built  # a full parse makes ~3,000 tracked objects here

@@ -69,13 +69,14 @@ def test_setup_py_and_debian_control_require_the_same():
 
 
 def test_orjson_is_optional_and_txredisapi_vendored():
-    """Neither orjson nor txredisapi is required anywhere: orjson is the `fast` extra, txredisapi ships."""
+    """Neither orjson, msgspec nor txredisapi is required anywhere: orjson and msgspec are the `fast`
+    extra, txredisapi ships."""
     keywords = setup_keywords()
     names = {requirement(r)[0] for r in keywords["install_requires"]}
-    assert "orjson" not in names and "txredisapi" not in names
-    assert [requirement(r)[0] for r in keywords["extras_require"]["fast"]] == ["orjson"]
+    assert not names & {"orjson", "msgspec", "txredisapi"}
+    assert [requirement(r)[0] for r in keywords["extras_require"]["fast"]] == ["orjson", "msgspec"]
     depends = " ".join(control_depends())
-    assert "orjson" not in depends and "txredisapi" not in depends
+    assert "orjson" not in depends and "msgspec" not in depends and "txredisapi" not in depends
     assert os.path.exists(os.path.join(REPO, "clproxy", "_vendor", "txredisapi.py"))
     assert "Apache License" in open(os.path.join(REPO, "clproxy", "_vendor", "txredisapi.LICENSE")).read()
     assert "Files: clproxy/_vendor/txredisapi.py" in open(os.path.join(REPO, "debian", "copyright")).read()

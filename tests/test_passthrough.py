@@ -178,6 +178,11 @@ async def test_environment_key_is_used_without_config(fake, start_proxy, tmp_pat
     (b'{"model": 5}', {}, 400, "invalid_request_error", "model"),
     (b'{"model": "m"}', {b"content-type": [b"text/plain"]}, 400, "invalid_request_error", "content-type"),
     (b"\xff\xfe\x00", {}, 400, "invalid_request_error", "JSON"),
+    # broken only where the proxy reads no field: the body is still checked whole
+    (b'{"model": "m", "messages": [{"role": "user",}]}', {}, 400, "invalid_request_error", "not valid JSON"),
+    (b'{"model": "m", "messages": "\xff"}', {}, 400, "invalid_request_error", "not UTF-8"),
+    (b'{"model": "m"} {"model": "m"}', {}, 400, "invalid_request_error", "not valid JSON"),
+    (b'{"model": "m", "deep": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, 400, "invalid_request_error", "JSON"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_input_gets_anthropic_error(fake, start_proxy, body, headers, status, error_type, needle):

@@ -396,6 +396,27 @@ def parse_messages_request(request: server.Request, needs_model: bool = True) ->
         shown = content_type.decode("latin-1")[:100] or "none"
         raise ProxyError(400, f"content-type must be application/json, got {shown}")
     body = request.content.getvalue()
+    fields = _read_model_and_stream(body)  # the body checked whole, only these two built
+    if fields is None:
+        fields = _model_and_stream_or_why_not(body)
+    model, stream = fields
+    if needs_model and (not isinstance(model, str) or not model):
+        raise ProxyError(400, "model: field required (a non-empty string)")
+    stream = stream is True
+    uri = request.uri
+    query = uri[uri.index(b"?"):] if b"?" in uri else b""
+    return ProxyRequest(method=request.method, path=request.path, query=query,
+                        headers=list(_raw_headers(request)), body=body, model=model, stream=stream,
+                        client_key=client_key_of(request))
+
+
+#: (model, stream) of a body that is one valid JSON object, else None (then a full parse says why)
+_read_model_and_stream = jsoncodec.object_reader("model", "stream")
+
+
+def _model_and_stream_or_why_not(body: bytes) -> Tuple[object, object]:
+    """The full parse of a body the reader did not take: its (model, stream), or the 400 saying
+    what is wrong with it."""
     try:
         parsed = jsoncodec.loads(body)  # several times faster than json on Claude Code's large bodies
     except jsoncodec.JSONDecodeError:
@@ -405,17 +426,12 @@ def parse_messages_request(request: server.Request, needs_model: bool = True) ->
             parsed = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise ProxyError(400, f"request body is not valid JSON: {_json_reason(e)}")
+        except RecursionError:
+            raise ProxyError(400, "request body nests JSON arrays or objects too deeply to parse "
+                                  "(about a thousand levels at most)")
     if not isinstance(parsed, dict):
         raise ProxyError(400, f"request body must be a JSON object, got {_json_kind(parsed)}")
-    model = parsed.get("model")
-    if needs_model and (not isinstance(model, str) or not model):
-        raise ProxyError(400, "model: field required (a non-empty string)")
-    stream = parsed.get("stream") is True
-    uri = request.uri
-    query = uri[uri.index(b"?"):] if b"?" in uri else b""
-    return ProxyRequest(method=request.method, path=request.path, query=query,
-                        headers=list(_raw_headers(request)), body=body, model=model, stream=stream,
-                        client_key=client_key_of(request))
+    return parsed.get("model"), parsed.get("stream")
 
 
 def client_key_of(request):
