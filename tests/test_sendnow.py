@@ -166,3 +166,35 @@ async def test_the_channel_sends_a_response_at_once_and_lets_go_of_its_transport
     assert len(sends) == 1 and sends[0] == client.data  # head and body: one send
     (channel,) = channels
     assert "write" not in vars(channel.transport) and "writeSequence" not in vars(channel.transport)
+
+
+class CountingTransport(StringTransport):
+    """A StringTransport that counts how often it is asked for its local address."""
+
+    asked = 0
+
+    def getHost(self):
+        self.asked += 1
+        return super().getHost()
+
+
+def test_the_channel_asks_the_socket_for_its_address_once():
+    """twisted's Request asks for the local address on every request: the channel asks its
+    transport (a getsockname call on TCP) once per connection and answers the same address."""
+    class Hello(resource.Resource):
+        isLeaf = True
+
+        def render_GET(self, request):
+            return b"%s:%d" % (request.getHost().host.encode(), request.getHost().port)
+
+    site = ProxySite(Hello(), max_body_bytes=1000)
+    channel = site.buildProtocol(None)
+    transport = CountingTransport()
+    channel.makeConnection(transport)
+    for _ in range(3):
+        channel.dataReceived(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert transport.asked == 1
+    address = StringTransport().getHost()
+    assert transport.value().count(b"%s:%d" % (address.host.encode(), address.port)) == 3
+    assert channel.getHost() == address and transport.asked == 1
+    channel.connectionLost(None)

@@ -256,6 +256,15 @@ class ProxyChannel(HeadChannel):
     """
 
     _gathered: Optional[List[bytes]] = None
+    _host: Any = None
+
+    def getHost(self):
+        """The connection's local address, asked of the socket once: twisted's Request asks for it
+        on every request, and a TCP transport answers each time with a ``getsockname`` call."""
+        host = self._host
+        if host is None:
+            host = self._host = super().getHost()
+        return host
 
     def connectionMade(self) -> None:
         super().connectionMade()
