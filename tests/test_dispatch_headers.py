@@ -89,3 +89,25 @@ def test_request_ids_are_req_clp_and_96_random_bits_each_new():
            for _ in range(500)} | {new_request_id() for _ in range(500)}
     assert len(ids) == 1000
     assert all(re.fullmatch(r"req_clp_[0-9a-f]{24}", request_id) for request_id in ids)
+
+
+def test_a_forked_child_never_repeats_its_parents_request_ids():
+    """Ids are made in batches; a child forked with a batch in hand makes its own, none of the parent's."""
+    import os
+
+    from clproxy.proxy.dispatch import new_request_id
+
+    new_request_id()  # a batch in hand, ids left in it
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: send its next ids, leave at once
+        try:
+            os.write(write, " ".join(new_request_id() for _ in range(10)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = set(pipe.read().split())
+    os.waitpid(pid, 0)
+    parent = {new_request_id() for _ in range(300)}  # past the end of the batch held at the fork
+    assert len(child) == 10 and not child & parent
