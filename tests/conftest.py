@@ -11,6 +11,14 @@ from clproxy.observe import console
 
 from clproxy.daemon.tap import makeService
 from clproxy.testing.anthropic import listen_fake_anthropic
+from helpers import close_sdk_clients
+
+
+@pytest.fixture(autouse=True)
+def sdk_clients_closed():
+    """The SDK clients a test made with helpers.sdk() are closed after it."""
+    yield
+    close_sdk_clients()
 
 
 @pytest.fixture

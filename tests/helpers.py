@@ -17,6 +17,26 @@ from clproxy.interfaces import IResponseSink
 from clproxy.proxy.sse import SSEParser
 from clproxy.proxy.upstream import BytesProducer
 
+#: the SDK clients sdk() made during the running test (conftest closes them after it)
+_sdk_clients: list = []
+
+
+def sdk(proxy, **kwargs):
+    """The official anthropic SDK pointed at the proxy, with no SDK-side retries (the proxy's are
+    what the tests test). Closed after the test (its pooled connections, not left to the collector)."""
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="client-key", max_retries=0, **kwargs)
+    _sdk_clients.append(client)
+    return client
+
+
+def close_sdk_clients() -> None:
+    """Close every client sdk() made since the last call."""
+    while _sdk_clients:
+        _sdk_clients.pop().close()
+
+
 JSON_HEADERS = {b"content-type": [b"application/json"], b"anthropic-version": [b"2023-06-01"],
                 b"x-api-key": [b"client-key"]}
 

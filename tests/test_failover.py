@@ -7,16 +7,12 @@ import random
 import anthropic
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 
 from clproxy.testing import anthropic as testing
 from clproxy.proxy.sse import encode_event
 from conftest import accounts_config
-from helpers import error_of, in_thread, post, request_body, stream
-
-
-def sdk(proxy) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=proxy.url, api_key="client-key", max_retries=0)
+from helpers import error_of, in_thread, post, request_body, sdk, stream
 
 
 def ask(client):

@@ -11,12 +11,7 @@ from twisted.internet import defer, endpoints, protocol, reactor, task
 from clproxy.testing import anthropic as testing
 from clproxy.proxy.sse import encode_event
 from conftest import accounts_config
-from helpers import error_of, in_thread, post, request_body, stream, until
-
-
-def sdk(proxy, **kwargs) -> anthropic.Anthropic:
-    """The official SDK pointed at the proxy (no SDK-side retries: we test the proxy's)."""
-    return anthropic.Anthropic(base_url=proxy.url, api_key="client-key", max_retries=0, **kwargs)
+from helpers import error_of, in_thread, post, request_body, sdk, stream, until
 
 
 @pytest_twisted.ensureDeferred

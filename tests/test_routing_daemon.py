@@ -9,13 +9,12 @@ excludedModels, maxConcurrent).
 import json
 import time
 
-import anthropic
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
 from clproxy.testing import anthropic as testing
 from conftest import accounts_config
-from helpers import in_thread, until
+from helpers import in_thread, sdk, until
 
 ROUTING = {"strategy": "round-robin", "session-affinity": {"enabled": True, "ttl": 3600},
            "quota": {"switch-at": 0.9}, "queue-timeout": 30}
@@ -28,10 +27,6 @@ def config(fake, *names, routing=None, **per_account):
     for account in cfg["accounts"]["anthropic"]:
         account.update(per_account.get(account["name"], {}))
     return cfg
-
-
-def sdk(proxy) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=proxy.url, api_key="client-key", max_retries=0)
 
 
 def ask(client, session=None, model="claude-sonnet-4-5"):
