@@ -60,11 +60,11 @@ def object_reader(*names: str) -> Callable[[bytes], Optional[Fields]]:
     """A reader of the top-level fields ``names`` of a JSON object in UTF-8 bytes.
 
     The reader gives the fields' values in the order named (None for a field that is absent, the
-    last one for a repeated name, as ``loads`` does), or None when the bytes are not one valid JSON
-    object, or hold something only the standard parser accepts (a lone surrogate escape, NaN, a
-    byte-order mark): the caller then parses in full, and that parse says what is wrong. So a
-    reader never accepts what ``loads`` refuses, and never refuses what it accepts without the
-    caller's full parse getting the last word.
+    last one for a repeated name, as ``loads`` does), or None when it cannot vouch for the bytes:
+    not one valid JSON object, or something its parser does not take although Python's json does
+    (msgspec and orjson refuse a lone surrogate escape, NaN, a byte-order mark). On None the
+    caller parses in full, and that parse accepts the body or says what is wrong with it. So a
+    reader never accepts what ``loads`` refuses, and what it declines gets the full parse.
     """
     if msgspec is None:
         return lambda body: _fields_by_parsing(body, names)

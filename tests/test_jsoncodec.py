@@ -101,6 +101,8 @@ def test_object_reader_agrees_with_a_full_parse(body, parsed):
         assert read(body) == (parsed.get("model"), parsed.get("stream"))
 
 
+@pytest.mark.skipif(jsoncodec.msgspec is None and jsoncodec.orjson is None,
+                    reason="Python's json alone accepts these: the reader has nothing to decline")
 @pytest.mark.parametrize("body", [
     b'{"model": "m", "x": "\\ud83d"}',  # a lone surrogate escape: JSON allows it, orjson does not
     b'{"model": "m", "x": NaN}',  # Python's json accepts NaN
