@@ -72,6 +72,7 @@ def object_reader(*names: str) -> Callable[[bytes], Optional[Fields]]:
     # none of the body's other objects are built
     shape = msgspec.defstruct("Fields", [(name, Any, None) for name in names])
     decode = msgspec.json.Decoder(shape).decode
+    fields_of = msgspec.structs.astuple  # the struct's fields in the order named
     problems = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
 
     def read(body: bytes) -> Optional[Fields]:
@@ -82,7 +83,7 @@ def object_reader(*names: str) -> Callable[[bytes], Optional[Fields]]:
             found = decode(body)
         except problems:
             return None
-        return tuple(getattr(found, name) for name in names)
+        return fields_of(found)
 
     return read
 
