@@ -9,7 +9,7 @@ earlier event of the same poll).
 import errno
 
 import pytest
-from twisted.internet import epollreactor, error, protocol, selectreactor, task
+from twisted.internet import epollreactor, error, protocol, selectreactor, task, tcp
 from twisted.python import log
 
 from clproxy import mirrored
@@ -185,6 +185,75 @@ def test_the_loop_skips_gone_descriptors_logs_escapes_and_handles_eintr(monkeypa
     assert handled == ["first", "third"] and reactor._poller.asked[-1] == (0.5, 2)
     with pytest.raises(OSError):
         fastpoll.do_poll(reactor, 0)
+
+
+def test_a_turn_serves_outgoing_connections_first_and_drops_events_of_closed_ones(monkeypatch):
+    """In one poll's events, the outgoing connections' (the relays') are handled before those of
+    client connections and the listening port, each group in epoll's order; a deferred event
+    whose descriptor a relay's event closed, or closed and reused, is not handed to anyone; an
+    exception escaping a deferred dispatch is logged and the turn goes on."""
+    reactor = epollreactor.EPollReactor()
+    reactor._poller.close()
+    port, accepted, closed, reused = (Selectable(n) for n in ("port", "accepted", "closed", "reused"))
+    relay_a, relay_b = tcp.Client.__new__(tcp.Client), tcp.Client.__new__(tcp.Client)  # no socket
+    names = {id(relay_a): "relay-a", id(relay_b): "relay-b"}
+    reactor._selectables = {3: port, 4: relay_a, 5: accepted, 6: closed, 7: relay_b, 8: reused}
+    handled = []
+
+    def dispatch(selectable, fd, event):
+        handled.append(names.get(id(selectable)) or selectable.name)
+        if selectable is relay_b:  # e.g. its stream failed: the client connections go
+            del reactor._selectables[6]
+            reactor._selectables[8] = Selectable("newcomer")  # closed and its fd taken again
+        if selectable is accepted:
+            raise RuntimeError("escaped")
+
+    monkeypatch.setattr(reactor, "_doReadOrWrite", dispatch)
+    reactor._poller = FakePoller([(3, 1), (4, 1), (5, 1), (6, 1), (8, 1), (7, 1)])
+    logged = []
+    log.addObserver(logged.append)
+    try:
+        fastpoll.do_poll(reactor, 0)
+    finally:
+        log.removeObserver(logged.append)
+    assert handled == ["relay-a", "relay-b", "port", "accepted"]
+    assert [(e["system"], e["failure"].getErrorMessage()) for e in logged if e.get("isError")] == [
+        ("accepted", "escaped")]
+
+
+def test_relays_first_over_real_sockets(reactor):
+    """On a real reactor: when a client's request and an upstream's answer are ready in the same
+    turn, the upstream's is read first."""
+    order = []
+
+    class Upstream(protocol.Protocol):
+        def connectionMade(self):
+            upstream_side.append(self.transport)
+
+    class Recorder(protocol.Protocol):
+        def __init__(self, name):
+            self.name = name
+
+        def dataReceived(self, data):
+            order.append(self.name)
+
+    upstream_side = []
+    upstream_port = reactor.listenTCP(0, protocol.Factory.forProtocol(Upstream), interface="127.0.0.1")
+    relay = Recorder("relay")
+    protocol.ClientCreator(reactor, lambda: relay).connectTCP("127.0.0.1", upstream_port.getHost().port)
+    front_port = reactor.listenTCP(0, protocol.Factory.forProtocol(lambda: Recorder("client")),
+                                   interface="127.0.0.1")
+    client = Client()
+    client.dataReceived = lambda data: None
+    protocol.ClientCreator(reactor, lambda: client).connectTCP("127.0.0.1", front_port.getHost().port)
+    turn(reactor, lambda: upstream_side and client.transport is not None and relay.transport is not None
+         and len(reactor._selectables) >= 6)
+    assert isinstance(relay.transport, tcp.Client)
+    # both written before the next turn: ready together
+    client.transport.write(b"a request")
+    upstream_side[0].write(b"an answer")
+    turn(reactor, lambda: len(order) >= 2)
+    assert order[:2] == ["relay", "client"]
 
 
 def test_the_daemon_gives_its_reactor_the_loop_on_start(monkeypatch):

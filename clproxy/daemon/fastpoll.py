@@ -10,14 +10,24 @@ wrapper was ~5% of the daemon's time (py-spy, benchmarks/README.md), ~1 µs an e
 :func:`install` gives a reactor the same loop with the event handed to ``_doReadOrWrite``
 directly; an exception that escapes it is still logged with the descriptor's prefix, as
 ``callWithLogger`` does (``_doReadOrWrite`` already catches and logs what the protocol raises
-and disconnects it). Only twisted's epoll reactor is changed, and only when the code it mirrors
+and disconnects it).
+
+Within each turn the outgoing connections (``tcp.Client``: the upstreams, Redis) are served
+first, then the client connections and the listening port. At 1,000 streams a turn holds dozens
+of upstream events (each a relayed SSE event a client is waiting for) beside new requests, whose
+handling costs ~20x an event's: served in epoll's order, an event that came after a burst of new
+requests waited for all of them. Nothing waits longer than a turn, and an event whose descriptor
+a relay's event closed meanwhile is dropped, as twisted drops one removed earlier in the turn
+(epoll reports it again if it is still ready). Measured in benchmarks/README.md ("Relays first").
+
+Only twisted's epoll reactor is changed, and only when the code it mirrors
 is the code it was checked against (:mod:`clproxy.mirrored`); anything else keeps its own loop.
 """
 
 import errno
 import types
 
-from twisted.internet import epollreactor, posixbase
+from twisted.internet import epollreactor, posixbase, tcp
 from twisted.python import log
 
 from clproxy import mirrored
@@ -52,7 +62,8 @@ def install(reactor) -> bool:
 
 
 def do_poll(self, timeout):
-    """``EPollReactor.doPoll`` with each event dispatched without ``log.callWithLogger``."""
+    """``EPollReactor.doPoll`` with each event dispatched without ``log.callWithLogger``, the
+    outgoing connections' (``tcp.Client``: upstreams, Redis) before the others'."""
     if timeout is None:
         timeout = -1  # wait until something happens
     try:
@@ -64,16 +75,28 @@ def do_poll(self, timeout):
         raise
     selectables = self._selectables
     dispatch = self._doReadOrWrite
+    later = []  # (selectable, fd, event) of client connections and listening ports
     for fd, event in ready:
         selectable = selectables.get(fd)
         if selectable is None:  # removed by an earlier event of this same poll
             continue
-        try:
-            dispatch(selectable, fd, event)
-        except KeyboardInterrupt:
-            raise
-        except BaseException:
-            _log_escaped(selectable)
+        if type(selectable) is tcp.Client:
+            _dispatch(dispatch, selectable, fd, event)
+        else:
+            later.append((selectable, fd, event))
+    for selectable, fd, event in later:
+        if selectables.get(fd) is selectable:  # not closed by a relay's event (its fd maybe reused)
+            _dispatch(dispatch, selectable, fd, event)
+
+
+def _dispatch(dispatch, selectable, fd, event) -> None:
+    """Hand one event to the reactor's dispatch; log what escapes it, as callWithLogger would."""
+    try:
+        dispatch(selectable, fd, event)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        _log_escaped(selectable)
 
 
 def _log_escaped(selectable) -> None:
