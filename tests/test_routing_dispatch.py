@@ -9,7 +9,9 @@ an account whose organization is disabled leaves the pool with its bindings.
 import json
 
 import attr
+import pytest
 
+from clproxy.proxy import dispatch
 from clproxy.proxy.dispatch import SESSION_MOVES, Dispatcher, ProxyRequest
 from clproxy.routing import policy
 from clproxy.routing.affinity import SessionAffinity
@@ -196,3 +198,54 @@ def test_a_disabled_organization_takes_the_account_out_with_its_bindings(tmp_pat
     assert {h.ask(session) for session in ("s", "t", "u", None, None)} == {"sk-b"}
     assert len(h.fake.for_credential("sk-a")) == sent  # the next requests never reach a
     assert len(h.disabled) == 1
+
+
+# The session of a request, read without parsing its body (dispatch.session_of_request) ----------
+
+SID = "6b1f3c2e-9d4a-4c8b-a1e2-7f5d3c9b8a10"
+JSON_USER_ID = json.dumps({"device_id": "d" * 64, "account_uuid": "", "session_id": SID})
+LEGACY_USER_ID = "user_" + "ab" * 32 + "_account__session_" + SID
+
+USER_ID_BODIES = [
+    b'{"metadata":{"user_id":' + json.dumps(JSON_USER_ID).encode() + b'}}',  # escaped quotes
+    b'{"metadata": {"user_id" : "' + LEGACY_USER_ID.encode() + b'"}}',
+    b'{"metadata":{"user_id":"' + b"a" * 400 + b'"}}',   # 400 bytes: the fast window's edge
+    b'{"metadata":{"user_id":"' + b"a" * 401 + b'"}}',   # 401 characters: no session
+    b'{"metadata":{"user_id":"' + b'\\"' * 300 + b'"}}',  # 600 bytes but 300 characters
+    b'{"metadata":{"user_id":"' + b'\\"' * 401 + b'"}}',  # 401 escapes: no session
+    b'{"metadata":{"user_id":"a\\\\"}}',                  # an escaped backslash before the end
+    b'{"metadata":{"user_id":"a\\\nb"}}',                 # a backslash before a raw line end
+    b'{"metadata":{"user_id":7},"x":{"user_id":"' + LEGACY_USER_ID.encode() + b'"}}',  # the next one
+    b'{"metadata":{"user_id":"' + b"a" * 500 + b'","user_id":"' + LEGACY_USER_ID.encode() + b'"}}',
+    b'{"metadata":{"user_id":"unterminated',
+    b'{"metadata":{"user_id":"' + b"\\" * 5000,          # hostile: backslashes to the end
+    b'{"metadata":{}}',
+    b'{"metadata":{"user_id":""}}',
+]
+
+
+@pytest.mark.parametrize("body", USER_ID_BODIES)
+def test_the_user_id_is_found_as_the_bounded_pattern_finds_it(body):
+    """The fast search for ``metadata.user_id`` gives exactly what the bounded pattern it replaces
+    gives (at most 400 characters or escapes; the next member when one is not a string)."""
+    at = body.rfind(b'"metadata"')
+    expected = dispatch._USER_ID.search(body, at)
+    assert dispatch._user_id_literal(body, at) == (expected.group(1) if expected else None)
+
+
+@pytest.mark.parametrize("user_id, session", [
+    (JSON_USER_ID, SID), (LEGACY_USER_ID, SID), ("plain", None), ("a" * 401, None)])
+def test_a_request_without_the_header_has_its_metadata_session(user_id, session):
+    """Both forms of ``metadata.user_id`` Claude Code sends give the session; others none."""
+    assert dispatch.session_of_request(conversation(user_id=user_id)) == session
+
+
+def test_the_session_header_decides_when_present():
+    """The header's session wins over the body's; a header that is not a valid session id gives
+    none (the body is not read then), as session_of gives for the header alone."""
+    other = "0f" * 16
+    assert dispatch.session_of_request(conversation(session=other, user_id=LEGACY_USER_ID)) == other
+    assert dispatch.session_of_request(conversation(session="two words", user_id=LEGACY_USER_ID)) is None
+    assert dispatch.session_of_request(conversation(session="s" * 201)) is None
+    request = attr.evolve(conversation(), headers=[(b"X-Claude-Code-Session-Id", b"\xff\xfe")])
+    assert dispatch.session_of_request(request) is None

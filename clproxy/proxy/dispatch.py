@@ -28,7 +28,7 @@ from clproxy.observe.recorder import Observability
 from clproxy.proxy.attempt import Answered, Attempt, Failure, NextAccount, downstream_headers
 from clproxy.proxy.shaping import CloakingPipeline
 from clproxy.routing import headroom, limits, policy
-from clproxy.routing.affinity import SessionAffinity, session_of
+from clproxy.routing.affinity import SessionAffinity, session_of, valid_session_id
 from clproxy.routing.limits import ConcurrencyGate
 from clproxy.routing.router import Target
 from clproxy.team.limits import usable_accounts
@@ -487,6 +487,8 @@ SESSION_MOVES = "session_moves"
 # (often hundreds of KB) body, and only when the session header is missing.
 _SESSION_HEADER = b"x-claude-code-session-id"
 _USER_ID = re.compile(rb'"user_id"\s*:\s*("(?:[^"\\]|\\.){0,400}")')
+_USER_ID_KEY = re.compile(rb'"user_id"\s*:\s*"')
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')  # _USER_ID's string, unrolled
 
 
 def session_of_request(request: ProxyRequest) -> Optional[str]:
@@ -494,20 +496,43 @@ def session_of_request(request: ProxyRequest) -> Optional[str]:
     ``metadata.user_id`` (found without parsing the whole body); None when it has none."""
     for name, value in request.headers:  # raw byte pairs: the cheap scan, every request
         if name.lower() == _SESSION_HEADER:
-            return session_of(((name, value),), None)
+            return valid_session_id(value)
     if not request.body:
         return None
     at = request.body.rfind(b'"metadata"')
     if at < 0:
         return None
-    match = _USER_ID.search(request.body, at)
-    if match is None:
+    literal = _user_id_literal(request.body, at)
+    if literal is None:
         return None
     try:
-        user_id = json.loads(match.group(1))
+        user_id = json.loads(literal)
     except ValueError:
         return None
-    return session_of((), {"metadata": {"user_id": user_id}})
+    return session_of(None, {"metadata": {"user_id": user_id}})
+
+
+def _user_id_literal(body: bytes, at: int) -> Optional[bytes]:
+    """The JSON string of the first ``"user_id"`` member at or after ``at`` that ``_USER_ID``
+    matches (at most 400 characters or escapes), quotes included; None when there is none.
+
+    The same answer as ``_USER_ID.search(body, at)``, faster: the pattern's alternation costs the
+    regex engine ~25 ns a character (~4 µs on every request without the session header), its
+    unrolled form a few. The unrolled form reads at most 400 bytes of the string (so at most 400
+    characters, and no scan past them in a hostile body); a longer string is left to ``_USER_ID``.
+    """
+    while True:
+        key = _USER_ID_KEY.search(body, at)
+        if key is None:
+            return None
+        start = key.end() - 1  # the opening quote
+        string = _JSON_STRING.match(body, start, start + 402)
+        if string is not None:
+            return string.group()
+        match = _USER_ID.match(body, key.start())  # longer than 400 bytes, or not a string
+        if match is not None:
+            return match.group(1)
+        at = key.start() + 1
 
 
 def without_foreign_thinking(request: ProxyRequest) -> ProxyRequest:
