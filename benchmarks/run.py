@@ -241,6 +241,19 @@ def proc_status(pid):
     return out
 
 
+def cores_busy(cpu):
+    """The busy shares of all cores in a ``Meter.finish()`` result, summed (% of one core)."""
+    shares = [value for key, value in cpu.items() if key.startswith("core") and key.endswith("_busy_pct")]
+    return round(sum(shares), 1) if shares else None
+
+
+def ratio_of(many, one, key):
+    """``many[key] / one[key]`` rounded, or None when either is missing or zero."""
+    if not many.get(key) or not one.get(key):
+        return None
+    return round(many[key] / one[key], 3)
+
+
 class Meter:
     """CPU use of the cores and of named processes over one measurement."""
 
@@ -547,6 +560,11 @@ class Bench:
                     row["load_cpu_pct"] = round((cpu.get("upstream_cpu_pct") or 0.0)
                                                 + (cpu.get("generator_cpu_pct") or 0.0), 1)
                     row["redis_cpu_pct"] = cpu.get("redis_cpu_pct")
+                    row["cores_busy_pct"] = cores_busy(cpu)
+                    # the daemon's CPU per request: flat from 1 worker to N when nothing on the
+                    # hot path grows with the worker count (the ratio is then the cores' limit)
+                    row["daemon_cpu_ms_per_request"] = (round(10.0 * daemon / row["rps"], 3)
+                                                        if row["rps"] else None)
                     section["runs"].append(row)
                     if a.workers_streams:
                         section["streams"].append(self._workers_streams(count, redis.pid))
@@ -556,10 +574,12 @@ class Bench:
             redis.stop()
         one, many = section["runs"][0], section["runs"][-1]
         section["ratio"] = round(many["rps"] / one["rps"], 3) if one["rps"] else None
+        section["cpu_per_request_ratio"] = ratio_of(many, one, "daemon_cpu_ms_per_request")
         if section["streams"]:
             first, last = section["streams"][0], section["streams"][-1]
             section["streams_ratio"] = (round(last["streams_per_s"] / first["streams_per_s"], 3)
                                         if first["streams_per_s"] else None)
+            section["cpu_per_stream_ratio"] = ratio_of(last, first, "daemon_cpu_ms_per_stream")
         return section
 
     def _workers_streams(self, count, redis_pid):
@@ -571,6 +591,8 @@ class Bench:
         meter = Meter(dict(tree, upstream=self.upstream.pid, redis=redis_pid))
         result = self.stream_client("proxy", a.workers_streams)
         cpu = meter.finish()
+        daemon = sum(cpu.get(f"{name}_cpu_pct") or 0.0 for name in tree)
+        seconds = daemon / 100.0 * cpu["elapsed_s"]  # the daemon's CPU over the whole run, drain included
         return {"workers": count, "streams": a.workers_streams, "completed": result["completed"],
                 "started": result["started"], "streams_per_s": result["streams_per_s"],
                 "failures": result.get("failures"), "status": result.get("status"),
@@ -578,7 +600,10 @@ class Bench:
                 "steady_cpu_pct": (result.get("cpu") or {}).get("steady_cpu_pct"),
                 "ttfb_p50_ms": result["ttfb_ms"].get("p50"),
                 "event_delay_p99_ms": result["event_delay_ms"].get("p99"),
-                "daemon_cpu_pct": round(sum(cpu.get(f"{name}_cpu_pct") or 0.0 for name in tree), 1),
+                "daemon_cpu_pct": round(daemon, 1),
+                "daemon_cpu_ms_per_stream": (round(1000.0 * seconds / result["completed"], 3)
+                                             if result["completed"] else None),
+                "cores_busy_pct": cores_busy(cpu),
                 "load_cpu_pct": round((cpu.get("upstream_cpu_pct") or 0.0) + (cpu.get("generator_cpu_pct") or 0.0), 1),
                 "redis_cpu_pct": cpu.get("redis_cpu_pct")}
 
@@ -794,21 +819,26 @@ def report(results):
         out.append(f"Workers, non-stream POST /v1/messages at c={workers['concurrency']}, unpinned "
                    f"(wrk -t1, {meta['duration_s']:g} s after {meta['warmup_s']:g} s warm-up; CPU % of one core)")
         out.append(table([[str(r["workers"]), fmt(r["rps"], 0), fmt(r["p50_ms"]), fmt(r["p99_ms"]),
-                           str(r["error_count"]), fmt(r["daemon_cpu_pct"], 0), fmt(r["load_cpu_pct"], 0),
-                           fmt(r["redis_cpu_pct"], 0)] for r in workers["runs"]],
-                         ["workers", "req/s", "p50 ms", "p99 ms", "errors", "daemon cpu%",
-                          "wrk+upstream cpu%", "redis cpu%"]))
-        out.append(f"ratio {workers['runs'][-1]['workers']} workers / 1: {fmt(workers['ratio'], 2)}x")
+                           str(r["error_count"]), fmt(r["daemon_cpu_pct"], 0),
+                           fmt(r.get("daemon_cpu_ms_per_request"), 3), fmt(r["load_cpu_pct"], 0),
+                           fmt(r["redis_cpu_pct"], 0), fmt(r.get("cores_busy_pct"), 0)] for r in workers["runs"]],
+                         ["workers", "req/s", "p50 ms", "p99 ms", "errors", "daemon cpu%", "cpu ms/req",
+                          "wrk+upstream cpu%", "redis cpu%", "cores busy%"]))
+        out.append(f"ratio {workers['runs'][-1]['workers']} workers / 1: {fmt(workers['ratio'], 2)}x; "
+                   f"daemon CPU per request {fmt(workers.get('cpu_per_request_ratio'), 2)}x")
         if workers.get("streams"):
             out.append("")
             out.append(f"Workers, {workers['streams'][0]['streams']:,} paced streams, unpinned (CPU % of one core)")
             out.append(table([[str(r["workers"]), f"{r['completed']}/{r['started']}", fmt(r["streams_per_s"], 0),
                                fmt(r["ttfb_p50_ms"]), fmt(r["event_delay_p99_ms"]), fmt(r["daemon_cpu_pct"], 0),
-                               fmt(r["load_cpu_pct"], 0), fmt(r["redis_cpu_pct"], 0)] for r in workers["streams"]],
+                               fmt(r.get("daemon_cpu_ms_per_stream"), 3), fmt(r["load_cpu_pct"], 0),
+                               fmt(r["redis_cpu_pct"], 0), fmt(r.get("cores_busy_pct"), 0)]
+                              for r in workers["streams"]],
                              ["workers", "complete", "streams/s", "ttfb p50 ms", "delay p99 ms", "daemon cpu%",
-                              "client+upstream cpu%", "redis cpu%"]))
+                              "cpu ms/stream", "client+upstream cpu%", "redis cpu%", "cores busy%"]))
             out.append(f"ratio {workers['streams'][-1]['workers']} workers / 1 (streams/s): "
-                       f"{fmt(workers.get('streams_ratio'), 2)}x")
+                       f"{fmt(workers.get('streams_ratio'), 2)}x; daemon CPU per stream "
+                       f"{fmt(workers.get('cpu_per_stream_ratio'), 2)}x")
     ns = results.get("nonstream")
     if ns:
         out.append("")
