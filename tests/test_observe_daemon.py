@@ -6,6 +6,7 @@ until ``GET /metrics`` exists they skip, and they fail as soon as the wiring is 
 
 import json
 import os
+import re
 
 import pytest
 import pytest_twisted
@@ -74,6 +75,9 @@ async def test_streamed_request_is_logged_counted_and_traced(fake, start_proxy, 
     assert summary["ttfbMs"] is not None and summary["truncated"] is False
     [attempt] = read_rows(logs, "proxy-attempts")
     assert attempt["spanId"] == upstream.split("-")[2] and attempt["classification"] == "ok"
+    # the request id is readable (not masked as a client key) and the same in both families
+    assert re.fullmatch(r"req_clp_[0-9a-f]{24}", summary["requestId"])
+    assert attempt["requestId"] == summary["requestId"]
 
     text = await wired(proxy)
     found = {(s.name, tuple(sorted(s.labels.items()))): s.value

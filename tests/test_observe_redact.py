@@ -50,6 +50,23 @@ def test_clproxy_client_keys_are_masked_in_text_bytes_and_collected():
     assert redact_text("see clp_config and clp_x") == "see clp_config and clp_x"
 
 
+def test_request_ids_are_not_mistaken_for_client_keys():
+    """A request id (``req_clp_`` + 24 hex digits) stays readable in text, bytes and JSON log rows,
+    so a log line can be found from the id a client saw; a client key stays masked even where it
+    starts like one, or follows ``req_``."""
+    from clproxy.proxy.dispatch import new_request_id
+    from clproxy.team.keys import generate_key
+    request_id = new_request_id()
+    assert redact_text(f"request {request_id} failed") == f"request {request_id} failed"
+    assert redact_raw(b'{"requestId":"' + request_id.encode() + b'"}') == (
+        b'{"requestId":"' + request_id.encode() + b'"}')
+    assert redact_value({"requestId": request_id}) == {"requestId": request_id}
+    assert request_id not in collect_secrets({"content": request_id})
+    key = generate_key()
+    for text in (f"req_{key}", "clp_" + "0123456789abcdef" * 2 + "-X" * 12, "clp_" + "a" * 24 + "Z" * 19):
+        assert text[text.index("clp_"):] not in redact_text(text)
+
+
 def test_sensitive_json_keys_are_redacted_at_any_depth():
     """authorization, x-api-key, cookies, tokens, api_key and client_secret lose their values, nested too."""
     document = {"model": "claude", "metadata": {"api_key": "k1", "deeper": [{"refresh_token": "k2"}]},

@@ -32,8 +32,9 @@ _KEY_SHAPES = [
      "sk-" + REDACTED),
     (re.compile(r"(?<![A-Za-z0-9])AIza[0-9A-Za-z_\-]{30,}"), "AIza" + REDACTED),
     (re.compile(r"(?i)\bBearer\s+[A-Za-z0-9\-._~+/]+=*"), "Bearer " + REDACTED),
-    # clproxy's own client keys (clproxy.team.keys: ``clp_`` + 43 url-safe characters)
-    (re.compile(r"(?<![A-Za-z0-9])clp_[A-Za-z0-9_\-]{20,}"), "clp_" + REDACTED),
+    # clproxy's own client keys (clproxy.team.keys: ``clp_`` + 43 url-safe characters), not its
+    # request ids (``req_clp_`` + 24 hex digits, which no key is): every log row carries one
+    (re.compile(r"(?<![A-Za-z0-9])clp_(?![0-9a-f]{24}(?![A-Za-z0-9_\-]))[A-Za-z0-9_\-]{20,}"), "clp_" + REDACTED),
 ]
 _KEY_SHAPES_B = [(re.compile(p.pattern.encode("ascii"), p.flags & re.IGNORECASE), r.encode("ascii"))
                  for p, r in _KEY_SHAPES]
