@@ -73,13 +73,14 @@ async def test_a_streamed_and_a_whole_answer_leave_no_cycle(fake, start_proxy, m
 
 
 def test_full_collections_are_rarer_than_the_default():
-    """The daemon's collector tuning keeps young thresholds and makes full collections 100x rarer."""
+    """The daemon's collector tuning keeps the young threshold, sends what survives a young
+    collection to the old generation at the next one, and makes full collections rare."""
     from clproxy.daemon.assemble import FULL_COLLECTION_THRESHOLD, tune_garbage_collector
     before = gc.get_threshold()
     try:
         tune_garbage_collector()
-        assert gc.get_threshold() == (before[0], before[1], FULL_COLLECTION_THRESHOLD)
-        assert FULL_COLLECTION_THRESHOLD >= 10 * 10
+        assert gc.get_threshold() == (before[0], 0, FULL_COLLECTION_THRESHOLD)
+        assert FULL_COLLECTION_THRESHOLD >= 10 * 10 * 5
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
