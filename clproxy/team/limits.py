@@ -27,6 +27,7 @@ who it is, and the message may end up in a shared log).
 import calendar
 import datetime
 import fnmatch
+import functools
 import ipaddress
 import math
 from typing import Any, Awaitable, List, Optional, Protocol, Sequence, Tuple, Union
@@ -228,6 +229,7 @@ class KeyLimits:
 # --- no open relay ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=64)  # asked on every request about the one listening host
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` reaches only this machine: 127.0.0.0/8, ::1 (also IPv4-mapped), or
     ``localhost``. Any other name, and the wildcards ``0.0.0.0``, ``::`` and ``""``, are not."""
