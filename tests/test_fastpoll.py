@@ -227,10 +227,14 @@ def test_relays_first_over_real_sockets(reactor):
     order = []
 
     class Upstream(protocol.Protocol):
+        """The upstream's side of the relay's connection: kept, to answer on."""
+
         def connectionMade(self):
             upstream_side.append(self.transport)
 
     class Recorder(protocol.Protocol):
+        """Notes its name when it is given bytes."""
+
         def __init__(self, name):
             self.name = name
 
