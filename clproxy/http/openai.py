@@ -17,7 +17,7 @@ from zope.interface import implementer
 from clproxy.proxy import sse
 from clproxy.proxy.dispatch import ProxyRequest
 from clproxy.errors import ProxyError
-from clproxy.http.site import send_anthropic_error
+from clproxy.http.site import TOO_DEEP, send_anthropic_error
 from clproxy.interfaces import IResponseSink
 from clproxy.observe.console import logger
 from clproxy.translate.claude import TranslationError
@@ -306,8 +306,7 @@ class ChatCompletionsResource(resource.Resource):
                 else "not UTF-8 text"
             raise ProxyError(400, f"request body is not valid JSON: {reason}")
         except RecursionError:
-            raise ProxyError(400, "request body nests JSON arrays or objects too deeply to parse "
-                                  "(about a thousand levels at most)")
+            raise ProxyError(400, TOO_DEEP)
         if not isinstance(parsed, dict):
             raise ProxyError(400, "request body must be a JSON object")
         model = parsed.get("model")

@@ -419,6 +419,11 @@ def parse_messages_request(request: server.Request, needs_model: bool = True) ->
                         client_key=client_key_of(request))
 
 
+#: The 400 for a body nested deeper than Python's parser goes (json.loads raises RecursionError,
+#: which is not a ValueError): the same words on /v1/messages and /v1/chat/completions.
+TOO_DEEP = ("request body nests JSON arrays or objects too deeply to parse "
+            "(about a thousand levels at most)")
+
 #: (model, stream) of a body that is one valid JSON object, else None (then a full parse says why)
 _read_model_and_stream = jsoncodec.object_reader("model", "stream")
 
@@ -436,8 +441,7 @@ def _model_and_stream_or_why_not(body: bytes) -> Tuple[object, object]:
         except (ValueError, UnicodeDecodeError) as e:
             raise ProxyError(400, f"request body is not valid JSON: {_json_reason(e)}")
         except RecursionError:
-            raise ProxyError(400, "request body nests JSON arrays or objects too deeply to parse "
-                                  "(about a thousand levels at most)")
+            raise ProxyError(400, TOO_DEEP)
     if not isinstance(parsed, dict):
         raise ProxyError(400, f"request body must be a JSON object, got {_json_kind(parsed)}")
     return parsed.get("model"), parsed.get("stream")
