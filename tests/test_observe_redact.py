@@ -34,13 +34,13 @@ def test_bearer_tokens_are_masked_in_any_case():
 
 
 def test_each_shape_runs_when_its_start_is_there_and_bearer_in_any_case():
-    """redact_text skips a shape whose literal start is absent: the table of starts covers every
-    shape and names each one's real start; a Bearer token in odd capitals is still masked when
+    """redact_text skips a shape whose literal start is absent: each shape's start (taken from its
+    replacement) is the real start of its pattern; a Bearer token in odd capitals is still masked when
     another shape's marker is in the same text."""
     from clproxy.observe import redact
-    assert len(redact._KEY_LITERALS) == len(redact._KEY_SHAPES)
-    for (pattern, _), literal in zip(redact._KEY_SHAPES, redact._KEY_LITERALS):
-        assert literal is None or pattern.pattern.replace("(?<![A-Za-z0-9])", "").startswith(literal)
+    for pattern, _, start in redact._KEY_SHAPES_BY_START:
+        assert start is None or pattern.pattern.replace("(?<![A-Za-z0-9])", "").startswith(start)
+    assert [start for _, _, start in redact._KEY_SHAPES_BY_START].count(None) == 1  # Bearer
     text = redact_text(f"sk-learn says BeArEr {BEARER} and {OPENAI_KEY}")
     assert BEARER not in text and OPENAI_KEY not in text and text.startswith("sk-learn says ")
 

@@ -36,8 +36,11 @@ _KEY_SHAPES = [
     # request ids (``req_clp_`` + 24 hex digits, which no key is): every log row carries one
     (re.compile(r"(?<![A-Za-z0-9])clp_(?![0-9a-f]{24}(?![A-Za-z0-9_\-]))[A-Za-z0-9_\-]{20,}"), "clp_" + REDACTED),
 ]
-#: The literal each shape of _KEY_SHAPES starts with (None: matched in any case).
-_KEY_LITERALS = ("sk-ant-", "sk-", "AIza", None, "clp_")
+#: Each shape with the literal it starts with, which is its replacement's (None: matched in any
+#: case, so no literal test can rule it out).
+_KEY_SHAPES_BY_START = [(pattern, replacement,
+                         None if pattern.flags & re.IGNORECASE else replacement[:-len(REDACTED)])
+                        for pattern, replacement in _KEY_SHAPES]
 _KEY_SHAPES_B = [(re.compile(p.pattern.encode("ascii"), p.flags & re.IGNORECASE), r.encode("ascii"))
                  for p, r in _KEY_SHAPES]
 
@@ -81,10 +84,10 @@ def redact_text(text: str) -> str:
     if ("sk-" not in text and "AIza" not in text and "earer" not in text and "EARER" not in text
             and "clp_" not in text):
         return text
-    for (pattern, replacement), literal in zip(_KEY_SHAPES, _KEY_LITERALS):
+    for pattern, replacement, start in _KEY_SHAPES_BY_START:
         # a shape whose literal start is absent cannot match (every log row's request id holds
         # "clp_", which alone used to run all five); Bearer's case-blind shape always runs
-        if literal is None or literal in text:
+        if start is None or start in text:
             text = pattern.sub(replacement, text)
     return text
 
