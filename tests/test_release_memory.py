@@ -45,6 +45,8 @@ def test_freed_heap_pages_go_back_to_the_system():
 def test_without_malloc_trim_it_does_nothing(monkeypatch):
     """Where the C library has no malloc_trim (musl, macOS) the call is a no-op, not an error."""
     class NoTrim:
+        """A C library with no malloc_trim (reading it raises AttributeError)."""
+
         def __init__(self, name):
             pass
 

@@ -182,6 +182,8 @@ def test_the_channel_asks_the_socket_for_its_address_once():
     """twisted's Request asks for the local address on every request: the channel asks its
     transport (a getsockname call on TCP) once per connection and answers the same address."""
     class Hello(resource.Resource):
+        """Answers with the local address its request was given."""
+
         isLeaf = True
 
         def render_GET(self, request):
