@@ -31,15 +31,20 @@ BASE = "http://anthropic.memory"
 
 
 class _Pool(AccountPool):
-    """The real pool, also keeping every verdict it is told."""
+    """The real pool, also keeping every verdict it is told and counting its backoff-level reads."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.verdicts = []
+        self.level_reads = 0
 
     async def record(self, account, verdict):
         self.verdicts.append(verdict)
         await super().record(account, verdict)
+
+    async def backoff_level(self, account):
+        self.level_reads += 1
+        return await super().backoff_level(account)
 
 
 class Try:
@@ -117,6 +122,45 @@ def test_a_rate_limit_goes_to_the_next_account_with_anthropics_answer_kept():
     assert (b"retry-after", [b"30"]) in [(n.lower(), v) for n, v in failure.headers]
     assert out.status is None and out.writes == []  # nothing reached the client
     assert t.pool.verdicts == [outcome.verdict]
+
+
+def test_a_success_does_not_read_the_backoff_level():
+    """A 2xx resets the account's backoff level, so neither a whole answer nor a stream reads it
+    first: with the Redis store that read was one round trip of every request."""
+    for stream, events in ((False, None), (True, text_stream(["a"]))):
+        t = Try()
+        t.store.set_cooldown("config:work", 0.0, 3)
+        if events is not None:
+            t.fake.script("sk-work", events=events)
+        assert t.run(api(), RecordingSink(), stream=stream) in (Answered(RELAYED), Answered(STREAMED))
+        assert t.pool.level_reads == 0
+        assert t.pool.verdicts[0].backoff_level == 0
+
+
+@pytest.mark.parametrize("how", ["429", "network", "unusable", "first-event"])
+def test_a_failure_is_classified_at_the_accounts_stored_backoff_level(how):
+    """Every verdict that is not a success reads the account's backoff level once, after the
+    answer: a 429 at stored level 2 cools for 1 * 2**2 = 4 s and raises the level to 3; the other
+    failures keep the stored level."""
+    t = Try()
+    t.store.set_cooldown("config:work", 0.0, 2)
+    stream = False
+    if how == "429":
+        t.fake.script("sk-work", status=429, body=error_json(429, "rate_limit_error", "rate limited"))
+    elif how == "network":
+        t.fake.script("sk-work", reset=True)
+    elif how == "unusable":
+        t.fake.script("sk-work", body=b"")
+    else:
+        t.fake.script("sk-work", end_before_first=True)
+        stream = True
+    outcome = t.run(api(), RecordingSink(), stream=stream)
+    assert isinstance(outcome, NextAccount)
+    assert t.pool.level_reads == 1
+    if how == "429":
+        assert (outcome.verdict.cooldown, outcome.verdict.backoff_level) == (4, 3)
+    else:
+        assert outcome.verdict.backoff_level == 2
 
 
 def test_overload_goes_to_the_next_account_without_cooling():

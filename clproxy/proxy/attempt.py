@@ -156,8 +156,11 @@ class Attempt:
         return NextAccount(heard.verdict, heard.failure)
 
     async def _hear(self, request, out, account: Account, deadline: float) -> Union[_Heard, Answered]:
-        """Send, read what decides the verdict, classify it."""
-        level = await self.pool.backoff_level(account)
+        """Send, read what decides the verdict, classify it.
+
+        The account's backoff level is read only for a verdict that is not a success (a success
+        resets it): one store read fewer on the common path, a Redis round trip with shared state.
+        """
         timeout = max(0.001, min(self.upstream_timeout, deadline - self.clock.seconds()))
         url = (account.base_url.rstrip("/").encode("utf-8") + request.path + request.query)
         headers, body = self.shaping.shape(request.headers, account, request.body)
@@ -170,7 +173,7 @@ class Attempt:
         try:
             response = await sending
         except UpstreamError as e:
-            return _network(account, e, level)
+            return _network(account, e, await self.pool.backoff_level(account))
         except Exception:
             if out.disconnected:
                 return Answered(CLIENT_GONE)  # cancelled because the client went away
@@ -180,25 +183,25 @@ class Attempt:
         if self.quotas is not None and has_quota_headers(response.headers):
             self.quotas.note(account.key, response.headers)
         if 200 <= status < 300 and request.stream and is_event_stream(response.headers):
-            return await self._hear_stream(request, out, account, response, level)
+            return await self._hear_stream(request, out, account, response)
         limit = self.max_response_bytes if 200 <= status < 300 else self.error_body_limit
         try:
             body = await self._read(response, limit, out, host)
         except UpstreamError as e:  # body cut short: nothing reached the client yet
-            return _network(account, e, level)
+            return _network(account, e, await self.pool.backoff_level(account))
         except defer.CancelledError:
             return Answered(CLIENT_GONE)
         if 200 <= status < 300:
-            return self._hear_message(request, out, account, response, body, level)
+            return await self._hear_message(request, out, account, response, body)
         verdict = policy.classify(status, header_dict(response.headers), body, now=self.clock.seconds(),
-                                  backoff_level=level, is_oauth=account.is_oauth)
+                                  backoff_level=await self.pool.backoff_level(account), is_oauth=account.is_oauth)
         request.record.response_body(status, response.headers, body, streamed=False)
         kept = downstream_headers(response.headers)
         if verdict.action == policy.RETURN or (self.passthrough and verdict.action != policy.REFRESH):
             return _Heard(verdict, deliver=_sending(out, status, kept, body))
         return _Heard(verdict, failure=Failure(account.key, status, kept, body))
 
-    def _hear_message(self, request, out, account: Account, response, body: bytes, level: int) -> _Heard:
+    async def _hear_message(self, request, out, account: Account, response, body: bytes) -> _Heard:
         """A whole 2xx answer: relayed, unless it is an empty or unparsable "success"."""
         status = response.code
         unusable = policy.classify_unusable_answer(status, _content_type(response.headers), body)
@@ -206,6 +209,7 @@ class Attempt:
             # transient, like a network error (even in passthrough mode: relaying it would tell
             # the client a failure was an answer)
             message = f"upstream {_host(account.base_url)} returned {unusable}"
+            level = await self.pool.backoff_level(account)
             return _Heard(policy.unusable_answer(status, message, backoff_level=level),
                           failure=Failure(account.key, network=UpstreamError("network", message)))
         record = request.record
@@ -217,9 +221,9 @@ class Attempt:
             out.send(status, downstream_headers(response.headers), body)
             return Answered(RELAYED)
 
-        return _Heard(self._success(status, account, level), deliver=deliver)
+        return _Heard(self._success(status, account), deliver=deliver)
 
-    async def _hear_stream(self, request, out, account: Account, response, level: int) -> _Heard:
+    async def _hear_stream(self, request, out, account: Account, response) -> _Heard:
         """A 2xx event stream: judged by its first event (outside passthrough mode), then relayed."""
         relay = StreamRelay(self.clock, self.upstream_timeout, _host(account.base_url))
         response.deliverBody(relay)
@@ -228,7 +232,8 @@ class Attempt:
             try:
                 first = await relay.first_event
             except FirstEventFailed as e:
-                verdict = policy.classify_network_error(str(e), backoff_level=level)
+                verdict = policy.classify_network_error(
+                    str(e), backoff_level=await self.pool.backoff_level(account))
                 log.warn("{line}", line=verdict.describe(account.name))  # its detail says why
                 return _Heard(verdict, quiet=True,
                               failure=Failure(account.key, network=UpstreamError("network", str(e))))
@@ -237,12 +242,13 @@ class Attempt:
                 relay.abort()
                 status = _status_for_error_event(first.data)
                 verdict = policy.classify(status, {}, first.data.encode("utf-8"), now=self.clock.seconds(),
-                                          backoff_level=level, is_oauth=account.is_oauth)
+                                          backoff_level=await self.pool.backoff_level(account),
+                                          is_oauth=account.is_oauth)
                 return _Heard(verdict, failure=Failure(account.key, status, [(b"content-type", [b"application/json"])],
                                                        first.data.encode("utf-8")))
             request.record.usage(usage_from_event(first.data))
             request.record.actual_model = model_from_message(first.data)
-        return _Heard(self._success(response.code, account, level),
+        return _Heard(self._success(response.code, account),
                       deliver=lambda: self._relay(request, out, account, response, relay))
 
     async def _relay(self, request, out, account: Account, response, relay: StreamRelay) -> Answered:
@@ -274,8 +280,9 @@ class Attempt:
         out.finish()
         return Answered(how)
 
-    def _success(self, status: int, account: Account, level: int) -> policy.Verdict:
-        return policy.classify(status, {}, b"", now=self.clock.seconds(), backoff_level=level,
+    def _success(self, status: int, account: Account) -> policy.Verdict:
+        # a 2xx resets the backoff level whatever it was, so it is not read for one
+        return policy.classify(status, {}, b"", now=self.clock.seconds(), backoff_level=0,
                                is_oauth=account.is_oauth)
 
     async def _read(self, response, limit: int, out, host: str) -> bytes:
