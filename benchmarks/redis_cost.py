@@ -2,7 +2,8 @@
 
 One "request" is the sequence of store calls one successful request makes through ``AccountPool``:
 ``candidates`` (states of every account, plus rate usage when accounts have a rateLimit), ``admit``
-(a rate slot when limited), ``backoff_level`` and ``record`` (attempt, counter, outcome). Each
+(a rate slot when limited) and ``record`` (attempt, counter and outcome in one call; a success
+does not read the backoff level). Each
 scenario runs against a MemoryStateStore and a RedisStateStore (a fresh key prefix), one request
 at a time (latency) and with many in flight (throughput), and prints both side by side with the
 ratio.
@@ -40,7 +41,6 @@ async def one_request(pool, accounts):
     account = candidates[0]
     if not await pool.admit(account):
         raise RuntimeError("rate limit reached during the benchmark")
-    await pool.backoff_level(account)
     await pool.record(account, OK)
 
 
@@ -138,7 +138,7 @@ async def main(reactor, options):
             server.stop()
 
     print("store calls of one successful request through AccountPool "
-          "(candidates, admit, backoff_level, record); {} accounts, {} requests, {} in flight, "
+          "(candidates, admit, record); {} accounts, {} requests, {} in flight, "
           "best of {}".format(options.accounts, options.requests, options.in_flight,
                               options.repeats))
     print("redis: {}; one PING round trip (txredisapi, one at a time): {:.1f} µs".format(

@@ -51,6 +51,16 @@ class IStateStore(Interface):
         :return: Deferred firing with None.
         """
 
+    def record_result(key, outcome, now, error=None, counter=None):
+        """Count one upstream attempt and how it ended, in one step: what ``record_attempt(key,
+        now)`` then ``record_outcome(key, outcome, now, error)`` do, and ``incr(counter)`` when a
+        counter is named. A networked store does it in one round trip, and no reader ever sees
+        the attempt without its outcome.
+
+        :return: Deferred firing with None; an unknown ``outcome`` fails it with ValueError and
+            records nothing.
+        """
+
     def take_rate_slot(key, now, limit, window=60.0):
         """Admit one request under a sliding-window rate limit.
 

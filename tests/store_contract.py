@@ -112,6 +112,37 @@ class StateStoreContract:
             await store.record_outcome("a", "meh", 1.0)
 
     @pytest_twisted.ensureDeferred
+    async def test_a_result_is_an_attempt_its_outcome_and_a_count(self):
+        """record_result counts exactly what record_attempt, incr and record_outcome would: a
+        success also ends the cooldown and resets the level; an error keeps both, with its text;
+        no counter named, no counter changed."""
+        store = self.make_store()
+        await store.set_cooldown("a", 99.0, 2)
+        await store.record_result("a", "rate-limited", 10.0, error="429 rate-limited", counter="upstream_attempts")
+        stats = (await store.account_stats(["a"]))["a"]
+        assert stats == {"attempts": 1, "successes": 0, "errors": 0, "rate_limits": 1,
+                         "backoff_level": 2, "cooling_until": 99.0, "last_attempt_at": 10.0,
+                         "last_error_at": 10.0, "last_error": "429 rate-limited"}
+        await store.record_result("a", "success", 11.0, counter="upstream_attempts")
+        await store.record_result("a", "error", 12.0)
+        stats = (await store.account_stats(["a"]))["a"]
+        assert stats == {"attempts": 3, "successes": 1, "errors": 1, "rate_limits": 1,
+                         "backoff_level": 0, "cooling_until": 0.0, "last_attempt_at": 12.0,
+                         "last_error_at": 12.0, "last_error": "error"}
+        assert (await store.get_account_states(["a"]))["a"] == AccountState()
+        assert await store.counters() == {"upstream_attempts": 2}
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_result_with_an_unknown_outcome_records_nothing(self):
+        """record_result with an outcome outside success/error/rate-limited fails with ValueError
+        before counting anything: not the attempt, not the counter."""
+        store = self.make_store()
+        with pytest.raises(ValueError):
+            await store.record_result("a", "meh", 1.0, counter="upstream_attempts")
+        assert (await store.account_stats(["a"]))["a"]["attempts"] == 0
+        assert await store.counters() == {}
+
+    @pytest_twisted.ensureDeferred
     async def test_rate_slots_up_to_limit(self):
         """take_rate_slot admits ``limit`` requests in the window and refuses the next."""
         store = self.make_store()

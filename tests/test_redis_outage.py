@@ -74,6 +74,12 @@ async def test_killed_redis_is_survived_and_recovered(private_redis, log_lines):
     assert files[-1] == ("work", ROTATED)
     assert await store.take_rate_slot("work", now + 1.0, 3)
     await store.incr("upstream_attempts")
+    # one attempt's bookkeeping goes to the mirror; a success drops a cooldown waiting for replay
+    await store.extend_cooldown("third", now + 60.0, 1)
+    await store.record_result("third", "success", now + 1.0, counter="upstream_attempts")
+    assert (await store.get_account_states(["third"]))["third"] == AccountState()
+    assert (await store.account_stats(["third"]))["third"]["successes"] == 1
+    assert (await store.counters())["upstream_attempts"] == 2
     await store.put_quota("work", {"status": "allowed"})
     lock = await store.acquire("refresh:work", 5_000, 0, reactor)
     assert lock is not None and lock.local

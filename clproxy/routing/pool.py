@@ -119,13 +119,13 @@ class AccountPool:
         now = self._now()
         key = account.key
         self._written_keys.add(key)
-        await self._store.record_attempt(key, now)
-        await self._store.incr(UPSTREAM_ATTEMPTS)
         if verdict.action == SUCCESS:
-            await self._store.record_outcome(key, OUTCOME_SUCCESS, now)
-            return
-        outcome = OUTCOME_RATE_LIMITED if verdict.status == 429 else OUTCOME_ERROR
-        await self._store.record_outcome(key, outcome, now, error=_error_text(verdict))
+            outcome, error = OUTCOME_SUCCESS, None
+        else:
+            outcome = OUTCOME_RATE_LIMITED if verdict.status == 429 else OUTCOME_ERROR
+            error = _error_text(verdict)
+        # the attempt, its outcome and the proxy-wide count in one store call (one Redis round trip)
+        await self._store.record_result(key, outcome, now, error=error, counter=UPSTREAM_ATTEMPTS)
         if verdict.cooldown is not None:
             await self._extend(key, now + verdict.cooldown, verdict.backoff_level)
 

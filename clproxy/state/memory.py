@@ -170,6 +170,15 @@ class MemoryStateStore:
         record.last_error = error if error is not None else outcome
         return defer.succeed(None)
 
+    def record_result(self, key, outcome, now, error=None, counter=None):
+        problem = validate_outcome(outcome)
+        if problem is not None:
+            return defer.fail(problem)
+        self.record_attempt(key, now)
+        if counter is not None:
+            self.incr(counter)
+        return self.record_outcome(key, outcome, now, error)
+
     def _live_window(self, key, now, window) -> Optional[Deque[float]]:
         """The key's rate window with expired timestamps dropped; None (and removed) when empty."""
         stamps = self._rate_windows.get(key)

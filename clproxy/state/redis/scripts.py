@@ -36,24 +36,27 @@ end
 return {untilv, lvl}
 """
 
-RECORD_ATTEMPT = """
-redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'last_attempt_at', ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"""
-
-RECORD_OUTCOME = """
-if ARGV[1] == 'success' then
+# One attempt's bookkeeping, any part of it: KEYS stats, cooldown, level, counters; ARGV count
+# an attempt ('1' or ''), outcome ('' for none), now, error text, stats TTL, counter ('' for none).
+# The attempt, its outcome and the proxy-wide counter in one script are one round trip, not three.
+RECORD = """
+if ARGV[1] == '1' then
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+  redis.call('HSET', KEYS[1], 'last_attempt_at', ARGV[3])
+end
+if ARGV[2] == 'success' then
   redis.call('HINCRBY', KEYS[1], 'successes', 1)
   redis.call('DEL', KEYS[2], KEYS[3])
-else
+elseif ARGV[2] ~= '' then
   local field = 'errors'
-  if ARGV[1] == 'rate-limited' then field = 'rate_limits' end
+  if ARGV[2] == 'rate-limited' then field = 'rate_limits' end
   redis.call('HINCRBY', KEYS[1], field, 1)
-  redis.call('HSET', KEYS[1], 'last_error_at', ARGV[2], 'last_error', ARGV[3])
+  redis.call('HSET', KEYS[1], 'last_error_at', ARGV[3], 'last_error', ARGV[4])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if ARGV[6] ~= '' then
+  redis.call('HINCRBY', KEYS[4], ARGV[6], 1)
+end
 return 1
 """
 

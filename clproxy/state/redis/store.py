@@ -26,7 +26,7 @@ from clproxy.state.redis.link import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_REPLY_TIM
                                       RedisLink, reconnect_delay, redis_endpoint)
 from clproxy.state.redis.mirror import LocalMirror, fired
 from clproxy.state.redis.scripts import (ACCOUNT_STATS, EXTEND_COOLDOWN, PUT_TOKEN_IF_NEWER,
-                                         RATE_USAGE, RECORD_ATTEMPT, RECORD_OUTCOME, RELEASE_LOCK,
+                                         RATE_USAGE, RECORD, RELEASE_LOCK,
                                          SET_COOLDOWN, TAKE_RATE_SLOT, num, px_ttl, script_op)
 from clproxy.state.redis.url import parse_redis_url
 from clproxy.state.redis.workermetrics import RedisWorkerMetrics
@@ -334,32 +334,39 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
         await self.mirror.set_cooldown(key, until, backoff_level)
 
     def record_attempt(self, key, now):
-        return Deferred.fromCoroutine(self._record_attempt(key, now))
-
-    async def _record_attempt(self, key, now):
-        try:
-            await self._link.run(script_op(RECORD_ATTEMPT, [self._key("stats", key)],
-                                       [num(now), px_ttl(STATS_TTL)]))
-        except RedisDown:
-            pass
-        await self.mirror.record_attempt(key, now)
+        return Deferred.fromCoroutine(self._record(key, now, True, None, None, None))
 
     def record_outcome(self, key, outcome, now, error=None):
         problem = validate_outcome(outcome)
         if problem is not None:
             return defer.fail(problem)
-        return Deferred.fromCoroutine(self._record_outcome(key, outcome, now, error))
+        return Deferred.fromCoroutine(self._record(key, now, False, outcome, error, None))
 
-    async def _record_outcome(self, key, outcome, now, error):
-        text = error if error is not None else outcome
-        keys = [self._key("stats", key), self._key("cd", key), self._key("lvl", key)]
+    def record_result(self, key, outcome, now, error=None, counter=None):
+        problem = validate_outcome(outcome)
+        if problem is not None:
+            return defer.fail(problem)
+        return Deferred.fromCoroutine(self._record(key, now, True, outcome, error, counter))
+
+    async def _record(self, key, now, attempt: bool, outcome: Optional[str], error: Optional[str],
+                      counter: Optional[str]):
+        """The RECORD script: an attempt, an outcome and a counter, each when asked, in one
+        round trip; then the same in the mirror."""
+        text = error if error is not None else (outcome or "")
+        keys = [self._key("stats", key), self._key("cd", key), self._key("lvl", key),
+                self._key("counters", "all")]
+        args = ["1" if attempt else "", outcome or "", num(now), str(text), px_ttl(STATS_TTL), counter or ""]
         try:
-            await self._link.run(script_op(RECORD_OUTCOME, keys,
-                                       [outcome, num(now), str(text), px_ttl(STATS_TTL)]))
+            await self._link.run(script_op(RECORD, keys, args))
         except RedisDown:
             if outcome == OUTCOME_SUCCESS:
                 self._pending.cooldowns.discard(key)
-        await self.mirror.record_outcome(key, outcome, now, error)
+        if attempt:
+            await self.mirror.record_attempt(key, now)
+        if counter is not None:
+            await self.mirror.incr(counter)
+        if outcome is not None:
+            await self.mirror.record_outcome(key, outcome, now, error)
 
     def take_rate_slot(self, key, now, limit, window=60.0):
         if limit < 1:
