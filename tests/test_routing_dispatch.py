@@ -146,6 +146,32 @@ def test_a_binding_expires_after_its_ttl(tmp_path):
     assert h.bound("s") == "config:b"
 
 
+def test_a_binding_is_written_only_when_it_is_made_or_moved(tmp_path):
+    """A session's binding is written when it is first made and when the session moves; a request
+    served by the account it is bound to only refreshes it on the way in (no second write, which
+    was a Redis round trip per request), and that refresh still keeps it alive a TTL longer."""
+    h = RoutingHarness([api("a"), api("b")], tmp_path, ttl=100)
+    writes = []
+    put = h.store.put_binding
+
+    def counted(session, key, now, ttl):
+        writes.append((session, key))
+        return put(session, key, now, ttl)
+
+    h.store.put_binding = counted
+    assert [h.ask("s") for _ in range(5)] == ["sk-a"] * 5
+    assert writes == [("s", "config:a")]
+    for _ in range(3):  # each request refreshes the binding: 99 s apart it never lapses
+        h.clock.advance(99)
+        assert h.ask("s") == "sk-a"
+    assert writes == [("s", "config:a")]
+    h.fake.script("sk-a", status=429, headers={"retry-after": "30"},
+                  body=error_json(429, "rate_limit_error", "slow down"), times=1)
+    assert h.ask("s") == "sk-b"
+    assert writes == [("s", "config:a"), ("s", "config:b")]
+    assert h.bound("s") == "config:b"
+
+
 def test_an_account_near_its_quota_takes_no_new_session_but_keeps_its_own(tmp_path):
     """An account at 95% of its 5-hour quota takes no new session nor sessionless request but keeps
     its bound session, and takes new sessions again once the window resets after 3601 s."""

@@ -259,12 +259,12 @@ class Dispatcher:
         enabled, exclusions = limits.serving(enabled, request.model)
         if not enabled:  # every account excludes this model: nothing is sent upstream
             raise ProxyError(404, limits.not_served_message(request.model or "", exclusions), "not_found_error")
-        session = None
+        session = bound = None
         if self.settings.passthrough:
             candidates = (await self.pool.candidates(enabled))[:1] or enabled[:1]
         else:
             session = session_of_request(request) if self.affinity is not None else None
-            candidates = await self._ordered(await self.pool.candidates(enabled), session)
+            candidates, bound = await self._ordered(await self.pool.candidates(enabled), session)
         deadline = self.clock.seconds() + self.settings.request_deadline
         attempt = self._attempt()
         failures: List[Failure] = []
@@ -281,7 +281,7 @@ class Dispatcher:
                 busy.append(account)
                 continue
             if await self._try_with_slot(attempt, request, out, account, slot, deadline, failures):
-                await self._bind(session, account)
+                await self._bind(session, account, bound)
                 return
             if self.settings.passthrough:
                 break
@@ -292,14 +292,16 @@ class Dispatcher:
             account, slot = taken
             busy = [a for a in busy if a.key != account.key]  # each account is tried once
             if await self._try_with_slot(attempt, request, out, account, slot, deadline, failures):
-                await self._bind(session, account)
+                await self._bind(session, account, bound)
                 return
         if out.disconnected:
             return
         await self._exhausted(request, out, enabled, failures)
 
-    async def _ordered(self, candidates: List[Account], session: Optional[str]) -> List[Account]:
-        """The pool's candidates in the order this request tries them.
+    async def _ordered(self, candidates: List[Account],
+                       session: Optional[str]) -> Tuple[List[Account], Optional[str]]:
+        """The pool's candidates in the order this request tries them, and the account key the
+        session's binding was refreshed to on the way (None when it was not).
 
         A session bound to a usable account goes there first (its prompt cache lives there). A new
         session (or a request without one) is ordered by the quota rule: accounts at or above
@@ -307,25 +309,29 @@ class Dispatcher:
         (:func:`clproxy.routing.headroom.order_for_new_session`).
         """
         if len(candidates) < 2:
-            return candidates
+            return candidates, None
         if session is not None and self.affinity is not None:
             bound = await self.affinity.account_for(session)
             if bound is not None:
                 first = [a for a in candidates if a.key == bound]
                 if first:
-                    return first + [a for a in candidates if a.key != bound]
+                    return first + [a for a in candidates if a.key != bound], bound
         if self.quotas is None:
-            return candidates
+            return candidates, None
         every = list(self.accounts())
         snapshots = await self.quotas.latest(a.key for a in every)
         return headroom.order_for_new_session(
             candidates, snapshots, now=self.clock.seconds(), strategy=self.pool.strategy,
             switch_at=self.settings.switch_at, organizations={a.key: a.org_id for a in every},
-            key=lambda a: a.key)
+            key=lambda a: a.key), None
 
-    async def _bind(self, session: Optional[str], account: Account) -> None:
-        """``account`` answered this session: keep the session there (a move is counted)."""
-        if session is None or self.affinity is None:
+    async def _bind(self, session: Optional[str], account: Account, bound: Optional[str]) -> None:
+        """``account`` answered this session: keep the session there (a move is counted).
+
+        A binding to ``account`` already refreshed when this request started (``bound``) is not
+        written again: that write was one Redis round trip of nearly every request.
+        """
+        if session is None or self.affinity is None or account.key == bound:
             return
         if await self.affinity.bind(session, account.key):
             self.obs.metrics.session_moved()
