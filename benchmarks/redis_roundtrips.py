@@ -12,6 +12,8 @@ apart); a lock is a ``SET ... NX`` (``set`` below) and its release a script. Kin
   refreshed);
 * ``stream``: a short SSE stream with the session header.
 
+Each ``EVALSHA`` is named by its script (``clproxy.state.redis.scripts``, matched by SHA1).
+
 This is what bounds scaling on a bigger machine: every worker pays these round trips per request
 and nothing else is shared between workers (no lock is taken on a request's path unless an OAuth
 token is refreshed).
@@ -21,6 +23,7 @@ Usage: ``.venv/bin/python benchmarks/redis_roundtrips.py [--requests 200] [--wor
 
 import argparse
 import collections
+import hashlib
 import http.client
 import json
 import os
@@ -35,11 +38,22 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 import payload  # noqa: E402
 from redis_server import RedisServer, free_port  # noqa: E402
 
-MONITOR_LINE = re.compile(rb'^\+\d+\.\d+ \[\d+ ([^\]]+)\] "([A-Za-z]+)"')
+MONITOR_LINE = re.compile(rb'^\+\d+\.\d+ \[\d+ ([^\]]+)\] "([A-Za-z]+)"(?: "([0-9a-f]{40})")?')
+
+
+def script_names():
+    """The SHA1 of each of the Redis store's Lua scripts -> its name (``EVALSHA`` names a script
+    by its SHA1 only)."""
+    from clproxy.state.redis import scripts, store, workermetrics
+    return {hashlib.sha1(text.encode()).hexdigest(): name.lower()
+            for module in (scripts, store, workermetrics)
+            for name, text in vars(module).items()
+            if name.isupper() and isinstance(text, str) and "redis.call" in text}
 
 
 class Monitor(threading.Thread):
@@ -52,6 +66,8 @@ class Monitor(threading.Thread):
         self.sock.sendall(b"MONITOR\r\n")
         self.sent = collections.Counter()
         self.scripted = collections.Counter()
+        self.scripts = collections.Counter()  # EVALSHA by script name
+        self._names = script_names()
         self._stop_event = threading.Event()
 
     def run(self):
@@ -74,13 +90,16 @@ class Monitor(threading.Thread):
                     continue
                 source, command = match.group(1), match.group(2).decode("ascii", "replace").lower()
                 (self.scripted if source == b"lua" else self.sent)[command] += 1
+                if command == "evalsha" and source != b"lua" and match.group(3):
+                    sha = match.group(3).decode("ascii")
+                    self.scripts[self._names.get(sha, sha[:8])] += 1
 
     def take(self):
         """The counts so far (and start again from zero)."""
         time.sleep(0.3)  # the feed trails the commands a little
-        sent, scripted = self.sent, self.scripted
-        self.sent, self.scripted = collections.Counter(), collections.Counter()
-        return sent, scripted
+        sent, scripted, scripts = self.sent, self.scripted, self.scripts
+        self.sent, self.scripted, self.scripts = collections.Counter(), collections.Counter(), collections.Counter()
+        return sent, scripted, scripts
 
     def stop(self):
         self._stop_event.set()
@@ -154,9 +173,11 @@ def count(port: int, monitor: Monitor, requests: int, workers: int, body: dict) 
             status, _ = request(port, "POST", "/v1/messages", data, headers)
             if status != 200:
                 raise SystemExit(f"{kind}: the proxy answered {status}")
-        sent, scripted = monitor.take()
+        sent, scripted, scripts = monitor.take()
         total = sum(sent.values()) / requests
         shown = ", ".join(f"{name} {n / requests:.2f}" for name, n in sent.most_common())
+        if scripts:
+            shown += "; scripts: " + ", ".join(f"{name} {n / requests:.2f}" for name, n in scripts.most_common())
         print(f"  {kind:<10} {total:5.2f} round trips ({shown}); "
               f"{sum(scripted.values()) / requests:.2f} commands inside scripts; "
               f"locks taken (SET NX) {sent['set'] / requests:.2f}")
