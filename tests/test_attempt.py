@@ -344,22 +344,40 @@ class _GatedPool(_Pool):
         await super().record(account, verdict)
 
 
-def test_a_stream_that_ends_whole_while_its_verdict_is_recorded_is_relayed_whole():
-    """A short stream can end entirely between its first event and the commit (the pool's record
-    waits on Redis): the attempt still finishes as STREAMED with every event relayed, instead of
-    waiting forever for an end that already happened."""
+def test_a_success_is_delivered_while_its_verdict_is_recorded():
+    """A success is relayed while the pool records it (on a shared store, a Redis round trip the
+    client no longer waits for): the whole stream reaches the client before the record is done, and
+    the attempt ends, STREAMED, only once it is."""
     t = Try()
     t.pool = t.attempt.pool = _GatedPool(t.store, clock=t.clock)
     t.fake.script("sk-work", events=text_stream(["a", "b"]))
     out = RecordingSink()
     d, request = t.start(api(), out, stream=True)
     t.agent.flush()
-    assert not d.called and not out.started  # the whole stream arrived; the verdict is not recorded yet
-    t.pool.gate.callback(None)
-    t.agent.flush()
-    assert d.called, "the attempt hung on a stream that had already ended"
-    assert d.result == Answered(STREAMED)
     names = [n for n, _ in out.events()]
     assert names[0] == "message_start" and names[-1] == "message_stop" and "error" not in names
     assert out.finished
+    assert not d.called and t.pool.verdicts == []  # delivered; the verdict is not recorded yet
+    t.pool.gate.callback(None)
+    t.agent.flush()
+    assert d.called, "the attempt did not finish once its verdict was recorded"
+    assert d.result == Answered(STREAMED)
+    assert [v.action for v in t.pool.verdicts] == [policy.SUCCESS]
     assert request.record._usage["output_tokens"] == 2  # the final usage, read from the stream's tail
+
+
+def test_a_failure_is_recorded_before_anything_else_happens():
+    """A verdict that is not a success (here a 429 and its cooldown) is recorded before the attempt
+    returns, so the next account is chosen with the cooldown in place."""
+    t = Try()
+    t.pool = t.attempt.pool = _GatedPool(t.store, clock=t.clock)
+    t.fake.script("sk-work", status=429, headers={"retry-after": "30"},
+                  body=error_json(429, "rate_limit_error", "rate limited"))
+    d, _ = t.start(api(), RecordingSink())
+    t.agent.flush()
+    assert not d.called
+    t.pool.gate.callback(None)
+    assert isinstance(d.result, NextAccount)
+    states = []
+    t.store.get_account_states(["config:work"]).addCallback(states.append)
+    assert states[0]["config:work"].cooling_until == t.clock.seconds() + 30

@@ -145,8 +145,16 @@ class Attempt:
         # the one place a try's verdict is recorded
         request.record.attempt(account_name=account.name, provider="anthropic", model=request.model,
                                status=heard.verdict.status, verdict=heard.verdict)
+        if heard.verdict.action == policy.SUCCESS and heard.deliver is not None:
+            # a success changes nothing the answer depends on: it is recorded while it is
+            # delivered (with a shared store, the client no longer waits for that round trip)
+            recording = defer.ensureDeferred(self.pool.record(account, heard.verdict))
+            try:
+                return await heard.deliver()
+            finally:
+                await recording
         await self.pool.record(account, heard.verdict)
-        if heard.verdict.action != policy.SUCCESS and not heard.quiet:
+        if not heard.quiet:
             log.info("{line}", line=heard.verdict.describe(account.name))
         if heard.deliver is not None:
             return await heard.deliver()
