@@ -10,6 +10,7 @@ import json
 
 import attr
 import pytest
+from twisted.internet import defer
 
 from clproxy.proxy import dispatch
 from clproxy.proxy.dispatch import SESSION_MOVES, Dispatcher, ProxyRequest
@@ -170,6 +171,35 @@ def test_a_binding_is_written_only_when_it_is_made_or_moved(tmp_path):
     assert h.ask("s") == "sk-b"
     assert writes == [("s", "config:a"), ("s", "config:b")]
     assert h.bound("s") == "config:b"
+
+
+def test_the_binding_and_the_account_states_are_asked_for_together(tmp_path):
+    """The session's binding is read before the accounts' states have come back (a shared store
+    answers both in one round trip); a failing state read still fails the request cleanly."""
+    h = RoutingHarness([api("a"), api("b")], tmp_path)
+    assert h.ask("s") == "sk-a"
+    calls, gate = [], defer.Deferred()
+    states, touch = h.store.get_account_states, h.store.touch_binding
+
+    def held_states(keys):
+        calls.append("states")
+        return gate.addCallback(lambda _: states(keys))
+
+    def counted_touch(*args):
+        calls.append("binding")
+        return touch(*args)
+
+    h.store.get_account_states, h.store.touch_binding = held_states, counted_touch
+    out = RecordingSink()
+    d = defer.ensureDeferred(h.dispatcher.forward(conversation("s"), out))
+    h.agent.flush()
+    assert calls == ["binding", "states"] and not d.called  # both asked; the states held
+    gate.callback(None)
+    h.agent.flush()
+    assert d.called and out.status == 200 and h.fake.requests[-1].credential == "sk-a"
+    h.store.get_account_states = lambda keys: defer.fail(RuntimeError("store broke"))
+    with pytest.raises(RuntimeError):
+        h.forward(conversation("s"), RecordingSink())
 
 
 def test_an_account_near_its_quota_takes_no_new_session_but_keeps_its_own(tmp_path):

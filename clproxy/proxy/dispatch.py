@@ -264,7 +264,15 @@ class Dispatcher:
             candidates = (await self.pool.candidates(enabled))[:1] or enabled[:1]
         else:
             session = session_of_request(request) if self.affinity is not None else None
-            candidates, bound = await self._ordered(await self.pool.candidates(enabled), session)
+            # the session's binding is read while the pool reads the accounts' states: with a
+            # shared store both questions leave together and cost one round trip, not two
+            binding = self._binding(session, enabled)
+            try:
+                candidates = await self.pool.candidates(enabled)
+            except BaseException:
+                binding.addErrback(lambda _: None)  # its answer no longer matters
+                raise
+            candidates, bound = await self._ordered(candidates, session, binding)
         deadline = self.clock.seconds() + self.settings.request_deadline
         attempt = self._attempt()
         failures: List[Failure] = []
@@ -298,38 +306,46 @@ class Dispatcher:
             return
         await self._exhausted(request, out, enabled, failures)
 
-    async def _ordered(self, candidates: List[Account],
-                       session: Optional[str]) -> Tuple[List[Account], Optional[str]]:
+    def _binding(self, session: Optional[str], enabled: Sequence[Account]) -> defer.Deferred:
+        """The account key ``session`` is bound to, its binding refreshed on the way (a Deferred,
+        started now); None without a session, without affinity, or with a single account to
+        choose from (there is nothing to order)."""
+        if session is None or self.affinity is None or len(enabled) < 2:
+            return defer.succeed(None)
+        return defer.ensureDeferred(self.affinity.account_for(session))
+
+    async def _ordered(self, candidates: List[Account], session: Optional[str],
+                       binding: defer.Deferred) -> Tuple[List[Account], Optional[str]]:
         """The pool's candidates in the order this request tries them, and the account key the
-        session's binding was refreshed to on the way (None when it was not).
+        session's binding (from :meth:`_binding`) was refreshed to (None when it was not).
 
         A session bound to a usable account goes there first (its prompt cache lives there). A new
         session (or a request without one) is ordered by the quota rule: accounts at or above
         ``switch_at`` in a window take no new session while another has headroom
         (:func:`clproxy.routing.headroom.order_for_new_session`).
         """
+        bound = await binding
         if len(candidates) < 2:
-            return candidates, None
-        if session is not None and self.affinity is not None:
-            bound = await self.affinity.account_for(session)
-            if bound is not None:
-                first = [a for a in candidates if a.key == bound]
-                if first:
-                    return first + [a for a in candidates if a.key != bound], bound
+            return candidates, bound
+        if bound is not None:
+            first = [a for a in candidates if a.key == bound]
+            if first:
+                return first + [a for a in candidates if a.key != bound], bound
         if self.quotas is None:
-            return candidates, None
+            return candidates, bound
         every = list(self.accounts())
         snapshots = await self.quotas.latest(a.key for a in every)
         return headroom.order_for_new_session(
             candidates, snapshots, now=self.clock.seconds(), strategy=self.pool.strategy,
             switch_at=self.settings.switch_at, organizations={a.key: a.org_id for a in every},
-            key=lambda a: a.key), None
+            key=lambda a: a.key), bound
 
     async def _bind(self, session: Optional[str], account: Account, bound: Optional[str]) -> None:
         """``account`` answered this session: keep the session there (a move is counted).
 
-        A binding to ``account`` already refreshed when this request started (``bound``) is not
-        written again: that write was one Redis round trip of nearly every request.
+        A binding to ``account`` already refreshed when this request started (``bound``, the key
+        it pointed to then) is not written again: that write was one Redis round trip of nearly
+        every request.
         """
         if session is None or self.affinity is None or account.key == bound:
             return
