@@ -29,6 +29,7 @@ import json
 import os
 import re
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -169,8 +170,11 @@ def count(port: int, monitor: Monitor, requests: int, workers: int, body: dict) 
         data = json.dumps(document).encode()
         request(port, "POST", "/v1/messages", data, headers)  # the first one may create state
         monitor.take()
+        took = []
         for _ in range(requests):
+            started = time.perf_counter()
             status, _ = request(port, "POST", "/v1/messages", data, headers)
+            took.append(time.perf_counter() - started)
             if status != 200:
                 raise SystemExit(f"{kind}: the proxy answered {status}")
         sent, scripted, scripts = monitor.take()
@@ -180,7 +184,8 @@ def count(port: int, monitor: Monitor, requests: int, workers: int, body: dict) 
             shown += "; scripts: " + ", ".join(f"{name} {n / requests:.2f}" for name, n in scripts.most_common())
         print(f"  {kind:<10} {total:5.2f} round trips ({shown}); "
               f"{sum(scripted.values()) / requests:.2f} commands inside scripts; "
-              f"locks taken (SET NX) {sent['set'] / requests:.2f}")
+              f"locks taken (SET NX) {sent['set'] / requests:.2f}; "
+              f"median {statistics.median(took) * 1000:.3f} ms per request (a new connection each)")
 
 
 def main(argv=None):
