@@ -270,7 +270,8 @@ class Dispatcher:
             try:
                 candidates = await self.pool.candidates(enabled)
             except BaseException:
-                binding.addErrback(lambda _: None)  # its answer no longer matters
+                if binding is not None:
+                    binding.addErrback(lambda _: None)  # its answer no longer matters
                 raise
             candidates, bound = await self._ordered(candidates, session, binding)
         deadline = self.clock.seconds() + self.settings.request_deadline
@@ -306,16 +307,16 @@ class Dispatcher:
             return
         await self._exhausted(request, out, enabled, failures)
 
-    def _binding(self, session: Optional[str], enabled: Sequence[Account]) -> defer.Deferred:
+    def _binding(self, session: Optional[str], enabled: Sequence[Account]) -> Optional[defer.Deferred]:
         """The account key ``session`` is bound to, its binding refreshed on the way (a Deferred,
         started now); None without a session, without affinity, or with a single account to
         choose from (there is nothing to order)."""
         if session is None or self.affinity is None or len(enabled) < 2:
-            return defer.succeed(None)
+            return None
         return defer.ensureDeferred(self.affinity.account_for(session))
 
     async def _ordered(self, candidates: List[Account], session: Optional[str],
-                       binding: defer.Deferred) -> Tuple[List[Account], Optional[str]]:
+                       binding: Optional[defer.Deferred]) -> Tuple[List[Account], Optional[str]]:
         """The pool's candidates in the order this request tries them, and the account key the
         session's binding (from :meth:`_binding`) was refreshed to (None when it was not).
 
@@ -324,7 +325,7 @@ class Dispatcher:
         ``switch_at`` in a window take no new session while another has headroom
         (:func:`clproxy.routing.headroom.order_for_new_session`).
         """
-        bound = await binding
+        bound = None if binding is None else await binding
         if len(candidates) < 2:
             return candidates, bound
         if bound is not None:

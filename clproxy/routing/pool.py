@@ -7,6 +7,8 @@ stats kept in an ``IStateStore``; the verdicts themselves come from :mod:`clprox
 import time
 from typing import Dict, List, Optional, Sequence, Set, Tuple
 
+from twisted.internet import defer
+
 from clproxy.accounts.model import Account
 from clproxy.config.schema import STRATEGIES
 from clproxy.interfaces import IAtomicCooldown
@@ -108,8 +110,9 @@ class AccountPool:
         self._written_keys.add(account.key)
         return await self._store.take_rate_slot(account.key, self._now(), limit, RATE_WINDOW)
 
-    async def record(self, account: Account, verdict: Verdict) -> None:
-        """Count one attempt with ``account`` and apply its verdict.
+    def record(self, account: Account, verdict: Verdict) -> defer.Deferred:
+        """Count one attempt with ``account`` and apply its verdict; a Deferred firing with None
+        once done, the store's call already sent when this returns.
 
         Counts the attempt (see the class docstring), then: a success resets the backoff level and
         ends any cooldown; a verdict with a cooldown (429, 401 both API-key and OAuth "refresh",
@@ -124,10 +127,13 @@ class AccountPool:
         else:
             outcome = OUTCOME_RATE_LIMITED if verdict.status == 429 else OUTCOME_ERROR
             error = _error_text(verdict)
-        # the attempt, its outcome and the proxy-wide count in one store call (one Redis round trip)
-        await self._store.record_result(key, outcome, now, error=error, counter=UPSTREAM_ATTEMPTS)
-        if verdict.cooldown is not None:
-            await self._extend(key, now + verdict.cooldown, verdict.backoff_level)
+        # the attempt, its outcome and the proxy-wide count in one store call (one Redis round trip);
+        # a plain Deferred, no coroutine: a success is recorded this way on every request
+        recorded = self._store.record_result(key, outcome, now, error=error, counter=UPSTREAM_ATTEMPTS)
+        if verdict.cooldown is None:
+            return recorded
+        until, level = now + verdict.cooldown, verdict.backoff_level
+        return recorded.addCallback(lambda _: defer.ensureDeferred(self._extend(key, until, level)))
 
     async def cool(self, account: Account, seconds: float) -> None:
         """Cool ``account`` for ``seconds`` from now (never shortening a longer cooldown) without
