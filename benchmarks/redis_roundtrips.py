@@ -12,7 +12,7 @@ apart); a lock is a ``SET ... NX`` (``set`` below) and its release a script. Kin
   refreshed);
 * ``stream``: a short SSE stream with the session header.
 
-Each ``EVALSHA`` is named by its script (``clproxy.state.redis.scripts``, matched by SHA1).
+Each ``EVALSHA`` is named by its script (the Lua scripts of ``clproxy.state.redis``, matched by SHA1).
 
 This is what bounds scaling on a bigger machine: every worker pays these round trips per request
 and nothing else is shared between workers (no lock is taken on a request's path unless an OAuth

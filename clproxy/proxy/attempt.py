@@ -154,7 +154,7 @@ class Attempt:
             finally:
                 await recording
         await self.pool.record(account, heard.verdict)
-        if not heard.quiet:
+        if heard.verdict.action != policy.SUCCESS and not heard.quiet:
             log.info("{line}", line=heard.verdict.describe(account.name))
         if heard.deliver is not None:
             return await heard.deliver()
