@@ -533,6 +533,30 @@ def test_usable_or_not_a_2xx_is_none(status, content_type, body):
     assert policy.classify_unusable_answer(status, content_type, body) is None
 
 
+@pytest.mark.parametrize("body", [
+    MESSAGE, b'{}', b'{"a": {"b": [1, 2, {"c": null}]}}', b'{"a": 1, "a": 2}',
+    b'{"a": "\\ud800"}', b'{"a": NaN}', b'{"a": "caf\xc3\xa9"}',   # json takes these; msgspec declines
+    b'{"a": "\xff"}', b'{"a": 1} {"b": 2}', b'{"a": 1,}', b'{"a" 1}', b'{"a": [}',
+    b'{"a": "\x01"}', b'{' + b'"k": 1, ' * 1000 + b'"z": 2}',
+])
+def test_the_object_check_agrees_with_pythons_json(body):
+    """A JSON 2xx is judged exactly as Python's json reads it, with or without the fast check
+    (escapes, NaN and lone surrogates json takes, bad UTF-8 and trailing data it refuses)."""
+    try:
+        expected = isinstance(json.loads(body.decode("utf-8")), dict)
+    except ValueError:
+        expected = False
+    assert (policy.classify_unusable_answer(200, "application/json", body) is None) is expected
+
+
+def test_a_deeply_nested_json_2xx_is_unusable_not_an_exception():
+    """A 2xx JSON object nested deeper than Python's parser goes is no answer (a transient
+    failure, the next account), not a RecursionError escaping the classification."""
+    body = b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    reason = policy.classify_unusable_answer(200, "application/json", body)
+    assert reason == f"a 200 answer whose body is not a JSON object ({len(body)} bytes)"
+
+
 def test_huge_json_object_is_checked_by_its_braces_only():
     """Past FULL_PARSE_LIMIT only the braces count (a whole parse would cost more than it finds)."""
     big = b"{" + b" " * policy.FULL_PARSE_LIMIT + b"}"
