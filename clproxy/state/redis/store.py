@@ -334,22 +334,23 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
         await self.mirror.set_cooldown(key, until, backoff_level)
 
     def record_attempt(self, key, now):
-        return Deferred.fromCoroutine(self._record(key, now, True, None, None, None))
+        return Deferred.fromCoroutine(self._record(key, now, attempt=True))
 
     def record_outcome(self, key, outcome, now, error=None):
         problem = validate_outcome(outcome)
         if problem is not None:
             return defer.fail(problem)
-        return Deferred.fromCoroutine(self._record(key, now, False, outcome, error, None))
+        return Deferred.fromCoroutine(self._record(key, now, outcome=outcome, error=error))
 
     def record_result(self, key, outcome, now, error=None, counter=None):
         problem = validate_outcome(outcome)
         if problem is not None:
             return defer.fail(problem)
-        return Deferred.fromCoroutine(self._record(key, now, True, outcome, error, counter))
+        return Deferred.fromCoroutine(self._record(key, now, attempt=True, outcome=outcome, error=error,
+                                                  counter=counter))
 
-    async def _record(self, key, now, attempt: bool, outcome: Optional[str], error: Optional[str],
-                      counter: Optional[str]):
+    async def _record(self, key, now, *, attempt: bool = False, outcome: Optional[str] = None,
+                      error: Optional[str] = None, counter: Optional[str] = None):
         """The RECORD script: an attempt, an outcome and a counter, each when asked, in one
         round trip; then the same in the mirror."""
         text = error if error is not None else (outcome or "")
