@@ -12,7 +12,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseDone
 from twisted.web.http import PotentialDataLoss
-from twisted.web.http_headers import Headers
+from twisted.web.http_headers import Headers, InvalidHeaderName
 from twisted.web.iweb import UNKNOWN_LENGTH
 
 from clproxy.proxy.http1 import HTTP1Pool, MalformedResponse, _Target, split_url
@@ -95,6 +95,53 @@ def test_the_callers_framing_headers_are_not_sent():
         b"POST", b"https://h/p", Headers({b"content-length": [b"99"], b"host": [b"h2"]}), b"abc")
     assert endpoints.connections[0].transport.value() == (
         b"POST /p HTTP/1.1\r\nHost: h2\r\nContent-Length: 3\r\n\r\nabc")
+
+
+def sent_with_pairs(pairs, body=b"abc", url=b"https://h/p"):
+    """What the client writes for a request whose headers are ``(name, value)`` pairs."""
+    endpoints = Endpoints()
+    HTTP1Pool(task.Clock(), endpoints).request(b"POST", url, pairs, body)
+    return endpoints.connections[0].transport.value()
+
+
+def test_pairs_are_written_in_their_order_and_case():
+    """Pairs (what shaping gives) go out as they are, after Host, before Content-Length."""
+    assert sent_with_pairs([(b"x-b", b"2"), (b"X-A", b"1"), (b"x-b", b"3")]) == (
+        b"POST /p HTTP/1.1\r\nHost: h\r\nx-b: 2\r\nX-A: 1\r\nx-b: 3\r\nContent-Length: 3\r\n\r\nabc")
+
+
+def test_pairs_framing_dropped_and_the_callers_host_kept_in_place():
+    """As with Headers: the caller's framing headers are not sent, its Host replaces the URL's."""
+    assert sent_with_pairs([(b"x-a", b"1"), (b"Content-Length", b"99"), (b"transfer-encoding", b"chunked"),
+                            (b"connection", b"close"), (b"HOST", b"h2"), (b"host", b"h3")]) == (
+        b"POST /p HTTP/1.1\r\nx-a: 1\r\nHOST: h2\r\nhost: h3\r\nContent-Length: 3\r\n\r\nabc")
+    assert sent_with_pairs([], body=None) == b"POST /p HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+@pytest.mark.parametrize("pairs", [
+    [(b"x-a", b"1\r\nx-injected: yes")],
+    [(b"x-a", b"1\nx-injected: yes")],
+    [(b"x-a", b"1\rx-injected: yes")],
+    [("x-a", "1\r\nx-injected: yes")],
+    [("x-text", "caf\u00e9"), (b"x-a", b"1")],
+])
+def test_pairs_with_line_breaks_or_text_cannot_add_a_header(pairs):
+    """A CR or LF in a name or value, or text in place of bytes, goes through Headers: encoded,
+    line breaks folded into spaces, so the head has exactly its own lines."""
+    sent = sent_with_pairs(pairs)
+    head, _, body = sent.partition(b"\r\n\r\n")
+    assert body == b"abc"
+    lines = head.split(b"\r\n")
+    assert not any(line.lower().startswith(b"x-injected") for line in lines)
+    assert b"\n" not in head.replace(b"\r\n", b"") and b"\r" not in head.replace(b"\r\n", b"")
+    assert lines[1] == b"Host: h" and lines[-1] == b"Content-Length: 3"
+    assert len(lines) == 2 + len(pairs) + 1
+
+
+def test_a_pair_whose_name_is_not_a_token_is_refused_as_headers_refuses_it():
+    """A name with a line break (a plugin's mistake) is never written: Headers refuses it."""
+    with pytest.raises(InvalidHeaderName):
+        sent_with_pairs([(b"x-a\r\nx-injected", b"yes")])
 
 
 def test_split_url():

@@ -45,6 +45,7 @@ log = logger(__name__)
 # What a client must not see of the upstream's answer: hop-by-hop headers, and what twisted.web
 # sets itself for the proxy's own connection.
 DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"date"}
+_TRACE_NAMES = frozenset(TRACE_HEADERS)
 
 HeaderList = List[Tuple[bytes, Sequence[bytes]]]
 
@@ -171,11 +172,10 @@ class Attempt:
         """
         timeout = max(0.001, min(self.upstream_timeout, deadline - self.clock.seconds()))
         url = (account.base_url.rstrip("/").encode("utf-8") + request.path + request.query)
-        headers, body = self.shaping.shape(request.headers, account, request.body)
-        for name in TRACE_HEADERS:  # the proxy's own span is the upstream's parent
-            headers.removeHeader(name)
-        for name, value in request.record.outbound_headers():  # also starts the attempt's clock
-            headers.setRawHeaders(name, [value])
+        shaped, body = self.shaping.shape_pairs(request.headers, account, request.body)
+        # the proxy's own span is the upstream's parent: the client's trace headers make way for it
+        headers = [pair for pair in shaped if pair[0].lower() not in _TRACE_NAMES]
+        headers += request.record.outbound_headers()  # also starts the attempt's clock
         sending = self.upstream.send(request.method, url, headers, body, timeout, self.clock)
         out.on_disconnect(sending.cancel)
         try:

@@ -10,7 +10,7 @@ the end, and twisted's chunked decoder (which ``ChunkedPassthrough`` may take ov
 """
 
 import re
-from typing import Any, Dict, List, Optional, Tuple, cast
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IPushProducer
@@ -79,9 +79,33 @@ def split_url(url: bytes) -> Tuple[bytes, bytes, int, bytes, bytes]:
     return scheme, host, port, shown, path
 
 
-def request_head(method: bytes, path: bytes, host: bytes, headers: Headers, length: Optional[int]) -> bytes:
+RequestHeaders = Union[Headers, Sequence[Tuple[bytes, bytes]]]
+
+
+def pairs_to_headers(pairs: Sequence[Tuple[bytes, bytes]]) -> Headers:
+    """twisted ``Headers`` holding ``pairs`` in order (text encoded, line breaks folded into
+    spaces, as ``Headers`` does with any value)."""
+    headers = Headers()
+    add = headers.addRawHeader
+    for name, value in pairs:
+        add(name, value)
+    return headers
+
+
+def request_head(method: bytes, path: bytes, host: bytes, headers: RequestHeaders,
+                 length: Optional[int]) -> bytes:
     """The request line and headers; ``Host`` unless the caller set one, ``Content-Length`` for a
-    body (the caller's own framing headers are not sent: this client frames the body itself)."""
+    body (the caller's own framing headers are not sent: this client frames the body itself).
+
+    ``headers`` is twisted ``Headers`` or ``(name, value)`` pairs, written in their order and
+    case. Pairs that are not all bytes free of CR and LF go through ``Headers`` first, which
+    encodes text and folds line breaks into spaces: no header can end the head early or add one.
+    """
+    if not isinstance(headers, Headers):
+        head = _head_of_pairs(method, path, host, headers, length)
+        if head is not None:
+            return head
+        headers = pairs_to_headers(headers)
     lines = [method, b" ", path, b" HTTP/1.1\r\n"]
     if not headers.hasHeader(b"host"):
         lines += (b"Host: ", host, b"\r\n")
@@ -97,6 +121,40 @@ def request_head(method: bytes, path: bytes, host: bytes, headers: Headers, leng
 
 
 _FRAMING = {b"Content-Length", b"Transfer-Encoding", b"Connection"}  # as getAllRawHeaders names them
+_FRAMING_LOWER = frozenset(name.lower() for name in _FRAMING)
+
+
+def _head_of_pairs(method: bytes, path: bytes, host: bytes, pairs: Sequence[Tuple[bytes, bytes]],
+                   length: Optional[int]) -> Optional[bytes]:
+    """:func:`request_head` of ``(name, value)`` pairs written as they are, or None when one of
+    them is not bytes or holds a CR or LF (the caller then goes through ``Headers``)."""
+    lines = [method, b" ", path, b" HTTP/1.1\r\n", b"Host: ", host, b"\r\n"]
+    count = 2  # lines ended so far: the request line and Host
+    url_host = True
+    try:
+        for name, value in pairs:
+            lower = name.lower()
+            if lower in _FRAMING_LOWER:
+                continue
+            if lower == b"host" and url_host:  # the caller's own Host replaces the URL's
+                del lines[4:7]
+                url_host = False
+                count -= 1
+            lines += (name, b": ", value, b"\r\n")
+            count += 1
+        if length is not None:
+            lines.append(b"Content-Length: %d\r\n" % length)
+            count += 1
+        lines.append(b"\r\n")
+        head = b"".join(lines)
+    except TypeError:  # text, not bytes
+        return None
+    # one count of each over the whole head (C speed) in place of a check of every value: any CR
+    # or LF beyond the line ends is in a name, a value, the method or the path
+    count += 1
+    if head.count(b"\n") != count or head.count(b"\r") != count:
+        return None
+    return head
 _TOKEN_DIGITS = frozenset(b"0123456789")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
@@ -517,8 +575,10 @@ class HTTP1Pool:
         self._idle: Dict[tuple, List[HTTP1Connection]] = {}
         self._sweep = None  # one timer closes idle connections that outstayed idle_timeout
 
-    def request(self, method: bytes, url: bytes, headers: Headers, body: Optional[bytes]) -> defer.Deferred:
-        """Send a request; fires with a :class:`Response` once its head arrived.
+    def request(self, method: bytes, url: bytes, headers: RequestHeaders,
+                body: Optional[bytes]) -> defer.Deferred:
+        """Send a request (``headers``: twisted ``Headers`` or ``(name, value)`` pairs); fires with
+        a :class:`Response` once its head arrived.
 
         Fails with the connection's failure (refused, timed out, TLS, closed before answering) or a
         :class:`MalformedResponse`. Cancelling it drops the connection.

@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from clproxy.accounts.model import Account
 from clproxy.interfaces import ICloakingPlugin
+from clproxy.proxy.http1 import pairs_to_headers
 
 MODES = ("auto", "always", "never")
 OAUTH_BETA = b"oauth-2025-04-20"
@@ -172,9 +173,12 @@ class CloakingPipeline:
         """Whether the optional plugins run for ``account`` under this mode."""
         return self.mode == "always" or (self.mode == "auto" and account.is_oauth)
 
-    def shape(self, client_headers: Sequence[Tuple[bytes, bytes]], account: Account,
-              body: Optional[bytes]) -> Tuple[Headers, Optional[bytes]]:
-        """The upstream headers and body for one attempt with ``account``."""
+    def shape_pairs(self, client_headers: Sequence[Tuple[bytes, bytes]], account: Account,
+                    body: Optional[bytes]) -> Tuple[Pairs, Optional[bytes]]:
+        """The upstream headers, as ``(name, value)`` pairs in the order they will be sent, and the
+        body for one attempt with ``account``. The pairs are the plugins' own list (names mostly
+        lower case; a plugin may add any): what :mod:`clproxy.proxy.http1` writes as it is, with no
+        ``Headers`` object built and read back per attempt."""
         context = ShapingContext(account=account, headers=[], body=body, client_headers=client_headers)
         for plugin in self.mandatory:
             if plugin.applies(context):
@@ -183,11 +187,13 @@ class CloakingPipeline:
             for plugin in self.plugins:
                 if plugin.applies(context):
                     plugin.apply(context)
-        headers = Headers()
-        add = headers.addRawHeader
-        for name, value in context.headers:
-            add(name, value)
-        return headers, context.body
+        return context.headers, context.body
+
+    def shape(self, client_headers: Sequence[Tuple[bytes, bytes]], account: Account,
+              body: Optional[bytes]) -> Tuple[Headers, Optional[bytes]]:
+        """The upstream headers, as twisted ``Headers``, and body for one attempt with ``account``."""
+        pairs, body = self.shape_pairs(client_headers, account, body)
+        return pairs_to_headers(pairs), body
 
 
 def pipeline_from_config(cloaking_config) -> CloakingPipeline:

@@ -23,7 +23,8 @@ from zope.interface import implementer
 from clproxy.interfaces import IUpstream
 
 from clproxy.proxy import sse
-from clproxy.proxy.http1 import HTTP1Pool, MalformedResponse, Response as HTTP1Response, _no_delay
+from clproxy.proxy.http1 import (HTTP1Pool, MalformedResponse, RequestHeaders, Response as HTTP1Response, _no_delay,
+                                 pairs_to_headers)
 
 log = logger(__name__)
 
@@ -147,10 +148,11 @@ class UpstreamClient:
             self.pool.maxPersistentPerHost = max_connections_per_host
             self.http1.max_idle_per_host = max_connections_per_host
 
-    def send(self, method: bytes, url: bytes, headers: Headers, body: Optional[bytes],
+    def send(self, method: bytes, url: bytes, headers: RequestHeaders, body: Optional[bytes],
              timeout: float, clock: IReactorTime) -> "defer.Deferred":
         """Send one request; fires with the response (a :class:`clproxy.proxy.http1.Response`, or the agent's
-        ``IResponse``) once its headers arrived.
+        ``IResponse``) once its headers arrived. ``headers`` is twisted ``Headers`` or
+        ``(name, value)`` pairs, sent in their order.
 
         Fails with :class:`UpstreamError` when the upstream is unreachable or sends no response
         headers within ``timeout`` seconds. Cancelling the Deferred closes the connection.
@@ -158,6 +160,8 @@ class UpstreamClient:
         if self.agent is None:
             d = self.http1.request(method, url, headers, body)
         else:
+            if not isinstance(headers, Headers):
+                headers = pairs_to_headers(headers)
             d = self.agent.request(method, url, headers, BytesProducer(body) if body is not None else None)
         timer = clock.callLater(timeout, d.cancel)
         host = _host_of(url)
