@@ -44,6 +44,14 @@ def test_hop_by_hop_and_connection_listed_headers_dropped():
     assert [n.lower() for n, _ in headers.getAllRawHeaders()] == [b"x-app", b"x-api-key"]
 
 
+def test_every_connection_header_counts_wherever_it_stands():
+    """Names listed by two Connection headers, one after the header it names, are all dropped."""
+    client = [(b"X-Before", b"1"), (b"x-app", b"cli"), (b"Connection", b"x-before"), (b"X-After", b"2"),
+              (b"connection", b" X-AFTER ,close")]
+    pairs, _ = CloakingPipeline("never").shape_pairs(client, KEY, b"")
+    assert pairs == [(b"x-app", b"cli"), (b"x-api-key", b"sk-test-key")]
+
+
 def test_proxy_internal_headers_not_forwarded():
     """x-clproxy-* and x-neurolink-* headers are meant for the proxy only."""
     headers = upstream_headers([(b"x-clproxy-session-id", b"s"), (b"x-neurolink-user-id", b"u")], KEY)

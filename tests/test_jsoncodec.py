@@ -149,3 +149,21 @@ def test_object_reader_builds_only_the_named_fields():
     finally:
         gc.enable()
     assert built < 10, built  # a full parse makes ~3,000 tracked objects here
+
+
+@pytest.mark.parametrize("text", [
+    b'"plain"', '"text given as str"', b'"caf\\u00e9 \\"quoted\\""', b'{"session_id": "s", "n": [1, 2.5, null]}',
+    b'"\\ud800 a lone surrogate"', b'NaN', b'[Infinity]', b'-12345678901234567', b'{"a": 1, "a": 2}',
+])
+def test_loads_or_none_gives_what_json_gives(text):
+    """What the fast parser takes and what only Python's json takes (a lone surrogate, NaN) both
+    come out as json.loads would give them."""
+    expected = json.loads(text)
+    got = jsoncodec.loads_or_none(text)
+    assert repr(got) == repr(expected)  # repr: NaN is not equal to itself
+
+
+@pytest.mark.parametrize("text", [b"", b"{", b'"unterminated', b"\xff\xfe", "[" * 100_000, b"{} trailing"])
+def test_loads_or_none_is_none_for_what_is_not_json(text):
+    """Broken, cut, non-UTF-8 or absurdly deep input: None, never an exception."""
+    assert jsoncodec.loads_or_none(text) is None

@@ -20,6 +20,7 @@ from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from zope.interface import implementer
 
+from clproxy import jsoncodec
 from clproxy.accounts.model import Account
 from clproxy.errors import ProxyError
 from clproxy.interfaces import IResponseSink
@@ -528,9 +529,8 @@ def session_of_request(request: ProxyRequest) -> Optional[str]:
     literal = _user_id_literal(request.body, at)
     if literal is None:
         return None
-    try:
-        user_id = json.loads(literal)
-    except ValueError:
+    user_id = jsoncodec.loads_or_none(literal)
+    if user_id is None:
         return None
     return session_of(None, {"metadata": {"user_id": user_id}})
 

@@ -23,12 +23,16 @@ from zope.interface import implementer
 
 from clproxy.sendnow import write_through
 
-__all__ = ["HTTP1Pool", "Response", "MalformedResponse"]
+__all__ = ["BODY_DONE", "HTTP1Pool", "Response", "MalformedResponse"]
 
 #: The longest response head read (status line and headers) before the answer is called malformed.
 MAX_HEAD = 64 * 1024
 
 _DEFAULT_PORTS = {b"http": 80, b"https": 443}
+
+#: How every complete body ends (``connectionLost`` of the body's protocol): one Failure for all,
+#: as twisted's own ``connectionDone``, not one made and inspected per response.
+BODY_DONE = Failure(ResponseDone())
 
 
 class MalformedResponse(Exception):
@@ -518,7 +522,7 @@ class HTTP1Connection(protocol.Protocol):
         else:
             self._pool._release(self)
         if response is not None:
-            response._end(Failure(ResponseDone()))
+            response._end(BODY_DONE)
 
     def _broken(self, reason: Exception) -> None:
         """The answer cannot be read: the caller or the body's reader gets ``reason``, and the

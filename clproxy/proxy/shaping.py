@@ -64,16 +64,18 @@ class HeaderHygiene:
         return True
 
     def apply(self, context: ShapingContext) -> None:
-        listed = set()
-        for name, value in context.client_headers:
-            if name.lower() == b"connection":
-                listed.update(token.strip().lower() for token in value.split(b","))
+        listed = None  # the names a Connection header lists (rare: most clients send keep-alive)
         kept = []
         for name, value in context.client_headers:
             lower = name.lower()
-            if lower in NOT_FORWARDED or lower in listed or lower.startswith(INTERNAL_PREFIXES):
+            if lower in NOT_FORWARDED or lower.startswith(INTERNAL_PREFIXES):
+                if lower == b"connection":
+                    tokens = {token.strip().lower() for token in value.split(b",")}
+                    listed = tokens if listed is None else listed | tokens
                 continue
             kept.append((lower, value))
+        if listed:  # one pass over the client's headers; a second over what was kept only if needed
+            kept = [pair for pair in kept if pair[0] not in listed]
         context.headers = kept
 
 

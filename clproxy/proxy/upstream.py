@@ -23,7 +23,7 @@ from zope.interface import implementer
 from clproxy.interfaces import IUpstream
 
 from clproxy.proxy import sse
-from clproxy.proxy.http1 import (HTTP1Pool, MalformedResponse, RequestHeaders, Response as HTTP1Response, _no_delay,
+from clproxy.proxy.http1 import (BODY_DONE, HTTP1Pool, MalformedResponse, RequestHeaders, Response as HTTP1Response, _no_delay,
                                  pairs_to_headers)
 
 log = logger(__name__)
@@ -211,7 +211,7 @@ def _cancelled(failure: Failure) -> bool:
 def _broke_off(reason: Failure) -> str:
     """Why a body's connection was lost, "" when the body ended cleanly (whole, or closed by a
     server that gave no length: twisted's ``PotentialDataLoss``)."""
-    if reason.check(ResponseDone, PotentialDataLoss) is not None:
+    if reason is BODY_DONE or reason.check(ResponseDone, PotentialDataLoss) is not None:
         return ""
     return _describe(reason)
 
@@ -268,7 +268,7 @@ class _BodyCollector(protocol.Protocol):
         self._size += len(data)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
-        if reason.check(ResponseDone, PotentialDataLoss):
+        if reason is BODY_DONE or reason.check(ResponseDone, PotentialDataLoss):
             self._finished.callback(b"".join(self._parts))
             return
         # Content-Length not reached, or a chunked body without its last chunk

@@ -25,6 +25,8 @@ import json
 import re
 from typing import Any, Dict, Iterable, Mapping, Optional
 
+from clproxy import jsoncodec
+
 #: The header Claude Code sends with its session id.
 SESSION_HEADER = "x-claude-code-session-id"
 #: A session id longer than this is ignored (a real one is a 36-character UUID).
@@ -88,10 +90,7 @@ def _from_user_id(user_id: Any) -> Optional[str]:
         return None
     text = user_id.strip()
     if text.startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except ValueError:
-            return None
+        parsed = jsoncodec.loads_or_none(text)
         return _valid(parsed.get("session_id")) if isinstance(parsed, dict) else None
     legacy = _LEGACY_RE.match(text)
     return _valid(legacy.group(1)) if legacy else None
