@@ -10,7 +10,7 @@ the end, and twisted's chunked decoder (which ``ChunkedPassthrough`` may take ov
 """
 
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union, cast
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union, cast
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IPushProducer
@@ -128,16 +128,26 @@ _FRAMING = {b"Content-Length", b"Transfer-Encoding", b"Connection"}  # as getAll
 _FRAMING_LOWER = frozenset(name.lower() for name in _FRAMING)
 
 
+# Lower-cased header names already seen to be tokens (bounded, as _keys below: names repeat).
+_token_names: Set[bytes] = set()
+
+
 def _head_of_pairs(method: bytes, path: bytes, host: bytes, pairs: Sequence[Tuple[bytes, bytes]],
                    length: Optional[int]) -> Optional[bytes]:
     """:func:`request_head` of ``(name, value)`` pairs written as they are, or None when one of
-    them is not bytes or holds a CR or LF (the caller then goes through ``Headers``)."""
+    them is not bytes, has a name that is not a token or holds a CR or LF (the caller then goes
+    through ``Headers``, which folds line breaks and refuses such a name)."""
     lines = [method, b" ", path, b" HTTP/1.1\r\n", b"Host: ", host, b"\r\n"]
     count = 2  # lines ended so far: the request line and Host
     url_host = True
     try:
         for name, value in pairs:
             lower = name.lower()
+            if lower not in _token_names:
+                if not _TOKEN.match(name):
+                    return None
+                if len(_token_names) < _MAX_KEYS:
+                    _token_names.add(lower)
             if lower in _FRAMING_LOWER:
                 continue
             if lower == b"host" and url_host:  # the caller's own Host replaces the URL's
@@ -159,6 +169,8 @@ def _head_of_pairs(method: bytes, path: bytes, host: bytes, pairs: Sequence[Tupl
     if head.count(b"\n") != count or head.count(b"\r") != count:
         return None
     return head
+
+
 _TOKEN_DIGITS = frozenset(b"0123456789")
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 

@@ -23,8 +23,8 @@ from zope.interface import implementer
 from clproxy.interfaces import IUpstream
 
 from clproxy.proxy import sse
-from clproxy.proxy.http1 import (BODY_DONE, HTTP1Pool, MalformedResponse, RequestHeaders, Response as HTTP1Response, _no_delay,
-                                 pairs_to_headers)
+from clproxy.proxy.http1 import (BODY_DONE, HTTP1Pool, MalformedResponse, RequestHeaders,
+                                 Response as HTTP1Response, _no_delay, pairs_to_headers)
 
 log = logger(__name__)
 
