@@ -307,7 +307,8 @@ class IUpstream(Interface):
     :class:`clproxy.testing.memory.MemoryAgent`)."""
 
     def send(method, url, headers, body, timeout, clock):
-        """Send one request as raw bytes; a Deferred that fires with the response once its headers
+        """Send one request as raw bytes (``headers``: twisted ``Headers``, or ``(name, value)``
+        byte pairs sent in their order); a Deferred that fires with the response once its headers
         arrived (what callers use of an ``IResponse``: ``code``, ``phrase``, ``headers`` as twisted
         ``Headers``, ``length``, ``deliverBody``, whose protocol's transport pauses, resumes and
         stops the upstream connection; :class:`clproxy.proxy.http1.Response`), or fails with :class:`clproxy.proxy.upstream.UpstreamError` (the words say
