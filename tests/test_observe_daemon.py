@@ -65,6 +65,8 @@ async def test_streamed_request_is_logged_counted_and_traced(fake, start_proxy, 
     upstream = fake.requests[-1].header("traceparent")
     assert upstream is not None and upstream.split("-")[1] == CALLER_TRACE
     assert CALLER_SPAN not in upstream  # the proxy's attempt span is the parent upstream sees
+    # the caller's own traceparent made way for it: one traceparent upstream, not two
+    assert [k.lower() for k, _ in fake.requests[-1].headers].count(b"traceparent") == 1
 
     logs = logs_of(proxy, tmp_path)
     [summary] = read_rows(logs, "proxy")
