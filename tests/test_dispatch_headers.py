@@ -52,6 +52,14 @@ def test_every_connection_header_counts_wherever_it_stands():
     assert pairs == [(b"x-app", b"cli"), (b"x-api-key", b"sk-test-key")]
 
 
+def test_the_clients_trace_context_is_left_to_the_attempt():
+    """traceparent and tracestate are dropped by shaping: each attempt sends its own."""
+    pairs, _ = CloakingPipeline("never").shape_pairs(
+        [(b"Traceparent", b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+         (b"tracestate", b"k=v"), (b"x-app", b"cli")], KEY, b"")
+    assert pairs == [(b"x-app", b"cli"), (b"x-api-key", b"sk-test-key")]
+
+
 def test_proxy_internal_headers_not_forwarded():
     """x-clproxy-* and x-neurolink-* headers are meant for the proxy only."""
     headers = upstream_headers([(b"x-clproxy-session-id", b"s"), (b"x-neurolink-user-id", b"u")], KEY)

@@ -33,7 +33,7 @@ from twisted.web.http_headers import Headers
 from clproxy.accounts.model import Account
 from clproxy.errors import error_event, error_type_for
 from clproxy.observe.console import logger
-from clproxy.observe.recorder import (TRACE_HEADERS, model_from_message, usage_from_event,
+from clproxy.observe.recorder import (model_from_message, usage_from_event,
                                       usage_from_message, usage_from_sse_tail)
 from clproxy.proxy.shaping import HOP_BY_HOP, CloakingPipeline
 from clproxy.proxy.upstream import FirstEventFailed, StreamRelay, UpstreamError, read_body
@@ -45,7 +45,6 @@ log = logger(__name__)
 # What a client must not see of the upstream's answer: hop-by-hop headers, and what twisted.web
 # sets itself for the proxy's own connection.
 DROP_DOWNSTREAM = HOP_BY_HOP | {b"content-length", b"date"}
-_TRACE_NAMES = frozenset(TRACE_HEADERS)
 
 HeaderList = List[Tuple[bytes, Sequence[bytes]]]
 
@@ -172,9 +171,8 @@ class Attempt:
         """
         timeout = max(0.001, min(self.upstream_timeout, deadline - self.clock.seconds()))
         url = (account.base_url.rstrip("/").encode("utf-8") + request.path + request.query)
-        shaped, body = self.shaping.shape_pairs(request.headers, account, request.body)
-        # the proxy's own span is the upstream's parent: the client's trace headers make way for it
-        headers = [pair for pair in shaped if pair[0].lower() not in _TRACE_NAMES]
+        # (shaping drops the client's trace headers: the proxy's own span is the upstream's parent)
+        headers, body = self.shaping.shape_pairs(request.headers, account, request.body)
         headers += request.record.outbound_headers()  # also starts the attempt's clock
         sending = self.upstream.send(request.method, url, headers, body, timeout, self.clock)
         out.on_disconnect(sending.cancel)

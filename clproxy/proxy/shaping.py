@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from clproxy.accounts.model import Account
 from clproxy.interfaces import ICloakingPlugin
+from clproxy.observe.recorder import TRACE_HEADERS
 from clproxy.proxy.http1 import pairs_to_headers
 
 MODES = ("auto", "always", "never")
@@ -25,11 +26,13 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"proxy-connection",
     b"te", b"trailer", b"trailers", b"transfer-encoding", b"upgrade",
 })
-# Never forwarded upstream: the client's own credentials (the account's replace them), what the
-# HTTP client recomputes, and headers meant for the proxy only. Accept-Encoding is dropped so the
-# upstream answers in identity encoding: the proxy must read the first SSE event and error bodies.
+# Never forwarded upstream: the client's own credentials (the account's replace them), its trace
+# context (each attempt sends its own, whose parent is the proxy's span: recorder.outbound_headers),
+# what the HTTP client recomputes, and headers meant for the proxy only. Accept-Encoding is dropped
+# so the upstream answers in identity encoding: the proxy must read the first SSE event and error
+# bodies.
 NOT_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"x-api-key", b"authorization",
-                              b"accept-encoding", b"expect", b"cookie"}
+                              b"accept-encoding", b"expect", b"cookie"} | frozenset(TRACE_HEADERS)
 INTERNAL_PREFIXES = (b"x-clproxy-", b"x-neurolink-")
 SESSION_HEADER = b"x-claude-code-session-id"
 
