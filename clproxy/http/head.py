@@ -42,6 +42,11 @@ MIRRORED = (
 #: The methods of the channel whose work the fast path does instead of calling them.
 OWN_PARSING = ("lineReceived", "headerReceived")
 
+#: The methods it calls without looking at their verdict, which :func:`parse_head` has already
+#: given for twisted's own: a subclass's version may refuse (400) a head the fast path would then
+#: go on with (allHeadersReceived, a 100 Continue after the 400...).
+PREJUDGED = ("_maybeChooseTransferDecoder",)
+
 #: sha256 of :func:`fingerprint` for the twisted releases checked against this module (with
 #: tests/test_head_parsing.py): 26.10.0.
 KNOWN_FINGERPRINTS = frozenset({
@@ -136,9 +141,10 @@ class HeadChannel(http.HTTPChannel):
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        # a subclass with its own line or header handling must get it called: no fast path there
-        if cls.dataReceived is not HeadChannel.dataReceived or any(
-                getattr(cls, name) is not getattr(http.HTTPChannel, name) for name in OWN_PARSING):
+        # a subclass with its own line or header handling must get it called and heeded, and one
+        # with other line ends than parse_head's CRLF gets them: no fast path there
+        if cls.dataReceived is not HeadChannel.dataReceived or cls.delimiter != b"\r\n" or any(
+                getattr(cls, name) is not getattr(http.HTTPChannel, name) for name in OWN_PARSING + PREJUDGED):
             cls.fast_head = False
 
     def _may_take_head(self) -> bool:
