@@ -210,9 +210,12 @@ def parse_head(head: bytes) -> Tuple[int, bytes, bool, Headers]:
     status = lines[0].rstrip(b"\r")
     version, _, rest = status.partition(b" ")
     code_text, _, phrase = rest.partition(b" ")
+    # a code outside 100-599 is invalid (RFC 9110 15); below 100 it would pass for an interim answer
     if version not in (b"HTTP/1.1", b"HTTP/1.0") or len(code_text) != 3 \
-            or not _TOKEN_DIGITS.issuperset(code_text):
+            or not _TOKEN_DIGITS.issuperset(code_text) or not b"100" <= code_text < b"600":
         raise MalformedResponse("bad status line")
+    if b"\x00" in head:  # invalid and dangerous (RFC 9110 5.5): it would be relayed to the client
+        raise MalformedResponse("bad status line" if b"\x00" in status else "bad header line")
     raw: Dict[bytes, List[bytes]] = {}
     last: Optional[List[bytes]] = None
     for line in lines[1:]:
@@ -235,6 +238,10 @@ def parse_head(head: bytes) -> Tuple[int, bytes, bool, Headers]:
     headers._rawHeaders = raw
     connection = b",".join(raw.get(_CONNECTION, ())).lower()
     keep_alive = b"close" not in connection if version == b"HTTP/1.1" else b"keep-alive" in connection
+    if _TRANSFER_ENCODING in raw and (_CONTENT_LENGTH in raw or version == b"HTTP/1.0"):
+        # framed two ways (a smuggling shape), or chunked where HTTP/1.0 has no such thing: read
+        # as Transfer-Encoding says, but the connection's framing is not trusted again (RFC 9112 6)
+        keep_alive = False
     return int(code_text), phrase, keep_alive, headers
 
 
@@ -380,6 +387,13 @@ def _no_delay(transport) -> None:
         pass
 
 
+def _send_buffer(transport):
+    """The TCP transport whose buffer holds what was written to ``transport`` and has not left
+    yet (a TLS transport's is the TCP connection it writes to), or None (not twisted's TCP)."""
+    transport = getattr(transport, "transport", None) or transport
+    return transport if hasattr(transport, "_tempDataBuffer") and hasattr(transport, "dataBuffer") else None
+
+
 class HTTP1Connection(protocol.Protocol):
     """One upstream connection: one request at a time, kept alive between them by its pool.
 
@@ -393,6 +407,7 @@ class HTTP1Connection(protocol.Protocol):
     response: Any
     bodyDecoder: Any
     _exchange: Any
+    _out: Any
 
     def __init__(self, pool: "HTTP1Pool", key):
         self._pool = pool
@@ -409,12 +424,14 @@ class HTTP1Connection(protocol.Protocol):
         self._mode = None  # the body's framing: an int length, "chunked" or UNKNOWN_LENGTH
         self._keep_alive = False
         self._aborting = False  # dropped, its connectionLost yet to come: never pooled again
+        self._out = None  # where written bytes wait to leave (see _body_done)
         self._on_close: List[defer.Deferred] = []
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
         # the request leaves now, not on the next reactor turn (see clproxy.sendnow)
         self._write = write_through(self.transport)
+        self._out = _send_buffer(self.transport)
 
     def send(self, exchange: _Exchange) -> None:
         """Write ``exchange``'s request (head and body in one write) and wait for its answer."""
@@ -454,13 +471,15 @@ class HTTP1Connection(protocol.Protocol):
     def _head(self) -> None:
         buffer = self._buffer
         while True:
-            end = buffer.find(b"\r\n\r\n")
-            skip = 4
+            # the blank line after a line ending in CRLF or in LF alone: LF CR LF (which also
+            # finds CR LF CR LF, leaving a CR that parse_head drops), or LF LF
+            end = buffer.find(b"\n\r\n")
+            skip = 3
             bare = buffer.find(b"\n\n", 0, end if end >= 0 else len(buffer))
             if bare >= 0:
                 end, skip = bare, 2
-            if end < 0:
-                if len(buffer) > MAX_HEAD:
+            if end < 0 or end > MAX_HEAD:  # also a head that arrived whole past the limit
+                if end >= 0 or len(buffer) > MAX_HEAD:
                     self._broken(MalformedResponse("response head too long"))
                 else:
                     self._buffer = buffer
@@ -527,9 +546,16 @@ class HTTP1Connection(protocol.Protocol):
         response = self.response
         self.response = self.bodyDecoder = self._exchange = None
         self.state = "IDLE"
-        if rest or not self._keep_alive or self._aborting:
+        out = self._out  # (a drained TCP buffer is b"" and [])
+        unsent = out is not None and (out.dataBuffer or out._tempDataBuffer)
+        if rest or not self._keep_alive or self._aborting or unsent:
             # e.g. the body's reader gave up on the last bytes: the connection is on its way out
-            self.transport.loseConnection()
+            if unsent:
+                # answered before the request left whole (a 413 to a large body): the rest of it
+                # would reach the server ahead of the next request, or never (it stopped reading)
+                self.transport.abortConnection()
+            else:
+                self.transport.loseConnection()
             self.state = "CLOSED"
         else:
             self._pool._release(self)
