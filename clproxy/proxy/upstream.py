@@ -15,7 +15,8 @@ from clproxy.observe.console import logger
 from twisted.python.failure import Failure
 from twisted.web import client as webclient
 from twisted.web._newclient import HTTP11ClientProtocol, ResponseDone
-from twisted.web.http import PotentialDataLoss, _ChunkedTransferDecoder, _DataLoss
+from twisted.web.http import (PotentialDataLoss, _ChunkedTransferDecoder, _chunkExtChars, _DataLoss,
+                               maxChunkSizeLineLength)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IBodyProducer, UNKNOWN_LENGTH
 from zope.interface import implementer
@@ -368,6 +369,12 @@ class StreamRelay(protocol.Protocol):
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._lost = True
         self._leave_sweeper()
+        if self._write is not None:
+            # committed: judged now. Checked first because passthrough mode commits before the
+            # first event and feeds no parser after that: first_event never fires, and waiting
+            # for it left done unfired and the client's answer without its end
+            self._end(_broke_off(reason))
+            return
         if not self.first_event.called:
             # (passthrough mode commits without waiting for the first event: commit() judges it)
             self._ended_before_commit = _broke_off(reason)
@@ -376,14 +383,11 @@ class StreamRelay(protocol.Protocol):
             self.first_event.errback(FirstEventFailed(
                 f"upstream {self._host} stream {why} before its first event"))
             return
-        if self._write is None:
-            # not committed (yet): the dispatcher either moved on to another account, or is
-            # still between the first event and the commit (recording the account's answer may
-            # wait on Redis); a short stream can end whole in that gap, so keep why it ended
-            # and let commit() finish it
-            self._ended_before_commit = _broke_off(reason)
-            return
-        self._end(_broke_off(reason))
+        # not committed (yet): the dispatcher either moved on to another account, or is
+        # still between the first event and the commit (recording the account's answer may
+        # wait on Redis); a short stream can end whole in that gap, so keep why it ended
+        # and let commit() finish it
+        self._ended_before_commit = _broke_off(reason)
 
     def _end(self, broke_off: str) -> None:
         """Judge how the committed stream ended (``broke_off``: why its connection was lost
@@ -392,7 +396,11 @@ class StreamRelay(protocol.Protocol):
             self._tail = (self._tail + self.passthrough.tail())[-TAIL_BYTES:]
             self.passthrough.detach()  # it referred to this relay: no cycle left behind
         tail = self._tail
-        complete = b"message_stop" in tail or b"event: error" in tail
+        # an event line, not the words: the model's text may quote them (a JSON string holds no
+        # line break, so a line starting "event:" is always a real event's). The space after the
+        # colon is optional in SSE. A full window may begin inside a line: no line start there
+        lines = tail if len(tail) >= TAIL_BYTES else b"\n" + tail
+        complete = any(marker in lines for marker in _END_EVENT_LINES)
         if self._timed_out:
             why = f"upstream {self._host} went silent for {self._idle_timeout:g}s mid-stream"
         elif broke_off:
@@ -401,6 +409,17 @@ class StreamRelay(protocol.Protocol):
             why = f"upstream {self._host} ended the stream before message_stop"
         else:
             why = None
+        if why is not None and tail and not tail.endswith(b"\n"):
+            # cut inside a line: end it, or the error event written next is glued to that line
+            # and a client's SSE parser never sees it (the cut event's lines then become part of
+            # the error event: no blank line, which would dispatch the cut event on its own). On
+            # the fast path it goes first into the open chunk (a write of its own would be padded
+            # there with blank lines)
+            passthrough = self.passthrough
+            if passthrough is not None and not passthrough.done:
+                passthrough.lead = b"\n"
+            else:
+                self._write(b"\n")
         # the client's write method refers back to this relay (its disconnect callback): without
         # this, the pair and everything they hold wait for a full collection
         self._write = None
@@ -615,12 +634,16 @@ class ChunkedPassthrough:
     chunk is open when the upstream breaks off (:meth:`close`, which the client's response calls
     before whatever it writes next, completes it: the error event arrives in well-formed chunks).
     A chunk-size line split across reads is held
-    until its end (a few bytes); the last chunk is not relayed: once it arrived the client's
+    until its end (a few bytes); a chunk too big to complete by padding goes out in chunks of the
+    proxy's own; the last chunk is not relayed: once it arrived the client's
     request frames again and ends the body itself, as it does on the decoding path.
     """
 
-    max_line = 4096  # a chunk-size line with extensions, or the last chunk with its trailers: 64 KiB
-    max_last = 65536
+    #: the longest chunk-size line (with extensions), as twisted's decoder (and _chunk_size): the
+    #: decoding and the fast path judge a stream alike, whenever the switch happened and however
+    #: it was read
+    max_line = maxChunkSizeLineLength
+    max_last = 65536  # the last chunk with its trailers
 
     def __init__(self, relay: "StreamRelay", write: Callable[[bytes], None], release: Callable[[], None],
                  finish: Callable[[bytes], None]):
@@ -635,6 +658,9 @@ class ChunkedPassthrough:
         self._tail: List[bytes] = []
         self._tail_size = 0
         self.done = False
+        #: what :meth:`close` writes before the bytes it is given (the relay's line end after a cut)
+        self.lead = b""
+        self._reframed = False  # the open chunk is relayed in chunks of our own (_MAX_PADDED)
 
     @classmethod
     def replacing(cls, parser, relay: "StreamRelay",
@@ -664,9 +690,13 @@ class ChunkedPassthrough:
         body.closing = passthrough.close  # whatever writes next through the client's request
         if state == "BODY":
             # the client's chunk for the data so far is closed; the rest of this upstream chunk
-            # goes out in a chunk of its own, closed by the upstream's CRLF
+            # goes out in a chunk of its own, closed by the upstream's CRLF (or, too big to pad
+            # after a cut, in chunks of our own)
             passthrough._left = decoder.length
-            body.write(b"%x\r\n" % decoder.length)
+            if decoder.length > _MAX_PADDED:
+                passthrough._reframed = True
+            else:
+                body.write(b"%x\r\n" % decoder.length)
         elif state == "CRLF":
             passthrough._skip = 2 - len(buffered)  # the client's chunk is closed already
         else:
@@ -691,62 +721,114 @@ class ChunkedPassthrough:
             self._pending = b""
         size = len(data)
         pos = 0
+        sent = 0  # data[:sent] is dealt with: sent, or the framing of a reframed chunk (not relayed)
+        mark = -1  # where the last chunk begun in this read begins (its size line), and the tail then
+        marked_size = 0
         tail = self._tail
-        while pos < size:
-            left = self._left
-            if left:
-                end = pos + left
-                if end > size:
-                    end = size
-                tail.append(data[pos:end])
-                self._tail_size += end - pos
-                self._left = left - (end - pos)
-                pos = end
-                if not self._left:
-                    self._crlf = 2
-                continue
-            crlf = self._crlf
-            if crlf:
-                expected = b"\r\n"[2 - crlf:]
-                got = data[pos:pos + crlf]
-                if not expected.startswith(got):
-                    raise _MalformedChunks("chunk data not followed by CRLF")
-                self._crlf = crlf - len(got)
-                pos += len(got)
-                continue
-            eol = data.find(b"\r\n", pos)
-            if eol < 0:
-                if size - pos > self.max_line:
-                    raise _MalformedChunks("chunk-size line too long")
-                self._hold(data, pos)
-                return
-            length = _chunk_size(data[pos:eol])
-            if length == 0:
-                end = data.find(b"\r\n\r\n", eol)
-                if end < 0:
-                    if size - pos > self.max_last:
-                        raise _MalformedChunks("trailers too long")
-                    self._hold(data, pos)
+        try:
+            while pos < size:
+                left = self._left
+                if left:
+                    end = pos + left
+                    if end > size:
+                        end = size
+                    piece = data[pos:end]
+                    tail.append(piece)
+                    self._tail_size += end - pos
+                    self._left = left - (end - pos)
+                    if self._reframed:
+                        self._send(b"%x\r\n%s\r\n" % (end - pos, piece))
+                        sent = end
+                    pos = end
+                    if not self._left:
+                        self._crlf = 2
+                    continue
+                crlf = self._crlf
+                if crlf:
+                    expected = b"\r\n"[2 - crlf:]
+                    got = data[pos:pos + crlf]
+                    if not expected.startswith(got):
+                        raise _MalformedChunks("chunk data not followed by CRLF")
+                    self._crlf = crlf - len(got)
+                    pos += len(got)
+                    if self._reframed:
+                        sent = pos  # the client's chunks are complete: not this CRLF
+                        self._reframed = self._crlf != 0
+                    continue
+                mark = pos
+                marked_size = self._tail_size
+                eol = data.find(b"\r\n", pos)
+                if eol < 0:
+                    if size - pos > self.max_line:
+                        raise _MalformedChunks("chunk-size line too long")
+                    self._hold(data, pos, sent)
                     return
-                # the last chunk is not relayed: the client's request writes its own when it
-                # finishes (after an error event, if the stream turns out to be incomplete)
-                if pos:
-                    self._send(data[:pos])
-                self.done = True
-                self._trim()
-                self._release()
-                self._finish(data[end + 4:])
-                return
-            self._left = length
-            pos = eol + 2
-        self._send(data)
+                length = _chunk_size(data[pos:eol])
+                if length == 0:
+                    end = data.find(b"\r\n\r\n", eol)
+                    if end < 0:
+                        if size - pos > self.max_last:
+                            raise _MalformedChunks("trailers too long")
+                        self._hold(data, pos, sent)
+                        return
+                    if end - eol > self.max_last:  # refused whole as when split across reads
+                        raise _MalformedChunks("trailers too long")
+                    # the last chunk is not relayed: the client's request writes its own when it
+                    # finishes (after an error event, if the stream turns out to be incomplete)
+                    if pos > sent:
+                        self._send(data[sent:pos])
+                    self.done = True
+                    self._trim()
+                    self._release()
+                    self._finish(data[end + 4:])
+                    return
+                if length > _MAX_PADDED:
+                    # too big to complete with padding if the upstream breaks off inside it (up to
+                    # 2^64 bytes): its data goes out in chunks of our own as it arrives
+                    if pos > sent:
+                        self._send(data[sent:pos])
+                    sent = eol + 2
+                    self._reframed = True
+                self._left = length
+                pos = eol + 2
+        except _MalformedChunks:
+            # the client must be left with the framing close() completes, and the tail be what
+            # it got: without this, a read's valid chunks were dropped but counted, and close()
+            # completed a chunk the client never saw begin
+            if self._reframed:
+                pass  # its pieces went out whole (only its CRLF can be wrong): close() adds nothing
+            elif mark < 0:
+                # a chunk begun in an earlier read: what came of it goes out (as when decoding)
+                if pos > sent:
+                    self._send(data[sent:pos])
+            else:
+                # nothing of a chunk begun in this read goes out, only the chunks before it
+                if mark > sent:
+                    self._send(data[sent:mark])
+                self._left = self._crlf = 0
+                self._untail(self._tail_size - marked_size)
+            raise
+        if not sent:
+            self._send(data)
+        elif sent < size:
+            self._send(data[sent:])
         self._trim()
 
-    def _hold(self, data: bytes, pos: int) -> None:
+    def _hold(self, data: bytes, pos: int, sent: int) -> None:
         self._pending = data[pos:]
-        if pos:
-            self._send(data[:pos])
+        if pos > sent:
+            self._send(data[sent:pos])
         self._trim()
+
+    def _untail(self, count: int) -> None:
+        """Take the last ``count`` bytes off the tail (read, but not relayed)."""
+        tail = self._tail
+        self._tail_size -= count
+        while count > 0:
+            last = tail.pop()
+            if len(last) > count:
+                tail.append(last[:len(last) - count])
+            count -= len(last)
 
     def _send(self, data: bytes) -> None:
         self._write(data)
@@ -774,10 +856,12 @@ class ChunkedPassthrough:
         SSE ignores), give the framing back, and return the rest of ``last``."""
         if self.done:
             return last  # the framing was given back at the last chunk
+        if self.lead:
+            last = self.lead + last
         out = b""
         left = self._left
-        if self._skip:
-            pass  # twisted closed the client's chunk; the upstream's CRLF was still to come
+        if self._skip or self._reframed:
+            pass  # the client's chunks are complete; the upstream's CRLF was still to come
         elif left:
             fill = last[:left]
             last = last[left:]
@@ -785,6 +869,7 @@ class ChunkedPassthrough:
         elif self._crlf:
             out = b"\r\n"[2 - self._crlf:]
         self._left = self._crlf = self._skip = 0
+        self._reframed = False
         self._pending = b""
         if out:
             self._write(out)
@@ -792,15 +877,31 @@ class ChunkedPassthrough:
         return last
 
 
+#: the biggest chunk relayed with the upstream's own size line: a cut inside it is completed with
+#: at most that many bytes (of blank lines); a bigger one is relayed in chunks of the proxy's own
+_MAX_PADDED = 65536
+
+
+#: the lines that end a stream whole: its message_stop, or an error event the upstream sent itself
+_END_EVENT_LINES = (b"\nevent: message_stop", b"\nevent:message_stop", b"\nevent: error", b"\nevent:error")
+
+
 class _MalformedChunks(ValueError):
     """The upstream's chunked framing is broken (the connection is given up, the stream truncated)."""
 
 
 def _chunk_size(line: bytes) -> int:
-    """A chunk-size line's size (extensions ignored); strict hex digits, as twisted's decoder."""
-    digits = line.split(b";", 1)[0]
-    if not digits or digits.strip(b"0123456789abcdefABCDEF") or len(digits) > 16:
+    """A chunk-size line's size; strict hex digits (leading zeros allowed) and extensions of the
+    characters twisted's decoder allows: a line it refuses is refused here (relayed, a client's
+    own parser would choke on it instead of reading the error event)."""
+    if len(line) >= maxChunkSizeLineLength:  # refused whole as when split across reads
+        raise _MalformedChunks("chunk-size line too long")
+    digits, _, extensions = line.partition(b";")
+    if not digits or digits.strip(b"0123456789abcdefABCDEF") or (
+            len(digits) > 16 and len(digits.lstrip(b"0")) > 16):
         raise _MalformedChunks("bad chunk-size line")
+    if extensions and extensions.translate(None, _chunkExtChars):
+        raise _MalformedChunks("bad chunk extension")
     return int(digits, 16)
 
 
