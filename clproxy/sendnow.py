@@ -21,13 +21,16 @@ def write_through(transport) -> Callable[[bytes], None]:
     # socket among them) to it, so only the type tells that writing to the socket would skip TLS
     sock = getattr(transport, "socket", None) if isinstance(transport, tcp.Connection) else None
     if sock is None or not all(hasattr(transport, name) for name in
-                               ("dataBuffer", "offset", "_tempDataBuffer", "connected", "_writeDisconnected")):
+                               ("dataBuffer", "offset", "_tempDataBuffer", "connected", "_writeDisconnected",
+                                "_aborting")):
         return write  # not a plain TCP transport (TLS, a test's): its own write
     send = sock.send
 
     def write_now(data: bytes) -> None:
         if (not transport._tempDataBuffer and len(transport.dataBuffer) == transport.offset
-                and transport.connected and not transport._writeDisconnected and not transport.disconnecting):
+                and transport.connected and not transport._writeDisconnected and not transport.disconnecting
+                # abortConnection() closes only on the next reactor turn; twisted drops writes meanwhile
+                and not transport._aborting):
             try:
                 sent = send(data)
             except OSError:  # would block, or the connection is failing: the transport finds out

@@ -49,6 +49,7 @@ def send_anthropic_error(sink, error: ProxyError) -> None:
 
 # twisted.web.http is a deprecation proxy module: each attribute read there is a Python call
 _HTTPChannel = http.HTTPChannel
+_NO_BODY_CODES = http.NO_BODY_CODES
 
 
 @implementer(IResponseSink)
@@ -115,7 +116,8 @@ class ClientResponse:
         if self.disconnected:
             return
         self.start(status, headers)
-        self._request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
+        if status not in _NO_BODY_CODES:  # a 204/304 has no body: a length would announce bytes never sent
+            self._request.responseHeaders.setRawHeaders(b"content-length", [str(len(body)).encode()])
         self.write(body)
         self.finish()
 
