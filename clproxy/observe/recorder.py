@@ -512,13 +512,46 @@ TAIL_BYTES = 4096
 _USAGE_WINDOW = 2048
 
 
-def _last_usage(data: bytes) -> dict:
-    """The last ``"usage": {...}`` object of a JSON text (not one quoted inside a string)."""
-    end = len(data)
+#: The most tokens one usage field may count: far beyond any context window. A larger (or a
+#: negative) number is no usage but a broken or hostile upstream's, and would corrupt the ledger's
+#: sums, the limits and the metrics (a Python int of 400 digits cannot even become a float).
+_MAX_TOKENS = 10 ** 9
+#: What may follow the top-level object's last ``usage`` member: scalar members, then its end.
+_TOP_LEVEL_END = re.compile(r'\s*(?:,\s*"(?:[^"\\]|\\.)*"\s*:\s*(?:null|true|false|-?[0-9][0-9.eE+-]*'
+                            r'|"(?:[^"\\]|\\.)*"))*\s*\}\s*\Z')
+
+
+def _is_count(value) -> bool:
+    return type(value) is int and 0 <= value <= _MAX_TOKENS  # not bool, float, str, negative, huge
+
+
+def _clean(value: dict) -> dict:
+    """The token counts of a decoded usage object (anything else in it ignored)."""
+    found = {k: value[k] for k in _USAGE_FIELDS if _is_count(value.get(k))}
+    detail = value.get("cache_creation")
+    if isinstance(detail, dict):  # the 5-minute / 1-hour split of the cache writes (usage ledger)
+        split = {k: detail[k] for k in _CACHE_TTL_FIELDS if _is_count(detail.get(k))}
+        if split:
+            found["cache_creation"] = split
+    return found
+
+
+def _decode(text: str):
+    """``(value, end)`` of the JSON value at the start of ``text``; None when there is none.
+    RecursionError too: a deeply nested value must not escape to the caller (the reactor)."""
+    try:
+        return _DECODER.raw_decode(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _usages(data: bytes, end: int):
+    """The ``"usage": {...}`` objects of a JSON text (not ones quoted inside a string), last first,
+    as ``(decoded object, where its key starts)``; stops at the first that does not decode."""
     while True:
         at = data.rfind(b'"usage"', 0, end)
         if at < 0:
-            return {}
+            return
         end = at
         if at and data[at - 1] == 0x5C:  # \"usage\": inside a JSON string, not a key
             continue
@@ -526,35 +559,62 @@ def _last_usage(data: bytes) -> dict:
         if match is None:
             continue
         start = match.end() - 1
-        try:
-            value, _ = _DECODER.raw_decode(data[start:start + _USAGE_WINDOW].decode("utf-8", "replace"))
-        except ValueError:
-            try:
-                value, _ = _DECODER.raw_decode(data[start:].decode("utf-8", "replace"))
-            except ValueError:
-                return {}
-        if not isinstance(value, dict):
-            return {}
-        found = {k: value[k] for k in _USAGE_FIELDS if type(value.get(k)) is int}
-        detail = value.get("cache_creation")
-        if isinstance(detail, dict):  # the 5-minute / 1-hour split of the cache writes (usage ledger)
-            split = {k: detail[k] for k in _CACHE_TTL_FIELDS if type(detail.get(k)) is int}
-            if split:
-                found["cache_creation"] = split
-        return found
+        decoded = _decode(data[start:start + _USAGE_WINDOW].decode("utf-8", "replace"))
+        if decoded is None:
+            decoded = _decode(data[start:].decode("utf-8", "replace"))
+        if decoded is None or not isinstance(decoded[0], dict):
+            return
+        yield decoded[0], at
+
+
+def _last_usage(data: bytes) -> dict:
+    """The last ``"usage": {...}`` object of a JSON text (not one quoted inside a string)."""
+    for value, _ in _usages(data, len(data)):
+        return _clean(value)
+    return {}
 
 
 def usage_from_sse_tail(tail: bytes) -> dict:
-    """The usage of the last ``message_delta`` (or ``message_start``) in the end of an SSE stream.
+    """The usage in the end of an SSE stream: its ``message_start``'s (when still in it) merged
+    with its last ``message_delta``'s, later values winning.
 
     Pass the last ~1-4 KiB; only the last ``TAIL_BYTES`` are looked at. ``{}`` when none is there.
     """
-    return _last_usage(tail[-TAIL_BYTES:])
+    tail = tail[-TAIL_BYTES:]
+    found = _usages(tail, len(tail))
+    last = next(found, None)
+    if last is None:
+        return {}
+    usage = _clean(last[0])
+    # a message_delta may carry output_tokens only: the input and cache counts of a short stream
+    # are then in its message_start, also in the tail (in passthrough mode nothing else reads them)
+    started = tail.rfind(b'"message_start"', 0, last[1])
+    earlier = next(found, None) if started >= 0 else None
+    if earlier is not None and earlier[1] > started:
+        merged = _clean(earlier[0])
+        merged.update(usage)
+        usage = merged
+    return usage
 
 
 def usage_from_message(body: bytes) -> dict:
-    """The usage of a non-streaming Messages API response (looked for in its end only)."""
-    return _last_usage(body[-TAIL_BYTES:] if len(body) > TAIL_BYTES else body)
+    """The usage of a non-streaming Messages API response.
+
+    Cheap when, as Anthropic sends it, ``usage`` is the answer's last object member (only the
+    end is searched); otherwise the answer is decoded whole: a ``"usage"`` key in a tool's input
+    is not the answer's usage.
+    """
+    tail = body[-TAIL_BYTES:]
+    at = tail.rfind(b'"usage"')
+    match = _AFTER_USAGE.match(tail, at + 7) if at >= 0 and (at == 0 or tail[at - 1] != 0x5C) else None
+    if match is not None:
+        text = tail[match.end() - 1:].decode("utf-8", "replace")
+        decoded = _decode(text)
+        if decoded is not None and isinstance(decoded[0], dict) and _TOP_LEVEL_END.match(text, decoded[1]):
+            return _clean(decoded[0])
+    decoded = _decode(body.decode("utf-8", "replace").strip())
+    usage = decoded[0].get("usage") if decoded is not None and isinstance(decoded[0], dict) else None
+    return _clean(usage) if isinstance(usage, dict) else {}
 
 
 def usage_from_event(data) -> dict:

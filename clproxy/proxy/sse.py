@@ -30,19 +30,40 @@ class SSEParser:
     """
 
     def __init__(self, max_event_bytes: int = 16 * 1024 * 1024):
-        self._buffer = b""
+        #: the unfinished last line, as the chunks that brought it (joined once its end arrives: a
+        #: long line sent a byte per chunk must not be re-copied whole at every chunk)
+        self._held: List[bytes] = []
+        self._held_size = 0
         self._name: Optional[str] = None
         self._data: List[str] = []
         self._pending = 0
         self._max = max_event_bytes
         self._last_was_cr = False
+        self._at_start = True  # a byte order mark may begin the stream (WHATWG: it is skipped)
 
     def feed(self, chunk: bytes) -> List[Event]:
         """Parse ``chunk`` and return the events it completed, in order."""
+        if not chunk:
+            return []  # (and it must not forget a CR that ended the chunk before)
+        if self._at_start:
+            chunk = b"".join(self._held) + chunk
+            self._held, self._held_size = [], 0
+            if len(chunk) < 3 and _BOM.startswith(chunk):
+                self._held, self._held_size = [chunk], len(chunk)  # a BOM split across chunks
+                return []
+            self._at_start = False
+            if chunk.startswith(_BOM):
+                chunk = chunk[3:]
         if self._last_was_cr and chunk.startswith(b"\n"):
             chunk = chunk[1:]  # the LF of a CRLF split across chunks
         self._last_was_cr = chunk.endswith(b"\r")
-        buffer = self._buffer + chunk
+        if b"\n" not in chunk and b"\r" not in chunk:
+            self._held.append(chunk)
+            self._held_size += len(chunk)
+            if self._pending + self._held_size > self._max:
+                raise EventTooLarge(self._max)
+            return []
+        buffer = b"".join(self._held) + chunk if self._held else chunk
         events: List[Event] = []
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
@@ -59,8 +80,9 @@ class SSEParser:
                 self._name, self._data, self._pending = None, [], 0
                 continue
             self._field(line)
-        self._buffer = buffer[start:]
-        if self._pending + len(self._buffer) > self._max:
+        rest = buffer[start:]
+        self._held, self._held_size = ([rest], len(rest)) if rest else ([], 0)
+        if self._pending + self._held_size > self._max:
             raise EventTooLarge(self._max)
         return events
 
@@ -77,6 +99,9 @@ class SSEParser:
         elif name == b"event":
             self._name = text
         # "id" and "retry" do not matter to a proxy relaying Anthropic streams.
+
+
+_BOM = b"\xef\xbb\xbf"
 
 
 class EventTooLarge(ValueError):
