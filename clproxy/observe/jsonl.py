@@ -360,14 +360,30 @@ def redact_stream(raw: bytes) -> Tuple[Optional[bytes], dict]:
     message = reassemble_stream(raw)
     secrets = collect_secrets(message)
     redacted = redact_raw(raw)
+    split = False
     for secret in sorted(secrets, key=len, reverse=True):
-        for form in {secret.encode("utf-8"), json.dumps(secret)[1:-1].encode("utf-8")}:
+        forms = {secret.encode("utf-8"), json.dumps(secret)[1:-1].encode("utf-8")}
+        # not whole in the raw bytes: split across events (or escaped otherwise). Its first piece
+        # may be key-shaped on its own ("sk-ant-api03-Zq8") and masked, so the check below would
+        # no longer see the secret whole while its tail stays readable: withhold the raw bytes.
+        split = split or not any(form in raw for form in forms)
+        for form in forms:
             redacted = redacted.replace(form, REDACTED_BYTES)
-    if secrets:
+    if split:
+        redacted = None
+    elif secrets:
         check = json.dumps(reassemble_stream(redacted), ensure_ascii=False)
-        if any(secret in check for secret in secrets):
+        if any(_shows(secret, check) for secret in secrets):
             redacted = None
     return redacted, redact_value(message)
+
+
+def _shows(secret: str, text: str) -> bool:
+    """Whether ``secret``, or a piece of it of 17 characters or more, is in ``text`` (a secret also
+    written whole elsewhere can have a split copy whose masked first piece hides the rest)."""
+    if len(secret) < 18:
+        return secret in text
+    return any(secret[start:start + 12] in text for start in range(0, len(secret) - 11, 6))
 
 
 def reassemble_stream(raw: bytes) -> dict:

@@ -26,23 +26,42 @@ _SENSITIVE_KEYS = frozenset({
 })
 
 # Key shapes. Each pattern is anchored on a boundary so ordinary words ("task-ant-farm") stay.
-_KEY_SHAPES = [
-    (re.compile(r"(?<![A-Za-z0-9])sk-ant-[A-Za-z0-9_\-]{6,}"), "sk-ant-" + REDACTED),
-    (re.compile(r"(?<![A-Za-z0-9])sk-(?:proj-|svcacct-|admin-|None-)?[A-Za-z0-9_\-]{20,}"),
-     "sk-" + REDACTED),
-    (re.compile(r"(?<![A-Za-z0-9])AIza[0-9A-Za-z_\-]{30,}"), "AIza" + REDACTED),
-    (re.compile(r"(?i)\bBearer\s+[A-Za-z0-9\-._~+/]+=*"), "Bearer " + REDACTED),
+_KEY_SHAPE_SOURCES = [
+    (r"(?<![A-Za-z0-9])sk-ant-[A-Za-z0-9_\-]{6,}", "sk-ant-" + REDACTED),
+    (r"(?<![A-Za-z0-9])sk-(?:proj-|svcacct-|admin-|None-)?[A-Za-z0-9_\-]{20,}", "sk-" + REDACTED),
+    (r"(?<![A-Za-z0-9])AIza[0-9A-Za-z_\-]{30,}", "AIza" + REDACTED),
+    (r"(?i)\bBearer\s+[A-Za-z0-9\-._~+/]+=*", "Bearer " + REDACTED),
     # clproxy's own client keys (clproxy.team.keys: ``clp_`` + 43 url-safe characters), not its
     # request ids (``req_clp_`` + 24 hex digits, which no key is): every log row carries one
-    (re.compile(r"(?<![A-Za-z0-9])clp_(?![0-9a-f]{24}(?![A-Za-z0-9_\-]))[A-Za-z0-9_\-]{20,}"), "clp_" + REDACTED),
+    (r"(?<![A-Za-z0-9])clp_(?![0-9a-f]{24}(?![A-Za-z0-9_\-]))[A-Za-z0-9_\-]{20,}", "clp_" + REDACTED),
 ]
+_KEY_SHAPES = [(re.compile(source), replacement) for source, replacement in _KEY_SHAPE_SOURCES]
+
+
+def _after_escape_too(source: str) -> str:
+    """``source`` also matching right after a JSON escape: in text holding JSON (a tool result's
+    serialised output, a cut body) a key after a newline reads ``\\nsk-ant-...``, and that "n"
+    (or \\t, \\r...) must not hide it behind the boundary."""
+    for boundary in (r"(?<![A-Za-z0-9])", r"\b"):
+        if boundary in source:
+            head, body = source.split(boundary, 1)
+            return head + r"(?:" + boundary + r"|(?<=\\[nrtbf]))" + body
+    return source
+
+
+# Used where a backslash is present (text) and on raw bytes; the plain set keeps the common case
+# (no backslash in a log row's strings) at its old cost.
+_KEY_SHAPES_ESCAPED = [(re.compile(_after_escape_too(source)), replacement)
+                       for source, replacement in _KEY_SHAPE_SOURCES]
 #: Each shape with the literal it starts with, which is its replacement's (None: matched in any
 #: case, so no literal test can rule it out).
 _KEY_SHAPES_BY_START = [(pattern, replacement,
                          None if pattern.flags & re.IGNORECASE else replacement[:-len(REDACTED)])
                         for pattern, replacement in _KEY_SHAPES]
+_KEY_SHAPES_ESCAPED_BY_START = [(pattern, replacement, start) for (pattern, replacement), (_, _, start)
+                                in zip(_KEY_SHAPES_ESCAPED, _KEY_SHAPES_BY_START)]
 _KEY_SHAPES_B = [(re.compile(p.pattern.encode("ascii"), p.flags & re.IGNORECASE), r.encode("ascii"))
-                 for p, r in _KEY_SHAPES]
+                 for p, r in _KEY_SHAPES_ESCAPED]
 
 # For text that is not parsed (raw SSE, truncated JSON): "key": "value" and its escaped form
 # \"key\": \"value\" (JSON inside a JSON string, e.g. tool input).
@@ -69,7 +88,10 @@ def is_sensitive_key(key: Any) -> bool:
     """True when a JSON key or header name names a credential."""
     verdict = _KEY_VERDICTS.get(key)
     if verdict is None:
-        verdict = isinstance(key, str) and key.lower().replace("-", "").replace("_", "") in _SENSITIVE_KEYS
+        folded = key.lower().replace("-", "").replace("_", "") if isinstance(key, str) else ""
+        # ...api_key names a credential whoever issued it: ANTHROPIC_API_KEY, openai_api_key, an
+        # "anthropic-api-key" header (verdicts are cached, so the suffix test costs nothing per row)
+        verdict = folded in _SENSITIVE_KEYS or folded.endswith("apikey")
         if len(_KEY_VERDICTS) < _KEY_VERDICTS_LIMIT:
             _KEY_VERDICTS[key] = verdict
     return verdict
@@ -81,13 +103,16 @@ def redact_text(text: str) -> str:
     if '"' in text:
         text = _TEXT_PAIR.sub(_TEXT_REPLACEMENT, text)
         text = _TEXT_ESCAPED_PAIR.sub(_TEXT_REPLACEMENT, text)
-    if ("sk-" not in text and "AIza" not in text and "earer" not in text and "EARER" not in text
-            and "clp_" not in text):
+    # Bearer in any case: "bEaReR x" holds neither "earer" nor "EARER" (the old quick test)
+    bearer = "bearer" in text.lower()
+    if "sk-" not in text and "AIza" not in text and "clp_" not in text and not bearer:
         return text
-    for pattern, replacement, start in _KEY_SHAPES_BY_START:
+    for pattern, replacement, start in (_KEY_SHAPES_ESCAPED_BY_START if "\\" in text
+                                        else _KEY_SHAPES_BY_START):
         # a shape whose literal start is absent cannot match (every log row's request id holds
-        # "clp_", which alone used to run all five); Bearer's case-blind shape always runs
-        if start is None or start in text:
+        # "clp_", which alone used to run all five); Bearer's case-blind shape runs when the
+        # lower-cased text holds "bearer"
+        if (bearer if start is None else start in text):
             text = pattern.sub(replacement, text)
     return text
 
@@ -99,13 +124,17 @@ def redact_value(value: Any) -> Any:
     if value is None or isinstance(value, (int, float)):
         return value
     if isinstance(value, dict):
-        return {key: (REDACTED if is_sensitive_key(key) and item is not None else redact_value(item))
+        # keys are strings too ({"sk-ant-...": ...} must not keep the key)
+        return {(redact_text(key) if isinstance(key, str) else key):
+                (REDACTED if is_sensitive_key(key) and item is not None else redact_value(item))
                 for key, item in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact_value(item) for item in value]
     if isinstance(value, (bytes, bytearray)):
         return redact_text(bytes(value).decode("utf-8", "replace"))
-    return value
+    # Anything else (an exception in an ``error`` field, a set, a dataclass) would be written as
+    # its str() by the encoder's default, or natively by orjson, past redaction: its text, redacted
+    return redact_text(str(value))
 
 
 def collect_secrets(value: Any, found: Optional[Set[str]] = None) -> Set[str]:
@@ -114,7 +143,7 @@ def collect_secrets(value: Any, found: Optional[Set[str]] = None) -> Set[str]:
     if found is None:
         found = set()
     if isinstance(value, str):
-        for pattern, _ in _KEY_SHAPES:
+        for pattern, _ in _KEY_SHAPES_ESCAPED:
             found.update(m.group(0) for m in pattern.finditer(value))
         if '"' in value:
             for match in _TEXT_VALUE.finditer(value):
