@@ -32,8 +32,20 @@ JSONDecodeError = ValueError
 
 def _std_dumps(value: Any, default: Optional[Callable[[Any], Any]], newline: bool) -> bytes:
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=default)
-    return text.encode("utf-8") + (b"\n" if newline else b"")
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        # a lone surrogate (json reads one from a client's "\udc00" escape) has no UTF-8: write it
+        # as the escape it came as, or a log row holding it would be dropped
+        data = json.dumps(value, separators=(",", ":"), default=default).encode("ascii")
+    return data + (b"\n" if newline else b"")
 
+
+
+def std_dumps(value: Any) -> bytes:
+    """``value`` as compact UTF-8 JSON written by Python's json (the bytes a re-encoded request
+    body has always had); a lone surrogate stays the escape it came as."""
+    return _std_dumps(value, None, False)
 
 if orjson is not None:
     loads = orjson.loads

@@ -562,12 +562,14 @@ def without_foreign_thinking(request: ProxyRequest) -> ProxyRequest:
     """The request without thinking blocks made by another provider (re-encoded only if one is found)."""
     try:
         parsed = json.loads(request.body)
-    except ValueError:
+        cleaned = strip_foreign_thinking(parsed)
+        if cleaned is parsed:
+            return request
+        body = jsoncodec.std_dumps(cleaned)  # (a lone surrogate stays escaped: no UnicodeEncodeError)
+    # too deep for json (orjson, which took the body, goes deeper), or messages that are not a
+    # list of objects: forwarded as they are, for Anthropic to judge, never an internal error
+    except (ValueError, RecursionError, AttributeError, TypeError):
         return request
-    cleaned = strip_foreign_thinking(parsed)
-    if cleaned is parsed:
-        return request
-    body = json.dumps(cleaned, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return attr.evolve(request, body=body)
 
 
@@ -576,9 +578,17 @@ def with_model(request: ProxyRequest, model: str) -> ProxyRequest:
 
     The body is re-encoded, so its bytes change: the price of a rename the config asked for.
     """
-    parsed = json.loads(request.body)
-    parsed["model"] = model
-    body = json.dumps(parsed, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    try:
+        parsed = json.loads(request.body)
+        parsed["model"] = model
+        body = jsoncodec.std_dumps(parsed)
+    # the front door's reader (msgspec) and orjson take bodies json cannot read: nested past
+    # json's recursion limit, an integer beyond its 4300 digits; a rename needs json, so a 400
+    except RecursionError:
+        raise ProxyError(400, "request body nests JSON too deeply for the model mapping to rewrite it")
+    except ValueError:
+        raise ProxyError(400, "request body is JSON the model mapping cannot rewrite "
+                              "(an integer of more than 4300 digits?)")
     return attr.evolve(request, body=body, model=model)
 
 
