@@ -94,7 +94,12 @@ def stable_tool_use_id(foreign_id):
 def encode_sse(event, data):
     """Serialise one SSE event: ``event: X\\ndata: {compact json}\\n\\n`` as UTF-8 bytes."""
     payload = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return ("event: %s\ndata: %s\n\n" % (event, payload)).encode("utf-8")
+    try:
+        return ("event: %s\ndata: %s\n\n" % (event, payload)).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (a provider's "\ud800" escape) has no UTF-8 form; JSON's \u escape keeps it exactly.
+        payload = json.dumps(data, separators=(",", ":"), ensure_ascii=True)
+        return ("event: %s\ndata: %s\n\n" % (event, payload)).encode("utf-8")
 
 
 def system_text(system):
@@ -266,6 +271,7 @@ class ClaudeStreamSerializer:
 
     def text(self, delta):
         """Append text, opening a text block when the open block is not text. Empty text is ignored."""
+        _require_str(delta, "text")
         if not delta:
             return []
         events = self._ensure_open("text", {"type": "text", "text": ""})
@@ -274,6 +280,7 @@ class ClaudeStreamSerializer:
 
     def thinking(self, delta):
         """Append thinking text, opening a thinking block when needed. Empty text is ignored."""
+        _require_str(delta, "thinking")
         if not delta:
             return []
         events = self._ensure_open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
@@ -282,6 +289,7 @@ class ClaudeStreamSerializer:
 
     def signature(self, sig):
         """Attach a signature to the open thinking block (opening an empty one if none is open)."""
+        _require_str(sig, "signature")
         if not sig:
             return []
         events = self._ensure_open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
@@ -291,6 +299,10 @@ class ClaudeStreamSerializer:
     def tool_start(self, tool_id, name):
         """Open a new tool_use block (always a new index, even after another tool_use)."""
         self._require_running()
+        _require_str(tool_id, "tool id")
+        _require_str(name, "tool name")
+        if not name:
+            raise ValueError("a tool_use block needs a name")
         events = self.close_block()
         events.append(self._open("tool_use", {"type": "tool_use", "id": tool_id, "name": name, "input": {}}))
         return events
@@ -300,6 +312,7 @@ class ClaudeStreamSerializer:
         self._require_running()
         if self._open_kind != "tool_use":
             raise RuntimeError("tool_args without an open tool_use block")
+        _require_str(partial_json, "partial_json")
         if not partial_json:
             return []
         return [self._delta({"type": "input_json_delta", "partial_json": partial_json})]
@@ -359,6 +372,13 @@ class ClaudeStreamSerializer:
 
     def _delta(self, delta):
         return ("content_block_delta", {"type": "content_block_delta", "index": self._open_index, "delta": delta})
+
+
+def _require_str(value, what):
+    # Deltas come from another provider's JSON: a number or an object where text belongs would reach
+    # the client as a text_delta it cannot concatenate. Raised here, the translators turn it into an error event.
+    if value is not None and not isinstance(value, str):
+        raise TypeError("%s must be a string, not %s" % (what, type(value).__name__))
 
 
 def assemble_message(events):

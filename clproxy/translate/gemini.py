@@ -418,17 +418,35 @@ class GeminiStreamToClaude:
         if self.done:
             return []
         events = []
+        try:
+            self._feed(chunk, events)
+        except (AttributeError, TypeError, ValueError, KeyError, RuntimeError) as e:
+            # A chunk of the wrong shape (candidates: [null], args as a list, usageMetadata as a string ...)
+            # must end the stream with a typed error, not raise into the transport's dataReceived.
+            if self.serializer is None:
+                self.serializer = ClaudeStreamSerializer(self.actual_model or self.requested_model)
+                events.extend(self.serializer.start())
+            self.done = True
+            if not self.serializer.stopped:
+                events.extend(self.serializer.error("api_error", "upstream sent a malformed chunk (%s)" % type(e).__name__))
+        return events
+
+    def _feed(self, chunk, events):
         if self.serializer is None:
-            model = self.actual_model or chunk.get("modelVersion") or self.requested_model
+            version = chunk.get("modelVersion")
+            # a non-string modelVersion would end up in message_start.model, which clients read as a string
+            model = self.actual_model or (version if isinstance(version, str) else None) or self.requested_model
+            usage = _gemini_usage_to_claude(chunk.get("usageMetadata"))
             self.serializer = ClaudeStreamSerializer(model)
-            events.extend(self.serializer.start(_gemini_usage_to_claude(chunk.get("usageMetadata"))))
+            events.extend(self.serializer.start(usage))
         if chunk.get("error"):
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else str(error)
             self.done = True
-            events.extend(self.serializer.error("api_error", message or "upstream error"))
-            return events
+            events.extend(self.serializer.error("api_error", str(message or "upstream error")))
+            return
         if chunk.get("usageMetadata"):
+            _gemini_usage_to_claude(chunk["usageMetadata"])  # checked now: finish() must not fail on it
             self.usage_metadata = chunk["usageMetadata"]
         if (chunk.get("promptFeedback") or {}).get("blockReason"):
             self.blocked = True
@@ -438,8 +456,9 @@ class GeminiStreamToClaude:
             for part in (candidate.get("content") or {}).get("parts") or []:
                 events.extend(self._part(part))
             if candidate.get("finishReason"):
+                if not isinstance(candidate["finishReason"], str):
+                    raise TypeError("finishReason must be a string")
                 self.finish_reason = candidate["finishReason"]
-        return events
 
     def _sign_open_thinking(self, signature):
         self._thinking_signed = True
@@ -470,9 +489,13 @@ class GeminiStreamToClaude:
             call = part["functionCall"] or {}
             call_id = call.get("id")
             tool_id = call_id if is_valid_tool_use_id(call_id) else new_tool_use_id()
+            args = call.get("args") or {}
+            if not isinstance(args, dict):
+                # tool_use.input must be an object; a list or string here is not a call Claude Code can run
+                raise TypeError("functionCall.args must be an object")
             self.has_tool_calls = True
             events.extend(s.tool_start(tool_id, call.get("name", "")))
-            events.extend(s.tool_args(json.dumps(call.get("args") or {}, ensure_ascii=False)))
+            events.extend(s.tool_args(json.dumps(args, ensure_ascii=False)))
             return events
         if signature and unsigned_thinking_open:
             events.extend(self._sign_open_thinking(signature))

@@ -441,78 +441,141 @@ class OpenAIStreamToClaude:
         self.refused = False
         self.usage = None
         self.done = False
-        self._tools = {}  # OpenAI tool_calls index -> {"id", "name", "buffer", "block"}
-        self._open_tool = None
+        self._tools = {}  # key -> {"id", "name", "buffer", "args", "opened"}
+        self._slots = {}  # OpenAI tool_calls index -> key of the call now using it
+        self._open_tool = None  # key of the call whose tool_use block is open
 
     def feed(self, chunk):
         """Translate one parsed chunk; returns a list of ``(event_name, data)``."""
         if self.done:
             return []
         events = []
+        try:
+            self._feed(chunk, events)
+        except (AttributeError, TypeError, ValueError, KeyError, RuntimeError) as e:
+            # A chunk of the wrong shape (choices: [null], arguments as an object, usage as a list ...)
+            # must end the stream with a typed error, not raise into the transport's dataReceived.
+            events.extend(self._malformed("upstream sent a malformed chunk (%s)" % type(e).__name__))
+        return events
+
+    def _malformed(self, message):
+        events = []
         if self.serializer is None:
-            self.serializer = ClaudeStreamSerializer(chunk.get("model") or self.requested_model)
+            self.serializer = ClaudeStreamSerializer(self.requested_model)
+            events.extend(self.serializer.start())
+        self.done = True
+        if not self.serializer.stopped:
+            events.extend(self.serializer.error("api_error", message))
+        return events
+
+    def _feed(self, chunk, events):
+        if self.serializer is None:
+            model = chunk.get("model")
+            # a non-string model would end up in message_start.model, which clients read as a string
+            self.serializer = ClaudeStreamSerializer(model if isinstance(model, str) and model else self.requested_model)
             events.extend(self.serializer.start())
         if chunk.get("error"):
             error = chunk["error"]
             message = error.get("message") if isinstance(error, dict) else str(error)
             self.done = True
-            events.extend(self.serializer.error("api_error", message or "upstream error"))
-            return events
+            events.extend(self.serializer.error("api_error", str(message or "upstream error")))
+            return
         if chunk.get("usage"):
+            _openai_usage_to_claude(chunk["usage"])  # checked now: finish() must not fail on it
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or []:
             if choice.get("index", 0) != 0:
                 continue
             events.extend(self._delta(choice.get("delta") or {}))
-            if events and events[-1][0] == "error":
-                return events
+            if self.done:
+                return
             if choice.get("finish_reason"):
+                if not isinstance(choice["finish_reason"], str):
+                    raise TypeError("finish_reason must be a string")
                 self.finish_reason = choice["finish_reason"]
-        return events
+
+    def _close_tool(self):
+        """Check the open tool call's arguments before its block is closed.
+
+        The pieces were already streamed, so arguments that do not form a JSON object (a model's
+        broken JSON, or two calls glued together) cannot be repaired: the stream ends with an error
+        instead of a content_block_stop whose input Claude Code cannot parse.
+        """
+        key, self._open_tool = self._open_tool, None
+        if key is None:
+            return []
+        args = self._tools[key]["args"]
+        if args:
+            try:
+                value = json.loads(args)
+            except ValueError:
+                value = None
+            if not isinstance(value, dict):
+                self.done = True
+                return self.serializer.error("api_error", "upstream sent tool call arguments that are not a JSON object")
+        return []
 
     def _delta(self, delta):
         events = []
         reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+        content, refusal = delta.get("content"), delta.get("refusal")
+        if (isinstance(reasoning, str) and reasoning) or content or refusal:
+            events.extend(self._close_tool())
+            if self.done:
+                return events
         if isinstance(reasoning, str) and reasoning:
-            self._open_tool = None
             events.extend(self.serializer.thinking(reasoning))
-        if delta.get("content"):
-            self._open_tool = None
-            events.extend(self.serializer.text(delta["content"]))
-        if delta.get("refusal"):
-            self._open_tool = None
+        if content:
+            events.extend(self.serializer.text(content))
+        if refusal:
             self.refused = True
-            events.extend(self.serializer.text(delta["refusal"]))
+            events.extend(self.serializer.text(refusal))
         calls = list(delta.get("tool_calls") or [])
         if delta.get("function_call"):
             calls.append({"index": 0, "function": delta["function_call"]})
         for call in calls:
             events.extend(self._tool_delta(call))
-            if events and events[-1][0] == "error":
+            if self.done:
                 return events
         return events
 
     def _tool_delta(self, call):
         index = call.get("index", 0)
-        entry = self._tools.setdefault(index, {"id": None, "name": None, "buffer": "", "opened": False})
+        key = self._slots.get(index)
+        call_id = call.get("id")
+        if key is not None and call_id and self._tools[key]["id"] and call_id != self._tools[key]["id"]:
+            # Some OpenAI-compatible servers (Gemini's among them) send every call with index 0;
+            # a new id on a used index is a new call, not more arguments for the old one.
+            key = None
+        if key is None:
+            key = len(self._tools)
+            self._slots[index] = key
+            self._tools[key] = {"id": None, "name": None, "buffer": "", "args": "", "opened": False}
+        entry = self._tools[key]
         function = call.get("function") or {}
-        if call.get("id") and not entry["id"]:
-            entry["id"] = call["id"]
+        if call_id and not entry["id"]:
+            entry["id"] = call_id
         if function.get("name") and not entry["name"]:
             entry["name"] = function["name"]
         args = function.get("arguments") or ""
+        if not isinstance(args, str):
+            raise TypeError("tool call arguments must be a string")
+        entry["args"] += args
         if not entry["opened"]:
             entry["buffer"] += args
             if not entry["name"]:
                 return []  # wait for the name: a Claude tool_use block must open with it
+            events = self._close_tool()
+            if self.done:
+                return events
             entry["opened"] = True
-            self._open_tool = index
+            self._open_tool = key
             tool_id = stable_tool_use_id(entry["id"]) if entry["id"] else new_tool_use_id()
-            events = self.serializer.tool_start(tool_id, entry["name"])
+            events.extend(self.serializer.tool_start(tool_id, entry["name"]))
             events.extend(self.serializer.tool_args(entry["buffer"]))
             entry["buffer"] = ""
             return events
-        if self._open_tool != index:
+        if self._open_tool != key:
             if not args:
                 return []
             # Claude blocks cannot be reopened; arguments for an earlier call cannot be placed.
@@ -526,9 +589,13 @@ class OpenAIStreamToClaude:
             raise EmptyStreamError("OpenAI stream ended before any chunk")
         if self.done:
             return []
-        self.done = True
         if any(not t["opened"] for t in self._tools.values()):
+            self.done = True
             return self.serializer.error("api_error", "upstream sent a tool call without a name")
+        events = self._close_tool()
+        self.done = True
+        if events:
+            return events
         if self.finish_reason is None:
             return self.serializer.error("api_error", "upstream stream ended before a finish_reason")
         stop_reason = _FINISH_TO_STOP.get(self.finish_reason, "end_turn")
