@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.web import resource, server
 from zope.interface import implementer
 
+from clproxy import jsoncodec
 from clproxy.proxy import sse
 from clproxy.proxy.dispatch import ProxyRequest
 from clproxy.errors import ProxyError
@@ -44,8 +45,7 @@ _KEPT = {b"request-id", b"retry-after"}
 def openai_error_body(message: str, error_type: str = "invalid_request_error", param: Optional[str] = None,
                       code: Optional[str] = None) -> bytes:
     """An OpenAI error document: ``{"error": {"message", "type", "param", "code"}}``."""
-    return json.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}},
-                      ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return jsoncodec.std_dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
 
 
 def _render_error(request, status: int, message: str, error_type: str = "invalid_request_error",
@@ -104,7 +104,7 @@ def _message_events(message: dict) -> list:
 
 
 def _frame(chunk: dict) -> bytes:
-    return b"data: " + json.dumps(chunk, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n\n"
+    return b"data: " + jsoncodec.std_dumps(chunk) + b"\n\n"
 
 
 DONE = b"data: [DONE]\n\n"
@@ -235,7 +235,7 @@ class OpenAIResponseAdapter:
                 return
             completion = claude_to_openai_response(message, created=int(self._now()))
             self.inner.send(status, [(b"content-type", [JSON])] + kept,
-                            json.dumps(completion, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+                            jsoncodec.std_dumps(completion))
             return
         error_type, message = _anthropic_error(body)
         self._send_error(status, error_type, message, kept)
@@ -329,7 +329,7 @@ class ChatCompletionsResource(resource.Resource):
                    if name.lower() not in _DROPPED and not name.lower().startswith(_DROPPED_PREFIXES)]
         if not any(name.lower() == b"anthropic-version" for name, _ in headers):
             headers.append((b"anthropic-version", ANTHROPIC_VERSION))
-        claude_body = json.dumps(claude, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        claude_body = jsoncodec.std_dumps(claude)  # (a client's lone surrogate stays escaped)
         proxy_request = ProxyRequest(method=b"POST", path=b"/v1/messages", query=b"", headers=headers,
                                      body=claude_body, model=model, stream=stream,
                                      client_path=request.path,

@@ -13,7 +13,7 @@ import attr
 from twisted.internet import defer
 from twisted.web.http_headers import Headers
 
-from clproxy import __version__
+from clproxy import __version__, jsoncodec
 from clproxy.translate import gemini as gemini_translate
 from clproxy.translate import openai as openai_translate
 from clproxy.proxy.upstream import UpstreamError, read_body
@@ -86,7 +86,7 @@ def _limit(model: str, table: dict) -> Optional[int]:
 
 
 def _json_bytes(value) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return jsoncodec.std_dumps(value)  # (a client's lone surrogate stays the escape it came as)
 
 
 def _error_message(body: bytes) -> Optional[str]:

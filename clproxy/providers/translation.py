@@ -13,6 +13,7 @@ from twisted.internet import defer, protocol
 from twisted.web._newclient import ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from clproxy import jsoncodec
 from clproxy.proxy import sse
 from clproxy.errors import ProxyError, error_type_for
 from clproxy.observe.console import logger
@@ -186,7 +187,7 @@ class Translation:
             record.usage(message["usage"])  # the translated tokens count in the summary and the ledger
         if out.disconnected:
             return
-        encoded = json.dumps(message, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        encoded = jsoncodec.std_dumps(message)  # (a lone surrogate stays escaped: no UnicodeEncodeError)
         out.send(200, self._headers(request, target, message.get("model") or target.model, JSON), encoded)
         await self._answered(request, target)
 

@@ -5,6 +5,7 @@ multi-line data, comments, and CR, LF or CRLF line ends split anywhere across ch
 """
 
 import json
+import re
 from typing import Any, List, Optional, Tuple
 
 import attr
@@ -102,6 +103,7 @@ class SSEParser:
 
 
 _BOM = b"\xef\xbb\xbf"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class EventTooLarge(ValueError):
@@ -113,11 +115,20 @@ class EventTooLarge(ValueError):
 
 def encode_event(name: Optional[str], data: Any) -> bytes:
     """One SSE frame. ``data`` that is not a string is written as compact JSON."""
+    escaped = None
     if not isinstance(data, str):
+        escaped = data
         data = json.dumps(data, separators=(",", ":"), ensure_ascii=False)
     lines = "".join(f"data: {part}\n" for part in data.split("\n"))
     head = f"event: {name}\n" if name else ""
-    return (head + lines + "\n").encode("utf-8")
+    try:
+        return (head + lines + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        # a lone surrogate ("\ud800" read from an escape) has no UTF-8: JSON keeps it as its escape
+        # (ASCII, no line break); text given as it is cannot, and gets U+FFFD in its place
+        if escaped is not None:
+            return encode_event(name, json.dumps(escaped, separators=(",", ":")))
+        return _SURROGATE.sub("\ufffd", head + lines + "\n").encode("utf-8")
 
 
 def encode_events(events: List[Tuple[str, Any]]) -> bytes:
