@@ -17,6 +17,7 @@ from twisted.web.http_headers import Headers
 from clproxy.proxy.http1 import HTTP1Pool, MalformedResponse
 from clproxy.proxy.upstream import UpstreamClient, UpstreamError, _EndpointFactory, read_body
 from test_http1 import self_signed, trusting
+from test_http1 import Endpoints
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
@@ -695,20 +696,6 @@ async def test_the_upstream_client_names_a_broken_answer(hostile, raw):
 
 
 # -- every split of hostile heads (in memory: each split exactly where it is asked for) ----------
-class _Endpoints:
-    """Every URL "connects" at once to a fresh in-memory transport."""
-
-    def __init__(self):
-        self.connections = []
-
-    def endpointForURI(self, uri):
-        return self
-
-    def connect(self, factory):
-        connection = factory.buildProtocol(None)
-        connection.makeConnection(StringTransport())
-        self.connections.append(connection)
-        return defer.succeed(connection)
 
 
 SHAPES = [
@@ -727,7 +714,7 @@ def test_every_split_of_a_tolerated_shape_reads_the_same(raw):
     split at, the code, the header and the body are the same, and the connection goes back to the
     pool."""
     for at in range(len(raw) + 1):
-        endpoints = _Endpoints()
+        endpoints = Endpoints()
         pool = HTTP1Pool(task.Clock(), endpoints)
         got = []
         pool.request(b"POST", b"http://up/v1/messages", [], b"{}").addBoth(got.append)

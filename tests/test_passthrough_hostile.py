@@ -27,6 +27,7 @@ from clproxy.testing import anthropic as testing
 from conftest import accounts_config
 from helpers import in_thread, request_body, sdk, until
 from test_chunked_passthrough import RawClient, connect, response_of
+from test_http1 import Endpoints
 
 HEAD = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
 
@@ -91,22 +92,6 @@ class _Capture(resource.Resource):
         return server.NOT_DONE_YET
 
 
-class _Endpoints:
-    """Every URL "connects" at once to a fresh in-memory transport."""
-
-    def __init__(self):
-        self.connections = []
-
-    def endpointForURI(self, uri):
-        return self
-
-    def connect(self, factory):
-        connection = factory.buildProtocol(None)
-        connection.makeConnection(StringTransport())
-        self.connections.append(connection)
-        return defer.succeed(connection)
-
-
 class Wired:
     """One streamed answer through the real pieces, in memory: the upstream side is the lean HTTP/1.1
     client's connection (fed with :meth:`feed`), the client side the daemon's request over a
@@ -116,7 +101,7 @@ class Wired:
 
     def __init__(self, head=HEAD, idle_timeout=20.0):
         self.clock = task.Clock()
-        endpoints_ = _Endpoints()
+        endpoints_ = Endpoints()
         self.pool = HTTP1Pool(self.clock, endpoints_)
         answered = []
         self.pool.request(b"POST", b"http://up.test/v1/messages", [(b"x-api-key", b"k")], b"{}").addBoth(
