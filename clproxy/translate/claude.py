@@ -374,6 +374,24 @@ class ClaudeStreamSerializer:
         return ("content_block_delta", {"type": "content_block_delta", "index": self._open_index, "delta": delta})
 
 
+#: What a provider chunk of the wrong shape raises inside a stream translator's ``feed``
+#: (choices: [null], arguments as an object, usage as a list ...).
+MALFORMED_CHUNK = (AttributeError, TypeError, ValueError, KeyError, RuntimeError)
+
+
+def malformed_chunk_end(serializer, model, error):
+    """``(serializer, events)`` that end a translated stream on a malformed provider chunk with a
+    typed error event, not an exception raised into the transport's dataReceived: message_start
+    first when nothing was started (``serializer`` None), nothing after the message stopped."""
+    events = []
+    if serializer is None:
+        serializer = ClaudeStreamSerializer(model)
+        events.extend(serializer.start())
+    if not serializer.stopped:
+        events.extend(serializer.error("api_error", "upstream sent a malformed chunk (%s)" % type(error).__name__))
+    return serializer, events
+
+
 def _require_str(value, what):
     # Deltas come from another provider's JSON: a number or an object where text belongs would reach
     # the client as a text_delta it cannot concatenate. Raised here, the translators turn it into an error event.

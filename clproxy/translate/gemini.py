@@ -28,7 +28,9 @@ from clproxy.translate.claude import (
     FOREIGN_SIGNATURE_PREFIXES,
     ClaudeStreamSerializer,
     EmptyStreamError,
+    MALFORMED_CHUNK,
     TranslationError,
+    malformed_chunk_end,
     assemble_message,
     content_blocks,
     document_text,
@@ -420,15 +422,10 @@ class GeminiStreamToClaude:
         events = []
         try:
             self._feed(chunk, events)
-        except (AttributeError, TypeError, ValueError, KeyError, RuntimeError) as e:
-            # A chunk of the wrong shape (candidates: [null], args as a list, usageMetadata as a string ...)
-            # must end the stream with a typed error, not raise into the transport's dataReceived.
-            if self.serializer is None:
-                self.serializer = ClaudeStreamSerializer(self.actual_model or self.requested_model)
-                events.extend(self.serializer.start())
+        except MALFORMED_CHUNK as e:  # candidates: [null], args as a list, usageMetadata as a string ...
             self.done = True
-            if not self.serializer.stopped:
-                events.extend(self.serializer.error("api_error", "upstream sent a malformed chunk (%s)" % type(e).__name__))
+            self.serializer, ended = malformed_chunk_end(self.serializer, self.actual_model or self.requested_model, e)
+            events.extend(ended)
         return events
 
     def _feed(self, chunk, events):

@@ -27,7 +27,9 @@ import re
 from clproxy.translate.claude import (
     ClaudeStreamSerializer,
     EmptyStreamError,
+    MALFORMED_CHUNK,
     TranslationError,
+    malformed_chunk_end,
     content_blocks,
     document_text,
     make_usage,
@@ -441,7 +443,7 @@ class OpenAIStreamToClaude:
         self.refused = False
         self.usage = None
         self.done = False
-        self._tools = {}  # key -> {"id", "name", "buffer", "args", "opened"}
+        self._tools = {}  # key -> {"id", "name", "args" (all so far), "opened"}
         self._slots = {}  # OpenAI tool_calls index -> key of the call now using it
         self._open_tool = None  # key of the call whose tool_use block is open
 
@@ -452,20 +454,10 @@ class OpenAIStreamToClaude:
         events = []
         try:
             self._feed(chunk, events)
-        except (AttributeError, TypeError, ValueError, KeyError, RuntimeError) as e:
-            # A chunk of the wrong shape (choices: [null], arguments as an object, usage as a list ...)
-            # must end the stream with a typed error, not raise into the transport's dataReceived.
-            events.extend(self._malformed("upstream sent a malformed chunk (%s)" % type(e).__name__))
-        return events
-
-    def _malformed(self, message):
-        events = []
-        if self.serializer is None:
-            self.serializer = ClaudeStreamSerializer(self.requested_model)
-            events.extend(self.serializer.start())
-        self.done = True
-        if not self.serializer.stopped:
-            events.extend(self.serializer.error("api_error", message))
+        except MALFORMED_CHUNK as e:  # choices: [null], arguments as an object, usage as a list ...
+            self.done = True
+            self.serializer, ended = malformed_chunk_end(self.serializer, self.requested_model, e)
+            events.extend(ended)
         return events
 
     def _feed(self, chunk, events):
@@ -550,7 +542,7 @@ class OpenAIStreamToClaude:
         if key is None:
             key = len(self._tools)
             self._slots[index] = key
-            self._tools[key] = {"id": None, "name": None, "buffer": "", "args": "", "opened": False}
+            self._tools[key] = {"id": None, "name": None, "args": "", "opened": False}
         entry = self._tools[key]
         function = call.get("function") or {}
         if call_id and not entry["id"]:
@@ -562,7 +554,6 @@ class OpenAIStreamToClaude:
             raise TypeError("tool call arguments must be a string")
         entry["args"] += args
         if not entry["opened"]:
-            entry["buffer"] += args
             if not entry["name"]:
                 return []  # wait for the name: a Claude tool_use block must open with it
             events = self._close_tool()
@@ -572,8 +563,7 @@ class OpenAIStreamToClaude:
             self._open_tool = key
             tool_id = stable_tool_use_id(entry["id"]) if entry["id"] else new_tool_use_id()
             events.extend(self.serializer.tool_start(tool_id, entry["name"]))
-            events.extend(self.serializer.tool_args(entry["buffer"]))
-            entry["buffer"] = ""
+            events.extend(self.serializer.tool_args(entry["args"]))  # what came before the name too
             return events
         if self._open_tool != key:
             if not args:
