@@ -813,3 +813,63 @@ def test_a_huge_chunk_whose_crlf_is_wrong_leaves_the_client_with_well_formed_chu
     client, complete = wired.client_view()
     assert complete and client.startswith(b"".join(BIG_FRAMES[:7]))
     assert events_of(client)[-1].name == "error"
+
+
+def _with_start_usage(usage):
+    """The frames of the realistic stream, its message_start carrying ``usage``."""
+    events, _ = sse_stream()
+    name, data = events[0]
+    data = json.loads(json.dumps(data))
+    data["message"]["usage"] = usage
+    return [encode_event(name, data)] + [encode_event(n, d) for n, d in events[1:]]
+
+
+@pytest.mark.parametrize("when", ["before-commit", "after-commit-in-pieces"])
+@pytest_twisted.ensureDeferred
+async def test_in_passthrough_mode_a_long_streams_input_and_cache_tokens_are_recorded(
+        raw_server, start_proxy, tmp_path, when):
+    """``--passthrough`` commits a stream before its first event, and nothing waited for that
+    event: the input and cache counts, which only message_start holds, were lost once it fell out
+    of the tail. Its first event is now read as it passes (also when it arrives after the commit,
+    split over reads), the upstream's framing is relayed as it came only after it, and the usage
+    ledger's row has message_start's counts merged with message_delta's."""
+    from clproxy.team import usage as usage_ledger
+    start_usage = {"input_tokens": 1234, "output_tokens": 1, "cache_creation_input_tokens": 3000,
+                   "cache_read_input_tokens": 0}
+    frames = _with_start_usage(start_usage)
+    body = chunked(frames)
+    assert len(b"".join(frames[1:])) > 2 * TAIL_BYTES  # message_start is far outside the tail
+    proxy = start_proxy({"accounts": {"anthropic": [{"name": "a", "apiKey": "k", "baseUrl": raw_server.url}]}},
+                        passthrough=True)
+    client = RawClient()
+    await connect(proxy, client)
+    client.post(request_body(stream=True))
+    await until(lambda: raw_server.connections)
+    upstream = raw_server.connections[0]
+    third = body.index(b"%x\r\n" % len(frames[2]) + frames[2])
+    if when == "before-commit":
+        upstream.transport.write(HEAD + body[:third])
+    else:
+        upstream.transport.write(HEAD)
+        await until(lambda: proxy.dispatcher.streams)  # committed with no event yet
+        first_end = body.index(b"\n\n") + 2
+        for start, end in ((0, 7), (7, first_end - 20), (first_end - 20, third)):
+            upstream.transport.write(body[start:end])
+            await until(lambda: b"\r\n\r\n" in client.data)
+    await until(lambda: proxy.dispatcher.streams)
+    [relay] = proxy.dispatcher.streams
+    await until(lambda: relay.passthrough is not None)  # the fast path took over after the first event
+    upstream.transport.write(body[third:])
+    await until(lambda: bytes(client.data).endswith(b"\r\n0\r\n\r\n"), timeout=5)
+    _status, _headers, payload, complete = dechunk_strictly(bytes(client.data))
+    assert complete and payload == b"".join(frames)
+    await until(lambda: not proxy.dispatcher.streams)
+    client.transport.loseConnection()
+    await proxy.service.stopService()
+    connection = usage_ledger.connect(usage_ledger.ledger_path(str(tmp_path / "home")), create=False)
+    try:
+        rows = connection.execute("SELECT input_tokens, output_tokens, cache_creation_5m, "
+                                  "cache_read_input_tokens FROM usage").fetchall()
+    finally:
+        connection.close()
+    assert rows == [(1234, 777, 3000, 4242)]

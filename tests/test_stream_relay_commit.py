@@ -94,3 +94,52 @@ def test_a_stream_lost_before_its_first_event_then_committed_is_judged_by_how_it
     assert failed and "ConnectionLost" in str(failed[0].value)
     written, outcome = commit(relay)
     assert written == b"" and outcome.truncated and "broke off the stream" in outcome.reason
+
+
+class StoppableTransport(Transport):
+    """A transport that remembers being stopped (the relay aborting its upstream)."""
+
+    stopped = False
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+
+
+class SmallBootstrapRelay(StreamRelay):
+    """A relay whose first event may hold 64 bytes at most."""
+
+    max_bootstrap_bytes = 64
+
+
+def committed_before_any_event(relay_class=StreamRelay):
+    """A relay committed (as ``--passthrough`` does) before its upstream sent anything; returns
+    (relay, transport, what the client got, the first events seen)."""
+    relay = relay_class(task.Clock(), 20.0, "upstream.test")
+    transport = StoppableTransport()
+    relay.makeConnection(transport)
+    written, seen = [], []
+    relay.first_event.addCallbacks(seen.append, seen.append)
+    relay.commit(written.append)
+    return relay, transport, written, seen
+
+
+def test_a_relay_committed_before_its_first_event_still_reads_it_as_it_passes():
+    """Committed with nothing received: the first event, split over three reads, is relayed at
+    once and also parsed (its usage is recorded from it); nothing after it is parsed."""
+    relay, transport, written, seen = committed_before_any_event()
+    for piece in (START[:5], START[5:-1], START[-1:] + DELTA):
+        relay.dataReceived(piece)
+    assert b"".join(written) == START + DELTA
+    assert [event.name for event in seen] == ["message_start"]
+    assert relay._parser is None and not transport.stopped
+
+
+def test_an_oversized_first_event_after_commit_fails_the_first_event_only():
+    """After the commit a first event over the bootstrap limit fails ``first_event`` but neither
+    aborts the upstream nor stops the relaying: the client has been answered already."""
+    relay, transport, written, seen = committed_before_any_event(SmallBootstrapRelay)
+    relay.dataReceived(b"data: " + b"x" * 100)
+    relay.dataReceived(b"\n\n" + STOP)
+    assert b"".join(written) == b"data: " + b"x" * 100 + b"\n\n" + STOP
+    assert len(seen) == 1 and "FirstEventFailed" in repr(seen[0])
+    assert not transport.stopped

@@ -113,6 +113,12 @@ class _Heard:
     quiet: bool = False
 
 
+def _note_first_event(record, first) -> None:
+    """Record what a stream's first event (its message_start) says: usage so far and the model."""
+    record.usage(usage_from_event(first.data))
+    record.actual_model = model_from_message(first.data)
+
+
 class Attempt:
     """Tries one account once for one request; :meth:`run` returns the :data:`Outcome`.
 
@@ -252,8 +258,13 @@ class Attempt:
                                           is_oauth=account.is_oauth)
                 return _Heard(verdict, failure=Failure(account.key, status, [(b"content-type", [b"application/json"])],
                                                        first.data.encode("utf-8")))
-            request.record.usage(usage_from_event(first.data))
-            request.record.actual_model = model_from_message(first.data)
+            _note_first_event(request.record, first)
+        else:
+            # committed at once, but its first event is still read as it passes: a message_start's
+            # input and cache counts are nowhere else in a long stream. A stream that breaks first
+            # is judged by the relay's end, so a failure here is nobody's to report
+            record = request.record
+            relay.first_event.addCallbacks(lambda first: _note_first_event(record, first), lambda _: None)
         return _Heard(self._success(response.code, account),
                       deliver=lambda: self._relay(request, out, account, response, relay))
 

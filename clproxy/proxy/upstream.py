@@ -351,7 +351,9 @@ class StreamRelay(protocol.Protocol):
             write(data)
             self.bytes_relayed += len(data)
             self._tail = (self._tail + data[-TAIL_BYTES:])[-TAIL_BYTES:]
-            if self._chunked_body is not None:
+            if self._parser is not None:
+                self._read_first_event_after_commit(data)
+            if self._chunked_body is not None and self._parser is None:
                 self._switch_soon()
             return
         self._held.append(data)
@@ -451,8 +453,22 @@ class StreamRelay(protocol.Protocol):
             self._end(self._ended_before_commit)
             return
         self._chunked_body = chunked_body
-        if chunked_body is not None and held:
+        if chunked_body is not None and held and self._parser is None:
             self._switch_soon()
+
+    def _read_first_event_after_commit(self, data: bytes) -> None:
+        # passthrough mode commits before the first event; it is still read, for its usage (a
+        # message_start's input and cache counts are nowhere else in a long stream), and the
+        # upstream's framing is relayed as it came only after it: the parser needs the events
+        try:
+            events = self._parser.feed(data)
+        except sse.EventTooLarge as e:
+            self._parser = None  # the stream itself goes on: only its first event is not read
+            self.first_event.errback(FirstEventFailed(f"upstream {self._host}: {e}"))
+            return
+        if events:
+            self._parser = None
+            self.first_event.callback(events[0])
 
     def _switch_soon(self) -> None:
         # not now: this may run inside twisted's chunked decoder (delivering an event), whose
