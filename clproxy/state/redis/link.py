@@ -21,6 +21,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from clproxy.state.redis.protocol import RedisProtocol
 from clproxy.state.redis.url import RedisTarget
 
 # One namespace for the whole Redis store, whatever module logs (operators filter on it).
@@ -94,7 +95,7 @@ class RedisProtocolFactory(protocol.Factory):
 
     def buildProtocol(self, addr):
         self.refusal = None
-        built = txredisapi.RedisProtocol(
+        built = RedisProtocol(
             charset="utf-8", replyTimeout=self.reply_timeout, password=self.target.password,
             dbid=self.target.db or None, convertNumbers=False, username=self.target.username)
         built.factory = self
