@@ -102,3 +102,75 @@ def _handler_of(handler):
     """The connection a ``RedisLink.run`` op is given, as the op's result."""
     from twisted.internet import defer
     return defer.succeed(handler)
+
+
+# -- replies: the same values as txredisapi's reader, however the reads are cut ------------------
+
+REPLIES = (b"+OK\r\n" b"-ERR unknown command 'FOO'\r\n" b"-NOSCRIPT No matching script\r\n"
+           b":42\r\n" b":-7\r\n" b":12x\r\n" b"$5\r\nhello\r\n" b"$-1\r\n" b"$0\r\n\r\n"
+           b"$6\r\n\xd0\xba\xd0\xbb\xd1\x8e\r\n" b"$2\r\n\xff\xfe\r\n" b"$4\r\na\r\nb\r\n"
+           b"*3\r\n$1\r\na\r\n$-1\r\n:5\r\n" b"*0\r\n" b"*-1\r\n"
+           b"*2\r\n*2\r\n+x\r\n-ERR inner\r\n*1\r\n$3\r\nabc\r\n"
+           b"*4\r\n$26\r\nclproxy:cd:account-1:until\r\n$17\r\n1733580000.123456\r\n:0\r\n$-1\r\n")
+
+
+class Collected:
+    """A protocol's replies as they reach its reply queue."""
+
+    def __init__(self, protocol_class, clock):
+        from twisted.internet.testing import StringTransport
+        self.protocol = protocol_class(charset="utf-8", convertNumbers=False)
+        self.protocol.callLater = clock.callLater  # txredisapi hands a read's rest to the next turn
+        self.protocol.replyReceived = self.replies_append
+        self.protocol.makeConnection(StringTransport())
+        self.replies = []
+
+    def replies_append(self, reply):
+        self.replies.append(comparable(reply))
+
+
+def comparable(value):
+    """``value`` with its errors (top-level or in arrays) as (type name, args): comparable."""
+    if isinstance(value, Exception):
+        return type(value).__name__, value.args
+    if isinstance(value, list):
+        return [comparable(item) for item in value]
+    return value
+
+
+def replies_of(protocol_class, reads):
+    """What ``protocol_class`` makes of ``reads``, each read delivered on its own reactor turn."""
+    from twisted.internet import task
+    clock = task.Clock()
+    collected = Collected(protocol_class, clock)
+    for read in reads:
+        collected.protocol.dataReceived(read)
+        while clock.getDelayedCalls():
+            clock.advance(0)
+    return collected.replies
+
+
+def test_replies_read_whole_are_txredisapis_values():
+    """Every reply kind (status, errors, integers and a bad one, bulk strings: UTF-8, undecodable,
+    empty, nil, holding CRLF; arrays: empty, nil, nested, mixed) arrives as the same value."""
+    expected = replies_of(txredisapi.RedisProtocol, [REPLIES])
+    assert len(expected) == 17
+    assert replies_of(RedisProtocol, [REPLIES]) == expected
+
+
+def test_replies_cut_at_every_byte_are_the_same():
+    """The replies cut in two at every byte, and sent a byte at a time, give the same values."""
+    expected = replies_of(txredisapi.RedisProtocol, [REPLIES])
+    for cut in range(1, len(REPLIES)):
+        assert replies_of(RedisProtocol, [REPLIES[:cut], REPLIES[cut:]]) == expected, cut
+    assert replies_of(RedisProtocol, [REPLIES[i:i + 1] for i in range(len(REPLIES))]) == expected
+
+
+def test_a_line_too_long_or_arrays_nested_too_deep_close_the_connection():
+    """A line over txredisapi's limit (16 KiB) without its end, or arrays nested past
+    ``max_depth``, are not Redis replies: the connection is closed, nothing is delivered."""
+    from twisted.internet import task
+    for reads in ([b"+" + b"x" * 20000], [b"*1\r\n" * (RedisProtocol.max_depth + 2) + b":1\r\n"]):
+        collected = Collected(RedisProtocol, task.Clock())
+        collected.protocol.dataReceived(reads[0])
+        assert collected.replies == [] and collected.protocol.transport.disconnecting

@@ -8,8 +8,14 @@ busy worker their encoding was a tenth of its time:
   each argument is one ``%`` format, with the same bytes on the wire and the same errors.
 - ``eval`` encoded the script and hashed it with SHA1 on every call, to look up whether the
   connection had loaded it. Here each script's bytes and hash are computed once per process.
+- Replies were read line by line, and after each bulk string (every value of an MGET, every
+  string a script returns) the rest of the read was handed back to the reactor for its next turn,
+  the socket paused and resumed meanwhile (two ``epoll_ctl`` calls and a reactor turn per value).
+  Here every complete reply in a read is parsed at once, into the same values and errors.
 
-Everything else (replies, timeouts, script loading and the NOSCRIPT fallback) is txredisapi's.
+Everything else (timeouts, script loading and the NOSCRIPT fallback, AUTH and SELECT) is
+txredisapi's. Transactions (MULTI/EXEC, WATCH), which the store does not use, keep txredisapi's
+reader.
 """
 
 import hashlib
@@ -27,9 +33,108 @@ _SCRIPTS: Dict[object, Tuple[bytes, str]] = {}
 _MAX_SCRIPTS = 256
 
 
+#: a reply not complete in what has been read yet
+_INCOMPLETE = object()
+#: a line txredisapi's reader ignores (empty, or of no known type): no value
+_NOTHING = object()
+
+
+class _Unreadable(Exception):
+    """The connection sent what no Redis reply is (a line too long, nesting too deep)."""
+
+
 class RedisProtocol(txredisapi.RedisProtocol):
-    """One connection to Redis: txredisapi's protocol, with a faster command encoder and script
-    hashes computed once."""
+    """One connection to Redis: txredisapi's protocol, with a faster command encoder, script
+    hashes computed once and every complete reply of a read parsed at once."""
+
+    #: array nesting beyond which a reply is refused (Redis itself nests a few levels at most)
+    max_depth = 64
+
+    _unparsed = b""
+
+    def dataReceived(self, data, unpause=False):
+        if (self.inTransaction or self.bulk_length or self.multi_bulk.pending is not None
+                or self._LineReceiver__buffer):
+            # txredisapi's reader is mid-reply or in a transaction: it goes on as it was
+            return super().dataReceived(data, unpause)
+        buffer = self._unparsed + data if self._unparsed else data
+        self._unparsed = b""
+        size = len(buffer)
+        at = 0
+        try:
+            while at < size:
+                parsed = self._reply(buffer, at, 0)
+                if parsed is _INCOMPLETE:
+                    break
+                reply, at = parsed
+                if reply is _NOTHING:
+                    continue
+                self.replyReceived(reply)
+                if self.transport is not None and self.transport.disconnecting:
+                    return None
+        except _Unreadable:
+            return self.lineLengthExceeded(buffer[at:])
+        self._unparsed = buffer[at:]
+        return None
+
+    def _reply(self, buffer: bytes, at: int, depth: int):
+        """The reply (or array element) starting at ``at`` and where it ends: ``(value, end)``,
+        or ``_INCOMPLETE``. Values as txredisapi's reader gives them: status text, ResponseError,
+        int, decoded bulk string (bytes when not decodable), None, lists."""
+        eol = buffer.find(b"\r\n", at)
+        if eol < 0:
+            if len(buffer) - at > self.MAX_LENGTH:
+                raise _Unreadable("line too long")
+            return _INCOMPLETE
+        if eol - at > self.MAX_LENGTH:
+            raise _Unreadable("line too long")
+        after = eol + 2
+        if eol == at:
+            return _NOTHING, after
+        token = buffer[at]
+        if token == 0x24:  # $ bulk string
+            try:
+                length = int(buffer[at + 1:eol])
+            except ValueError:
+                return txredisapi.InvalidResponse(
+                    "Cannot convert data '%s' to integer" % buffer[at + 1:eol].decode("utf-8", "replace")), after
+            if length < 0:
+                return None, after
+            end = after + length
+            if len(buffer) < end + 2:
+                return _INCOMPLETE
+            return self.tryConvertData(buffer[after:end]), end + 2
+        if token == 0x2A:  # * array
+            try:
+                count = int(buffer[at + 1:eol])
+            except ValueError:
+                return txredisapi.InvalidResponse(
+                    "Cannot convert multi-response header '%s' to integer"
+                    % buffer[at + 1:eol].decode("utf-8", "replace")), after
+            if count < 0:
+                return None, after
+            if depth >= self.max_depth:
+                raise _Unreadable("arrays nested too deep")
+            items = []
+            while len(items) < count:
+                parsed = self._reply(buffer, after, depth + 1)
+                if parsed is _INCOMPLETE:
+                    return _INCOMPLETE
+                item, after = parsed
+                if item is not _NOTHING:
+                    items.append(item)
+            return items, after
+        text = buffer[at + 1:eol].decode()
+        if token == 0x2B:  # + status
+            return text, after
+        if token == 0x2D:  # - error
+            return txredisapi.ResponseError(text[4:] if text[:4] == "ERR" else text), after
+        if token == 0x3A:  # : integer
+            try:
+                return int(text), after
+            except ValueError:
+                return txredisapi.InvalidResponse("Cannot convert data '%s' to integer" % text), after
+        return _NOTHING, after
 
     def _build_command(self, *args, **kwargs) -> bytes:
         charset, errors = self.charset, self.errors
