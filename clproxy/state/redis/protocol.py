@@ -115,7 +115,7 @@ class RedisProtocol(txredisapi.RedisProtocol):
                 return None, after
             if depth >= self.max_depth:
                 raise _Unreadable("arrays nested too deep")
-            items = []
+            items: list = []
             while len(items) < count:
                 parsed = self._reply(buffer, after, depth + 1)
                 if parsed is _INCOMPLETE:
