@@ -18,6 +18,10 @@ instructions per request over the rounds and the ratio to the first variant.
 daemon in a few reads; ``--interval-ms 5`` paces them so that each is a read and a write of its
 own, as in the paced benchmark, and the per-event cost counts).
 
+``--redis URL`` runs the daemons on the Redis state store at URL (a running redis-server); ``--keep
+DIR`` keeps each variant's last dump, for ``callgrind_annotate`` (which C functions: the interpreter,
+the regex engine, msgspec, the UTF-8 decoder, sqlite...).
+
 Usage: ``python benchmarks/instructions.py --variant base=/tmp/old --variant new=. [--mode stream]``.
 Needs ``valgrind`` (Debian package ``valgrind``). Each measurement takes a minute or more: the
 daemon runs ~50x slower under callgrind.
@@ -120,7 +124,8 @@ def measure(tree: str, upstream_port: int, args, workdir: str, label: str) -> fl
     config = os.path.join(workdir, "config.json")
     with open(config, "w") as f:
         json.dump({"version": 1, "accounts": {"anthropic": [
-            {"name": "bench", "apiKey": "bench-key", "baseUrl": f"http://127.0.0.1:{upstream_port}"}]}}, f)
+            {"name": "bench", "apiKey": "bench-key", "baseUrl": f"http://127.0.0.1:{upstream_port}"}]},
+            **({"state": {"backend": "redis", "url": args.redis}} if args.redis else {})}, f)
     env = dict(os.environ, HOME=home, CLPROXY_HOME=os.path.join(home, ".clproxy"),
                CLPROXY_CLAUDE_SETTINGS=os.path.join(home, ".claude", "settings.json"),
                PYTHONPATH=os.path.abspath(tree), PYTHONHASHSEED="0")
@@ -155,6 +160,9 @@ def measure(tree: str, upstream_port: int, args, workdir: str, label: str) -> fl
         dumps = sorted(glob.glob(out + ".*"), key=os.path.getmtime)
         if not dumps:
             raise BenchError("callgrind wrote no dump")
+        if args.keep:  # for callgrind_annotate: where the instructions went, by function
+            os.makedirs(args.keep, exist_ok=True)
+            shutil.copy(dumps[-1], os.path.join(args.keep, f"callgrind-{label}.out"))
         with open(dumps[-1], "rb") as f:
             match = TOTALS_RE.search(f.read())
         if not match:
@@ -182,6 +190,10 @@ def parse_args(argv=None):
     parser.add_argument("--deltas", type=int, default=40, help="text deltas per streamed answer")
     parser.add_argument("--interval-ms", type=float, default=0.0,
                         help="pace the streamed deltas this far apart (0: unpaced)")
+    parser.add_argument("--redis", metavar="URL",
+                        help="run the daemons on the Redis state store at URL (a running redis-server)")
+    parser.add_argument("--keep", metavar="DIR",
+                        help="copy each variant's last callgrind dump to DIR (read it with callgrind_annotate)")
     return parser.parse_args(argv)
 
 
