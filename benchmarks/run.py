@@ -336,6 +336,12 @@ class Bench:
         self.config_path = os.path.join(self.tmp, "config.json")
         self.results_dir = os.path.dirname(os.path.abspath(args.output))
         self.profiles = {}
+        #: with ``--load c``: the compiled fake upstream and stream client (load/*.c)
+        try:
+            self.binaries = build_c_load(self.tmp) if args.load == "c" else {}
+        except BaseException:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise
 
     def cleanup(self):
         stop_all()
@@ -343,9 +349,10 @@ class Bench:
 
     # upstream ----------------------------------------------------------------------------
     def start_upstream(self):
-        argv = pinned(self.args.load_cpu, [sys.executable, os.path.join(HERE, "upstream.py"),
-                                           "--port", "0", "--deltas", str(self.args.deltas),
-                                           "--interval-ms", str(self.args.interval_ms)])
+        program = ([self.binaries["sse_upstream"]] if self.binaries
+                   else [sys.executable, os.path.join(HERE, "upstream.py")])
+        argv = pinned(self.args.load_cpu, program + ["--port", "0", "--deltas", str(self.args.deltas),
+                                                     "--interval-ms", str(self.args.interval_ms)])
         self.upstream = Process("upstream", argv, os.path.join(self.tmp, "upstream.log"),
                                 stdout=subprocess.PIPE)
         deadline = time.monotonic() + 15.0
@@ -631,7 +638,16 @@ class Bench:
     # streams -----------------------------------------------------------------------------
     def stream_client(self, kind, streams):
         a = self.args
-        argv = pinned(a.load_cpu, [sys.executable, os.path.join(HERE, "stream_client.py"),
+        if self.binaries:
+            # the C client sends these bytes as they are: the same request stream_client.py builds
+            request = os.path.join(self.tmp, f"stream-request-{kind}.http")
+            with open(request, "wb") as f:
+                f.write(payload.request_bytes(f"127.0.0.1:{self.port(kind)}", "/v1/messages",
+                                              payload.build_body(stream=True), stream=True))
+            program = [self.binaries["sse_client"], "--request-file", request]
+        else:
+            program = [sys.executable, os.path.join(HERE, "stream_client.py")]
+        argv = pinned(a.load_cpu, program + [
                                    "--url", self.url(kind), "--concurrency", str(streams),
                                    "--duration", str(a.stream_duration), "--ramp", str(a.ramp),
                                    "--warmup", str(a.stream_warmup), "--deltas", str(a.deltas),
@@ -685,6 +701,25 @@ class Bench:
             finally:
                 self.stop_proxy()
         return section
+
+
+def build_c_load(directory):
+    """Compile the C fake upstream and stream client (``load/*.c``) into ``directory``; returns
+    their paths by name. They do what upstream.py and stream_client.py do, on the wire and in the
+    figures, with a fraction of the CPU (``--load c``)."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if not compiler:
+        raise SystemExit("--load c needs a C compiler (Debian package gcc)")
+    binaries = {}
+    for name in ("sse_upstream", "sse_client"):
+        out = os.path.join(directory, name)
+        done = subprocess.run([compiler, "-O2", "-o", out, os.path.join(HERE, "load", name + ".c"), "-lm"],
+                              capture_output=True, timeout=120)
+        if done.returncode != 0:
+            raise SystemExit(f"--load c: compiling load/{name}.c failed:\n"
+                             f"{done.stderr.decode('utf-8', 'replace')[-2000:]}")
+        binaries[name] = out
+    return binaries
 
 
 def http_request(port, method, path, body=None, headers=None, timeout=10.0):
@@ -813,6 +848,7 @@ def report(results):
     out.append(f"proxy on core {meta['proxy_cpu']}, load generator + fake upstream on core {meta['load_cpu']}; "
                f"body {meta['body_bytes']:,} bytes; loadavg before {meta['loadavg_before']}")
     out.append(f"proxy: {meta['proxy_cmd']}  (niceness {meta.get('niceness')})")
+    out.append(f"load: {'upstream.py and stream_client.py' if meta.get('load', 'python') == 'python' else 'load/sse_upstream.c and load/sse_client.c'}")
     workers = results.get("workers")
     if workers:
         out.append("")
@@ -971,6 +1007,10 @@ def parse_args(argv):
     p.add_argument("--proxy-cpu", type=int, default=0)
     p.add_argument("--load-cpu", type=int, default=1)
     p.add_argument("--wrk", default=shutil.which("wrk") or "/usr/bin/wrk")
+    p.add_argument("--load", choices=("python", "c"), default="python",
+                   help="the fake upstream and stream client: upstream.py and stream_client.py, or their "
+                        "C versions in load/ (compiled with cc into the run's directory), which use a "
+                        "fraction of the CPU: room for the daemon's workers on a small machine")
     p.add_argument("--profile", action="store_true",
                    help="record the proxy with py-spy during each proxy run (results/profile-*.txt)")
     p.add_argument("--nice", type=int, default=-10,
@@ -1027,7 +1067,7 @@ def main(argv=None):
         "proxy_cpu": args.proxy_cpu, "load_cpu": args.load_cpu, "nofile": nofile, "niceness": niceness,
         "proxy_cmd": args.proxy_cmd or DEFAULT_PROXY_CMD, "duration_s": args.duration,
         "warmup_s": args.warmup, "stream_duration_s": args.stream_duration, "ramp_s": args.ramp,
-        "stream_mode": args.stream_mode,
+        "stream_mode": args.stream_mode, "load": args.load,
         "deltas": args.deltas, "interval_ms": args.interval_ms,
         "body_bytes": len(open(bench.files["body"], "rb").read()),
         "loadavg_before": open("/proc/loadavg").read().split()[:3], "output": os.path.abspath(args.output),
