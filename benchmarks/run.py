@@ -706,7 +706,7 @@ class Bench:
 def build_c_load(directory):
     """Compile the C fake upstream and stream client (``load/*.c``) into ``directory``; returns
     their paths by name. They do what upstream.py and stream_client.py do, on the wire and in the
-    figures, with a fraction of the CPU (``--load c``)."""
+    figures, with about half the CPU (``--load c``)."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if not compiler:
         raise SystemExit("--load c needs a C compiler (Debian package gcc)")

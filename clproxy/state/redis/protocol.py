@@ -1,7 +1,7 @@
-"""txredisapi's Redis protocol with the two costs every command paid trimmed.
+"""txredisapi's Redis protocol without what every command and reply paid for nothing.
 
 A request on the Redis store sends a few commands (two Lua scripts, an MGET, an HINCRBY), and on a
-busy worker their encoding was a tenth of its time:
+busy worker their encoding and reading took a tenth of its time:
 
 - txredisapi builds each command value by value in Python: two ``_encode_value`` calls, four
   ``bytearray.extend`` calls and a join per argument (~36 us for a 16-argument EVALSHA). Here
