@@ -100,3 +100,37 @@ async def test_fallback_answer_is_logged_with_provider_and_actual_model(fake, pr
     assert summary["provider"] == "google-ai" and summary["status"] == 200
     assert summary["actualModel"] and summary["actualModel"] != "claude-sonnet-4-5" and summary["substituted"]
     assert [a["provider"] for a in attempts] == ["anthropic", "anthropic", "google-ai"]
+
+
+MALFORMED_CALL = {"candidates": [{"finishReason": "MALFORMED_FUNCTION_CALL", "index": 0}],
+                  "usageMetadata": {"promptTokenCount": 2595, "totalTokenCount": 2595},
+                  "modelVersion": "gemini-2.5-flash"}
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+@pytest_twisted.ensureDeferred
+async def test_a_gemini_malformed_function_call_moves_the_chain_on(fake, providers, start_proxy, streamed):
+    """Gemini answering finishReason MALFORMED_FUNCTION_CALL with no content (as it does, with
+    nothing else said) is a failed answer, not an empty end_turn: the fallback chain moves on to
+    OpenAI, whose answer the client gets, whole or streamed."""
+    gemini, oai = providers
+    proxy = start_proxy(config(fake, gemini, oai))
+    fake.script(status=429, headers={"retry-after": "30"},
+                body=testing.error_json(429, "rate_limit_error", "limited"))
+    if streamed:
+        gemini.script(chunks=[MALFORMED_CALL])
+    else:
+        gemini.script(response=MALFORMED_CALL)
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="c", max_retries=0)
+    request = dict(model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    if streamed:
+        def ask():
+            with client.messages.stream(**request) as stream:
+                return stream.get_final_message()
+    else:
+        def ask():
+            return client.messages.create(**request)
+    answer = await in_thread(ask)
+    assert len(gemini.requests) == 1 and len(oai.requests) == 1
+    assert answer.content and answer.content[0].type == "text" and answer.content[0].text
+    client.close()

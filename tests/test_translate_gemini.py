@@ -394,7 +394,6 @@ def test_response_signed_call_after_signed_thought_gets_its_own_block():
         ("BLOCKLIST", "refusal"),
         ("SPII", "refusal"),
         ("OTHER", "end_turn"),
-        ("MALFORMED_FUNCTION_CALL", "end_turn"),
     ],
 )
 def test_response_finish_reason_map(finish, stop):
@@ -501,6 +500,23 @@ def test_stream_truncated_ends_with_error_event():
     """A stream that stops before any finishReason ends with an api_error event."""
     events = _run(GeminiStreamToClaude("c", "g"), [_sse_chunk([{"text": "half"}])])
     assert events[-1][0] == "error" and assert_valid_claude_stream(events) is None
+
+
+@pytest.mark.parametrize("finish", ["MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL"])
+def test_a_failed_tool_call_is_an_error_not_an_empty_end_turn(finish):
+    """Gemini's MALFORMED_FUNCTION_CALL / UNEXPECTED_TOOL_CALL (the turn holds no usable call, often
+    nothing at all) end in an api_error event naming the reason, with or without text before it,
+    never in an end_turn Claude Code would take for the answer; a whole answer raises."""
+    for parts in ([], [{"text": "Let me edit the file."}]):
+        translator = GeminiStreamToClaude("c", "g")
+        events = translator.feed(_sse_chunk(parts, finish=finish)) + translator.finish()
+        assert events[-1][0] == "error" and finish in events[-1][1]["error"]["message"]
+        assert "message_delta" not in [name for name, _ in events]
+        assert assert_valid_claude_stream(events) is None
+        if not parts:  # nothing of an answer: only the prelude before the error (the fallback may go on)
+            assert [name for name, _ in events] == ["message_start", "error"]
+        with pytest.raises(ValueError, match=finish):
+            gemini_to_claude_response(_response(parts, finish), "c", "g")
 
 
 def test_stream_error_chunk_becomes_error_event():

@@ -83,12 +83,18 @@ _SCHEMA_FORMATS = {"string": ("enum", "date-time"), "integer": ("int32", "int64"
 _REFUSAL_REASONS = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "LANGUAGE")
 
 
+#: finish reasons saying the model's tool call went wrong: the turn holds no call Claude Code can
+#: run (often nothing at all), so an end_turn would pass it, or the text before it, off as the
+#: answer. They end in an error instead: before anything was sent, the fallback chain moves on.
+_FAILED_CALL_REASONS = ("MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL")
+
+
 def _finish_to_stop(reason, has_tool_calls):
     if reason == "MAX_TOKENS":
         return "max_tokens"
     if reason in _REFUSAL_REASONS:
         return "refusal"
-    # STOP, and the reasons with no Claude equivalent (OTHER, MALFORMED_FUNCTION_CALL, ...), end the turn.
+    # STOP, and the reasons with no Claude equivalent (OTHER, ...), end the turn.
     return "tool_use" if has_tool_calls else "end_turn"
 
 
@@ -400,7 +406,9 @@ class GeminiStreamToClaude:
     (Gemini does not require them back).
 
     ``finish()`` raises EmptyStreamError if no chunk arrived; if the stream stopped without a
-    finishReason (and was not blocked), it emits an ``error`` event rather than a false end_turn.
+    finishReason (and was not blocked), or with one saying the tool call failed
+    (MALFORMED_FUNCTION_CALL, UNEXPECTED_TOOL_CALL), it emits an ``error`` event rather than a
+    false end_turn.
     A chunk with ``error`` becomes an ``error`` event and ends the stream.
     """
 
@@ -513,6 +521,9 @@ class GeminiStreamToClaude:
             if self.blocked:
                 return self.serializer.stop("refusal", usage)
             return self.serializer.error("api_error", "upstream stream ended before a finishReason")
+        if self.finish_reason in _FAILED_CALL_REASONS:
+            return self.serializer.error(
+                "api_error", "Gemini ended the turn with %s: its tool call could not be used" % self.finish_reason)
         return self.serializer.stop(_finish_to_stop(self.finish_reason, self.has_tool_calls), usage)
 
 
