@@ -158,6 +158,17 @@ def test_replies_read_whole_are_txredisapis_values():
     assert replies_of(RedisProtocol, [REPLIES]) == expected
 
 
+def test_one_read_of_replies_is_parsed_at_once_with_the_socket_never_paused():
+    """All the replies of one read are delivered within that read: no turn of the reactor is asked
+    for and the transport is never paused (txredisapi's reader did both after every bulk string)."""
+    from twisted.internet import task
+    clock = task.Clock()
+    collected = Collected(RedisProtocol, clock)
+    collected.protocol.dataReceived(REPLIES)
+    assert len(collected.replies) == 17
+    assert clock.getDelayedCalls() == [] and collected.protocol.transport.producerState == "producing"
+
+
 def test_replies_cut_at_every_byte_are_the_same():
     """The replies cut in two at every byte, and sent a byte at a time, give the same values."""
     expected = replies_of(txredisapi.RedisProtocol, [REPLIES])
@@ -167,10 +178,28 @@ def test_replies_cut_at_every_byte_are_the_same():
 
 
 def test_a_line_too_long_or_arrays_nested_too_deep_close_the_connection():
-    """A line over txredisapi's limit (16 KiB) without its end, or arrays nested past
-    ``max_depth``, are not Redis replies: the connection is closed, nothing is delivered."""
+    """A line over txredisapi's limit (16 KiB) without its end, arrays nested past ``max_depth``,
+    or a status line that is not UTF-8 are not Redis replies: the connection is closed (the link
+    reconnects), nothing is delivered, nothing is raised into the reactor."""
     from twisted.internet import task
-    for reads in ([b"+" + b"x" * 20000], [b"*1\r\n" * (RedisProtocol.max_depth + 2) + b":1\r\n"]):
+    for reads in ([b"+" + b"x" * 20000], [b"*1\r\n" * (RedisProtocol.max_depth + 2) + b":1\r\n"],
+                  [b"+\xff\xfe\r\n"]):
         collected = Collected(RedisProtocol, task.Clock())
         collected.protocol.dataReceived(reads[0])
         assert collected.replies == [] and collected.protocol.transport.disconnecting
+
+
+def test_each_script_is_hashed_once_per_process(monkeypatch):
+    """``eval`` hashes a script's text the first time it is run, not at every call."""
+    from clproxy.state.redis import protocol as module
+    hashed = []
+    real_sha1 = module.hashlib.sha1
+    monkeypatch.setattr(module, "_SCRIPTS", {})
+    monkeypatch.setattr(module.hashlib, "sha1", lambda data: hashed.append(data) or real_sha1(data))
+    ours = RedisProtocol(charset="utf-8")
+    ours._eval = lambda text, sha1, keys, args: (text, sha1)  # what would be sent, not sent
+    script = "return 1"
+    first = ours.eval(script, ["k"], [])
+    again = ours.eval(script, ["k"], [])
+    assert first == again == (b"return 1", real_sha1(b"return 1").hexdigest())
+    assert hashed == [b"return 1"]

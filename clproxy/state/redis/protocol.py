@@ -40,7 +40,7 @@ _NOTHING = object()
 
 
 class _Unreadable(Exception):
-    """The connection sent what no Redis reply is (a line too long, nesting too deep)."""
+    """The connection sent what no Redis reply is (a line too long or not UTF-8, nesting too deep)."""
 
 
 class RedisProtocol(txredisapi.RedisProtocol):
@@ -54,7 +54,7 @@ class RedisProtocol(txredisapi.RedisProtocol):
 
     def dataReceived(self, data, unpause=False):
         if (self.inTransaction or self.bulk_length or self.multi_bulk.pending is not None
-                or self._LineReceiver__buffer):
+                or getattr(self, "_LineReceiver__buffer", b"")):  # (a txredisapi without it holds none)
             # txredisapi's reader is mid-reply or in a transaction: it goes on as it was
             return super().dataReceived(data, unpause)
         buffer = self._unparsed + data if self._unparsed else data
@@ -124,7 +124,10 @@ class RedisProtocol(txredisapi.RedisProtocol):
                 if item is not _NOTHING:
                     items.append(item)
             return items, after
-        text = buffer[at + 1:eol].decode()
+        try:
+            text = buffer[at + 1:eol].decode()
+        except UnicodeDecodeError:  # txredisapi raised it into the reactor; a closed connection is clearer
+            raise _Unreadable("a reply line that is not UTF-8")
         if token == 0x2B:  # + status
             return text, after
         if token == 0x2D:  # - error
