@@ -436,6 +436,32 @@ async def test_concurrent_requests_open_connections_and_keep_up_to_the_max(serve
     assert len(set(server.requests)) == 4  # no new connection
 
 
+def pooled_connections(client):
+    """The idle HTTP1Connections of ``client``'s pool."""
+    return [connection for idle in client.http1._idle.values() for connection in idle]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_tcp_connection_calls_the_protocol_without_the_endpoints_wrapper(server, upstream):
+    """Once connected, the TCP connection delivers reads to the HTTP1Connection itself, not through
+    the endpoint's _WrappingProtocol (a Python call per read); the connection still works, is
+    kept, and its close still reaches the pool."""
+    from twisted.internet import endpoints
+    assert await post(upstream, server.url) == (200, b"{}")
+    [connection] = pooled_connections(upstream)
+    assert connection.transport.protocol is connection
+    assert not isinstance(connection.transport.protocol, endpoints._WrappingProtocol)
+    assert await post(upstream, server.url) == (200, b"{}")
+    assert len(set(server.requests)) == 1
+    for each in server.connections:
+        each.transport.loseConnection()
+    for _ in range(100):
+        if not pooled_connections(upstream):
+            break
+        await task.deferLater(reactor, 0.01, lambda: None)
+    assert pooled_connections(upstream) == []  # connectionLost reached it without the wrapper
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_connection_the_server_closed_is_replaced(server, upstream):
     """The server closes each connection after its answer: every request still succeeds."""
@@ -557,6 +583,10 @@ async def test_tls_with_the_right_hostname_is_accepted(tls_server, upstream):
     assert await post(upstream, url) == (200, b"{}")
     assert await post(upstream, url) == (200, b"{}")
     assert len(set(server.requests)) == 1
+    # the TCP connection calls the TLS protocol directly, not through the endpoint's wrapper
+    [connection] = pooled_connections(upstream)
+    tls = connection.transport
+    assert tls.wrappedProtocol is connection and tls.transport.protocol is tls
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
