@@ -297,6 +297,31 @@ def test_whole_chunk_reads_and_other_reads_relay_the_same(reads):
     assert passthrough.done
 
 
+def test_one_whole_chunk_per_read_takes_the_short_path_and_keeps_the_tail(monkeypatch):
+    """The usual paced read, one whole chunk, is relayed without the general loop (its size-line
+    parser is never called); the tail still holds the last 2048 payload bytes, however many
+    reads came, and a read of another shape after it still goes through the general loop."""
+    from clproxy.proxy import upstream as upstream_module
+
+    general = []
+    real = upstream_module._chunk_size
+    monkeypatch.setattr(upstream_module, "_chunk_size", lambda line: general.append(line) or real(line))
+    written = []
+    relay = _relay_stub()
+    passthrough = ChunkedPassthrough(relay, written.append, lambda: None, lambda rest: None)
+    payloads = []
+    for i in range(500):
+        payload = b"data: {\"i\": %d}\n\n" % i * (1 + i % 7)
+        payloads.append(payload)
+        passthrough.dataReceived(b"%X\r\n%s\r\n" % (len(payload), payload))
+    assert general == []
+    assert passthrough.tail() == b"".join(payloads)[-2048:]
+    assert sum(len(piece) for piece in passthrough._tail) <= 4096  # let go of as it goes
+    assert relay.bytes_relayed == sum(len(w) for w in written)
+    passthrough.dataReceived(b"3;x=1\r\nabc\r\n")  # an extension: the general loop
+    assert general == [b"3;x=1"] and passthrough.tail().endswith(b"abc")
+
+
 @pytest.mark.parametrize("read", [b"5\r\nhelloXY", b"5\r\nhello\n\n", b"g\r\nhello\r\n"])
 def test_a_whole_read_with_broken_framing_is_refused(read):
     """A read shaped like one chunk whose CRLF after the data, or whose size, is wrong is refused

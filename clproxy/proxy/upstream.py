@@ -6,6 +6,7 @@ account's cookies into another's requests), no redirect following and no content
 what the upstream sends is what the client gets.
 """
 
+import re
 from typing import Callable, Dict, List, Optional, Set
 
 from twisted.internet import defer, endpoints, error, protocol
@@ -723,6 +724,21 @@ class ChunkedPassthrough:
     def dataReceived(self, data: bytes) -> None:
         relay = self._relay
         relay._chunks += 1  # the idle watchdog's count
+        if not (self._left or self._crlf or self._skip or self._pending or self._reframed):
+            # the usual read, one whole chunk (an SSE event) between two chunks: relayed with a
+            # third of the general loop's work below, which reads the same bytes the same way
+            eol = data.find(b"\r\n")
+            if eol > 0 and _PLAIN_SIZE(data, 0, eol) is not None:
+                length = int(data[:eol], 16)
+                end = eol + 2 + length
+                if length and len(data) == end + 2 and data.endswith(b"\r\n") and length <= _MAX_PADDED:
+                    self._tail.append(data[eol + 2:end])
+                    self._write(data)
+                    relay.bytes_relayed += end + 2
+                    self._tail_size += length
+                    if self._tail_size >= _TRIM_AT:
+                        self._trim()
+                    return
         if self._skip:
             skip, self._skip = self._skip, 0
             expected = b"\r\n"[2 - skip:]
@@ -851,9 +867,12 @@ class ChunkedPassthrough:
         self._relay.bytes_relayed += len(data)
 
     def _trim(self) -> None:
-        tail = self._tail
-        while len(tail) > 1 and self._tail_size - len(tail[0]) >= TAIL_BYTES:
-            self._tail_size -= len(tail.pop(0))
+        # the pieces are let go of together once twice the tail has gathered: a join per ~2 KB
+        # relayed, not a pop per read (the list is changed in place: callers hold it)
+        if self._tail_size >= _TRIM_AT:
+            kept = b"".join(self._tail)[-TAIL_BYTES:]
+            self._tail[:] = [kept]
+            self._tail_size = len(kept)
 
     def tail(self) -> bytes:
         """The last payload bytes relayed (the events, without framing), up to TAIL_BYTES."""
@@ -904,6 +923,15 @@ _END_EVENT_LINES = (b"\nevent: message_stop", b"\nevent:message_stop", b"\nevent
 
 class _MalformedChunks(ValueError):
     """The upstream's chunked framing is broken (the connection is given up, the stream truncated)."""
+
+
+#: the passthrough's tail is cut back to TAIL_BYTES once this much payload has gathered in it
+_TRIM_AT = 2 * TAIL_BYTES
+
+
+#: a chunk-size line of plain hex digits, without extensions: every valid line of the usual kind
+#: (``_chunk_size`` takes more: leading zeros past 16 digits, extensions)
+_PLAIN_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}").fullmatch
 
 
 def _chunk_size(line: bytes) -> int:
