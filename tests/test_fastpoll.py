@@ -7,6 +7,7 @@ earlier event of the same poll).
 """
 
 import errno
+import select
 
 import pytest
 from twisted.internet import epollreactor, error, protocol, selectreactor, task, tcp
@@ -125,6 +126,62 @@ def test_a_protocol_that_raises_is_disconnected_and_logged_and_others_go_on(reac
         log.removeObserver(errors.append)
     assert [e for e in errors if e.get("isError") and e["failure"].check(ValueError)]
     assert healthy.lost is None
+
+
+def test_an_outgoing_connections_reads_are_handled_inline_as_twisted_would(reactor, monkeypatch):
+    """A read on an outgoing connection (tcp.Client) is handled without the dispatch call: the
+    bytes arrive whole; a protocol that raises is logged and disconnected with its exception; the
+    server's close ends the connection with ConnectionDone; the other events still go through
+    the dispatch."""
+    dispatched = []
+    real_dispatch = fastpoll._dispatch
+
+    def counting(dispatch, selectable, fd, event):
+        dispatched.append((type(selectable), event))
+        real_dispatch(dispatch, selectable, fd, event)
+
+    monkeypatch.setattr(fastpoll, "_dispatch", counting)
+    errors = []
+    log.addObserver(errors.append)
+    try:
+        client, _ = connect(reactor)
+        payload = bytes(range(256)) * 256
+        client.transport.write(payload)
+        turn(reactor, lambda: len(client.received) >= len(payload))
+        assert client.received == payload
+        # the server's reads went through the dispatch, the client's did not (its connecting
+        # and writing, EPOLLOUT events, did)
+        assert (tcp.Server, select.EPOLLIN) in dispatched
+        assert (tcp.Client, select.EPOLLIN) not in dispatched
+
+        raising, _ = connect(reactor)
+
+        def broken(data):
+            raise ValueError("the relay broke")
+
+        raising.dataReceived = broken
+        raising.transport.write(b"echo this")
+        turn(reactor, lambda: raising.lost is not None)
+        assert raising.lost.check(ValueError)
+
+        closed, _ = connect(reactor, server_protocol=Closer)
+        closed.transport.write(b"close now")
+        turn(reactor, lambda: closed.lost is not None)
+        assert closed.lost.check(error.ConnectionDone)
+        assert closed.received == b"bye"
+    finally:
+        log.removeObserver(errors.append)
+    assert [e for e in errors if e.get("isError") and e["failure"].check(ValueError)
+            and e["failure"].getErrorMessage() == "the relay broke"]
+    assert client.lost is None
+
+
+class Closer(protocol.Protocol):
+    """Answers "bye" and closes the connection."""
+
+    def dataReceived(self, data):
+        self.transport.write(b"bye")
+        self.transport.loseConnection()
 
 
 class FakePoller:

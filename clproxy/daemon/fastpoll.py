@@ -12,6 +12,11 @@ directly; an exception that escapes it is still logged with the descriptor's pre
 ``callWithLogger`` does (``_doReadOrWrite`` already catches and logs what the protocol raises
 and disconnects it).
 
+A read event alone on an outgoing connection (an upstream's next SSE event, the usual event at
+1,000 streams) is handled inline, as ``_doReadOrWrite`` handles it (the descriptor checked, then
+``doRead``; what it raises logged; a reason to close handed to ``_disconnectSelectable``), without
+the two calls around it; every other event goes through ``_doReadOrWrite``.
+
 Within each turn the outgoing connections (``tcp.Client``: the upstreams, Redis) are served
 first, then the client connections and the listening port. At 1,000 streams a turn holds dozens
 of upstream events (each a relayed SSE event a client is waiting for) beside new requests, whose
@@ -25,6 +30,7 @@ is the code it was checked against (:mod:`clproxy.mirrored`); anything else keep
 """
 
 import errno
+import sys
 import types
 
 from twisted.internet import epollreactor, posixbase, tcp
@@ -44,6 +50,10 @@ MIRRORED = (
 KNOWN_FINGERPRINTS = frozenset({
     "36f3829bc30978121f2ec62b6da0173d7a8d390a396cb835654b30c78c1b4e9a",
 })
+
+#: twisted's dispatch of one event, whose read-only case :func:`do_poll` takes inline
+_TWISTED_DISPATCH = posixbase._PollLikeMixin._doReadOrWrite
+_POLL_IN = epollreactor.EPollReactor._POLL_IN
 
 #: Whether this twisted's loop is the one :func:`do_poll` was checked against (computed once).
 ENABLED = mirrored.fingerprint(MIRRORED) in KNOWN_FINGERPRINTS
@@ -75,13 +85,31 @@ def do_poll(self, timeout):
         raise
     selectables = self._selectables
     dispatch = self._doReadOrWrite
+    # twisted's own dispatch (not a test's stand-in): its read-only case is taken inline below
+    inline = getattr(dispatch, "__func__", None) is _TWISTED_DISPATCH
     later = []  # (selectable, fd, event) of client connections and listening ports
     for fd, event in ready:
         selectable = selectables.get(fd)
         if selectable is None:  # removed by an earlier event of this same poll
             continue
         if type(selectable) is tcp.Client:
-            _dispatch(dispatch, selectable, fd, event)
+            if event == _POLL_IN and inline:
+                # _doReadOrWrite for data to read and nothing else, the usual event of a relayed
+                # stream, without the two calls around it (~1 us an event, ~5% of its cost)
+                in_read = False
+                try:
+                    if selectable.fileno() == -1:
+                        why = posixbase._NO_FILEDESC
+                    else:
+                        why = selectable.doRead()
+                        in_read = True
+                except BaseException:
+                    why = sys.exc_info()[1]
+                    log.err()
+                if why:
+                    _disconnect(self, selectable, why, in_read)
+            else:
+                _dispatch(dispatch, selectable, fd, event)
         else:
             later.append((selectable, fd, event))
     for selectable, fd, event in later:
@@ -93,6 +121,17 @@ def _dispatch(dispatch, selectable, fd, event) -> None:
     """Hand one event to the reactor's dispatch; log what escapes it, as callWithLogger would."""
     try:
         dispatch(selectable, fd, event)
+    except KeyboardInterrupt:
+        raise
+    except BaseException:
+        _log_escaped(selectable)
+
+
+def _disconnect(reactor, selectable, why, in_read: bool) -> None:
+    """The end of ``_doReadOrWrite`` for the inline read: disconnect ``selectable`` for ``why``;
+    log what escapes, as :func:`_dispatch` does."""
+    try:
+        reactor._disconnectSelectable(selectable, why, in_read)
     except KeyboardInterrupt:
         raise
     except BaseException:
