@@ -297,10 +297,11 @@ def test_whole_chunk_reads_and_other_reads_relay_the_same(reads):
     assert passthrough.done
 
 
-def test_one_whole_chunk_per_read_takes_the_short_path_and_keeps_the_tail(monkeypatch):
-    """The usual paced read, one whole chunk, is relayed without the general loop (its size-line
-    parser is never called); the tail still holds the last 2048 payload bytes, however many
-    reads came, and a read of another shape after it still goes through the general loop."""
+def test_whole_chunk_reads_take_the_short_path_and_keep_the_tail(monkeypatch):
+    """The usual paced read, one whole chunk or a few (the daemon behind), is relayed without
+    the general loop (its size-line parser is never called); the tail still holds the last 2048
+    payload bytes, however many reads came, and a read of another shape after it still goes
+    through the general loop."""
     from clproxy.proxy import upstream as upstream_module
 
     general = []
@@ -309,11 +310,14 @@ def test_one_whole_chunk_per_read_takes_the_short_path_and_keeps_the_tail(monkey
     written = []
     relay = _relay_stub()
     passthrough = ChunkedPassthrough(relay, written.append, lambda: None, lambda rest: None)
-    payloads = []
+    payloads, read = [], b""
     for i in range(500):
         payload = b"data: {\"i\": %d}\n\n" % i * (1 + i % 7)
         payloads.append(payload)
-        passthrough.dataReceived(b"%X\r\n%s\r\n" % (len(payload), payload))
+        read += b"%X\r\n%s\r\n" % (len(payload), payload)
+        if i % 4 != 1:  # reads of one chunk, and of two
+            passthrough.dataReceived(read)
+            read = b""
     assert general == []
     assert passthrough.tail() == b"".join(payloads)[-2048:]
     assert sum(len(piece) for piece in passthrough._tail) <= 4096  # let go of as it goes

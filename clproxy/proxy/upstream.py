@@ -725,17 +725,29 @@ class ChunkedPassthrough:
         relay = self._relay
         relay._chunks += 1  # the idle watchdog's count
         if not (self._left or self._crlf or self._skip or self._pending or self._reframed):
-            # the usual read, one whole chunk (an SSE event) between two chunks: relayed with a
-            # third of the general loop's work below, which reads the same bytes the same way
-            eol = data.find(b"\r\n")
-            if eol > 0 and _PLAIN_SIZE(data, 0, eol) is not None:
-                length = int(data[:eol], 16)
+            # the usual read: whole chunks, one SSE event each (several when the daemon fell
+            # behind), between two chunks. Relayed with a third of the general loop's work below,
+            # which reads the same bytes the same way and takes any read this does not
+            size = len(data)
+            pos = 0
+            payloads = []
+            payload_size = 0
+            while True:
+                eol = data.find(b"\r\n", pos)
+                if eol <= pos or _PLAIN_SIZE(data, pos, eol) is None:
+                    break
+                length = int(data[pos:eol], 16)
                 end = eol + 2 + length
-                if length and len(data) == end + 2 and data.endswith(b"\r\n") and length <= _MAX_PADDED:
-                    self._tail.append(data[eol + 2:end])
+                if not length or length > _MAX_PADDED or data[end:end + 2] != b"\r\n":
+                    break
+                payloads.append(data[eol + 2:end])
+                payload_size += length
+                pos = end + 2
+                if pos == size:
+                    self._tail.extend(payloads)
                     self._write(data)
-                    relay.bytes_relayed += end + 2
-                    self._tail_size += length
+                    relay.bytes_relayed += size
+                    self._tail_size += payload_size
                     if self._tail_size >= _TRIM_AT:
                         self._trim()
                     return
