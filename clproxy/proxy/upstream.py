@@ -726,8 +726,8 @@ class ChunkedPassthrough:
         relay._chunks += 1  # the idle watchdog's count
         if not (self._left or self._crlf or self._skip or self._pending or self._reframed):
             # the usual read: whole chunks, one SSE event each (several when the daemon fell
-            # behind), between two chunks. Relayed with a third of the general loop's work below,
-            # which reads the same bytes the same way and takes any read this does not
+            # behind), between two chunks. Relayed with about a third less work than the general
+            # loop below, which reads the same bytes the same way and takes any read this does not
             size = len(data)
             pos = 0
             payloads = []
