@@ -326,6 +326,41 @@ def test_whole_chunk_reads_take_the_short_path_and_keep_the_tail(monkeypatch):
     assert general == [b"3;x=1"] and passthrough.tail().endswith(b"abc")
 
 
+@pytest.mark.parametrize("seed", range(20))
+def test_reads_of_whole_chunks_relay_as_reads_a_byte_at_a_time(seed):
+    """Random streams (sizes in either case, leading zeros, extensions, chunks of 1 byte to 3 KB,
+    with or without their last chunk) read in groups of whole chunks (the short path), and the
+    same stream read a byte at a time (the general loop only): the same bytes relayed, the same
+    tail, the same count, the same end."""
+    import random
+
+    rng = random.Random(seed)
+
+    def relay(reads):
+        written, finished, relay_ = [], [], _relay_stub()
+        passthrough = ChunkedPassthrough(relay_, written.append, lambda: written.append(b"|"), finished.append)
+        for read in reads:
+            passthrough.dataReceived(read)
+        return b"".join(written), passthrough.tail(), relay_.bytes_relayed, passthrough.done, finished
+
+    for _ in range(10):
+        chunks = []
+        for _ in range(rng.randint(1, 12)):
+            n = rng.choice([1, 5, 40, 150, 700, 3000])
+            payload = bytes(rng.choice(b"data: {}\n\r") for _ in range(n))
+            size = rng.choice([b"%x" % n, b"%X" % n, b"00%x" % n, b"%x;e=1" % n])
+            chunks.append(size + b"\r\n" + payload + b"\r\n")
+        if rng.random() < 0.5:
+            chunks.append(b"0\r\n\r\n")
+        grouped, i = [], 0
+        while i < len(chunks):
+            k = rng.randint(1, 4)
+            grouped.append(b"".join(chunks[i:i + k]))
+            i += k
+        stream = b"".join(chunks)
+        assert relay(grouped) == relay([stream[i:i + 1] for i in range(len(stream))])
+
+
 @pytest.mark.parametrize("read", [b"5\r\nhelloXY", b"5\r\nhello\n\n", b"g\r\nhello\r\n"])
 def test_a_whole_read_with_broken_framing_is_refused(read):
     """A read shaped like one chunk whose CRLF after the data, or whose size, is wrong is refused
