@@ -484,7 +484,7 @@ class HTTP1Connection(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
         state = self.state
         if state == "BODY":
-            if self._mode == "chunked":  # a stream's every event: one call less than _body
+            if self._mode == "chunked":  # a stream's every event, without a call more
                 try:
                     self.bodyDecoder.dataReceived(data)
                 except Exception as e:  # twisted's malformed chunks, or ChunkedPassthrough's
@@ -549,16 +549,13 @@ class HTTP1Connection(protocol.Protocol):
         if length == 0:
             self._body_done(buffer)
         elif buffer:
-            self._body(buffer)
+            self.dataReceived(buffer)
 
     def _body(self, data: bytes) -> None:
+        """A body with a length, or read to the connection's end (a chunked one goes to its
+        decoder from ``dataReceived``)."""
         mode = self._mode
-        if mode == "chunked":
-            try:
-                self.bodyDecoder.dataReceived(data)
-            except Exception as e:  # twisted's malformed chunks, or ChunkedPassthrough's
-                self._broken(e)
-        elif mode is UNKNOWN_LENGTH:
+        if mode is UNKNOWN_LENGTH:
             self.response._data(data)
         else:
             left = self._left
