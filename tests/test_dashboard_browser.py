@@ -11,6 +11,7 @@ import time
 import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
@@ -116,14 +117,33 @@ async def test_a_request_opens_to_show_its_attempts_by_keyboard(fake, start_prox
     await wait_for(browser, "[data-testid=request-row]", "data-account", "b")
 
     def open_attempts():
-        button = browser.find_element(By.CSS_SELECTOR, "[data-testid=request-row] button")
-        button.send_keys(Keys.ENTER)
-        return button.get_attribute("aria-expanded")
+        # the page redraws its rows on every update: a button found just before one is gone
+        # (stale) by the time it is used, so it is found again, and Enter is sent only while
+        # the row is closed (a second Enter would close it)
+        for _ in range(50):
+            try:
+                button = browser.find_element(By.CSS_SELECTOR, "[data-testid=request-row] button")
+                if button.get_attribute("aria-expanded") != "true":
+                    button.send_keys(Keys.ENTER)
+                return browser.find_element(
+                    By.CSS_SELECTOR, "[data-testid=request-row] button").get_attribute("aria-expanded")
+            except StaleElementReferenceException:
+                time.sleep(0.05)
+        raise AssertionError("the request row's button never stayed long enough to be used")
 
     assert await in_thread(open_attempts) == "true"
     await wait_for(browser, "tr.attempts li")
     await pause(1.5)  # the page gets at least one more update with the row open: it stays open
-    items = await in_thread(lambda: [li.text for li in browser.find_elements(By.CSS_SELECTOR, "tr.attempts li")])
+
+    def attempt_items():
+        for _ in range(50):  # read again if a redraw replaced the items meanwhile
+            try:
+                return [li.text for li in browser.find_elements(By.CSS_SELECTOR, "tr.attempts li")]
+            except StaleElementReferenceException:
+                time.sleep(0.05)
+        raise AssertionError("the attempts never stayed long enough to be read")
+
+    items = await in_thread(attempt_items)
     assert len(items) == 2 and "429" in items[0] and "200" in items[1]
     await in_thread(screenshot, browser, "dashboard-attempts")
     assert await in_thread(console_errors, browser) == []
