@@ -155,6 +155,37 @@ def test_split_url():
         split_url(b"ftp://x/")
 
 
+def test_a_url_is_split_once_and_a_refused_one_every_time(monkeypatch):
+    """The pool splits a URL it has seen before from its memory (the same parts), refuses a bad
+    one on every request (never remembered), and remembers at most _MAX_URLS of them."""
+    from clproxy.proxy import http1
+    calls = []
+
+    def counting(url):
+        calls.append(url)
+        return split_url(url)
+
+    monkeypatch.setattr(http1, "split_url", counting)
+    monkeypatch.setattr(http1, "_split_urls", {})
+    monkeypatch.setattr(http1, "_MAX_URLS", 3)
+    endpoints = Endpoints()
+    pool = HTTP1Pool(task.Clock(), endpoints)
+    url = b"http://user:pw@up.example:8080/v1/messages?beta=true"
+    for _ in range(3):
+        pool.request(b"POST", url, [(b"x-a", b"1")], b"{}")
+    assert calls == [url]
+    sent = [c.transport.value() for c in endpoints.connections]
+    assert len(sent) == 3 and all(s == sent[0] for s in sent)
+    assert sent[0].startswith(b"POST /v1/messages?beta=true HTTP/1.1\r\nHost: up.example:8080\r\n")
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            pool.request(b"POST", b"ftp://up.example/", [], b"{}")
+    assert calls == [url, b"ftp://up.example/", b"ftp://up.example/"]
+    for n in range(5):
+        pool.request(b"GET", b"http://up.example:8080/?q=%d" % n, [], None)
+    assert len(http1._split_urls) == 3  # bounded: a client varying its query string adds nothing
+
+
 @pytest.mark.parametrize("raw", [SIMPLE, CHUNKED], ids=["content-length", "chunked"])
 def test_every_split_of_a_response_reads_the_same(raw):
     """Whatever byte the response is split at, the code, headers and body are the same."""
