@@ -13,6 +13,7 @@ cache-read discounts, Haiku 5.5's long-prompt tier, Gemini's >200k tier), the fo
 what clproxy reports: an operator who needs the exact figure sets ``pricing:``.
 """
 
+import collections.abc
 import fnmatch
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
@@ -136,8 +137,10 @@ def cache_split(usage: Mapping[str, Any]) -> Tuple[int, int]:
     ``usage.cache_creation`` when present, else all of ``cache_creation_input_tokens`` counts as
     5-minute (the default TTL, and what the API reported before the split existed)."""
     detail = usage.get("cache_creation")
-    if isinstance(detail, Mapping) and ("ephemeral_5m_input_tokens" in detail
-                                        or "ephemeral_1h_input_tokens" in detail):
+    # collections.abc's Mapping, not typing's: the same answer at a third of the cost (typing's
+    # alias forwards each check to it), and this runs twice on every answered request
+    if isinstance(detail, collections.abc.Mapping) and ("ephemeral_5m_input_tokens" in detail
+                                                        or "ephemeral_1h_input_tokens" in detail):
         return _int(detail, "ephemeral_5m_input_tokens"), _int(detail, "ephemeral_1h_input_tokens")
     return _int(usage, "cache_creation_input_tokens"), 0
 
