@@ -18,7 +18,7 @@ from clproxy import jsoncodec
 from clproxy.proxy import sse
 from clproxy.proxy.dispatch import ProxyRequest
 from clproxy.errors import ProxyError
-from clproxy.http.site import TOO_DEEP, send_anthropic_error
+from clproxy.http.site import TOO_DEEP, raw_header_pairs, send_anthropic_error
 from clproxy.interfaces import IResponseSink
 from clproxy.observe.console import logger
 from clproxy.translate.claude import TranslationError
@@ -325,7 +325,7 @@ class ChatCompletionsResource(resource.Resource):
             raise _param_error(e.message.split(":", 1)[0].split(" ", 1)[0], e.message)
         except (TypeError, AttributeError, ValueError) as e:
             raise ProxyError(400, f"the request cannot be read as a Chat Completions request: {e}")
-        headers = [(name, value) for name, value in _raw_headers(request)
+        headers = [(name, value) for name, value in raw_header_pairs(request)
                    if name.lower() not in _DROPPED and not name.lower().startswith(_DROPPED_PREFIXES)]
         if not any(name.lower() == b"anthropic-version" for name, _ in headers):
             headers.append((b"anthropic-version", ANTHROPIC_VERSION))
@@ -341,12 +341,6 @@ def _param_error(param: str, message: str) -> ProxyError:
     error = ProxyError(400, message, "invalid_request_error")
     error.param = param
     return error
-
-
-def _raw_headers(request):
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        for value in values:
-            yield name, value
 
 
 def _internal_error(failure, out) -> None:
