@@ -27,6 +27,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -787,7 +788,7 @@ def evaluate(results):
         else:
             ok = value >= limit if higher_is_better else value <= limit
         targets.append({"name": name, "label": label, "value": value, "target": limit,
-                        "pass": ok, "note": note})
+                        "pass": ok, "note": note, "higher_is_better": higher_is_better})
 
     ns = results.get("nonstream")
     if ns:
@@ -824,6 +825,28 @@ def evaluate(results):
     return targets
 
 
+def over_rounds(per_round):
+    """Each target judged on its median over the rounds (the issue's protocol: three rounds,
+    medians); "every stream complete" must hold in every round. ``per_round``: each round's
+    :func:`evaluate` list. Each entry also keeps the rounds' values and how many met the target."""
+    combined = []
+    for first in per_round[0]:
+        runs = [t for targets in per_round for t in targets if t["name"] == first["name"]]
+        values = [t["value"] for t in runs]
+        entry = dict(first, values=values, rounds=len(runs), rounds_met=sum(1 for t in runs if t["pass"]))
+        if first["target"] == "all":
+            entry["value"] = ", ".join(str(v) for v in values)
+            entry["pass"] = all(t["pass"] for t in runs)
+        else:
+            numbers = [v for v in values if isinstance(v, (int, float))]
+            median = statistics.median(numbers) if numbers else None
+            entry["value"] = median
+            entry["pass"] = None if median is None else (
+                median >= first["target"] if first["higher_is_better"] else median <= first["target"])
+        combined.append(entry)
+    return combined
+
+
 def fmt(v, digits=2):
     if v is None:
         return "-"
@@ -841,40 +864,9 @@ def table(rows, header):
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def report(results):
+def section_lines(results, meta):
+    """The tables of one round: the non-stream runs and the stream levels."""
     out = []
-    meta = results["meta"]
-    out.append(f"clproxy load benchmark  {meta['started']}  ({'quick' if meta['quick'] else 'full'} run)")
-    out.append(f"proxy on core {meta['proxy_cpu']}, load generator + fake upstream on core {meta['load_cpu']}; "
-               f"body {meta['body_bytes']:,} bytes; loadavg before {meta['loadavg_before']}")
-    out.append(f"proxy: {meta['proxy_cmd']}  (niceness {meta.get('niceness')})")
-    out.append(f"load: {'upstream.py and stream_client.py' if meta.get('load', 'python') == 'python' else 'load/sse_upstream.c and load/sse_client.c'}")
-    workers = results.get("workers")
-    if workers:
-        out.append("")
-        out.append(f"Workers, non-stream POST /v1/messages at c={workers['concurrency']}, unpinned "
-                   f"(wrk -t1, {meta['duration_s']:g} s after {meta['warmup_s']:g} s warm-up; CPU % of one core)")
-        out.append(table([[str(r["workers"]), fmt(r["rps"], 0), fmt(r["p50_ms"]), fmt(r["p99_ms"]),
-                           str(r["error_count"]), fmt(r["daemon_cpu_pct"], 0),
-                           fmt(r.get("daemon_cpu_ms_per_request"), 3), fmt(r["load_cpu_pct"], 0),
-                           fmt(r["redis_cpu_pct"], 0), fmt(r.get("cores_busy_pct"), 0)] for r in workers["runs"]],
-                         ["workers", "req/s", "p50 ms", "p99 ms", "errors", "daemon cpu%", "cpu ms/req",
-                          "wrk+upstream cpu%", "redis cpu%", "cores busy%"]))
-        out.append(f"ratio {workers['runs'][-1]['workers']} workers / 1: {fmt(workers['ratio'], 2)}x; "
-                   f"daemon CPU per request {fmt(workers.get('cpu_per_request_ratio'), 2)}x")
-        if workers.get("streams"):
-            out.append("")
-            out.append(f"Workers, {workers['streams'][0]['streams']:,} paced streams, unpinned (CPU % of one core)")
-            out.append(table([[str(r["workers"]), f"{r['completed']}/{r['started']}", fmt(r["streams_per_s"], 0),
-                               fmt(r["ttfb_p50_ms"]), fmt(r["event_delay_p99_ms"]), fmt(r["daemon_cpu_pct"], 0),
-                               fmt(r.get("daemon_cpu_ms_per_stream"), 3), fmt(r["load_cpu_pct"], 0),
-                               fmt(r["redis_cpu_pct"], 0), fmt(r.get("cores_busy_pct"), 0)]
-                              for r in workers["streams"]],
-                             ["workers", "complete", "streams/s", "ttfb p50 ms", "delay p99 ms", "daemon cpu%",
-                              "cpu ms/stream", "client+upstream cpu%", "redis cpu%", "cores busy%"]))
-            out.append(f"ratio {workers['streams'][-1]['workers']} workers / 1 (streams/s): "
-                       f"{fmt(workers.get('streams_ratio'), 2)}x; daemon CPU per stream "
-                       f"{fmt(workers.get('cpu_per_stream_ratio'), 2)}x")
     ns = results.get("nonstream")
     if ns:
         out.append("")
@@ -931,17 +923,79 @@ def report(results):
                  if l[k]["failures"]]
         for n, k, f in fails:
             out.append(f"  failures at {n} streams ({k}): {f}")
+    return out
+
+
+def report(results):
+    out = []
+    meta = results["meta"]
+    out.append(f"clproxy load benchmark  {meta['started']}  ({'quick' if meta['quick'] else 'full'} run)")
+    out.append(f"proxy on core {meta['proxy_cpu']}, load generator + fake upstream on core {meta['load_cpu']}; "
+               f"body {meta['body_bytes']:,} bytes; loadavg before {meta['loadavg_before']}")
+    out.append(f"proxy: {meta['proxy_cmd']}  (niceness {meta.get('niceness')})")
+    out.append(f"load: {'upstream.py and stream_client.py' if meta.get('load', 'python') == 'python' else 'load/sse_upstream.c and load/sse_client.c'}")
+    workers = results.get("workers")
+    if workers:
+        out.append("")
+        out.append(f"Workers, non-stream POST /v1/messages at c={workers['concurrency']}, unpinned "
+                   f"(wrk -t1, {meta['duration_s']:g} s after {meta['warmup_s']:g} s warm-up; CPU % of one core)")
+        out.append(table([[str(r["workers"]), fmt(r["rps"], 0), fmt(r["p50_ms"]), fmt(r["p99_ms"]),
+                           str(r["error_count"]), fmt(r["daemon_cpu_pct"], 0),
+                           fmt(r.get("daemon_cpu_ms_per_request"), 3), fmt(r["load_cpu_pct"], 0),
+                           fmt(r["redis_cpu_pct"], 0), fmt(r.get("cores_busy_pct"), 0)] for r in workers["runs"]],
+                         ["workers", "req/s", "p50 ms", "p99 ms", "errors", "daemon cpu%", "cpu ms/req",
+                          "wrk+upstream cpu%", "redis cpu%", "cores busy%"]))
+        out.append(f"ratio {workers['runs'][-1]['workers']} workers / 1: {fmt(workers['ratio'], 2)}x; "
+                   f"daemon CPU per request {fmt(workers.get('cpu_per_request_ratio'), 2)}x")
+        if workers.get("streams"):
+            out.append("")
+            out.append(f"Workers, {workers['streams'][0]['streams']:,} paced streams, unpinned (CPU % of one core)")
+            out.append(table([[str(r["workers"]), f"{r['completed']}/{r['started']}", fmt(r["streams_per_s"], 0),
+                               fmt(r["ttfb_p50_ms"]), fmt(r["event_delay_p99_ms"]), fmt(r["daemon_cpu_pct"], 0),
+                               fmt(r.get("daemon_cpu_ms_per_stream"), 3), fmt(r["load_cpu_pct"], 0),
+                               fmt(r["redis_cpu_pct"], 0), fmt(r.get("cores_busy_pct"), 0)]
+                              for r in workers["streams"]],
+                             ["workers", "complete", "streams/s", "ttfb p50 ms", "delay p99 ms", "daemon cpu%",
+                              "cpu ms/stream", "client+upstream cpu%", "redis cpu%", "cores busy%"]))
+            out.append(f"ratio {workers['streams'][-1]['workers']} workers / 1 (streams/s): "
+                       f"{fmt(workers.get('streams_ratio'), 2)}x; daemon CPU per stream "
+                       f"{fmt(workers.get('cpu_per_stream_ratio'), 2)}x")
+    rounds = results.get("rounds") or []
+    if len(rounds) > 1:
+        for number, one in enumerate(rounds, 1):
+            out.append("")
+            out.append(f"=== Round {number} of {len(rounds)}")
+            out.extend(section_lines(one, meta))
+    else:
+        out.extend(section_lines(results, meta))
+    ns = results.get("nonstream")
     if results["targets"]:
         out.append("")
-        out.append("Targets")
-    rows = [[t["label"], fmt(t["value"], 3 if isinstance(t["value"], float) else 0),
-             ("<= " if t["name"] != "proxy_rps_c32" else ">= ") + fmt(t["target"]) if t["target"] != "all" else "all",
-             {True: "PASS", False: "MISS", None: "n/a"}[t["pass"]]] for t in results["targets"]]
-    if rows:
-        out.append(table(rows, ["target", "value", "wanted", "result"]))
-    if ns:
-        out.append("req/s ratio proxy/direct: " + ", ".join(f"c={r['concurrency']}: {r['ratio']:.3f}"
-                                                           for r in ns["runs"]))
+        out.append("Targets" if len(rounds) < 2 else
+                   f"Targets over {len(rounds)} rounds: each judged on its median (every stream complete: in every round)")
+
+    def wanted(t):
+        return "all" if t["target"] == "all" else (">= " if t["higher_is_better"] else "<= ") + fmt(t["target"])
+
+    verdict = {True: "PASS", False: "MISS", None: "n/a"}
+    if len(rounds) < 2:
+        rows = [[t["label"], fmt(t["value"], 3 if isinstance(t["value"], float) else 0), wanted(t),
+                 verdict[t["pass"]]] for t in results["targets"]]
+        if rows:
+            out.append(table(rows, ["target", "value", "wanted", "result"]))
+    else:
+        rows = []
+        for t in results["targets"]:
+            numbers = [v for v in t["values"] if isinstance(v, (int, float))]
+            spread = f"{fmt(min(numbers), 3)}-{fmt(max(numbers), 3)}" if numbers else ""
+            rows.append([t["label"], fmt(t["value"], 3 if isinstance(t["value"], float) else 0), spread, wanted(t),
+                         f"{t['rounds_met']}/{t['rounds']}", verdict[t["pass"]]])
+        out.append(table(rows, ["target", "median", "range", "wanted", "rounds met", "result"]))
+    for number, one in enumerate(rounds or [results], 1):
+        runs = (one.get("nonstream") or {}).get("runs", [])
+        if runs:
+            out.append(("req/s ratio proxy/direct" + (f", round {number}" if len(rounds) > 1 else "") + ": ")
+                       + ", ".join(f"c={r['concurrency']}: {r['ratio']:.3f}" for r in runs))
     noise = results.get("noise")
     if noise:
         out.append(noise)
@@ -957,7 +1011,7 @@ def report(results):
     return "\n".join(out)
 
 
-def noise_note(results):
+def noise_note(results, meta):
     """Flag runs where the pinned proxy had to wait for its core (a shared machine's other processes).
 
     The proxy is alone on its core among the benchmark's processes, so any time it spent runnable
@@ -971,7 +1025,8 @@ def noise_note(results):
     for l in (results.get("stream") or {}).get("levels", []):
         cpu = l["proxy"]["cpu"] or {}
         worst = max(worst, (cpu.get("proxy_runq_wait_pct") or 0.0, f"{l['streams']} streams"))
-    results["meta"]["proxy_max_runq_wait_pct"] = {"value": worst[0], "during": worst[1]}
+    meta["proxy_max_runq_wait_pct"] = max(meta.get("proxy_max_runq_wait_pct") or {"value": 0.0, "during": ""},
+                                          {"value": worst[0], "during": worst[1]}, key=lambda w: w["value"])
     if worst[0] > 5.0:
         return (f"NOTE: the proxy waited for its core {worst[0]:.0f}% of the time during {worst[1]} "
                 "(other processes on this machine); its figures there are pessimistic.")
@@ -989,6 +1044,10 @@ def parse_args(argv):
     p.add_argument("--workers-streams", type=int, default=0,
                    help="with --workers: also this many concurrent paced streams through 1 and N workers")
     p.add_argument("--only", choices=("nonstream", "stream"), help="run one section only")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the sections this many times (direct and proxy in each) and judge every target on "
+                        "its median over the rounds, with each round's tables and the spread (the issue's "
+                        "protocol: --rounds 3)")
     p.add_argument("--proxy-cmd", help="command template starting the daemon; {python}, {port} and {config} "
                                        f"are filled in (default: {DEFAULT_PROXY_CMD!r})")
     p.add_argument("--concurrency", default="1,32,256", help="non-stream concurrency levels")
@@ -1020,6 +1079,10 @@ def parse_args(argv):
     p.add_argument("--output", default=DEFAULT_OUTPUT, help="where the JSON goes")
     p.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     args = p.parse_args(argv)
+    if args.rounds < 1:
+        p.error("--rounds must be 1 or more")
+    if args.workers and args.rounds > 1:
+        p.error("--rounds repeats the single-process sections; --workers runs once (alternate runs by hand)")
     args.concurrency = [int(x) for x in args.concurrency.split(",") if x.strip()]
     args.streams = [int(x) for x in args.streams.split(",") if x.strip()]
     args.duration = args.duration or (2.0 if args.quick else 8.0)
@@ -1076,12 +1139,18 @@ def main(argv=None):
     try:
         results["meta"]["proxy_cmd"] = bench.proxy_template()
         bench.start_upstream()
-        if args.workers:
-            results["workers"] = bench.run_workers()
-        elif args.only in (None, "nonstream"):
-            results["nonstream"] = bench.run_nonstream()
-        if args.only in (None, "stream") and not args.workers:
-            results["stream"] = bench.run_streams()
+        rounds = []
+        for number in range(1 if args.workers else args.rounds):
+            if args.rounds > 1:
+                progress(f"round {number + 1} of {args.rounds}")
+            one = {}
+            if args.workers:
+                results["workers"] = bench.run_workers()
+            elif args.only in (None, "nonstream"):
+                one["nonstream"] = bench.run_nonstream()
+            if args.only in (None, "stream") and not args.workers:
+                one["stream"] = bench.run_streams()
+            rounds.append(one)
     except BenchError as e:
         sys.stderr.write(f"[bench] FAILED: {e}\n")
         return 2
@@ -1095,9 +1164,19 @@ def main(argv=None):
         bench.cleanup()
     results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
     results["meta"]["loadavg_after"] = open("/proc/loadavg").read().split()[:3]
-    results["targets"] = evaluate(results)
+    results.update(rounds[-1])  # the last round's sections where a single run's are (one round: the run's)
+    if len(rounds) > 1:
+        for one in rounds:
+            one["targets"] = evaluate(one)
+            one["noise"] = noise_note(one, results["meta"])
+        results["rounds"] = rounds
+        results["targets"] = over_rounds([one["targets"] for one in rounds])
+        results["noise"] = "\n".join(f"round {number}: {one['noise']}" for number, one in enumerate(rounds, 1)
+                                      if one["noise"]) or None
+    else:
+        results["targets"] = evaluate(results)
+        results["noise"] = noise_note(results, results["meta"])
     results["profiles"] = bench.profiles
-    results["noise"] = noise_note(results)
     with open(args.output + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
     os.replace(args.output + ".tmp", args.output)
