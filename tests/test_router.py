@@ -63,3 +63,21 @@ def test_fallback_chain_in_order(router):
 def test_no_model_is_default():
     """A request without a model (e.g. /v1/models) goes to Anthropic."""
     assert Router().route(None).provider == ANTHROPIC
+
+
+def test_a_models_route_is_worked_out_once_and_the_memory_is_bounded(monkeypatch):
+    """The same model gets the same Route without matching the patterns again; a pattern still
+    decides a new model's route; at most _MAX_ROUTES models are remembered."""
+    from clproxy.routing import router as router_module
+    r = Router.from_config(parse_config(CONFIG, "test", {}).config.routing)
+    matched = []
+    real = router_module.fnmatch.fnmatchcase
+    monkeypatch.setattr(router_module.fnmatch, "fnmatchcase", lambda *a: matched.append(a) or real(*a))
+    first = r.route("claude-haiku-3")
+    assert (first.provider, first.model, first.reason) == (OPENAI, "gpt-4o-mini", "mapping")
+    count = len(matched)
+    assert r.route("claude-haiku-3") is first and len(matched) == count  # not matched again
+    monkeypatch.setattr(router_module, "_MAX_ROUTES", 3)
+    for n in range(10):
+        assert r.route(f"claude-x-{n}").reason == "default"
+    assert len(r._routes) == 3

@@ -6,13 +6,16 @@ Pure: built from ``routing`` in the config. ``passthrough-models`` always go to 
 """
 
 import fnmatch
-from typing import Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import attr
 
 ANTHROPIC = "anthropic"
 OPENAI = "openai"
 GOOGLE = "google-ai"
+
+#: the most models whose routes a Router remembers
+_MAX_ROUTES = 1_000
 
 
 @attr.s(frozen=True, auto_attribs=True, slots=True)
@@ -59,6 +62,9 @@ class Router:
         self._passthrough = frozenset(passthrough_models)
         self.fallback_chain: Tuple[Target, ...] = tuple(
             Target(provider=t.provider, model=t.model) for t in fallback_chain)
+        # each model's route, worked out once: every request asks, for the same few models (a Route
+        # is frozen, so one instance serves them all). Bounded: the model is the client's to name.
+        self._routes: Dict[str, Route] = {}
 
     @classmethod
     def from_config(cls, routing) -> "Router":
@@ -69,6 +75,14 @@ class Router:
         """The route for a requested model (``None`` for requests without one, e.g. /v1/models)."""
         if not model:
             return Route(ANTHROPIC, model or "", model or "", "default")
+        route = self._routes.get(model)
+        if route is None:
+            route = self._resolve(model)
+            if len(self._routes) < _MAX_ROUTES:
+                self._routes[model] = route
+        return route
+
+    def _resolve(self, model: str) -> Route:
         if model in self._passthrough:
             return Route(ANTHROPIC, model, model, "passthrough-model")
         mapped = self._exact.get(model)
