@@ -139,6 +139,44 @@ def test_a_secret_both_whole_and_split_in_one_stream_is_withheld():
     assert raw is None or ANTHROPIC_KEY[20:].encode() not in raw
 
 
+NO_SHAPE = "u7Rk2Q9xZp4Lm8Vb3Nc6"  # a credential with no shape of its own (a custom provider's key)
+
+
+@pytest.mark.parametrize("text", [
+    f"upstream 401: GET https://llm.example/v1/chat?api_key={NO_SHAPE}&beta=true",
+    f"ANTHROPIC_API_KEY={NO_SHAPE}",
+    f"key = {NO_SHAPE}; retry",
+    f"grant_type=refresh_token&refresh_token={NO_SHAPE}",
+    f"x-goog-api-key={NO_SHAPE}",
+    f"password={NO_SHAPE}",
+    f"my_company_session_token={NO_SHAPE}",
+])
+def test_key_value_pairs_lose_their_value(text):
+    """key=value (a query string echoed in an error, an environment line, a form body): the value
+    of a credential's name goes even when it has no key shape; what follows stays."""
+    written = row(error=text)
+    assert NO_SHAPE not in written and REDACTED in written
+    assert NO_SHAPE.encode() not in redact_raw(text.encode())
+    if "&beta=true" in text:
+        assert "&beta=true" in written
+
+
+def test_a_credential_in_a_query_string_of_a_stream_capture_is_masked():
+    """The raw bytes of a captured stream mask a key=value pair as a row does."""
+    stream = text_stream(f"see https://h.example/?token={NO_SHAPE}&x=1")
+    raw, message = redact_stream(stream)
+    assert raw is not None and NO_SHAPE.encode() not in raw and b"&x=1" in raw
+    assert NO_SHAPE not in json.dumps(message)
+
+
+@pytest.mark.parametrize("text", ["/v1/messages?beta=true", "max_tokens=1024", "tokens=5", "monkey=banana",
+                                  "turkey = 3", "x=1&y=2", "keys=3", "a " * 30 + "=b"])
+def test_ordinary_pairs_are_left_alone(text):
+    """Names that only look like credentials (max_tokens, monkey, keys) and other pairs stay."""
+    assert redact_text(text) == text
+    assert redact_raw(text.encode()) == text.encode()
+
+
 # --- hostile forms already covered (guards) -------------------------------------------------------
 
 

@@ -2,7 +2,8 @@
 
 Pure functions. Secret-bearing headers and JSON keys (at any depth) lose their values; key-shaped
 strings (``sk-ant-...``, OpenAI ``sk-...``, Google ``AIza...``, clproxy's ``clp_...``, ``Bearer ...``)
-are masked anywhere.
+are masked anywhere, and so are the values of ``api_key=...`` pairs (a query string, a form body, an
+environment line) whatever their shape.
 """
 
 import json
@@ -79,6 +80,19 @@ _TEXT_ESCAPED_PAIR = re.compile(_RAW_ESCAPED_PAIR.pattern.decode("ascii"))
 _TEXT_REPLACEMENT = _RAW_REPLACEMENT.decode("ascii")
 _TEXT_VALUE = re.compile(r'(?i)\\?"' + _KEY_ALTERNATION + r'\\?"\s*:\s*\\?"((?:[^"\\]|\\[^"])*)')
 
+# key=value as in a query string, a form body or a log line (``?api_key=...``, ``token=...``,
+# ``ANTHROPIC_API_KEY=...``), for credentials that have no shape of their own: the value, up to the
+# next separator, goes. A name ending in one of the words counts (``x_key``, up to eight words
+# before it, bounded so that a hostile run of words costs little); ``max_tokens`` does not. Run on
+# text holding "=" only.
+_QUERY_PAIR_SOURCE = (r"(?i)((?<![A-Za-z0-9_\-])(?:[A-Za-z0-9]{1,40}[-_]){0,8}(?:" + _KEY_ALTERNATION[3:-1]
+                      + r"|key|token)\s*=\s*)"
+                      r"[^\s&\"'#;,<>\\]+")
+_QUERY_PAIR = re.compile(_QUERY_PAIR_SOURCE)
+_QUERY_PAIR_B = re.compile(_QUERY_PAIR_SOURCE.encode("ascii"))
+_QUERY_REPLACEMENT = r"\g<1>" + REDACTED
+_QUERY_REPLACEMENT_B = _QUERY_REPLACEMENT.encode("ascii")
+
 
 _KEY_VERDICTS = {}  # key -> bool; JSON documents reuse a small set of keys
 _KEY_VERDICTS_LIMIT = 8192
@@ -98,11 +112,14 @@ def is_sensitive_key(key: Any) -> bool:
 
 
 def redact_text(text: str) -> str:
-    """``text`` with key-shaped strings masked, and ``"api_key": "..."`` pairs of JSON held in
-    the text emptied (cheap when there is nothing to mask)."""
+    """``text`` with key-shaped strings masked, and the values of ``"api_key": "..."`` pairs of
+    JSON held in the text and of ``api_key=...`` pairs (a query string) replaced (cheap when there
+    is nothing to mask)."""
     if '"' in text:
         text = _TEXT_PAIR.sub(_TEXT_REPLACEMENT, text)
         text = _TEXT_ESCAPED_PAIR.sub(_TEXT_REPLACEMENT, text)
+    if "=" in text:
+        text = _QUERY_PAIR.sub(_QUERY_REPLACEMENT, text)
     # Bearer in any case: "bEaReR x" holds neither "earer" nor "EARER" (the old quick test)
     bearer = "bearer" in text.lower()
     if "sk-" not in text and "AIza" not in text and "clp_" not in text and not bearer:
@@ -183,6 +200,7 @@ def redact_raw(data: bytes) -> bytes:
         return data
     data = _RAW_PAIR.sub(_RAW_REPLACEMENT, data)
     data = _RAW_ESCAPED_PAIR.sub(_RAW_REPLACEMENT, data)
+    data = _QUERY_PAIR_B.sub(_QUERY_REPLACEMENT_B, data)
     for pattern, replacement in _KEY_SHAPES_B:
         data = pattern.sub(replacement, data)
     return data
