@@ -66,10 +66,11 @@ _KEY_SHAPES_B = [(re.compile(p.pattern.encode("ascii"), p.flags & re.IGNORECASE)
 
 # For text that is not parsed (raw SSE, truncated JSON): "key": "value" and its escaped form
 # \"key\": \"value\" (JSON inside a JSON string, e.g. tool input).
-_KEY_ALTERNATION = (r"(?:authorization|proxy[-_]?authorization|x[-_]?api[-_]?key|api[-_]?key|apikey|"
-                    r"x[-_]?goog[-_]?api[-_]?key|access[-_]?token|refresh[-_]?token|id[-_]?token|"
-                    r"client[-_]?secret|cookies?|set[-_]?cookie|password|secret|private[-_]?key|"
-                    r"session[-_]?token|bearer[-_]?token)")
+_KEY_WORDS = (r"authorization|proxy[-_]?authorization|x[-_]?api[-_]?key|api[-_]?key|apikey|"
+              r"x[-_]?goog[-_]?api[-_]?key|access[-_]?token|refresh[-_]?token|id[-_]?token|"
+              r"client[-_]?secret|cookies?|set[-_]?cookie|password|secret|private[-_]?key|"
+              r"session[-_]?token|bearer[-_]?token")
+_KEY_ALTERNATION = r"(?:" + _KEY_WORDS + r")"
 _RAW_PAIR = re.compile(
     (r'(?i)("' + _KEY_ALTERNATION + r'"\s*:\s*")(?:[^"\\]|\\.)*(")').encode("ascii"))
 _RAW_ESCAPED_PAIR = re.compile(
@@ -85,7 +86,7 @@ _TEXT_VALUE = re.compile(r'(?i)\\?"' + _KEY_ALTERNATION + r'\\?"\s*:\s*\\?"((?:[
 # next separator, goes. A name ending in one of the words counts (``x_key``, up to eight words
 # before it, bounded so that a hostile run of words costs little); ``max_tokens`` does not. Run on
 # text holding "=" only.
-_QUERY_PAIR_SOURCE = (r"(?i)((?<![A-Za-z0-9_\-])(?:[A-Za-z0-9]{1,40}[-_]){0,8}(?:" + _KEY_ALTERNATION[3:-1]
+_QUERY_PAIR_SOURCE = (r"(?i)((?<![A-Za-z0-9_\-])(?:[A-Za-z0-9]{1,40}[-_]){0,8}(?:" + _KEY_WORDS
                       + r"|key|token)\s*=\s*)"
                       r"[^\s&\"'#;,<>\\]+")
 _QUERY_PAIR = re.compile(_QUERY_PAIR_SOURCE)
