@@ -361,6 +361,30 @@ def test_reads_of_whole_chunks_relay_as_reads_a_byte_at_a_time(seed):
         assert relay(grouped) == relay([stream[i:i + 1] for i in range(len(stream))])
 
 
+def test_a_size_line_is_read_once_and_the_memory_is_bounded(monkeypatch):
+    """A chunk-size line seen before is not matched and converted again (the usual event sizes
+    repeat); a remembered line before broken framing is still refused; at most _MAX_SIZES lines
+    are remembered, and a line not remembered is read as before."""
+    from clproxy.proxy import upstream as upstream_module
+
+    matched = []
+    real = upstream_module._PLAIN_SIZE
+    monkeypatch.setattr(upstream_module, "_PLAIN_SIZE", lambda line: matched.append(line) or real(line))
+    monkeypatch.setattr(upstream_module, "_SIZES", {})
+    monkeypatch.setattr(upstream_module, "_MAX_SIZES", 3)
+    written = []
+    passthrough = ChunkedPassthrough(_relay_stub(), written.append, lambda: None, lambda rest: None)
+    for _ in range(3):
+        passthrough.dataReceived(b"5\r\nhello\r\n")
+    assert matched == [b"5"] and b"".join(written) == b"5\r\nhello\r\n" * 3
+    with pytest.raises(ValueError):
+        ChunkedPassthrough(_relay_stub(), written.append, lambda: None, lambda rest: None).dataReceived(
+            b"5\r\nhelloXY")
+    for n in range(1, 8):
+        passthrough.dataReceived(b"%x\r\n%s\r\n" % (n, b"a" * n))
+    assert len(upstream_module._SIZES) == 3 and passthrough.tail().endswith(b"a" * 7)
+
+
 @pytest.mark.parametrize("read", [b"5\r\nhelloXY", b"5\r\nhello\n\n", b"g\r\nhello\r\n"])
 def test_a_whole_read_with_broken_framing_is_refused(read):
     """A read shaped like one chunk whose CRLF after the data, or whose size, is wrong is refused
