@@ -26,6 +26,8 @@ def target(name, value, limit, ok, higher=False):
 
 
 def test_targets_are_judged_on_their_medians():
+    """Met in 2 of 3 rounds passes on its median; higher-is-better (req/s) judged the other way
+    (met in 1 of 3, median below: a miss); one incomplete round fails "every stream complete"."""
     run = load_run()
     rounds = [
         [target("ttfb", 120.0, 100.0, False), target("rps", 3100, 3000, True, higher=True),
@@ -43,6 +45,7 @@ def test_targets_are_judged_on_their_medians():
 
 
 def test_a_target_without_a_value_is_not_judged():
+    """A target no round could measure is neither a pass nor a miss (n/a), and met in no round."""
     run = load_run()
     (only,) = run.over_rounds([[target("p99", None, 50.0, None)], [target("p99", None, 50.0, None)]])
     assert only["value"] is None and only["pass"] is None and only["rounds_met"] == 0

@@ -954,7 +954,7 @@ _PLAIN_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}").fullmatch
 
 #: plain chunk-size lines already read, and their sizes: an SSE event's chunk is a few hundred
 #: bytes, so the same few hundred lines come back, and a dict look-up replaces a regex match and
-#: an int() on every event (~2,200 of its ~31,500 instructions: benchmarks/event_cost.py).
+#: an int() on every event (~2,100 of its ~31,500 instructions: benchmarks/event_cost.py).
 #: Bounded: an upstream could send endless different lines (leading zeros).
 _SIZES: Dict[bytes, int] = {}
 _MAX_SIZES = 4096
