@@ -60,6 +60,7 @@ def relay(count: int) -> None:
     class Relay:
         _chunks = 0
         bytes_relayed = 0
+        tail = b""  # read at the last chunk (whether the stream ended whole)
 
     class Pool:
         def _release(self, connection):

@@ -220,6 +220,7 @@ def test_a_partial_chunk_size_line_is_held_until_its_end():
     class Relay:
         _chunks = 0
         bytes_relayed = 0
+        tail = b""  # the relayed payload's tail, as StreamRelay.tail: no message_stop in it
 
     passthrough = ChunkedPassthrough(Relay(), written.append, lambda: released.append(True), finished.append)
     passthrough.dataReceived(b"5\r\nhello\r\n1")
@@ -240,6 +241,7 @@ def test_a_body_cut_before_its_last_chunk_is_data_loss():
     class Relay:
         _chunks = 0
         bytes_relayed = 0
+        tail = b""  # the relayed payload's tail, as StreamRelay.tail: no message_stop in it
 
     passthrough = ChunkedPassthrough(Relay(), lambda data: None, lambda: None, lambda rest: None)
     passthrough.dataReceived(b"5\r\nhel")
@@ -254,6 +256,7 @@ def test_a_malformed_chunk_size_line_breaks_the_stream(line):
     class Relay:
         _chunks = 0
         bytes_relayed = 0
+        tail = b""  # the relayed payload's tail, as StreamRelay.tail: no message_stop in it
 
     passthrough = ChunkedPassthrough(Relay(), lambda data: None, lambda: None, lambda rest: None)
     with pytest.raises(ValueError):
@@ -264,6 +267,7 @@ def _relay_stub():
     class Relay:
         _chunks = 0
         bytes_relayed = 0
+        tail = b""  # the relayed payload's tail, as StreamRelay.tail: no message_stop in it
     return Relay()
 
 
@@ -432,3 +436,181 @@ async def test_a_client_that_stops_reading_pauses_the_upstream_on_the_fast_path(
     # in order although some writes went straight to the socket and others waited in the buffer
     assert body == b"".join(encode_event(n, d) for n, d in events)
     client.transport.loseConnection()
+
+
+class ScriptedUpstream(protocol.Protocol):
+    """An upstream that answers each whole request with ``reads``: each piece in one write, the
+    next after ``gap`` seconds (so that each reaches the proxy as one read of its own)."""
+
+    reads: list = []
+    gap = 0.05
+
+    def connectionMade(self):
+        self.buffer = b""
+
+    def dataReceived(self, data):
+        self.buffer += data
+        head, sep, body = self.buffer.partition(b"\r\n\r\n")
+        if not sep:
+            return
+        length = int(next(line.split(b":", 1)[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        if len(body) < length:
+            return
+        self.buffer = b""
+        for i, piece in enumerate(self.reads):
+            reactor.callLater(self.gap * i, self.transport.write, piece)
+
+
+@pytest.fixture
+def scripted():
+    """A ScriptedUpstream server on a free loopback port (``.url``, ``.script(reads)``)."""
+
+    class Server:
+        url = None
+
+        def script(self, reads):
+            Answer.reads = list(reads)
+
+    class Answer(ScriptedUpstream):
+        pass
+
+    factory = protocol.Factory.forProtocol(Answer)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    server = Server()
+    server.url = f"http://127.0.0.1:{port.getHost().port}"
+    yield server
+    pytest_twisted.blockon(port.stopListening())
+
+
+def chunk(frame: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(frame), frame)
+
+
+STREAM_HEAD = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+
+@pytest.fixture
+def client_writes(monkeypatch):
+    """How many writes each client connection of the daemon made (each one send on the socket
+    when nothing waits in its buffer), counted where clproxy.http.site makes its writers."""
+    from clproxy.http import site
+
+    counts = []
+    real = site.write_through
+
+    def counting(transport):
+        write = real(transport)
+        counts.append(0)
+        at = len(counts) - 1
+
+        def counted(data):
+            counts[at] += 1
+            write(data)
+
+        return counted
+
+    monkeypatch.setattr(site, "write_through", counting)
+    return counts
+
+
+def stream_frames(deltas: int):
+    events = testing.text_stream(parts=["w%d" % i for i in range(deltas)])
+    return [encode_event(name, data) for name, data in events]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_events_of_one_upstream_read_leave_in_one_send(scripted, start_proxy, passthroughs,
+                                                                 client_writes, tmp_path):
+    """The read that brings the first event brings several more (the daemon fell behind): they go
+    to the client in one write, not one each; then the fast path writes each read whole, and the
+    last events leave with the client's last chunk. Same bytes, stream complete."""
+    frames = stream_frames(6)  # message_start, block start, 6 deltas, block stop, delta, stop
+    first, rest = frames[:6], frames[6:]
+    scripted.script([STREAM_HEAD + b"".join(chunk(f) for f in first),
+                     b"".join(chunk(f) for f in rest) + b"0\r\n\r\n"])
+    proxy = start_proxy(accounts_config(scripted, "one"))
+    client = await connect(proxy)
+    before = sum(client_writes)
+    client.post(request_body(stream=True))
+    status, _headers, chunks, tail = await response_of(client)
+    assert status == 200 and tail == b""
+    assert b"".join(chunks) == b"".join(frames)
+    assert len(passthroughs) == 1
+    # head and first event; the other five of the first read; the second read with the last chunk
+    assert sum(client_writes) - before == 3
+    await until(lambda: not proxy.dispatcher.streams)
+    [summary] = summaries(proxy, tmp_path)
+    assert summary["truncated"] is False
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_clean_end_without_message_stop_still_ends_with_an_error_event(scripted, start_proxy,
+                                                                                passthroughs, tmp_path):
+    """The last chunk arriving with the last events of a stream that never sent message_stop: the
+    client's last chunk is not sent with them; the error event comes first, in well-formed chunks."""
+    frames = stream_frames(4)[:-1]  # no message_stop
+    scripted.script([STREAM_HEAD + chunk(frames[0]),
+                     b"".join(chunk(f) for f in frames[1:]) + b"0\r\n\r\n"])
+    proxy = start_proxy(accounts_config(scripted, "one"))
+    client = await connect(proxy)
+    client.post(request_body(stream=True))
+    status, _headers, chunks, tail = await response_of(client)
+    assert status == 200 and tail == b""
+    assert len(passthroughs) == 1
+    body = b"".join(chunks)
+    assert body.startswith(b"".join(frames))
+    after = body[len(b"".join(frames)):]
+    assert after.startswith(b"event: error\ndata: ") and after.endswith(b"\n\n")
+    await until(lambda: not proxy.dispatcher.streams)
+    [summary] = summaries(proxy, tmp_path)
+    assert summary["truncated"] is True
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_events_before_broken_framing_in_the_same_read_reach_the_client_first(
+        scripted, start_proxy, passthroughs, tmp_path):
+    """A read holding the first events and then a malformed chunk-size line: the events gathered
+    from it are written before the error event that ends the stream (well-formed chunks)."""
+    frames = stream_frames(4)
+    scripted.script([STREAM_HEAD + b"".join(chunk(f) for f in frames[:4]) + b"zz\r\nbroken\r\n"])
+    proxy = start_proxy(accounts_config(scripted, "one"))
+    client = await connect(proxy)
+    client.post(request_body(stream=True))
+    status, _headers, chunks, tail = await response_of(client)
+    assert status == 200 and tail == b""
+    body = b"".join(chunks)
+    assert body.startswith(b"".join(frames[:4]))
+    after = body[len(b"".join(frames[:4])):]
+    assert after.startswith(b"event: error\ndata: ") and b"broken" not in after
+    assert not passthroughs  # it broke in the read that committed it, before any switch
+    await until(lambda: not proxy.dispatcher.streams)
+    [summary] = summaries(proxy, tmp_path)
+    assert summary["truncated"] is True
+    client.transport.loseConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_http10_client_gets_each_upstream_read_in_one_write(scripted, start_proxy, client_writes):
+    """Without the fast path (an HTTP/1.0 client: no chunked framing on its side) every upstream
+    read is still written in one go however many events it holds, and the body is whole."""
+    frames = stream_frames(9)
+    reads = [STREAM_HEAD + chunk(frames[0])]
+    for start in range(1, len(frames), 4):
+        reads.append(b"".join(chunk(f) for f in frames[start:start + 4]))
+    reads[-1] += b"0\r\n\r\n"
+    scripted.script(reads)
+    proxy = start_proxy(accounts_config(scripted, "one"))
+    client = await connect(proxy)
+    before = sum(client_writes)
+    body = request_body(stream=True)
+    client.transport.write(b"POST /v1/messages HTTP/1.0\r\nHost: x\r\ncontent-type: application/json\r\n"
+                           b"x-api-key: c\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+    await client.closed
+    head, _sep, received = bytes(client.data).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
+    assert received == b"".join(frames)
+    # one write a read (the first with the head), whatever the number of events in it
+    assert sum(client_writes) - before == len(reads), client_writes

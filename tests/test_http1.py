@@ -314,6 +314,32 @@ def test_backpressure_pauses_and_an_end_while_paused_resumes():
     assert not connection.transport.disconnecting and pool._idle[connection.key] == [connection]
 
 
+@pytest.mark.parametrize("head", [b"Transfer-Encoding: chunked", b"Content-Length: 12"])
+def test_the_read_end_callback_follows_each_read_until_the_body_ends(head):
+    """on_read_end's callback runs once after each read has been delivered, however many chunks
+    the read held, and is let go of when the body ends (the connection serves other requests)."""
+    chunked = head.startswith(b"Transfer")
+    response, body, connection, pool = answer_of([b"HTTP/1.1 200 OK\r\n" + head + b"\r\n\r\n"])
+    seen = []
+    assert response.on_read_end(lambda: seen.append(body.data))
+    connection.dataReceived(b"2\r\nab\r\n2\r\ncd\r\n2\r\nef\r\n" if chunked else b"abcdef")
+    assert seen == [b"abcdef"]  # once, after all three chunks
+    connection.dataReceived(b"6\r\nghijkl\r\n0\r\n\r\n" if chunked else b"ghijkl")
+    assert body.data == b"abcdefghijkl" and body.reason.check(ResponseDone)
+    assert connection.read_done is None and pool._idle[connection.key] == [connection]
+    assert not response.on_read_end(seen.clear)  # ended: nothing to follow
+
+
+def test_the_read_end_callback_is_let_go_of_when_the_body_breaks():
+    """A broken body drops the connection and its read end callback with it."""
+    response, body, connection, _p = answer_of([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"])
+    calls = []
+    response.on_read_end(lambda: calls.append(1))
+    connection.dataReceived(b"2\r\nab\r\nzz\r\n")
+    assert body.data == b"ab" and not body.reason.check(ResponseDone)
+    assert connection.read_done is None and calls == []
+
+
 def test_stop_producing_aborts_the_connection():
     """The body's reader giving up (client gone, idle stream) drops the upstream connection."""
     response, body, connection, _p = answer_of([b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab"])

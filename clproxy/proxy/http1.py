@@ -10,7 +10,7 @@ the end, and twisted's chunked decoder (which ``ChunkedPassthrough`` may take ov
 """
 
 import re
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union, cast
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union, cast
 
 from twisted.internet import defer, endpoints, error, protocol
 from twisted.internet.interfaces import IPushProducer
@@ -351,6 +351,16 @@ class Response:
         if self._connection is not None:
             self._connection.abort()
 
+    def on_read_end(self, callback: Optional[Callable[[], None]]) -> bool:
+        """Have ``callback`` called each time a read of the body has been delivered (all of the
+        read's bytes, in as many ``dataReceived`` calls as its framing took), until the body
+        ends or ``None`` replaces it. False when the body has already ended."""
+        connection = self._connection
+        if connection is None or connection.response is not self:
+            return False
+        connection.read_done = callback
+        return True
+
 
 class _Exchange:
     """One request from sending to its response head: what a connection needs to send it, what to
@@ -456,6 +466,8 @@ class HTTP1Connection(protocol.Protocol):
         self._aborting = False  # dropped, its connectionLost yet to come: never pooled again
         self._out = None  # where written bytes wait to leave (see _body_done)
         self._on_close: List[defer.Deferred] = []
+        #: called after each read of the body has been delivered (see Response.on_read_end)
+        self.read_done: Optional[Callable[[], None]] = None
 
     def connectionMade(self) -> None:
         _no_delay(self.transport)
@@ -494,10 +506,14 @@ class HTTP1Connection(protocol.Protocol):
             if self._mode == "chunked":  # a stream's every event, without a call more
                 try:
                     self.bodyDecoder.dataReceived(data)
+                    if self.read_done is not None:
+                        self.read_done()
                 except Exception as e:  # twisted's malformed chunks, or ChunkedPassthrough's
                     self._broken(e)
                 return
             self._body(data)
+            if self.read_done is not None:
+                self.read_done()
         elif state == "HEAD":
             self._heard = True
             self._buffer += data
@@ -578,7 +594,7 @@ class HTTP1Connection(protocol.Protocol):
         """The whole body has arrived: pool the connection (unless the upstream said otherwise or
         sent more than it should), then tell the response."""
         response = self.response
-        self.response = self.bodyDecoder = self._exchange = None
+        self.response = self.bodyDecoder = self._exchange = self.read_done = None
         self.state = "IDLE"
         out = self._out  # (a drained TCP buffer is b"" and [])
         unsent = out is not None and (out.dataBuffer or out._tempDataBuffer)
@@ -615,7 +631,7 @@ class HTTP1Connection(protocol.Protocol):
         state, self.state = self.state, "CLOSED"
         exchange, self._exchange = self._exchange, None
         response, self.response = self.response, None
-        self.bodyDecoder = None
+        self.bodyDecoder = self.read_done = None
         if state == "HEAD" and exchange is not None:
             if self.reused and not self._heard and not exchange.retried and exchange.deferred is not None \
                     and reason.check(error.ConnectionDone, error.ConnectionLost):

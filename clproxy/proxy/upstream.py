@@ -305,8 +305,9 @@ class StreamRelay(protocol.Protocol):
 
     Until :meth:`commit`, bytes are held (only the few needed to see the first event) and
     :attr:`first_event` fires with that event, or fails with :class:`FirstEventFailed`. After
-    :meth:`commit` every chunk is written to the client the moment it arrives; the client's
-    transport pauses the upstream socket when it cannot keep up (backpressure).
+    :meth:`commit` what each upstream read brings is written to the client the moment the read
+    has been decoded, in one write however many chunks it held; the client's transport pauses the
+    upstream socket when it cannot keep up (backpressure).
 
     With ``idle_timeout`` > 0, a stream that sends nothing for that long (before or after its
     first event) is aborted: "timed out" before its first event, "went silent" after. Its clock's
@@ -339,6 +340,9 @@ class StreamRelay(protocol.Protocol):
         #: the ChunkedPassthrough relaying the upstream's framing as it is, once it took over
         self.passthrough: Optional["ChunkedPassthrough"] = None
         self._chunked_body = None
+        #: after commit, the chunks of the current upstream read, written as one at its end
+        #: (see _gather_reads); None while each chunk is written as it comes
+        self._gathered: Optional[List[bytes]] = None
 
     # -- protocol --------------------------------------------------------------------------
     def connectionMade(self) -> None:
@@ -349,7 +353,11 @@ class StreamRelay(protocol.Protocol):
         self._chunks += 1
         write = self._write
         if write is not None:
-            write(data)
+            gathered = self._gathered
+            if gathered is not None:
+                gathered.append(data)
+            else:
+                write(data)
             self.bytes_relayed += len(data)
             self._tail = (self._tail + data[-TAIL_BYTES:])[-TAIL_BYTES:]
             if self._parser is not None:
@@ -372,6 +380,9 @@ class StreamRelay(protocol.Protocol):
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._lost = True
         self._leave_sweeper()
+        if self._gathered is not None:
+            self._send_gathered()  # what came before the end goes before anything the end writes
+            self._gathered = None
         if self._write is not None:
             # committed: judged now. Checked first because passthrough mode commits before the
             # first event and feeds no parser after that: first_event never fires, and waiting
@@ -399,11 +410,7 @@ class StreamRelay(protocol.Protocol):
             self._tail = (self._tail + self.passthrough.tail())[-TAIL_BYTES:]
             self.passthrough.detach()  # it referred to this relay: no cycle left behind
         tail = self._tail
-        # an event line, not the words: the model's text may quote them (a JSON string holds no
-        # line break, so a line starting "event:" is always a real event's). The space after the
-        # colon is optional in SSE. A full window may begin inside a line: no line start there
-        lines = tail if len(tail) >= TAIL_BYTES else b"\n" + tail
-        complete = any(marker in lines for marker in _END_EVENT_LINES)
+        complete = _ends_whole(tail)
         if self._timed_out:
             why = f"upstream {self._host} went silent for {self._idle_timeout:g}s mid-stream"
         elif broke_off:
@@ -454,8 +461,24 @@ class StreamRelay(protocol.Protocol):
             self._end(self._ended_before_commit)
             return
         self._chunked_body = chunked_body
+        self._gather_reads()
         if chunked_body is not None and held and self._parser is None:
             self._switch_soon()
+
+    def _gather_reads(self) -> None:
+        # twisted's chunked decoder hands over each chunk of a read on its own: written as they
+        # came, a read holding several events (a daemon that fell behind, or the read that
+        # brought the first event) cost a send each. Gathered, it costs one, at the read's end,
+        # before anything else can run. (Only an http1 response says when a read ends.)
+        on_read_end = getattr(self.transport, "on_read_end", None)
+        if on_read_end is not None and on_read_end(self._send_gathered):
+            self._gathered = []
+
+    def _send_gathered(self) -> None:
+        gathered = self._gathered
+        if gathered:
+            self._gathered = []
+            self._write(gathered[0] if len(gathered) == 1 else b"".join(gathered))
 
     def _read_first_event_after_commit(self, data: bytes) -> None:
         # passthrough mode commits before the first event; it is still read, for its usage (a
@@ -487,6 +510,12 @@ class StreamRelay(protocol.Protocol):
         passthrough = ChunkedPassthrough.replacing(parser, self, chunked_body)
         if passthrough is not None:
             self.passthrough = passthrough
+            # it writes each read whole itself: nothing is left to gather (a read's end has
+            # sent what was gathered: this runs on a turn of its own)
+            if self._gathered is not None:
+                self._send_gathered()
+                self._gathered = None
+                self.transport.on_read_end(None)
 
     def producer(self):
         """The upstream transport as an ``IPushProducer``, for the client's ``registerProducer``."""
@@ -824,13 +853,20 @@ class ChunkedPassthrough:
                         return
                     if end - eol > self.max_last:  # refused whole as when split across reads
                         raise _MalformedChunks("trailers too long")
-                    # the last chunk is not relayed: the client's request writes its own when it
-                    # finishes (after an error event, if the stream turns out to be incomplete)
-                    if pos > sent:
-                        self._send(data[sent:pos])
                     self.done = True
                     self._trim()
-                    self._release()
+                    if _ends_whole(self._relay.tail):
+                        # whole: nothing will be written after it, so the client's last chunk
+                        # (without the upstream's trailers) leaves with the last events, in one
+                        # send, and the framing stays here (the request then writes no last
+                        # chunk of its own)
+                        self._send(data[sent:pos] + b"0\r\n\r\n")
+                    else:
+                        # not relayed: the client's request writes its own when it finishes,
+                        # after the error event the relay's end adds
+                        if pos > sent:
+                            self._send(data[sent:pos])
+                        self._release()
                     self._finish(data[end + 4:])
                     return
                 if length > _MAX_PADDED:
@@ -973,6 +1009,16 @@ def _chunk_size(line: bytes) -> int:
     if extensions and extensions.translate(None, _chunkExtChars):
         raise _MalformedChunks("bad chunk extension")
     return int(digits, 16)
+
+
+def _ends_whole(tail: bytes) -> bool:
+    """Whether a stream whose last bytes (up to TAIL_BYTES) are ``tail`` ended whole: with its
+    message_stop, or an error event the upstream sent itself."""
+    # an event line, not the words: the model's text may quote them (a JSON string holds no
+    # line break, so a line starting "event:" is always a real event's). The space after the
+    # colon is optional in SSE. A full window may begin inside a line: no line start there
+    lines = tail if len(tail) >= TAIL_BYTES else b"\n" + tail
+    return any(marker in lines for marker in _END_EVENT_LINES)
 
 
 class StreamOutcome:
