@@ -64,6 +64,16 @@ else:
         return _std_dumps(value, default, newline)
 
 
+def std_loads(body: bytes) -> Any:
+    """``body`` parsed by Python's json as UTF-8 text (a UTF-8 byte-order mark allowed, as json
+    allows it). ``json.loads`` of bytes also takes UTF-16 and UTF-32 (guessed from where the zero
+    bytes are) and UTF-8-encoded surrogates, none of which a Claude or OpenAI endpoint reads; a
+    request body goes upstream as it came, so those are refused here like any bytes that are not
+    UTF-8. Raises ``UnicodeDecodeError`` or ``json.JSONDecodeError`` (both ValueErrors), or
+    ``RecursionError``."""
+    return json.loads(body.decode("utf-8-sig"))
+
+
 def loads_or_none(text) -> Any:
     """``text`` (bytes or str) parsed, or None when it is not JSON (broken, not UTF-8, nested
     past json's depth). What the fast parser refuses but Python's json takes (a lone surrogate

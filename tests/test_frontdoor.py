@@ -266,6 +266,10 @@ BAD_REQUESTS = {
     "bad-part": (openai_body(messages=[{"role": "user", "content": [{"type": "input_audio"}]}]), {}, 400,
                  "messages.0.content.0"),
     "content-type": (openai_body(), {b"content-type": [b"text/plain"]}, 400, None),
+    # other encodings than UTF-8, which Python's json would guess and read
+    "utf-16": (openai_body().decode().encode("utf-16"), {}, 400, None),
+    "utf-32": (openai_body().decode().encode("utf-32-le"), {}, 400, None),
+    "surrogate-bytes": (openai_body().replace(b'"m', b'"\xed\xa0\x80m', 1), {}, 400, None),
 }
 
 

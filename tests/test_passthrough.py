@@ -177,6 +177,12 @@ async def test_environment_key_is_used_without_config(fake, start_proxy, tmp_pat
     (b'{"model": "m", "messages": [{"role": "user",}]}', {}, 400, "invalid_request_error", "not valid JSON"),
     (b'{"model": "m", "messages": "\xff"}', {}, 400, "invalid_request_error", "not UTF-8"),
     (b'{"model": "m"} {"model": "m"}', {}, 400, "invalid_request_error", "not valid JSON"),
+    # JSON in other encodings than UTF-8, which Python's json would guess and read: refused, not
+    # forwarded as it came to an API that reads UTF-8 only
+    ('{"model": "m"}'.encode("utf-16"), {}, 400, "invalid_request_error", "not UTF-8"),
+    ('{"model": "m"}'.encode("utf-16-be"), {}, 400, "invalid_request_error", "not valid JSON"),
+    ('{"model": "m"}'.encode("utf-32-le"), {}, 400, "invalid_request_error", "not valid JSON"),
+    (b'{"model": "m", "x": "\xed\xa0\x80"}', {}, 400, "invalid_request_error", "not UTF-8"),
     (b'{"model": "m", "deep": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, 400, "invalid_request_error", "JSON"),
 ])
 @pytest_twisted.ensureDeferred

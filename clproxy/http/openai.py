@@ -300,8 +300,8 @@ class ChatCompletionsResource(resource.Resource):
             shown = content_type.decode("latin-1")[:100] or "none"
             raise ProxyError(400, f"content-type must be application/json, got {shown}")
         try:
-            parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+            parsed = jsoncodec.std_loads(body)
+        except ValueError as e:  # UnicodeDecodeError is one
             reason = f"{e.msg} at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) \
                 else "not UTF-8 text"
             raise ProxyError(400, f"request body is not valid JSON: {reason}")

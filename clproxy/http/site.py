@@ -453,8 +453,8 @@ def _model_and_stream_or_why_not(body: bytes) -> Tuple[object, object]:
         # the standard parser decides: it accepts what orjson refuses but JSON allows (lone
         # surrogate escapes, huge integers), and says where broken JSON breaks
         try:
-            parsed = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as e:
+            parsed = jsoncodec.std_loads(body)
+        except ValueError as e:  # UnicodeDecodeError is one
             raise ProxyError(400, f"request body is not valid JSON: {_json_reason(e)}")
         except RecursionError:
             raise ProxyError(400, TOO_DEEP)
