@@ -183,3 +183,30 @@ async def test_a_reset_connection_takes_writes_without_an_exception():
         write(b"x" * 10000)  # none of these may raise
     (reason,) = await lost
     assert reason.check(ConnectionDone, ConnectionLost)
+
+
+@pytest.mark.parametrize("fast_head", [True, False], ids=["one-pass head", "twisted's lines"])
+def test_an_expected_body_over_the_limit_is_refused_before_it_is_sent(fast_head):
+    """``Expect: 100-continue`` with a Content-Length over server.maxBodyBytes: no 100 Continue
+    (the client would send megabytes to be refused) but the 413 at once, and the connection
+    closes after it; within the limit the client is told to go on and the request is served."""
+    dispatcher, channel, transport = connect(limit=100)
+    channel.fast_head = fast_head
+    head = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n")
+    channel.dataReceived(head % 5_000_000)
+    out = transport.value()
+    assert not out.startswith(b"HTTP/1.1 100") and out.startswith(b"HTTP/1.1 413 ")
+    response_head, _, body = out.partition(b"\r\n\r\n")
+    assert b"connection: close" in response_head.lower()
+    assert b'"type":"request_too_large"' in body and dispatcher.calls == []
+    assert transport.disconnecting
+    channel.dataReceived(b"POST / HTTP/1.1\r\n" + b"a" * 1000)  # the body sent anyway: not a request
+    assert transport.value() == out and dispatcher.calls == []
+
+    dispatcher, channel, transport = connect(limit=100)
+    channel.fast_head = fast_head
+    channel.dataReceived(head % 100)
+    assert transport.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    channel.dataReceived(body_of(100))
+    assert len(dispatcher.calls) == 1 and dispatcher.calls[0][0].body == body_of(100)

@@ -328,6 +328,19 @@ class ProxyChannel(HeadChannel):
         if gathered:
             self.transport.write(b"".join(gathered))
 
+    def _send100Continue(self) -> None:
+        """twisted answers ``Expect: 100-continue`` before it reads the body; a body whose length
+        is over ``server.maxBodyBytes`` is not asked for: the request is answered at once (its
+        413) as if its body had come, and the connection closes after it, so the body a client
+        may send anyway is never read as a request."""
+        request = self.requests[-1] if self.requests else None
+        if not getattr(request, "too_large", False):
+            super()._send100Continue()
+            return
+        self.persistent = False
+        request.responseHeaders.setRawHeaders(b"connection", [b"close"])
+        self.length = 0  # what follows allHeadersReceived (in twisted and head.py) ends the request
+
     def connectionLost(self, reason=connectionDone) -> None:
         transport = self.transport
         if transport is not None:
