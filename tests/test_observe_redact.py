@@ -51,6 +51,42 @@ def test_ordinary_text_is_left_alone():
     assert redact_text(text) == text
 
 
+BASIC = "YWxpY2U6czNjcmV0LXBhc3M="  # base64 of alice:s3cret-pass
+
+
+@pytest.mark.parametrize("text", [f"Authorization: Basic {BASIC}", f"upstream said: basic  {BASIC}.",
+                                  f"proxy-authorization: BASIC {BASIC}"])
+def test_basic_credentials_are_masked_in_text_and_bytes(text):
+    """HTTP Basic credentials (base64 of user:password) echoed in an error or a header line go, in
+    text and in raw bytes; the word Basic and what surrounds them stay."""
+    before, after = text.split(BASIC)
+    assert redact_text(text) == before + REDACTED + after
+    assert redact_raw(text.encode()) == (before + REDACTED + after).encode()
+
+
+def test_words_after_basic_that_are_not_credentials_stay():
+    """"Basic" followed by a word that is not base64 of text with a colon is ordinary prose."""
+    text = "Basic instructions: use basic auth. Basic dXNlcg== has no password. basic Zm9vYmFy"
+    assert redact_text(text) == text and redact_raw(text.encode()) == text.encode()
+
+
+@pytest.mark.parametrize("url,kept", [
+    ("https://bob:hunter2@example.com/v1/messages", "https://bob:[REDACTED]@example.com/v1/messages"),
+    ("connect to postgres://u:p%40ss@db:5432/x failed", "connect to postgres://u:[REDACTED]@db:5432/x failed"),
+])
+def test_a_password_in_a_urls_userinfo_is_masked(url, kept):
+    """user:password@ in a URL (a base URL echoed by an error): the password goes, user and host stay."""
+    assert redact_text(url) == kept
+    assert redact_raw(url.encode()) == kept.encode()
+
+
+@pytest.mark.parametrize("text", ["https://example.com:8443/a@b", "mailto: a@b.c", "ssh://git@host/repo",
+                                  "see http://host/path?u=a:b@c"])
+def test_urls_without_a_password_are_left_alone(text):
+    """A port, an @ in a path or query, a user without password: nothing to mask."""
+    assert redact_text(text) == text
+
+
 def test_clproxy_client_keys_are_masked_in_text_bytes_and_collected():
     """A clproxy client key (``clp_`` + 43 url-safe characters) pasted into a prompt or a tool's
     output is masked like any other key shape; ``clp_config`` and the like are left alone."""
@@ -209,3 +245,26 @@ def test_tracestate_limits():
     assert clean_tracestate("a=" + "b" * 600) is None
     assert clean_tracestate(b"a=\x01") is None
     assert clean_tracestate(" vendor=value ") == "vendor=value"
+
+
+def test_clean_short_texts_are_remembered_and_secrets_never_are(monkeypatch):
+    """A text redaction leaves as it is comes back without the rules running again (a log row's
+    model, path, account... on every request); a text that held a secret is never kept, nor a long
+    one; the memory is emptied when full, not grown."""
+    from clproxy.observe import redact
+    monkeypatch.setattr(redact, "_CLEAN", {})
+    ran = []
+    real = redact._redact_text
+    monkeypatch.setattr(redact, "_redact_text", lambda text: ran.append(text) or real(text))
+    assert redact_text("claude-sonnet-4-5") == redact_text("claude-sonnet-4-5") == "claude-sonnet-4-5"
+    assert ran == ["claude-sonnet-4-5"]
+    secret = f"key {ANTHROPIC_KEY}"
+    assert redact_text(secret) == redact_text(secret) != secret
+    assert ran.count(secret) == 2 and secret not in redact._CLEAN
+    long_text = "x" * (redact._CLEAN_LONGEST + 1)
+    redact_text(long_text)
+    assert long_text not in redact._CLEAN
+    monkeypatch.setattr(redact, "_CLEAN_LIMIT", 10)
+    for i in range(25):
+        redact_text(f"id-{i}")
+        assert len(redact._CLEAN) <= 10

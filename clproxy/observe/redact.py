@@ -1,14 +1,15 @@
 """Redaction: what must never reach a log file, a body capture or an OTLP collector.
 
 Pure functions. Secret-bearing headers and JSON keys (at any depth) lose their values; key-shaped
-strings (``sk-ant-...``, OpenAI ``sk-...``, Google ``AIza...``, clproxy's ``clp_...``, ``Bearer ...``)
-are masked anywhere, and so are the values of ``api_key=...`` pairs (a query string, a form body, an
-environment line) whatever their shape.
+strings (``sk-ant-...``, OpenAI ``sk-...``, Google ``AIza...``, clproxy's ``clp_...``, ``Bearer ...``,
+``Basic`` credentials) are masked anywhere, and so are the values of ``api_key=...`` pairs (a query
+string, a form body, an environment line) whatever their shape, and a URL's password.
 """
 
+import binascii
 import json
 import re
-from typing import Any, Iterable, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 REDACTED = "[REDACTED]"
 
@@ -95,6 +96,37 @@ _QUERY_REPLACEMENT = r"\g<1>" + REDACTED
 _QUERY_REPLACEMENT_B = _QUERY_REPLACEMENT.encode("ascii")
 
 
+# HTTP Basic credentials (base64 of "user:password"), in an echoed header or an error's text: masked
+# when the word after "Basic" decodes to text with a colon, so that "Basic instructions" stays
+_BASIC = re.compile(r"(?i)(?<![A-Za-z0-9])(basic\s+)([A-Za-z0-9+/]{4,}={0,2})(?![A-Za-z0-9+/=])")
+_BASIC_B = re.compile(_BASIC.pattern.encode("ascii"))
+
+# a password in a URL's userinfo (https://user:password@host/...): the password goes, user and host stay
+_USERINFO = re.compile(r"(?i)(\b[a-z][a-z0-9+.\-]{0,20}://[^\s/?#@:]{0,200}:)[^\s/?#@]{1,400}@")
+_USERINFO_B = re.compile(_USERINFO.pattern.encode("ascii"))
+_USERINFO_REPLACEMENT = r"\g<1>" + REDACTED + "@"
+_USERINFO_REPLACEMENT_B = _USERINFO_REPLACEMENT.encode("ascii")
+
+
+def _basic_credentials(word) -> bool:
+    """Whether ``word`` (str or bytes) is base64 of "user:password" (printable text with a colon:
+    an ordinary word that happens to be base64 decodes to bytes that are not)."""
+    try:
+        decoded = binascii.a2b_base64(word if isinstance(word, bytes) else word.encode("ascii"),
+                                      strict_mode=True).decode("utf-8")
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        return False
+    return ":" in decoded and decoded.isprintable()
+
+
+def _mask_basic(match) -> str:
+    return match.group(1) + REDACTED if _basic_credentials(match.group(2)) else match.group(0)
+
+
+def _mask_basic_b(match) -> bytes:
+    return match.group(1) + REDACTED.encode("ascii") if _basic_credentials(match.group(2)) else match.group(0)
+
+
 _KEY_VERDICTS = {}  # key -> bool; JSON documents reuse a small set of keys
 _KEY_VERDICTS_LIMIT = 8192
 
@@ -112,17 +144,41 @@ def is_sensitive_key(key: Any) -> bool:
     return verdict
 
 
+#: short texts redaction left as they were: a log row's model, account, path, client and stop reason
+#: come back on every request, and a look-up replaces the dozen tests. Only texts found clean are
+#: kept (never one that held a secret); cleared when full, since every row's request id is new.
+_CLEAN: Dict[str, None] = {}
+_CLEAN_LIMIT = 4096
+_CLEAN_LONGEST = 200
+
+
 def redact_text(text: str) -> str:
     """``text`` with key-shaped strings masked, and the values of ``"api_key": "..."`` pairs of
     JSON held in the text and of ``api_key=...`` pairs (a query string) replaced (cheap when there
     is nothing to mask)."""
+    if text in _CLEAN:
+        return text
+    redacted = _redact_text(text)
+    if len(text) <= _CLEAN_LONGEST and redacted == text:
+        if len(_CLEAN) >= _CLEAN_LIMIT:
+            _CLEAN.clear()
+        _CLEAN[text] = None
+    return redacted
+
+
+def _redact_text(text: str) -> str:
     if '"' in text:
         text = _TEXT_PAIR.sub(_TEXT_REPLACEMENT, text)
         text = _TEXT_ESCAPED_PAIR.sub(_TEXT_REPLACEMENT, text)
     if "=" in text:
         text = _QUERY_PAIR.sub(_QUERY_REPLACEMENT, text)
+    if "@" in text and "://" in text:
+        text = _USERINFO.sub(_USERINFO_REPLACEMENT, text)
     # Bearer in any case: "bEaReR x" holds neither "earer" nor "EARER" (the old quick test)
-    bearer = "bearer" in text.lower()
+    lowered = text.lower()
+    if "basic" in lowered:
+        text = _BASIC.sub(_mask_basic, text)
+    bearer = "bearer" in lowered
     if "sk-" not in text and "AIza" not in text and "clp_" not in text and not bearer:
         return text
     for pattern, replacement, start in (_KEY_SHAPES_ESCAPED_BY_START if "\\" in text
@@ -202,6 +258,8 @@ def redact_raw(data: bytes) -> bytes:
     data = _RAW_PAIR.sub(_RAW_REPLACEMENT, data)
     data = _RAW_ESCAPED_PAIR.sub(_RAW_REPLACEMENT, data)
     data = _QUERY_PAIR_B.sub(_QUERY_REPLACEMENT_B, data)
+    data = _USERINFO_B.sub(_USERINFO_REPLACEMENT_B, data)
+    data = _BASIC_B.sub(_mask_basic_b, data)
     for pattern, replacement in _KEY_SHAPES_B:
         data = pattern.sub(replacement, data)
     return data
