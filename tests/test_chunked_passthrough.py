@@ -89,6 +89,15 @@ def parse_response(raw: bytes):
         rest = after[size + 2:]
 
 
+def error_event_after(chunks, sent: bytes) -> bytes:
+    """The client's body is ``sent``, then an SSE error event and nothing else: that event's bytes."""
+    body = b"".join(chunks)
+    assert body.startswith(sent)
+    after = body[len(sent):]
+    assert after.startswith(b"event: error\ndata: ") and after.endswith(b"\n\n")
+    return after
+
+
 async def response_of(client):
     await until(lambda: parse_response(client.data) is not None)
     return parse_response(client.data)
@@ -174,10 +183,7 @@ async def test_an_upstream_cut_mid_stream_ends_with_an_error_event_in_well_forme
     status, _headers, chunks, rest = await response_of(client)
     assert status == 200 and rest == b""
     assert len(passthroughs) == 1
-    body = b"".join(chunks)
-    assert body.startswith(b"".join(frames[:cut_after]))
-    after = body[len(b"".join(frames[:cut_after])):]
-    assert after.startswith(b"event: error\ndata: ") and after.endswith(b"\n\n")
+    after = error_event_after(chunks, b"".join(frames[:cut_after]))
     assert json.loads(after.split(b"data: ", 1)[1])["type"] == "error"
     await until(lambda: not proxy.dispatcher.streams)
     [summary] = summaries(proxy, tmp_path)
@@ -559,10 +565,7 @@ async def test_a_clean_end_without_message_stop_still_ends_with_an_error_event(s
     status, _headers, chunks, tail = await response_of(client)
     assert status == 200 and tail == b""
     assert len(passthroughs) == 1
-    body = b"".join(chunks)
-    assert body.startswith(b"".join(frames))
-    after = body[len(b"".join(frames)):]
-    assert after.startswith(b"event: error\ndata: ") and after.endswith(b"\n\n")
+    error_event_after(chunks, b"".join(frames))
     await until(lambda: not proxy.dispatcher.streams)
     [summary] = summaries(proxy, tmp_path)
     assert summary["truncated"] is True
@@ -581,10 +584,7 @@ async def test_events_before_broken_framing_in_the_same_read_reach_the_client_fi
     client.post(request_body(stream=True))
     status, _headers, chunks, tail = await response_of(client)
     assert status == 200 and tail == b""
-    body = b"".join(chunks)
-    assert body.startswith(b"".join(frames[:4]))
-    after = body[len(b"".join(frames[:4])):]
-    assert after.startswith(b"event: error\ndata: ") and b"broken" not in after
+    assert b"broken" not in error_event_after(chunks, b"".join(frames[:4]))
     assert not passthroughs  # it broke in the read that committed it, before any switch
     await until(lambda: not proxy.dispatcher.streams)
     [summary] = summaries(proxy, tmp_path)
