@@ -240,6 +240,27 @@ def test_a_partial_chunk_size_line_is_held_until_its_end():
     passthrough.noMoreData()  # complete: no data loss
 
 
+@pytest.mark.parametrize("whole", [True, False], ids=["message_stop in the tail", "no message_stop"])
+def test_the_last_chunk_of_a_whole_stream_leaves_with_its_last_events(whole):
+    """A stream whose tail holds its message_stop: the last events and the client's last chunk
+    (without the upstream's trailers) in one write, and the framing is not given back (the request
+    writes no last chunk of its own). Without it: the events alone, and the framing given back for
+    the error event the relay's end adds. The counted bytes are the upstream's relayed data."""
+    written, finished, released = [], [], []
+    relay = _relay_stub()
+    events = b"event: message_stop\ndata: {}\n\n" if whole else b"event: ping\ndata: {}\n\n"
+    relay.tail = b"event: message_delta\ndata: {}\n\n" + events
+    passthrough = ChunkedPassthrough(relay, written.append, lambda: released.append(True), finished.append)
+    data = b"%x\r\n%s\r\n" % (len(events), events)
+    passthrough.dataReceived(data + b"0\r\nTrailer: x\r\n\r\n")
+    assert passthrough.done and finished == [b""]
+    if whole:
+        assert written == [data + b"0\r\n\r\n"] and released == []
+    else:
+        assert written == [data] and released == [True]
+    assert relay.bytes_relayed == len(data)
+
+
 def test_a_body_cut_before_its_last_chunk_is_data_loss():
     """noMoreData before the last chunk raises, so the relay sees the stream as broken off."""
     from twisted.web.http import _DataLoss

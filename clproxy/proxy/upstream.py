@@ -860,7 +860,8 @@ class ChunkedPassthrough:
                         # (without the upstream's trailers) leaves with the last events, in one
                         # send, and the framing stays here (the request then writes no last
                         # chunk of its own)
-                        self._send(data[sent:pos] + b"0\r\n\r\n")
+                        self._write(data[sent:pos] + b"0\r\n\r\n")
+                        self._relay.bytes_relayed += pos - sent  # the last chunk is ours
                     else:
                         # not relayed: the client's request writes its own when it finishes,
                         # after the error event the relay's end adds
