@@ -381,3 +381,33 @@ def test_a_failure_is_recorded_before_anything_else_happens():
     states = []
     t.store.get_account_states(["config:work"]).addCallback(states.append)
     assert states[0]["config:work"].cooling_until == t.clock.seconds() + 30
+
+
+def test_a_whole_answer_reaches_the_client_before_its_try_is_recorded(monkeypatch):
+    """A whole 200 is sent first: when the pool records the success and the request's record gets
+    the try's row, the client already has status and body (its latency does not include them); the
+    usage and model are in the record before the attempt ends."""
+    from clproxy.observe.recorder import RequestRecord
+    t = Try()
+    out = RecordingSink()
+    seen = []
+    record_verdict = t.pool.record
+
+    async def record(account, verdict):
+        seen.append(("pool", out.finished))
+        await record_verdict(account, verdict)
+
+    t.pool.record = record
+    note_attempt = RequestRecord.attempt
+
+    def attempt(self, **kwargs):
+        seen.append(("row", out.finished))
+        return note_attempt(self, **kwargs)
+
+    monkeypatch.setattr(RequestRecord, "attempt", attempt)
+    d, request = t.start(api(), out)
+    t.agent.flush()
+    assert d.called and d.result == Answered(RELAYED)
+    assert seen == [("row", True), ("pool", True)]
+    assert out.status == 200 and json.loads(b"".join(out.writes))["type"] == "message"
+    assert request.record.actual_model and "output_tokens" in request.record._usage

@@ -111,6 +111,8 @@ class _Heard:
     deliver: Optional[Callable[[], Awaitable[Answered]]] = None
     #: the verdict was logged already (with its reason), so recording it stays silent
     quiet: bool = False
+    #: ``deliver`` answers at once with a whole message (not a stream relayed to its end)
+    whole: bool = False
 
 
 def _note_first_event(record, first) -> None:
@@ -148,9 +150,15 @@ class Attempt:
         heard = await self._hear(request, out, account, deadline)
         if isinstance(heard, Answered):
             return heard  # the client left before any verdict: nothing to record
-        # the one place a try's verdict is recorded
-        request.record.attempt(account_name=account.name, provider="anthropic", model=request.model,
-                               status=heard.verdict.status, verdict=heard.verdict)
+        if heard.whole and heard.deliver is not None and heard.verdict.action == policy.SUCCESS:
+            # a whole answer leaves first: the client does not wait for its try to be recorded
+            # (a success changes nothing the answer depends on), which follows in the same turn
+            try:
+                return await heard.deliver()
+            finally:
+                self._note_attempt(request, account, heard)
+                await self.pool.record(account, heard.verdict)
+        self._note_attempt(request, account, heard)
         if heard.verdict.action == policy.SUCCESS and heard.deliver is not None:
             # a success changes nothing the answer depends on: it is recorded while it is
             # delivered (with a shared store, the client no longer waits for that round trip)
@@ -168,6 +176,12 @@ class Attempt:
         if heard.verdict.action == policy.REFRESH:
             return RefreshAndRetry(heard.verdict, heard.failure)
         return NextAccount(heard.verdict, heard.failure)
+
+    @staticmethod
+    def _note_attempt(request, account: Account, heard: _Heard) -> None:
+        # the one place a try's verdict is written to the record
+        request.record.attempt(account_name=account.name, provider="anthropic", model=request.model,
+                               status=heard.verdict.status, verdict=heard.verdict)
 
     async def _hear(self, request, out, account: Account, deadline: float) -> Union[_Heard, Answered]:
         """Send, read what decides the verdict, classify it.
@@ -227,13 +241,14 @@ class Attempt:
         record = request.record
 
         async def deliver() -> Answered:
+            out.send(status, downstream_headers(response.headers), body)
+            # read for the record once the client has its answer (the summary is written later)
             record.usage(usage_from_message(body))
             record.actual_model = model_from_message(body)
             record.response_body(status, response.headers, body, streamed=False)
-            out.send(status, downstream_headers(response.headers), body)
             return Answered(RELAYED)
 
-        return _Heard(self._success(status, account), deliver=deliver)
+        return _Heard(self._success(status, account), deliver=deliver, whole=True)
 
     async def _hear_stream(self, request, out, account: Account, response) -> _Heard:
         """A 2xx event stream: judged by its first event (outside passthrough mode), then relayed."""
