@@ -366,6 +366,36 @@ def test_a_success_is_delivered_while_its_verdict_is_recorded():
     assert request.record._usage["output_tokens"] == 2  # the final usage, read from the stream's tail
 
 
+def test_a_stream_is_committed_before_its_try_is_recorded(monkeypatch):
+    """A stream's success: its head and first events reach the client before the try's row and the
+    pool's record (its time to first byte includes neither); the row is written once, the stream
+    then relayed to its end."""
+    from clproxy.observe.recorder import RequestRecord
+    t = Try()
+    out = RecordingSink()
+    seen = []
+    record_verdict = t.pool.record
+
+    async def record(account, verdict):
+        seen.append(("pool", out.started and bool(out.writes)))
+        await record_verdict(account, verdict)
+
+    t.pool.record = record
+    note_attempt = RequestRecord.attempt
+
+    def attempt(self, **kwargs):
+        seen.append(("row", out.started and bool(out.writes)))
+        return note_attempt(self, **kwargs)
+
+    monkeypatch.setattr(RequestRecord, "attempt", attempt)
+    t.fake.script("sk-work", events=text_stream(["a", "b"]))
+    d, request = t.start(api(), out, stream=True)
+    t.agent.flush()
+    assert d.called and d.result == Answered(STREAMED)
+    assert seen == [("row", True), ("pool", True)]
+    assert [n for n, _ in out.events()][-1] == "message_stop" and request.record.attempts == 1
+
+
 def test_a_failure_is_recorded_before_anything_else_happens():
     """A verdict that is not a success (here a 429 and its cooldown) is recorded before the attempt
     returns, so the next account is chosen with the cooldown in place."""

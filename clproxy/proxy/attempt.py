@@ -23,7 +23,7 @@ its verdict is recorded (request record and pool), then the client is answered w
 """
 
 import json
-from typing import Awaitable, Callable, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, Coroutine, List, Optional, Sequence, Set, Tuple, Union
 
 import attr
 from twisted.internet import defer
@@ -108,11 +108,9 @@ class _Heard:
 
     verdict: policy.Verdict
     failure: Optional[Failure] = None
-    deliver: Optional[Callable[[], Awaitable[Answered]]] = None
+    deliver: Optional[Callable[[], Coroutine[Any, Any, Answered]]] = None
     #: the verdict was logged already (with its reason), so recording it stays silent
     quiet: bool = False
-    #: ``deliver`` answers at once with a whole message (not a stream relayed to its end)
-    whole: bool = False
 
 
 def _note_first_event(record, first) -> None:
@@ -150,23 +148,18 @@ class Attempt:
         heard = await self._hear(request, out, account, deadline)
         if isinstance(heard, Answered):
             return heard  # the client left before any verdict: nothing to record
-        if heard.whole and heard.deliver is not None and heard.verdict.action == policy.SUCCESS:
-            # a whole answer leaves first: the client does not wait for its try to be recorded
-            # (a success changes nothing the answer depends on), which follows in the same turn
-            try:
-                return await heard.deliver()
-            finally:
-                self._note_attempt(request, account, heard)
-                await self.pool.record(account, heard.verdict)
-        self._note_attempt(request, account, heard)
         if heard.verdict.action == policy.SUCCESS and heard.deliver is not None:
-            # a success changes nothing the answer depends on: it is recorded while it is
-            # delivered (with a shared store, the client no longer waits for that round trip)
+            # a success changes nothing the answer depends on: the answer leaves first (a whole
+            # message, or a stream's commit and what it held), then the try is recorded while the
+            # rest is delivered; the client waits for neither (with a shared store, a round trip)
+            delivering: defer.Deferred = defer.ensureDeferred(heard.deliver())
+            self._note_attempt(request, account, heard)
             recording = defer.ensureDeferred(self.pool.record(account, heard.verdict))
             try:
-                return await heard.deliver()
+                return await delivering
             finally:
                 await recording
+        self._note_attempt(request, account, heard)
         await self.pool.record(account, heard.verdict)
         if heard.verdict.action != policy.SUCCESS and not heard.quiet:
             log.info("{line}", line=heard.verdict.describe(account.name))
@@ -248,7 +241,7 @@ class Attempt:
             record.response_body(status, response.headers, body, streamed=False)
             return Answered(RELAYED)
 
-        return _Heard(self._success(status, account), deliver=deliver, whole=True)
+        return _Heard(self._success(status, account), deliver=deliver)
 
     async def _hear_stream(self, request, out, account: Account, response) -> _Heard:
         """A 2xx event stream: judged by its first event (outside passthrough mode), then relayed."""
@@ -331,7 +324,7 @@ def _network(account: Account, error: UpstreamError, level: int) -> _Heard:
                   failure=Failure(account.key, network=error))
 
 
-def _sending(out, status: int, headers: HeaderList, body: bytes) -> Callable[[], Awaitable[Answered]]:
+def _sending(out, status: int, headers: HeaderList, body: bytes) -> Callable[[], Coroutine[Any, Any, Answered]]:
     async def deliver() -> Answered:
         out.send(status, headers, body)
         return Answered(RELAYED)
