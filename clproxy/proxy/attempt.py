@@ -19,7 +19,9 @@ keeps them; nothing here writes into a shared object.
 
 Recording happens in one place, :meth:`Attempt.run`, once per try: the upstream's answer is
 first *heard* (sent, read, classified; no side effect on the pool or the record's attempts), then
-its verdict is recorded (request record and pool), then the client is answered when it should be.
+its verdict is recorded (request record and pool) and the client answered when it should be: a
+failure is recorded first (the next account is chosen with its cooldown in place), a success
+after its answer has left (nothing in the answer depends on it; the client does not wait for it).
 """
 
 import json
