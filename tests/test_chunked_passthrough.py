@@ -470,7 +470,7 @@ class ScriptedUpstream(protocol.Protocol):
     next after ``gap`` seconds (so that each reaches the proxy as one read of its own)."""
 
     reads: list = []
-    gap = 0.05
+    gap = 0.15  # long enough that a busy machine still reads each piece on its own
 
     def connectionMade(self):
         self.buffer = b""
@@ -565,7 +565,8 @@ async def test_the_events_of_one_upstream_read_leave_in_one_send(scripted, start
     assert b"".join(chunks) == b"".join(frames)
     assert len(passthroughs) == 1
     # head and first event; the other five of the first read; the second read with the last chunk
-    assert sum(client_writes) - before == 3
+    # (fewer if a stalled machine let both upstream writes into one read; one a chunk was 8)
+    assert sum(client_writes) - before <= 3
     await until(lambda: not proxy.dispatcher.streams)
     [summary] = summaries(proxy, tmp_path)
     assert summary["truncated"] is False
@@ -633,5 +634,6 @@ async def test_an_http10_client_gets_each_upstream_read_in_one_write(scripted, s
     head, _sep, received = bytes(client.data).partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200")
     assert received == b"".join(frames)
-    # one write a read (the first with the head), whatever the number of events in it
-    assert sum(client_writes) - before == len(reads), client_writes
+    # one write a read (the first with the head), whatever the number of events in it (fewer if
+    # a stalled machine joined reads; one a chunk was 15)
+    assert sum(client_writes) - before <= len(reads), client_writes
