@@ -511,6 +511,7 @@ def scripted():
 
 
 def chunk(frame: bytes) -> bytes:
+    """``frame`` as one HTTP/1.1 chunk."""
     return b"%x\r\n%s\r\n" % (len(frame), frame)
 
 
@@ -542,6 +543,7 @@ def client_writes(monkeypatch):
 
 
 def stream_frames(deltas: int):
+    """The SSE frames of a whole text stream with ``deltas`` text deltas, message_stop last."""
     events = testing.text_stream(parts=["w%d" % i for i in range(deltas)])
     return [encode_event(name, data) for name, data in events]
 
