@@ -84,7 +84,7 @@ class Process:
                                      start_new_session=True)
         self.pid = self.proc.pid
         Process.live.append(self)
-        if name != "py-spy":
+        if name not in ("py-spy", "perf"):
             boost(self.pid)
 
     def alive(self):
@@ -337,6 +337,8 @@ class Bench:
         self.config_path = os.path.join(self.tmp, "config.json")
         self.results_dir = os.path.dirname(os.path.abspath(args.output))
         self.profiles = {}
+        #: with ``--syscalls``: the daemon's system calls during each proxy run, by label
+        self.syscalls = {}
         #: with ``--load c``: the compiled fake upstream and stream client (load/*.c)
         try:
             self.binaries = build_c_load(self.tmp) if args.load == "c" else {}
@@ -463,6 +465,42 @@ class Bench:
                                            "--format", "raw", "--output", out])
         return Process("py-spy", argv, os.path.join(self.tmp, f"py-spy-{label}.log")), out, label
 
+    def start_syscalls(self, label, seconds):
+        """With ``--syscalls``: count the daemon's receives, sends and epoll waits for ``seconds``
+        with ``perf stat`` (on the load's core); :meth:`finish_syscalls` reads the counts."""
+        if not self.args.syscalls:
+            return None
+        perf = shutil.which("perf")
+        if perf is None:
+            sys.stderr.write("--syscalls: perf is not installed (Debian: linux-perf); skipping\n")
+            return None
+        log = os.path.join(self.tmp, f"perf-{label}.log")
+        argv = pinned(self.args.load_cpu, [perf, "stat", "-x,", "-e", ",".join(SYSCALL_EVENTS),
+                                           "-p", str(self.proxy.pid), "--", "sleep", f"{max(1.0, seconds):g}"])
+        return Process("perf", argv, log), log, label, max(1.0, seconds)
+
+    def finish_syscalls(self, handle, units, unit):
+        """The counts of :meth:`start_syscalls` (None without ``--syscalls``), a second and per
+        ``unit`` (``units`` of them in the run: requests, or streams completed)."""
+        if handle is None:
+            return None
+        proc, log, label, seconds = handle
+        try:
+            proc.proc.wait(seconds + 30.0)
+        except subprocess.TimeoutExpired:
+            pass
+        proc.stop()
+        with open(log, errors="replace") as f:
+            counts = parse_perf_stat(f.read())
+        if not counts:
+            sys.stderr.write(f"--syscalls: perf counted nothing for {label} (see {log})\n")
+            return None
+        found = {"label": label, "seconds": seconds, "unit": unit, "counts": counts,
+                 "per_second": {k: round(v / seconds, 1) for k, v in counts.items() if v is not None},
+                 "per_unit": {k: round(v / units, 2) for k, v in counts.items() if v is not None and units}}
+        self.syscalls[label] = found
+        return found
+
     def finish_profile(self, handle):
         if handle is None:
             return
@@ -495,6 +533,7 @@ class Bench:
                        "upstream": self.upstream.pid}) if record else None
         label = f"nonstream-c{concurrency}"
         prof = self.start_profile(label, seconds) if record and kind == "proxy" else None
+        calls = self.start_syscalls(label, seconds) if record and kind == "proxy" else None
         try:
             done = run_boosted(argv, timeout=seconds + 60, env=env)
         finally:
@@ -506,6 +545,8 @@ class Bench:
             raise BenchError(f"wrk failed ({done.returncode}): {out[-800:]}"
                              f"{done.stderr.decode('utf-8', 'replace')[-800:]}")
         raw = json.loads(line[len("WRK_JSON "):])
+        # perf counted for as long as wrk ran, from the same moment: per request is their ratio
+        self.finish_syscalls(calls, raw["requests"], "request")
         if not record:
             return None
         lat = raw["latency_us"]
@@ -659,6 +700,7 @@ class Bench:
                              limit=a.stream_duration + 120)
         sampler.start()
         prof = self.start_profile(f"stream-{streams}", a.stream_duration + a.ramp) if kind == "proxy" else None
+        calls = self.start_syscalls(f"stream-{streams}", a.stream_duration + a.ramp) if kind == "proxy" else None
         try:
             done = run_boosted(argv, timeout=a.stream_duration + 120)
         finally:
@@ -670,6 +712,8 @@ class Bench:
             raise BenchError(f"stream_client failed ({done.returncode}): "
                              f"{done.stderr.decode('utf-8', 'replace')[-1500:]}")
         result = json.loads(out[-1])
+        # the streams started while perf counted (a stream's ~1 s runs a little past the window)
+        self.finish_syscalls(calls, result["completed"], "stream")
         result["cpu"] = usage
         # CPU of the proxy (or, on the direct path, of the fake upstream) while the streams ran,
         # after the ramp: the meter's figure also covers start-up, warm-up and drain
@@ -734,6 +778,34 @@ def http_request(port, method, path, body=None, headers=None, timeout=10.0):
 
 
 IDLE_LEAVES = ("EPollReactor.doPoll (", "Condition.wait (", "Thread.wait (", "select (", "poll (")
+
+
+#: the daemon's system calls ``--syscalls`` counts: a relayed event is a receive and a send
+SYSCALL_EVENTS = ("syscalls:sys_enter_recvfrom", "syscalls:sys_enter_sendto", "syscalls:sys_enter_epoll_wait")
+
+
+def parse_perf_stat(text):
+    """``{"recvfrom": n, "sendto": n, "epoll_wait": n}`` from ``perf stat -x,`` output (None for an
+    event perf could not count: "<not counted>", "<not supported>")."""
+    counts = {}
+    for line in text.splitlines():
+        fields = line.split(",")
+        if len(fields) < 3 or not fields[2].startswith("syscalls:sys_enter_"):
+            continue
+        counts[fields[2][len("syscalls:sys_enter_"):]] = int(fields[0]) if fields[0].isdigit() else None
+    return counts
+
+
+def syscall_lines(syscalls):
+    """The report's lines for ``--syscalls``: per run, each call a second and per request or stream."""
+    if not syscalls:
+        return []
+    names = ("recvfrom", "sendto", "epoll_wait")
+    rows = [[s["label"], f"{s['seconds']:g}"] + [fmt(s["per_second"].get(n), 0) for n in names]
+            + [fmt(s["per_unit"].get(n), 2) for n in names] + [s["unit"]] for s in syscalls.values()]
+    return ["", "System calls of the daemon (perf stat, during each proxy run)",
+            table(rows, ["run", "seconds", "recv/s", "send/s", "epoll_wait/s", "recv/unit", "send/unit",
+                         "epoll_wait/unit", "unit"])]
 
 
 def summarize_profile(path, top=15):
@@ -999,6 +1071,7 @@ def report(results):
     noise = results.get("noise")
     if noise:
         out.append(noise)
+    out.extend(syscall_lines(results.get("syscalls")))
     for label, prof in results.get("profiles", {}).items():
         if prof.get("samples"):
             out.append("")
@@ -1072,6 +1145,9 @@ def parse_args(argv):
                         "fraction of the CPU: room for the daemon's workers on a small machine")
     p.add_argument("--profile", action="store_true",
                    help="record the proxy with py-spy during each proxy run (results/profile-*.txt)")
+    p.add_argument("--syscalls", action="store_true",
+                   help="count the daemon's receives, sends and epoll waits with perf stat during each proxy "
+                        "run, a second and per request or stream (Debian package linux-perf; root)")
     p.add_argument("--nice", type=int, default=-10,
                    help="scheduling niceness for this script and every process it starts (inherited); "
                         "the default -10 shields the pinned processes from other processes on a shared "
@@ -1177,6 +1253,7 @@ def main(argv=None):
         results["targets"] = evaluate(results)
         results["noise"] = noise_note(results, results["meta"])
     results["profiles"] = bench.profiles
+    results["syscalls"] = bench.syscalls
     with open(args.output + ".tmp", "w") as f:
         json.dump(results, f, indent=2)
     os.replace(args.output + ".tmp", args.output)
