@@ -470,6 +470,10 @@ class Bench:
         with ``perf stat`` (on the load's core); :meth:`finish_syscalls` reads the counts."""
         if not self.args.syscalls:
             return None
+        if self.args.workers:
+            # perf -p follows one process: the supervisor, not the workers that serve
+            sys.stderr.write("--syscalls: not with --workers (it would count the supervisor only); skipping\n")
+            return None
         perf = shutil.which("perf")
         if perf is None:
             sys.stderr.write("--syscalls: perf is not installed (Debian: linux-perf); skipping\n")
