@@ -119,12 +119,12 @@ def _basic_credentials(word) -> bool:
     return ":" in decoded and decoded.isprintable()
 
 
-def _mask_basic(match) -> str:
-    return match.group(1) + REDACTED if _basic_credentials(match.group(2)) else match.group(0)
-
-
-def _mask_basic_b(match) -> bytes:
-    return match.group(1) + REDACTED.encode("ascii") if _basic_credentials(match.group(2)) else match.group(0)
+def _mask_basic(match):
+    """A ``_BASIC`` or ``_BASIC_B`` match with its credentials masked (in the match's own type)."""
+    head, word = match.group(1, 2)
+    if not _basic_credentials(word):
+        return match.group(0)
+    return head + (REDACTED if isinstance(head, str) else REDACTED.encode("ascii"))
 
 
 _KEY_VERDICTS = {}  # key -> bool; JSON documents reuse a small set of keys
@@ -259,7 +259,7 @@ def redact_raw(data: bytes) -> bytes:
     data = _RAW_ESCAPED_PAIR.sub(_RAW_REPLACEMENT, data)
     data = _QUERY_PAIR_B.sub(_QUERY_REPLACEMENT_B, data)
     data = _USERINFO_B.sub(_USERINFO_REPLACEMENT_B, data)
-    data = _BASIC_B.sub(_mask_basic_b, data)
+    data = _BASIC_B.sub(_mask_basic, data)
     for pattern, replacement in _KEY_SHAPES_B:
         data = pattern.sub(replacement, data)
     return data
