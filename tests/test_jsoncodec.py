@@ -167,3 +167,17 @@ def test_loads_or_none_gives_what_json_gives(text):
 def test_loads_or_none_is_none_for_what_is_not_json(text):
     """Broken, cut, non-UTF-8 or absurdly deep input: None, never an exception."""
     assert jsoncodec.loads_or_none(text) is None
+
+
+def test_std_loads_reads_utf8_only():
+    """The full parse of a request body reads UTF-8 text (a UTF-8 byte-order mark still allowed,
+    as Python's json allows it); UTF-16, UTF-32 and encoded surrogates, which json.loads of bytes
+    would guess and read, are ValueErrors."""
+    doc = '{"model": "m", "text": "h\\u00e9"}'
+    assert jsoncodec.std_loads(doc.encode("utf-8")) == json.loads(doc)
+    assert jsoncodec.std_loads(b"\xef\xbb\xbf" + doc.encode("utf-8")) == json.loads(doc)
+    for refused in (doc.encode("utf-16"), doc.encode("utf-16-le"), doc.encode("utf-32"),
+                    b'{"x": "\xed\xa0\x80"}'):
+        assert json.loads(refused) is not None  # what the standard parser alone accepts
+        with pytest.raises(ValueError):
+            jsoncodec.std_loads(refused)
