@@ -71,6 +71,10 @@ setup(
     classifiers=[
         "Framework :: Twisted",
         "Programming Language :: Python :: 3",
+        # the test suite passes on each (2026-12-07: 3.11.7, 3.12.1, 3.13.0)
+        "Programming Language :: Python :: 3.11",
+        "Programming Language :: Python :: 3.12",
+        "Programming Language :: Python :: 3.13",
         "Environment :: No Input/Output (Daemon)",
     ],
 )

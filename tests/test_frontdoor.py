@@ -259,7 +259,7 @@ async def test_chat_stream_flag_and_include_usage_reach_the_adapter(serve):
 BAD_REQUESTS = {
     "not-json": (b"{nope", {}, 400, None),
     "array": (b"[]", {}, 400, None),
-    "too-deep": (b'{"model": "m", "messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, 400, None),
+    "too-deep": (b'{"model": "m", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, None),
     "no-model": (json.dumps({"messages": [{"role": "user", "content": "x"}]}).encode(), {}, 400, "model"),
     "no-messages": (json.dumps({"model": "m"}).encode(), {}, 400, "messages"),
     "n-2": (openai_body(n=2), {}, 400, "n"),

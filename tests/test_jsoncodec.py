@@ -107,7 +107,7 @@ def test_object_reader_agrees_with_a_full_parse(body, parsed):
     b'{"model": "m", "x": "\\ud83d"}',  # a lone surrogate escape: JSON allows it, orjson does not
     b'{"model": "m", "x": NaN}',  # Python's json accepts NaN
     b'\xef\xbb\xbf{"model": "m"}',
-    b'{"model": "m", "deep": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    b'{"model": "m", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
 ])
 def test_object_reader_leaves_the_doubtful_to_the_full_parse(body):
     """What only the standard parser accepts, or nothing parses, the reader declines: no exception."""

@@ -183,7 +183,7 @@ async def test_environment_key_is_used_without_config(fake, start_proxy, tmp_pat
     ('{"model": "m"}'.encode("utf-16-be"), {}, 400, "invalid_request_error", "not valid JSON"),
     ('{"model": "m"}'.encode("utf-32-le"), {}, 400, "invalid_request_error", "not valid JSON"),
     (b'{"model": "m", "x": "\xed\xa0\x80"}', {}, 400, "invalid_request_error", "not UTF-8"),
-    (b'{"model": "m", "deep": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, 400, "invalid_request_error", "JSON"),
+    (b'{"model": "m", "deep": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, "invalid_request_error", "JSON"),
 ])
 @pytest_twisted.ensureDeferred
 async def test_bad_input_gets_anthropic_error(fake, start_proxy, body, headers, status, error_type, needle):

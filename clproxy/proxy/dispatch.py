@@ -566,8 +566,9 @@ def without_foreign_thinking(request: ProxyRequest) -> ProxyRequest:
         if cleaned is parsed:
             return request
         body = jsoncodec.std_dumps(cleaned)  # (a lone surrogate stays escaped: no UnicodeEncodeError)
-    # too deep for json (orjson, which took the body, goes deeper), or messages that are not a
-    # list of objects: forwarded as they are, for Anthropic to judge, never an internal error
+    # too deep for json (the front door's reader may go deeper on Python 3.11, where json's limit
+    # counts the caller's stack), or messages that are not a list of objects: forwarded as they
+    # are, for Anthropic to judge, never an internal error
     except (ValueError, RecursionError, AttributeError, TypeError):
         return request
     return attr.evolve(request, body=body)
@@ -582,8 +583,9 @@ def with_model(request: ProxyRequest, model: str) -> ProxyRequest:
         parsed = json.loads(request.body)
         parsed["model"] = model
         body = jsoncodec.std_dumps(parsed)
-    # the front door's reader (msgspec) and orjson take bodies json cannot read: nested past
-    # json's recursion limit, an integer beyond its 4300 digits; a rename needs json, so a 400
+    # the front door's reader (msgspec) may take bodies json cannot read: nested past json's
+    # recursion limit (on Python 3.11 it counts the caller's stack), an integer beyond its 4300
+    # digits; a rename needs json, so a 400
     except RecursionError:
         raise ProxyError(400, "request body nests JSON too deeply for the model mapping to rewrite it")
     except ValueError:
