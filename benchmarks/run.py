@@ -210,24 +210,24 @@ def cpu_times():
     return out
 
 
-def proc_cpu(pid):
-    """utime + stime of ``pid`` in seconds (None when it is gone)."""
+def _stat_cpu(path):
+    """utime + stime in seconds from a /proc ``stat`` file (None when it is gone)."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
+        with open(path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / TICK
     except (OSError, IndexError, ValueError):
         return None
+
+
+def proc_cpu(pid):
+    """utime + stime of ``pid`` (all its threads) in seconds (None when it is gone)."""
+    return _stat_cpu(f"/proc/{pid}/stat")
 
 
 def thread_cpu(pid, tid):
-    """CPU seconds (user + system) of one thread ``tid`` of ``pid`` (/proc/PID/task/TID/stat)."""
-    try:
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICK
-    except (OSError, IndexError, ValueError):
-        return None
+    """utime + stime of one thread ``tid`` of ``pid`` in seconds (None when it is gone)."""
+    return _stat_cpu(f"/proc/{pid}/task/{tid}/stat")
 
 
 def proc_wait(pid):
