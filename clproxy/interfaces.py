@@ -81,7 +81,9 @@ class IStateStore(Interface):
 
     def incr(counter, amount=1):
         """Add ``amount`` to a proxy-wide counter (``"upstream_attempts"``,
-        ``"completed_requests"``, ``"truncated_streams"`` ...); a counter starts at 0.
+        ``"completed_requests"``, ``"truncated_streams"`` ...); a counter starts at 0. A shared
+        store may pass the increment on to the other instances a moment later (the Redis store
+        gathers them for ``COUNTER_FLUSH_DELAY``); this instance's ``counters()`` includes it at once.
 
         :return: Deferred firing with None.
         """

@@ -109,7 +109,7 @@ async def test_store_is_a_service(redis_server):  # noqa: F811
     assert IService.providedBy(store) and not store.running
     store.startService()
     await _until(lambda: store.available)
-    await store.incr("x")
+    await store.counters()
     assert store._link.failed_calls == 0
     await store.stopService()
     assert not store.running and not store.available and not store._link.running

@@ -156,7 +156,7 @@ async def test_token_neither_in_redis_nor_file_raises(private_redis, log_lines):
                             on_token_write=broken_file, reconnect=lambda attempt: 0.05)
     await store.connect()
     private_redis.stop(kill=True)
-    await store.incr("x")  # notices the loss
+    await store.counters()  # notices the loss
     with pytest.raises(TokenNotStored) as caught:
         await store.put_token_record("work", ROTATED)
     assert "work" in str(caught.value) and "secret" not in str(caught.value)

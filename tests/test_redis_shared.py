@@ -3,7 +3,7 @@ store: cooldowns, rate windows, stats, tokens and the refresh lock are shared.""
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 from twisted.internet.task import deferLater
 
 from clproxy.accounts.model import Account
@@ -11,6 +11,8 @@ from clproxy.routing.policy import COOL, SUCCESS, Verdict
 from clproxy.routing.pool import AccountPool
 from clproxy.state.model import AccountState
 from clproxy.state.redis import RedisStateStore
+from clproxy.state.redis.mirror import fired
+from clproxy.state.redis.store import COUNTER_FLUSH_DELAY
 from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
 
 
@@ -62,6 +64,7 @@ async def test_stats_and_counters_are_shared(two_stores):
     a, b = two_stores
     await defer.gatherResults([s.record_attempt("work", 1.0) for s in (a, b) * 50])
     await defer.gatherResults([s.incr("upstream_attempts") for s in (a, b) * 50])
+    await a.flush_counters()  # (else sent within COUNTER_FLUSH_DELAY; b's own unsent counts it adds itself)
     await a.record_outcome("work", "error", 2.0, error="503 transient")
     await b.record_outcome("work", "rate-limited", 3.0, error="429 rate-limited")
     stats = (await a.account_stats(["work"]))["work"]
@@ -183,3 +186,52 @@ async def test_quota_seen_by_a_is_what_b_reports(two_stores, tmp_path):
     assert latest["other"] is None
     book_a.flush()
     book_b.flush()
+
+
+# proxy-wide counters: added up, then sent in one HINCRBY per counter --------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_counter_increments_are_sent_together(two_stores):
+    """Fifty increments within COUNTER_FLUSH_DELAY are one HINCRBY (one round trip, where each
+    completed request used to make its own); the instance's own counters() includes them before
+    they are sent, the other instance sees them once they are."""
+    a, b = two_stores
+    calls = a._link.calls
+    await defer.gatherResults([a.incr("completed_requests") for _ in range(50)] + [a.incr("session_moves", 2)])
+    assert a._link.calls == calls  # nothing sent yet
+    assert await a.counters() == {"completed_requests": 50, "session_moves": 2}
+    assert await b.counters() == {}
+    calls = a._link.calls
+    await a.flush_counters()
+    assert a._link.calls == calls + 2  # one HINCRBY per counter
+    assert await b.counters() == {"completed_requests": 50, "session_moves": 2}
+    assert await a.counters() == {"completed_requests": 50, "session_moves": 2}  # not counted twice
+    await a.flush_counters()  # nothing left: nothing sent
+    assert a._link.calls == calls + 3  # (the counters() read above)
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_a_store_sends_its_last_counts(two_stores, redis_server):  # noqa: F811
+    """An instance that stops (a worker told to stop, a daemon shut down) sends what it counted."""
+    a, b = two_stores
+    await a.incr("completed_requests", 3)
+    await a.close()
+    assert await b.counters() == {"completed_requests": 3}
+    # (the fixture closes it again: a no-op)
+
+
+def test_counts_are_sent_after_the_delay_on_the_stores_clock():
+    """The first increment schedules one flush, COUNTER_FLUSH_DELAY later on the store's clock;
+    with Redis unreachable the counts stay in the instance's mirror."""
+    clock = task.Clock()
+    store = RedisStateStore("redis://127.0.0.1:9", clock, prefix=unique_prefix())  # never connected
+    store.incr("completed_requests")
+    store.incr("completed_requests")
+    assert len(clock.getDelayedCalls()) == 1
+    assert clock.getDelayedCalls()[0].getTime() == COUNTER_FLUSH_DELAY
+    clock.advance(COUNTER_FLUSH_DELAY)
+    assert clock.getDelayedCalls() == [] and store._unsent_counts == {}
+    assert store._link.failed_calls == 1  # one HINCRBY tried, Redis down: dropped
+    assert fired(store.mirror.counters()) == {"completed_requests": 2}
+    store.incr("completed_requests")
+    assert len(clock.getDelayedCalls()) == 1  # a new flush for the next counts

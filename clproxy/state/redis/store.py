@@ -40,6 +40,11 @@ COOLDOWN_GRACE = 3600.0
 LEVEL_TTL = 24 * 3600.0
 #: An account's stats hash not written for this long (seconds) vanishes.
 STATS_TTL = 30 * 24 * 3600.0
+#: Proxy-wide counter increments (a completed request, a truncated stream ...) are added up here
+#: for this long (seconds), then sent as one HINCRBY per counter: a request on the Redis path
+#: makes one round trip less. Another instance's ``counters()`` sees them at most this late, and an
+#: instance that dies loses at most this long's counts (statistics, not state).
+COUNTER_FLUSH_DELAY = 0.1
 #: A quota snapshot not replaced for this long (seconds) vanishes (longer than the 7-day window).
 QUOTA_TTL = 8 * 24 * 3600.0
 #: A session binding's keys outlive its expiry by this long (seconds) before Redis reclaims them
@@ -203,7 +208,9 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
 
     **Consistency.** Every read goes to Redis (no cache), every read-modify-write is one Lua script,
     so a change made through any instance is seen by every instance's next call: within one
-    request. While Redis is unreachable each instance serves from its :class:`LocalMirror` (the last
+    request. Proxy-wide counters are the exception: each instance adds up its increments and
+    sends them within ``COUNTER_FLUSH_DELAY`` (and when it stops); its own ``counters()`` includes
+    those not sent yet. While Redis is unreachable each instance serves from its :class:`LocalMirror` (the last
     state it read or wrote, plus its own writes since) and diverges from the others until Redis is
     back; then cooldowns, quota snapshots and token records written meanwhile are written to Redis
     (counts made meanwhile stay local).
@@ -250,6 +257,8 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
         self._on_token_write = on_token_write
         self.mirror = LocalMirror()
         self._pending = _PendingWrites()
+        self._unsent_counts: dict = {}  # counter -> amount added here and not yet sent to Redis
+        self._counts_flush = None  # the delayed call that sends them
         self._link = RedisLink(
             self.target, clock,
             endpoint if endpoint is not None else redis_endpoint(self.target, connect_timeout),
@@ -275,9 +284,13 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
             self._link.startService()
 
     def stopService(self) -> Deferred:
-        """Stop reconnecting and close the connection (the mirror stays readable)."""
+        """Send the counts not sent yet, then stop reconnecting and close the connection (the
+        mirror stays readable)."""
         service.Service.stopService(self)
-        return self._link.stopService() if self._link.running else defer.succeed(None)
+        flushed = self.flush_counters()
+        if not self._link.running:
+            return flushed
+        return flushed.addCallback(lambda _: self._link.stopService())
 
     def connect(self) -> Deferred:
         """Start the service if it is not running and wait for the first connection (PINGed);
@@ -400,15 +413,35 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
         return (int(reply[0]), float(reply[1]))
 
     def incr(self, counter, amount=1):
-        return Deferred.fromCoroutine(self._incr(counter, amount))
+        # counted in the mirror at once (what this instance serves while Redis is unreachable) and
+        # sent to Redis with the others of the next COUNTER_FLUSH_DELAY
+        amount = int(amount)
+        unsent = self._unsent_counts
+        unsent[counter] = unsent.get(counter, 0) + amount
+        if self._counts_flush is None:
+            self._counts_flush = self._clock.callLater(COUNTER_FLUSH_DELAY, self.flush_counters)
+        return self.mirror.incr(counter, amount)
 
-    async def _incr(self, counter, amount):
-        try:
-            await self._link.run(
-                lambda r: r.hincrby(self._key("counters", "all"), counter, int(amount)))
-        except RedisDown:
-            pass
-        await self.mirror.incr(counter, amount)
+    def flush_counters(self) -> Deferred:
+        """Send to Redis the counter increments made here since the last flush (one HINCRBY per
+        counter); fires with None once they are sent, or dropped if Redis is unreachable (counts
+        made during an outage stay in this instance's mirror, as they always have)."""
+        if self._counts_flush is not None and self._counts_flush.active():
+            self._counts_flush.cancel()
+        self._counts_flush = None
+        unsent, self._unsent_counts = self._unsent_counts, {}
+        if not unsent:
+            return defer.succeed(None)
+        return Deferred.fromCoroutine(self._send_counts(unsent))
+
+    async def _send_counts(self, counts: dict) -> None:
+        name = self._key("counters", "all")
+        # all sent before any answer: a counters() read made meanwhile queues behind every one
+        sent = [self._link.run(lambda r, counter=counter, amount=amount: r.hincrby(name, counter, amount))
+                for counter, amount in counts.items()]
+        for ok, result in await defer.DeferredList(sent, consumeErrors=True):
+            if not ok and not result.check(RedisDown):
+                result.raiseException()
 
     def counters(self):
         return Deferred.fromCoroutine(self._counters())
@@ -419,6 +452,8 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
         except RedisDown:
             return await self.mirror.counters()
         counters = {name: int(value) for name, value in raw.items()}
+        for counter, amount in self._unsent_counts.items():  # this instance's, not sent yet
+            counters[counter] = counters.get(counter, 0) + amount
         self.mirror.adopt_counters(counters)
         return dict(counters)
 
