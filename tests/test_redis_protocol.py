@@ -203,3 +203,87 @@ def test_each_script_is_hashed_once_per_process(monkeypatch):
     again = ours.eval(script, ["k"], [])
     assert first == again == (b"return 1", real_sha1(b"return 1").hexdigest())
     assert hashed == [b"return 1"]
+
+
+# -- commands: each one's Deferred fired by its own reply, in order --------------------------------
+
+def connected_protocol(clock, reply_timeout=2.0):
+    """Our protocol on a string transport, its reply timeouts on ``clock``."""
+    from twisted.internet.testing import StringTransport
+    protocol = RedisProtocol(charset="utf-8", replyTimeout=reply_timeout)
+    protocol.callLater = clock.callLater
+    protocol.makeConnection(StringTransport())
+    protocol.connected = 1  # (txredisapi sets it once its connectionMade's AUTH/SELECT are done)
+    return protocol
+
+
+def outcome(d):
+    """What a fired Deferred gave: its value, or (error type name, args)."""
+    box = []
+    d.addBoth(box.append)
+    assert box, "not fired"
+    value = box[0]
+    return (type(value.value).__name__, value.value.args) if hasattr(value, "value") else value
+
+
+def test_each_command_gets_its_own_reply_values_errors_and_post_processing():
+    from twisted.internet import task
+    protocol = connected_protocol(task.Clock())
+    get = protocol.get("k")
+    bad = protocol.execute_command("FOO")
+    pairs = protocol.hgetall("h")  # txredisapi turns the array into a dict (post_proc)
+    # each waits on its own Deferred, not on txredisapi's reply queue and the two callbacks and
+    # third Deferred stacked on it (~21,000 instructions a command)
+    assert not protocol.replyQueue.waiting
+    assert protocol.transport.value() == (b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n*1\r\n$3\r\nFOO\r\n"
+                                          b"*2\r\n$7\r\nHGETALL\r\n$1\r\nh\r\n")
+    protocol.dataReceived(b"$1\r\nv\r\n-ERR unknown command 'FOO'\r\n*2\r\n$1\r\nf\r\n$1\r\n1\r\n")
+    assert outcome(get) == "v"
+    assert outcome(bad) == ("ResponseError", ("ERR unknown command 'FOO'",))  # (txredisapi's text)
+    assert outcome(pairs) == {"f": 1}
+
+
+def test_a_command_through_txredisapis_queue_keeps_its_place_in_the_order():
+    """A command that takes txredisapi's own path (a pipeline, a transaction) between two of ours
+    gets the reply to it, not its neighbour's."""
+    from twisted.internet import task
+    protocol = connected_protocol(task.Clock())
+    first = protocol.get("a")
+    protocol.pipelining = True
+    queued = protocol.get("b")  # txredisapi's path: its reply queue
+    protocol.pipelining = False
+    last = protocol.get("c")
+    protocol.dataReceived(b"$1\r\nA\r\n$1\r\nB\r\n$1\r\nC\r\n")
+    assert (outcome(first), outcome(queued), outcome(last)) == ("A", "B", "C")
+
+
+def test_a_command_unanswered_for_the_reply_timeout_fails_and_drops_the_connection():
+    """As txredisapi: TimeoutError after replyTimeout on the clock for it and the commands behind
+    it, and the connection aborted; an answered command's timer is gone."""
+    from twisted.internet import task
+    clock = task.Clock()
+    protocol = connected_protocol(clock, reply_timeout=2.0)
+    answered = protocol.get("a")
+    protocol.dataReceived(b"$1\r\nA\r\n")
+    assert outcome(answered) == "A" and clock.getDelayedCalls() == []
+    stalled = protocol.get("b")
+    clock.advance(1.0)
+    behind = protocol.get("c")
+    clock.advance(0.9)
+    assert not stalled.called
+    clock.advance(0.1)
+    assert outcome(stalled) == ("TimeoutError", ("Not received Redis response in 2.0 seconds",))
+    assert protocol.transport.disconnecting
+    assert outcome(behind) == ("TimeoutError", ("Not received Redis response in 2.0 seconds",))
+    protocol.connectionLost(txredisapi.ConnectionError("aborted"))
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_lost_connection_fails_every_command_still_waiting():
+    from twisted.internet import task
+    clock = task.Clock()
+    protocol = connected_protocol(clock)
+    waiting = [protocol.get("a"), protocol.get("b")]
+    protocol.connectionLost(txredisapi.ConnectionError("gone"))
+    assert [outcome(d) for d in waiting] == [("ConnectionError", ("Lost connection",))] * 2
+    assert clock.getDelayedCalls() == []

@@ -8,6 +8,9 @@ busy worker their encoding and reading took a tenth of its time:
   each argument is one ``%`` format, with the same bytes on the wire and the same errors.
 - ``eval`` encoded the script and hashed it with SHA1 on every call, to look up whether the
   connection had loaded it. Here each script's bytes and hash are computed once per process.
+- Each command's answer went through a ``DeferredQueue``, two callbacks on it and a third
+  Deferred before its caller saw it. Here a command waits in a FIFO of its own Deferreds, each
+  fired by its reply (the same values, errors and reply timeout).
 - Replies were read line by line, and after each bulk string (every value of an MGET, every
   string a script returns) the rest of the read was handed back to the reactor for its next turn,
   the socket paused and resumed meanwhile (two ``epoll_ctl`` calls and a reactor turn per value).
@@ -18,8 +21,11 @@ txredisapi's. Transactions (MULTI/EXEC, WATCH), which the store does not use, ke
 reader.
 """
 
+import collections
 import hashlib
-from typing import Dict, Tuple
+from typing import Deque, Dict, Optional, Tuple
+
+from twisted.internet import defer
 
 try:
     import txredisapi
@@ -39,6 +45,12 @@ _INCOMPLETE = object()
 _NOTHING = object()
 
 
+def _cancel_timer(value, timer):
+    if timer.active():
+        timer.cancel()
+    return value
+
+
 class _Unreadable(Exception):
     """The connection sent what no Redis reply is (a line too long or not UTF-8, nesting too deep)."""
 
@@ -51,6 +63,63 @@ class RedisProtocol(txredisapi.RedisProtocol):
     max_depth = 64
 
     _unparsed = b""
+    #: who gets each reply still to come, in the order the commands were sent: a command's own
+    #: Deferred, or None for a command sent through txredisapi's queue (pipelines, transactions)
+    _waiters: Optional[Deque[Optional[defer.Deferred]]] = None
+
+    def execute_command(self, *args, **kwargs):
+        waiters = self._waiters
+        if waiters is None:
+            waiters = self._waiters = collections.deque()
+        if self.pipelining or self.inMulti or self.connected == 0:
+            # txredisapi's own path (its reply queue), its place in the order kept
+            result = super().execute_command(*args, **kwargs)
+            waiters.append(None)
+            return result
+        self.transport.write(self._build_command(*args))
+        result = defer.Deferred()
+        waiters.append(result)
+        if self.replyTimeout and kwargs.get("apply_timeout", True):
+            timer = self.callLater(self.replyTimeout, self._reply_timed_out, result)
+            result.addBoth(_cancel_timer, timer)
+        post_proc = kwargs.get("post_proc")
+        if callable(post_proc):
+            result.addCallback(post_proc)
+        return result
+
+    def _reply_timed_out(self, result: defer.Deferred) -> None:
+        """As txredisapi: the command and every one still waiting fail with TimeoutError, and the
+        connection is dropped."""
+        error = txredisapi.TimeoutError("Not received Redis response in {0} seconds".format(self.replyTimeout))
+        if not result.called:
+            result.errback(error)
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if waiter is None:
+                super().replyReceived(error)  # a command on txredisapi's queue
+            elif not waiter.called:
+                waiter.errback(error)
+        self.transport.abortConnection()
+
+    def replyReceived(self, reply):
+        waiters = self._waiters
+        waiter = waiters.popleft() if waiters else None
+        if waiter is None:
+            return super().replyReceived(reply)
+        if waiter.called:  # timed out meanwhile
+            return None
+        if isinstance(reply, Exception):
+            waiter.errback(reply)
+        else:
+            waiter.callback(reply)
+        return None
+
+    def connectionLost(self, why):
+        super().connectionLost(why)
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if waiter is not None and not waiter.called:
+                waiter.errback(txredisapi.ConnectionError("Lost connection"))
 
     def dataReceived(self, data, unpause=False):
         if (self.inTransaction or self.bulk_length or self.multi_bulk.pending is not None
