@@ -1,7 +1,8 @@
-"""The Redis protocol's faster command encoder and script hashing (clproxy.state.redis.protocol)
-against txredisapi's own: the same bytes for every kind of argument, the same errors, and a real
-redis-server reading what it sends, scripts included (loaded once, then by their SHA1, and again
-after SCRIPT FLUSH)."""
+"""The Redis protocol's faster command encoder, script hashing, reply reader and command waiters
+(clproxy.state.redis.protocol) against txredisapi's own: the same bytes for every kind of
+argument, the same errors, a real redis-server reading what it sends, scripts included (loaded
+once, then by their SHA1, and again after SCRIPT FLUSH), the same reply values however the reads
+are cut, and each command's reply, timeout and lost connection as txredisapi gives them."""
 
 import hashlib
 
