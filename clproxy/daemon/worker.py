@@ -23,6 +23,7 @@ from zope.interface import implementer
 from clproxy.daemon import runstate
 from clproxy.daemon.assemble import ProxyService, RecordingEndpoint, build_proxy
 from clproxy.daemon.reload import install_sighup
+from clproxy.daemon.shares import ACCEPT_PAUSE, ACCEPT_SLACK, WORKER_BOARD_FD, ConnectionBoard
 from clproxy.observe import console
 from clproxy.observe.aggregate import WorkerMetrics
 
@@ -33,7 +34,8 @@ PARENT_CHECK_INTERVAL = 1.0
 
 
 class OneAcceptPort(tcp.Port):
-    """A TCP listening port that accepts one connection each time its socket is ready.
+    """A TCP listening port that accepts one connection each time its socket is ready, and leaves
+    connections to the other workers while it holds more than its share.
 
     Every worker listens on the same socket and every one of them is woken when a connection
     arrives. twisted's port accepts up to ``numberAccepts`` connections per wake-up (100 at
@@ -41,7 +43,17 @@ class OneAcceptPort(tcp.Port):
     burst (a client opening 32 connections at once) and the others get none of it: two workers
     served no more than one (1.02x at c=32). Taking one per wake-up, the worker that is back in
     its loop first, the less busy one, takes the next.
+
+    Taking one per wake-up is not enough when the worker already running takes each connection
+    before a sleeping one is scheduled (both cores busy): with a ``board`` (the workers' counts
+    of open connections), a worker more than ``ACCEPT_SLACK`` ahead of the least loaded one
+    leaves the socket out of its polls for ``ACCEPT_PAUSE``, then accepts the next connection
+    whatever the counts say (so a stalled worker holds nothing back for longer).
     """
+
+    #: the workers' counts of open client connections (None: balance by wake-ups alone)
+    board: Optional[ConnectionBoard] = None
+    _left_once = False  # the last wake-up was left to the others: this one accepts
 
     @property  # type: ignore[override]
     def numberAccepts(self) -> int:
@@ -51,6 +63,41 @@ class OneAcceptPort(tcp.Port):
     def numberAccepts(self, value: int) -> None:
         pass  # twisted's port scales it after each wake-up: here it stays 1
 
+    clock = None  # what schedules the pause when not the reactor (a test's clock)
+
+    def doRead(self):
+        board = self.board
+        if board is not None and not self._left_once and board.ahead() > ACCEPT_SLACK:
+            self._left_once = True
+            self.stopReading()
+            (self.clock or self.reactor).callLater(ACCEPT_PAUSE, self._resume)
+            return
+        self._left_once = False
+        super().doRead()
+
+    def _resume(self) -> None:
+        if self.connected and not self.disconnecting:
+            self.startReading()
+
+
+class CountedServer(tcp.Server):
+    """A client connection of a worker's port, counted on the port's board while it is open."""
+
+    def __init__(self, sock, protocol, client, server, sessionno, reactor):
+        self._board = getattr(server, "board", None)
+        if self._board is not None:
+            self._board.add(1)
+        super().__init__(sock, protocol, client, server, sessionno, reactor)
+
+    def connectionLost(self, reason):
+        board, self._board = self._board, None
+        if board is not None:
+            board.add(-1)
+        super().connectionLost(reason)
+
+
+OneAcceptPort.transport = CountedServer
+
 
 @implementer(IStreamServerEndpoint)
 class AdoptedEndpoint:
@@ -58,9 +105,10 @@ class AdoptedEndpoint:
     binding one; the reactor works on its own duplicate, so ``fd`` is closed once adopted. A TCP
     socket is served by a :class:`OneAcceptPort` (shared with the other workers)."""
 
-    def __init__(self, reactor, fd: int):
+    def __init__(self, reactor, fd: int, board: Optional[ConnectionBoard] = None):
         self.reactor = reactor
         self.fd = fd
+        self.board = board
 
     def listen(self, factory):
         """Adopt the socket for ``factory``."""
@@ -68,6 +116,7 @@ class AdoptedEndpoint:
             family = probe.family
         if family in (socket.AF_INET, socket.AF_INET6) and isinstance(self.reactor, PosixReactorBase):
             port = OneAcceptPort._fromListeningDescriptor(self.reactor, self.fd, family, factory)
+            port.board = self.board
             port.startListening()
         else:
             port = self.reactor.adoptStreamPort(self.fd, family, factory)
@@ -105,7 +154,7 @@ def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], f
                             incarnation=f"{os.getpid()}-{uuid.uuid4().hex[:8]}", drained=proxy.drainer.drain)
     metrics.setServiceParent(proxy.shared_state)  # publishes once the store is connected
     proxy.observability.metrics_resource().exposition = metrics.render
-    endpoint = RecordingEndpoint(AdoptedEndpoint(reactor, fd))
+    endpoint = RecordingEndpoint(AdoptedEndpoint(reactor, fd, _inherited_board(count, index)))
     top = ProxyService(proxy, endpoint, reactor)
     for child in proxy.services:
         child.setServiceParent(top)
@@ -118,6 +167,16 @@ def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], f
     orphan_check.clock = reactor
     orphan_check.setServiceParent(top)
     return top
+
+
+def _inherited_board(count: int, index: int) -> Optional[ConnectionBoard]:
+    """The workers' connection counts, mapped from the descriptor the supervisor passed (None
+    when it passed none: a lone worker started by hand balances by wake-ups alone)."""
+    try:
+        os.fstat(WORKER_BOARD_FD)
+        return ConnectionBoard(WORKER_BOARD_FD, count, index)
+    except (OSError, ValueError):
+        return None
 
 
 def _stop_when_orphaned(reactor, supervisor: int) -> None:

@@ -3,7 +3,9 @@ serve it, acting as one daemon through the Redis state store.
 
 Why a shared socket and not ``SO_REUSEPORT``: the supervisor binds and listens once and hands the
 listening descriptor to each worker (``spawnProcess`` ``childFDs``), which adopts it
-(``adoptStreamPort``). The kernel then gives each connection to whichever worker accepts first. That
+(``adoptStreamPort``). The kernel then gives each connection to whichever worker accepts first, and
+each worker keeps to its share through the connection counts all of them see
+(:mod:`clproxy.daemon.shares`: a worker ahead of the others leaves them the next connection). That
 works the same on Linux and macOS (macOS accepts ``SO_REUSEPORT`` but does not balance connections
 over the sockets), never opens a window where a second program can bind the port, and the port stays
 open (connections queue in the backlog) while a dead worker is restarted.
@@ -37,6 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from twisted.application import service
 from twisted.internet import defer, error, protocol
 
+from clproxy.daemon.shares import WORKER_BOARD_FD, ConnectionBoard
 from clproxy.observe import console
 
 log = console.logger(__name__)
@@ -122,6 +125,9 @@ class WorkerSupervisor(service.Service):
         #: this supervisor's run: its workers' metric reports are kept (and summed) under it
         self.run = uuid.uuid4().hex[:16]
         self.socket: Optional[socket.socket] = None
+        #: the workers' counts of open connections, and its file (made with the socket)
+        self.board: Optional[ConnectionBoard] = None
+        self.board_file: Any = None
         #: index -> the live worker's process transport
         self.live: Dict[int, Any] = {}
         self.failures: Dict[int, int] = {}
@@ -152,6 +158,8 @@ class WorkerSupervisor(service.Service):
             raise error.CannotListenError(self.host, self.port, e)
         sock.setblocking(False)
         self.socket = sock
+        # each worker's count of open client connections, mapped by all (clproxy.daemon.shares)
+        self.board, self.board_file = ConnectionBoard.create(self.count)
         super().startService()
         log.info("clproxy supervisor (pid {pid}) listening on {host}:{port} with {count} workers",
                  pid=os.getpid(), host=self.address()[0], port=self.address()[1], count=self.count)
@@ -167,7 +175,8 @@ class WorkerSupervisor(service.Service):
         args = worker_argv(self.options, index, self.count, self.run)
         # the worker's stdout and stderr are ours (the log), the socket is its fd 3, nothing else
         process = self.reactor.spawnProcess(worker, args[0], args, env=self.environ,
-                                            childFDs={1: 1, 2: 2, WORKER_LISTEN_FD: self.socket.fileno()})
+                                            childFDs={1: 1, 2: 2, WORKER_LISTEN_FD: self.socket.fileno(),
+                                                      WORKER_BOARD_FD: self.board_file.fileno()})
         self.live[index] = process
         worker.pid = process.pid
         log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
@@ -175,6 +184,8 @@ class WorkerSupervisor(service.Service):
     def ended(self, worker: _WorkerProcess, reason) -> None:
         """A worker exited: restart it (after the backoff) unless the daemon is stopping."""
         self.live.pop(worker.index, None)
+        if self.board is not None:
+            self.board.clear(worker.index)  # its connections went with it
         pid = worker.pid
         if self._stopping:
             log.info("worker {index} (pid {pid}) exited ({how})", index=worker.index, pid=pid,
@@ -210,6 +221,10 @@ class WorkerSupervisor(service.Service):
         if self.socket is not None:
             self.socket.close()  # the workers hold the port until each has stopped listening
             self.socket = None
+        if self.board is not None:
+            self.board.close()
+            self.board_file.close()  # (the workers keep their own mappings until they exit)
+            self.board = self.board_file = None
         if not self.live:
             return defer.succeed(None)
         self._all_ended = defer.Deferred()

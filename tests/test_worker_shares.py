@@ -1,0 +1,48 @@
+"""The workers' board of open client connections (clproxy.daemon.shares): one file, a slot per
+worker, written by its worker, read by all, cleared by the supervisor when a worker is gone."""
+
+import os
+
+import pytest
+
+from clproxy.daemon.shares import SLOT_BYTES, ConnectionBoard
+
+
+def test_every_process_sees_each_workers_count_and_how_far_ahead_it_is():
+    supervisor, handle = ConnectionBoard.create(3)
+    try:
+        assert os.fstat(handle.fileno()).st_size == 3 * SLOT_BYTES
+        # each worker maps the same file through its own descriptor, as the inherited one
+        workers = [ConnectionBoard(os.dup(handle.fileno()), 3, index) for index in (1, 2, 3)]
+        for _ in range(5):
+            workers[0].add(1)
+        workers[1].add(1)
+        workers[1].add(1)
+        workers[1].add(-1)
+        assert supervisor.counts() == [5, 1, 0]
+        assert [w.ahead() for w in workers] == [5, 1, -1]  # against the least loaded other worker
+        supervisor.clear(1)  # worker 1 died: its connections with it
+        assert workers[1].counts() == [0, 1, 0] and workers[0].ahead() == 0
+        assert supervisor.ahead() == 0  # the supervisor has no slot of its own
+        with pytest.raises(ValueError):
+            supervisor.add(1)
+        for w in workers:
+            w.close()
+    finally:
+        supervisor.close()
+        handle.close()
+
+
+def test_a_lone_worker_is_never_ahead_and_bad_indexes_are_refused():
+    board, handle = ConnectionBoard.create(1)
+    try:
+        alone = ConnectionBoard(handle.fileno(), 1, 1)
+        alone.add(7)
+        assert alone.ahead() == 0
+        alone.close()
+        for count, index in ((1, 2), (2, 0), (0, None)):
+            with pytest.raises(ValueError):
+                ConnectionBoard(handle.fileno(), count, index)
+    finally:
+        board.close()
+        handle.close()
