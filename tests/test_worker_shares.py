@@ -46,3 +46,21 @@ def test_a_lone_worker_is_never_ahead_and_bad_indexes_are_refused():
     finally:
         board.close()
         handle.close()
+
+
+def test_a_worker_maps_only_the_descriptor_its_supervisor_named():
+    """Without the supervisor's variable a worker has no board (one started by hand never maps
+    whatever its descriptor 4 happens to be); with it, the board the supervisor made."""
+    from clproxy.daemon.shares import BOARD_FD_VARIABLE
+    from clproxy.daemon.worker import _inherited_board
+    supervisor, handle = ConnectionBoard.create(2)
+    try:
+        assert _inherited_board({}, 2, 1) is None
+        assert _inherited_board({BOARD_FD_VARIABLE: "not a number"}, 2, 1) is None
+        board = _inherited_board({BOARD_FD_VARIABLE: str(handle.fileno())}, 2, 2)
+        board.add(1)
+        assert supervisor.counts() == [0, 1]
+        board.close()
+    finally:
+        supervisor.close()
+        handle.close()

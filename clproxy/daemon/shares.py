@@ -29,6 +29,9 @@ ACCEPT_PAUSE = 0.002
 SLOT_BYTES = 8
 #: the descriptor number the board's file has in a worker (the listening socket is 3)
 WORKER_BOARD_FD = 4
+#: the environment variable by which the supervisor tells a worker that descriptor holds the board
+#: (a worker never maps a descriptor it was not told about)
+BOARD_FD_VARIABLE = "CLPROXY_WORKER_BOARD_FD"
 
 
 class ConnectionBoard:

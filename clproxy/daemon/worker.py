@@ -23,7 +23,7 @@ from zope.interface import implementer
 from clproxy.daemon import runstate
 from clproxy.daemon.assemble import ProxyService, RecordingEndpoint, build_proxy
 from clproxy.daemon.reload import install_sighup
-from clproxy.daemon.shares import ACCEPT_PAUSE, ACCEPT_SLACK, WORKER_BOARD_FD, ConnectionBoard
+from clproxy.daemon.shares import ACCEPT_PAUSE, ACCEPT_SLACK, BOARD_FD_VARIABLE, ConnectionBoard
 from clproxy.observe import console
 from clproxy.observe.aggregate import WorkerMetrics
 
@@ -154,7 +154,7 @@ def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], f
                             incarnation=f"{os.getpid()}-{uuid.uuid4().hex[:8]}", drained=proxy.drainer.drain)
     metrics.setServiceParent(proxy.shared_state)  # publishes once the store is connected
     proxy.observability.metrics_resource().exposition = metrics.render
-    endpoint = RecordingEndpoint(AdoptedEndpoint(reactor, fd, _inherited_board(count, index)))
+    endpoint = RecordingEndpoint(AdoptedEndpoint(reactor, fd, _inherited_board(environ, count, index)))
     top = ProxyService(proxy, endpoint, reactor)
     for child in proxy.services:
         child.setServiceParent(top)
@@ -169,13 +169,12 @@ def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], f
     return top
 
 
-def _inherited_board(count: int, index: int) -> Optional[ConnectionBoard]:
-    """The workers' connection counts, mapped from the descriptor the supervisor passed (None
-    when it passed none: a lone worker started by hand balances by wake-ups alone)."""
+def _inherited_board(environ: Mapping[str, str], count: int, index: int) -> Optional[ConnectionBoard]:
+    """The workers' connection counts, mapped from the descriptor the supervisor named in
+    ``environ`` (None when it named none: a worker started by hand balances by wake-ups alone)."""
     try:
-        os.fstat(WORKER_BOARD_FD)
-        return ConnectionBoard(WORKER_BOARD_FD, count, index)
-    except (OSError, ValueError):
+        return ConnectionBoard(int(environ[BOARD_FD_VARIABLE]), count, index)
+    except (KeyError, OSError, ValueError):
         return None
 
 

@@ -39,7 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from twisted.application import service
 from twisted.internet import defer, error, protocol
 
-from clproxy.daemon.shares import WORKER_BOARD_FD, ConnectionBoard
+from clproxy.daemon.shares import BOARD_FD_VARIABLE, WORKER_BOARD_FD, ConnectionBoard
 from clproxy.observe import console
 
 log = console.logger(__name__)
@@ -173,8 +173,9 @@ class WorkerSupervisor(service.Service):
             return
         worker = _WorkerProcess(self, index, self.reactor.seconds())
         args = worker_argv(self.options, index, self.count, self.run)
-        # the worker's stdout and stderr are ours (the log), the socket is its fd 3, nothing else
-        process = self.reactor.spawnProcess(worker, args[0], args, env=self.environ,
+        # the worker's stdout and stderr are ours (the log), the socket is its fd 3, the board its fd 4
+        env = dict(self.environ, **{BOARD_FD_VARIABLE: str(WORKER_BOARD_FD)})
+        process = self.reactor.spawnProcess(worker, args[0], args, env=env,
                                             childFDs={1: 1, 2: 2, WORKER_LISTEN_FD: self.socket.fileno(),
                                                       WORKER_BOARD_FD: self.board_file.fileno()})
         self.live[index] = process
