@@ -259,23 +259,27 @@ def test_a_command_through_txredisapis_queue_keeps_its_place_in_the_order():
 
 
 def test_a_command_unanswered_for_the_reply_timeout_fails_and_drops_the_connection():
-    """As txredisapi: TimeoutError after replyTimeout on the clock for it and the commands behind
-    it, and the connection aborted; an answered command's timer is gone."""
+    """As txredisapi: TimeoutError replyTimeout after the command was sent (on the clock), for it
+    and the commands behind it, and the connection aborted; an answered command's deadline passes
+    harmlessly. One timer per connection watches the oldest command, however many wait."""
     from twisted.internet import task
     clock = task.Clock()
     protocol = connected_protocol(clock, reply_timeout=2.0)
     answered = protocol.get("a")
     protocol.dataReceived(b"$1\r\nA\r\n")
-    assert outcome(answered) == "A" and clock.getDelayedCalls() == []
-    stalled = protocol.get("b")
+    assert outcome(answered) == "A"
     clock.advance(1.0)
-    behind = protocol.get("c")
+    stalled = protocol.get("b")  # due at 3.0
+    clock.advance(1.0)  # the answered command's deadline: nothing happens
+    assert not stalled.called and not protocol.transport.disconnecting
+    behind = [protocol.get("c%d" % i) for i in range(10)]  # due at 4.0
+    assert len(clock.getDelayedCalls()) == 1
     clock.advance(0.9)
     assert not stalled.called
     clock.advance(0.1)
     assert outcome(stalled) == ("TimeoutError", ("Not received Redis response in 2.0 seconds",))
     assert protocol.transport.disconnecting
-    assert outcome(behind) == ("TimeoutError", ("Not received Redis response in 2.0 seconds",))
+    assert {outcome(d) for d in behind} == {("TimeoutError", ("Not received Redis response in 2.0 seconds",))}
     protocol.connectionLost(txredisapi.ConnectionError("aborted"))
     assert clock.getDelayedCalls() == []
 

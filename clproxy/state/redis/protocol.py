@@ -9,8 +9,10 @@ busy worker their encoding and reading took a tenth of its time:
 - ``eval`` encoded the script and hashed it with SHA1 on every call, to look up whether the
   connection had loaded it. Here each script's bytes and hash are computed once per process.
 - Each command's answer went through a ``DeferredQueue``, two callbacks on it and a third
-  Deferred before its caller saw it. Here a command waits in a FIFO of its own Deferreds, each
-  fired by its reply (the same values, errors and reply timeout).
+  Deferred before its caller saw it, and each command set a timer for its reply timeout and
+  cancelled it on the reply. Here a command waits in a FIFO of its own Deferreds, each fired by
+  its reply (the same values and errors), and one timer per connection watches the oldest
+  command's deadline (the same timeout, to the same instant).
 - Replies were read line by line, and after each bulk string (every value of an MGET, every
   string a script returns) the rest of the read was handed back to the reactor for its next turn,
   the socket paused and resumed meanwhile (two ``epoll_ctl`` calls and a reactor turn per value).
@@ -45,12 +47,6 @@ _INCOMPLETE = object()
 _NOTHING = object()
 
 
-def _cancel_timer(value, timer):
-    if timer.active():
-        timer.cancel()
-    return value
-
-
 class _Unreadable(Exception):
     """The connection sent what no Redis reply is (a line too long or not UTF-8, nesting too deep)."""
 
@@ -64,8 +60,11 @@ class RedisProtocol(txredisapi.RedisProtocol):
 
     _unparsed = b""
     #: who gets each reply still to come, in the order the commands were sent: a command's own
-    #: Deferred, or None for a command sent through txredisapi's queue (pipelines, transactions)
-    _waiters: Optional[Deque[Optional[defer.Deferred]]] = None
+    #: Deferred with the time its reply is due (None: no timeout), or None for a command sent
+    #: through txredisapi's queue (pipelines, transactions), which times it out itself
+    _waiters: Optional[Deque[Optional[Tuple[defer.Deferred, Optional[float]]]]] = None
+    #: the one timer that checks the oldest command's deadline (re-armed, never cancelled per reply)
+    _watchdog = None
 
     def execute_command(self, *args, **kwargs):
         waiters = self._waiters
@@ -78,27 +77,41 @@ class RedisProtocol(txredisapi.RedisProtocol):
             return result
         self.transport.write(self._build_command(*args))
         result = defer.Deferred()
-        waiters.append(result)
+        due = None
         if self.replyTimeout and kwargs.get("apply_timeout", True):
-            timer = self.callLater(self.replyTimeout, self._reply_timed_out, result)
-            result.addBoth(_cancel_timer, timer)
+            clock = self.callLater.__self__  # (txredisapi's reactor, or a test's clock)
+            due = clock.seconds() + self.replyTimeout
+            if self._watchdog is None:
+                self._watchdog = self.callLater(self.replyTimeout, self._watch)
+        waiters.append((result, due))
         post_proc = kwargs.get("post_proc")
         if callable(post_proc):
             result.addCallback(post_proc)
         return result
 
-    def _reply_timed_out(self, result: defer.Deferred) -> None:
+    def _watch(self) -> None:
+        """The oldest command still waiting: timed out if its reply is due, else watched again
+        at its deadline."""
+        self._watchdog = None
+        for waiter in self._waiters or ():
+            if waiter is not None and waiter[1] is not None:
+                late = waiter[1] - self.callLater.__self__.seconds()
+                if late <= 0:
+                    self._reply_timed_out()
+                else:
+                    self._watchdog = self.callLater(late, self._watch)
+                return
+
+    def _reply_timed_out(self) -> None:
         """As txredisapi: the command and every one still waiting fail with TimeoutError, and the
         connection is dropped."""
         error = txredisapi.TimeoutError("Not received Redis response in {0} seconds".format(self.replyTimeout))
-        if not result.called:
-            result.errback(error)
         waiters, self._waiters = self._waiters, None
         for waiter in waiters or ():
             if waiter is None:
                 super().replyReceived(error)  # a command on txredisapi's queue
-            elif not waiter.called:
-                waiter.errback(error)
+            elif not waiter[0].called:
+                waiter[0].errback(error)
         self.transport.abortConnection()
 
     def replyReceived(self, reply):
@@ -106,20 +119,24 @@ class RedisProtocol(txredisapi.RedisProtocol):
         waiter = waiters.popleft() if waiters else None
         if waiter is None:
             return super().replyReceived(reply)
-        if waiter.called:  # timed out meanwhile
+        result = waiter[0]
+        if result.called:  # timed out meanwhile
             return None
         if isinstance(reply, Exception):
-            waiter.errback(reply)
+            result.errback(reply)
         else:
-            waiter.callback(reply)
+            result.callback(reply)
         return None
 
     def connectionLost(self, why):
+        if self._watchdog is not None and self._watchdog.active():
+            self._watchdog.cancel()
+        self._watchdog = None
         super().connectionLost(why)
         waiters, self._waiters = self._waiters, None
         for waiter in waiters or ():
-            if waiter is not None and not waiter.called:
-                waiter.errback(txredisapi.ConnectionError("Lost connection"))
+            if waiter is not None and not waiter[0].called:
+                waiter[0].errback(txredisapi.ConnectionError("Lost connection"))
 
     def dataReceived(self, data, unpause=False):
         if (self.inTransaction or self.bulk_length or self.multi_bulk.pending is not None
