@@ -821,7 +821,7 @@ def syscall_lines(syscalls):
     """The report's lines for ``--syscalls``: per run, each call a second and per request or stream."""
     if not syscalls:
         return []
-    names = ("recvfrom", "sendto", "epoll_wait")
+    names = tuple(event.rpartition("sys_enter_")[2] for event in SYSCALL_EVENTS)
     rows = [[s["label"], f"{s['seconds']:g}"] + [fmt(s["per_second"].get(n), 0) for n in names]
             + [fmt(s["per_unit"].get(n), 2) for n in names] + [s["unit"]] for s in syscalls.values()]
     return ["", "System calls of the daemon (perf stat, during each proxy run)",

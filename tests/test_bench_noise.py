@@ -15,6 +15,8 @@ def results_with(wait, own):
 
 
 def test_a_wait_the_daemons_own_threads_explain_is_not_blamed_on_other_processes():
+    """A 7% wait while the log writer ran 6%: the note names the daemon's own threads, and the
+    JSON keeps the whole wait with the threads' share."""
     run = load_run()
     meta = {}
     note = run.noise_note(results_with(wait=7.0, own=6.0), meta)
@@ -25,6 +27,7 @@ def test_a_wait_the_daemons_own_threads_explain_is_not_blamed_on_other_processes
 
 
 def test_a_wait_beyond_the_daemons_own_threads_marks_the_figures_pessimistic():
+    """A 14% wait of which the daemon's threads explain 6%: 8% is other processes', and said so."""
     run = load_run()
     note = run.noise_note(results_with(wait=14.0, own=6.0), {})
     assert note.startswith("NOTE: the proxy waited for its core 14% of the time during non-stream c=32, 8% more")
@@ -32,6 +35,7 @@ def test_a_wait_beyond_the_daemons_own_threads_marks_the_figures_pessimistic():
 
 
 def test_short_waits_give_no_note():
+    """Waits of 5% or less give no note; a run without the threads' figure is judged on the whole wait."""
     run = load_run()
     assert run.noise_note(results_with(wait=4.0, own=0.0), {}) is None
     # a run measured before the other threads were counted: the whole wait is judged, as before

@@ -228,6 +228,8 @@ def outcome(d):
 
 
 def test_each_command_gets_its_own_reply_values_errors_and_post_processing():
+    """Three commands in a row get their own replies: a value, an error reply as its exception,
+    and an array turned into a dict by txredisapi's post-processing."""
     from twisted.internet import task
     protocol = connected_protocol(task.Clock())
     get = protocol.get("k")
@@ -285,6 +287,7 @@ def test_a_command_unanswered_for_the_reply_timeout_fails_and_drops_the_connecti
 
 
 def test_a_lost_connection_fails_every_command_still_waiting():
+    """As txredisapi: every command still waiting fails with ConnectionError, and no timer is left."""
     from twisted.internet import task
     clock = task.Clock()
     protocol = connected_protocol(clock)

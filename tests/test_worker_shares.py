@@ -9,6 +9,8 @@ from clproxy.daemon.shares import SLOT_BYTES, ConnectionBoard
 
 
 def test_every_process_sees_each_workers_count_and_how_far_ahead_it_is():
+    """Three workers' mappings and the supervisor's see the same counts; each worker knows how far
+    ahead of the least loaded other it is; a cleared slot reads 0; the supervisor counts nothing."""
     supervisor, handle = ConnectionBoard.create(3)
     try:
         assert os.fstat(handle.fileno()).st_size == 3 * SLOT_BYTES
@@ -34,6 +36,7 @@ def test_every_process_sees_each_workers_count_and_how_far_ahead_it_is():
 
 
 def test_a_lone_worker_is_never_ahead_and_bad_indexes_are_refused():
+    """One worker has no one to leave connections to; a worker index outside 1..count is refused."""
     board, handle = ConnectionBoard.create(1)
     try:
         alone = ConnectionBoard(handle.fileno(), 1, 1)

@@ -33,6 +33,22 @@ log = console.logger(__name__)
 PARENT_CHECK_INTERVAL = 1.0
 
 
+class CountedServer(tcp.Server):
+    """A client connection of a worker's port, counted on the port's board while it is open."""
+
+    def __init__(self, sock, protocol, client, server, sessionno, reactor):
+        self._board = getattr(server, "board", None)
+        if self._board is not None:
+            self._board.add(1)
+        super().__init__(sock, protocol, client, server, sessionno, reactor)
+
+    def connectionLost(self, reason):
+        board, self._board = self._board, None
+        if board is not None:
+            board.add(-1)
+        super().connectionLost(reason)
+
+
 class OneAcceptPort(tcp.Port):
     """A TCP listening port that accepts one connection each time its socket is ready, and leaves
     connections to the other workers while it holds more than its share.
@@ -51,8 +67,10 @@ class OneAcceptPort(tcp.Port):
     whatever the counts say (so a stalled worker holds nothing back for longer).
     """
 
+    transport = CountedServer
     #: the workers' counts of open client connections (None: balance by wake-ups alone)
     board: Optional[ConnectionBoard] = None
+    clock = None  # what schedules the pause when not the reactor (a test's clock)
     _left_once = False  # the last wake-up was left to the others: this one accepts
 
     @property  # type: ignore[override]
@@ -62,8 +80,6 @@ class OneAcceptPort(tcp.Port):
     @numberAccepts.setter
     def numberAccepts(self, value: int) -> None:
         pass  # twisted's port scales it after each wake-up: here it stays 1
-
-    clock = None  # what schedules the pause when not the reactor (a test's clock)
 
     def doRead(self):
         board = self.board
@@ -79,24 +95,6 @@ class OneAcceptPort(tcp.Port):
         if self.connected and not self.disconnecting:
             self.startReading()
 
-
-class CountedServer(tcp.Server):
-    """A client connection of a worker's port, counted on the port's board while it is open."""
-
-    def __init__(self, sock, protocol, client, server, sessionno, reactor):
-        self._board = getattr(server, "board", None)
-        if self._board is not None:
-            self._board.add(1)
-        super().__init__(sock, protocol, client, server, sessionno, reactor)
-
-    def connectionLost(self, reason):
-        board, self._board = self._board, None
-        if board is not None:
-            board.add(-1)
-        super().connectionLost(reason)
-
-
-OneAcceptPort.transport = CountedServer
 
 
 @implementer(IStreamServerEndpoint)
