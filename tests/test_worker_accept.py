@@ -60,11 +60,12 @@ async def test_an_adopted_tcp_socket_accepts_one_connection_per_wake_up():
 async def test_a_worker_ahead_of_the_others_leaves_them_the_next_connection_for_a_bounded_pause():
     """Worker 1 holding more than ACCEPT_SLACK connections beyond worker 2's count takes none at
     its next wake-up: it stops watching the socket for ACCEPT_PAUSE (on its clock), then takes the
-    next connection whatever the counts (a stalled worker 2 holds nothing back longer). Every
-    connection it accepts is counted in its slot while open."""
+    connection if it is still waiting, whatever the counts (a stalled worker 2 holds nothing back
+    longer). Every connection it accepts is counted in its slot while open."""
     supervisor, handle = ConnectionBoard.create(2)
     board = ConnectionBoard(os.dup(handle.fileno()), 2, 1)
     other = ConnectionBoard(os.dup(handle.fileno()), 2, 2)
+    other.serve()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(16)
@@ -74,7 +75,7 @@ async def test_a_worker_ahead_of_the_others_leaves_them_the_next_connection_for_
     port.clock = clock = task.Clock()
     clients = []
     try:
-        assert port.board is board
+        assert port.board is board and supervisor.counts() == [0, 0]  # serving once it listens
         for _ in range(2):
             clients.append(socket.create_connection(address))
         port.doRead()  # even: takes it
@@ -83,9 +84,8 @@ async def test_a_worker_ahead_of_the_others_leaves_them_the_next_connection_for_
             board.add(1)  # (as if it held more)
         port.doRead()  # ahead by ACCEPT_SLACK + 1: leaves this one
         assert len(factory.built) == 1 and port not in reactor.getReaders()
-        clock.advance(ACCEPT_PAUSE)
+        clock.advance(ACCEPT_PAUSE)  # no one took it: taken as the pause ends
         assert port in reactor.getReaders()
-        port.doRead()  # still ahead, but it left the last one: takes this one
         assert len(factory.built) == 2 and supervisor.counts() == [2 + ACCEPT_SLACK, 0]
         other.add(ACCEPT_SLACK + 1)  # worker 2 caught up: no pause
         clients.append(socket.create_connection(address))
@@ -101,4 +101,81 @@ async def test_a_worker_ahead_of_the_others_leaves_them_the_next_connection_for_
         await port.stopListening()
         for b in (board, other, supervisor):
             b.close()
+        handle.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_worker_still_ahead_after_its_pause_leaves_a_later_connection_too():
+    """When the other worker took the connection left to it, the pause ends with nothing to take,
+    and a connection arriving any time later is weighed against the counts again: worker 1, still
+    far ahead of an idle worker 2, leaves that one too (it used to take it unconditionally)."""
+    supervisor, handle = ConnectionBoard.create(2)
+    board = ConnectionBoard(os.dup(handle.fileno()), 2, 1)
+    other = ConnectionBoard(os.dup(handle.fileno()), 2, 2)
+    other.serve()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    address = listener.getsockname()
+    second_worker = socket.socket(fileno=os.dup(listener.fileno()))  # worker 2's copy
+    second_worker.setblocking(False)
+    factory = Counting()
+    port = await AdoptedEndpoint(reactor, listener.detach(), board).listen(factory)
+    port.clock = clock = task.Clock()
+    clients, taken = [], []
+    try:
+        board.add(ACCEPT_SLACK + 5)
+        clients.append(socket.create_connection(address))
+        port.doRead()  # ahead: leaves it
+        taken.append(second_worker.accept()[0])  # worker 2 takes it
+        clock.advance(ACCEPT_PAUSE)  # nothing left to take
+        assert factory.built == [] and port in reactor.getReaders()
+        clock.advance(60)
+        clients.append(socket.create_connection(address))
+        port.doRead()
+        assert factory.built == [] and port not in reactor.getReaders()
+    finally:
+        for s in clients + taken + [second_worker]:
+            s.close()
+        for built in factory.built:
+            built.transport.abortConnection()
+        await port.stopListening()
+        for b in (board, other, supervisor):
+            b.close()
+        handle.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_connection_the_reactor_could_not_watch_is_not_counted():
+    """A connection whose transport fails to start (epoll refusing one more descriptor: ENOSPC,
+    ENOMEM) is gone; it must not stay counted in the worker's slot for ever."""
+    supervisor, handle = ConnectionBoard.create(2)
+    board = ConnectionBoard(os.dup(handle.fileno()), 2, 1)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    address = listener.getsockname()
+    port = await AdoptedEndpoint(reactor, listener.detach(), board).listen(
+        protocol.Factory.forProtocol(protocol.Protocol))
+    client = socket.create_connection(address)
+    real = reactor.addReader
+
+    def refuse(reader):
+        if reader is not port:
+            raise OSError(28, "No space left on device")
+        return real(reader)
+
+    reactor.addReader = refuse
+    try:
+        port.doRead()  # twisted's port logs the error and drops the connection
+    finally:
+        del reactor.addReader
+    try:
+        await deferLater(reactor, 0.05, lambda: None)
+        assert supervisor.counts()[0] == 0
+    finally:
+        client.close()
+        await port.stopListening()
+        board.close()
+        supervisor.close()
         handle.close()

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task
 
 from clproxy.daemon import runstate, tap, workers
+from clproxy.daemon.shares import ConnectionBoard
 from clproxy.testing.anthropic import error_json
 from conftest import accounts_config
 from helpers import post, request_body
@@ -425,3 +426,119 @@ def test_workers_with_an_unreachable_redis_are_refused_in_one_line(tmp_path):
     assert result.returncode != 0
     assert "Redis" in result.stdout + result.stderr or "redis" in result.stdout + result.stderr
     assert "Traceback" not in result.stdout + result.stderr and "worker 1 started" not in result.stdout
+
+
+class _SpawnedProcess:
+    """What the fake reactor's spawnProcess returns: a pid, as a process transport has."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+
+class _SpawningClock(task.Clock):
+    """A clock whose spawnProcess records what it was asked (and can refuse, as fork does at the
+    process limit) instead of starting a process."""
+
+    def __init__(self):
+        super().__init__()
+        self.spawned = []
+        self.refusals = 0
+
+    def spawnProcess(self, worker, executable, args, env=None, childFDs=None):
+        if self.refusals:
+            self.refusals -= 1
+            raise OSError(11, "Resource temporarily unavailable")
+        self.spawned.append((worker, env))
+        return _SpawnedProcess(100000 + len(self.spawned))
+
+
+@pytest.fixture
+def supervisor():
+    """A WorkerSupervisor of 2 workers on a real socket and board, spawning on a fake clock."""
+    clock = _SpawningClock()
+    made = workers.WorkerSupervisor(clock, host="127.0.0.1", port=0, count=2, options={"host": "127.0.0.1"},
+                                    environ={}, drain_timeout=1.0)
+    yield made
+    made._stopping = True
+    if made.socket is not None:
+        made.socket.close()
+    if made.board is not None:
+        made.board.close()
+        made.board_file.close()
+
+
+def test_a_worker_whose_start_fails_is_tried_again_with_the_backoff(supervisor):
+    """fork refused (EAGAIN at the process limit) when a worker is restarted: it is tried again
+    after the backoff, not left out for good (the error escaped the timer and nothing retried)."""
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+    clock = supervisor.reactor
+    supervisor.startService()
+    assert sorted(supervisor.live) == [1, 2]
+    clock.advance(60)
+    clock.refusals = 2
+    supervisor.ended(clock.spawned[1][0], Failure(ProcessTerminated(signal=9)))
+    clock.advance(workers.restart_delay(1))  # refused
+    assert sorted(supervisor.live) == [1]
+    clock.advance(workers.restart_delay(2))  # refused again
+    assert sorted(supervisor.live) == [1]
+    clock.advance(workers.restart_delay(3))
+    assert sorted(supervisor.live) == [1, 2] and len(clock.spawned) == 3
+
+
+def test_workers_are_told_their_supervisors_pid(supervisor):
+    """Each worker's environment names the supervisor's pid: the worker compares its parent with
+    it from its start, so a supervisor that died while the worker was importing is noticed."""
+    from clproxy.daemon import worker
+    supervisor.startService()
+    env = supervisor.reactor.spawned[0][1]
+    assert env[workers.SUPERVISOR_PID_VARIABLE] == str(os.getpid())
+    assert worker._supervisor_pid(env) == os.getpid()
+    assert worker._supervisor_pid({}) == os.getppid()  # started by hand: its parent
+
+
+def test_a_worker_whose_supervisor_died_before_it_was_built_stops(monkeypatch):
+    """The orphan check compares the parent with the pid the supervisor named (a dead supervisor's
+    workers are re-parented): the worker stops at its first look."""
+    from clproxy.daemon import worker
+    stopped = []
+    monkeypatch.setattr(runstate, "stop_reactor", stopped.append)
+    worker._stop_when_orphaned("reactor", os.getppid())
+    assert stopped == []
+    worker._stop_when_orphaned("reactor", os.getppid() + 1)
+    assert stopped == ["reactor"]
+
+
+def test_a_reload_reaches_a_starting_worker_only_once_it_serves(supervisor, monkeypatch):
+    """SIGHUP kills a worker that has not installed its handler yet (seconds of imports at each
+    start): a reload signals the workers that serve at once and a starting one as soon as its
+    slot says it serves; one that dies before then is not signalled (its successor reads the
+    file as it starts)."""
+    sent = []
+    monkeypatch.setattr(workers.os, "kill", lambda pid, signum: sent.append((pid, signum)))
+    clock = supervisor.reactor
+    supervisor.startService()
+    first, second = (supervisor.live[i].pid for i in (1, 2))
+    board = supervisor.board
+    serving_first = ConnectionBoard(os.dup(supervisor.board_file.fileno()), 2, 1)
+    serving_first.serve()
+    supervisor.reload_workers()
+    assert sent == [(first, signal.SIGHUP)]
+    clock.advance(workers.RELOAD_WAIT_INTERVAL * 5)
+    assert sent == [(first, signal.SIGHUP)]  # worker 2 still starting
+    serving_second = ConnectionBoard(os.dup(supervisor.board_file.fileno()), 2, 2)
+    serving_second.serve()
+    clock.advance(workers.RELOAD_WAIT_INTERVAL)
+    assert sent == [(first, signal.SIGHUP), (second, signal.SIGHUP)]
+    assert supervisor._reload_wait is None  # nothing left to wait for: the loop stopped
+    # a worker that dies while its reload waits is not signalled, nor is its successor
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+    board.clear(2)
+    sent.clear()
+    supervisor.reload_workers()
+    supervisor.ended(clock.spawned[1][0], Failure(ProcessTerminated(signal=9)))
+    clock.advance(1)
+    assert sent == [(first, signal.SIGHUP)] and supervisor._reload_wait is None
+    serving_first.close()
+    serving_second.close()

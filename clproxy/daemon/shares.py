@@ -13,7 +13,10 @@ or dead (its slot not yet cleared) never holds a connection back for longer than
 The file is unlinked from the start (``tempfile.TemporaryFile``) and passed to the workers as an
 inherited descriptor; each slot is a machine word written by its worker alone (and cleared by the
 supervisor once that worker is gone), read by the others without a lock: a count a moment stale
-only makes the balance a moment less exact.
+only makes the balance a moment less exact. A slot reads :data:`NOT_SERVING` until its worker
+listens (a worker still starting, or dead and not yet restarted): the others neither leave it
+connections it cannot take nor count it as the least loaded, and the supervisor sends a reload
+(SIGHUP) only to a worker that serves, whose handler is installed by then.
 """
 
 import mmap
@@ -32,6 +35,8 @@ WORKER_BOARD_FD = 4
 #: the environment variable by which the supervisor tells a worker that descriptor holds the board
 #: (a worker never maps a descriptor it was not told about)
 BOARD_FD_VARIABLE = "CLPROXY_WORKER_BOARD_FD"
+#: what a slot holds while its worker does not serve (starting, or gone)
+NOT_SERVING = -1
 
 
 class ConnectionBoard:
@@ -50,29 +55,45 @@ class ConnectionBoard:
 
     @classmethod
     def create(cls, count: int) -> "tuple[ConnectionBoard, BinaryIO]":
-        """A new board for ``count`` workers (every count 0) and its file, whose descriptor the
-        workers inherit; the file is closed when the supervisor closes it."""
+        """A new board for ``count`` workers (none serving yet) and its file, whose descriptor
+        the workers inherit; the file is closed when the supervisor closes it."""
         handle = tempfile.TemporaryFile()
         os.ftruncate(handle.fileno(), count * SLOT_BYTES)
-        return cls(handle.fileno(), count), handle
+        board = cls(handle.fileno(), count)
+        for index in range(1, count + 1):
+            board.clear(index)
+        return board, handle
+
+    def serve(self) -> None:
+        """This worker listens from now on, with no connection yet."""
+        self._slots[self._own_slot()] = 0
 
     def add(self, delta: int) -> None:
         """This worker opened (1) or closed (-1) a client connection."""
+        self._slots[self._own_slot()] += delta
+
+    def _own_slot(self) -> int:
         if self._own < 0:
             raise ValueError("the supervisor holds no connections")
-        self._slots[self._own] += delta
+        return self._own
 
     def ahead(self) -> int:
-        """How many connections this worker holds beyond the least loaded other worker."""
+        """How many connections this worker holds beyond the least loaded other worker that
+        serves (0 when no other serves: there is no one to leave a connection to)."""
         slots = self._slots
         own = self._own
-        if own < 0 or len(slots) == 1:
+        if own < 0:
             return 0
-        return slots[own] - min(slots[i] for i in range(len(slots)) if i != own)
+        others = [slots[i] for i in range(len(slots)) if i != own and slots[i] != NOT_SERVING]
+        return slots[own] - min(others) if others else 0
+
+    def serving(self, index: int) -> bool:
+        """Whether worker ``index`` listens (and so has its signal handlers)."""
+        return self._slots[index - 1] != NOT_SERVING
 
     def clear(self, index: int) -> None:
-        """Worker ``index`` is gone, and its connections with it."""
-        self._slots[index - 1] = 0
+        """Worker ``index`` is gone, and its connections with it (or is not serving yet)."""
+        self._slots[index - 1] = NOT_SERVING
 
     def counts(self) -> list:
         """Every worker's count, in worker order."""

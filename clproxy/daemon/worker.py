@@ -24,6 +24,7 @@ from clproxy.daemon import runstate
 from clproxy.daemon.assemble import ProxyService, RecordingEndpoint, build_proxy
 from clproxy.daemon.reload import install_sighup
 from clproxy.daemon.shares import ACCEPT_PAUSE, ACCEPT_SLACK, BOARD_FD_VARIABLE, ConnectionBoard
+from clproxy.daemon.workers import SUPERVISOR_PID_VARIABLE
 from clproxy.observe import console
 from clproxy.observe.aggregate import WorkerMetrics
 
@@ -36,11 +37,14 @@ PARENT_CHECK_INTERVAL = 1.0
 class CountedServer(tcp.Server):
     """A client connection of a worker's port, counted on the port's board while it is open."""
 
+    _board: Optional[ConnectionBoard] = None
+
     def __init__(self, sock, protocol, client, server, sessionno, reactor):
+        super().__init__(sock, protocol, client, server, sessionno, reactor)
+        # counted once it is open: a connection the reactor refused to watch never was
         self._board = getattr(server, "board", None)
         if self._board is not None:
             self._board.add(1)
-        super().__init__(sock, protocol, client, server, sessionno, reactor)
 
     def connectionLost(self, reason):
         board, self._board = self._board, None
@@ -63,15 +67,15 @@ class OneAcceptPort(tcp.Port):
     Taking one per wake-up is not enough when the worker already running takes each connection
     before a sleeping one is scheduled (both cores busy): with a ``board`` (the workers' counts
     of open connections), a worker more than ``ACCEPT_SLACK`` ahead of the least loaded one
-    leaves the socket out of its polls for ``ACCEPT_PAUSE``, then accepts the next connection
-    whatever the counts say (so a stalled worker holds nothing back for longer).
+    leaves the socket out of its polls for ``ACCEPT_PAUSE``, then takes a connection still
+    waiting whatever the counts say (so a stalled worker holds nothing back for longer), and
+    looks at the counts again at the next wake-up.
     """
 
     transport = CountedServer
     #: the workers' counts of open client connections (None: balance by wake-ups alone)
     board: Optional[ConnectionBoard] = None
     clock = None  # what schedules the pause when not the reactor (a test's clock)
-    _left_once = False  # the last wake-up was left to the others: this one accepts
 
     @property  # type: ignore[override]
     def numberAccepts(self) -> int:
@@ -83,17 +87,19 @@ class OneAcceptPort(tcp.Port):
 
     def doRead(self):
         board = self.board
-        if board is not None and not self._left_once and board.ahead() > ACCEPT_SLACK:
-            self._left_once = True
+        if board is not None and board.ahead() > ACCEPT_SLACK:
             self.stopReading()
             (self.clock or self.reactor).callLater(ACCEPT_PAUSE, self._resume)
             return
-        self._left_once = False
         super().doRead()
 
     def _resume(self) -> None:
         if self.connected and not self.disconnecting:
-            self.startReading()
+            # a connection the others left waiting is taken now (none: the accept finds nothing);
+            # the wake-ups after this one weigh the counts again
+            super().doRead()
+            if self.connected and not self.disconnecting:
+                self.startReading()
 
 
 
@@ -116,6 +122,8 @@ class AdoptedEndpoint:
             port = OneAcceptPort._fromListeningDescriptor(self.reactor, self.fd, family, factory)
             port.board = self.board
             port.startListening()
+            if self.board is not None:
+                self.board.serve()  # the others may leave this worker connections from now on
         else:
             port = self.reactor.adoptStreamPort(self.fd, family, factory)
         os.close(self.fd)
@@ -134,7 +142,7 @@ def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], f
                         passthrough=bool(options.get("passthrough")), debug=bool(options.get("debug")),
                         health_interval=float(options.get("health-interval") or 30.0),
                         host=options["host"])
-    supervisor = os.getppid()
+    supervisor = _supervisor_pid(environ)
     own, track = proxy.status.extra, proxy.drainer.track
     served = [0]
 
@@ -174,6 +182,17 @@ def _inherited_board(environ: Mapping[str, str], count: int, index: int) -> Opti
         return ConnectionBoard(int(environ[BOARD_FD_VARIABLE]), count, index)
     except (KeyError, OSError, ValueError):
         return None
+
+
+def _supervisor_pid(environ: Mapping[str, str]) -> int:
+    """The supervisor's pid as it named it in ``environ``; else (a worker started by hand) the
+    parent's. Named, not asked of ``getppid()`` once the worker is built (seconds of imports after
+    its start): a supervisor that died in between would leave the orphan's parent (init) taken for
+    it, and the worker serving the port with no one to stop it."""
+    try:
+        return int(environ[SUPERVISOR_PID_VARIABLE])
+    except (KeyError, ValueError):
+        return os.getppid()
 
 
 def _stop_when_orphaned(reactor, supervisor: int) -> None:

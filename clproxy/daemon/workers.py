@@ -37,7 +37,7 @@ import uuid
 from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.application import service
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, task
 
 from clproxy.daemon.shares import BOARD_FD_VARIABLE, WORKER_BOARD_FD, ConnectionBoard
 from clproxy.observe import console
@@ -48,6 +48,11 @@ log = console.logger(__name__)
 QUICK_DEATH_SECONDS = 10.0
 #: The descriptor number the listening socket has in a worker.
 WORKER_LISTEN_FD = 3
+#: The environment variable naming the supervisor's pid to its workers (each stops once its parent
+#: is no longer that process).
+SUPERVISOR_PID_VARIABLE = "CLPROXY_WORKER_SUPERVISOR_PID"
+#: Seconds between two looks, while a reload waits for a starting worker, at whether it serves.
+RELOAD_WAIT_INTERVAL = 0.1
 
 
 def worker_count(options: Mapping, cfg) -> int:
@@ -132,6 +137,9 @@ class WorkerSupervisor(service.Service):
         self.live: Dict[int, Any] = {}
         self.failures: Dict[int, int] = {}
         self._restarts: Dict[int, Any] = {}
+        #: workers told to reload before they served: each gets its SIGHUP once it does
+        self._reload_waiting: set = set()
+        self._reload_wait: Optional[task.LoopingCall] = None
         self._stopping = False
         self._all_ended: Optional[defer.Deferred] = None
 
@@ -174,10 +182,20 @@ class WorkerSupervisor(service.Service):
         worker = _WorkerProcess(self, index, self.reactor.seconds())
         args = worker_argv(self.options, index, self.count, self.run)
         # the worker's stdout and stderr are ours (the log), the socket is its fd 3, the board its fd 4
-        env = dict(self.environ, **{BOARD_FD_VARIABLE: str(WORKER_BOARD_FD)})
-        process = self.reactor.spawnProcess(worker, args[0], args, env=env,
-                                            childFDs={1: 1, 2: 2, WORKER_LISTEN_FD: self.socket.fileno(),
-                                                      WORKER_BOARD_FD: self.board_file.fileno()})
+        env = dict(self.environ, **{BOARD_FD_VARIABLE: str(WORKER_BOARD_FD),
+                                    SUPERVISOR_PID_VARIABLE: str(os.getpid())})
+        try:
+            process = self.reactor.spawnProcess(worker, args[0], args, env=env,
+                                                childFDs={1: 1, 2: 2, WORKER_LISTEN_FD: self.socket.fileno(),
+                                                          WORKER_BOARD_FD: self.board_file.fileno()})
+        except OSError as e:  # fork or exec refused (the process or descriptor limit, memory)
+            failures = self.failures.get(index, 0) + 1
+            self.failures[index] = failures
+            delay = restart_delay(failures)
+            log.error("worker {index} could not be started ({error}); trying again in {delay:g}s",
+                      index=index, error=e.strerror or e, delay=delay)
+            self._restarts[index] = self.reactor.callLater(delay, self.spawn, index)
+            return
         self.live[index] = process
         worker.pid = process.pid
         log.info("worker {index} started (pid {pid})", index=index, pid=process.pid)
@@ -185,6 +203,7 @@ class WorkerSupervisor(service.Service):
     def ended(self, worker: _WorkerProcess, reason) -> None:
         """A worker exited: restart it (after the backoff) unless the daemon is stopping."""
         self.live.pop(worker.index, None)
+        self._reload_waiting.discard(worker.index)  # its successor reads the file as it starts
         if self.board is not None:
             self.board.clear(worker.index)  # its connections went with it
         pid = worker.pid
@@ -206,10 +225,32 @@ class WorkerSupervisor(service.Service):
     def signal_workers(self, signum: int) -> None:
         """Send ``signum`` to every live worker."""
         for pid in self.pids():
-            try:
-                os.kill(pid, signum)
-            except OSError:
-                pass
+            _kill(pid, signum)
+
+    def reload_workers(self) -> None:
+        """Tell every live worker to reload its config (SIGHUP). A worker still starting has no
+        handler yet (SIGHUP would kill it): it gets the signal as soon as it serves, since the
+        config it read may be the one before."""
+        self._reload_waiting.update(self.live)
+        self._send_waiting_reloads()
+        if self._reload_waiting and self._reload_wait is None:
+            self._reload_wait = task.LoopingCall(self._send_waiting_reloads)
+            self._reload_wait.clock = self.reactor
+            self._reload_wait.start(RELOAD_WAIT_INTERVAL, now=False)
+
+    def _send_waiting_reloads(self) -> None:
+        sighup = getattr(signal, "SIGHUP", None)
+        for index in sorted(self._reload_waiting):
+            process = self.live.get(index)
+            if process is None or sighup is None:
+                self._reload_waiting.discard(index)
+            elif self.board is None or self.board.serving(index):
+                self._reload_waiting.discard(index)
+                _kill(process.pid, sighup)
+        if not self._reload_waiting and self._reload_wait is not None:
+            loop, self._reload_wait = self._reload_wait, None
+            if loop.running:
+                loop.stop()
 
     def stopService(self):
         """Close the socket here, SIGTERM the workers, wait for them (SIGKILL at the deadline)."""
@@ -219,6 +260,8 @@ class WorkerSupervisor(service.Service):
             if call.active():
                 call.cancel()
         self._restarts.clear()
+        self._reload_waiting.clear()
+        self._send_waiting_reloads()  # (stops the wait)
         if self.socket is not None:
             self.socket.close()  # the workers hold the port until each has stopped listening
             self.socket = None
@@ -246,11 +289,20 @@ class WorkerSupervisor(service.Service):
         self.signal_workers(signal.SIGKILL)
 
 
+def _kill(pid: Optional[int], signum: int) -> None:
+    if pid:
+        try:
+            os.kill(pid, signum)
+        except OSError:  # already gone: its end is on its way to ended()
+            pass
+
+
 class SupervisedConfig:
     """The config in force in a supervisor. A reload (SIGHUP, or a change of the file: the
     supervisor's :class:`~clproxy.daemon.reload.ConfigWatcher` calls :meth:`apply`) is checked as
     a single daemon checks it; only a good one is written to the state file and passed on to the
-    workers (SIGHUP: each reloads the file; they do not watch it themselves). A bad one changes
+    workers (SIGHUP, :meth:`WorkerSupervisor.reload_workers`: each reloads the file; they do not
+    watch it themselves). A bad one changes
     nothing, and the watcher says why in one line."""
 
     def __init__(self, cfg, strategy_override: Optional[str], supervisor: WorkerSupervisor):
@@ -273,9 +325,7 @@ class SupervisedConfig:
         self.config = reloaded.config
         if self.lifecycle is not None:
             self.lifecycle.config_reloaded(self.strategy(), self.config)
-        sighup = getattr(signal, "SIGHUP", None)
-        if sighup is not None:
-            self.supervisor.signal_workers(sighup)
+        self.supervisor.reload_workers()
         return restart_needed(self.started_with, self.config)
 
 
