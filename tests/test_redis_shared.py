@@ -220,6 +220,27 @@ async def test_closing_a_store_sends_its_last_counts(two_stores, redis_server): 
     # (the fixture closes it again: a no-op)
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_instances_own_counters_stay_exact_across_a_flush_made_during_the_read(redis_server):  # noqa: F811
+    """A counters() read whose HGETALL is on its way when the counts are flushed: the flush's
+    HINCRBYs go behind it (not in its reply) and the unsent counts are gone from the instance;
+    the read still adds them, and the mirror never adopts a count that went backwards."""
+    clock = task.Clock()
+    store = RedisStateStore(redis_server.url, clock, prefix=unique_prefix())
+    await store.connect()
+    try:
+        await store.incr("completed_requests", 5)
+        assert await store.counters() == {"completed_requests": 5}
+        reading = store.counters()  # HGETALL written
+        clock.advance(COUNTER_FLUSH_DELAY)  # the flush's HINCRBY written behind it
+        assert await reading == {"completed_requests": 5}
+        assert fired(store.mirror.counters()) == {"completed_requests": 5}
+        await store.incr("completed_requests", 2)
+        assert await store.counters() == {"completed_requests": 7}  # a flush before: not twice
+    finally:
+        await store.close()
+
+
 def test_counts_are_sent_after_the_delay_on_the_stores_clock():
     """The first increment schedules one flush, COUNTER_FLUSH_DELAY later on the store's clock;
     with Redis unreachable the counts stay in the instance's mirror."""

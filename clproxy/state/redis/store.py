@@ -259,6 +259,9 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
         self._pending = _PendingWrites()
         self._unsent_counts: dict = {}  # counter -> amount added here and not yet sent to Redis
         self._counts_flush = None  # the delayed call that sends them
+        # counter -> every amount handed to a flush so far: a counters() read adds what was
+        # flushed after its HGETALL left (sent behind it, so not in its reply)
+        self._flushed_counts: dict = {}
         self._link = RedisLink(
             self.target, clock,
             endpoint if endpoint is not None else redis_endpoint(self.target, connect_timeout),
@@ -432,6 +435,9 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
         unsent, self._unsent_counts = self._unsent_counts, {}
         if not unsent:
             return defer.succeed(None)
+        flushed = self._flushed_counts
+        for counter, amount in unsent.items():
+            flushed[counter] = flushed.get(counter, 0) + amount
         return Deferred.fromCoroutine(self._send_counts(unsent))
 
     async def _send_counts(self, counts: dict) -> None:
@@ -447,13 +453,20 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
         return Deferred.fromCoroutine(self._counters())
 
     async def _counters(self):
+        flushed_before = dict(self._flushed_counts)
         try:
             raw = await self._link.run(lambda r: r.hgetall(self._key("counters", "all")))
         except RedisDown:
             return await self.mirror.counters()
         counters = {name: int(value) for name, value in raw.items()}
-        for counter, amount in self._unsent_counts.items():  # this instance's, not sent yet
+        # this instance's counts missing from the reply: not sent yet, or flushed (and so sent
+        # behind the HGETALL) while it was on its way
+        for counter, amount in self._unsent_counts.items():
             counters[counter] = counters.get(counter, 0) + amount
+        for counter, amount in self._flushed_counts.items():
+            since = amount - flushed_before.get(counter, 0)
+            if since:
+                counters[counter] = counters.get(counter, 0) + since
         self.mirror.adopt_counters(counters)
         return dict(counters)
 
