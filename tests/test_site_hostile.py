@@ -96,6 +96,19 @@ def test_an_empty_answer_with_a_no_body_status_announces_no_length():
     assert len(dispatcher.calls) == 2
 
 
+@pytest.mark.parametrize("status, phrase", [(429, b"Too Many Requests"), (529, b"Overloaded"),
+                                            (422, b"Unprocessable Content"), (503, b"Service Unavailable")])
+def test_statuses_twisted_does_not_name_get_their_reason_phrase(status, phrase):
+    """twisted.web has no phrase for 429 (nor 529, Anthropic's overloaded_error) and would send
+    "429 Unknown Status": every cooled-down pool's answer looked broken in a client's log."""
+    dispatcher, channel, transport = connect()
+    channel.dataReceived(framed(body_of(30), False))
+    _, out, waiting = dispatcher.calls[0]
+    out.send(status, [], b"{}")
+    waiting.callback(None)
+    assert transport.value().startswith(b"HTTP/1.1 %d %s\r\n" % (status, phrase))
+
+
 def test_writes_after_the_end_or_after_the_client_left_are_dropped_without_an_error():
     """After finish() every write, start, send and error is a no-op (twisted would raise on a
     write after finish); after the client left, the cancel callback runs once and nothing is

@@ -200,6 +200,15 @@ def write_json(request: server.Request, value, status: int = 200) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode("utf-8")
 
 
+#: Reason phrases twisted.web does not know (it would send "429 Unknown Status"); RFC 9110 and
+#: 6585 name them, 529 is Anthropic's overloaded_error.
+REASON_PHRASES = {421: b"Misdirected Request", 422: b"Unprocessable Content", 425: b"Too Early",
+                  426: b"Upgrade Required", 428: b"Precondition Required", 429: b"Too Many Requests",
+                  431: b"Request Header Fields Too Large", 451: b"Unavailable For Legal Reasons",
+                  506: b"Variant Also Negotiates", 508: b"Loop Detected",
+                  511: b"Network Authentication Required", 529: b"Overloaded"}
+
+
 class ProxyHTTPRequest(server.Request):
     """A request whose body is bounded while it arrives and always kept in memory.
 
@@ -210,6 +219,9 @@ class ProxyHTTPRequest(server.Request):
     too_large = False
     defaultContentType = None  # our responses always say what they are
     _parts: Optional[List[bytes]] = None
+
+    def setResponseCode(self, code: int, message: Optional[bytes] = None) -> None:
+        super().setResponseCode(code, message if message is not None else REASON_PHRASES.get(code))
 
     def gotLength(self, length: Optional[int]) -> None:
         self.content = BytesIO()
