@@ -42,7 +42,9 @@ def run(main, argv, **kwargs):
 
 
 def test_systemd_unit_content(environ):
-    """The unit runs this interpreter's `-m clproxy proxy start` in the foreground and restarts after 5 s."""
+    """The unit runs this interpreter's `-m clproxy proxy start` in the foreground, restarts after
+    5 s, and `systemctl --user reload` sends the daemon SIGHUP (without ExecReload systemd refuses
+    the reload that docs/operations.rst gives)."""
     command = service.daemon_command(9000, "0.0.0.0", environ)
     unit = service.systemd_unit(command, service.service_environment(environ),
                                 service.env_file_path(environ), 9000, "0.0.0.0")
@@ -54,7 +56,7 @@ def test_systemd_unit_content(environ):
     assert f"Environment=CLPROXY_HOME={home}" in unit
     assert f"Environment=CLPROXY_CLAUDE_SETTINGS={environ['CLPROXY_CLAUDE_SETTINGS']}" in unit
     for line in ("Restart=always", "RestartSec=5", "Type=simple", "WantedBy=default.target",
-                 "TimeoutStopSec=45"):
+                 "TimeoutStopSec=45", "ExecReload=/bin/kill -HUP $MAINPID"):
         assert line in unit.splitlines()
 
 

@@ -163,7 +163,8 @@ def _systemd_escape(value: str, command: bool = False) -> str:
 
 def systemd_unit(command: Sequence[str], environment: Mapping[str, str], env_file: str,
                  port: int, host: str) -> str:
-    """The systemd user unit running ``command`` in the foreground, restarted 5 s after any exit."""
+    """The systemd user unit running ``command`` in the foreground, restarted 5 s after any exit,
+    reloaded (SIGHUP) by ``systemctl --user reload``."""
     env_lines = "".join(f"Environment={_systemd_escape(f'{k}={v}')}\n" for k, v in environment.items())
     return (
         f"{MARKER}\n"
@@ -175,6 +176,7 @@ def systemd_unit(command: Sequence[str], environment: Mapping[str, str], env_fil
         f"{env_lines}"
         f"EnvironmentFile=-{env_file.replace('%', '%%')}\n"  # one path, no quoting
         f"ExecStart={' '.join(_systemd_escape(word, command=True) for word in command)}\n"
+        f"ExecReload=/bin/kill -HUP $MAINPID\n"  # `systemctl --user reload clproxy`: SIGHUP reloads
         f"Restart=always\n"
         f"RestartSec={RESTART_SECONDS}\n"
         f"KillSignal=SIGTERM\n"
