@@ -80,11 +80,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-async def run(argv, home):
+async def run(argv, home, **environ):
     """Run the CLI off the reactor thread (it blocks on HTTP while the reactor serves)."""
     stdout, stderr = io.StringIO(), io.StringIO()
     code = await threads.deferToThread(status.main, argv, stdout=stdout, stderr=stderr,
-                                       environ={"CLPROXY_HOME": str(home)}, now=lambda: NOW)
+                                       environ=dict(environ, CLPROXY_HOME=str(home)), now=lambda: NOW)
     return code, stdout.getvalue(), stderr.getvalue()
 
 
@@ -263,3 +263,41 @@ async def test_last_error_of_a_live_daemon_says_what_happened(fake, start_proxy,
     assert down.endswith(f"connection refused by 127.0.0.1:{refused}"), down
     assert slow.endswith(f"timeout after 0.3 s waiting for {fake_host}"), slow
     assert "network-error network" not in out and "secret" not in out and "key-slow" not in out
+
+
+@pytest_twisted.ensureDeferred
+async def test_team_mode_status_needs_an_admin_key_and_says_which(fake, start_proxy, tmp_path):
+    """Once client keys exist /status needs an admin key: without one the command says what to set
+    (not "start it": the proxy runs); a member's key is refused as not a valid admin key; the admin key
+    from CLPROXY_ADMIN_KEY (or a clp_ key in Claude Code's variables) shows the status. An Anthropic
+    credential in ANTHROPIC_API_KEY is never sent, and no key is ever printed."""
+    from clproxy.team.keystore import KeyStore
+    from conftest import accounts_config
+
+    keys = KeyStore(str(tmp_path / "home"))
+    admin, _ = keys.create("ops", admin=True)
+    member, _ = keys.create("alice")
+    proxy = start_proxy(accounts_config(fake, "work"))
+    url = ["--url", proxy.url]
+
+    code, out, err = await run(url, tmp_path, ANTHROPIC_API_KEY="sk-ant-api03-not-sent")
+    assert code == 1 and out == ""
+    assert "has client keys" in err and "CLPROXY_ADMIN_KEY" in err and "--admin" in err
+    assert "Start it" not in err and "sk-ant" not in err
+    code, out, err = await run(url + ["--format", "json"], tmp_path)
+    assert code == 1 and json.loads(out)["running"] is True
+    code, out, err = await run(url, tmp_path, CLPROXY_ADMIN_KEY=member)
+    assert code == 1 and "not a valid admin key" in err and member not in err
+    for environ in ({"CLPROXY_ADMIN_KEY": admin}, {"ANTHROPIC_AUTH_TOKEN": admin},
+                    {"ANTHROPIC_API_KEY": admin}):
+        code, out, err = await run(url, tmp_path, **environ)
+        assert (code, err) == (0, ""), environ
+        assert "work" in out and admin not in out
+
+
+def test_only_clproxy_keys_are_taken_from_claude_codes_variables():
+    """CLPROXY_ADMIN_KEY is sent as it is; ANTHROPIC_* only when it holds a clproxy key."""
+    assert status.admin_key({}) is None
+    assert status.admin_key({"ANTHROPIC_API_KEY": "sk-ant-api03-x", "ANTHROPIC_AUTH_TOKEN": "sk-ant-oat01-y"}) is None
+    assert status.admin_key({"ANTHROPIC_API_KEY": "clp_a"}) == "clp_a"
+    assert status.admin_key({"CLPROXY_ADMIN_KEY": " k ", "ANTHROPIC_API_KEY": "clp_a"}) == "k"

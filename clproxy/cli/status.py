@@ -3,7 +3,9 @@
 Finds the daemon through ``$CLPROXY_HOME/proxy-state.json`` (or ``--url``), prints PID, uptime,
 strategy, fallback chain, per-account usage and attempts vs completed requests, each account's quota
 windows (5h/7d utilization and reset) and bound sessions, the session moves and the queue. Exit 1
-when no proxy answers; never a traceback.
+when no proxy answers; never a traceback. Once client keys exist (team mode) ``/status`` needs an
+admin key: it is taken from ``CLPROXY_ADMIN_KEY`` (or a ``clp_`` key in ``ANTHROPIC_AUTH_TOKEN`` /
+``ANTHROPIC_API_KEY``, as Claude Code would send it) and sent as a Bearer token, never in the URL.
 """
 
 import argparse
@@ -21,6 +23,11 @@ from clproxy.cli.argparsing import UsageExit as _UsageExit, writing_parser
 DEFAULT_URL = "http://127.0.0.1:55669"
 STATE_FILE_NAME = "proxy-state.json"
 TIMEOUT = 5.0
+#: the environment variable holding an admin client key for ``/status`` (team mode)
+ADMIN_KEY_VARIABLE = "CLPROXY_ADMIN_KEY"
+#: what every clproxy client key starts with (another value in Claude Code's variables is an
+#: Anthropic credential, never sent to the proxy's /status)
+CLIENT_KEY_PREFIX = "clp_"
 
 
 def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
@@ -89,14 +96,40 @@ class NotRunning(Exception):
     """No proxy answered at the URL; the message says why."""
 
 
-def fetch_status(url: str, timeout: float) -> dict:
-    """GET ``<url>/status`` and parse it; raises :class:`NotRunning` with one line otherwise."""
+class Refused(Exception):
+    """The proxy answered but would not show its status to this caller (team mode without an admin
+    key); the message says what to set."""
+
+
+def admin_key(environ: Mapping[str, str]) -> Optional[str]:
+    """The client key to show ``/status``: ``CLPROXY_ADMIN_KEY``, else a clproxy key in Claude
+    Code's own variables; None when there is none."""
+    for name in (ADMIN_KEY_VARIABLE, "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY"):
+        value = (environ.get(name) or "").strip()
+        if value and (name == ADMIN_KEY_VARIABLE or value.startswith(CLIENT_KEY_PREFIX)):
+            return value
+    return None
+
+
+def fetch_status(url: str, timeout: float, key: Optional[str] = None) -> dict:
+    """GET ``<url>/status`` (with ``key`` as a Bearer token when given) and parse it; raises
+    :class:`Refused` when the proxy wants an admin key, :class:`NotRunning` with one line otherwise."""
     target = url.rstrip("/") + "/status"
-    request = urllib.request.Request(target, headers={"accept": "application/json"})
+    headers = {"accept": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(target, headers=headers)
     try:
         with _opener().open(request, timeout=timeout) as response:
             body = response.read(8 * 1024 * 1024)
     except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            how = (f"set {ADMIN_KEY_VARIABLE} to a key made with `clproxy keys create NAME --admin`")
+            if not key:
+                raise Refused(f"the proxy at {url} has client keys and shows /status to an admin key "
+                              f"only: {how}")
+            raise Refused(f"the proxy at {url} refused the client key given for /status (HTTP {e.code}: "
+                          f"not a valid admin key): {how}")
         raise NotRunning(f"the proxy at {url} answered /status with HTTP {e.code}")
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
@@ -127,12 +160,17 @@ def main(argv, *, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr,
     pid = state.get("pid") if state and not args.url else None
     stale = isinstance(pid, int) and not pid_alive(pid)
     try:
-        document = fetch_status(url, args.timeout)
+        document = fetch_status(url, args.timeout, admin_key(environ))
+    except Refused as e:
+        if args.format == "json":
+            stdout.write(json.dumps({"running": True, "url": url, "error": str(e)}, indent=2) + "\n")
+        stderr.write(f"clproxy: {e}\n")
+        return 1
     except NotRunning as e:
         message = str(e)
         if stale:
             message += (f"; the state file {state['_path']} names PID {pid}, which has exited "
-                        f"(remove the file if the proxy crashed)")
+                        f"(the next `clproxy proxy start` clears it)")
         if args.format == "json":
             stdout.write(json.dumps({"running": False, "url": url, "error": message}, indent=2) + "\n")
         stderr.write(f"clproxy: {message}. Start it with `clproxy proxy start`.\n")
