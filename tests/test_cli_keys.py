@@ -169,3 +169,31 @@ def test_subprocess_round_trip(tmp_path):
     assert json.loads(listed.stdout)["keys"][0]["name"] == "ci" and key not in listed.stdout
     assert clproxy("revoke", "ci").returncode == 0
     assert json.loads(clproxy("list", "--format", "json").stdout) == {"keys": []}
+
+
+def test_the_first_key_warns_when_the_running_proxy_pointed_claude_code_at_itself(tmp_path):
+    """The proxy set ANTHROPIC_BASE_URL in Claude Code's settings (no key there): the first client
+    key makes every request of that Claude Code a 401, so create says so on stderr (stdout stays
+    the key). A second key, settings that hold a clproxy key, or no such record: nothing said."""
+    settings = tmp_path / "settings.json"
+    settings.write_text(json.dumps({"env": {"ANTHROPIC_BASE_URL": "http://127.0.0.1:55669"}}))
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "proxy-state.json").write_text(json.dumps({
+        "pid": os.getpid(), "claudeSettings": {"path": str(settings),
+                                               "set": {"ANTHROPIC_BASE_URL": "http://127.0.0.1:55669"}}}))
+    code, out, err = run(home, "create", "alice", "--format", "json")
+    assert code == 0 and json.loads(out)["key"].startswith("clp_")
+    assert str(settings) in err and "401" in err and json.loads(out)["key"] not in err
+    code, _, err = run(home, "create", "bob")
+    assert code == 0 and "401" not in err  # not the first key: said already
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "proxy-state.json").write_text((home / "proxy-state.json").read_text())
+    settings.write_text(json.dumps({"env": {"ANTHROPIC_BASE_URL": "http://127.0.0.1:55669",
+                                            "ANTHROPIC_AUTH_TOKEN": "clp_given"}}))
+    code, _, err = run(other, "create", "carol")
+    assert code == 0 and err == ""
+    code, _, err = run(tmp_path / "nothing-running", "create", "dave")
+    assert code == 0 and err == ""

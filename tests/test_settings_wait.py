@@ -158,3 +158,49 @@ def test_proxy_start_process_waits_for_a_login(tmp_path):
         assert d.settings_document() == USER_SETTINGS and "Traceback" not in d.output()
     finally:
         d.cleanup()
+
+
+# --- team mode: client keys ---------------------------------------------------------------------------
+
+KEYS_HELD_BACK = "client keys exist: Claude Code's settings"
+
+
+def test_daemon_with_client_keys_leaves_settings_alone_and_says_what_claude_code_needs(daemon, logs):
+    """With client keys the proxy answers only a request carrying one: pointed at it without one,
+    Claude Code got 401 on every request. The settings stay byte for byte and one line says what
+    to give Claude Code (never a key: the proxy keeps only their hashes)."""
+    from clproxy.team.keystore import KeyStore
+    add_api_key(daemon.store)
+    key, _ = KeyStore(str(daemon.settings.parent / "home")).create("alice")
+    original = daemon.settings.read_bytes()
+    daemon()
+    assert daemon.settings.read_bytes() == original
+    line = next(line for line in logs if KEYS_HELD_BACK in line)
+    assert "ANTHROPIC_AUTH_TOKEN=clp_..." in line and "ANTHROPIC_BASE_URL=" in line and key not in line
+
+
+def test_daemon_with_client_keys_points_claude_code_that_holds_one_at_the_proxy(daemon, logs):
+    """Settings that already give Claude Code a client key are pointed at the proxy as before."""
+    from clproxy.team.keystore import KeyStore
+    add_api_key(daemon.store)
+    key, _ = KeyStore(str(daemon.settings.parent / "home")).create("alice")
+    daemon.settings.write_text(json.dumps({"env": {"ANTHROPIC_AUTH_TOKEN": key}}))
+    proxy = daemon()
+    env = json.loads(daemon.settings.read_text())["env"]
+    assert env["ANTHROPIC_BASE_URL"] == proxy.url and env["ANTHROPIC_AUTH_TOKEN"] == key
+    assert not any(KEYS_HELD_BACK in line for line in logs)
+
+
+def test_a_client_key_in_the_settings_is_recognised_only_as_clproxys(tmp_path):
+    """holds_client_key: a clp_ value in ANTHROPIC_AUTH_TOKEN or ANTHROPIC_API_KEY; not an
+    Anthropic credential, not a missing, unreadable or oddly shaped file."""
+    path = tmp_path / "settings.json"
+    assert not claude_settings.holds_client_key(str(path))
+    for document, held in (({"env": {"ANTHROPIC_API_KEY": "clp_x"}}, True),
+                           ({"env": {"ANTHROPIC_AUTH_TOKEN": " clp_x"}}, True),
+                           ({"env": {"ANTHROPIC_API_KEY": "sk-ant-api03-x"}}, False),
+                           ({"env": ["clp_x"]}, False), ({"env": {"ANTHROPIC_API_KEY": 5}}, False)):
+        path.write_text(json.dumps(document))
+        assert claude_settings.holds_client_key(str(path)) is held, document
+    path.write_text("{not json")
+    assert not claude_settings.holds_client_key(str(path))

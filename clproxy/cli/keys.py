@@ -109,11 +109,40 @@ def _table(rows: Sequence[Sequence[str]]) -> List[str]:
     return ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows]
 
 
+def claude_code_left_without_key(home: str) -> Optional[str]:
+    """The path of Claude Code's settings when the proxy running from ``home`` pointed them at
+    itself and they give Claude Code no client key (what the first key makes a 401 on every
+    request), else None."""
+    from clproxy.daemon import runstate
+    from clproxy.integrations import claude_settings
+    try:
+        state = runstate.read_state(os.path.join(home, runstate.STATE_FILE_NAME)) or {}
+    except runstate.StateError:
+        return None
+    record = state.get("claudeSettings")
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        return None
+    if not (record.get("set") or {}).get("ANTHROPIC_BASE_URL"):
+        return None
+    if claude_settings.holds_client_key(record["path"]):
+        return None
+    return record["path"]
+
+
 def _create(args: argparse.Namespace, store: KeyStore, out: TextIO, err: TextIO) -> int:
+    first = not store.records()
     key, record = store.create(args.name, models=args.models, rpm=args.rpm,
                                tokens_per_day=args.tokens_per_day, usd_per_day=args.usd_per_day,
                                usd_per_month=args.usd_per_month,
                                allow_subscription=args.allow_subscription, admin=args.admin)
+    stranded = claude_code_left_without_key(store.home) if first else None
+    if stranded:
+        # the proxy now answers only requests with a key: the Claude Code it pointed at itself
+        # sends none (stderr: stdout stays the key alone for scripts)
+        err.write(f"note: the running proxy pointed Claude Code at itself ({stranded}) without a client "
+                  f"key; from now on Claude Code gets 401 until it sends one. Give it a key "
+                  f"(env.ANTHROPIC_AUTH_TOKEN in that file, or its environment), or restart the proxy: "
+                  f"with client keys it leaves Claude Code's settings alone.\n")
     if args.format == "json":
         out.write(json.dumps({"name": record.name, "key": key, **record.limits()}, indent=2) + "\n")
         if record.allow_subscription:

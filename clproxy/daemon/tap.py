@@ -145,7 +145,9 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
     if proxy.lifecycle is not None and proxy.lifecycle.settings_path:
         # Claude Code pointed at a proxy without a usable account gets 401 on every request:
         # its settings wait for an account (after the lifecycle: starts after it, stops before it)
-        claude_settings.SetOnceUsable(proxy.lifecycle, proxy.directory, reactor).setServiceParent(top)
+        # and, with client keys, wait for a key in them
+        claude_settings.SetOnceUsable(proxy.lifecycle, proxy.directory, reactor,
+                                      keys_exist=lambda: not proxy.ring.empty).setServiceParent(top)
     log.info("clproxy listening on http://{host}:{port} strategy={strategy} accounts={count}",
              host=options["host"], port=options["port"], strategy=proxy.pool.strategy,
              count=len(proxy.directory.current()))

@@ -369,5 +369,16 @@ def supervise(options: Mapping, cfg, count: int, *, reactor, environ: Mapping[st
         directory = AccountDirectory(store=TokenStore(home), clock=reactor, environ=environ,
                                      config_accounts=accounts_from_config(cfg),
                                      base_url=cfg.providers.anthropic.base_url)
-        claude_settings.SetOnceUsable(lifecycle, directory, reactor).setServiceParent(top)
+        claude_settings.SetOnceUsable(lifecycle, directory, reactor,
+                                      keys_exist=lambda: _client_keys_exist(home)).setServiceParent(top)
     return top
+
+
+def _client_keys_exist(home: str) -> bool:
+    """Whether the key file of ``home`` holds a client key (an unreadable one counts as holding
+    some: the workers, which read it too, refuse to start on it)."""
+    from clproxy.team.keystore import KeyStore, KeyStoreError
+    try:
+        return bool(KeyStore(home).records())
+    except (KeyStoreError, OSError):
+        return True

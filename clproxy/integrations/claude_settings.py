@@ -13,7 +13,7 @@ import os
 import shlex
 import stat
 import tempfile
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from twisted.application import service
 from twisted.internet import task
@@ -22,7 +22,8 @@ from clproxy.observe import console
 
 __all__ = [
     "SettingsError", "SETTINGS_ENV", "DEFAULT_TOOL_SEARCH", "default_settings_path", "proxy_env",
-    "read_settings", "write_settings", "configure", "restore", "pointing_at", "SetOnceUsable",
+    "read_settings", "write_settings", "configure", "restore", "pointing_at", "holds_client_key",
+    "SetOnceUsable",
     "status_line_setting", "is_our_status_line", "configure_status_line", "restore_status_line",
 ]
 
@@ -292,6 +293,24 @@ def restore_status_line(record: Mapping[str, Any]) -> Optional[str]:
     return "removed"
 
 
+#: what every clproxy client key starts with
+CLIENT_KEY_PREFIX = "clp_"
+
+
+def holds_client_key(path: str) -> bool:
+    """Whether the settings at ``path`` give Claude Code a clproxy client key (``env``'s
+    ``ANTHROPIC_AUTH_TOKEN`` or ``ANTHROPIC_API_KEY``; unreadable: ``False``)."""
+    try:
+        document = read_settings(path)
+    except SettingsError:
+        return False
+    env = (document or {}).get("env")
+    if not isinstance(env, dict):
+        return False
+    return any(isinstance(env.get(name), str) and env[name].strip().startswith(CLIENT_KEY_PREFIX)
+               for name in ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY"))
+
+
 def pointing_at(path: str, base_url: str) -> bool:
     """Whether the settings at ``path`` route Claude Code to ``base_url`` (unreadable: ``False``)."""
     try:
@@ -304,6 +323,8 @@ def pointing_at(path: str, base_url: str) -> bool:
 class SetOnceUsable(service.Service):
     """Points Claude Code at the proxy only while that can work: once the daemon has a usable
     (enabled) account. Pointed at a proxy without one, Claude Code gets 401 on every request.
+    Likewise with client keys (team mode, ``keys_exist()``): the proxy then answers only a request
+    that carries one, so the settings are left alone unless they already give Claude Code a key.
 
     Built over a ``runstate.Lifecycle`` that has not started yet: it takes the lifecycle's
     ``settings_path`` (so the lifecycle no longer sets it at start) and, once an account is there,
@@ -316,9 +337,11 @@ class SetOnceUsable(service.Service):
 
     name = "claude-settings"
 
-    def __init__(self, lifecycle, directory, clock, interval: float = 1.0):
+    def __init__(self, lifecycle, directory, clock, interval: float = 1.0,
+                 keys_exist: Callable[[], bool] = lambda: False):
         self.lifecycle = lifecycle
         self.directory = directory
+        self.keys_exist = keys_exist
         self.clock = clock
         self.interval = interval
         self.settings_path: Optional[str] = lifecycle.settings_path
@@ -361,6 +384,12 @@ class SetOnceUsable(service.Service):
         if state is None or getattr(self.lifecycle, "_cleaned", False):
             return True  # the proxy is on its way out: pointing Claude Code at it now would strand it
         url = state["url"]
+        if self.keys_exist() and not holds_client_key(self.settings_path):
+            log.warn("client keys exist: Claude Code's settings {path} left unchanged (pointed at the "
+                     "proxy without a key it would get 401 on every request). Give Claude Code a key "
+                     "and the address: ANTHROPIC_AUTH_TOKEN=clp_... and ANTHROPIC_BASE_URL={url} "
+                     "(docs/team.rst)", path=self.settings_path, url=url)
+            return True
         try:
             record = configure(self.settings_path, proxy_env(url, self.lifecycle.tool_search))
         except SettingsError as e:
