@@ -681,3 +681,16 @@ def test_set_errors_are_one_line(offline_environ, home):
     code, _, err = run(["set", "ghost", "--max-concurrent", "1"], offline_environ)
     assert code == 1 and "anthropic:ghost" in err and len(err.strip().splitlines()) == 1
     assert TokenStore(str(home)).get("anthropic:work").max_concurrent is None
+
+
+def test_clproxys_own_help_names_every_auth_command():
+    """`clproxy --help` lists the auth commands in one line: each one `clproxy auth` has (it once
+    left out `set`, which the README names)."""
+    import io
+    import re
+    from clproxy.cli import auth as auth_cli
+    from clproxy.cli.main import USAGE
+    parser = auth_cli._parser(io.StringIO(), io.StringIO())
+    commands = next(action for action in parser._actions if action.dest == "command").choices
+    listed = re.search(r"auth \.\.\. +manage accounts \(([^)]*)\)", USAGE).group(1).split(", ")
+    assert listed == list(commands)

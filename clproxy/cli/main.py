@@ -23,7 +23,7 @@ commands:
   proxy install           run the proxy as a per-user service (systemd user unit / launchd agent)
   proxy uninstall         remove that service
   proxy guard             (re)start the fail-open guard for the running proxy
-  auth ...                manage accounts (login, import, list, status, refresh, cleanup, enable, logout)
+  auth ...                manage accounts (login, import, list, status, refresh, cleanup, enable, set, logout)
   usage [options]         requests, tokens and cost by key, account, model or day (`clproxy usage --help`)
   keys ...                manage client keys (create, list, revoke): who may use this proxy
   statusline              one line for Claude Code's statusLine: the account serving the session
