@@ -133,6 +133,11 @@ def test_shipped_example_file_loads_without_errors():
     assert loaded.config.accounts[1].enabled is False
     assert loaded.warnings == ('accounts.anthropic[1]: account "secondary" disabled because its apiKey is empty',)
     assert loaded.config.server == ServerConfig()
+    # copied as it is, it routes like no file: its examples that would change that are comments
+    routing = loaded.config.routing
+    assert (routing.model_mappings, routing.fallback_chain, routing.passthrough_models) == ((), (), ())
+    primary = loaded.config.accounts[0]
+    assert (primary.excluded_models, primary.max_concurrent, primary.rate_limit) == ((), None, None)
 
 
 def test_shipped_example_file_mentions_every_field():
