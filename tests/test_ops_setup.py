@@ -78,6 +78,29 @@ def test_config_and_environment_accounts_are_found(environ, tmp_path):
     assert any(item.startswith("config:team") for item in found) and "env:ANTHROPIC_API_KEY" in found
 
 
+def with_key_in_env_file(environ):
+    """``environ`` whose $CLPROXY_HOME/.env holds ANTHROPIC_API_KEY (what the service reads)."""
+    os.makedirs(environ["CLPROXY_HOME"], exist_ok=True)
+    with open(os.path.join(environ["CLPROXY_HOME"], ".env"), "w") as f:
+        f.write("ANTHROPIC_API_KEY=sk-ant-api03-x\n")
+    return environ
+
+
+def test_a_key_in_the_shell_alone_installs_no_service_that_would_not_see_it(environ):
+    """ANTHROPIC_API_KEY set in the installing shell only: the service reads $CLPROXY_HOME/.env,
+    not that shell, so it would start with no account. Setup says so and installs nothing;
+    --no-service (the daemon in this shell) goes ahead."""
+    manager = FakeManager()
+    code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-shell"), runner=manager)
+    assert code == 1 and manager.calls == [] and not os.path.exists(service.unit_path(environ))
+    assert "this shell only" in out and ".env" in err and "--method api-key" in err
+    assert "sk-ant-api03-shell" not in out + err
+    started = []
+    code, _, _ = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-shell"), ["--no-service"],
+                     foreground=lambda port, host: started.append(port) or 0)
+    assert code == 0 and started == [55669]
+
+
 def test_no_service_starts_in_the_foreground(environ):
     """--no-service hands over to the foreground daemon with the chosen port."""
     started = []
@@ -90,8 +113,7 @@ def test_no_service_starts_in_the_foreground(environ):
 
 def test_service_that_cannot_start_leaves_claude_code_alone(environ):
     """If the service manager is unreachable, setup says so, exits 1 and does not touch Claude Code."""
-    code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x"),
-                         runner=FakeManager(fail="daemon-reload"))
+    code, out, err = run(with_key_in_env_file(environ), runner=FakeManager(fail="daemon-reload"))
     assert code == 1
     assert "systemctl --user is not available" in err and "--no-service" in err
     assert not os.path.exists(environ["CLPROXY_CLAUDE_SETTINGS"])
@@ -99,7 +121,7 @@ def test_service_that_cannot_start_leaves_claude_code_alone(environ):
 
 def test_service_that_does_not_answer(environ):
     """A service that never answers /health is reported with where to look, exit 1."""
-    code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x"), healthy=lambda url: False)
+    code, out, err = run(with_key_in_env_file(environ), healthy=lambda url: False)
     assert code == 1 and "did not answer http://127.0.0.1:55669/health" in err
     assert "journalctl --user -u clproxy" in err
 
@@ -120,13 +142,13 @@ def test_a_foreground_instance_blocks_setup(environ, monkeypatch):
     runstate.write_state(runstate.state_path(environ),
                          {"pid": os.getpid(), "url": "http://127.0.0.1:1", "strategy": "fill-first"})
     monkeypatch.setattr(runstate, "health_ok", lambda url, timeout=2.0: True)
-    code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x"))
+    code, out, err = run(with_key_in_env_file(environ))
     assert code == 1 and "already running" in err and not os.path.exists(service.unit_path(environ))
 
 
 def test_settings_not_pointing_yet_is_reported(environ):
     """When the service answers but settings.json does not point at it, setup says what to do."""
-    code, out, err = run(dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x"))
+    code, out, err = run(with_key_in_env_file(environ))
     assert code == 0 and "does not point at it yet" in out
     # setup itself sets only the status line; pointing Claude Code at the proxy is the daemon's job
     assert "env" not in claude_settings.read_settings(environ["CLPROXY_CLAUDE_SETTINGS"])
@@ -138,7 +160,7 @@ THEIRS = {"type": "command", "command": "~/.claude/my-status.sh", "padding": 0}
 
 
 def with_account(environ):
-    return dict(environ, ANTHROPIC_API_KEY="sk-ant-api03-x")
+    return with_key_in_env_file(dict(environ))
 
 
 def status_line(environ):

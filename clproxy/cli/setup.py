@@ -26,8 +26,14 @@ class SetupError(Exception):
     """Setup cannot go on; one line for the user."""
 
 
+#: how :func:`find_accounts` names an ANTHROPIC_API_KEY set in the installing shell alone: a
+#: service does not inherit that shell's environment (it reads ``$CLPROXY_HOME/.env``)
+SHELL_KEY = "env:ANTHROPIC_API_KEY (this shell only)"
+
+
 def find_accounts(environ: Mapping[str, str] = os.environ) -> List[str]:
-    """Where the proxy would find Anthropic accounts: token store, config file, ANTHROPIC_API_KEY."""
+    """Where the proxy would find Anthropic accounts: token store, config file, ANTHROPIC_API_KEY
+    (in ``$CLPROXY_HOME/.env``, or :data:`SHELL_KEY` when only in ``environ``)."""
     found: List[str] = []
     home = configuration.clproxy_home(environ)
     try:
@@ -45,19 +51,23 @@ def find_accounts(environ: Mapping[str, str] = os.environ) -> List[str]:
         if legacy is not None:
             found.append("legacy:anthropic (anthropic-credentials.json)")
     env = dict(environ)
+    from_file: Mapping[str, str] = {}
     env_file = service.env_file_path(environ)
     if os.path.exists(env_file):
         try:
-            env = dict(configuration.load_env_file(env_file), **environ)
+            from_file = configuration.load_env_file(env_file)
         except configuration.ConfigError as e:
             raise SetupError(f"{env_file}: {e}") from None
+        env = dict(from_file, **environ)
     try:
         loaded = configuration.load_config(None, env)
     except configuration.ConfigError as e:
         raise SetupError(f"invalid configuration: {e}") from None
     found += [f"config:{a.name} ({loaded.source})" for a in loaded.config.accounts if a.enabled]
-    if env.get("ANTHROPIC_API_KEY", "").strip():
+    if (from_file.get("ANTHROPIC_API_KEY") or "").strip():
         found.append("env:ANTHROPIC_API_KEY")
+    elif env.get("ANTHROPIC_API_KEY", "").strip():
+        found.append(SHELL_KEY)
     return found
 
 
@@ -185,6 +195,13 @@ def main(argv: Sequence[str], *, stdout: TextIO = sys.stdout, stderr: TextIO = s
         if code != 0:
             stderr.write("clproxy proxy setup: login did not complete; nothing was installed\n")
             return code
+    if accounts and set(accounts) == {SHELL_KEY} and not args.no_service:
+        stderr.write(f"clproxy proxy setup: the only account found is ANTHROPIC_API_KEY in this shell, "
+                     f"which the service will not see (it reads {service.env_file_path(environ)}): add "
+                     f"the line ANTHROPIC_API_KEY=... to that file, or store the key with `clproxy auth "
+                     f"login anthropic --method api-key`, then run setup again (or use --no-service, "
+                     f"which runs in this shell); nothing was installed\n")
+        return 1
     url = runstate.base_url(args.host, args.port)
     status, state = runstate.inspect(runstate.state_path(environ))
     if status == "running" and not service.installed(environ):
