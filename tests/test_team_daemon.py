@@ -155,6 +155,38 @@ async def test_models_outside_the_key_are_403(fake, start_proxy, tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_models_paths_reach_only_the_models_endpoint(fake, start_proxy, tmp_path):
+    """/v1/models and /v1/models/{id} go upstream as those paths; anything else under /v1/models
+    (dot segments, escaped slashes) is a 404 here: forwarded as sent, ``/v1/models/../files``
+    reached another endpoint of the API with the pool's credential."""
+    key, _ = make_key(tmp_path)
+    proxy = start_proxy(accounts_config(fake, "a"))
+    for path in (b"/v1/models", b"/v1/models/", b"/v1/models/claude-sonnet-4-5"):
+        status, _, _ = await send(proxy.url + path.decode(), None, with_key(key), method=b"GET")
+        assert status == 200 and fake.requests[-1].path == path.rstrip(b"/"), path
+    sent = len(fake.requests)
+    for path in ("/v1/models/../messages/batches", "/v1/models/..%2Ffiles", "/v1/models/%2e%2e/files",
+                 "/v1/models/a/b", "/v1/models/.hidden", "/v1/models/a%20b"):
+        status, _, body = await send(proxy.url + path, None, with_key(key), method=b"GET")
+        assert status == 404 and error(body)[0] == "not_found_error", path
+    assert len(fake.requests) == sent
+
+
+@pytest_twisted.ensureDeferred
+async def test_listing_models_spends_the_keys_rpm_and_stops_at_a_spent_budget(fake, start_proxy, tmp_path):
+    """GET /v1/models names no model, and every per-key limit was skipped for it: with rpm 1 the
+    second listing is a 429, and a key whose daily tokens are spent gets none."""
+    key, _ = make_key(tmp_path, rpm=1)
+    spent, _ = make_key(tmp_path, name="bob", tokens_per_day=10)
+    proxy = start_proxy(accounts_config(fake, "a"))
+    statuses = [(await send(proxy.url + "/v1/models", None, with_key(key), method=b"GET"))[0] for _ in range(3)]
+    assert statuses == [200, 429, 429] and len(fake.requests) == 1
+    await proxy.service.store.add_usage("bob", day_of(time.time()), 10_000, 0.0)
+    status, _, body = await send(proxy.url + "/v1/models", None, with_key(spent), method=b"GET")
+    assert status == 429 and "Token budget" in error(body)[1] and len(fake.requests) == 1
+
+
+@pytest_twisted.ensureDeferred
 async def test_rpm_is_429_with_a_truthful_retry_after(fake, start_proxy, tmp_path):
     """A key with rpm 2 gets its first 2 requests served and the third a 429 whose Retry-After is when
     the first leaves the sliding minute (at most 60 s); only 2 requests reach upstream."""

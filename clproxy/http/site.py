@@ -6,6 +6,7 @@ Request bodies are bounded while they arrive, so an oversized upload never fills
 """
 
 import json
+import re
 import time
 from io import BytesIO
 
@@ -557,8 +558,26 @@ def _internal_error(failure: Failure, out: ClientResponse) -> None:
     out.send_error(ProxyError(500, "clproxy hit an internal error; see the daemon's log"))
 
 
+#: A model id in ``/v1/models/{id}`` (``claude-sonnet-4-5-20250929``, ``gpt-4o``, a Vertex
+#: ``...@2025...``): no dot segment, no percent-escape, nothing that would name another endpoint
+_MODEL_ID = re.compile(rb"[A-Za-z0-9][A-Za-z0-9._:@-]{0,199}\Z")
+
+
+def models_path(postpath: List[bytes]) -> Optional[bytes]:
+    """The upstream path for what follows ``/v1/models`` (twisted's unquoted ``postpath``):
+    ``/v1/models`` or ``/v1/models/{id}``, or None for anything else. Rebuilt, never the client's
+    path as sent: ``/v1/models/../messages/batches`` (or ``..%2Ffiles``) would otherwise reach
+    another endpoint of the API with the pool's credential."""
+    if postpath in ([], [b""]):
+        return b"/v1/models"
+    if len(postpath) == 1 and _MODEL_ID.match(postpath[0]):
+        return b"/v1/models/" + postpath[0]
+    return None
+
+
 class ModelsResource(Node):
-    """``GET /v1/models`` and ``/v1/models/{id}``: forwarded upstream with the first usable account."""
+    """``GET /v1/models`` and ``/v1/models/{id}``: forwarded upstream with the first usable account
+    (any other path under it is a 404 here)."""
 
     isLeaf = True
     allowed = (b"GET",)
@@ -568,9 +587,13 @@ class ModelsResource(Node):
         self.dispatcher = dispatcher
 
     def render_GET(self, request):
+        path = models_path(request.postpath)
+        if path is None:
+            return write_error(request, ProxyError(404, "Not found: /v1/models takes at most one model id",
+                                                   "not_found_error"))
         uri = request.uri
         query = uri[uri.index(b"?"):] if b"?" in uri else b""
-        proxy_request = ProxyRequest(method=b"GET", path=request.path, query=query,
+        proxy_request = ProxyRequest(method=b"GET", path=path, query=query,
                                      headers=raw_header_pairs(request), body=None,
                                      client_key=client_key_of(request))
         out = ClientResponse(request)

@@ -236,7 +236,9 @@ class Dispatcher:
     async def _forward(self, request: ProxyRequest, out) -> None:
         client = request.client_key
         # before anything is routed or sent: a refused request reaches no provider and takes no slot
-        if client is not None and self.key_limits is not None and request.model is not None:
+        if client is not None and self.key_limits is not None:
+            # a request naming no model (GET /v1/models) still spends the key's rpm and stops at a
+            # spent budget: it reaches an account with the pool's credential like any other
             await self.key_limits.check(client, request.model)
         if self.router is not None and request.model:
             route = self.router.route(request.model)

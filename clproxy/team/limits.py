@@ -192,17 +192,19 @@ class KeyLimits:
         self._clock = clock
         self._spent = spent
 
-    async def check(self, record: Any, model: str) -> None:
+    async def check(self, record: Any, model: Optional[str]) -> None:
         """Raise :class:`ProxyError` when ``record`` may not send this request now; return None when it
         may (an rpm slot is then taken: call once per client request, right before dispatch).
 
-        In order: the model (403), the day and month budgets (429 until the window's end), the rpm
-        (429 until the oldest request of the sliding minute leaves it). A refused request takes no rpm
-        slot. ``record`` None (no client keys) passes.
+        In order: the model (403; a request naming none, ``GET /v1/models``, skips only this), the
+        day and month budgets (429 until the window's end), the rpm (429 until the oldest request of
+        the sliding minute leaves it). A refused request takes no rpm slot. ``record`` None (no
+        client keys) passes.
         """
         if record is None:
             return
-        check_model(record, model)
+        if model is not None:
+            check_model(record, model)
         now = self._clock.seconds()
         day = month = None
         if record.tokens_per_day is not None or record.usd_per_day is not None:
