@@ -345,3 +345,43 @@ async def test_allow_unauthenticated_serves_a_public_host_with_a_warning(fake, s
     assert any("WARNING" in line and "allowUnauthenticated" in line for line in logs), logs
     url = proxy.url.replace("0.0.0.0", "127.0.0.1")
     assert (await send(url + "/v1/messages", request_body()))[0] == 200
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_cut_before_its_final_usage_is_charged_its_relayed_output(fake, start_proxy, tmp_path):
+    """A client that reads a stream almost to its end and hangs up (or an upstream that breaks)
+    left only message_start's placeholder output count (1): reading everything but the last
+    event spent nearly nothing of a key's budget. The output is now charged at least one token per
+    BYTES_PER_STREAMED_TOKEN relayed; a stream that ends with its message_delta keeps the exact
+    count."""
+    from twisted.internet import task
+    from clproxy.proxy.attempt import BYTES_PER_STREAMED_TOKEN
+    from clproxy.testing.anthropic import text_stream
+    from helpers import stream
+    key, _ = make_key(tmp_path, tokens_per_day=1_000_000)
+    proxy = start_proxy(accounts_config(fake, "a"))
+    store = proxy.service.store
+    fake.script(events=text_stream(["tok%d " % i for i in range(400)]), pace=0.002, times=1)
+    response, collected = await stream(proxy.url + "/v1/messages", request_body(stream=True), with_key(key))
+    assert response.code == 200
+    await until(lambda: collected.body.count(b"text_delta") >= 390, timeout=20)
+    collected.transport.stopProducing()  # the client hangs up before message_delta
+    await until(lambda: proxy.dispatcher.streams == set(), timeout=10)
+    await task.deferLater(reactor, 0.3, lambda: None)
+    tokens, _ = await store.get_usage("alice", day_of(time.time()))
+    assert tokens >= 12 + 390 * 100 // BYTES_PER_STREAMED_TOKEN, tokens  # input 12, ~105 bytes a delta
+
+    fake.script(events=text_stream(["x"] * 300), pace=0.001, cut_after=250, times=1)  # upstream breaks
+    response, collected = await stream(proxy.url + "/v1/messages", request_body(stream=True), with_key(key))
+    await collected.done
+    assert b"event: error" in collected.body
+    await task.deferLater(reactor, 0.3, lambda: None)
+    after_cut, _ = await store.get_usage("alice", day_of(time.time()))
+    assert after_cut - tokens >= 12 + 240
+
+    fake.script(events=text_stream(["x"] * 300), times=1)  # whole: message_delta's 300 exactly
+    response, collected = await stream(proxy.url + "/v1/messages", request_body(stream=True), with_key(key))
+    await collected.done
+    await task.deferLater(reactor, 0.3, lambda: None)
+    whole, _ = await store.get_usage("alice", day_of(time.time()))
+    assert whole - after_cut == 12 + 300

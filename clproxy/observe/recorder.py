@@ -341,6 +341,14 @@ class RequestRecord:
             if value is not None:
                 self._usage[key] = value
 
+    def output_at_least(self, tokens: int) -> None:
+        """Count at least ``tokens`` output tokens (an estimate for a stream cut before its final
+        usage; an exact count already higher stays)."""
+        if self._usage is None:
+            self._usage = {}
+        if tokens > (self._usage.get("output_tokens") or 0):
+            self._usage["output_tokens"] = tokens
+
     def tee(self, write: Callable[[bytes], None], status: Optional[int] = None,
             headers=None) -> Callable[[bytes], None]:
         """``write`` itself, or (with debug bodies) a ``write`` that also keeps the chunks, up to

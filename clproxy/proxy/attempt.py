@@ -292,9 +292,15 @@ class Attempt:
             self.streams.discard(relay)
         out.unregister_producer()
         record = request.record
-        record.usage(usage_from_sse_tail(relay.tail))
+        tail = relay.tail
+        record.usage(usage_from_sse_tail(tail))
         if ended.truncated:
             record.truncated, record.error = True, ended.reason
+            if b'"message_delta"' not in tail:
+                # cut before its final usage (the client hung up, the upstream broke): the output
+                # count is message_start's placeholder, yet every token relayed was generated and
+                # billed; a key's budget is charged at least what the relayed bytes must have held
+                record.output_at_least(relay.bytes_relayed // BYTES_PER_STREAMED_TOKEN)
         how = STREAMED
         if ended.truncated and out.disconnected:
             how = CLIENT_GONE
@@ -318,6 +324,12 @@ class Attempt:
         reading = read_body(response, limit, host)
         out.on_disconnect(reading.cancel)
         return await reading
+
+
+#: The output tokens a stream cut before its final usage is charged: one per this many bytes
+#: relayed. A content_block_delta event takes ~100 bytes of SSE around its text and carries at
+#: least one token (usually several), so the estimate is a floor, never an overcharge.
+BYTES_PER_STREAMED_TOKEN = 100
 
 
 def _network(account: Account, error: UpstreamError, level: int) -> _Heard:
