@@ -385,3 +385,29 @@ async def test_a_stream_cut_before_its_final_usage_is_charged_its_relayed_output
     await task.deferLater(reactor, 0.3, lambda: None)
     whole, _ = await store.get_usage("alice", day_of(time.time()))
     assert whole - after_cut == 12 + 300
+
+
+@pytest_twisted.ensureDeferred
+async def test_fifty_requests_at_once_with_one_token_left_send_one(fake, start_proxy, tmp_path):
+    """A budget was read before each request and charged after it: fifty requests sent together
+    with one token left all passed and all ran (the review: 1,949 of 1,000 tokens spent). The first
+    now holds the budget while it runs; the others get a 429 saying requests are running; the rpm
+    limit under the same load was already right."""
+    from twisted.internet import defer
+    key, _ = make_key(tmp_path, tokens_per_day=1000)
+    proxy = start_proxy(accounts_config(fake, "a"))
+    store = proxy.service.store
+    await store.add_usage("alice", day_of(time.time()), 999, 0.0)
+    fake.pause()
+    calls = [defer.ensureDeferred(send(proxy.url + "/v1/messages", request_body(), with_key(key)))
+             for _ in range(50)]
+    await until(lambda: len(fake.requests) >= 1, timeout=10)
+    fake.resume()
+    results = await defer.gatherResults(calls)
+    statuses = [status for status, _, _ in results]
+    assert statuses.count(200) == 1 and statuses.count(429) == 49 and len(fake.requests) == 1
+    refusal = next(body for status, _, body in results if status == 429)
+    assert "still running" in error(refusal)[1] and key not in refusal.decode()
+    # and the next one after it: the budget is spent now, until midnight
+    status, headers, body = await send(proxy.url + "/v1/messages", request_body(), with_key(key))
+    assert status == 429 and "Token budget" in error(body)[1]

@@ -8,6 +8,7 @@ import attr
 import pytest
 import pytest_twisted
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 
 from clproxy.accounts.model import API_KEY, OAUTH, Account
 from clproxy.errors import ProxyError
@@ -91,14 +92,17 @@ def fired(deferred):
 def refused(limits, record, model="claude-sonnet-4-5"):
     """The ProxyError ``check`` raised (fails the test when it passed)."""
     outcome = run(limits.check(record, model))
-    assert outcome is not None and outcome.check(ProxyError), f"expected a refusal, got {outcome!r}"
+    assert isinstance(outcome, Failure) and outcome.check(ProxyError), f"expected a refusal, got {outcome!r}"
     return outcome.value
 
 
 def passes(limits, record, model="claude-sonnet-4-5"):
+    """``check`` let the request through; what it held is released (as the request's end does)."""
     outcome = run(limits.check(record, model))
-    if outcome is not None:
+    if isinstance(outcome, Failure):
         outcome.raiseException()
+    if outcome is not None:
+        outcome()
     return True
 
 
@@ -270,6 +274,62 @@ def test_tokens_per_day_below_the_budget_passes_at_it_429_until_utc_midnight():
     assert day_of(clock.seconds()) == "2026-03-15"
     assert passes(limits, record)
     assert ("day", "alice", "2026-03-15") in spent.asked
+
+
+def held(limits, record, model="claude-sonnet-4-5"):
+    """``check`` let the request through and it is still running: its release."""
+    outcome = run(limits.check(record, model))
+    if isinstance(outcome, Failure):
+        outcome.raiseException()
+    assert callable(outcome), "a request of a key with a budget holds part of it"
+    return outcome
+
+
+def test_requests_in_flight_hold_the_budget_they_may_spend():
+    """One token left and many requests at once: they all passed the check (the spent amount is
+    known only once each is answered) and the budget was overrun fifty times over. A request in
+    flight now holds what the key's requests cost on average (at least 1 token): the next is a 429
+    with Retry-After 1 s that says why, and once the first ends (its cost counted) the budget
+    decides as before."""
+    record = Record(tokens_per_day=1000)
+    clock, spent, limits = make(NOON)
+    spent.add("alice", "2026-03-14", "2026-03", 999, 0.0)
+    release = held(limits, record)
+    for _ in range(5):
+        error = refused(limits, record)
+        assert error.status == 429 and retry(error) == 1
+        assert "1 request(s) of this API key are still running" in error.message
+        assert "1,000 tokens per day" in error.message
+        assert_no_secret(error, record)
+    spent.add("alice", "2026-03-14", "2026-03", 300, 0.0)  # the first one's usage, then its end
+    limits.charged("alice", 300, 0.0)
+    release()
+    release()  # twice: harmless
+    error = refused(limits, record)
+    assert retry(error) > 1 and "1,299 of 1,000" in error.message  # spent now: until midnight
+
+
+def test_a_request_in_flight_is_held_at_the_keys_average_cost():
+    """With 2,000 tokens left and requests costing 500 on average, four run at once and the fifth
+    waits; dollars are held the same way against a monthly budget; a key without a budget holds
+    nothing."""
+    record = Record(tokens_per_day=10_000)
+    clock, spent, limits = make(NOON)
+    spent.add("alice", "2026-03-14", "2026-03", 8_000, 0.0)
+    limits.charged("alice", 500, 0.0)
+    releases = [held(limits, record) for _ in range(4)]
+    refused(limits, record)
+    releases.pop()()
+    releases.append(held(limits, record))
+
+    dollars = Record(name="bob", usd_per_month=10.0)
+    spent.add("bob", "2026-03-14", "2026-03", 0, 9.0)
+    limits.charged("bob", 100, 0.4)
+    [held(limits, dollars) for _ in range(3)]  # $9.00 spent + 3 x $0.40 held: past $10
+    assert "$10.00 per month" in refused(limits, dollars).message
+
+    free = Record(name="carol", rpm=100)
+    assert run(limits.check(free, "m")) is None
 
 
 def test_tokens_over_the_budget_names_the_amount_spent():

@@ -432,6 +432,7 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                   started_with=cfg, usage=make_usage(cfg, home, clock, store), keys=keys, ring=ring,
                   key_watcher=key_watcher, auth=auth, feed=feed)
     obs.usage_sink = proxy.usage.record
+    proxy.usage.charged = dispatcher.key_limits.charged  # what a keyed request in flight is held at
     if not directory.current():
         log.warn("no Anthropic account yet: requests will be answered with 401 until you add one: "
                  "`clproxy auth login anthropic`, ANTHROPIC_API_KEY in the environment or --env-file, "
@@ -497,6 +498,8 @@ class UsageRecorder:
         self.store = store
         self.pricing = pricing
         self._service: Optional["UsageService"] = None
+        #: told what each keyed request cost (the key limits' average of a request in flight)
+        self.charged: Optional[Callable[[str, int, float], None]] = None
 
     def reconfigure(self, cfg) -> None:
         """A reloaded config: its ``pricing:`` from the next request on (validated already)."""
@@ -515,6 +518,8 @@ class UsageRecorder:
             usage=usage, cost_usd=cost, status=fields.get("status"), duration=fields.get("duration"),
             at=fields.get("at") or 0.0)
         self.ledger.record(row)
+        if self.charged is not None and row.key_name is not None:
+            self.charged(row.key_name, row.tokens or 0, row.cost_usd or 0.0)
         if row.key_name is not None and (row.tokens or row.cost_usd):
             d = defer.maybeDeferred(self.store.add_usage, row.key_name, utc_day(row.at), row.tokens,
                                     row.cost_usd or 0.0)

@@ -220,7 +220,14 @@ class Dispatcher:
             stream=request.stream, headers=request.headers, body=request.body)
         record.key_name = getattr(request.client_key, "name", None)  # team mode: whose usage this is
         out = TimedSink(out, record)
+        release = None
         try:
+            client = request.client_key
+            # before anything is routed or sent: a refused request reaches no provider and takes
+            # no slot. One naming no model (GET /v1/models) still spends the key's rpm and stops at
+            # a spent budget: it reaches an account with the pool's credential like any other
+            if client is not None and self.key_limits is not None:
+                release = await self.key_limits.check(client, request.model)
             await self._forward(request, out)
         except ProxyError as e:
             record.error = e.message
@@ -231,15 +238,12 @@ class Dispatcher:
         finally:
             # 499: the client went away before any answer (nginx's "client closed request")
             record.finish(status=out.status if out.status is not None else (500 if record.error else 499))
+            if release is not None:
+                release()  # after finish: its usage is counted as spent before it stops being held
             await self.store.incr("completed_requests")
 
     async def _forward(self, request: ProxyRequest, out) -> None:
         client = request.client_key
-        # before anything is routed or sent: a refused request reaches no provider and takes no slot
-        if client is not None and self.key_limits is not None:
-            # a request naming no model (GET /v1/models) still spends the key's rpm and stops at a
-            # spent budget: it reaches an account with the pool's credential like any other
-            await self.key_limits.check(client, request.model)
         if self.router is not None and request.model:
             route = self.router.route(request.model)
             if route.translated:

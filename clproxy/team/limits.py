@@ -30,7 +30,7 @@ import fnmatch
 import functools
 import ipaddress
 import math
-from typing import Any, Awaitable, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 from clproxy.errors import ProxyError
 
@@ -151,6 +151,18 @@ def _limited(message: str, until: float, now: float) -> ProxyError:
                       headers=[(b"retry-after", str(retry_after(until, now)).encode("ascii"))])
 
 
+def _budget_words(record: Any) -> str:
+    """The key's budgets in words, for a message."""
+    parts = []
+    if record.tokens_per_day is not None:
+        parts.append(f"{_tokens(record.tokens_per_day)} tokens per day")
+    if record.usd_per_day is not None:
+        parts.append(f"{_usd(record.usd_per_day)} per day")
+    if record.usd_per_month is not None:
+        parts.append(f"{_usd(record.usd_per_month)} per month")
+    return ", ".join(parts)
+
+
 def budget_error(record: Any, now: float, day: Optional[Tuple[int, float]],
                  month: Optional[Tuple[int, float]]) -> Optional[ProxyError]:
     """The 429 for the first spent budget of ``record`` (tokens/day, usd/day, usd/month), or None.
@@ -178,8 +190,28 @@ def budget_error(record: Any, now: float, day: Optional[Tuple[int, float]],
     return None
 
 
+#: How much of a request's last cost the running average of a key's requests keeps (the rest is
+#: the history): what a request in flight is taken to spend before it is answered.
+AVERAGE_WEIGHT = 0.2
+
+IN_FLIGHT_MESSAGE = ("{count} request(s) of this API key are still running and may spend what is left "
+                     "of its budget ({limit}); retry when they finish.")
+
+
+def _plus(spent: Optional[Tuple[int, float]], held: Tuple[float, float]) -> Optional[Tuple[int, float]]:
+    if spent is None:
+        return None
+    return (int((spent[0] or 0) + held[0]), (spent[1] or 0.0) + held[1])
+
+
 class KeyLimits:
     """The per-key checks made before a request is dispatched.
+
+    A budget is only known to be spent once the answers that spend it are in, so requests admitted
+    together could all pass a nearly spent budget (50 at once with one token left all ran). While
+    a key with a budget has requests in flight, each is taken to cost what the key's requests cost
+    on average (at least 1 token), and a new one is refused while the spent amount plus those
+    would reach the budget. Held in this process: under Redis, instances each hold their own.
 
     :param store: the state store (:class:`clproxy.interfaces.IStateStore`); its ``take_rate_slot`` /
         ``rate_usage`` hold the rpm window under ``"client:" + name`` (Redis: shared by instances).
@@ -191,18 +223,25 @@ class KeyLimits:
         self._store = store
         self._clock = clock
         self._spent = spent
+        #: key name -> [tokens, usd, requests] held by its requests in flight
+        self._held: Dict[str, List[float]] = {}
+        #: key name -> (tokens, usd) a request of it costs, on average
+        self._average: Dict[str, Tuple[float, float]] = {}
 
-    async def check(self, record: Any, model: Optional[str]) -> None:
-        """Raise :class:`ProxyError` when ``record`` may not send this request now; return None when it
-        may (an rpm slot is then taken: call once per client request, right before dispatch).
+    async def check(self, record: Any, model: Optional[str]) -> Optional[Callable[[], None]]:
+        """Raise :class:`ProxyError` when ``record`` may not send this request now; when it may,
+        take an rpm slot and return the release of what the request holds of its key's budgets
+        (None when it holds nothing): call once per client request, right before dispatch, and the
+        release once the request's usage is recorded.
 
         In order: the model (403; a request naming none, ``GET /v1/models``, skips only this), the
-        day and month budgets (429 until the window's end), the rpm (429 until the oldest request of
-        the sliding minute leaves it). A refused request takes no rpm slot. ``record`` None (no
-        client keys) passes.
+        day and month budgets (429 until the window's end), the same with the requests in flight
+        (429, Retry-After 1 s: they may not spend it), the rpm (429 until the oldest request of
+        the sliding minute leaves it). A refused request takes no rpm slot and holds nothing.
+        ``record`` None (no client keys) passes.
         """
         if record is None:
-            return
+            return None
         if model is not None:
             check_model(record, model)
         now = self._clock.seconds()
@@ -214,8 +253,48 @@ class KeyLimits:
         error = budget_error(record, now, day, month)
         if error is not None:
             raise error
+        held = self._held.get(record.name)
+        if held is not None and budget_error(record, now, _plus(day, (held[0], held[1])),
+                                             _plus(month, (held[0], held[1]))) is not None:
+            raise _limited(IN_FLIGHT_MESSAGE.format(count=int(held[2]), limit=_budget_words(record)),
+                           now + 1, now)
         if record.rpm is not None:
             await self._take_slot(record, now)
+        if day is None and month is None:
+            return None
+        return self._hold(record.name)
+
+    def _hold(self, name: str) -> Callable[[], None]:
+        tokens, usd = self._average.get(name, (1.0, 0.0))
+        share = (max(1.0, tokens), max(0.0, usd))
+        held = self._held.setdefault(name, [0.0, 0.0, 0])
+        held[0] += share[0]
+        held[1] += share[1]
+        held[2] += 1
+        released: List[bool] = []
+
+        def release() -> None:
+            if released:
+                return
+            released.append(True)
+            held[0] -= share[0]
+            held[1] -= share[1]
+            held[2] -= 1
+            if held[2] <= 0 and self._held.get(name) is held:
+                del self._held[name]
+        return release
+
+    def charged(self, name: Optional[str], tokens: int, usd: float) -> None:
+        """A request of key ``name`` was answered and cost ``tokens`` and ``usd``: the average a
+        request in flight is held at follows it."""
+        if name is None:
+            return
+        previous = self._average.get(name)
+        if previous is None:
+            self._average[name] = (float(tokens), float(usd))
+        else:
+            self._average[name] = (previous[0] + AVERAGE_WEIGHT * (tokens - previous[0]),
+                                   previous[1] + AVERAGE_WEIGHT * (usd - previous[1]))
 
     async def _take_slot(self, record: Any, now: float) -> None:
         key = RATE_NAMESPACE + record.name
