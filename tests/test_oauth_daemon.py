@@ -126,3 +126,21 @@ async def test_quota_headers_are_captured(fake, oauth, start_proxy, tmp_path):
     assert saved["anthropic:work"]["seven_day"]["utilization"] == 0.4
     assert oct(os.stat(home / "account-quotas.json").st_mode & 0o777) == "0o600"
     assert pair.access_token not in body.decode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_upstream_disable_of_a_stored_account_is_kept_in_the_token_store(fake, oauth, start_proxy,
+                                                                                 tmp_path):
+    """A 403 "organization has been disabled" on a token-store account is written to tokens.json, so
+    `clproxy auth list` shows it and a restart does not put the dead account back in the pool."""
+    from clproxy.testing.anthropic import error_json
+
+    home = tmp_path / "home"
+    seed(home, oauth)
+    fake.script(None, status=403, body=error_json(403, "permission_error",
+                                                  "This organization has been disabled."))
+    proxy = start_proxy(oauth_config(fake, oauth), environ={"CLPROXY_HOME": str(home)})
+    await post(proxy.url + "/v1/messages", request_body())
+    stored = TokenStore(str(home)).get("anthropic:work")
+    assert stored.disabled and "organization is disabled" in stored.disabled_reason
+    assert oauth.refresh_calls == 0  # the verdict disables; it is no reason to refresh

@@ -37,6 +37,9 @@ STORE_VERSION = 1
 #: makes while holding it.
 DEFAULT_LOCK_TIMEOUT = 60.0
 DEFAULT_LOCK_POLL = 0.05
+#: ``Account.source`` of the accounts this store holds (``tokens.json`` and the legacy file): the
+#: ones whose state (disabled, failures) can be written back here.
+STORED_SOURCES = frozenset({"tokenstore", "legacy"})
 
 #: :meth:`TokenStore.set_limits`: leave ``max_concurrent`` as it is.
 KEEP: Any = object()

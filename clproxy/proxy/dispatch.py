@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from clproxy import jsoncodec
 from clproxy.accounts.model import Account
+from clproxy.accounts.tokenstore import STORED_SOURCES
 from clproxy.errors import ProxyError
 from clproxy.interfaces import IResponseSink
 from clproxy.observe.console import logger
@@ -440,7 +441,7 @@ class Dispatcher:
         not allowed for it): take it out of the pool with ``reason`` (kept in the token store for a
         stored account, so ``auth list`` shows it), instead of cooling it again and again."""
         log.warn("accounts: {name} disabled: {reason}", name=account.name, reason=reason)
-        if account.source == "store" and self.refresher is not None:
+        if account.source in STORED_SOURCES and self.refresher is not None:
             try:
                 await self.refresher.disable(account.key, reason)
             except Exception as e:  # the pool still drops it below; the store keeps its old state
