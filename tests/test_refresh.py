@@ -488,6 +488,65 @@ async def test_network_errors_count_as_failures(store, fake, http, clock):
     assert store.get(KEY).refresh_failures == 1
 
 
+class _StalledBody(protocol.Protocol):
+    """A token endpoint that sends its status line, headers and the start of a body, then stalls."""
+
+    def __init__(self, closed):
+        self.closed = closed
+
+    def dataReceived(self, data):
+        if b"\r\n\r\n" in data and not getattr(self, "answered", False):
+            self.answered = True
+            self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 500\r\n\r\n{\"access_token\": ")
+
+    def connectionLost(self, reason=None):
+        self.closed.callback(None)
+
+
+class _HeadersSeen:
+    """An HTTP client that fires :attr:`headers` (on the next reactor turn) once a response's headers
+    are in: from then on only its body is awaited."""
+
+    def __init__(self, http):
+        self.http = http
+        self.headers = Deferred()
+
+    def post(self, *args, **kwargs):
+        def seen(response):
+            reactor().callLater(0, self.headers.callback, None)
+            return response
+        return self.http.post(*args, **kwargs).addCallback(seen)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stalled_answer_body_ends_at_http_timeout(store, fake, http, clock):
+    """The token call's deadline covers the answer's body: a body that stalls after the headers fails
+    the refresh as a network error at http_timeout (on the refresher's clock), releases the store
+    lock and closes the connection, instead of holding them for ever."""
+    account = seed(store, fake, expires_at=T0 - 1)
+    closed = Deferred()
+    port = reactor().listenTCP(0, protocol.Factory.forProtocol(lambda: _StalledBody(closed)),
+                               interface="127.0.0.1")
+    try:
+        client = _HeadersSeen(http)
+        endpoints = OAuthEndpoints(token_url=f"http://127.0.0.1:{port.getHost().port}/v1/oauth/token")
+        refresher = TokenRefresher(store, client, endpoints, clock, http_timeout=10.0)
+        d = Deferred.fromCoroutine(refresher.fresh(account))
+        await within(client.headers)
+        clock.advance(9.9)
+        assert not d.called and store.held()
+        clock.advance(0.1)
+        with pytest.raises(RefreshFailed) as info:
+            await within(d, 5.0)  # no real wait: the deadline has passed
+        assert isinstance(info.value.__cause__, oauth.OAuthNetworkError) and not info.value.disabled
+        assert "TimeoutError" in str(info.value)
+        assert not store.held() and store.get(KEY).refresh_failures == 1
+        await within(closed, 10.0)  # the stalled connection was dropped, not left open
+    finally:
+        await port.stopListening()
+
+
 @pytest_twisted.ensureDeferred
 async def test_no_refresh_token_is_not_refreshable(store, fake, http, clock):
     """An expiring OAuth account without a refresh token (or absent from the store) raises NotRefreshable."""

@@ -14,7 +14,11 @@ from typing import Any, Mapping, Optional, Tuple
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import attr
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
+from twisted.web.client import ResponseDone
+from twisted.web.http import PotentialDataLoss
 
 import clproxy
 
@@ -27,7 +31,8 @@ DEFAULT_REDIRECT_URI = "https://platform.claude.com/oauth/code/callback"
 DEFAULT_SCOPES = ("org:create_api_key", "user:profile", "user:inference",
                   "user:sessions:claude_code", "user:mcp_servers", "user:file_upload")
 DEFAULT_CREATE_API_KEY_URL = "https://api.anthropic.com/api/oauth/claude_cli/create_api_key"
-#: Seconds one token-endpoint call may take; a caller holding the store lock waits this long at most.
+#: Seconds one token-endpoint call may take, answer body included; a caller holding the store lock
+#: waits this long at most.
 DEFAULT_TIMEOUT = 30.0
 
 _USER_AGENT = f"clproxy/{clproxy.__version__}".encode("ascii")
@@ -253,20 +258,61 @@ def _error_code(body: bytes) -> Optional[str]:
     return None
 
 
+class _BodyReader(Protocol):
+    """Collects a response body into :attr:`finished`. Cancelling ``finished`` drops the connection:
+    a body that stalls would otherwise keep its socket open for as long as the server likes."""
+
+    def __init__(self) -> None:
+        self._chunks: list = []
+        self.finished: Deferred = Deferred(self._abandon)
+
+    def _abandon(self, _finished: Deferred) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self.finished.called:  # given up on (cancelled) already
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.finished.callback(b"".join(self._chunks))
+        else:
+            self.finished.errback(reason)
+
+
+async def _exchange(http_client: Any, url: str, payload: bytes, headers: Any,
+                    timeout: float) -> Tuple[int, bytes]:
+    """POST ``payload`` and read the whole answer: status and body."""
+    response = await http_client.post(url, data=payload, headers=headers, timeout=timeout)
+    reader = _BodyReader()
+    response.deliverBody(reader)
+    content = await reader.finished
+    return response.code, content
+
+
 async def _post_json(http_client: Any, url: str, body: Mapping[str, Any], *, endpoint: str,
-                     bearer: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT) -> Tuple[int, bytes]:
+                     bearer: Optional[str] = None, timeout: float = DEFAULT_TIMEOUT,
+                     clock: Any = None) -> Tuple[int, bytes]:
+    """POST ``body`` as JSON; the answer's status and body, all of it within ``timeout`` seconds on
+    ``clock`` (default: the reactor). treq's own ``timeout`` ends at the response headers: a body
+    that stalls after them would hold the caller (and the token store lock) for ever."""
     headers = {b"content-type": [b"application/json"], b"accept": [b"application/json"],
                b"user-agent": [_USER_AGENT]}
     if bearer is not None:
         headers[b"authorization"] = [b"Bearer " + bearer.encode("utf-8")]
     payload = json.dumps(dict(body)).encode("utf-8")
+    if clock is None:
+        from twisted.internet import reactor
+        clock = reactor
+    exchange = Deferred.fromCoroutine(_exchange(http_client, url, payload, headers, timeout))
+    exchange.addTimeout(timeout, clock)  # cancels the post or the body read, whichever is waited on
     try:
-        response = await http_client.post(url, data=payload, headers=headers, timeout=timeout)
-        content = await response.content()
-    except Exception as e:  # any failure to get an answer is a network failure
+        return await exchange
+    except Exception as e:  # any failure to get an answer (the deadline's TimeoutError too) is a network failure
         # Only the exception's class: some carry the request, and the request carries a token.
         raise OAuthNetworkError(_host(url), type(e).__name__) from None
-    return response.code, content
 
 
 def _parse_token_response(status: int, content: bytes, endpoint: str) -> TokenSet:
@@ -313,31 +359,34 @@ def _parse_token_response(status: int, content: bytes, endpoint: str) -> TokenSe
 
 
 async def exchange_code(http_client: Any, cfg: Any, code: str, verifier: str, state: str,
-                        *, timeout: float = DEFAULT_TIMEOUT) -> TokenSet:
-    """Trade an authorization code (with its PKCE verifier) for tokens."""
+                        *, timeout: float = DEFAULT_TIMEOUT, clock: Any = None) -> TokenSet:
+    """Trade an authorization code (with its PKCE verifier) for tokens (within ``timeout`` seconds
+    on ``clock``, default the reactor)."""
     body = {"grant_type": "authorization_code", "code": code, "redirect_uri": cfg.redirect_uri,
             "client_id": cfg.client_id, "code_verifier": verifier, "state": state}
     status, content = await _post_json(http_client, cfg.token_url, body, endpoint="token endpoint",
-                                       timeout=timeout)
+                                       timeout=timeout, clock=clock)
     tokens = _parse_token_response(status, content, "token endpoint")
     log.info("oauth: code exchanged ({host})", host=_host(cfg.token_url))
     return tokens
 
 
 async def refresh_tokens(http_client: Any, cfg: Any, refresh_token: str,
-                         *, timeout: float = DEFAULT_TIMEOUT) -> TokenSet:
-    """Burn ``refresh_token`` for a new pair. The caller must persist the result before using it."""
+                         *, timeout: float = DEFAULT_TIMEOUT, clock: Any = None) -> TokenSet:
+    """Burn ``refresh_token`` for a new pair. The caller must persist the result before using it.
+    The whole call (answer body included) ends within ``timeout`` seconds on ``clock`` (default
+    the reactor): :class:`OAuthNetworkError` then."""
     body = {"grant_type": "refresh_token", "refresh_token": refresh_token, "client_id": cfg.client_id}
     status, content = await _post_json(http_client, cfg.token_url, body, endpoint="token endpoint",
-                                       timeout=timeout)
+                                       timeout=timeout, clock=clock)
     return _parse_token_response(status, content, "token endpoint")
 
 
 async def create_api_key(http_client: Any, url: str, access_token: str,
-                         *, timeout: float = DEFAULT_TIMEOUT) -> str:
+                         *, timeout: float = DEFAULT_TIMEOUT, clock: Any = None) -> str:
     """Have Anthropic mint an API key for the signed-in subscription (``org:create_api_key`` scope)."""
     status, content = await _post_json(http_client, url, {}, endpoint="API key endpoint",
-                                       bearer=access_token, timeout=timeout)
+                                       bearer=access_token, timeout=timeout, clock=clock)
     if status >= 300:
         raise OAuthHTTPError(status, _error_code(content), "API key endpoint")
     try:

@@ -234,7 +234,7 @@ class TokenRefresher:
             raise NotRefreshable(key, "no refresh token: run clproxy auth login again")
         try:
             tokens = await oauth.refresh_tokens(self._client(), self._endpoints, record.refresh_token,
-                                                timeout=self._http_timeout)
+                                                timeout=self._http_timeout, clock=self._clock)
         except oauth.InvalidGrant as e:
             self._record_failure(tx, record, INVALID_GRANT_REASON)
             log.warn("refresh: {key} invalid_grant; account disabled", key=key)
