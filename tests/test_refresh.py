@@ -4,6 +4,7 @@ import errno
 import hashlib
 import os
 import re
+import shutil
 import sys
 import textwrap
 import time
@@ -579,6 +580,56 @@ async def test_lock_wait_times_out_without_calling(store, fake, http, clock):
     finally:
         holder.release()
     assert fake.refresh_calls == 0 and store.get(KEY).refresh_failures == 0
+
+
+class _CountingPosts:
+    """An HTTP client counting its POSTs as they are made (synchronously, before any answer)."""
+
+    def __init__(self, http):
+        self.http = http
+        self.posts = 0
+
+    def post(self, *args, **kwargs):
+        self.posts += 1
+        return self.http.post(*args, **kwargs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_shared_lock_outlives_a_file_lock_wait_and_a_slow_call(tmp_path, fake, http, clock):
+    """Instance A takes the instance-wide lock, waits 59 s for its machine's file lock (another worker
+    holds it), then the token endpoint takes 29 s: all within lock_timeout and http_timeout. The
+    instance-wide lock must still be A's meanwhile, so instance B (its own file, the same login) waits
+    and then uses A's rotation instead of spending the same refresh token."""
+    from clproxy.state.memory import MemoryStateStore
+
+    shared = MemoryStateStore()  # the instance-wide lock and token records, as Redis keeps them
+    store_a = TokenStore(str(tmp_path / "a"), now=clock.seconds)
+    account_a = seed(store_a, fake, expires_at=T0 + 600)  # due: within refresh_before_expiry
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    store_b = TokenStore(str(tmp_path / "b"), now=clock.seconds)
+    client = _CountingPosts(http)
+    refresher_a = TokenRefresher(store_a, client, fake.endpoints(), clock, shared=shared)
+    refresher_b = TokenRefresher(store_b, client, fake.endpoints(), clock, shared=shared)
+    assert refresher_a.shared_lock_ttl() >= 60.0 + 30.0  # lock_timeout + http_timeout, by default
+    other_worker = _FileLock(store_a.lock_path)
+    assert other_worker.try_acquire()
+    d_a = Deferred.fromCoroutine(refresher_a.fresh(account_a))
+    clock.advance(59.0)
+    other_worker.release()
+    fake.delay = 29.0
+    arrived = fake.next_request()
+    clock.advance(0.05)  # A's next poll takes the file lock and calls the token endpoint
+    await within(arrived)
+    assert client.posts == 1
+    d_b = Deferred.fromCoroutine(refresher_b.fresh(store_b.get(KEY).to_account()))
+    assert client.posts == 1, "B took the instance-wide lock while A still held it"
+    clock.advance(29.0)
+    fresh_a = await within(d_a)
+    for _ in range(10):  # B's lock polls (at most 0.2 s apart)
+        clock.advance(0.2)
+    fresh_b = await within(d_b)
+    assert fresh_b.secret == fresh_a.secret and fake.refresh_calls == 1 and fake.invalid_grants == 0
+    assert store_b.get(KEY).refresh_token == store_a.get(KEY).refresh_token
 
 
 # --- startup ------------------------------------------------------------------------------------------

@@ -20,6 +20,12 @@ from clproxy.accounts.tokenstore import (
 
 log = Logger()
 
+#: Seconds the instance-wide refresh lock outlives the longest legitimate hold it covers (the file lock
+#: wait plus the token call): the adoption read, the token file's write and fsync, the publish to
+#: Redis and the reactor's own delays happen while it is held too. Expiring under a live holder
+#: would let another instance spend the same refresh token.
+SHARED_LOCK_MARGIN = 10.0
+
 INVALID_GRANT_REASON = "refresh token rejected (invalid_grant): run clproxy auth login again"
 
 
@@ -91,6 +97,7 @@ class TokenRefresher:
     ``clock`` (``deferLater``), so the reactor never blocks; after ``lock_timeout`` seconds the refresh
     fails with :class:`RefreshFailed` (cause :class:`~clproxy.accounts.tokenstore.TokenStoreLockTimeout`).
     The lock is held across the token-endpoint call (at most ``http_timeout`` seconds) and the write.
+    With ``shared``, the instance-wide lock is taken first, for :meth:`shared_lock_ttl` seconds.
     """
 
     def __init__(self, store: TokenStore, http_client: Any, endpoints: Any, clock: Any,
@@ -121,6 +128,11 @@ class TokenRefresher:
         if expires_at is None:
             return False
         return expires_at - self._clock.seconds() <= self.refresh_before_expiry
+
+    def shared_lock_ttl(self) -> float:
+        """Seconds the instance-wide refresh lock is taken for: the longest a refresh can hold it
+        (the file lock wait, then the token call) plus :data:`SHARED_LOCK_MARGIN`."""
+        return self._lock_timeout + self._http_timeout + SHARED_LOCK_MARGIN
 
     def in_flight(self, key: str) -> bool:
         """True while a refresh of ``key`` is running in this process."""
@@ -163,8 +175,9 @@ class TokenRefresher:
         shared_lock = None
         if self._shared is not None:
             # The instance-wide lock first (TTL-bound: a holder that dies blocks nobody for long),
-            # then the file lock, always in this order so two locks cannot deadlock.
-            ttl_ms = int((self._http_timeout + 10.0) * 1000)
+            # then the file lock, always in this order so two locks cannot deadlock. Its TTL covers
+            # the whole hold: up to lock_timeout waiting for the file lock, then the token call.
+            ttl_ms = int(self.shared_lock_ttl() * 1000)
             shared_lock = await self._shared.acquire(f"refresh:{account.key}", ttl_ms,
                                                      self._lock_timeout, self._clock)
             if shared_lock is None:
