@@ -144,3 +144,22 @@ async def test_upstream_disable_of_a_stored_account_is_kept_in_the_token_store(f
     stored = TokenStore(str(home)).get("anthropic:work")
     assert stored.disabled and "organization is disabled" in stored.disabled_reason
     assert oauth.refresh_calls == 0  # the verdict disables; it is no reason to refresh
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_early_refresh_still_sends_the_valid_token(fake, oauth, start_proxy, tmp_path):
+    """The token is valid for 30 more minutes, so the request refreshes it early; the token endpoint
+    answers 503: the request is still answered with the current token (no 5-minute cooldown), and
+    the failure is counted in the store; the next one refreshes."""
+    home = tmp_path / "home"
+    pair = seed(home, oauth, expires_in=1800)
+    fake.authorize = oauth.is_live_access_token
+    proxy = start_proxy(oauth_config(fake, oauth), environ={"CLPROXY_HOME": str(home)})
+    oauth.fail_next(503, {"error": "temporarily_unavailable"})
+    status, _, _ = await post(proxy.url + "/v1/messages", request_body())
+    assert status == 200 and [r.credential for r in fake.requests] == [pair.access_token]
+    stored = TokenStore(str(home)).get("anthropic:work")
+    assert stored.refresh_failures == 1 and not stored.disabled
+    status, _, _ = await post(proxy.url + "/v1/messages", request_body())
+    assert status == 200 and oauth.refresh_calls == 2
+    assert fake.requests[-1].credential == TokenStore(str(home)).get("anthropic:work").access_token

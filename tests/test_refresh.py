@@ -21,7 +21,7 @@ from clproxy.accounts import oauth
 from clproxy.accounts.model import Account
 from clproxy.accounts.oauth import OAuthEndpoints, TokenSet
 from clproxy.accounts.refresh import (
-    INVALID_GRANT_REASON, AccountDisabled, NotRefreshable, RefreshFailed, TokenRefresher,
+    INVALID_GRANT_REASON, AccountDisabled, NotRefreshable, RefreshFailed, RefreshPostponed, TokenRefresher,
 )
 from clproxy.accounts.tokenstore import (
     StoredCredential, TokenStore, TokenStoreLockTimeout, _FileLock, discover_accounts,
@@ -546,6 +546,36 @@ async def test_a_stalled_answer_body_ends_at_http_timeout(store, fake, http, clo
         await within(closed, 10.0)  # the stalled connection was dropped, not left open
     finally:
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failed_early_refresh_hands_back_the_still_valid_token(store, fake, http, clock):
+    """A refresh started early (the token valid 30 more minutes) that fails for a passing reason
+    raises RefreshPostponed with the caller's account, so its token is used; the failure is counted.
+    Forced (after a 401), for an expired token, or on invalid_grant it is a plain RefreshFailed."""
+    account = seed(store, fake, expires_at=T0 + 1800)
+    refresher = TokenRefresher(store, http, fake.endpoints(), clock)
+    fake.fail_next(503, {"error": "temporarily_unavailable"})
+    with pytest.raises(RefreshPostponed) as info:
+        await within(Deferred.fromCoroutine(refresher.fresh(account)))
+    assert info.value.account is account and not info.value.disabled
+    assert isinstance(info.value.__cause__.__cause__, oauth.OAuthHTTPError)
+    assert "still valid" in str(info.value) and account.secret not in str(info.value)
+    assert store.get(KEY).refresh_failures == 1 and not store.get(KEY).disabled
+    fake.fail_next(503)
+    with pytest.raises(RefreshFailed) as forced:
+        await within(Deferred.fromCoroutine(refresher.fresh(account, force=True)))
+    assert not isinstance(forced.value, RefreshPostponed)
+    clock.advance(1800)
+    fake.fail_next(503)
+    with pytest.raises(RefreshFailed) as expired:
+        await within(Deferred.fromCoroutine(refresher.fresh(account)))
+    assert not isinstance(expired.value, RefreshPostponed)
+    dead = seed(store, fake, expires_at=clock.seconds() + 1800, label="dead",
+                refresh="sk-ant-ort01-" + "d" * 40)
+    with pytest.raises(RefreshFailed) as rejected:
+        await within(Deferred.fromCoroutine(refresher.fresh(dead)))
+    assert rejected.value.disabled and not isinstance(rejected.value, RefreshPostponed)
 
 
 @pytest_twisted.ensureDeferred

@@ -60,6 +60,20 @@ class NotRefreshable(RefreshFailed):
     """The account has no refresh token, or is not in the token store, so it cannot be refreshed."""
 
 
+class RefreshPostponed(RefreshFailed):
+    """An early refresh (not forced, started ``refresh_before_expiry`` ahead) failed without
+    disabling the account, and the caller's access token has not expired: send ``account`` (that
+    token) now; the next request or upkeep tick tries the refresh again. The failure is counted
+    in the store like any other; ``__cause__`` is the :class:`RefreshFailed` of the refresh."""
+
+    def __init__(self, account: Account, reason: str):
+        super().__init__(account.key, reason)
+        self.account = account
+
+    def __str__(self) -> str:
+        return f"early refresh of {self.key} failed: {self.reason} (its token is still valid: using it)"
+
+
 class _Flight:
     """One refresh in progress and everyone waiting for its outcome."""
 
@@ -149,7 +163,9 @@ class TokenRefresher:
 
         Non-OAuth accounts, and OAuth accounts not yet due, come back unchanged without any I/O.
         Concurrent callers for one account share one refresh; a forced call joins one in flight.
-        Raises :class:`RefreshFailed` (``disabled`` tells whether the account left the pool).
+        Raises :class:`RefreshFailed` (``disabled`` tells whether the account left the pool), or
+        :class:`RefreshPostponed` when an unforced refresh failed but ``account``'s token is still
+        valid (use it).
         """
         if not account.is_oauth:
             return account
@@ -163,7 +179,20 @@ class TokenRefresher:
             started.addBoth(self._land, account.key, flight)
         else:
             waiter = flight.wait()
-        return await waiter
+        try:
+            return await waiter
+        except RefreshFailed as e:
+            if force or e.disabled or not self._still_valid(account):
+                raise
+            # Refreshing starts an hour early so that requests never wait on it; a refresh that fails
+            # then for a passing reason (the endpoint down, a lock busy) must not take a good token
+            # out of service. invalid_grant disabled the account: that one is raised as it is. The
+            # failure is logged (with its count) by _refresh, and by the caller with this message.
+            raise RefreshPostponed(account, e.reason) from e
+
+    def _still_valid(self, account: Account) -> bool:
+        """True when ``account``'s access token has a known expiry that has not come yet."""
+        return account.expires_at is not None and account.expires_at > self._clock.seconds()
 
     def _land(self, result: Any, key: str, flight: _Flight) -> None:
         # Clear first: a waiter that calls fresh() again must start a new refresh, not join this one.

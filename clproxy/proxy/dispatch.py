@@ -22,6 +22,7 @@ from zope.interface import implementer
 
 from clproxy import jsoncodec
 from clproxy.accounts.model import Account
+from clproxy.accounts.refresh import RefreshPostponed
 from clproxy.accounts.tokenstore import STORED_SOURCES
 from clproxy.errors import ProxyError
 from clproxy.interfaces import IResponseSink
@@ -415,6 +416,11 @@ class Dispatcher:
                         if self.on_refreshed is not None:
                             self.on_refreshed(refreshed)
                     account = refreshed
+                except RefreshPostponed as e:  # an early refresh failed; the token itself is still good
+                    request.record.refresh(account.name, False)
+                    log.warn("<- refresh-failed account={account} reason={reason}",
+                             account=account.name, reason=_safe_reason(e))
+                    account = e.account
                 except Exception as e:  # refresh failed: this account cannot be used now
                     request.record.refresh(account.name, False)
                     log.warn("<- refresh-failed account={account} reason={reason}",
