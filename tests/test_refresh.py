@@ -447,6 +447,28 @@ async def test_fifteen_consecutive_failures_disable(store, fake, http, clock):
 
 
 @pytest_twisted.ensureDeferred
+async def test_failures_never_disable_while_the_token_is_valid(store, fake, http, clock):
+    """A token endpoint down for 10 minutes (a 503 every 30 s, 20 in a row) while the access token is
+    valid for 30 more: each failure is counted, none disables the account. Once the token has
+    expired, the next failure (15 or more in a row) does; invalid_grant needs no expiry."""
+    account = seed(store, fake, expires_at=T0 + 1800)
+    refresher = TokenRefresher(store, http, fake.endpoints(), clock)
+    fake.fail_next(503, {"error": "temporarily_unavailable"}, times=21)
+    for n in range(1, 21):
+        with pytest.raises(RefreshFailed) as info:
+            await within(Deferred.fromCoroutine(refresher.fresh(account)))
+        assert not info.value.disabled
+        assert store.get(KEY).refresh_failures == n and not store.get(KEY).disabled
+        clock.advance(30.0)
+    clock.advance(1800.0)  # now expired
+    with pytest.raises(RefreshFailed) as info:
+        await within(Deferred.fromCoroutine(refresher.fresh(account)))
+    record = store.get(KEY)
+    assert info.value.disabled and record.disabled and record.refresh_failures == 21
+    assert record.disabled_reason == "21 consecutive refresh failures"
+
+
+@pytest_twisted.ensureDeferred
 async def test_success_resets_the_failure_count(store, fake, http, clock):
     """A successful refresh after some failures sets the count back to zero."""
     account = seed(store, fake, expires_at=T0 - 1)

@@ -39,9 +39,11 @@ class FakeRefresher:
 
     def __init__(self):
         self.calls = 0
+        self.startup_checks = 0
         self.pending = None
 
     async def startup_check(self, accounts):
+        self.startup_checks += 1
         return None
 
     async def fresh(self, account):
@@ -120,4 +122,17 @@ def test_a_failing_refresh_is_counted_and_does_not_stop_the_timer():
     clock.advance(10.0)
     assert refresher.calls == 2 and counted == [("work", False), ("work", False)]
     assert directory.refreshes == 2
+    upkeep.stopService()
+
+
+def test_the_startup_check_runs_at_start_only():
+    """The start-up check (which disables an expired account on any failed refresh) runs with the
+    first check only: a later tick (a laptop resumed, its tokens expired and the network not up
+    yet) only refreshes, and a passing failure there is counted, not a disable."""
+    upkeep, clock, directory, refresher = make(interval=30.0)
+    upkeep.startService()
+    assert (refresher.startup_checks, refresher.calls) == (1, 1)
+    clock.advance(30.0)
+    clock.advance(10 * 3600.0)
+    assert refresher.startup_checks == 1 and refresher.calls == 3
     upkeep.stopService()

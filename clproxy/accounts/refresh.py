@@ -112,6 +112,10 @@ class TokenRefresher:
     fails with :class:`RefreshFailed` (cause :class:`~clproxy.accounts.tokenstore.TokenStoreLockTimeout`).
     The lock is held across the token-endpoint call (at most ``http_timeout`` seconds) and the write.
     With ``shared``, the instance-wide lock is taken first, for :meth:`shared_lock_ttl` seconds.
+
+    Failures: ``invalid_grant`` disables the account at once; any other failure is counted, and the
+    ``max_consecutive_failures``-th in a row (or a later one) disables it only when the access token
+    has expired (a known expiry that has passed, or no known expiry).
     """
 
     def __init__(self, store: TokenStore, http_client: Any, endpoints: Any, clock: Any,
@@ -300,9 +304,13 @@ class TokenRefresher:
 
     def _record_failure(self, tx: StoreTransaction, record: StoredCredential,
                         disable_reason: Optional[str]) -> bool:
-        """Count one failed refresh; disable on ``disable_reason`` or the Nth in a row. True if disabled."""
+        """Count one failed refresh; disable on ``disable_reason``, or on the Nth in a row once the
+        access token has expired. True if disabled."""
         failures = record.refresh_failures + 1
-        if disable_reason is None and failures >= self.max_consecutive_failures:
+        # While the access token is still valid the account serves, and the next try may succeed:
+        # a token endpoint down for a few minutes must not take it out until someone re-enables it.
+        still_valid = record.expires_at is not None and record.expires_at > self._clock.seconds()
+        if disable_reason is None and failures >= self.max_consecutive_failures and not still_valid:
             disable_reason = failures_reason(failures)
         updated = attr.evolve(record, refresh_failures=failures, updated_at=self._clock.seconds(),
                               disabled=disable_reason is not None or record.disabled,

@@ -1,8 +1,8 @@
 """Account upkeep: keep OAuth tokens fresh and the account list current, in the background.
 
-At start, one refresh for each expired OAuth account (disabled if it fails); then, every
-``--health-interval`` seconds, re-discovery and a refresh of tokens about to expire, so requests
-seldom wait on one. A ``TimerService``: a check in flight when the daemon stops is waited for, so a
+At start (the first check only), one refresh for each expired OAuth account (disabled if it fails);
+then, every ``--health-interval`` seconds, re-discovery and a refresh of tokens about to expire, so
+requests seldom wait on one (a failure there is counted, see ``TokenRefresher``). A ``TimerService``: a check in flight when the daemon stops is waited for, so a
 refresh is never cut between the token endpoint's answer and the token file's write.
 """
 
@@ -22,15 +22,21 @@ class AccountUpkeep(TimerService):
         self.clock = clock
         self.directory, self.refresher, self.interval = directory, refresher, interval
         self.observability = observability
+        #: the start-up check ran: later ticks (after a laptop resumed with expired tokens and no
+        #: network yet, say) must not disable an account for one passing failure
+        self.started = False
 
     def _tick(self):
         # LoopingCall waits on the Deferred: no overlap, and stopService waits for it
         return defer.ensureDeferred(self.check())
 
     async def check(self) -> None:
-        """Refresh what is expired or about to expire; never raises."""
+        """Refresh what is expired or about to expire (the first call: :meth:`startup_check` too);
+        never raises."""
         try:
-            await self.refresher.startup_check(self.directory.current())
+            if not self.started:
+                self.started = True
+                await self.refresher.startup_check(self.directory.current())
             for account in self.directory.current():
                 if account.is_oauth and account.enabled:
                     try:
