@@ -156,7 +156,8 @@ class ISharedTokens(Interface):
 
     A record is whatever the token store serialises for one account (it holds credentials: an
     implementation never logs it or puts it in an error). When records carry a numeric
-    ``updated_at`` it orders them (``import_token_record`` keeps the newer).
+    ``tokens_at`` (when the tokens were obtained; ``updated_at`` in a record without it) it orders
+    them (``import_token_record`` keeps the newer).
     """
 
     def get_token_record(key):
@@ -176,8 +177,8 @@ class ISharedTokens(Interface):
     def import_token_record(key, record):
         """Store ``record`` unless the stored one is at least as new: for importing a file copy.
 
-        A stored record wins when both have a numeric ``updated_at`` and its own is not older, or
-        when either lacks one (an import never replaces what it cannot compare).
+        A stored record wins when both have a version (``tokens_at``, else ``updated_at``) and its
+        own is not older, or when either lacks one (an import never replaces what it cannot compare).
         :return: Deferred firing with True when ``record`` was stored, False when kept out.
         """
 

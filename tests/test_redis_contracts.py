@@ -129,6 +129,22 @@ class SharedTokensContract:
         assert (await store.get_token_record("a"))["refresh_token"] == "new"
 
     @pytest_twisted.ensureDeferred
+    async def test_import_orders_by_tokens_at_not_updated_at(self):
+        """tokens_at (when the tokens were obtained) orders records; a stale copy whose updated_at
+        an unrelated edit bumped is kept out. A record without tokens_at is ordered by updated_at."""
+        store = self.make_store()
+        await store.put_token_record("a", {"refresh_token": "live", "tokens_at": 20.0, "updated_at": 20.0})
+        assert not await store.import_token_record("a", {"refresh_token": "stale", "tokens_at": 10.0,
+                                                          "updated_at": 99.0})
+        assert await store.import_token_record("a", {"refresh_token": "newer", "tokens_at": 30.0,
+                                                      "updated_at": 5.0})
+        assert (await store.get_token_record("a"))["refresh_token"] == "newer"
+        await store.put_token_record("b", {"refresh_token": "old-format", "updated_at": 20.0})
+        assert not await store.import_token_record("b", {"refresh_token": "x", "tokens_at": 15.0})
+        assert await store.import_token_record("b", {"refresh_token": "y", "tokens_at": 25.0})
+        assert (await store.get_token_record("b"))["refresh_token"] == "y"
+
+    @pytest_twisted.ensureDeferred
     async def test_import_never_replaces_what_it_cannot_compare(self):
         """Without updated_at on either side an import leaves the stored record alone."""
         store = self.make_store()

@@ -139,6 +139,35 @@ def test_enable_disable_remove(tmp_path):
         store.enable("anthropic:nobody")
 
 
+def test_only_a_login_or_a_rotation_moves_tokens_at(tmp_path):
+    """tokens_at (what orders two copies of an account's tokens) is set by a login and a rotation;
+    limits, disable, enable and failure counts bump updated_at only."""
+    times = iter(NOW + n for n in range(100))
+    store = TokenStore(str(tmp_path), now=lambda: next(times))
+    login = store.put(oauth_record())
+    assert login.tokens_at == login.updated_at == login.tokens_version
+    store.set_limits("anthropic:work", max_concurrent=4)
+    store.disable("anthropic:work", "because")
+    edited = store.enable("anthropic:work")
+    assert edited.updated_at > login.updated_at and edited.tokens_at == login.tokens_at
+    rotated = edited.rotated(TokenSet(access_token="sk-ant-oat01-" + "n" * 40), NOW + 500)
+    assert rotated.tokens_at == rotated.updated_at == NOW + 500
+    assert store.put(oauth_record()).tokens_at > edited.tokens_at  # a new login
+
+
+def test_a_record_without_tokens_at_keeps_its_last_update_as_its_version(tmp_path):
+    """A record written before tokens_at existed is ordered by its updated_at, and an edit that
+    bumps updated_at keeps that version: a stale copy edited later is not newer tokens."""
+    store = TokenStore(str(tmp_path), now=lambda: NOW + 50)
+    (tmp_path / "tokens.json").write_text(json.dumps({"version": 1, "accounts": {"anthropic:work": {
+        "type": "oauth", "label": "work", "access_token": ACCESS, "refresh_token": REFRESH,
+        "updated_at": NOW}}}))
+    assert store.get("anthropic:work").tokens_version == NOW
+    store.set_limits("anthropic:work", max_concurrent=2)
+    on_disk = json.loads((tmp_path / "tokens.json").read_text())["accounts"]["anthropic:work"]
+    assert (on_disk["updated_at"], on_disk["tokens_at"]) == (NOW + 50, NOW)
+
+
 def test_unknown_fields_survive_a_rewrite(tmp_path):
     """Members a newer clproxy wrote are kept when this version rewrites the entry."""
     store = TokenStore(str(tmp_path))

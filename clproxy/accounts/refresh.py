@@ -234,19 +234,27 @@ class TokenRefresher:
             if shared_lock is not None:
                 await self._shared.release(shared_lock)
 
-    async def _adopt_shared(self, tx: StoreTransaction, key: str) -> None:
-        """Another instance may have rotated the tokens: copy a newer shared record into the file
-        before deciding, so the refresh token we would burn is the live one."""
+    async def _shared_record(self, key: str) -> Optional[StoredCredential]:
+        """The shared record of ``key``, or None (none there, or malformed)."""
         data = await self._shared.get_token_record(key)
         if not data:
-            return
+            return None
         try:
-            shared = StoredCredential.from_json(key, data, "shared state")
+            return StoredCredential.from_json(key, data, "shared state")
         except TokenStoreError:
             log.warn("refresh: ignoring a malformed shared token record for {key}", key=key)
+            return None
+
+    async def _adopt_shared(self, tx: StoreTransaction, key: str) -> None:
+        """Another instance may have rotated the tokens: copy a shared record with newer tokens into
+        the file before deciding, so the refresh token we would burn is the live one. Ordered by
+        ``tokens_version``, which only a login or a rotation moves: a stale file copy edited since
+        (limits, enable, a failure count) must not win over the live rotation."""
+        shared = await self._shared_record(key)
+        if shared is None:
             return
         local = tx.get(key)
-        if local is None or (shared.updated_at or 0) > (local.updated_at or 0):
+        if local is None or shared.tokens_version > local.tokens_version:
             tx.write(shared)
 
     async def _publish(self, tx: StoreTransaction, key: str) -> None:
@@ -259,7 +267,8 @@ class TokenRefresher:
             log.warn("refresh: could not share the tokens of {key} ({error})", key=key,
                      error=type(e).__name__)
 
-    async def _refresh(self, tx: StoreTransaction, account: Account, force: bool) -> Account:
+    async def _refresh(self, tx: StoreTransaction, account: Account, force: bool,
+                       adopted: bool = False) -> Account:
         key = account.key
         try:
             record = tx.get(key)
@@ -282,6 +291,18 @@ class TokenRefresher:
             tokens = await oauth.refresh_tokens(self._client(), self._endpoints, record.refresh_token,
                                                 timeout=self._http_timeout, clock=self._clock)
         except oauth.InvalidGrant as e:
+            live = None if adopted else await self._live_elsewhere(key, record)
+            if live is not None:
+                # Ours was spent, but another instance holds the live one (a rotation whose order by
+                # time we got wrong, or missed): adopt it, on disk first, and go on with it.
+                log.warn("refresh: {key} invalid_grant, but the shared state holds another refresh "
+                         "token: adopting it", key=key)
+                try:
+                    tx.write(live)
+                except (OSError, TokenStoreError) as write_error:
+                    raise RefreshFailed(key, f"could not store the shared tokens "
+                                             f"({type(write_error).__name__})") from write_error
+                return await self._refresh(tx, account, force, adopted=True)
             self._record_failure(tx, record, INVALID_GRANT_REASON)
             log.warn("refresh: {key} invalid_grant; account disabled", key=key)
             raise RefreshFailed(key, str(e), disabled=True) from e
@@ -301,6 +322,22 @@ class TokenRefresher:
         log.info("refresh: {key} refreshed; expires_at={expires_at}", key=key,
                  expires_at=stored.expires_at)
         return _as_account(account, stored)
+
+    async def _live_elsewhere(self, key: str, record: StoredCredential) -> Optional[StoredCredential]:
+        """After ``record``'s refresh token got invalid_grant: the shared record when it holds a
+        different refresh token on an enabled account (read again now, under the locks), else None."""
+        if self._shared is None:
+            return None
+        try:
+            shared = await self._shared_record(key)
+        except Exception as e:  # no shared state to ask: the invalid_grant stands
+            log.warn("refresh: could not read the shared tokens of {key} ({error})", key=key,
+                     error=type(e).__name__)
+            return None
+        if (shared is None or shared.disabled or not shared.refresh_token
+                or shared.refresh_token == record.refresh_token):
+            return None
+        return shared
 
     def _record_failure(self, tx: StoreTransaction, record: StoredCredential,
                         disable_reason: Optional[str]) -> bool:

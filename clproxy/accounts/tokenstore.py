@@ -127,7 +127,9 @@ class StoredCredential:
     """One account as the store keeps it. Tokens and keys never appear in ``repr``.
 
     ``login_id`` is new on every login and kept across refreshes: it tells a re-login from a rotation.
-    Times are seconds since the epoch.
+    ``tokens_at`` is when the tokens were last obtained (a login or a rotation); unlike ``updated_at``,
+    which every edit bumps (limits, enable, disable, a counted failure), it orders two copies of one
+    account's tokens (:attr:`tokens_version`). Times are seconds since the epoch.
     """
 
     key: str
@@ -149,6 +151,7 @@ class StoredCredential:
     created_at: Optional[float] = None
     updated_at: Optional[float] = None
     login_id: Optional[str] = None
+    tokens_at: Optional[float] = None
     source: str = "tokenstore"
     #: ``excludedModels``: fnmatch patterns of models this account is never sent.
     excluded_models: Tuple[str, ...] = ()
@@ -167,7 +170,8 @@ class StoredCredential:
                    access_token=tokens.access_token, refresh_token=tokens.refresh_token,
                    expires_at=expires_at, email=getattr(tokens, "email", None),
                    org_id=getattr(tokens, "org_id", None), org_name=getattr(tokens, "org_name", None),
-                   scopes=tuple(getattr(tokens, "scopes", ()) or ()), created_at=now, updated_at=now)
+                   scopes=tuple(getattr(tokens, "scopes", ()) or ()), created_at=now, updated_at=now,
+                   tokens_at=now)
 
     @classmethod
     def new_api_key(cls, label: str, api_key: str, now: float, *, provider: str = PROVIDER,
@@ -176,7 +180,7 @@ class StoredCredential:
         """A fresh API-key account."""
         return cls(key=store_key(label, provider), label=label, type=API_KEY, provider=provider,
                    api_key=api_key, email=email, org_id=org_id, org_name=org_name,
-                   created_at=now, updated_at=now)
+                   created_at=now, updated_at=now, tokens_at=now)
 
     @property
     def secret(self) -> Optional[str]:
@@ -186,6 +190,13 @@ class StoredCredential:
     @property
     def is_oauth(self) -> bool:
         return self.type == OAUTH
+
+    @property
+    def tokens_version(self) -> float:
+        """What orders two copies of this account's tokens (the newer holds the live refresh token):
+        ``tokens_at``, or ``updated_at`` for a record written before ``tokens_at`` existed (0: none)."""
+        version = self.tokens_at if self.tokens_at is not None else self.updated_at
+        return version or 0.0
 
     def is_expired(self, now: float) -> bool:
         """True for an OAuth credential past its expiry (unknown expiry: not expired)."""
@@ -199,7 +210,7 @@ class StoredCredential:
             refresh_token=tokens.refresh_token or self.refresh_token,
             expires_at=expires_at, email=tokens.email or self.email, org_id=tokens.org_id or self.org_id,
             org_name=tokens.org_name or self.org_name, scopes=tuple(tokens.scopes) or self.scopes,
-            refresh_failures=0, disabled=False, disabled_reason=None, updated_at=now)
+            refresh_failures=0, disabled=False, disabled_reason=None, updated_at=now, tokens_at=now)
 
     def to_account(self, base_url: str = DEFAULT_ANTHROPIC_BASE_URL) -> Account:
         """The pool's view of this credential; a disabled credential gives ``enabled=False``."""
@@ -229,7 +240,7 @@ class StoredCredential:
             "scopes": list(self.scopes), "subscription_type": self.subscription_type,
             "disabled": self.disabled, "disabled_reason": self.disabled_reason,
             "refresh_failures": self.refresh_failures, "created_at": self.created_at,
-            "updated_at": self.updated_at, "login_id": self.login_id,
+            "updated_at": self.updated_at, "tokens_at": self.tokens_at, "login_id": self.login_id,
             "excluded_models": list(self.excluded_models), "max_concurrent": self.max_concurrent,
         })
         return data
@@ -283,8 +294,10 @@ class StoredCredential:
             raise bad("max_concurrent must be a positive integer or null")
         known = {"provider", "label", "type", "access_token", "refresh_token", "api_key", "expires_at",
                  "email", "org_id", "org_name", "scopes", "subscription_type", "disabled",
-                 "disabled_reason", "refresh_failures", "created_at", "updated_at", "login_id",
-                 "excluded_models", "max_concurrent"}
+                 "disabled_reason", "refresh_failures", "created_at", "updated_at", "tokens_at",
+                 "login_id", "excluded_models", "max_concurrent"}
+        updated_at = number("updated_at")
+        tokens_at = number("tokens_at")
         return cls(
             key=key, label=text("label") or label, type=kind, provider=text("provider") or provider,
             access_token=text("access_token", required=kind == OAUTH),
@@ -293,7 +306,10 @@ class StoredCredential:
             expires_at=number("expires_at"), email=text("email"), org_id=text("org_id"),
             org_name=text("org_name"), scopes=tuple(scopes), subscription_type=text("subscription_type"),
             disabled=disabled, disabled_reason=text("disabled_reason"), refresh_failures=failures,
-            created_at=number("created_at"), updated_at=number("updated_at"), login_id=text("login_id"),
+            # A record from before tokens_at: its last update is the latest its tokens can be from;
+            # kept from here on, so an edit that bumps updated_at does not make stale tokens newer.
+            created_at=number("created_at"), updated_at=updated_at,
+            tokens_at=tokens_at if tokens_at is not None else updated_at, login_id=text("login_id"),
             excluded_models=tuple(excluded_models), max_concurrent=max_concurrent,
             extra={k: v for k, v in data.items() if k not in known},
         )
@@ -615,7 +631,8 @@ class TokenStore:
             existing = tx.get(record.key)
             created = existing.created_at if existing is not None and existing.created_at else now
             fresh = attr.evolve(record, disabled=False, disabled_reason=None, refresh_failures=0,
-                                created_at=created, updated_at=now, login_id=uuid.uuid4().hex)
+                                created_at=created, updated_at=now, tokens_at=now,
+                                login_id=uuid.uuid4().hex)
             return tx.write(fresh)
 
     def remove(self, key: str) -> StoredCredential:

@@ -125,10 +125,11 @@ def make_state_store(state_config, reactor, tokens: TokenStore):
 
 
 def _write_token_copy(tokens: TokenStore, key: str, data: dict) -> None:
-    """Keep the token file in step with a token record another instance rotated."""
+    """Keep the token file in step with a token record another instance rotated. Ordered by
+    ``tokens_version``: a file copy edited since (limits, a failure count) still holds older tokens."""
     record = StoredCredential.from_json(key, data, "shared state")
     current = tokens.get(key)
-    if current is None or (record.updated_at or 0) > (current.updated_at or 0):
+    if current is None or record.tokens_version > current.tokens_version:
         if tokens.held():
             # Called back from this process's own refresh (it read the rotation from Redis while
             # holding the lock): taking the lock again would time out; write under the held one.

@@ -17,8 +17,8 @@ from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, ILo
                                 ISessionBindings, ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters,
                                 IWorkerMetrics)
 from clproxy.state.locks import MemoryLocks
-from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, TOKEN_VERSION_FIELD,
-                                 AccountState, add_series, empty_stats, validate_outcome)
+from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, TOKEN_VERSION_FALLBACK,
+                                 TOKEN_VERSION_FIELD, AccountState, add_series, empty_stats, validate_outcome)
 
 
 @attr.s(auto_attribs=True)
@@ -56,11 +56,15 @@ def _copy(record: dict) -> dict:
 
 
 def token_version(record) -> Optional[float]:
-    """The number that orders two token records (``TOKEN_VERSION_FIELD``), or None."""
-    value = record.get(TOKEN_VERSION_FIELD) if isinstance(record, dict) else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """The number that orders two token records (``TOKEN_VERSION_FIELD``, or
+    ``TOKEN_VERSION_FALLBACK`` in a record without it), or None."""
+    if not isinstance(record, dict):
         return None
-    return float(value)
+    for field in (TOKEN_VERSION_FIELD, TOKEN_VERSION_FALLBACK):
+        value = record.get(field)
+        if not isinstance(value, bool) and isinstance(value, (int, float)):
+            return float(value)
+    return None
 
 
 #: How many distinct days (and months) of usage sums a memory store keeps: the current one and

@@ -17,8 +17,12 @@ OUTCOMES = frozenset({OUTCOME_SUCCESS, OUTCOME_ERROR, OUTCOME_RATE_LIMITED})
 STAT_KEYS = ("attempts", "successes", "errors", "rate_limits", "backoff_level", "cooling_until",
              "last_attempt_at", "last_error_at", "last_error")
 
-#: The field that orders two token records (``ISharedTokens.import_token_record``).
-TOKEN_VERSION_FIELD = "updated_at"
+#: The field that orders two token records (``ISharedTokens.import_token_record``): when the tokens
+#: were obtained (a login or a rotation). Not ``updated_at``, which edits that leave the tokens as
+#: they are also bump: a stale copy edited later must not count as newer than the live rotation.
+TOKEN_VERSION_FIELD = "tokens_at"
+#: What orders a record written before ``tokens_at`` existed.
+TOKEN_VERSION_FALLBACK = "updated_at"
 
 
 @attr.s(frozen=True, auto_attribs=True)

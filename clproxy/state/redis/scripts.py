@@ -93,16 +93,17 @@ end
 return out
 """
 
-# ARGV: record, its updated_at ('' when none), mode ('import': the stored record wins unless both
+# ARGV: record, its version ('' when none), mode ('import': the stored record wins unless both
 # are versioned and it is older; 'replay': the stored record wins only when both are versioned and
-# it is newer)
+# it is newer), the version field (TOKEN_VERSION_FIELD) and the one a record without it is ordered
+# by (TOKEN_VERSION_FALLBACK), as token_version reads them
 PUT_TOKEN_IF_NEWER = """
 local cur = redis.call('GET', KEYS[1])
 if cur then
   local new = tonumber(ARGV[2])
   local old = nil
   local ok, rec = pcall(cjson.decode, cur)
-  if ok and type(rec) == 'table' then old = tonumber(rec[ARGV[4]]) end
+  if ok and type(rec) == 'table' then old = tonumber(rec[ARGV[4]]) or tonumber(rec[ARGV[5]]) end
   if ARGV[3] == 'import' then
     if (not new) or (not old) or old >= new then return 0 end
   else

@@ -20,8 +20,8 @@ from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, ILo
                                 IWorkerMetrics)
 from clproxy.state.locks import LockToken, new_owner, poll_for_lock
 from clproxy.state.memory import token_version
-from clproxy.state.model import (OUTCOME_SUCCESS, TOKEN_VERSION_FIELD, AccountState, empty_stats,
-                                 validate_outcome)
+from clproxy.state.model import (OUTCOME_SUCCESS, TOKEN_VERSION_FALLBACK, TOKEN_VERSION_FIELD,
+                                 AccountState, empty_stats, validate_outcome)
 from clproxy.state.redis.link import (DEFAULT_CONNECT_TIMEOUT, DEFAULT_REPLY_TIMEOUT, RedisDown,
                                       RedisLink, reconnect_delay, redis_endpoint)
 from clproxy.state.redis.mirror import LocalMirror, fired
@@ -578,7 +578,8 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
     async def _put_token_if_newer(self, key, record, mode):
         blob = _json(record)
         version = token_version(record)
-        args = [blob, "" if version is None else num(version), mode, TOKEN_VERSION_FIELD]
+        args = [blob, "" if version is None else num(version), mode, TOKEN_VERSION_FIELD,
+                TOKEN_VERSION_FALLBACK]
         try:
             stored = await self._link.run(script_op(PUT_TOKEN_IF_NEWER, [self._key("token", key)],
                                                 args))
@@ -905,7 +906,7 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
             version = token_version(record)
             await self._link.run(script_op(PUT_TOKEN_IF_NEWER, [self._key("token", key)],
                                        [blob, "" if version is None else num(version), mode,
-                                        TOKEN_VERSION_FIELD]))
+                                        TOKEN_VERSION_FIELD, TOKEN_VERSION_FALLBACK]))
             pending.tokens.discard(key)
         for key in sorted(pending.quotas):
             snapshot = fired(self.mirror.get_quotas([key]))[key]
