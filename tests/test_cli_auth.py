@@ -22,6 +22,7 @@ from clproxy.accounts.tokenstore import StoredCredential, TokenStore
 from clproxy.cli import auth as cli
 from clproxy.testing.oauth import listen_fake_oauth
 from clproxy.testing.anthropic import listen_fake_anthropic
+from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
 
 TOKEN_RE = re.compile(r"sk-ant-[a-z]+\d*-[A-Za-z0-9_\-]{6,}")
 URL_RE = re.compile(r"(http://127\.0\.0\.1:\d+/oauth/authorize\?\S+)")
@@ -524,6 +525,65 @@ async def test_refresh_unknown_label_and_corrupt_store(fake, environ, home):
     code, out, err = await run_async(["refresh", "anthropic"], environ)
     assert code == 1 and "tokens.json" in err and "LEAK" not in out + err
     assert fake.refresh_calls == 0
+
+
+def redis_config(tmp_path, url, prefix):
+    """A configuration file whose state section shares tokens in Redis (as a fleet's does)."""
+    path = tmp_path / "fleet-config.json"
+    path.write_text(json.dumps({"state": {"backend": "redis", "url": url, "prefix": prefix}}))
+    return str(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_refresh_in_a_redis_fleet_starts_from_and_publishes_to_redis(fake, environ, home, tmp_path,
+                                                                          redis_server):  # noqa: F811
+    """With state.backend redis, `auth refresh` refreshes as an instance does: under the shared lock,
+    from the live record in Redis (another instance rotated: this machine's file holds a spent refresh
+    token) and publishing its rotation there, so no instance spends a rotated refresh token."""
+    from clproxy.state.redis import RedisStateStore
+
+    spent = fake.seed_tokens()
+    put_oauth(home, "work", expires_at=time.time() + 20000, access=spent.access_token,
+              refresh=spent.refresh_token)
+    http = HTTPClient(Agent(reactor(), pool=HTTPConnectionPool(reactor(), persistent=False)))
+    from clproxy.accounts import oauth as flows
+    live = await flows.refresh_tokens(http, fake.endpoints(), spent.refresh_token)  # another instance
+    stale = TokenStore(str(home)).get("anthropic:work")
+    prefix = unique_prefix()
+    redis = RedisStateStore(redis_server.url, reactor(), prefix=prefix)
+    await redis.connect()
+    try:
+        await redis.put_token_record("anthropic:work", stale.rotated(live, time.time()).to_json())
+        code, out, err = await run_async(["refresh", "anthropic", "--label", "work", "--config",
+                                          redis_config(tmp_path, redis_server.url, prefix)], environ)
+        assert code == 0, err
+        # the live record was adopted (its access token is fresh: no call needed), not the dead one spent
+        assert fake.invalid_grants == 0 and fake.refresh_calls == 1
+        assert TokenStore(str(home)).get("anthropic:work").refresh_token == live.refresh_token
+        code, out2, err2 = await run_async(["refresh", "anthropic", "--label", "work", "--config",
+                                            redis_config(tmp_path, redis_server.url, prefix)], environ)
+        assert code == 0, err2
+        assert fake.invalid_grants == 0 and fake.refresh_calls == 2  # now a rotation of its own
+        on_disk = TokenStore(str(home)).get("anthropic:work")
+        assert on_disk.refresh_token in fake.live_refresh_tokens and not on_disk.disabled
+        assert (await redis.get_token_record("anthropic:work"))["refresh_token"] == on_disk.refresh_token
+        assert_no_tokens(out + err + out2 + err2, secrets_known(fake, home))
+    finally:
+        await redis.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_refresh_in_a_redis_fleet_without_redis_refreshes_nothing(fake, environ, home, tmp_path):
+    """With state.backend redis and Redis unreachable, `auth refresh` says so in one line and spends
+    no refresh token (a rotation the other instances cannot see would log them out)."""
+    from redis_server import free_port
+
+    put_oauth(home, "work", expires_at=time.time() + 20000)
+    config = redis_config(tmp_path, f"redis://:pw@127.0.0.1:{free_port()}/0", unique_prefix())
+    code, out, err = await run_async(["refresh", "anthropic", "--config", config], environ)
+    assert code == 1 and fake.refresh_calls == 0
+    assert "not refreshed" in err and "Redis" in err and "Traceback" not in err
+    assert ":pw@" not in out + err and len(err.strip().splitlines()) == 1
 
 
 # --- cleanup, enable, logout --------------------------------------------------------------------------

@@ -678,6 +678,22 @@ class TokenStore:
                                         updated_at=self.now()))
 
 
+def write_token_copy(tokens: TokenStore, key: str, data: Dict[str, Any]) -> None:
+    """Keep the token file in step with a token record another instance rotated (the shared state's
+    ``on_token_write``). Ordered by ``tokens_version``: a file copy edited since (limits, a failure
+    count) still holds older tokens."""
+    record = StoredCredential.from_json(key, data, "shared state")
+    current = tokens.get(key)
+    if current is None or record.tokens_version > current.tokens_version:
+        if tokens.held():
+            # Called back from this process's own refresh (it read the rotation from Redis while
+            # holding the lock): taking the lock again would time out; write under the held one.
+            tokens.write_while_held(record)
+            return
+        with tokens.locked(5.0) as tx:
+            tx.write(record)
+
+
 # --- the legacy file's shapes ------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from clproxy.accounts.refresh import RefreshFailed, TokenRefresher
 from clproxy.accounts.tokenstore import (
     ENV_KEY, KEEP, QUOTAS_FILE_NAME, InvalidLabel, StoredCredential, TokenStore,
     TokenStoreCorrupt, TokenStoreError, UnknownAccount, default_home, key_for,
-    read_claude_code_credentials, store_key,
+    read_claude_code_credentials, store_key, write_token_copy,
 )
 
 PROVIDERS = ("anthropic",)
@@ -222,8 +222,8 @@ class _Context:
             self.http_client = HTTPClient(Agent(self.reactor, pool=pool))
         return self.http_client
 
-    def anthropic_settings(self) -> Any:
-        """``providers.anthropic`` of the configuration file, or ``None`` without a config module."""
+    def _config(self) -> Any:
+        """The configuration file's config, or ``None`` without a config module."""
         try:
             from clproxy import config as config_module
         except ModuleNotFoundError as e:
@@ -234,7 +234,17 @@ class _Context:
             loaded = config_module.load_config(self.args.config, self.environ)
         except config_module.ConfigError as e:
             raise CommandError(f"configuration: {e}") from None
-        return loaded.config.providers.anthropic
+        return loaded.config
+
+    def anthropic_settings(self) -> Any:
+        """``providers.anthropic`` of the configuration file, or ``None`` without a config module."""
+        config = self._config()
+        return None if config is None else config.providers.anthropic
+
+    def state_settings(self) -> Any:
+        """``state`` of the configuration file (where the daemon shares its tokens), or ``None``."""
+        config = self._config()
+        return None if config is None else getattr(config, "state", None)
 
     def endpoints(self) -> oauth.OAuthEndpoints:
         settings = self.anthropic_settings()
@@ -572,6 +582,24 @@ async def cmd_status(ctx: _Context) -> int:
     return 0 if usable else 1
 
 
+async def _shared_tokens(ctx: _Context, store: TokenStore) -> Any:
+    """The state store the daemon shares tokens in, connected, when ``state.backend`` is redis
+    (else ``None``). A refresh must then take the instance-wide refresh lock, start from the live
+    record there and publish the rotation: another instance would otherwise spend the refresh token
+    this one just rotated, and disable the account. CommandError when Redis cannot be reached."""
+    state = ctx.state_settings()
+    if getattr(state, "backend", "memory") != "redis":
+        return None
+    from clproxy.state import connect_store
+    try:
+        return await connect_store(state, ctx.reactor, on_token_write=lambda key, data:
+                                   write_token_copy(store, key, data))
+    except Exception as e:  # RedisUnavailable or a bad URL: both name the URL without its password
+        raise CommandError(f"not refreshed: the proxy shares its tokens in Redis (state.backend redis) "
+                           f"and {e}; a refresh the other instances do not see would log them out: "
+                           f"try again once Redis answers") from None
+
+
 async def cmd_refresh(ctx: _Context) -> int:
     store = ctx.store()
     records = list(store.load().values())
@@ -587,21 +615,35 @@ async def cmd_refresh(ctx: _Context) -> int:
             raise CommandError(f"{key} is an API-key account; only OAuth tokens are refreshed")
     else:
         chosen = [r for r in records if r.is_oauth]
-    refresher = TokenRefresher(store, ctx.http, ctx.endpoints(), ctx.reactor)
+    endpoints = ctx.endpoints()
+    shared = await _shared_tokens(ctx, store) if chosen else None
+    refresher = TokenRefresher(store, ctx.http, endpoints, ctx.reactor, shared=shared)
     results = []
     failed = False
-    for record in chosen:
-        if record.disabled and not ctx.args.label:
-            results.append({"key": record.key, "ok": False, "skipped": True,
-                            "error": f"disabled: {record.disabled_reason}"})
-            continue
-        try:
-            account = await refresher.fresh(record.to_account(), force=True)
-        except RefreshFailed as e:
-            failed = True
-            results.append({"key": record.key, "ok": False, "error": e.reason, "disabled": e.disabled})
-            continue
-        results.append({"key": record.key, "ok": True, "expires_at": account.expires_at})
+    try:
+        for record in chosen:
+            if record.disabled and not ctx.args.label:
+                results.append({"key": record.key, "ok": False, "skipped": True,
+                                "error": f"disabled: {record.disabled_reason}"})
+                continue
+            try:
+                account = await refresher.fresh(record.to_account(), force=True)
+            except RefreshFailed as e:
+                failed = True
+                results.append({"key": record.key, "ok": False, "error": e.reason, "disabled": e.disabled})
+                continue
+            results.append({"key": record.key, "ok": True, "expires_at": account.expires_at})
+    finally:
+        unshared = shared.pending_count() if shared is not None else 0
+        if shared is not None:
+            await shared.close()
+    if unshared:
+        # Redis went away mid-refresh: the rotation is in this machine's file only, and this
+        # process is about to exit, so nothing will write it to Redis for the other instances.
+        failed = True
+        ctx.warn(f"error: Redis stopped answering during the refresh: the new tokens are only in "
+                 f"{store.path}; restart the proxy on this machine once Redis answers (it imports them), "
+                 f"before another instance refreshes")
     if ctx.json:
         ctx.emit({"ok": not failed, "results": results})
     elif not results:

@@ -24,7 +24,7 @@ from clproxy.accounts.directory import AccountDirectory
 from clproxy.accounts.model import Account
 from clproxy.accounts.oauth import OAuthEndpoints
 from clproxy.accounts.refresh import TokenRefresher
-from clproxy.accounts.tokenstore import StoredCredential, TokenStore, TokenStoreError
+from clproxy.accounts.tokenstore import TokenStore, TokenStoreError, write_token_copy
 from clproxy.daemon import fastpoll
 from clproxy.daemon.drain import Drainer
 from clproxy.daemon.reload import ConfigWatcher, restart_needed
@@ -115,28 +115,13 @@ def make_state_store(state_config, reactor, tokens: TokenStore):
     token file, which stays the fallback copy."""
     try:
         store = open_store(state_config, reactor, on_token_write=lambda key, data:
-                           _write_token_copy(tokens, key, data))
+                           write_token_copy(tokens, key, data))
     except ValueError as e:
         raise SystemExit(f"clproxy: invalid configuration: {e}")
     problem = probe_store(state_config)
     if problem:
         raise SystemExit(f"clproxy: {problem}")
     return store
-
-
-def _write_token_copy(tokens: TokenStore, key: str, data: dict) -> None:
-    """Keep the token file in step with a token record another instance rotated. Ordered by
-    ``tokens_version``: a file copy edited since (limits, a failure count) still holds older tokens."""
-    record = StoredCredential.from_json(key, data, "shared state")
-    current = tokens.get(key)
-    if current is None or record.tokens_version > current.tokens_version:
-        if tokens.held():
-            # Called back from this process's own refresh (it read the rotation from Redis while
-            # holding the lock): taking the lock again would time out; write under the held one.
-            tokens.write_while_held(record)
-            return
-        with tokens.locked(5.0) as tx:
-            tx.write(record)
 
 
 def tune_garbage_collector() -> None:
