@@ -2,8 +2,9 @@
 
 At start (the first check only), one refresh for each expired OAuth account (disabled if it fails);
 then, every ``--health-interval`` seconds, re-discovery and a refresh of tokens about to expire, so
-requests seldom wait on one (a failure there is counted, see ``TokenRefresher``). A ``TimerService``: a check in flight when the daemon stops is waited for, so a
-refresh is never cut between the token endpoint's answer and the token file's write.
+requests seldom wait on one (a failure there is counted, see ``TokenRefresher``). A
+``TimerService``: a check in flight when the daemon stops is waited for, so a refresh is never cut
+between the token endpoint's answer and the token file's write.
 """
 
 from twisted.application.internet import TimerService
