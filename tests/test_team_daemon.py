@@ -337,6 +337,29 @@ async def test_revoking_the_last_key_of_a_running_public_daemon_refuses_v1(fake,
 
 
 @pytest_twisted.ensureDeferred
+async def test_revoking_the_last_key_of_a_running_public_daemon_closes_status_and_metrics(
+        fake, start_proxy, tmp_path):
+    """On 0.0.0.0 with no key left, /status and /metrics are refused like /v1 (401 naming `clproxy
+    keys create`), never shown to anyone who asks; with allowUnauthenticated they are open."""
+    make_key(tmp_path)
+    proxy = start_proxy(accounts_config(fake, "a"), host="0.0.0.0")
+    url = proxy.url.replace("0.0.0.0", "127.0.0.1")
+    KeyStore(str(tmp_path / "home")).revoke("alice")
+    await until(lambda: proxy.service.proxy.ring.empty)
+    for path in ("/status", "/metrics"):
+        status, _, body = await send(url + path, None, method=b"GET")
+        assert status == 401 and "clproxy keys create" in error(body)[1], path
+        assert b"accounts" not in body
+    assert not fake.requests
+    allowed = ClientAuth(KeyRing(), "0.0.0.0", lambda: True)
+
+    class Request:
+        requestHeaders = Headers()
+
+    assert allowed.admin(Request()) is None
+
+
+@pytest_twisted.ensureDeferred
 async def test_allow_unauthenticated_serves_a_public_host_with_a_warning(fake, start_proxy, logs):
     """With allowUnauthenticated, a daemon on 0.0.0.0 without keys logs a WARNING naming that setting
     and serves requests with 200 instead of refusing to start."""

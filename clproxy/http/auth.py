@@ -49,9 +49,13 @@ class ClientAuth:
         return None
 
     def admin(self, request) -> Optional[ProxyError]:
-        """None when ``request`` may read ``/status`` or ``/metrics`` (open while no key exists)."""
+        """None when ``request`` may read ``/status`` or ``/metrics``. Without any key they are open
+        exactly where ``/v1`` is (loopback, or allowed): a public daemon whose last key was revoked
+        must not show its pool to anyone who asks."""
         if self.ring.empty:
-            return None
+            if is_loopback(self.host) or self.allow_unauthenticated():
+                return None
+            return ProxyError(401, NO_KEYS, "authentication_error")
         record = self.ring.verify(extract_client_key(request.requestHeaders))
         if record is None or not record.admin:
             return ProxyError(401, NEED_ADMIN, "authentication_error")
