@@ -104,12 +104,15 @@ def test_login_throttle_admits_five_per_peer_then_gives_a_true_wait():
     assert throttle.admit("10.0.0.1") is None  # exactly when it said
 
 
-def test_login_throttle_has_an_overall_cap_and_remembers_a_bounded_number_of_peers():
-    """Many addresses together meet the overall cap; the addresses remembered are bounded."""
+def test_login_throttle_has_an_overall_cap_on_failures_and_remembers_a_bounded_number_of_peers():
+    """Failures from many addresses together meet the overall cap; the addresses remembered are
+    bounded."""
     clock = task.Clock()
     throttle = LoginThrottle(clock, per_peer=5, overall=3, window=60.0, max_peers=2)
     assert [throttle.admit(f"p{i}") for i in range(3)] == [None, None, None]
-    assert throttle.admit("p9") == pytest.approx(60.0)
+    assert [throttle.admit_failure() for _ in range(3)] == [None, None, None]
+    assert throttle.admit_failure() == pytest.approx(60.0)
+    assert throttle.admit("p9") is None  # the overall cap never holds up an attempt by itself
     assert len(throttle._peers) == 2
 
 
@@ -210,6 +213,20 @@ def test_login_attempts_are_throttled_with_the_wait():
         assert now_result(gate.login("clp_wrong", "1.2.3.4"))[0] == 401
     status, _, token, wait = now_result(gate.login("clp_" + "a" * 40, "1.2.3.4"))
     assert (status, token) == (429, None) and wait == pytest.approx(60.0)
+
+
+def test_wrong_keys_from_many_addresses_never_lock_the_admin_out():
+    """Thirty wrong keys a minute from six addresses fill the overall cap: another wrong key is
+    429, but the right admin key from a fresh address logs in (its own address's limit still holds)."""
+    admin_key = "clp_" + "a" * 40
+    gate = access(KeyRing([record("boss", admin_key, True), record("alice", "clp_" + "b" * 40, False)]))
+    for i in range(30):
+        assert now_result(gate.login("clp_wrong", f"10.0.0.{i % 6}"))[0] == 401
+    assert now_result(gate.login("clp_wrong", "192.168.1.9"))[::3] == (429, pytest.approx(60.0))
+    assert now_result(gate.login("clp_" + "b" * 40, "192.168.1.8"))[0] == 429  # a plain key fails too
+    status, _, token, _ = now_result(gate.login(admin_key, "192.168.1.5"))
+    assert status == 200 and token
+    assert now_result(gate.login(admin_key, "10.0.0.0"))[0] == 429  # that address used its five
 
 
 # --- the state document -----------------------------------------------------------------------

@@ -9,8 +9,10 @@ A session is a random token in an ``HttpOnly; SameSite=Strict`` cookie scoped to
 that expires (:data:`SESSION_TTL`); the state store keeps only the token's SHA-256 and the hash of
 the key it was opened with (shared by every worker and instance on one Redis), so revoking the key
 (or taking its admin right) ends its sessions at once.
-Login attempts are rate-limited per peer address and overall (:class:`LoginThrottle`), answered
-with a true ``Retry-After``. No key, token or part of one is ever logged or echoed.
+Login attempts are rate-limited per peer address, and failed ones overall as well
+(:class:`LoginThrottle`), answered with a true ``Retry-After``; a correct admin key is never refused
+by the overall cap, so a flood of wrong keys from many addresses cannot lock the admins out. No key,
+token or part of one is ever logged or echoed.
 """
 
 import collections
@@ -25,12 +27,17 @@ COOKIE = b"clproxy_dashboard"
 SESSION_TTL = 8 * 3600.0
 #: a longer cookie value is no token of ours (ours are 43 characters)
 MAX_TOKEN_LENGTH = 200
+TOO_MANY = "too many login attempts; try again later"
 
 
 class LoginThrottle:
-    """At most ``per_peer`` login attempts per peer address and ``overall`` in all, in any
-    ``window`` seconds (a sliding window of attempt times, bounded: at most ``max_peers`` peers are
-    remembered, the least recent forgotten first)."""
+    """At most ``per_peer`` login attempts per peer address (:meth:`admit`) and ``overall`` failed
+    ones in all (:meth:`admit_failure`), in any ``window`` seconds (sliding windows of attempt
+    times, bounded: at most ``max_peers`` peers are remembered, the least recent forgotten first).
+
+    The overall cap counts failures only and is asked only once a key turned out wrong: a client key
+    holds 256 random bits, so the cap protects nothing against guessing, and applied to every
+    attempt it would let anyone lock every admin out with 30 bad tries a minute."""
 
     def __init__(self, clock, per_peer: int = 5, overall: int = 30, window: float = 60.0,
                  max_peers: int = 10_000):
@@ -57,17 +64,18 @@ class LoginThrottle:
                 self._peers.popitem(last=False)
         else:
             self._peers.move_to_end(peer)
+        return self._take(times, self.per_peer, now)
+
+    def admit_failure(self) -> Optional[float]:
+        """Count one failed attempt (a wrong key) against the overall cap: None when it may be
+        answered as it is, else the seconds until the cap frees (the failure is then not counted)."""
+        return self._take(self._all, self.overall, self.clock.seconds())
+
+    def _take(self, times: Deque[float], limit: int, now: float) -> Optional[float]:
         self._expire(times, now)
-        self._expire(self._all, now)
-        waits = []
-        if len(times) >= self.per_peer:
-            waits.append(times[0] + self.window - now)
-        if len(self._all) >= self.overall:
-            waits.append(self._all[0] + self.window - now)
-        if waits:
-            return max(waits)
+        if len(times) >= limit:
+            return times[0] + self.window - now
         times.append(now)
-        self._all.append(now)
         return None
 
 
@@ -151,19 +159,23 @@ class DashboardAccess:
 
     async def login(self, presented: Optional[str], peer: str) -> Tuple[int, str, Optional[str], Optional[float]]:
         """One login attempt: ``(status, message, session token or None, retry after or None)``.
-        200 with a token for an admin key; 429 when throttled; 403 for a valid key that is not an
-        admin's; 401 otherwise. The message never repeats what was presented."""
+        200 with a token for an admin key; 429 when throttled (the peer's limit, or for a wrong key
+        the overall cap on failures); 403 for a valid key that is not an admin's; 401 otherwise.
+        The message never repeats what was presented."""
         wait = self.throttle.admit(peer)
         if wait is not None:
-            return 429, "too many login attempts; try again later", None, wait
+            return 429, TOO_MANY, None, wait
         if self.ring.empty:
             return 400, "no client key exists: the dashboard is open on loopback", None, None
         record = self.ring.verify(presented)
+        if record is not None and record.admin:
+            return 200, "logged in", await self.sessions.open(record.hash), None
+        wait = self.throttle.admit_failure()
+        if wait is not None:
+            return 429, TOO_MANY, None, wait
         if record is None:
             return 401, "that is not a valid clproxy client key", None, None
-        if not record.admin:
-            return 403, "the dashboard needs an admin client key (clproxy keys create NAME --admin)", None, None
-        return 200, "logged in", await self.sessions.open(record.hash), None
+        return 403, "the dashboard needs an admin client key (clproxy keys create NAME --admin)", None, None
 
     async def logout(self, request) -> None:
         """End the session of ``request``'s cookie."""
