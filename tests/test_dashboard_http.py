@@ -14,7 +14,7 @@ from twisted.web.http_headers import Headers
 from clproxy.dashboard.resources import CSP
 from clproxy.team.keystore import KeyStore
 from conftest import accounts_config
-from helpers import post, request_body, until
+from helpers import TimedBody, post, request_body, until
 from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
 
 
@@ -218,6 +218,34 @@ async def test_the_live_feed_sends_a_full_frame_then_new_requests(fake, start_pr
     await proxy.service.stopService()
     assert reactor.seconds() - started < 2.0 and not feed.subscribers
     proxy.service.stopService = lambda: defer.succeed(None)  # stopped already: the fixture's stop is moot
+
+
+@pytest_twisted.ensureDeferred
+async def test_revoking_the_admin_key_ends_its_open_live_feeds(fake, start_proxy, tmp_path):
+    """An open feed (key in the header, or a login session) ends once its admin key is revoked,
+    and reopening it is refused; another admin's feed goes on."""
+    admin, _ = keys(tmp_path)
+    other, _ = KeyStore(str(tmp_path / "home")).create("ops", admin=True)
+    proxy = start_proxy(accounts_config(fake, "work"))
+    status, headers, _ = await get(proxy.url + "/dashboard/login", login_headers(), method=b"POST",
+                                   body=json.dumps({"key": admin}).encode())
+    session = cookie_of(headers).split(";")[0].encode()
+    agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False))
+    feeds = {}
+    for name, headers in (("bearer", {b"authorization": [b"Bearer " + admin.encode()]}),
+                          ("session", {b"cookie": [session]}),
+                          ("other", {b"x-api-key": [other.encode()]})):
+        response = await agent.request(b"GET", (proxy.url + "/dashboard/events").encode(), Headers(headers))
+        assert response.code == 200, name
+        feeds[name] = TimedBody()
+        response.deliverBody(feeds[name])
+    await until(lambda: all(b"event: update" in feed.body for feed in feeds.values()))
+    KeyStore(str(tmp_path / "home")).revoke("boss")
+    await until(lambda: feeds["bearer"].reason is not None and feeds["session"].reason is not None)
+    assert feeds["bearer"].done.result and feeds["session"].done.result  # finished, not broken off
+    assert feeds["other"].reason is None and len(proxy.service.feed.subscribers) == 1
+    status, _, _ = await get(proxy.url + "/dashboard/events", {b"authorization": [b"Bearer " + admin.encode()]})
+    assert status == 401
 
 
 @pytest_twisted.ensureDeferred

@@ -3,6 +3,7 @@ sessions, the access rule, the state document and the live feed's fan-out."""
 
 import json
 
+import attr
 import pytest
 from twisted.internet import defer, task
 from twisted.python.failure import Failure
@@ -368,6 +369,46 @@ def test_the_tick_stops_with_the_last_page_and_stopping_closes_the_streams():
     built.clear()
     clock.advance(5)
     assert built == []
+
+
+def test_a_feed_ends_on_the_next_tick_once_what_let_it_in_is_gone():
+    """Each open feed keeps what admitted it and is checked against the ring on every tick: revoking
+    its admin key (or taking the admin right) ends that stream alone; an open dashboard's stream
+    ends once a key exists."""
+    admin_key, other_key, plain_key = "clp_" + "a" * 40, "clp_" + "c" * 40, "clp_" + "b" * 40
+    boss, ops, alice = (record("boss", admin_key, True), record("ops", other_key, True),
+                        record("alice", plain_key, False))
+    ring = KeyRing([boss, ops, alice])
+    gate = access(ring)
+    clock, activity, feed, built = make_feed()
+    pages = {}
+    for name, key in (("boss", admin_key), ("ops", other_key)):
+        admission = now_result(gate.admission(with_headers({b"x-api-key": key.encode()})))
+        assert admission == hash_key(key)
+        pages[name] = Page()
+        feed.subscribe(pages[name], lambda admission=admission: gate.still_admits(admission))
+    clock.advance(1)
+    ring.replace([ops, alice])  # boss is revoked
+    clock.advance(1)
+    assert pages["boss"].finished and not pages["ops"].finished
+    sent = len(pages["boss"].written)
+    for _ in range(3):
+        clock.advance(1)
+    assert len(pages["boss"].written) == sent and len(pages["ops"].frames()) == 6
+    ring.replace([attr.evolve(ops, admin=False), alice])  # ops is no admin any more
+    clock.advance(1)
+    assert pages["ops"].finished and not feed.subscribers and clock.getDelayedCalls() == []
+
+    open_gate, open_ring = access(KeyRing()), KeyRing()
+    open_gate.ring = open_ring
+    admission = now_result(open_gate.admission(with_headers()))
+    page = Page()
+    feed.subscribe(page, lambda: open_gate.still_admits(admission))
+    clock.advance(1)
+    assert not page.finished
+    open_ring.replace([alice])  # the first key: the dashboard is no longer open
+    clock.advance(1)
+    assert page.finished
 
 
 def test_a_broken_install_answers_503_and_never_stops_the_daemon():

@@ -8,7 +8,8 @@ page's login form, which turns it into a session cookie.
 A session is a random token in an ``HttpOnly; SameSite=Strict`` cookie scoped to ``/dashboard``
 that expires (:data:`SESSION_TTL`); the state store keeps only the token's SHA-256 and the hash of
 the key it was opened with (shared by every worker and instance on one Redis), so revoking the key
-(or taking its admin right) ends its sessions at once.
+(or taking its admin right) ends its sessions at once, and its open live feeds on the feed's next
+tick (:meth:`DashboardAccess.still_admits`).
 Login attempts are rate-limited per peer address, and failed ones overall as well
 (:class:`LoginThrottle`), answered with a true ``Retry-After``; a correct admin key is never refused
 by the overall cap, so a flood of wrong keys from many addresses cannot lock the admins out. No key,
@@ -28,6 +29,8 @@ SESSION_TTL = 8 * 3600.0
 #: a longer cookie value is no token of ours (ours are 43 characters)
 MAX_TOKEN_LENGTH = 200
 TOO_MANY = "too many login attempts; try again later"
+#: what let a viewer in when it was no key: the dashboard was open (no hash is this string)
+OPEN = "open"
 
 
 class LoginThrottle:
@@ -152,10 +155,25 @@ class DashboardAccess:
             return None
         return self._admin_hash(await self.sessions.key_hash(token.decode("ascii", "replace")))
 
+    async def admission(self, request) -> Optional[str]:
+        """What lets ``request`` read the dashboard's data: :data:`OPEN`, the hash of the admin key
+        it presents (header or session), or None when nothing does. An open live feed keeps it and
+        asks :meth:`still_admits` on every tick."""
+        if self.is_open():
+            return OPEN
+        return self.by_header(request) or await self.by_cookie(request)
+
+    def still_admits(self, admission: Optional[str]) -> bool:
+        """Whether what once admitted a viewer (:meth:`admission`) still does, against the ring now:
+        False once its key is revoked or no longer admin, or, for an open dashboard, once a key
+        exists."""
+        if admission == OPEN:
+            return self.is_open()
+        return self._admin_hash(admission) is not None
+
     async def allowed(self, request) -> bool:
         """Whether ``request`` may read the dashboard's data."""
-        return (self.is_open() or self.by_header(request) is not None
-                or await self.by_cookie(request) is not None)
+        return await self.admission(request) is not None
 
     async def login(self, presented: Optional[str], peer: str) -> Tuple[int, str, Optional[str], Optional[float]]:
         """One login attempt: ``(status, message, session token or None, retry after or None)``.

@@ -4,7 +4,10 @@ Server-sent events, not polling: the daemon already streams SSE well, a page lea
 within one tick without asking, and the work per tick is shared. Each tick (:data:`TICK`, 1 s)
 builds the state document once, encodes it once, and writes the same bytes to every open page, with
 only the requests that finished since the previous tick; a page that has just connected, or one
-that fell behind (its connection pushed back), gets the whole list instead. So 20 open pages cost one
+that fell behind (its connection pushed back), gets the whole list instead. Each tick first asks
+every page whether what let it in still does (its admin key not revoked, see
+:meth:`clproxy.dashboard.access.DashboardAccess.still_admits`), and ends the stream of one that is
+no longer let in: the feed is checked once, when it opens, and then runs for hours. So 20 open pages cost one
 document per second plus the bytes, and with no page open nothing runs at all: the tick starts with
 the first subscriber and stops with the last. A page whose connection cannot take more is skipped
 (it gets a full frame when it can again), so a stuck browser never grows the daemon's buffers.
@@ -90,10 +93,12 @@ def frame(state: bytes, requests: bytes, full: bool) -> bytes:
 @implementer(IPushProducer)
 class Subscriber:
     """One open page's event stream. Its connection pauses it when the page cannot keep up; a paused
-    subscriber is skipped and owed a full frame."""
+    subscriber is skipped and owed a full frame. ``admitted()`` says whether the viewer is still let
+    in (asked on every tick)."""
 
-    def __init__(self, request):
+    def __init__(self, request, admitted: Callable[[], bool] = lambda: True):
         self.request = request
+        self.admitted = admitted
         self.paused = False
         self.needs_full = True
         self.closed = False
@@ -113,7 +118,7 @@ class Subscriber:
             self.request.write(data)
 
     def close(self) -> None:
-        """End the stream (the daemon is stopping)."""
+        """End the stream (the daemon is stopping, or the viewer is no longer let in)."""
         if not self.closed:
             self.closed = True
             self.request.unregisterProducer()
@@ -146,9 +151,10 @@ class DashboardFeed(service.Service):
         self.built += 1
         return {"full": True, "state": state, "requests": self.activity.recent()}
 
-    def subscribe(self, request) -> Subscriber:
-        """Stream updates to ``request`` (its headers are the caller's) until it goes away."""
-        subscriber = Subscriber(request)
+    def subscribe(self, request, admitted: Callable[[], bool] = lambda: True) -> Subscriber:
+        """Stream updates to ``request`` (its headers are the caller's) until it goes away or
+        ``admitted()`` turns False (checked on every tick)."""
+        subscriber = Subscriber(request, admitted)
         self.subscribers.add(subscriber)
         request.registerProducer(subscriber, True)
         request.notifyFinish().addBoth(self._gone, subscriber)
@@ -180,6 +186,10 @@ class DashboardFeed(service.Service):
         self._busy = False
 
     async def _send(self) -> None:
+        for subscriber in list(self.subscribers):
+            if not subscriber.closed and not subscriber.admitted():
+                # its key was revoked (or lost its admin right): no more state for that page
+                subscriber.close()
         if not self.subscribers:
             return
         state = _encode(await self.state())

@@ -121,28 +121,31 @@ class _Protected(Node):
         return answer_later(request, self._checked(request), "the dashboard")
 
     async def _checked(self, request) -> Optional[bytes]:
-        if not await self.access.allowed(request):
+        admission = await self.access.admission(request)
+        if admission is None:
             return write_error(request, ProxyError(401, NEED_LOGIN, "authentication_error"))
-        return await self.answer(request)
+        return await self.answer(request, admission)
 
-    async def answer(self, request) -> Optional[bytes]:
-        """The answer's body (None: the request is the resource's to finish)."""
+    async def answer(self, request, admission: str) -> Optional[bytes]:
+        """The answer's body (None: the request is the resource's to finish); ``admission`` is what
+        let the viewer in (:meth:`DashboardAccess.admission`)."""
         raise NotImplementedError
 
 
 class _State(_Protected):
-    async def answer(self, request) -> Optional[bytes]:
+    async def answer(self, request, admission: str) -> Optional[bytes]:
         return write_json(request, await self.feed.snapshot())
 
 
 class _Events(_Protected):
-    async def answer(self, request) -> Optional[bytes]:
+    async def answer(self, request, admission: str) -> Optional[bytes]:
         request.setResponseCode(200)
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
         request.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
         request.write(b"retry: 2000\n\n")
-        self.feed.subscribe(request)
-        return None  # the feed writes from now on, and finishes when the daemon stops
+        # re-checked on every tick: revoking the key (or its admin right) ends this stream too
+        self.feed.subscribe(request, lambda: self.access.still_admits(admission))
+        return None  # the feed writes from now on, and finishes when the daemon stops or the key goes
 
     def render_HEAD(self, request):
         # a HEAD has no body to stream into: it must not open a subscription that never ends
