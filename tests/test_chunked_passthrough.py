@@ -51,7 +51,7 @@ class RawClient(protocol.Protocol):
         self.closed.callback(None)
 
     def post(self, body: bytes, path: bytes = b"/v1/messages") -> None:
-        self.transport.write(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        self.transport.write(b"POST " + path + b" HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\n"
                              b"x-api-key: c\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
 
 
@@ -630,7 +630,7 @@ async def test_an_http10_client_gets_each_upstream_read_in_one_write(scripted, s
     client = await connect(proxy)
     before = sum(client_writes)
     body = request_body(stream=True)
-    client.transport.write(b"POST /v1/messages HTTP/1.0\r\nHost: x\r\ncontent-type: application/json\r\n"
+    client.transport.write(b"POST /v1/messages HTTP/1.0\r\nHost: localhost\r\ncontent-type: application/json\r\n"
                            b"x-api-key: c\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
     await client.closed
     head, _sep, received = bytes(client.data).partition(b"\r\n\r\n")

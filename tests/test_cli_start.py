@@ -232,7 +232,7 @@ def test_two_quick_ctrl_c_print_no_traceback(tmp_path, entry_point):
         wait_for_line(b"ProxySite starting")
         body = b'{"model": "claude-sonnet-4-5", "max_tokens": 5, "messages": []}'
         client.connect(("127.0.0.1", port))
-        client.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        client.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\n"
                        b"content-length: %d\r\n\r\n%s" % (len(body), body))
         silent.settimeout(60)
         held = silent.accept()[0]  # the proxy is now waiting on the upstream: the request is in flight

@@ -333,7 +333,7 @@ async def test_slow_reader_pauses_upstream(fake, start_proxy):
     fake.script(events=events)
     body = request_body(stream=True)
     host, port = proxy.service.address()
-    raw = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    raw = (b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\n"
            b"x-api-key: c\r\nconnection: close\r\ncontent-length: %d\r\n\r\n" % len(body)) + body
     client = _SlowReader(raw)
     await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, host, port), client)

@@ -114,7 +114,7 @@ class Wired:
         self.channel.callLater = self.clock.callLater
         self.client_transport = StringTransport()
         self.channel.makeConnection(self.client_transport)
-        self.channel.dataReceived(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        self.channel.dataReceived(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\n"
                                   b"content-length: 2\r\n\r\n{}")
         self.out = ClientResponse(capture.request)
         self.upstream.dataReceived(head)

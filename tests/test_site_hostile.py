@@ -53,7 +53,7 @@ def body_of(size):
 
 
 def framed(body, chunked):
-    head = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    head = b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\n"
     if not chunked:
         return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 7]), body[i:i + 7]) for i in range(0, len(body), 7))
@@ -205,7 +205,7 @@ def test_an_expected_body_over_the_limit_is_refused_before_it_is_sent(fast_head)
     closes after it; within the limit the client is told to go on and the request is served."""
     dispatcher, channel, transport = connect(limit=100)
     channel.fast_head = fast_head
-    head = (b"POST /v1/messages HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+    head = (b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\n"
             b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n")
     channel.dataReceived(head % 5_000_000)
     out = transport.value()

@@ -336,6 +336,48 @@ async def test_revoking_the_last_key_of_a_running_public_daemon_refuses_v1(fake,
     assert len(fake.requests) == 1
 
 
+def _raw_exchange(port, request):
+    """Send ``request`` bytes to 127.0.0.1:``port`` and read the whole answer (blocking)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_open_loopback_daemon_answers_421_to_a_foreign_host(fake, start_proxy, tmp_path):
+    """DNS rebinding: without keys on loopback, a Host naming another site gets 421 (Anthropic-shaped
+    on /v1, OpenAI-shaped under /v1/chat) on /v1, /status and the dashboard's data, and nothing goes
+    upstream; local names (any port, any case) and no Host at all (HTTP/1.0) are served; once a
+    key exists the key decides, whatever the Host."""
+    proxy = start_proxy(accounts_config(fake, "a"))
+    foreign = {b"host": [b"attacker.example:55670"], b"origin": [b"http://attacker.example:55670"]}
+    status, headers, body = await send(proxy.url + "/v1/messages", request_body(), foreign)
+    assert status == 421 and error(body)[0] == "invalid_request_error" and b"attacker" not in body
+    status, _, body = await send(proxy.url + "/v1/chat/completions", b"{}", foreign)
+    assert status == 421 and json.loads(body)["error"]["message"]
+    for path in ("/status", "/metrics", "/dashboard/state", "/dashboard/events", "/session/s1"):
+        assert (await send(proxy.url + path, None, foreign, method=b"GET"))[0] == 421, path
+    assert (await send(proxy.url + "/health", None, foreign, method=b"GET"))[0] == 200
+    assert not fake.requests
+    port = proxy.url.rsplit(":", 1)[1]
+    for host in (b"localhost", b"LOCALHOST:1", b"127.0.0.1:" + port.encode(), b"[::1]:8080", b"localhost."):
+        assert (await send(proxy.url + "/v1/messages", request_body(), {b"host": [host]}))[0] == 200, host
+    for host in (b"127.0.0.1.attacker.example", b"localhost.attacker.example:80", b"[::2]"):
+        assert (await send(proxy.url + "/v1/messages", request_body(), {b"host": [host]}))[0] == 421, host
+    body = request_body()
+    answer = await in_thread(_raw_exchange, int(port), b"POST /v1/messages HTTP/1.0\r\ncontent-type: "
+                             b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+    assert answer.startswith(b"HTTP/1.0 200") or answer.startswith(b"HTTP/1.1 200"), answer[:80]
+    key, _ = make_key(tmp_path)
+    await until(lambda: not proxy.service.proxy.ring.empty)
+    assert (await send(proxy.url + "/v1/messages", request_body(), {**foreign, **with_key(key)}))[0] == 200
+    assert (await send(proxy.url + "/v1/messages", request_body(), foreign))[0] == 401
+
+
 @pytest_twisted.ensureDeferred
 async def test_revoking_the_last_key_of_a_running_public_daemon_closes_status_and_metrics(
         fake, start_proxy, tmp_path):

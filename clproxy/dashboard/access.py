@@ -21,6 +21,7 @@ import hashlib
 import secrets
 from typing import Callable, Deque, Optional, Tuple
 
+from clproxy.http.auth import misdirected
 from clproxy.team.keys import KeyRing, extract_client_key
 from clproxy.team.limits import is_loopback
 
@@ -134,6 +135,11 @@ class DashboardAccess:
         """No client key exists and the relay is open here: anyone who reaches it may look."""
         return self.ring.empty and (is_loopback(self.host) or bool(self.allow_unauthenticated()))
 
+    def misdirected(self, request) -> bool:
+        """Open only because it is on loopback, and ``request``'s ``Host`` names another site (DNS
+        rebinding): refused with 421 like ``/v1`` (:func:`clproxy.http.auth.misdirected`)."""
+        return self.ring.empty and is_loopback(self.host) and misdirected(request, self.host)
+
     def login_possible(self) -> bool:
         """Whether an admin key exists to log in with."""
         return self.ring.has_admin
@@ -160,7 +166,7 @@ class DashboardAccess:
         it presents (header or session), or None when nothing does. An open live feed keeps it and
         asks :meth:`still_admits` on every tick."""
         if self.is_open():
-            return OPEN
+            return None if self.misdirected(request) else OPEN
         return self.by_header(request) or await self.by_cookie(request)
 
     def still_admits(self, admission: Optional[str]) -> bool:

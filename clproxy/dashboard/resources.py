@@ -28,6 +28,7 @@ from twisted.web import resource
 from clproxy.dashboard.access import DashboardAccess, session_cookie
 from clproxy.dashboard.feed import DashboardFeed
 from clproxy.errors import ProxyError
+from clproxy.http.auth import MISDIRECTED
 from clproxy.http.site import ErrorResource, Node, answer_later, not_found, write_error, write_json
 from clproxy.observe import console
 
@@ -123,6 +124,8 @@ class _Protected(Node):
     async def _checked(self, request) -> Optional[bytes]:
         admission = await self.access.admission(request)
         if admission is None:
+            if self.access.misdirected(request):
+                return write_error(request, ProxyError(421, MISDIRECTED, "invalid_request_error"))
             return write_error(request, ProxyError(401, NEED_LOGIN, "authentication_error"))
         return await self.answer(request, admission)
 

@@ -6,6 +6,14 @@ it against the live :class:`clproxy.team.keys.KeyRing` (constant time, :meth:`Ke
 :class:`Guarded` wraps a resource so that traversal and rendering stop at the check; an accepted
 request carries its key record as ``request.client_key`` (the handlers copy it onto the
 ``ProxyRequest``). Refusals never repeat the presented key, not even a part of it.
+
+**DNS rebinding.** A loopback daemon without keys is open to its own machine, and a web page the
+browser fetched from a name its owner then points at 127.0.0.1 is "its own machine" too, unless the
+``Host`` header is looked at: while the daemon is open because it is on loopback, a request whose
+``Host`` names anything but ``localhost``, ``127.0.0.1``, ``[::1]`` or the bound host (any port)
+gets 421 (:func:`misdirected`), ``server.allowUnauthenticated`` or not (it is about non-loopback
+binds). A request without ``Host`` (HTTP/1.0) is let through; with keys the key decides and
+``Host`` does not matter, nor on a non-loopback bind (open only when allowed, to whoever reaches it).
 """
 
 from typing import Any, Callable, Optional
@@ -21,6 +29,29 @@ INVALID_KEY = ("invalid or missing clproxy client key: send it in x-api-key or "
 NEED_ADMIN = "this endpoint needs an admin client key (clproxy keys create NAME --admin)"
 NO_KEYS = ("clproxy listens on a non-loopback address and has no client key: run `clproxy keys create "
            "NAME` (or set server.allowUnauthenticated: true)")
+MISDIRECTED = ("clproxy has no client key and answers only requests addressed to localhost, 127.0.0.1 "
+               "or [::1]: this Host header names another site (create a client key to serve it)")
+#: the names a local client reaches a loopback daemon by (IPv6 without its brackets)
+LOCAL_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def host_name(value: str) -> str:
+    """The name of a ``Host`` header value, lower-cased, without port, brackets or a final dot."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        value = value[1:].partition("]")[0]
+    elif value.count(":") == 1:
+        value = value.partition(":")[0]
+    return value.rstrip(".")
+
+
+def misdirected(request, bound_host: str) -> bool:
+    """Whether ``request`` carries a ``Host`` naming neither a local name nor ``bound_host``: a page
+    of another site reaching the daemon through DNS rebinding. No ``Host`` at all is not."""
+    allowed = LOCAL_NAMES | {host_name(bound_host)}
+    values = request.requestHeaders.getRawHeaders(b"host") or ()
+    return any(host_name(value.decode("latin-1")) not in allowed for value in values)
+
 
 
 class ClientAuth:
@@ -34,14 +65,21 @@ class ClientAuth:
         self.host = host
         self.allow_unauthenticated = allow_unauthenticated
 
+    def _keyless(self, request) -> Optional[ProxyError]:
+        """With no key at all: None when the daemon is open to ``request``, else the refusal (401
+        off loopback, 421 for a foreign ``Host`` on loopback)."""
+        if not is_loopback(self.host):
+            return None if self.allow_unauthenticated() else ProxyError(401, NO_KEYS, "authentication_error")
+        if misdirected(request, self.host):
+            return ProxyError(421, MISDIRECTED, "invalid_request_error")
+        return None
+
     def client(self, request) -> Optional[ProxyError]:
         """None when ``request`` may use ``/v1/*`` (its record set as ``request.client_key``), else
-        the 401 to answer."""
+        the 401 (or 421) to answer."""
         request.client_key = None
         if self.ring.empty:
-            if is_loopback(self.host) or self.allow_unauthenticated():
-                return None
-            return ProxyError(401, NO_KEYS, "authentication_error")
+            return self._keyless(request)
         record = self.ring.verify(extract_client_key(request.requestHeaders))
         if record is None:
             return ProxyError(401, INVALID_KEY, "authentication_error")
@@ -53,9 +91,7 @@ class ClientAuth:
         exactly where ``/v1`` is (loopback, or allowed): a public daemon whose last key was revoked
         must not show its pool to anyone who asks."""
         if self.ring.empty:
-            if is_loopback(self.host) or self.allow_unauthenticated():
-                return None
-            return ProxyError(401, NO_KEYS, "authentication_error")
+            return self._keyless(request)
         record = self.ring.verify(extract_client_key(request.requestHeaders))
         if record is None or not record.admin:
             return ProxyError(401, NEED_ADMIN, "authentication_error")
