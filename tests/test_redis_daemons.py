@@ -6,7 +6,7 @@ import time
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor
+from twisted.internet import defer, reactor, task
 
 from clproxy.testing import anthropic as testing
 from clproxy.accounts.oauth import TokenSet
@@ -109,3 +109,43 @@ def test_redis_unavailable_at_start_names_the_url(tmp_path):
         makeService(options, reactor, environ={"CLPROXY_HOME": str(tmp_path)})
     message = str(caught.value)
     assert "redis://:***@127.0.0.1:1/0" in message and "s3cret" not in message
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_redis_restarted_empty_keeps_the_client_keys_in_force(fake, start_proxy, private_redis,  # noqa: F811
+                                                                      tmp_path):
+    """Redis killed and restarted without its data: the daemon (loopback, behind a reverse proxy)
+    never opens up, its valid key keeps working, and the tombstone of a key revoked before the
+    restart is back in Redis (no other instance can put that key back)."""
+    from clproxy.state.redis import RedisStateStore
+    from clproxy.team.keys import hash_key
+    from clproxy.team.keystore import KeyStore
+    keys = KeyStore(str(tmp_path / "home"))
+    key, _ = keys.create("alice")
+    gone, _ = keys.create("bob")
+    config = shared(accounts_config(fake, "a"), private_redis.url)
+    proxy = start_proxy(config)
+    store, ring = proxy.service.store, proxy.service.proxy.ring
+    await until(lambda: store.available and len(ring) == 2)
+    keys.revoke("bob")
+    await until(lambda: len(ring) == 1)
+    sizes = []
+    ring_replace = ring.replace
+    ring.replace = lambda records: (sizes.append(len(records)), ring_replace(records))
+    private_redis.stop(kill=True)
+    private_redis.start()
+    await until(lambda: not store.available, timeout=20)  # the loss was noticed
+    await until(lambda: store.available, timeout=20)
+    probe = RedisStateStore(private_redis.url, reactor, prefix=config["state"]["prefix"])
+    await probe.connect()
+    try:
+        deadline = reactor.seconds() + 10
+        while hash_key(key) not in await probe.all_keys():  # published again within a tick or two
+            assert reactor.seconds() < deadline, "the key file was not published again"
+            await task.deferLater(reactor, 0.05, lambda: None)
+        assert not await probe.put_key(hash_key(gone), {"name": "bob", "hash": hash_key(gone)})
+    finally:
+        await probe.close()
+    assert 0 not in sizes and ring.verify(key) is not None and ring.verify(gone) is None
+    assert (await post(proxy.url + "/v1/messages", request_body()))[0] == 401
+    assert (await post(proxy.url + "/v1/messages", request_body(), {b"x-api-key": [key.encode()]}))[0] == 200

@@ -6,7 +6,7 @@ import os
 import stat
 
 import pytest
-from twisted.internet import task
+from twisted.internet import defer, task
 
 from clproxy.accounts.tokenstore import _FileLock
 from clproxy.state.memory import MemoryStateStore
@@ -234,4 +234,89 @@ def test_watcher_serves_the_file_keys_when_the_shared_store_cannot_be_read_at_st
     watcher = KeyWatcher(store, clock, ring.replace, shared=Unreadable())
     watcher.startService()
     assert ring.verify(key) is not None and not ring.empty
+    watcher.stopService()
+
+
+class Forgetful(MemoryStateStore):
+    """A shared store that can lose everything, tombstones included (a Redis restarted without
+    persistence, FLUSHDB), and be down for a while; it counts the puts it is asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.available = True
+        self.puts = 0
+
+    def flush(self):
+        self._client_keys.clear()
+        self._revoked_keys.clear()
+
+    def put_key(self, key_hash, record):
+        self.puts += 1
+        return super().put_key(key_hash, record)
+
+
+def test_watcher_puts_back_the_keys_a_shared_store_lost_and_never_serves_none(tmp_path):
+    """A shared store that comes back empty: the ring never empties, the file's keys are put back on
+    the next tick, the tombstone of a key revoked through the file is written again (another machine
+    whose file still holds it cannot bring it back), and a key the store refuses is not tried again
+    on every tick."""
+    clock = task.Clock()
+    shared = Forgetful()
+    store, other = KeyStore(str(tmp_path / "a")), KeyStore(str(tmp_path / "b"))
+    alice, _ = store.create("alice")
+    bob, _ = store.create("bob")
+    ring, other_ring = KeyRing(), KeyRing()
+    emptied = []
+    watcher = KeyWatcher(store, clock, lambda records: (ring.replace(records), emptied.append(not records)),
+                         shared=shared)
+    watcher.startService()
+    clock.advance(1)
+    assert ring.verify(alice) and ring.verify(bob)
+    os.makedirs(other.home, exist_ok=True)
+    with open(other.path, "w") as f:  # machine b holds a copy of the file, bob included
+        f.write(open(store.path).read())
+    store.revoke("bob")
+    clock.advance(1)
+    assert ring.verify(bob) is None and hash_key(bob) in shared._revoked_keys
+
+    shared.flush()  # restarted empty, while the daemon still had a connection
+    clock.advance(1)
+    assert ring.verify(alice) is not None and not any(emptied)
+    assert hash_key(alice) in shared._client_keys and hash_key(bob) in shared._revoked_keys
+
+    shared.available = False  # down, then back empty: the reconnection restores the tombstones
+    clock.advance(1)
+    shared.flush()
+    shared.available = True
+    clock.advance(1)
+    assert hash_key(bob) in shared._revoked_keys and ring.verify(alice) is not None and not any(emptied)
+
+    later = KeyWatcher(other, clock, other_ring.replace, shared=shared)  # machine b starts now
+    later.startService()
+    clock.advance(1)
+    assert other_ring.verify(bob) is None and ring.verify(bob) is None and other_ring.verify(alice)
+    puts = shared.puts
+    for _ in range(5):
+        clock.advance(1)
+    assert shared.puts == puts  # the refused copy of bob is not put again on every tick
+    later.stopService()
+    watcher.stopService()
+
+
+def test_watcher_never_lets_an_empty_shared_store_empty_the_ring(tmp_path):
+    """A shared store that answers with no key and refuses nothing (its writes lost) leaves the file's
+    keys served, not an empty ring that would open a loopback daemon."""
+    class Amnesic(MemoryStateStore):
+        def all_keys(self):
+            return defer.succeed({})
+
+    clock = task.Clock()
+    store = KeyStore(str(tmp_path))
+    key, _ = store.create("alice")
+    ring = KeyRing()
+    watcher = KeyWatcher(store, clock, ring.replace, shared=Amnesic())
+    watcher.startService()
+    for _ in range(3):
+        clock.advance(1)
+        assert ring.verify(key) is not None
     watcher.stopService()

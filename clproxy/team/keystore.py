@@ -11,6 +11,13 @@ and the daemon serves the store's keys, which every instance shares. A revocatio
 tombstone in the store, so a machine whose file still holds a revoked key cannot bring it back:
 keys are random, a revoked hash never legitimately returns. Without a shared store the daemon
 serves the file's keys.
+
+**A store that lost its keys.** Redis may come back empty (a restart without persistence, FLUSHDB,
+eviction). Serving only what it holds would then leave the daemon with no key at all: open on
+loopback, 401 for every valid key elsewhere. So the watcher puts the file's keys back whenever the
+store reconnects or holds fewer of them than the file, restoring first the tombstones of the
+revocations it knows of (keys that left its file, keys the store refused), and it never lets a
+read of the store empty the ring while the file holds live keys.
 """
 
 import json
@@ -18,7 +25,7 @@ import os
 import re
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Sequence, Set, Tuple
 
 import attr
 from twisted.application import service
@@ -230,8 +237,9 @@ class KeyWatcher(service.Service):
     at start). The daemon passes ``KeyRing.replace`` as ``on_change``.
 
     ``shared`` is an ``IClientKeys`` (the Redis store under the Redis backend): the file's keys are
-    published to it and the daemon serves its keys (see the module docstring). A key file that turns
-    unreadable keeps the last good keys served (one error logged, never fail open).
+    published to it, put back when it lost them, and the daemon serves its keys (see the module
+    docstring). A key file that turns unreadable keeps the last good keys served (one error logged,
+    never fail open).
 
     At start, the daemon reads :meth:`KeyStore.records` itself before starting the watcher (a
     corrupt file then stops the start with one line, and the ring is full before the port opens);
@@ -250,6 +258,11 @@ class KeyWatcher(service.Service):
         self._loop: Optional[task.LoopingCall] = None
         self._broken: Optional[str] = None
         self._served_once = False
+        #: hashes known revoked (they left the file, or the store refused them): their tombstones
+        #: are restored in a store that lost them, and they are never put back
+        self._revoked: Set[str] = set()
+        # the shared store's connection at the last look (a store without one is always up)
+        self._available = True
 
     def startService(self) -> None:
         """Serve the current keys now, then poll (a LoopingCall on the injected clock)."""
@@ -289,13 +302,14 @@ class KeyWatcher(service.Service):
         served = file_records
         if self.shared is not None:
             try:
-                shared = await self.shared.all_keys()
-                served = tuple(sorted((KeyRecord.from_json(r) for r in shared.values()),
-                                      key=lambda r: r.name))
+                served = await self._shared_keys(file_records)
             except Exception as e:  # keep serving what we had; the next tick tries again
                 log.error("could not read the shared client keys ({error})", error=type(e).__name__)
                 # nothing served yet: the file's keys, never none (an empty ring opens a loopback daemon)
                 served = seen.served if self._served_once else file_records
+            if not served:
+                # a store that lost every key must not open the daemon while the file holds live ones
+                served = tuple(r for r in file_records if r.hash not in self._revoked)
         self._seen = _Seen(fingerprint, file_records, served)
         if served != seen.served or not self._served_once:
             self._served_once = True
@@ -305,6 +319,33 @@ class KeyWatcher(service.Service):
         """Put every key of the file into the shared store, revoke those that left the file."""
         now = {r.hash: r for r in after}
         for digest in {r.hash for r in before} - set(now):
+            self._revoked.add(digest)
             await self.shared.revoke_key(digest)
         for digest, record in now.items():
-            await self.shared.put_key(digest, record.to_json())
+            if not await self.shared.put_key(digest, record.to_json()):
+                self._revoked.add(digest)
+
+    async def _shared_keys(self, file_records: Tuple[KeyRecord, ...]) -> Tuple[KeyRecord, ...]:
+        """The shared store's keys, once the file's keys it lost are back in it.
+
+        It lost some when it holds fewer of the file's live keys than the file does, and may have
+        lost its tombstones when it reconnected (a restarted Redis comes back empty): then the known
+        revocations are written again first, so a put can never bring a revoked key back, and the
+        missing keys are put. A put the store refuses names a key revoked elsewhere: remembered, so
+        it is not tried again on every tick."""
+        available = bool(getattr(self.shared, "available", True))
+        reconnected = available and not self._available
+        self._available = available
+        shared = await self.shared.all_keys()
+        missing = [r for r in file_records if r.hash not in shared and r.hash not in self._revoked]
+        if reconnected or missing:
+            if missing:
+                log.warn("the shared store lost {count} client key(s) of the key file; putting them back",
+                         count=len(missing))
+            for digest in sorted(self._revoked):
+                await self.shared.revoke_key(digest)
+            for record in missing:
+                if not await self.shared.put_key(record.hash, record.to_json()):
+                    self._revoked.add(record.hash)
+            shared = await self.shared.all_keys()
+        return tuple(sorted((KeyRecord.from_json(r) for r in shared.values()), key=lambda r: r.name))
