@@ -6,13 +6,18 @@ import os
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer
 
 from clproxy.cli import keys as keys_cli
 from clproxy.cli.main import main as clproxy_main
 from clproxy.team.keys import KeyRing, hash_key
 from clproxy.team.keystore import KeyStore
+from conftest import accounts_config
+from helpers import post, request_body
 
 LIMIT_FIELDS = ["models", "rpm", "tokens_per_day", "usd_per_day", "usd_per_month",
                 "allow_subscription", "admin"]
@@ -197,3 +202,24 @@ def test_the_first_key_warns_when_the_running_proxy_pointed_claude_code_at_itsel
     assert code == 0 and err == ""
     code, _, err = run(tmp_path / "nothing-running", "create", "dave")
     assert code == 0 and err == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_shows_when_the_running_daemon_last_accepted_each_key(fake, start_proxy, tmp_path):
+    """A daemon notes each accepted key's last use and writes it to keys.json at stop (and every
+    minute): `keys list` shows it for the key used, "never" for the other; no request wrote it."""
+    home = tmp_path / "home"
+    key, _ = KeyStore(str(home)).create("alice")
+    KeyStore(str(home)).create("bob")
+    proxy = start_proxy(accounts_config(fake, "a"))
+    before = time.time()
+    for _ in range(3):
+        assert (await post(proxy.url + "/v1/messages", request_body(), {b"x-api-key": [key.encode()]}))[0] == 200
+    assert KeyStore(str(home)).records()[0].last_used_at is None  # nothing written per request
+    await proxy.service.stopService()
+    proxy.service.stopService = lambda: defer.succeed(None)  # stopped already: the fixture's stop is moot
+    listed = {k["name"]: k for k in json.loads(run(home, "list", "--format", "json")[1])["keys"]}
+    assert before <= listed["alice"]["last_used_at"] <= time.time() and listed["bob"]["last_used_at"] is None
+    lines = run(home, "list")[1].splitlines()
+    assert "never" not in next(line for line in lines if line.startswith("alice"))
+    assert "never" in next(line for line in lines if line.startswith("bob"))

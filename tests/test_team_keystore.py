@@ -12,7 +12,7 @@ from clproxy.accounts.tokenstore import _FileLock
 from clproxy.state.memory import MemoryStateStore
 from clproxy.team.keys import KeyRing, hash_key
 from clproxy.team.keystore import (InvalidKeyName, KeyExists, KeyStore, KeyStoreCorrupt,
-                                   KeyStoreLockTimeout, KeyWatcher, UnknownKey)
+                                   KeyStoreLockTimeout, KeyWatcher, LastUseRecorder, UnknownKey)
 
 
 def files_under(home):
@@ -319,4 +319,69 @@ def test_watcher_never_lets_an_empty_shared_store_empty_the_ring(tmp_path):
     for _ in range(3):
         clock.advance(1)
         assert ring.verify(key) is not None
+    watcher.stopService()
+
+
+def in_place(function, *args):
+    """``deferToThread`` for a test on a task.Clock: runs ``function`` now, in a Deferred."""
+    return defer.maybeDeferred(function, *args)
+
+
+def test_last_uses_are_written_every_minute_and_at_stop_not_per_request(tmp_path):
+    """The uses noted in memory reach the file only at the minute's write (never per request), only
+    forward, then again at stop; a write that fails keeps its times for the next one."""
+    clock = task.Clock()
+    clock.advance(1000)
+    store = KeyStore(str(tmp_path))
+    store.create("alice")
+    store.create("bob")
+    recorder = LastUseRecorder(store, clock, in_thread=in_place)
+    recorder.startService()
+    recorder.times["alice"] = 1010.0
+    recorder.times["ghost"] = 1011.0  # revoked since: skipped
+    clock.advance(59)
+    assert {r.name: r.last_used_at for r in store.records()} == {"alice": None, "bob": None}
+    clock.advance(1)
+    assert {r.name: r.last_used_at for r in store.records()} == {"alice": 1010.0, "bob": None}
+    assert recorder.times == {}
+
+    def broken(raw):
+        raise OSError(28, "No space left on device")
+
+    write, store._write = store._write, broken
+    recorder.times["bob"] = 1070.0
+    clock.advance(60)
+    assert recorder.times == {"bob": 1070.0} and store.records()[1].last_used_at is None
+    store._write = write
+    recorder.times["alice"] = 1125.0
+    recorder.stopService()
+    assert {r.name: r.last_used_at for r in store.records()} == {"alice": 1125.0, "bob": 1070.0}
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_last_use_write_republishes_nothing_to_the_shared_store(tmp_path):
+    """The minutely last-use write changes the key file; the watcher reads it again but puts no key
+    into the shared store for it (no write storm every minute), and the keys stay served. A real
+    change of a key is still published."""
+    clock = task.Clock()
+    shared = Forgetful()
+    store = KeyStore(str(tmp_path))
+    key, _ = store.create("alice")
+    ring = KeyRing()
+    watcher = KeyWatcher(store, clock, ring.replace, shared=shared)
+    watcher.startService()
+    recorder = LastUseRecorder(store, clock, in_thread=in_place)
+    recorder.startService()
+    clock.advance(1)
+    puts = shared.puts
+    for minute in range(3):
+        recorder.times["alice"] = clock.seconds()
+        for _ in range(60):
+            clock.advance(1)
+    assert store.records()[0].last_used_at is not None
+    assert shared.puts == puts and ring.verify(key) is not None
+    store.create("bob")
+    clock.advance(1)
+    assert shared.puts == puts + 1 and [r.name for r in ring] == ["alice", "bob"]
+    recorder.stopService()
     watcher.stopService()

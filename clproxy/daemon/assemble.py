@@ -50,7 +50,7 @@ from clproxy.state.memory import MemoryStateStore
 from clproxy.state.probe import probe_store
 from clproxy.team import usage as usage_ledger
 from clproxy.team.keys import KeyRing
-from clproxy.team.keystore import DEFAULT_WATCH_INTERVAL, KeyStore, KeyStoreError, KeyWatcher
+from clproxy.team.keystore import DEFAULT_WATCH_INTERVAL, KeyStore, KeyStoreError, KeyWatcher, LastUseRecorder
 from clproxy.team.limits import KeyLimits, listen_check
 from clproxy.team.pricing import Pricing, PricingError
 
@@ -260,6 +260,8 @@ class Proxy:
     ring: Optional[KeyRing] = None
     key_watcher: Optional[KeyWatcher] = None
     auth: Optional[ClientAuth] = None
+    #: the keys' last uses, written to the key file every minute and at stop
+    last_used: Optional[LastUseRecorder] = None
     #: the live dashboard's feed (a service: it closes open pages' streams before the drain)
     feed: Optional[DashboardFeed] = None
 
@@ -392,7 +394,9 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                           keys=lambda: key_records(proxy))
     drainer = Drainer(clock, cfg.server.drain_timeout)
     # the config in force decides (a reload may change it); read through ``proxy``, bound below
-    auth = ClientAuth(ring, host, lambda: bool(proxy.config.server.allow_unauthenticated))
+    last_used = LastUseRecorder(keys, clock)
+    auth = ClientAuth(ring, host, lambda: bool(proxy.config.server.allow_unauthenticated),
+                      last_used=last_used.times, now=clock.seconds)
     feed = DashboardFeed(lambda: dashboard_now(status, obs.activity, dispatcher, clock), obs.activity, clock)
     dashboard = DashboardRoot(DashboardAccess(ring, LoginSessions(store, clock), host,
                                               lambda: bool(proxy.config.server.allow_unauthenticated)), feed)
@@ -405,6 +409,7 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
     # under the shared state: it publishes the file to the (connected) store and serves its keys
     key_watcher = KeyWatcher(keys, clock, ring.replace, interval=DEFAULT_WATCH_INTERVAL, shared=store)
     key_watcher.setServiceParent(shared_state)
+    last_used.setServiceParent(shared_state)
     if load_config is None:
         def load_config(path):
             return configuration.load_config(path, environ)
@@ -416,7 +421,7 @@ def build_proxy(cfg, *, clock, reactor, environ: Mapping[str, str], home: str,
                   status=status, drainer=drainer, root=root, site=site, upkeep=upkeep,
                   shared_state=shared_state, watcher=watcher, strategy_override=strategy,
                   started_with=cfg, usage=make_usage(cfg, home, clock, store), keys=keys, ring=ring,
-                  key_watcher=key_watcher, auth=auth, feed=feed)
+                  key_watcher=key_watcher, auth=auth, feed=feed, last_used=last_used)
     obs.usage_sink = proxy.usage.record
     proxy.usage.charged = dispatcher.key_limits.charged  # what a keyed request in flight is held at
     if not directory.current():

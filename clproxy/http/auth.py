@@ -16,7 +16,8 @@ binds). A request without ``Host`` (HTTP/1.0) is let through; with keys the key 
 ``Host`` does not matter, nor on a non-loopback bind (open only when allowed, to whoever reaches it).
 """
 
-from typing import Any, Callable, Optional
+import time
+from typing import Any, Callable, Dict, Optional
 
 from twisted.web import resource
 
@@ -57,13 +58,19 @@ def misdirected(request, bound_host: str) -> bool:
 class ClientAuth:
     """Who may pass. ``host`` is the bound interface; ``allow_unauthenticated()`` reads the config in
     force. Without any key the relay is open only on loopback or when allowed: revoking the last key
-    of a team server must not turn it into an open relay."""
+    of a team server must not turn it into an open relay.
+
+    ``last_used`` is the dict an accepted key's name is stamped into (``now()``), the daemon's
+    :attr:`clproxy.team.keystore.LastUseRecorder.times`: one assignment per request, no I/O."""
 
     def __init__(self, ring: KeyRing, host: str = "127.0.0.1",
-                 allow_unauthenticated: Callable[[], bool] = lambda: False):
+                 allow_unauthenticated: Callable[[], bool] = lambda: False,
+                 last_used: Optional[Dict[str, float]] = None, now: Callable[[], float] = time.time):
         self.ring = ring
         self.host = host
         self.allow_unauthenticated = allow_unauthenticated
+        self.last_used = last_used if last_used is not None else {}
+        self.now = now
 
     def _keyless(self, request) -> Optional[ProxyError]:
         """With no key at all: None when the daemon is open to ``request``, else the refusal (401
@@ -84,6 +91,7 @@ class ClientAuth:
         if record is None:
             return ProxyError(401, INVALID_KEY, "authentication_error")
         request.client_key = record
+        self.last_used[record.name] = self.now()
         return None
 
     def admin(self, request) -> Optional[ProxyError]:
@@ -95,6 +103,7 @@ class ClientAuth:
         record = self.ring.verify(extract_client_key(request.requestHeaders))
         if record is None or not record.admin:
             return ProxyError(401, NEED_ADMIN, "authentication_error")
+        self.last_used[record.name] = self.now()
         return None
 
 

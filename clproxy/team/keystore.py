@@ -18,6 +18,11 @@ loopback, 401 for every valid key elsewhere. So the watcher puts the file's keys
 store reconnects or holds fewer of them than the file, restoring first the tombstones of the
 revocations it knows of (keys that left its file, keys the store refused), and it never lets a
 read of the store empty the ring while the file holds live keys.
+
+**Last use.** The daemon notes when each key was last accepted in memory (one dict assignment per
+request) and :class:`LastUseRecorder` writes those times to the file every minute and at stop, off
+the reactor thread. Such a write changes only ``last_used_at``: the watcher reads the file again but
+publishes nothing for it (:meth:`KeyWatcher._publish` puts only new or changed keys).
 """
 
 import json
@@ -29,7 +34,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, S
 
 import attr
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 
 from clproxy.accounts.tokenstore import (DEFAULT_LOCK_POLL, DEFAULT_LOCK_TIMEOUT, TokenStoreLockTimeout,
@@ -44,10 +49,12 @@ KEYS_VERSION = 1
 #: How often (seconds) a daemon looks at the key file and the shared store: a change is served
 #: within two of these, inside the issue's 2 seconds.
 DEFAULT_WATCH_INTERVAL = 1.0
+#: How often (seconds) a daemon writes the last uses of its keys to the key file.
+LAST_USED_INTERVAL = 60.0
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}\Z")
 
-__all__ = ["KeyStore", "KeyWatcher", "KeyStoreError", "KeyStoreCorrupt", "KeyExists", "UnknownKey",
+__all__ = ["KeyStore", "KeyWatcher", "LastUseRecorder", "KeyStoreError", "KeyStoreCorrupt", "KeyExists", "UnknownKey",
            "InvalidKeyName", "KeyStoreLockTimeout", "default_home"]
 
 
@@ -316,12 +323,18 @@ class KeyWatcher(service.Service):
             self.on_change(served)
 
     async def _publish(self, before: Iterable[KeyRecord], after: Iterable[KeyRecord]) -> None:
-        """Put every key of the file into the shared store, revoke those that left the file."""
+        """Put the file's new and changed keys into the shared store, revoke those that left the
+        file. A change of ``last_used_at`` alone (the daemon's own minutely write) is no change: it
+        would put every key every minute, and the store lacking a key is seen on every tick anyway
+        (:meth:`_shared_keys`)."""
+        was = {r.hash: _published(r) for r in before}
         now = {r.hash: r for r in after}
-        for digest in {r.hash for r in before} - set(now):
+        for digest in set(was) - set(now):
             self._revoked.add(digest)
             await self.shared.revoke_key(digest)
         for digest, record in now.items():
+            if was.get(digest) == _published(record):
+                continue
             if not await self.shared.put_key(digest, record.to_json()):
                 self._revoked.add(digest)
 
@@ -349,3 +362,68 @@ class KeyWatcher(service.Service):
                     self._revoked.add(record.hash)
             shared = await self.shared.all_keys()
         return tuple(sorted((KeyRecord.from_json(r) for r in shared.values()), key=lambda r: r.name))
+
+
+def _published(record: KeyRecord) -> KeyRecord:
+    """What of ``record`` the shared store needs to be told again when it changes: all but its last
+    use."""
+    return attr.evolve(record, last_used_at=None)
+
+
+class LastUseRecorder(service.Service):
+    """The last time each client key was used, noted in memory and written to the key file every
+    ``interval`` seconds on ``clock`` and at stop, in a thread (``in_thread``: ``deferToThread``).
+
+    :attr:`times` (name -> epoch seconds) is the dict the request path writes to, one assignment
+    per request and no I/O (:class:`clproxy.http.auth.ClientAuth`); it is the same dict for the
+    daemon's life, so a flush copies and empties it. A write that fails (the lock held too long, a
+    broken file) keeps its times for the next one and is logged once per distinct error."""
+
+    def __init__(self, store: KeyStore, clock: Any, interval: float = LAST_USED_INTERVAL,
+                 in_thread: Callable[..., defer.Deferred] = threads.deferToThread):
+        self.store = store
+        self.clock = clock
+        self.interval = interval
+        self.in_thread = in_thread
+        self.times: Dict[str, float] = {}
+        self._loop: Optional[task.LoopingCall] = None
+        self._failing: Optional[str] = None
+
+    def startService(self) -> None:
+        """Write every ``interval`` seconds from now on."""
+        service.Service.startService(self)
+        self._loop = task.LoopingCall(self.flush)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> defer.Deferred:
+        """Stop the timer and write what is left; fires once it is written."""
+        service.Service.stopService(self)
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+        return self.flush()
+
+    def flush(self) -> defer.Deferred:
+        """Write the times noted since the last write (none: nothing to do); never fails."""
+        if not self.times:
+            return defer.succeed(None)
+        batch = dict(self.times)
+        self.times.clear()
+        d = self.in_thread(self.store.record_last_used, batch)
+        d.addCallbacks(self._written, self._failed, errbackArgs=(batch,))
+        return d
+
+    def _written(self, _result: Any) -> None:
+        self._failing = None
+
+    def _failed(self, failure: Any, batch: Mapping[str, float]) -> None:
+        # the error names the file, never a key (KeyStoreError, OSError); others by type only
+        error = str(failure.value) if failure.check(KeyStoreError, OSError) else failure.type.__name__
+        if error != self._failing:
+            self._failing = error
+            log.error("the last use of client keys was not written ({error}); retrying later",
+                      error=error)
+        for name, when in batch.items():  # back for the next write, unless a newer use came since
+            if self.times.get(name, 0.0) < when:
+                self.times[name] = when
