@@ -476,3 +476,25 @@ async def test_fifty_requests_at_once_with_one_token_left_send_one(fake, start_p
     # and the next one after it: the budget is spent now, until midnight
     status, headers, body = await send(proxy.url + "/v1/messages", request_body(), with_key(key))
     assert status == 429 and "Token budget" in error(body)[1]
+
+
+def test_host_verdicts_are_remembered_within_a_bound():
+    """The Host check runs on every request of an open loopback daemon: a value's verdict is
+    remembered (the same one comes each time), the same as computed afresh, and a client sending
+    ever new values cannot grow the memory past its bound."""
+    from twisted.web.test.requesthelper import DummyRequest
+    from clproxy.http import auth
+
+    def asked(host):
+        request = DummyRequest([b""])
+        request.requestHeaders.setRawHeaders(b"host", [host])
+        return auth.misdirected(request, "127.0.0.1")
+
+    for _ in range(2):  # computed, then remembered
+        assert not asked(b"127.0.0.1:55669") and not asked(b"LOCALHOST.") and not asked(b"[::1]:1")
+        assert asked(b"attacker.example") and asked(b"localhost.attacker.example:55669")
+    for i in range(3 * auth._FOREIGN_HOSTS_SIZE):
+        assert asked(b"site%d.example" % i)
+        assert len(auth._FOREIGN_HOSTS) <= auth._FOREIGN_HOSTS_SIZE
+    request = DummyRequest([b""])  # no Host at all (HTTP/1.0): not foreign
+    assert not auth.misdirected(request, "127.0.0.1")

@@ -17,7 +17,7 @@ binds). A request without ``Host`` (HTTP/1.0) is let through; with keys the key 
 """
 
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from twisted.web import resource
 
@@ -46,13 +46,31 @@ def host_name(value: str) -> str:
     return value.rstrip(".")
 
 
+#: (Host value, bound host) -> whether it names another site: asked on every request of an open
+#: loopback daemon, where the same one or two values come each time (bounded: a client sending
+#: ever new values only empties it)
+_FOREIGN_HOSTS: Dict[Tuple[bytes, str], bool] = {}
+_FOREIGN_HOSTS_SIZE = 256
+
+
+def _foreign(value: bytes, bound_host: str) -> bool:
+    key = (value, bound_host)
+    verdict = _FOREIGN_HOSTS.get(key)
+    if verdict is None:
+        verdict = host_name(value.decode("latin-1")) not in LOCAL_NAMES | {host_name(bound_host)}
+        if len(_FOREIGN_HOSTS) >= _FOREIGN_HOSTS_SIZE:
+            _FOREIGN_HOSTS.clear()
+        _FOREIGN_HOSTS[key] = verdict
+    return verdict
+
+
 def misdirected(request, bound_host: str) -> bool:
     """Whether ``request`` carries a ``Host`` naming neither a local name nor ``bound_host``: a page
     of another site reaching the daemon through DNS rebinding. No ``Host`` at all is not."""
-    allowed = LOCAL_NAMES | {host_name(bound_host)}
-    values = request.requestHeaders.getRawHeaders(b"host") or ()
-    return any(host_name(value.decode("latin-1")) not in allowed for value in values)
-
+    for value in request.requestHeaders.getRawHeaders(b"host") or ():
+        if _foreign(value, bound_host):
+            return True
+    return False
 
 
 class ClientAuth:
