@@ -64,23 +64,7 @@ async def test_b_adopts_a_rotation_once_without_error(fake, oauth, start_proxy, 
                                                       tmp_path, warnings):
     """A refreshes after a 401; B then gets a 401 on the old token, adopts A's rotation from Redis
     without a refresh of its own, writes its token file exactly once and logs no error."""
-    home_a, home_b = tmp_path / "a", tmp_path / "b"
-    pair = oauth.seed_tokens()
-    now = time.time()
-    TokenStore(str(home_a)).put(StoredCredential.new_oauth(
-        "work", TokenSet(access_token=pair.access_token, refresh_token=pair.refresh_token), now,
-        expires_at=now + 8 * 3600))
-    shutil.copytree(home_a, home_b)  # the same login on a second machine
-    config = {"providers": {"anthropic": {"baseUrl": fake.url, "oauthTokenUrl": oauth.token_url}},
-              "state": {"backend": "redis", "url": redis_server.url, "prefix": unique_prefix()}}
-    one = start_proxy(config, environ={"CLPROXY_HOME": str(home_a)})
-    two = start_proxy(config, environ={"CLPROXY_HOME": str(home_b)})
-    await until(lambda: one.service.store.available and two.service.store.available)
-    fake.authorize = oauth.is_live_access_token
-    oauth.revoke(pair.access_token)
-    assert (await post(one.url + "/v1/messages", request_body()))[0] == 200
-    assert oauth.refresh_calls == 1
-    rotated = TokenStore(str(home_a)).get(KEY)
+    one, two, _, home_b, _, _, rotated = await two_instances(fake, oauth, start_proxy, redis_server, tmp_path)
     writes = count_writes(two.service.tokens)
     del warnings[:]
     assert (await post(two.url + "/v1/messages", request_body()))[0] == 200

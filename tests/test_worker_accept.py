@@ -56,52 +56,73 @@ async def test_an_adopted_tcp_socket_accepts_one_connection_per_wake_up():
         await port.stopListening()
 
 
+class TwoWorkers:
+    """Worker 1's port (its pause on a task.Clock) and worker 2's board, serving, on one board and
+    one listening socket; ``second`` is worker 2's copy of that socket (non-blocking)."""
+
+    async def start(self):
+        self.supervisor, self.handle = ConnectionBoard.create(2)
+        self.board = ConnectionBoard(os.dup(self.handle.fileno()), 2, 1)
+        self.other = ConnectionBoard(os.dup(self.handle.fileno()), 2, 2)
+        self.other.serve()
+        listener = socket.socket()
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        self.address = listener.getsockname()
+        self.second = socket.socket(fileno=os.dup(listener.fileno()))
+        self.second.setblocking(False)
+        self.factory = Counting()
+        self.port = await AdoptedEndpoint(reactor, listener.detach(), self.board).listen(self.factory)
+        self.port.clock = self.clock = task.Clock()
+        self.sockets = []
+        return self
+
+    def connect(self):
+        """A client connection to the shared socket (closed at the end)."""
+        self.sockets.append(socket.create_connection(self.address))
+
+    async def stop(self):
+        for s in self.sockets + [self.second]:
+            s.close()
+        for built in self.factory.built:
+            if built.transport is not None:
+                built.transport.abortConnection()
+        await self.port.stopListening()
+        for b in (self.board, self.other, self.supervisor):
+            b.close()
+        self.handle.close()
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_worker_ahead_of_the_others_leaves_them_the_next_connection_for_a_bounded_pause():
     """Worker 1 holding more than ACCEPT_SLACK connections beyond worker 2's count takes none at
     its next wake-up: it stops watching the socket for ACCEPT_PAUSE (on its clock), then takes the
     connection if it is still waiting, whatever the counts (a stalled worker 2 holds nothing back
     longer). Every connection it accepts is counted in its slot while open."""
-    supervisor, handle = ConnectionBoard.create(2)
-    board = ConnectionBoard(os.dup(handle.fileno()), 2, 1)
-    other = ConnectionBoard(os.dup(handle.fileno()), 2, 2)
-    other.serve()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    address = listener.getsockname()
-    factory = Counting()
-    port = await AdoptedEndpoint(reactor, listener.detach(), board).listen(factory)
-    port.clock = clock = task.Clock()
-    clients = []
+    w = await TwoWorkers().start()
+    port, built, counts = w.port, w.factory.built, w.supervisor.counts
     try:
-        assert port.board is board and supervisor.counts() == [0, 0]  # serving once it listens
-        for _ in range(2):
-            clients.append(socket.create_connection(address))
+        assert port.board is w.board and counts() == [0, 0]  # serving once it listens
+        w.connect()
+        w.connect()
         port.doRead()  # even: takes it
-        assert len(factory.built) == 1 and supervisor.counts() == [1, 0]
-        for _ in range(ACCEPT_SLACK):
-            board.add(1)  # (as if it held more)
+        assert len(built) == 1 and counts() == [1, 0]
+        w.board.add(ACCEPT_SLACK)  # (as if it held more)
         port.doRead()  # ahead by ACCEPT_SLACK + 1: leaves this one
-        assert len(factory.built) == 1 and port not in reactor.getReaders()
-        clock.advance(ACCEPT_PAUSE)  # no one took it: taken as the pause ends
+        assert len(built) == 1 and port not in reactor.getReaders()
+        w.clock.advance(ACCEPT_PAUSE)  # no one took it: taken as the pause ends
         assert port in reactor.getReaders()
-        assert len(factory.built) == 2 and supervisor.counts() == [2 + ACCEPT_SLACK, 0]
-        other.add(ACCEPT_SLACK + 1)  # worker 2 caught up: no pause
-        clients.append(socket.create_connection(address))
+        assert len(built) == 2 and counts() == [2 + ACCEPT_SLACK, 0]
+        w.other.add(ACCEPT_SLACK + 1)  # worker 2 caught up: no pause
+        w.connect()
         port.doRead()
-        assert len(factory.built) == 3
-        for built in factory.built:
-            built.transport.abortConnection()
+        assert len(built) == 3
+        for protocol_ in built:
+            protocol_.transport.abortConnection()
         await deferLater(reactor, 0.05, lambda: None)
-        assert supervisor.counts() == [ACCEPT_SLACK, ACCEPT_SLACK + 1]  # the three closed, uncounted
+        assert counts() == [ACCEPT_SLACK, ACCEPT_SLACK + 1]  # the three closed, uncounted
     finally:
-        for client in clients:
-            client.close()
-        await port.stopListening()
-        for b in (board, other, supervisor):
-            b.close()
-        handle.close()
+        await w.stop()
 
 
 @pytest_twisted.ensureDeferred
@@ -109,40 +130,20 @@ async def test_a_worker_still_ahead_after_its_pause_leaves_a_later_connection_to
     """When the other worker took the connection left to it, the pause ends with nothing to take,
     and a connection arriving any time later is weighed against the counts again: worker 1, still
     far ahead of an idle worker 2, leaves that one too (it used to take it unconditionally)."""
-    supervisor, handle = ConnectionBoard.create(2)
-    board = ConnectionBoard(os.dup(handle.fileno()), 2, 1)
-    other = ConnectionBoard(os.dup(handle.fileno()), 2, 2)
-    other.serve()
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    address = listener.getsockname()
-    second_worker = socket.socket(fileno=os.dup(listener.fileno()))  # worker 2's copy
-    second_worker.setblocking(False)
-    factory = Counting()
-    port = await AdoptedEndpoint(reactor, listener.detach(), board).listen(factory)
-    port.clock = clock = task.Clock()
-    clients, taken = [], []
+    w = await TwoWorkers().start()
     try:
-        board.add(ACCEPT_SLACK + 5)
-        clients.append(socket.create_connection(address))
-        port.doRead()  # ahead: leaves it
-        taken.append(second_worker.accept()[0])  # worker 2 takes it
-        clock.advance(ACCEPT_PAUSE)  # nothing left to take
-        assert factory.built == [] and port in reactor.getReaders()
-        clock.advance(60)
-        clients.append(socket.create_connection(address))
-        port.doRead()
-        assert factory.built == [] and port not in reactor.getReaders()
+        w.board.add(ACCEPT_SLACK + 5)
+        w.connect()
+        w.port.doRead()  # ahead: leaves it
+        w.sockets.append(w.second.accept()[0])  # worker 2 takes it
+        w.clock.advance(ACCEPT_PAUSE)  # nothing left to take
+        assert w.factory.built == [] and w.port in reactor.getReaders()
+        w.clock.advance(60)
+        w.connect()
+        w.port.doRead()
+        assert w.factory.built == [] and w.port not in reactor.getReaders()
     finally:
-        for s in clients + taken + [second_worker]:
-            s.close()
-        for built in factory.built:
-            built.transport.abortConnection()
-        await port.stopListening()
-        for b in (board, other, supervisor):
-            b.close()
-        handle.close()
+        await w.stop()
 
 
 @pytest_twisted.ensureDeferred
