@@ -271,6 +271,31 @@ async def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(tmp_path
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_worker_restarted_after_a_refused_edit_starts_on_the_config_in_force(
+        tmp_path, daemons, fake, redis_server):
+    """An edit the supervisor refused (invalid) leaves the config in force; a worker that dies
+    then used to be restarted on the broken file, fail at once and again (backoff up to 30 s),
+    one worker short. It starts on the config the supervisor accepted last, and serves."""
+    config = dict(shared(accounts_config(fake, "a"), redis_server), routing={"strategy": "round-robin"})
+    daemon = daemons(tmp_path, config)
+    first = await daemon.worker_pids(2)
+    daemon.config.write_text(json.dumps(dict(config, routing={"strategy": "nonsense"})))
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while "config reload failed" not in daemon.output():
+        assert time.monotonic() < deadline, daemon.output()
+        await pause(0.05)
+    victim = sorted(first)[0]
+    os.kill(victim, signal.SIGKILL)
+    replacement = await daemon.worker_pids(1, exclude=first)
+    found = await strategies_of(daemon, (first - {victim}) | replacement)
+    assert set(found.values()) == {"round-robin"}
+    assert (await post(daemon.url + "/v1/messages", request_body()))[0] == 200
+    assert "invalid configuration" not in daemon.output()
+    assert daemon.output().count("started (pid") == 3  # two at start, one replacement: no crash loop
+
+
+@pytest_twisted.ensureDeferred
 async def test_metrics_count_every_workers_requests_and_never_go_down(tmp_path, daemons, fake, redis_server):
     """/metrics on either worker counts the requests of both: N requests spread over two workers
     read N on every scrape; a worker killed with SIGKILL and replaced never makes the counter go
@@ -542,3 +567,32 @@ def test_a_reload_reaches_a_starting_worker_only_once_it_serves(supervisor, monk
     assert sent == [(first, signal.SIGHUP)] and supervisor._reload_wait is None
     serving_first.close()
     serving_second.close()
+
+
+def test_workers_start_on_the_config_text_the_supervisor_accepted_last(supervisor, tmp_path):
+    """Each worker inherits the accepted config text (an unlinked 0600 file, a new one per
+    accepted reload, so a worker never reads one half rewritten) and parses it instead of the
+    file; without that descriptor (started by hand) it reads the file."""
+    from clproxy.daemon import worker
+    supervisor.accept_config("routing:\n  strategy: round-robin\n")
+    supervisor.startService()
+    clock = supervisor.reactor
+    first = supervisor.config_file
+    assert os.fstat(first.fileno()).st_mode & 0o777 == 0o600
+    env = clock.spawned[0][1]
+    assert env[workers.CONFIG_FD_VARIABLE] == str(workers.WORKER_CONFIG_FD)
+    supervisor.accept_config("routing:\n  strategy: fill-first\n")
+    assert first.closed and supervisor.config_file is not first
+    supervisor.accept_config(None)  # nothing parsed (no text): the last accepted stays
+    assert not supervisor.config_file.closed
+    fd = os.dup(supervisor.config_file.fileno())
+    assert worker._inherited_config({workers.CONFIG_FD_VARIABLE: str(fd)}) == "routing:\n  strategy: fill-first\n"
+    with pytest.raises(OSError):
+        os.fstat(fd)  # read, then closed
+    assert worker._inherited_config({}) is None
+    options = tap.Options()
+    options.parseOptions(["--config", str(tmp_path / "broken.yaml")])
+    (tmp_path / "broken.yaml").write_text("routing: [")
+    _, _, loaded = tap.load(options, {"CLPROXY_HOME": str(tmp_path / "home")},
+                            config_text="routing:\n  strategy: round-robin\n")
+    assert loaded.config.routing.strategy == "round-robin" and loaded.source == str(tmp_path / "broken.yaml")

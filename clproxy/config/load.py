@@ -108,7 +108,7 @@ def parse_config(text: str, source: str = "<string>",
     except ConfigError as e:
         e.source = source
         raise
-    return LoadedConfig(config=config, warnings=tuple(warnings), notes=(), source=source)
+    return LoadedConfig(config=config, warnings=tuple(warnings), notes=(), source=source, text=text)
 
 
 def _parse_document(text: str, source: str, warnings: List[str]) -> Any:

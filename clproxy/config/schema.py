@@ -250,10 +250,13 @@ class Config:
 class LoadedConfig:
     """A configuration with what loading it had to say: ``warnings`` (fix these) and ``notes`` (FYI).
 
-    ``source`` is the file it came from, or ``None`` when no file was found.
+    ``source`` is the file it came from, or ``None`` when no file was found. ``text`` is what was
+    parsed (``""`` without a file): a supervisor hands the text it accepted to the workers it
+    starts later. It may hold secrets: never in a repr.
     """
 
     config: Config
     warnings: Tuple[str, ...] = ()
     notes: Tuple[str, ...] = ()
     source: Optional[str] = None
+    text: Optional[str] = attr.ib(default=None, repr=False, eq=False)

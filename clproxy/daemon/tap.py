@@ -99,16 +99,21 @@ def listen_description(host: str, port: int) -> str:
     return f"tcp:{int(port)}:interface={endpoints.quoteStringArgument(host)}:backlog=1024"
 
 
-def load(options: Mapping, environ: Mapping[str, str]):
+def load(options: Mapping, environ: Mapping[str, str], config_text: Optional[str] = None):
     """``(effective environment, CLPROXY_HOME, loaded config)`` for parsed options, the log level
-    set; ``SystemExit`` with one line on a bad config or home."""
+    set; ``SystemExit`` with one line on a bad config or home. ``config_text``: parse that (the
+    config its supervisor accepted, for a worker) instead of reading the file."""
     console.set_level(LogLevel.debug if options.get("debug") else
                       LogLevel.warn if options.get("quiet") else LogLevel.info)
     try:
         env = effective_environment(options, environ)
         home = configuration.clproxy_home(env)
         check_home(home)  # once, early: one line instead of a traceback
-        loaded = configuration.load_config(options.get("config"), env)
+        if config_text is not None:
+            source = options.get("config") or configuration.default_config_path(env)
+            loaded = configuration.parse_config(config_text, source, env)
+        else:
+            loaded = configuration.load_config(options.get("config"), env)
     except configuration.ConfigError as e:
         raise SystemExit(f"clproxy: invalid configuration: {e}")
     for warning in loaded.warnings:
@@ -129,7 +134,8 @@ def makeService(options: Mapping, reactor=None, environ: Optional[Mapping[str, s
     env, home, loaded = load(options, environ)
     count = workers.worker_count(options, loaded.config)
     if count > 1:
-        return workers.supervise(options, loaded.config, count, reactor=reactor, environ=env, home=home)
+        return workers.supervise(options, loaded.config, count, reactor=reactor, environ=env, home=home,
+                                 config_text=loaded.text)
     proxy = build_proxy(loaded.config, clock=reactor, reactor=reactor, environ=env, home=home,
                         config_path=options.get("config"), strategy=options.get("strategy"),
                         passthrough=bool(options.get("passthrough")), debug=bool(options.get("debug")),

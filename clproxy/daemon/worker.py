@@ -24,7 +24,7 @@ from clproxy.daemon import runstate
 from clproxy.daemon.assemble import ProxyService, RecordingEndpoint, build_proxy
 from clproxy.daemon.reload import install_sighup
 from clproxy.daemon.shares import ACCEPT_PAUSE, ACCEPT_SLACK, BOARD_FD_VARIABLE, ConnectionBoard
-from clproxy.daemon.workers import SUPERVISOR_PID_VARIABLE
+from clproxy.daemon.workers import CONFIG_FD_VARIABLE, SUPERVISOR_PID_VARIABLE
 from clproxy.observe import console
 from clproxy.observe.aggregate import WorkerMetrics
 
@@ -136,7 +136,7 @@ def make_worker_service(options: Mapping, reactor, environ: Mapping[str, str], f
     published for (and ``/metrics`` summed over) the supervisor's run ``run``."""
     from clproxy.daemon.tap import load
 
-    env, home, loaded = load(options, environ)
+    env, home, loaded = load(options, environ, config_text=_inherited_config(environ))
     proxy = build_proxy(loaded.config, clock=reactor, reactor=reactor, environ=env, home=home,
                         config_path=options.get("config"), strategy=options.get("strategy"),
                         passthrough=bool(options.get("passthrough")), debug=bool(options.get("debug")),
@@ -182,6 +182,22 @@ def _inherited_board(environ: Mapping[str, str], count: int, index: int) -> Opti
         return ConnectionBoard(int(environ[BOARD_FD_VARIABLE]), count, index)
     except (KeyError, OSError, ValueError):
         return None
+
+
+def _inherited_config(environ: Mapping[str, str]) -> Optional[str]:
+    """The config text the supervisor accepted last, read from the descriptor it named in
+    ``environ`` (closed once read), or None (started by hand: the file is read). A worker restarted
+    after an edit the supervisor refused starts on the config in force, not on the broken file."""
+    try:
+        fd = int(environ[CONFIG_FD_VARIABLE])
+    except (KeyError, ValueError):
+        return None
+    try:
+        data = os.pread(fd, os.fstat(fd).st_size, 0)
+        os.close(fd)
+    except OSError:
+        return None
+    return data.decode("utf-8", "replace")
 
 
 def _supervisor_pid(environ: Mapping[str, str]) -> int:

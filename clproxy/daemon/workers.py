@@ -33,6 +33,7 @@ import os
 import signal
 import socket
 import sys
+import tempfile
 import uuid
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -51,6 +52,10 @@ WORKER_LISTEN_FD = 3
 #: The environment variable naming the supervisor's pid to its workers (each stops once its parent
 #: is no longer that process).
 SUPERVISOR_PID_VARIABLE = "CLPROXY_WORKER_SUPERVISOR_PID"
+#: The descriptor number, in a worker, of the config text the supervisor accepted last, and the
+#: environment variable that names it (a worker parses that, not the file, at its start).
+WORKER_CONFIG_FD = 5
+CONFIG_FD_VARIABLE = "CLPROXY_WORKER_CONFIG_FD"
 #: Seconds between two looks, while a reload waits for a starting worker, at whether it serves.
 RELOAD_WAIT_INTERVAL = 0.1
 
@@ -121,7 +126,7 @@ class WorkerSupervisor(service.Service):
     name = "workers"  # type: ignore[assignment]
 
     def __init__(self, reactor, *, host: str, port: int, count: int, options: Mapping,
-                 environ: Mapping[str, str], drain_timeout: float):
+                 environ: Mapping[str, str], drain_timeout: float, config_text: Optional[str] = None):
         self.reactor = reactor
         self.host, self.port, self.count = host, port, count
         self.options = options
@@ -142,6 +147,24 @@ class WorkerSupervisor(service.Service):
         self._reload_wait: Optional[task.LoopingCall] = None
         self._stopping = False
         self._all_ended: Optional[defer.Deferred] = None
+        #: the config text accepted last, in an unlinked file each worker started from now on
+        #: inherits: a worker restarted after an edit the supervisor refused starts on the config
+        #: in force, not on the broken file (None: workers read the file)
+        self.config_file: Any = None
+        if config_text is not None:
+            self.accept_config(config_text)
+
+    def accept_config(self, text: Optional[str]) -> None:
+        """``text`` is the config in force from now on: workers started later parse it. A new
+        file each time, so a worker reading the last one never sees it half rewritten."""
+        if text is None:
+            return
+        handle = tempfile.TemporaryFile()  # 0600: the text may hold API keys
+        handle.write(text.encode("utf-8"))
+        handle.flush()
+        old, self.config_file = self.config_file, handle
+        if old is not None:
+            old.close()
 
     def address(self):
         """The (host, port) the workers serve (useful with ``--port 0``)."""
@@ -184,10 +207,12 @@ class WorkerSupervisor(service.Service):
         # the worker's stdout and stderr are ours (the log), the socket is its fd 3, the board its fd 4
         env = dict(self.environ, **{BOARD_FD_VARIABLE: str(WORKER_BOARD_FD),
                                     SUPERVISOR_PID_VARIABLE: str(os.getpid())})
+        child_fds = {1: 1, 2: 2, WORKER_LISTEN_FD: self.socket.fileno(), WORKER_BOARD_FD: self.board_file.fileno()}
+        if self.config_file is not None:
+            env[CONFIG_FD_VARIABLE] = str(WORKER_CONFIG_FD)
+            child_fds[WORKER_CONFIG_FD] = self.config_file.fileno()
         try:
-            process = self.reactor.spawnProcess(worker, args[0], args, env=env,
-                                                childFDs={1: 1, 2: 2, WORKER_LISTEN_FD: self.socket.fileno(),
-                                                          WORKER_BOARD_FD: self.board_file.fileno()})
+            process = self.reactor.spawnProcess(worker, args[0], args, env=env, childFDs=child_fds)
         except OSError as e:  # fork or exec refused (the process or descriptor limit, memory)
             failures = self.failures.get(index, 0) + 1
             self.failures[index] = failures
@@ -269,6 +294,9 @@ class WorkerSupervisor(service.Service):
             self.board.close()
             self.board_file.close()  # (the workers keep their own mappings until they exit)
             self.board = self.board_file = None
+        if self.config_file is not None:
+            self.config_file.close()
+            self.config_file = None
         if not self.live:
             return defer.succeed(None)
         self._all_ended = defer.Deferred()
@@ -323,13 +351,15 @@ class SupervisedConfig:
 
         reload_parts(reloaded.config)  # raises before anything changes
         self.config = reloaded.config
+        self.supervisor.accept_config(reloaded.text)  # what a worker started from now on parses
         if self.lifecycle is not None:
             self.lifecycle.config_reloaded(self.strategy(), self.config)
         self.supervisor.reload_workers()
         return restart_needed(self.started_with, self.config)
 
 
-def supervise(options: Mapping, cfg, count: int, *, reactor, environ: Mapping[str, str], home: str):
+def supervise(options: Mapping, cfg, count: int, *, reactor, environ: Mapping[str, str], home: str,
+              config_text: Optional[str] = None):
     """The top service of ``--workers N``: the supervisor, the config's watcher (SIGHUP reloads;
     see :class:`SupervisedConfig`) and the daemon's footprint (state file, Claude Code's settings
     once an account is usable, the guard), which only it writes."""
@@ -348,7 +378,8 @@ def supervise(options: Mapping, cfg, count: int, *, reactor, environ: Mapping[st
         raise SystemExit(f"clproxy: {problem}")
     top = service.MultiService()
     supervisor = WorkerSupervisor(reactor, host=options["host"], port=options["port"], count=count,
-                                  options=options, environ=environ, drain_timeout=cfg.server.drain_timeout)
+                                  options=options, environ=environ, drain_timeout=cfg.server.drain_timeout,
+                                  config_text=config_text)
     supervisor.setServiceParent(top)
     top.supervisor = supervisor  # type: ignore[attr-defined]
     top.address = supervisor.address  # type: ignore[attr-defined]
