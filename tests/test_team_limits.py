@@ -332,6 +332,38 @@ def test_a_request_in_flight_is_held_at_the_keys_average_cost():
     assert run(limits.check(free, "m")) is None
 
 
+class SlowSlots:
+    """A store whose rpm slots answer later (as Redis does, a round trip away)."""
+
+    def __init__(self):
+        self.pending = []
+
+    def take_rate_slot(self, key, now, limit, window=60.0):
+        self.pending.append(defer.Deferred())
+        return self.pending[-1]
+
+    def rate_usage(self, key, now, window=60.0):
+        return defer.succeed((0, None))
+
+
+def test_requests_checked_together_see_each_others_holds_across_the_rpm_round_trip():
+    """A key with an rpm limit and a budget: the hold used to be taken only after the rpm slot's
+    answer, so fifty checks waiting on their slots (Redis: a round trip) all passed one token left.
+    Held before the slot is asked now, and released again when the slot is refused."""
+    clock = clock_at(NOON)
+    spent = FakeSpent()
+    spent.add("alice", "2026-03-14", "2026-03", 999, 0.0)
+    store = SlowSlots()
+    limits = KeyLimits(store, clock, spent)
+    record = Record(tokens_per_day=1000, rpm=1000)
+    outcomes = []
+    for _ in range(50):
+        defer.Deferred.fromCoroutine(limits.check(record, "claude-sonnet-4-5")).addBoth(outcomes.append)
+    assert len(store.pending) == 1  # the other 49 refused before asking for a slot
+    store.pending[0].callback(False)  # and that one's slot is refused: its hold goes
+    assert sum(1 for o in outcomes if callable(o)) == 0 and limits._held == {}
+
+
 def test_tokens_over_the_budget_names_the_amount_spent():
     """A token budget overrun names the amount actually spent, "12,345 of 1,000", not just the limit."""
     record = Record(tokens_per_day=1000)
@@ -534,3 +566,21 @@ def test_limits_module_is_checked_as_pure(tmp_path):
                              str(tmp_path)], capture_output=True, text=True)
     assert result.returncode == 1
     assert "clproxy/team/limits.py" in result.stdout
+
+
+def test_only_answers_that_spent_something_move_the_hold_average(tmp_path):
+    """The usage sink told the limits of every keyed request, refusals and errors (no usage) as
+    costing 0: twenty refused retries pulled the average a request is held at to ~1 token, and the
+    next burst passed a nearly spent budget again. Only a request with usage moves it now."""
+    from clproxy.daemon.assemble import UsageRecorder
+    from clproxy.team.pricing import Pricing
+    clock, spent, limits = make(NOON)
+    recorder = UsageRecorder(type("Ledger", (), {"record": lambda self, row: None})(), MemoryStateStore(),
+                             Pricing())
+    recorder.charged = limits.charged
+    recorder.record({"key_name": "alice", "model": "claude-sonnet-4-5", "at": NOON,
+                     "usage": {"input_tokens": 400, "output_tokens": 100}})
+    assert limits._average["alice"][0] == 500
+    for _ in range(20):  # 429s, an upstream error, GET /v1/models: no usage
+        recorder.record({"key_name": "alice", "model": "claude-sonnet-4-5", "usage": {}, "at": NOON})
+    assert limits._average["alice"][0] == 500

@@ -509,7 +509,9 @@ class UsageRecorder:
             usage=usage, cost_usd=cost, status=fields.get("status"), duration=fields.get("duration"),
             at=fields.get("at") or 0.0)
         self.ledger.record(row)
-        if self.charged is not None and row.key_name is not None:
+        if self.charged is not None and row.key_name is not None and usage:
+            # only answers that spent something: refusals and errors (no usage) would pull the
+            # average toward 0 and let the next burst past a nearly spent budget
             self.charged(row.key_name, row.tokens or 0, row.cost_usd or 0.0)
         if row.key_name is not None and (row.tokens or row.cost_usd):
             d = defer.maybeDeferred(self.store.add_usage, row.key_name, utc_day(row.at), row.tokens,

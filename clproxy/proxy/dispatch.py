@@ -238,10 +238,12 @@ class Dispatcher:
             record.error = f"internal error: {type(e).__name__}"
             raise
         finally:
-            # 499: the client went away before any answer (nginx's "client closed request")
-            record.finish(status=out.status if out.status is not None else (500 if record.error else 499))
-            if release is not None:
-                release()  # after finish: its usage is counted as spent before it stops being held
+            try:
+                # 499: the client went away before any answer (nginx's "client closed request")
+                record.finish(status=out.status if out.status is not None else (500 if record.error else 499))
+            finally:
+                if release is not None:
+                    release()  # after finish: its usage is counted as spent before it stops being held
             await self.store.incr("completed_requests")
 
     async def _forward(self, request: ProxyRequest, out) -> None:

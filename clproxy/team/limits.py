@@ -199,6 +199,7 @@ IN_FLIGHT_MESSAGE = ("{count} request(s) of this API key are still running and m
 
 
 def _plus(spent: Optional[Tuple[int, float]], held: Tuple[float, float]) -> Optional[Tuple[int, float]]:
+    """``spent`` (tokens, usd) with what requests in flight hold added (None stays None)."""
     if spent is None:
         return None
     return (int((spent[0] or 0) + held[0]), (spent[1] or 0.0) + held[1])
@@ -232,7 +233,8 @@ class KeyLimits:
         """Raise :class:`ProxyError` when ``record`` may not send this request now; when it may,
         take an rpm slot and return the release of what the request holds of its key's budgets
         (None when it holds nothing): call once per client request, right before dispatch, and the
-        release once the request's usage is recorded.
+        release once the request's usage is recorded (under Redis, sent: for one round trip a
+        check may then see neither the hold nor the spend).
 
         In order: the model (403; a request naming none, ``GET /v1/models``, skips only this), the
         day and month budgets (429 until the window's end), the same with the requests in flight
@@ -253,18 +255,27 @@ class KeyLimits:
         error = budget_error(record, now, day, month)
         if error is not None:
             raise error
-        held = self._held.get(record.name)
-        if held is not None and budget_error(record, now, _plus(day, (held[0], held[1])),
-                                             _plus(month, (held[0], held[1]))) is not None:
-            raise _limited(IN_FLIGHT_MESSAGE.format(count=int(held[2]), limit=_budget_words(record)),
-                           now + 1, now)
+        release = None
+        if day is not None or month is not None:
+            held = self._held.get(record.name)
+            if held is not None and budget_error(record, now, _plus(day, (held[0], held[1])),
+                                                 _plus(month, (held[0], held[1]))) is not None:
+                raise _limited(IN_FLIGHT_MESSAGE.format(count=int(held[2]), limit=_budget_words(record)),
+                               now + 1, now)
+            # held at once, before the rpm slot's round trip: requests checked together must see
+            # each other's holds, or they all pass a nearly spent budget again
+            release = self._hold(record.name)
         if record.rpm is not None:
-            await self._take_slot(record, now)
-        if day is None and month is None:
-            return None
-        return self._hold(record.name)
+            try:
+                await self._take_slot(record, now)
+            except BaseException:
+                if release is not None:
+                    release()
+                raise
+        return release
 
     def _hold(self, name: str) -> Callable[[], None]:
+        """Hold what a request of ``name`` costs on average (at least 1 token); its release."""
         tokens, usd = self._average.get(name, (1.0, 0.0))
         share = (max(1.0, tokens), max(0.0, usd))
         held = self._held.setdefault(name, [0.0, 0.0, 0])
