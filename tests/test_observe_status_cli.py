@@ -301,3 +301,42 @@ def test_only_clproxy_keys_are_taken_from_claude_codes_variables():
     assert status.admin_key({"ANTHROPIC_API_KEY": "sk-ant-api03-x", "ANTHROPIC_AUTH_TOKEN": "sk-ant-oat01-y"}) is None
     assert status.admin_key({"ANTHROPIC_API_KEY": "clp_a"}) == "clp_a"
     assert status.admin_key({"CLPROXY_ADMIN_KEY": " k ", "ANTHROPIC_API_KEY": "clp_a"}) == "k"
+
+
+def test_a_redirect_is_not_followed_with_the_admin_key():
+    """urllib follows a redirect and copies the request's headers to the new host: a --url behind
+    a redirecting front end (or a foreign program on the state file's port) would receive the admin
+    key. The status command (and the status line, same opener) answers the redirect as an error."""
+    import http.server
+    import threading
+    seen = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.headers.get("authorization"))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    servers = [http.server.HTTPServer(("127.0.0.1", 0), Collector)]
+
+    class Redirector(Collector):
+        def do_GET(self):
+            self.send_response(302)
+            self.send_header("location", f"http://localhost:{servers[0].server_address[1]}/elsewhere")
+            self.end_headers()
+
+    servers.append(http.server.HTTPServer(("127.0.0.1", 0), Redirector))
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(status.NotRunning) as raised:
+            status.fetch_status(f"http://127.0.0.1:{servers[1].server_address[1]}", 5.0, "clp_SECRETADMINKEY")
+        assert "HTTP 302" in str(raised.value) and "clp_" not in str(raised.value)
+    finally:
+        for server in servers:
+            server.shutdown()
+    assert seen == []

@@ -18,6 +18,7 @@ import urllib.request
 from typing import Callable, List, Mapping, Optional, TextIO
 
 from clproxy.config import clproxy_home
+from clproxy.team.keys import KEY_PREFIX
 from clproxy.cli.argparsing import UsageExit as _UsageExit, writing_parser
 
 DEFAULT_URL = "http://127.0.0.1:55669"
@@ -27,7 +28,7 @@ TIMEOUT = 5.0
 ADMIN_KEY_VARIABLE = "CLPROXY_ADMIN_KEY"
 #: what every clproxy client key starts with (another value in Claude Code's variables is an
 #: Anthropic credential, never sent to the proxy's /status)
-CLIENT_KEY_PREFIX = "clp_"
+CLIENT_KEY_PREFIX = KEY_PREFIX
 
 
 def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
@@ -120,7 +121,7 @@ def fetch_status(url: str, timeout: float, key: Optional[str] = None) -> dict:
         headers["authorization"] = f"Bearer {key}"
     request = urllib.request.Request(target, headers=headers)
     try:
-        with _opener().open(request, timeout=timeout) as response:
+        with local_opener().open(request, timeout=timeout) as response:
             body = response.read(8 * 1024 * 1024)
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
@@ -143,9 +144,18 @@ def fetch_status(url: str, timeout: float, key: Optional[str] = None) -> dict:
     return document
 
 
-def _opener():
-    # A status check of a local daemon must not go through an HTTP proxy from the environment.
-    return urllib.request.build_opener(urllib.request.ProxyHandler({}))
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is answered as the error it is here: following it would send the request's
+    client key to wherever the answer points (urllib copies the headers to the new host)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        return None
+
+
+def local_opener():
+    """An opener for asking a local daemon: never through an HTTP proxy from the environment,
+    never following a redirect (the request may carry a client key)."""
+    return urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
 
 
 def main(argv, *, stdout: TextIO = sys.stdout, stderr: TextIO = sys.stderr,

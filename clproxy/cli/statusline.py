@@ -17,7 +17,7 @@ import urllib.request
 from typing import Any, Mapping, Optional, TextIO
 
 from clproxy.cli.argparsing import UsageExit, writing_parser
-from clproxy.cli.status import read_state, url_from_state
+from clproxy.cli.status import local_opener, read_state, url_from_state
 from clproxy.routing.affinity import valid_session_id
 from clproxy.routing.headroom import percent as utilization_percent
 
@@ -87,7 +87,7 @@ def session_from(text: str) -> Optional[str]:
 
 def get_json(url: str, headers: Mapping[str, str], timeout: float) -> Any:
     """GET ``url`` and parse its JSON; :class:`Unavailable` with the line to show otherwise."""
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local daemon: no HTTP proxy
+    opener = local_opener()  # no HTTP proxy from the environment, no redirect taking the key along
     try:
         with opener.open(urllib.request.Request(url, headers=dict(headers)), timeout=timeout) as response:
             body = response.read(MAX_ANSWER)

@@ -19,6 +19,7 @@ from twisted.application import service
 from twisted.internet import task
 
 from clproxy.observe import console
+from clproxy.team.keys import KEY_PREFIX
 
 __all__ = [
     "SettingsError", "SETTINGS_ENV", "DEFAULT_TOOL_SEARCH", "default_settings_path", "proxy_env",
@@ -293,10 +294,6 @@ def restore_status_line(record: Mapping[str, Any]) -> Optional[str]:
     return "removed"
 
 
-#: what every clproxy client key starts with
-CLIENT_KEY_PREFIX = "clp_"
-
-
 def holds_client_key(path: str) -> bool:
     """Whether the settings at ``path`` give Claude Code a clproxy client key (``env``'s
     ``ANTHROPIC_AUTH_TOKEN`` or ``ANTHROPIC_API_KEY``; unreadable: ``False``)."""
@@ -307,7 +304,7 @@ def holds_client_key(path: str) -> bool:
     env = (document or {}).get("env")
     if not isinstance(env, dict):
         return False
-    return any(isinstance(env.get(name), str) and env[name].strip().startswith(CLIENT_KEY_PREFIX)
+    return any(isinstance(env.get(name), str) and env[name].strip().startswith(KEY_PREFIX)
                for name in ("ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_API_KEY"))
 
 
