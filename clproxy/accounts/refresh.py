@@ -149,8 +149,9 @@ class TokenRefresher:
 
     def shared_lock_ttl(self) -> float:
         """Seconds the instance-wide refresh lock is taken for: the longest a refresh can hold it
-        (the file lock wait, then the token call) plus :data:`SHARED_LOCK_MARGIN`."""
-        return self._lock_timeout + self._http_timeout + SHARED_LOCK_MARGIN
+        (the file lock wait, then the token call, and a second one when an invalid_grant made it
+        adopt another instance's live refresh token) plus :data:`SHARED_LOCK_MARGIN`."""
+        return self._lock_timeout + 2 * self._http_timeout + SHARED_LOCK_MARGIN
 
     def in_flight(self, key: str) -> bool:
         """True while a refresh of ``key`` is running in this process."""

@@ -25,7 +25,7 @@ class AccountUpkeep(TimerService):
         self.observability = observability
         #: the start-up check ran: later ticks (after a laptop resumed with expired tokens and no
         #: network yet, say) must not disable an account for one passing failure
-        self.started = False
+        self.startup_checked = False
 
     def _tick(self):
         # LoopingCall waits on the Deferred: no overlap, and stopService waits for it
@@ -35,8 +35,8 @@ class AccountUpkeep(TimerService):
         """Refresh what is expired or about to expire (the first call: :meth:`startup_check` too);
         never raises."""
         try:
-            if not self.started:
-                self.started = True
+            if not self.startup_checked:
+                self.startup_checked = True
                 await self.refresher.startup_check(self.directory.current())
             for account in self.directory.current():
                 if account.is_oauth and account.enabled:

@@ -194,9 +194,13 @@ def _inherited_config(environ: Mapping[str, str]) -> Optional[str]:
         return None
     try:
         data = os.pread(fd, os.fstat(fd).st_size, 0)
-        os.close(fd)
     except OSError:
         return None
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     return data.decode("utf-8", "replace")
 
 

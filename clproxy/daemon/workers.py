@@ -264,6 +264,7 @@ class WorkerSupervisor(service.Service):
             self._reload_wait.start(RELOAD_WAIT_INTERVAL, now=False)
 
     def _send_waiting_reloads(self) -> None:
+        """SIGHUP each waiting worker that serves now; stop looking once none waits."""
         sighup = getattr(signal, "SIGHUP", None)
         for index in sorted(self._reload_waiting):
             process = self.live.get(index)
@@ -318,6 +319,7 @@ class WorkerSupervisor(service.Service):
 
 
 def _kill(pid: Optional[int], signum: int) -> None:
+    """Send ``signum`` to ``pid`` (None: nothing); a process already gone is no error."""
     if pid:
         try:
             os.kill(pid, signum)

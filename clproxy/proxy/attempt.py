@@ -328,7 +328,8 @@ class Attempt:
 
 #: The output tokens a stream cut before its final usage is charged: one per this many bytes
 #: relayed. A content_block_delta event takes ~100 bytes of SSE around its text and carries at
-#: least one token (usually several), so the estimate is a floor, never an overcharge.
+#: least one token (usually several), so past its first deltas the estimate is a floor; a stream
+#: cut before them is charged a few tokens for its opening events (~650 bytes).
 BYTES_PER_STREAMED_TOKEN = 100
 
 
