@@ -270,6 +270,16 @@ async def test_a_killed_worker_is_replaced_and_requests_keep_succeeding(tmp_path
     assert "exited with signal 9 (SIGKILL)" in daemon.output()
 
 
+async def refused_edit(daemon, config: dict) -> None:
+    """Write an invalid strategy into the daemon's config, SIGHUP it, wait for its refusal."""
+    daemon.config.write_text(json.dumps(dict(config, routing={"strategy": "nonsense"})))
+    daemon.process.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while "config reload failed" not in daemon.output():
+        assert time.monotonic() < deadline, daemon.output()
+        await pause(0.05)
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_worker_restarted_after_a_refused_edit_starts_on_the_config_in_force(
         tmp_path, daemons, fake, redis_server):
@@ -279,12 +289,7 @@ async def test_a_worker_restarted_after_a_refused_edit_starts_on_the_config_in_f
     config = dict(shared(accounts_config(fake, "a"), redis_server), routing={"strategy": "round-robin"})
     daemon = daemons(tmp_path, config)
     first = await daemon.worker_pids(2)
-    daemon.config.write_text(json.dumps(dict(config, routing={"strategy": "nonsense"})))
-    daemon.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
-    while "config reload failed" not in daemon.output():
-        assert time.monotonic() < deadline, daemon.output()
-        await pause(0.05)
+    await refused_edit(daemon, config)
     victim = sorted(first)[0]
     os.kill(victim, signal.SIGKILL)
     replacement = await daemon.worker_pids(1, exclude=first)
@@ -352,12 +357,7 @@ async def test_sighup_reloads_the_state_file_and_the_workers_and_a_bad_config_ch
     assert runstate.read_state(path)["fallbackChain"] == chain
     await strategies_of(daemon, pids, wanted="round-robin")
 
-    daemon.config.write_text(json.dumps(dict(config, routing={"strategy": "nonsense"})))
-    daemon.process.send_signal(signal.SIGHUP)
-    deadline = time.monotonic() + 20
-    while "config reload failed" not in daemon.output():
-        assert time.monotonic() < deadline, daemon.output()
-        await pause(0.05)
+    await refused_edit(daemon, config)
     await pause(2.0)  # a worker watching the file itself would have noticed and said so by now
     assert daemon.output().count("config reload failed") == 1, daemon.output()
     assert runstate.read_state(path)["strategy"] == "round-robin"
