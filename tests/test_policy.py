@@ -126,6 +126,14 @@ def test_unified_rejected_reset_in_the_past():
     assert (result.reason, result.cooldown) == ("window-rejected", 1.0)
 
 
+def test_a_rejected_window_whose_reset_is_past_cools_for_the_upstreams_retry_after():
+    """A reset already past (the clocks apart, a stale header) with a Retry-After: the upstream's
+    Retry-After is the cooldown (it was 1 s, and the client was told so); the level stays."""
+    headers = {U + "status": "rejected", U + "reset": str(NOW - 30), "retry-after": "600"}
+    result = verdict(429, headers, level=2)
+    assert result == Verdict(COOL, 429, "window-rejected", 600.0, 2, None)
+
+
 def test_unified_rejected_uses_representative_window_reset():
     """Without unified-reset, the representative window's reset is used."""
     headers = {U + "status": "rejected", U + "representative-claim": "five_hour",

@@ -376,12 +376,17 @@ def _classify_rate_limit(headers: Mapping[str, str], body: bytes, now: float,
                          level: int) -> Verdict:
     detail = _error_detail(body)
     reset = _rejected_window_reset(quota_from_headers(headers))
+    retry_after = parse_retry_after(headers.get("retry-after"), now)
     if reset is not None:
         # The subscription window is spent: retrying before its reset is pointless, and the
         # backoff level is about short bursts, so it stays where it is.
-        cooldown = min(WINDOW_COOLDOWN_CAP, max(WINDOW_COOLDOWN_MIN, reset - now))
+        until = reset - now
+        if until <= 0 and retry_after is not None:
+            # a reset already past (our clock and Anthropic's apart, a stale header) says nothing
+            # of when it reopens: the upstream's own Retry-After does (it was 1 s, and told so)
+            until = retry_after
+        cooldown = min(WINDOW_COOLDOWN_CAP, max(WINDOW_COOLDOWN_MIN, until))
         return Verdict(COOL, 429, WINDOW_REJECTED, cooldown, level, detail)
-    retry_after = parse_retry_after(headers.get("retry-after"), now)
     return Verdict(COOL, 429, RATE_LIMITED, backoff(level, retry_after), level + 1, detail)
 
 
