@@ -8,14 +8,15 @@ bounded by queue_timeout, left at once by a client that hangs up).
 
 import json
 
+import attr
 from twisted.internet import defer
 
 from clproxy.errors import ProxyError
 from clproxy.proxy.dispatch import ProxyRequest
-from clproxy.testing.anthropic import text_stream
+from clproxy.testing.anthropic import error_json, text_stream
 
 from helpers import RecordingSink
-from test_dispatch_memory import Harness, api, no_socket  # noqa: F401  (fixture)
+from test_dispatch_memory import Harness, api, no_socket, run  # noqa: F401  (fixture)
 
 
 def request_for(model: str, stream: bool = False) -> ProxyRequest:
@@ -131,3 +132,76 @@ def test_a_client_that_hangs_up_leaves_the_queue_at_once():
         step(h, 1.0)
     assert d3.called and later.status == 200
     assert len(h.fake.requests) == 2  # the one who left never reached the upstream
+
+
+def test_a_queued_request_is_not_sent_to_an_account_that_cooled_while_it_waited():
+    """The request holding a's only slot gets a 429 (a cools for 30 s); the request queued behind it is
+    handed that slot, but a is cooling now: nothing more is sent to a, the slot is given back, and the
+    client gets the pool's 429 whose Retry-After is a's recovery (30 s), not the upstream's verdict
+    spent on a second request."""
+    h = Harness([api("a", max_concurrent=1)], queue_timeout=30)
+    h.fake.script("sk-a", status=429, headers={"retry-after": "30"}, delay=2.0,
+                  body=error_json(429, "rate_limit_error", "slow down"), times=1)
+    first, queued = RecordingSink(), RecordingSink()
+    d1 = start(h, request_for("claude-sonnet-4-5"), first)
+    d2 = start(h, request_for("claude-sonnet-4-5"), queued)
+    assert h.dispatcher.gate.queue_length() == 1
+    for _ in range(3):
+        step(h, 1.0)
+    assert d1.called and d2.called and first.status == 429
+    assert len(h.fake.requests) == 1  # the queued request reached nobody
+    assert queued.status == 429 and queued.header(b"retry-after") == b"30"  # a recovers 30 s after its 429
+    assert "1 cooling down" in queued.errors[0].message
+    assert h.dispatcher.gate.in_flight("config:a") == 0  # the slot it was handed is given back
+
+
+def test_a_queued_request_is_not_sent_past_the_rate_limit():
+    """rateLimit 1 and maxConcurrent 1: the request queued behind the first is handed a's slot, but a's one
+    request of the minute is spent; it is not sent, and the client gets a 429."""
+    h = Harness([api("a", max_concurrent=1, rate_limit=1)], queue_timeout=30)
+    h.fake.script("sk-a", delay=2.0, times=1)
+    first, queued = RecordingSink(), RecordingSink()
+    d1 = start(h, request_for("claude-sonnet-4-5"), first)
+    d2 = start(h, request_for("claude-sonnet-4-5"), queued)
+    for _ in range(3):
+        step(h, 1.0)
+    assert d1.called and d2.called and first.status == 200
+    assert len(h.fake.requests) == 1 and queued.status == 429
+    assert h.dispatcher.gate.in_flight("config:a") == 0
+
+
+def test_a_queued_request_takes_a_rate_slot_only_on_the_account_it_is_sent_to():
+    """Both accounts (rateLimit 10) are busy with a stream; a third request queues for either and is
+    served by a, whose stream ends first. It spent a rate slot of a only: b's count is its own stream's,
+    1, not 2 (a slot taken at queue time for an account never sent to would hold b back for a minute)."""
+    h = Harness([api("a", max_concurrent=1, rate_limit=10), api("b", max_concurrent=1, rate_limit=10)],
+                queue_timeout=30)
+    h.fake.script("sk-a", events=text_stream(["x"] * 2), pace=1.0, times=1)
+    h.fake.script("sk-b", events=text_stream(["y"] * 8), pace=1.0, times=1)
+    d1 = start(h, request_for("claude-sonnet-4-5", stream=True), RecordingSink())
+    d2 = start(h, request_for("claude-sonnet-4-5", stream=True), RecordingSink())
+    queued = RecordingSink()
+    d3 = start(h, request_for("claude-sonnet-4-5"), queued)
+    assert h.dispatcher.gate.queue_length() == 1
+    for _ in range(25):
+        step(h, 1.0)
+    assert d1.called and d2.called and d3.called and queued.status == 200
+    assert [r.credential for r in h.fake.requests] == ["sk-a", "sk-b", "sk-a"]
+    now = h.clock.seconds()
+    assert run(h.store.rate_usage("config:a", now, 60.0))[0] == 2
+    assert run(h.store.rate_usage("config:b", now, 60.0))[0] == 1
+
+
+def test_a_queued_request_is_not_sent_to_an_account_disabled_while_it_waited():
+    """a is disabled (its organization, say) while a request waits for its slot: the request is not
+    sent to it when the slot frees."""
+    h = Harness([api("a", max_concurrent=1)], queue_timeout=30)
+    h.fake.script("sk-a", delay=2.0, times=1)
+    first, queued = RecordingSink(), RecordingSink()
+    start(h, request_for("claude-sonnet-4-5"), first)
+    d2 = start(h, request_for("claude-sonnet-4-5"), queued)
+    h.accounts = [attr.evolve(a, enabled=False) for a in h.accounts]
+    for _ in range(3):
+        step(h, 1.0)
+    assert first.status == 200 and d2.called
+    assert len(h.fake.requests) == 1 and queued.status == 429

@@ -294,11 +294,17 @@ class Dispatcher:
                 return
             if self.clock.seconds() >= deadline:
                 break
-            if not self.settings.passthrough and not await self.pool.admit(account):
-                continue
             slot = self.gate.try_acquire(account)
-            if slot is None:
+            if slot is None:  # its rate slot is taken only once it has a concurrency slot
                 busy.append(account)
+                continue
+            try:
+                admitted = self.settings.passthrough or await self.pool.admit(account)
+            except BaseException:
+                slot.release()
+                raise
+            if not admitted:
+                slot.release()
                 continue
             if await self._try_with_slot(attempt, request, out, account, slot, deadline, failures):
                 await self._bind(session, account, bound)
@@ -311,6 +317,8 @@ class Dispatcher:
                 return
             account, slot = taken
             busy = [a for a in busy if a.key != account.key]  # each account is tried once
+            if not self.settings.passthrough and not await self._still_usable(account, slot):
+                continue
             if await self._try_with_slot(attempt, request, out, account, slot, deadline, failures):
                 await self._bind(session, account, bound)
                 return
@@ -394,6 +402,26 @@ class Dispatcher:
                              "rate_limit_error", headers=[(b"retry-after", b"1")])
         self.obs.metrics.observe_queue_wait(slot.waited)
         return account, slot
+
+    async def _still_usable(self, account: Account, slot) -> bool:
+        """Whether a queued request may be sent to ``account``, whose concurrency ``slot`` it was
+        just handed; when not, the slot is released (to the next waiter).
+
+        The request's candidates were judged before it waited: meanwhile the account may have
+        cooled (the request whose slot it took got a 429), been disabled, or reached its rateLimit.
+        True means it is still enabled and not cooling, and its rate slot is taken
+        (``pool.admit``, right before sending, as for any attempt).
+        """
+        try:
+            usable = (any(a.key == account.key and a.enabled for a in self.accounts())
+                      and not await self.pool.cooling([account])
+                      and await self.pool.admit(account))
+        except BaseException:
+            slot.release()
+            raise
+        if not usable:
+            slot.release()
+        return usable
 
     def _attempt(self) -> Attempt:
         """One request's tries, with today's collaborators and settings (a reload may change them)."""
