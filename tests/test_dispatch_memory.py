@@ -448,3 +448,54 @@ def test_exhaustion_by_network_failures_answers_502_or_504(script, status):
     [error] = out.errors
     assert error.status == status
     assert run(h.states())["config:only"].cooling_until <= h.clock.seconds()
+
+
+class PendingRefresher:
+    """A refresher whose refreshes (all, or only the forced ones) wait until the test fires them;
+    each hands out the next token."""
+
+    def __init__(self, tokens, only_forced=False):
+        self._tokens = list(tokens)
+        self.only_forced = only_forced
+        self.pending = []
+
+    async def fresh(self, account, force=False):
+        if self.only_forced and not force:
+            return account
+        d = defer.Deferred()
+        self.pending.append(d)
+        await d
+        return attr.evolve(account, secret=self._tokens.pop(0))
+
+
+def test_a_client_gone_during_the_token_refresh_is_sent_nothing():
+    """The client hangs up while its OAuth account's token is being refreshed, before the first try:
+    once the refresh is done, nothing is sent upstream for it and its concurrency slot is free."""
+    refresher = PendingRefresher(["token-new"])
+    h = Harness([oauth("max", "token-old")], refresher=refresher)
+    out = RecordingSink()
+    d = defer.ensureDeferred(h.dispatcher.forward(messages(), out))
+    h.agent.flush()
+    assert len(refresher.pending) == 1 and h.fake.requests == []
+    out.disconnect()
+    refresher.pending[0].callback(None)
+    h.agent.flush()
+    assert d.called and h.fake.requests == [] and h.verdicts() == []
+    assert h.dispatcher.gate.in_flight("anthropic:max") == 0
+
+
+def test_a_client_gone_during_the_refresh_after_a_401_gets_no_retry():
+    """A 401, then the forced refresh; the client hangs up meanwhile: the retry with the new token is
+    not sent (one upstream request in all), and the spare account is not tried either."""
+    refresher = PendingRefresher(["token-new"], only_forced=True)
+    h = Harness([oauth("max", "token-old"), api("spare")], refresher=refresher)
+    h.fake.revoke("token-old")
+    out = RecordingSink()
+    d = defer.ensureDeferred(h.dispatcher.forward(messages(), out))
+    h.agent.flush()
+    assert [r.credential for r in h.fake.requests] == ["token-old"] and len(refresher.pending) == 1
+    out.disconnect()
+    refresher.pending[0].callback(None)
+    h.agent.flush()
+    assert d.called and [r.credential for r in h.fake.requests] == ["token-old"]
+    assert out.status is None and h.dispatcher.gate.in_flight("anthropic:max") == 0

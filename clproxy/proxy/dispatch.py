@@ -457,6 +457,10 @@ class Dispatcher:
                              account=account.name, reason=_safe_reason(e))
                     await self.pool.cool(account, policy.AUTH_COOLDOWN)  # no upstream attempt was made
                     return _Tried(failures=tuple(failures))
+                if out.disconnected:
+                    # the client hung up while the token was refreshed (the first try or the retry
+                    # after a 401): nothing is sent for it; the loop sees it gone and ends
+                    return _Tried(failures=tuple(failures))
             outcome = await attempt.run(request, out, account, deadline)
             if isinstance(outcome, Answered):
                 return _Tried(answered=outcome, failures=tuple(failures))
