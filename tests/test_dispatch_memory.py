@@ -499,3 +499,39 @@ def test_a_client_gone_during_the_refresh_after_a_401_gets_no_retry():
     h.agent.flush()
     assert d.called and [r.credential for r in h.fake.requests] == ["token-old"]
     assert out.status is None and h.dispatcher.gate.in_flight("anthropic:max") == 0
+
+
+def test_the_retry_after_a_refresh_takes_its_own_rate_slot():
+    """rateLimit 2: a 401, the refresh, the retry with the new token; two requests were sent, and both
+    are counted in the account's rate window."""
+    h = Harness([oauth("max", "token-old", rate_limit=2)], refresher=StubRefresher(["token-new"]))
+    h.fake.revoke("token-old")
+    out = RecordingSink()
+    h.forward(messages(), out)
+    assert out.status == 200 and [r.credential for r in h.fake.requests] == ["token-old", "token-new"]
+    assert run(h.store.rate_usage("anthropic:max", h.clock.seconds(), 60.0))[0] == 2
+
+
+def test_a_retry_after_a_refresh_past_the_rate_limit_goes_to_the_next_account():
+    """rateLimit 1: the 401 spent the minute's one request, so the retry with the refreshed token is
+    not sent; the spare account answers."""
+    h = Harness([oauth("max", "token-old", rate_limit=1), api("spare")],
+                refresher=StubRefresher(["token-new"]))
+    h.fake.revoke("token-old")
+    out = RecordingSink()
+    h.forward(messages(), out)
+    assert out.status == 200 and [r.credential for r in h.fake.requests] == ["token-old", "sk-spare"]
+    assert run(h.store.rate_usage("anthropic:max", h.clock.seconds(), 60.0))[0] == 1
+
+
+def test_a_lone_account_refreshed_but_at_its_rate_limit_answers_the_pools_429():
+    """rateLimit 1 on the only account: the 401's token was replaced, the retry is refused by the rate
+    limit; the client gets the pool's 429 saying so, with the true wait (the window's 60 s), not
+    Anthropic's 401 about the token no longer used."""
+    h = Harness([oauth("max", "token-old", rate_limit=1)], refresher=StubRefresher(["token-new"]))
+    h.fake.revoke("token-old")
+    out = RecordingSink()
+    h.forward(messages(), out)
+    assert [r.credential for r in h.fake.requests] == ["token-old"]
+    assert out.status == 429 and out.header(b"retry-after") == b"60"
+    assert "1 at their rateLimit" in out.errors[0].message

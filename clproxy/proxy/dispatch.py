@@ -437,11 +437,13 @@ class Dispatcher:
         failures: List[Failure] = []
         refreshes = 0
         force = False
+        renewed = False  # the last refresh handed out a new token
         while True:
             if account.is_oauth and self.refresher is not None:
                 try:
                     refreshed = await self.refresher.fresh(account, force=force)
-                    if refreshed is not account:
+                    renewed = refreshed is not account
+                    if renewed:
                         request.record.refresh(account.name, True)
                         if self.on_refreshed is not None:
                             self.on_refreshed(refreshed)
@@ -450,7 +452,7 @@ class Dispatcher:
                     request.record.refresh(account.name, False)
                     log.warn("<- refresh-failed account={account} reason={reason}",
                              account=account.name, reason=_safe_reason(e))
-                    account = e.account
+                    account, renewed = e.account, False
                 except Exception as e:  # refresh failed: this account cannot be used now
                     request.record.refresh(account.name, False)
                     log.warn("<- refresh-failed account={account} reason={reason}",
@@ -461,6 +463,12 @@ class Dispatcher:
                     # the client hung up while the token was refreshed (the first try or the retry
                     # after a 401): nothing is sent for it; the loop sees it gone and ends
                     return _Tried(failures=tuple(failures))
+            if refreshes and not self.settings.passthrough and not await self.pool.admit(account):
+                # the retry is a new attempt and takes its own rate slot (AccountPool's contract);
+                # refused, the next account is tried. A new token answered the 401s: what stops
+                # this account now is its rateLimit, which the pool's own 429 tells when no account
+                # answers, not Anthropic's "token expired" about a token no longer used
+                return _Tried(failures=() if renewed else tuple(failures))
             outcome = await attempt.run(request, out, account, deadline)
             if isinstance(outcome, Answered):
                 return _Tried(answered=outcome, failures=tuple(failures))
