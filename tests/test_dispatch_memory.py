@@ -535,3 +535,36 @@ def test_a_lone_account_refreshed_but_at_its_rate_limit_answers_the_pools_429():
     assert [r.credential for r in h.fake.requests] == ["token-old"]
     assert out.status == 429 and out.header(b"retry-after") == b"60"
     assert "1 at their rateLimit" in out.errors[0].message
+
+
+def test_a_last_429_answers_with_the_pools_earliest_recovery():
+    """a answers 429 (Retry-After 30; its backoff cools it 60 s) while b is at its rateLimit and usable
+    again in 5 s: the client is told 5 s, the pool's earliest recovery, in the pool's 429 saying why,
+    not the upstream's 30 s that is true of no account."""
+    h = Harness([api("a"), api("b", rate_limit=1)])
+    h.fake.script("sk-a", status=429, headers={"retry-after": "2"},
+                  body=error_json(429, "rate_limit_error", "slow down"), times=1)
+    h.forward(messages(), RecordingSink())  # a: 429 (backoff level 1); b answers, its one request a minute
+    assert [r.credential for r in h.fake.requests] == ["sk-a", "sk-b"]
+    h.clock.advance(55)  # a usable again; b's request leaves its window in 5 s
+    h.fake.script("sk-a", status=429, headers={"retry-after": "30"},
+                  body=error_json(429, "rate_limit_error", "slow down"), times=1)
+    out = RecordingSink()
+    h.forward(messages(), out)
+    assert run(h.states())["config:a"].cooling_until - h.clock.seconds() > 30
+    assert out.status == 429 and out.header(b"retry-after") == b"5"
+    assert "(1 cooling down, 1 at their rateLimit)" in out.errors[0].message
+
+
+def test_a_last_429_with_another_account_usable_is_relayed_with_retry_after_1():
+    """a is overloaded (529, no cooldown: usable for the next request), then b answers 429 with
+    Retry-After 30: b's answer is relayed, but its Retry-After says 1, since a is usable now."""
+    h = Harness([api("a"), api("b")])
+    h.fake.script("sk-a", status=529, body=error_json(529, "overloaded_error", "Overloaded"), times=1)
+    h.fake.script("sk-b", status=429, headers={"retry-after": "30"},
+                  body=error_json(429, "rate_limit_error", "slow down"), times=1)
+    out = RecordingSink()
+    h.forward(messages(), out)
+    assert out.status == 429 and out.errors == []
+    assert [v for n, v in out.headers if n.lower() == b"retry-after"] == [[b"1"]]
+    assert json.loads(out.body)["error"]["message"] == "slow down"

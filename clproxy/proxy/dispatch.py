@@ -516,18 +516,36 @@ class Dispatcher:
             _send_failure(out, answers[-1])
             return
         last = failures[-1] if failures else None
-        if len(cooling) == len(enabled) or last is None:
+        # a 429 speaks for one account: relayed as it is, its Retry-After would hold the client
+        # back for that account alone (often longer than the backoff cooling it, or than another
+        # account's rateLimit); the pool's earliest recovery is the truth to tell
+        rate_limited = last is not None and last.status == 429
+        if len(cooling) == len(enabled) or last is None \
+                or (rate_limited and not await self._usable_now(enabled)):
             exhausted = await self._pool_exhausted_error(enabled, cooling)
             if self.fallback is not None and not self.settings.passthrough:
                 if await self.fallback(request, out, exhausted):
                     return
             raise exhausted
+        if rate_limited:
+            # another account is usable now (it failed otherwise, or the deadline came first)
+            _send_failure(out, attr.evolve(last, headers=_with_retry_after(last.headers, 1)))
+            return
         if last.status is not None:
             _send_failure(out, last)
             return
         assert last.network is not None
         status = 504 if last.network.kind == "timeout" else 502
         raise ProxyError(status, last.network.message)
+
+    async def _usable_now(self, enabled: Sequence[Account]) -> bool:
+        """Whether some account of ``enabled`` is neither cooling nor at its rateLimit now (it could
+        serve a retry at once). Only asked when no account answered."""
+        for row in await self.pool.snapshot(enabled):
+            rate_used = row["rate_used"]  # None without a rateLimit
+            if row["state"] == "ok" and (rate_used is None or rate_used < row["rate_limit"]):
+                return True
+        return False
 
     async def _pool_exhausted_error(self, enabled, cooling) -> ProxyError:
         """429 with a Retry-After that is the truth: whole seconds until the first account is usable."""
@@ -656,6 +674,12 @@ def with_model(request: ProxyRequest, model: str) -> ProxyRequest:
 def _send_failure(out, failure: Failure) -> None:
     """Relay an upstream's error answer that a try kept (status, client-visible headers, body)."""
     out.send(failure.status, failure.headers or [], failure.body or b"")
+
+
+def _with_retry_after(headers, seconds: int):
+    """``headers`` (a relayed answer's, ``(name, [values])``) with ``retry-after`` set to ``seconds``."""
+    kept = [(name, values) for name, values in headers or [] if name.lower() != b"retry-after"]
+    return kept + [(b"retry-after", [str(seconds).encode()])]
 
 
 def _safe_reason(error: Exception) -> str:
