@@ -17,10 +17,11 @@ from clproxy.proxy.dispatch import SESSION_MOVES, Dispatcher, ProxyRequest
 from clproxy.routing import policy
 from clproxy.routing.affinity import SessionAffinity
 from clproxy.routing.quota import QuotaBook
-from clproxy.testing.anthropic import error_json, unified_headers
+from clproxy.testing.anthropic import error_json, text_stream, unified_headers
 
 from helpers import RecordingSink
 from test_dispatch_memory import Harness, api, no_socket, run  # noqa: F401  (fixture)
+from test_routing_limits_dispatch import start, step
 
 TTL = 600.0
 
@@ -63,15 +64,16 @@ class RoutingHarness(Harness):
         return run(self.affinity.account_for(session))
 
 
-def conversation(session=None, user_id=None) -> ProxyRequest:
-    body = {"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+def conversation(session=None, user_id=None, model="claude-sonnet-4-5", stream=False) -> ProxyRequest:
+    body = {"model": model, "max_tokens": 64, "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}]}
     if user_id is not None:
         body["metadata"] = {"user_id": user_id}
     headers = [(b"content-type", b"application/json"), (b"anthropic-version", b"2023-06-01")]
     if session is not None:
         headers.append((b"x-claude-code-session-id", session.encode()))
     return ProxyRequest(method=b"POST", path=b"/v1/messages", query=b"", headers=headers,
-                        body=json.dumps(body).encode(), model="claude-sonnet-4-5")
+                        body=json.dumps(body).encode(), model=model, stream=stream)
 
 
 def test_the_fake_sends_unified_headers():
@@ -132,6 +134,48 @@ def test_a_429_moves_the_session_and_it_stays_moved(tmp_path):
     assert [h.ask("s") for _ in range(10)] == ["sk-b"] * 10
     assert len(h.fake.requests) == 13  # one upstream request each: no flap back to a
     assert h.affinity.moves == 1
+
+
+def test_a_request_for_a_model_its_account_excludes_does_not_move_the_session(tmp_path):
+    """The session's conversation lives on a, which excludes haiku (Claude Code's background model):
+    a haiku request of the session is served by b, but the session stays bound to a (no move
+    counted) and its next request goes to a."""
+    h = RoutingHarness([api("a", excluded_models=("claude-haiku-*",)), api("b")], tmp_path,
+                       strategy="fill-first")
+    served = []
+    for model in ["claude-opus-4-1", "claude-haiku-4-5", "claude-opus-4-1"]:
+        out = RecordingSink()
+        h.forward(conversation("s", model=model), out)
+        assert out.status == 200
+        served.append(h.fake.requests[-1].credential)
+    assert served == ["sk-a", "sk-b", "sk-a"]
+    assert h.bound("s") == "config:a" and h.affinity.moves == 0
+    assert run(h.store.counters()).get(SESSION_MOVES, 0) == 0
+
+
+def test_an_account_at_its_max_concurrent_for_a_moment_keeps_its_session(tmp_path):
+    """A stream of the session holds a's only slot; a parallel request of the session (a subagent)
+    overflows to b, but the session stays bound to a, and goes back to a once it is free."""
+    h = RoutingHarness([api("a", max_concurrent=1), api("b", max_concurrent=1)], tmp_path,
+                       strategy="fill-first")
+    assert h.ask("s") == "sk-a"
+    h.fake.script("sk-a", events=text_stream(["x"] * 3), pace=1.0, times=1)
+    streaming = start(h, conversation("s", stream=True), RecordingSink())
+    assert h.ask("s") == "sk-b"  # a is busy: b serves without waiting
+    assert h.bound("s") == "config:a" and h.affinity.moves == 0
+    for _ in range(10):
+        step(h, 1.0)
+    assert streaming.called and h.dispatcher.gate.in_flight("config:a") == 0
+    assert h.ask("s") == "sk-a"
+
+
+def test_a_bound_account_at_its_rate_limit_moves_the_session(tmp_path):
+    """An account at its rateLimit is not usable (unlike one merely at its maxConcurrent): the session
+    fails over to b and stays there, as after a 429."""
+    h = RoutingHarness([api("a", rate_limit=2), api("b")], tmp_path, strategy="fill-first")
+    assert [h.ask("s"), h.ask("s")] == ["sk-a", "sk-a"]
+    assert h.ask("s") == "sk-b"
+    assert h.bound("s") == "config:b" and h.affinity.moves == 1
 
 
 def test_a_binding_expires_after_its_ttl(tmp_path):

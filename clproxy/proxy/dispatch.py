@@ -262,11 +262,11 @@ class Dispatcher:
         if request.body and _FOREIGN_SIGNATURE.search(request.body):
             request = without_foreign_thinking(request)
         accounts = list(self.accounts())
-        enabled = [a for a in accounts if a.enabled]
-        if not enabled:
+        live = [a for a in accounts if a.enabled]
+        if not live:
             raise self._no_account_error(accounts)
         # subscription (OAuth) accounts serve only keys allowed to use them (403 when none is left)
-        enabled = usable_accounts(client, enabled)
+        enabled = usable_accounts(client, live)
         enabled, exclusions = limits.serving(enabled, request.model)
         if not enabled:  # every account excludes this model: nothing is sent upstream
             raise ProxyError(404, limits.not_served_message(request.model or "", exclusions), "not_found_error")
@@ -277,7 +277,7 @@ class Dispatcher:
             session = session_of_request(request) if self.affinity is not None else None
             # the session's binding is read while the pool reads the accounts' states: with a
             # shared store both questions leave together and cost one round trip, not two
-            binding = self._binding(session, enabled)
+            binding = self._binding(session, live)
             try:
                 candidates = await self.pool.candidates(enabled)
             except BaseException:
@@ -307,7 +307,7 @@ class Dispatcher:
                 slot.release()
                 continue
             if await self._try_with_slot(attempt, request, out, account, slot, deadline, failures):
-                await self._bind(session, account, bound)
+                await self._bind(session, account, bound, live, enabled, busy)
                 return
             if self.settings.passthrough:
                 break
@@ -320,17 +320,21 @@ class Dispatcher:
             if not self.settings.passthrough and not await self._still_usable(account, slot):
                 continue
             if await self._try_with_slot(attempt, request, out, account, slot, deadline, failures):
-                await self._bind(session, account, bound)
+                await self._bind(session, account, bound, live, enabled, busy)
                 return
         if out.disconnected:
             return
         await self._exhausted(request, out, enabled, failures)
 
-    def _binding(self, session: Optional[str], enabled: Sequence[Account]) -> Optional[defer.Deferred]:
+    def _binding(self, session: Optional[str], live: Sequence[Account]) -> Optional[defer.Deferred]:
         """The account key ``session`` is bound to, its binding refreshed on the way (a Deferred,
-        started now); None without a session, without affinity, or with a single account to
-        choose from (there is nothing to order)."""
-        if session is None or self.affinity is None or len(enabled) < 2:
+        started now); None without a session, without affinity, or with a single enabled account
+        (there is nothing to order, nor a binding to keep).
+
+        ``live``: every enabled account, not only those that may serve this request: a request
+        its session's account may not take (a model it excludes) must still know the binding,
+        or its answer from another account would move the session (:meth:`_bind`)."""
+        if session is None or self.affinity is None or len(live) < 2:
             return None
         return defer.ensureDeferred(self.affinity.account_for(session))
 
@@ -360,14 +364,23 @@ class Dispatcher:
             switch_at=self.settings.switch_at, organizations={a.key: a.org_id for a in every},
             key=lambda a: a.key), bound
 
-    async def _bind(self, session: Optional[str], account: Account, bound: Optional[str]) -> None:
+    async def _bind(self, session: Optional[str], account: Account, bound: Optional[str],
+                    live: Sequence[Account], enabled: Sequence[Account], busy: Sequence[Account]) -> None:
         """``account`` answered this session: keep the session there (a move is counted).
 
         A binding to ``account`` already refreshed when this request started (``bound``, the key
         it pointed to then) is not written again: that write was one Redis round trip of nearly
         every request.
+
+        The session moves only when its account failed it: cooling, at its rateLimit, disabled or
+        gone, or tried and failed. Not when this request was one it may not take (``live`` but not
+        in ``enabled``: a model it excludes, such as Claude Code's background model, or a client
+        key it does not serve), nor when it was only at its maxConcurrent (still in ``busy``): the
+        account is healthy and the conversation's prompt cache lives there.
         """
         if session is None or self.affinity is None or account.key == bound:
+            return
+        if bound is not None and _only_set_aside(bound, live, enabled, busy):
             return
         if await self.affinity.bind(session, account.key):
             self.obs.metrics.session_moved()
@@ -669,6 +682,16 @@ def with_model(request: ProxyRequest, model: str) -> ProxyRequest:
 
 
 
+
+
+def _only_set_aside(key: str, live: Sequence[Account], enabled: Sequence[Account],
+                    busy: Sequence[Account]) -> bool:
+    """Whether account ``key`` sat this request out for a reason that says nothing of its health:
+    it is enabled but may not take the request (not in ``enabled``), or it was at its
+    maxConcurrent and never got a slot (in ``busy``)."""
+    if any(a.key == key for a in busy):
+        return True
+    return any(a.key == key for a in live) and not any(a.key == key for a in enabled)
 
 
 def _send_failure(out, failure: Failure) -> None:

@@ -12,13 +12,15 @@ How the dispatcher uses it, per request::
     session = session_of(request_headers, body)
     bound = await affinity.account_for(session)     # None: no session, or no live binding
     # ... prefer ``bound`` while it is usable; else pick by the strategy ...
-    # once an account ANSWERED (any non-retried response):
+    # once an account ANSWERED (any non-retried response), unless the bound account only sat
+    # this request out (a model it excludes, its maxConcurrent reached for a moment):
     if await affinity.bind(session, answered_key):  # True: the session moved
         ...count sessionMoves...
 
 A binding changes only through ``bind`` with the account that answered: a session that failed
 over stays on its new account and never flaps back when the first one recovers (each move
-rebuilds the prompt cache).
+rebuilds the prompt cache). A request its account may not take, or not at once, is answered
+elsewhere without a ``bind``: the account is healthy and the conversation's cache is there.
 """
 
 import json
