@@ -293,3 +293,31 @@ def test_lone_surrogate_over_the_wire_reaches_the_client_escaped():
     out, _ = _stream(OpenAIStreamToClaude("gpt-4o"), body)
     out.body.decode("utf-8")
     assert b"\\ud800" in out.body and out.body.rstrip().endswith(b'{"type":"message_stop"}')
+
+
+def _frame(chunk):
+    return b"data: " + json.dumps(chunk).encode() + b"\n\n"
+
+
+def _client_events(body):
+    """The (name, data) events a client reads from SSE bytes."""
+    events = []
+    for block in body.decode("utf-8").split("\n\n"):
+        lines = [line for line in block.splitlines() if not line.startswith(":")]
+        if len(lines) >= 2 and lines[0].startswith("event: ") and lines[1].startswith("data: "):
+            events.append((lines[0][7:], json.loads(lines[1][6:])))
+    return events
+
+
+def test_a_bad_frame_after_the_end_in_the_same_read_does_not_lose_the_answer():
+    """One read holds the text, the finish_reason, the usage chunk and then a frame that is JSON but
+    not an object: what the good frames made is written before the stream stops.
+
+    Before the fix those events were dropped while the translator had moved past them, so the client
+    got content_block_stop, message_delta and message_stop with no message_start and no text."""
+    read = (_frame(_oc({"role": "assistant", "content": "Hello world"})) + _frame(_oc(finish="stop"))
+            + _frame({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}}) + b"data: 42\n\n")
+    out, stream = _stream(OpenAIStreamToClaude("gpt-4o"), read)
+    message = assert_valid_claude_stream(_client_events(out.body), allow_error=False)
+    assert message["content"] == [{"type": "text", "text": "Hello world"}]
+    assert message["usage"]["output_tokens"] == 2 and out.started == 200 and out.finished

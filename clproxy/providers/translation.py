@@ -266,6 +266,7 @@ class TranslatedStream(protocol.Protocol):
             self._stop_early(str(e))
             return
         events = []
+        unusable = None
         for event in parsed:
             text = event.data.strip()
             if not text or text == "[DONE]":
@@ -273,14 +274,19 @@ class TranslatedStream(protocol.Protocol):
             try:
                 chunk = json.loads(text)
             except ValueError:
-                self._stop_early(f"{self.provider} sent a stream event that is not JSON")
-                return
+                unusable = f"{self.provider} sent a stream event that is not JSON"
+                break
             if not isinstance(chunk, dict):
-                self._stop_early(f"{self.provider} sent a stream event that is not a JSON object")
-                return
+                unusable = f"{self.provider} sent a stream event that is not a JSON object"
+                break
             events.extend(self.translator.feed(chunk))
         if events:
+            # Written even when a later frame of this read is unusable: the translator has moved
+            # past them (a block opened, a finish_reason noted), so dropping them would leave the
+            # client the rest of a stream without its start or its text.
             self._emit(events)
+        if unusable is not None:
+            self._stop_early(unusable)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._lost = True
