@@ -102,25 +102,28 @@ async def test_fallback_answer_is_logged_with_provider_and_actual_model(fake, pr
     assert [a["provider"] for a in attempts] == ["anthropic", "anthropic", "google-ai"]
 
 
-MALFORMED_CALL = {"candidates": [{"finishReason": "MALFORMED_FUNCTION_CALL", "index": 0}],
-                  "usageMetadata": {"promptTokenCount": 2595, "totalTokenCount": 2595},
-                  "modelVersion": "gemini-2.5-flash"}
+def failed_turn(reason):
+    """A Gemini answer that ends with ``reason`` and says nothing else (as Gemini does)."""
+    return {"candidates": [{"finishReason": reason, "index": 0}],
+            "usageMetadata": {"promptTokenCount": 2595, "totalTokenCount": 2595},
+            "modelVersion": "gemini-2.5-flash"}
 
 
+@pytest.mark.parametrize("reason", ["MALFORMED_FUNCTION_CALL", "MISSING_THOUGHT_SIGNATURE"])
 @pytest.mark.parametrize("streamed", [False, True])
 @pytest_twisted.ensureDeferred
-async def test_a_gemini_malformed_function_call_moves_the_chain_on(fake, providers, start_proxy, streamed):
-    """Gemini answering finishReason MALFORMED_FUNCTION_CALL with no content (as it does, with
-    nothing else said) is a failed answer, not an empty end_turn: the fallback chain moves on to
-    OpenAI, whose answer the client gets, whole or streamed."""
+async def test_a_gemini_turn_that_failed_moves_the_chain_on(fake, providers, start_proxy, streamed, reason):
+    """Gemini answering finishReason MALFORMED_FUNCTION_CALL or MISSING_THOUGHT_SIGNATURE with no
+    content is a failed answer, not an empty end_turn: the fallback chain moves on to OpenAI, whose
+    answer the client gets, whole or streamed."""
     gemini, oai = providers
     proxy = start_proxy(config(fake, gemini, oai))
     fake.script(status=429, headers={"retry-after": "30"},
                 body=testing.error_json(429, "rate_limit_error", "limited"))
     if streamed:
-        gemini.script(chunks=[MALFORMED_CALL])
+        gemini.script(chunks=[failed_turn(reason)])
     else:
-        gemini.script(response=MALFORMED_CALL)
+        gemini.script(response=failed_turn(reason))
     client = anthropic.Anthropic(base_url=proxy.url, api_key="c", max_retries=0)
     request = dict(model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
     if streamed:

@@ -393,7 +393,7 @@ def test_response_signed_call_after_signed_thought_gets_its_own_block():
         ("PROHIBITED_CONTENT", "refusal"),
         ("BLOCKLIST", "refusal"),
         ("SPII", "refusal"),
-        ("OTHER", "end_turn"),
+        ("IMAGE_PROHIBITED_CONTENT", "refusal"),
     ],
 )
 def test_response_finish_reason_map(finish, stop):
@@ -514,6 +514,25 @@ def test_a_failed_tool_call_is_an_error_not_an_empty_end_turn(finish):
         assert "message_delta" not in [name for name, _ in events]
         assert assert_valid_claude_stream(events) is None
         if not parts:  # nothing of an answer: only the prelude before the error (the fallback may go on)
+            assert [name for name, _ in events] == ["message_start", "error"]
+        with pytest.raises(ValueError, match=finish):
+            gemini_to_claude_response(_response(parts, finish), "c", "g")
+
+
+@pytest.mark.parametrize("finish", ["MISSING_THOUGHT_SIGNATURE", "TOO_MANY_TOOL_CALLS", "MALFORMED_RESPONSE",
+                                    "OTHER", "FINISH_REASON_UNSPECIFIED", "NO_IMAGE", "SOME_NEW_REASON"])
+def test_a_turn_gemini_could_not_produce_is_an_error_not_an_end_turn(finish):
+    """finishReasons other than STOP, MAX_TOKENS and the refusals say the turn failed (Gemini 3
+    answers MISSING_THOUGHT_SIGNATURE with no parts at all): an api_error naming the reason, with or
+    without text before it, so the fallback chain moves on; a whole answer raises.
+
+    Before the fix they became an end_turn: an empty (or cut-short) answer Claude Code took as final."""
+    for parts in ([], [{"text": "Partial"}]):
+        translator = GeminiStreamToClaude("c", "g")
+        events = translator.feed(_sse_chunk(parts, finish=finish)) + translator.finish()
+        assert events[-1][0] == "error" and finish in events[-1][1]["error"]["message"]
+        assert assert_valid_claude_stream(events) is None
+        if not parts:
             assert [name for name, _ in events] == ["message_start", "error"]
         with pytest.raises(ValueError, match=finish):
             gemini_to_claude_response(_response(parts, finish), "c", "g")

@@ -80,7 +80,8 @@ _SCHEMA_KEYS = (
 )
 _SCHEMA_FORMATS = {"string": ("enum", "date-time"), "integer": ("int32", "int64"), "number": ("float", "double")}
 
-_REFUSAL_REASONS = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "LANGUAGE")
+_REFUSAL_REASONS = ("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY", "LANGUAGE",
+                    "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION")
 
 
 #: finish reasons saying the model's tool call went wrong: the turn holds no call Claude Code can
@@ -90,12 +91,21 @@ _FAILED_CALL_REASONS = ("MALFORMED_FUNCTION_CALL", "UNEXPECTED_TOOL_CALL")
 
 
 def _finish_to_stop(reason, has_tool_calls):
+    """Claude's stop_reason for a Gemini finishReason, or None when the reason says the turn failed.
+
+    Only STOP, MAX_TOKENS and the refusals describe a finished turn. The rest (OTHER,
+    MISSING_THOUGHT_SIGNATURE, TOO_MANY_TOOL_CALLS, MALFORMED_RESPONSE, NO_IMAGE,
+    FINISH_REASON_UNSPECIFIED, the tool call failures, a reason added later) mean Gemini could not
+    produce the answer, often with no content at all: as an end_turn they would be an empty or
+    cut-short answer Claude Code takes for the real one.
+    """
+    if reason == "STOP":
+        return "tool_use" if has_tool_calls else "end_turn"
     if reason == "MAX_TOKENS":
         return "max_tokens"
     if reason in _REFUSAL_REASONS:
         return "refusal"
-    # STOP, and the reasons with no Claude equivalent (OTHER, ...), end the turn.
-    return "tool_use" if has_tool_calls else "end_turn"
+    return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,9 +416,9 @@ class GeminiStreamToClaude:
     (Gemini does not require them back).
 
     ``finish()`` raises EmptyStreamError if no chunk arrived; if the stream stopped without a
-    finishReason (and was not blocked), or with one saying the tool call failed
-    (MALFORMED_FUNCTION_CALL, UNEXPECTED_TOOL_CALL), it emits an ``error`` event rather than a
-    false end_turn.
+    finishReason (and was not blocked), or with one saying the turn failed (anything but STOP,
+    MAX_TOKENS and the refusals: MALFORMED_FUNCTION_CALL, OTHER, MISSING_THOUGHT_SIGNATURE ...),
+    it emits an ``error`` event rather than a false end_turn.
     A chunk with ``error`` becomes an ``error`` event and ends the stream.
     """
 
@@ -521,10 +531,12 @@ class GeminiStreamToClaude:
             if self.blocked:
                 return self.serializer.stop("refusal", usage)
             return self.serializer.error("api_error", "upstream stream ended before a finishReason")
-        if self.finish_reason in _FAILED_CALL_REASONS:
-            return self.serializer.error(
-                "api_error", "Gemini ended the turn with %s: its tool call could not be used" % self.finish_reason)
-        return self.serializer.stop(_finish_to_stop(self.finish_reason, self.has_tool_calls), usage)
+        stop_reason = _finish_to_stop(self.finish_reason, self.has_tool_calls)
+        if stop_reason is None:
+            why = "its tool call could not be used" if self.finish_reason in _FAILED_CALL_REASONS \
+                else "the answer could not be produced"
+            return self.serializer.error("api_error", "Gemini ended the turn with %s: %s" % (self.finish_reason, why))
+        return self.serializer.stop(stop_reason, usage)
 
 
 def gemini_to_claude_response(resp, requested_model, actual_model):
