@@ -1,10 +1,11 @@
 """Translation.answer and the fallback hook against fake providers: streams, keep-alives, failures, headers."""
 
 import json
+import re
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 
 from clproxy.testing import providers as fp
 from clproxy.errors import ProxyError
@@ -310,6 +311,68 @@ async def test_gemini_429_retry_delay_reaches_the_client(upstream, fake_gemini):
     out = RecordingOut()
     await t.answer(claude_request(), out, GEMINI, final=True)
     assert out.status == 429 and out.header(b"retry-after") == b"41"
+
+
+class _Staller(protocol.Protocol):
+    """A provider that answers with its status, its headers and the start of a body, then nothing."""
+
+    def connectionMade(self):
+        self.received, self.answered = b"", False
+        self.factory.connections.append(self)
+
+    def dataReceived(self, data):
+        self.received += data
+        head, sep, body = self.received.partition(b"\r\n\r\n")
+        length = re.search(rb"(?i)content-length:\s*(\d+)", head)
+        if sep and not self.answered and len(body) >= int(length.group(1) if length else 0):
+            self.answered = True
+            self.transport.write(b"HTTP/1.1 %d Whatever\r\ncontent-type: application/json\r\n"
+                                 b"content-length: 500\r\n\r\n{\"partial\":" % self.factory.status)
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        self.factory.lost += 1
+
+
+@pytest.fixture
+def staller():
+    """A loopback provider (``url``, ``status`` to answer) whose body stalls after its headers."""
+    factory = protocol.Factory.forProtocol(_Staller)
+    factory.connections, factory.lost, factory.status = [], 0, 200
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    factory.url = f"http://127.0.0.1:{port.getHost().port}"
+    yield factory
+    for connection in factory.connections:
+        connection.transport.abortConnection()
+    pytest_twisted.blockon(port.stopListening())
+
+
+@pytest.mark.parametrize("status", [200, 429])
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_stalls_after_the_headers_is_a_504_after_upstream_timeout(upstream, staller, status):
+    """A whole answer (200) or an error body (429) that stops coming after the headers is given up
+    after upstreamTimeout seconds without a byte: 504 timeout_error for a mapped model (a fallback
+    moves on), and the provider connection is closed.
+
+    Before the fix upstreamTimeout covered only the headers: the request hung for ever."""
+    staller.status = status
+    clock = task.Clock()
+    t = translation(upstream, clock=clock, fake_openai=staller, upstream_timeout=100)
+    out = RecordingOut()
+    answering = defer.ensureDeferred(t.answer(claude_request(), out, OPENAI, final=True))
+    # the header timer is gone and the body's idle timer runs: the headers are in
+    await until(lambda: [c.func.__name__ for c in clock.getDelayedCalls()] == ["_stalled"])
+    clock.advance(99)
+    assert not answering.called
+    clock.advance(1)
+    assert await answering is True
+    assert out.status == 504 and out.json()["error"]["type"] == "timeout_error"
+    assert "openai" in out.json()["error"]["message"] and "100s" in out.json()["error"]["message"]
+    await until(lambda: staller.lost == 1)
+    staller.status = 200
+    again = defer.ensureDeferred(t.answer(claude_request(), RecordingOut(), OPENAI, final=False))
+    await until(lambda: [c.func.__name__ for c in clock.getDelayedCalls()] == ["_stalled"])
+    clock.advance(100)
+    assert await again is False  # the fallback chain moves on
 
 
 # -- client disconnects ----------------------------------------------------------------------

@@ -17,9 +17,9 @@ from clproxy import jsoncodec
 from clproxy.proxy import sse
 from clproxy.errors import ProxyError, error_type_for
 from clproxy.observe.console import logger
-from clproxy.providers.clients import ProviderError, build_providers
+from clproxy.providers.clients import ProviderError, build_providers, read_body_within
 from clproxy.translate.claude import EmptyStreamError, TranslationError, encode_sse
-from clproxy.proxy.upstream import UpstreamError, read_body
+from clproxy.proxy.upstream import UpstreamError
 
 __all__ = ["Translation", "TranslatedStream", "MAX_RESPONSE_BYTES"]
 
@@ -171,12 +171,12 @@ class Translation:
     # -- whole answers ----------------------------------------------------------------------
     async def _message(self, request, out, target, client, prepared) -> None:
         response = await self._send(out, client, prepared)
-        reading = read_body(response, MAX_RESPONSE_BYTES)
+        reading = read_body_within(response, MAX_RESPONSE_BYTES, self.upstream_timeout, self.clock, client.name)
         out.on_disconnect(reading.cancel)
         try:
             body = await reading
         except UpstreamError as e:
-            raise _NotAnswered(ProxyError(502, f"{client.name}: {e.message}"), e.message)
+            raise _NotAnswered(ProxyError(504 if e.kind == "timeout" else 502, e.message), e.message)
         try:
             message = client.message(json.loads(body), target.model)
         except (ValueError, TypeError, AttributeError, KeyError) as e:
