@@ -9,6 +9,7 @@ import json
 
 import pytest
 from twisted.internet import task
+from twisted.internet.error import ConnectionLost
 from twisted.web._newclient import ResponseDone
 from twisted.python.failure import Failure
 
@@ -249,7 +250,9 @@ class _Transport:
             self.protocol.connectionLost(Failure(ResponseDone()))
 
 
-def _stream(translator, *bodies):
+def _stream(translator, *bodies, lost=None):
+    """Feed ``bodies`` (provider reads) through a TranslatedStream, then end the connection with
+    ``lost`` (a clean end by default)."""
     out = _Out()
     stream = TranslatedStream(
         translator, clock=task.Clock(), out=out, commit=lambda model: out.start(200, []),
@@ -259,7 +262,7 @@ def _stream(translator, *bodies):
     for body in bodies:
         stream.dataReceived(body)
     if not stream.transport.stopped:
-        stream.connectionLost(Failure(ResponseDone()))
+        stream.connectionLost(lost or Failure(ResponseDone()))
     return out, stream
 
 
@@ -321,3 +324,31 @@ def test_a_bad_frame_after_the_end_in_the_same_read_does_not_lose_the_answer():
     message = assert_valid_claude_stream(_client_events(out.body), allow_error=False)
     assert message["content"] == [{"type": "text", "text": "Hello world"}]
     assert message["usage"]["output_tokens"] == 2 and out.started == 200 and out.finished
+
+
+_TEXT_AND_STOP = _frame(_oc({"role": "assistant", "content": "Hello world"})) + _frame(_oc(finish="stop"))
+_USAGE = _frame({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}})
+
+
+@pytest.mark.parametrize("reads, lost", [
+    ([_TEXT_AND_STOP], Failure(ConnectionLost("connection reset"))),  # cut before the usage chunk
+    ([_TEXT_AND_STOP + b"data: 42\n\n"], None),  # a bad frame before the usage chunk
+], ids=["cut", "bad-frame"])
+def test_a_stream_that_fails_before_its_usage_chunk_ends_in_error(reads, lost):
+    """OpenAI streams the finish_reason, then the include_usage chunk, then [DONE]. A stream that
+    breaks (or sends garbage) between the two is cut short: the client gets the text and then
+    event: error, not message_stop with usage 0/0 reported as real.
+
+    Before the fix a finish_reason alone counted as the whole answer."""
+    out, _ = _stream(OpenAIStreamToClaude("gpt-4o"), *reads, lost=lost)
+    events = _client_events(out.body)
+    assert events[-1][0] == "error" and "message_stop" not in [name for name, _ in events]
+    assert assert_valid_claude_stream(events) is None and b'"text":"Hello world"' in out.body
+
+
+def test_a_stream_cut_after_its_usage_chunk_is_the_whole_answer():
+    """A connection broken after the usage chunk (before [DONE]) lost nothing: message_stop, real usage."""
+    out, _ = _stream(OpenAIStreamToClaude("gpt-4o"), _TEXT_AND_STOP + _USAGE,
+                     lost=Failure(ConnectionLost("connection reset")))
+    message = assert_valid_claude_stream(_client_events(out.body), allow_error=False)
+    assert message["content"][0]["text"] == "Hello world" and message["usage"]["output_tokens"] == 2

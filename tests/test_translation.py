@@ -214,6 +214,19 @@ async def test_mid_stream_cut_becomes_error_event(upstream, fake_openai):
 
 
 @pytest_twisted.ensureDeferred
+async def test_cut_after_finish_reason_before_usage_is_an_error_event(upstream, fake_openai):
+    """A connection cut after OpenAI's finish_reason chunk, before its usage chunk and [DONE], ends
+    with event: error: the answer looked complete but its usage (0/0) would have been made up."""
+    fake_openai.script(chunks=fp.openai_text_chunks(parts=["a", "b"]), cut_after=4)  # role, a, b, finish
+    t = translation(upstream, fake_openai=fake_openai)
+    out = RecordingOut()
+    assert await t.answer(claude_request(stream=True), out, OPENAI, final=False) is True
+    events = out.events()
+    assert streamed_text(events) == "ab" and out.finished
+    assert events[-1][0] == "error" and "message_stop" not in [n for n, _ in events]
+
+
+@pytest_twisted.ensureDeferred
 async def test_error_chunk_mid_stream_becomes_error_event(upstream, fake_gemini):
     """An error chunk after commit becomes the stream's event: error with the provider's message."""
     chunks = fp.gemini_text_chunks(parts=["one", " two"])[:1] + [{"error": {"code": 500, "message": "boom"}}]

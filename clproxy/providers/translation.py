@@ -296,7 +296,9 @@ class TranslatedStream(protocol.Protocol):
         clean = reason.check(ResponseDone, PotentialDataLoss) is not None
         if self._failed is None and not clean:
             self._failed = f"{self.provider} broke off the stream: {reason.getErrorMessage()}"
-        if self._failed is not None and getattr(self.translator, "finish_reason", None) is None:
+        if self._failed is not None and not getattr(self.translator, "complete", False):
+            # A failure before the provider said all of its answer (OpenAI's usage chunk comes after
+            # the finish_reason): finishing would pass a cut-short answer, or zero usage, off as real.
             self._end_with_error(self._failed)
             return
         try:

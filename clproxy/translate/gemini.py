@@ -519,6 +519,12 @@ class GeminiStreamToClaude:
         # inlineData / executableCode / codeExecutionResult have no place in a Claude answer: dropped.
         return events
 
+    @property
+    def complete(self):
+        """True once the stream has said all of its answer: the chunk with the finishReason (which
+        carries the final usageMetadata) came."""
+        return self.finish_reason is not None
+
     def finish(self):
         """Close the message; see the class docstring for the empty and truncated cases."""
         if self.serializer is None:

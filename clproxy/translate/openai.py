@@ -573,6 +573,12 @@ class OpenAIStreamToClaude:
             return self.serializer.error("api_error", "upstream sent tool call arguments out of order")
         return self.serializer.tool_args(args)
 
+    @property
+    def complete(self):
+        """True once the stream has said all of its answer: the finish_reason and the usage chunk
+        (clproxy always asks for it with stream_options.include_usage; it comes last)."""
+        return self.finish_reason is not None and self.usage is not None
+
     def finish(self):
         """Close the message; see the class docstring for the empty and truncated cases."""
         if self.serializer is None:
