@@ -388,6 +388,29 @@ async def test_a_body_that_stalls_after_the_headers_is_a_504_after_upstream_time
     assert await again is False  # the fallback chain moves on
 
 
+GEMINI_BAD_KEY = json.dumps({"error": {
+    "code": 400, "message": "API key not valid. Please pass a valid API key.", "status": "INVALID_ARGUMENT",
+    "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                 "domain": "googleapis.com"}]}}).encode()
+
+
+@pytest_twisted.ensureDeferred
+async def test_gemini_refusing_the_key_with_a_400_is_a_502_naming_the_setting(upstream, fake_gemini):
+    """Gemini refuses a bad key with 400 INVALID_ARGUMENT and ErrorInfo reason API_KEY_INVALID: the
+    client gets the 502 naming providers.google-ai.apiKey that a 401/403 gets, not a 400 saying its
+    own request is invalid. Another 400 stays a 400."""
+    fake_gemini.script(status=400, body=GEMINI_BAD_KEY, times=1)
+    t = translation(upstream, fake_gemini=fake_gemini)
+    out = RecordingOut()
+    await t.answer(claude_request(), out, GEMINI, final=True)
+    assert out.status == 502 and out.json()["error"]["type"] == "api_error"
+    assert "providers.google-ai.apiKey" in out.json()["error"]["message"]
+    fake_gemini.script(status=400, body=fp.gemini_error(400, "Invalid value at 'contents'"))
+    other = RecordingOut()
+    await t.answer(claude_request(), other, GEMINI, final=True)
+    assert other.status == 400 and other.json()["error"]["type"] == "invalid_request_error"
+
+
 # -- client disconnects ----------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

@@ -55,18 +55,20 @@ class ProviderError(Exception):
     """A provider could not answer: ``kind`` says why.
 
     ``config`` (no API key), ``status`` (a non-2xx answer: ``status``, the provider's ``message`` and
-    ``retry_after`` seconds as text when it said), ``network`` / ``timeout`` (unreachable, no answer in
-    time), ``invalid`` (an answer that cannot be understood). Messages never carry a key.
+    ``retry_after`` seconds as text when it said; ``key_rejected`` when it refused clproxy's own API
+    key), ``network`` / ``timeout`` (unreachable, no answer in time), ``invalid`` (an answer that
+    cannot be understood). Messages never carry a key.
     """
 
     def __init__(self, provider: str, kind: str, message: str, status: Optional[int] = None,
-                 retry_after: Optional[str] = None):
+                 retry_after: Optional[str] = None, key_rejected: bool = False):
         super().__init__(message)
         self.provider = provider
         self.kind = kind
         self.message = message
         self.status = status
         self.retry_after = retry_after
+        self.key_rejected = key_rejected or status in (401, 403)
 
 
 @attr.s(frozen=True, auto_attribs=True)
@@ -109,17 +111,23 @@ def _error_message(body: bytes) -> Optional[str]:
     return None
 
 
-def _google_retry_delay(body: bytes) -> Optional[str]:
-    """Whole seconds from a Google ``RetryInfo.retryDelay`` ("30s", "1.5s"), if the body has one."""
+def _google_details(body: bytes) -> list:
+    """The ``error.details`` entries (dicts) of a Google error body; empty when it has none."""
     try:
         parsed = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return None
+        return []
     if isinstance(parsed, list) and parsed:
         parsed = parsed[0]
-    details = ((parsed or {}).get("error") or {}).get("details") if isinstance(parsed, dict) else None
-    for detail in details or []:
-        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    details = error.get("details") if isinstance(error, dict) else None
+    return [d for d in details if isinstance(d, dict)] if isinstance(details, list) else []
+
+
+def _google_retry_delay(body: bytes) -> Optional[str]:
+    """Whole seconds from a Google ``RetryInfo.retryDelay`` ("30s", "1.5s"), if the body has one."""
+    for detail in _google_details(body):
+        delay = detail.get("retryDelay")
         if isinstance(delay, str) and delay.endswith("s"):
             try:
                 seconds = float(delay[:-1])
@@ -249,6 +257,10 @@ class ProviderClient:
                 return None  # an HTTP date: rare from these APIs, and the pool's own wait is safer
         return None
 
+    def key_rejected(self, body: bytes) -> bool:
+        """True when an error body (whatever its status) says clproxy's API key was refused."""
+        return False
+
     def send(self, prepared: PreparedRequest, timeout: float, clock) -> defer.Deferred:
         """Send; fires with the 2xx response (``UpstreamClient.send``'s), or fails with :class:`ProviderError`.
 
@@ -276,7 +288,8 @@ class ProviderClient:
                     message = text[:300] if text and not text.startswith("<") else \
                         (response.phrase or b"").decode("latin-1") or "no error message"
                 raise ProviderError(self.name, "status", message, status=response.code,
-                                    retry_after=self.retry_after(response.headers, body))
+                                    retry_after=self.retry_after(response.headers, body),
+                                    key_rejected=self.key_rejected(body))
 
             def unreadable(failure):
                 failure.trap(UpstreamError)
@@ -357,6 +370,11 @@ class GeminiClient(ProviderClient):
 
     def retry_after(self, headers: Headers, body: bytes) -> Optional[str]:
         return super().retry_after(headers, body) or _google_retry_delay(body)
+
+    def key_rejected(self, body: bytes) -> bool:
+        # Google refuses a bad key with 400 INVALID_ARGUMENT, not 401: an ErrorInfo reason
+        # API_KEY_INVALID (API_KEY_EXPIRED, API_KEY_SERVICE_BLOCKED ...) says it is the key.
+        return any(str(d.get("reason", "")).startswith("API_KEY_") for d in _google_details(body))
 
 
 def build_providers(providers_config, upstream) -> dict:

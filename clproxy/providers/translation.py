@@ -449,8 +449,9 @@ def _client_error(error: ProviderError) -> ProxyError:
         headers = [(b"retry-after", error.retry_after.encode())] if error.retry_after else []
         return ProxyError(429, f"{name} is rate-limiting clproxy: {error.message}", "rate_limit_error",
                           headers=headers)
-    if status in (401, 403):
-        # The provider refused clproxy's own key, not the client's credential: a gateway failure.
+    if error.key_rejected:
+        # The provider refused clproxy's own key, not the client's credential: a gateway failure
+        # (Gemini says so with a 400 whose ErrorInfo reason is API_KEY_INVALID).
         setting = "providers.openai.apiKey" if name == "openai" else "providers.google-ai.apiKey"
         return ProxyError(502, f"{name} refused clproxy's API key ({setting}), status {status}: "
                                f"{error.message}")
