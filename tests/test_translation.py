@@ -176,6 +176,30 @@ async def test_no_keepalive_before_commit(upstream, fake_openai):
     assert streamed_text(out.events()) == "Hello from fake OpenAI."
 
 
+@pytest.mark.parametrize("final", [True, False])
+@pytest_twisted.ensureDeferred
+async def test_silence_before_content_is_a_504_timeout(upstream, fake_openai, final):
+    """A provider that opens its stream (the role chunk) and then goes silent for upstreamTimeout,
+    before any content: 504 timeout_error for a mapped model, as for one that never answers (it
+    was a 502 api_error), and the next fallback for the chain."""
+    clock = task.Clock()
+    fake_openai.script(chunks=fp.openai_text_chunks(), hold_after=1)
+    t = translation(upstream, clock=clock, fake_openai=fake_openai, upstream_timeout=100)
+    out = RecordingOut()
+    answering = defer.ensureDeferred(t.answer(claude_request(stream=True), out, OPENAI, final=final))
+    await until(lambda: t.streams)
+    clock.advance(99)
+    assert not answering.called
+    clock.advance(1)
+    assert await answering is final
+    if final:
+        assert out.status == 504 and out.json()["error"]["type"] == "timeout_error"
+        assert "went silent for 100s" in out.json()["error"]["message"]
+    else:
+        assert out.writes == [] and not out.started
+    fake_openai.release()
+
+
 @pytest_twisted.ensureDeferred
 async def test_silence_mid_stream_ends_in_error_event(upstream, fake_gemini):
     """A provider silent for upstreamTimeout after commit is abandoned with an Anthropic event: error."""

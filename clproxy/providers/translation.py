@@ -355,7 +355,8 @@ class TranslatedStream(protocol.Protocol):
 
     def _end_with_error(self, message: str) -> None:
         if not self.committed:
-            self._give_up(ProxyError(502, message), message)
+            # a provider gone silent before any content is a timeout (504), as one that never answers
+            self._give_up(ProxyError(504 if self._timed_out else 502, message), message)
             return
         log.warn("translated stream from {provider} failed after commit: {reason}",
                  provider=self.provider, reason=message)
