@@ -146,6 +146,25 @@ def test_openai_two_calls_sharing_index_zero_become_two_tool_uses():
     assert message["stop_reason"] == "tool_use"
 
 
+def test_openai_whole_calls_without_index_or_id_become_one_tool_use_each():
+    """Gemini's OpenAI-compatible endpoint sends whole tool calls with no index and id "": two of
+    them in one chunk (or in two chunks) are two tool_use blocks.
+
+    Before the fix they were glued into one call with arguments '{..}{..}' and the stream ended in
+    an error. A call streamed in pieces without index (the name only on the first) stays one call."""
+    calls = [{"id": "", "type": "function", "function": {"name": "read", "arguments": '{"path":"a"}'}},
+             {"id": "", "type": "function", "function": {"name": "grep", "arguments": '{"q":"b"}'}}]
+    for chunks in ([_oc({"tool_calls": calls}, "stop")],
+                   [_oc({"tool_calls": calls[:1]}), _oc({"tool_calls": calls[1:]}, "stop")]):
+        message = assert_valid_claude_stream(_run(OpenAIStreamToClaude("m"), chunks), allow_error=False)
+        assert [(b["name"], b["input"]) for b in message["content"]] == [("read", {"path": "a"}), ("grep", {"q": "b"})]
+        assert message["stop_reason"] == "tool_use"
+    pieces = [_oc({"tool_calls": [{"function": {"name": "read", "arguments": '{"path":'}}]}),
+              _oc({"tool_calls": [{"function": {"arguments": '"a"}'}}]}), _oc(finish="tool_calls")]
+    message = assert_valid_claude_stream(_run(OpenAIStreamToClaude("m"), pieces), allow_error=False)
+    assert [(b["name"], b["input"]) for b in message["content"]] == [("read", {"path": "a"})]
+
+
 @pytest.mark.parametrize(
     "pieces, then",
     [

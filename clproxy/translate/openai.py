@@ -423,6 +423,14 @@ def openai_to_claude_response(resp, requested_model):
     }
 
 
+def _is_json_object(text):
+    """True when ``text`` is a whole JSON object (a tool call's arguments that are complete)."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 class OpenAIStreamToClaude:
     """Turn OpenAI chat.completion.chunk dicts into Claude SSE events, one chunk at a time.
 
@@ -535,16 +543,21 @@ class OpenAIStreamToClaude:
         index = call.get("index", 0)
         key = self._slots.get(index)
         call_id = call.get("id")
+        function = call.get("function") or {}
         if key is not None and call_id and self._tools[key]["id"] and call_id != self._tools[key]["id"]:
             # Some OpenAI-compatible servers (Gemini's among them) send every call with index 0;
             # a new id on a used index is a new call, not more arguments for the old one.
+            key = None
+        elif key is not None and "index" not in call and function.get("name") \
+                and _is_json_object(self._tools[key]["args"]):
+            # Gemini's endpoint sends whole calls with no index and id "": a named entry after a
+            # call whose arguments are already a whole object starts the next call.
             key = None
         if key is None:
             key = len(self._tools)
             self._slots[index] = key
             self._tools[key] = {"id": None, "name": None, "args": "", "opened": False}
         entry = self._tools[key]
-        function = call.get("function") or {}
         if call_id and not entry["id"]:
             entry["id"] = call_id
         if function.get("name") and not entry["name"]:
