@@ -435,6 +435,30 @@ async def test_gemini_refusing_the_key_with_a_400_is_a_502_naming_the_setting(up
     assert other.status == 400 and other.json()["error"]["type"] == "invalid_request_error"
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_provider_message_echoing_the_key_reaches_neither_client_nor_log(upstream, fake_openai,
+                                                                                 fake_gemini, logs):
+    """Providers echo what they were sent ("Incorrect API key provided: ..."): clproxy's key and any
+    Bearer value are taken out of their messages, in an error answer and in a stream's error chunk,
+    before the client or the log sees them.
+
+    Before the fix the 401's message reached the client's 502 and the log verbatim."""
+    fake_openai.script(status=401, body=fp.openai_error(
+        401, "Incorrect API key provided: sk-openai-test. Header: Bearer sk-openai-test", code="invalid_api_key"))
+    chunks = fp.gemini_text_chunks(parts=["one", " two"])[:1] + [{"error": {"message": "key gemini-test-key?"}}]
+    fake_gemini.script(chunks=chunks)
+    t = translation(upstream, fake_openai=fake_openai, fake_gemini=fake_gemini)
+    whole, streamed = RecordingOut(), RecordingOut()
+    await t.answer(claude_request(), whole, OPENAI, final=True)
+    await t.answer(claude_request(stream=True), streamed, GEMINI, final=True)
+    assert whole.status == 502 and "Incorrect API key provided: [REDACTED]" in whole.json()["error"]["message"]
+    assert streamed.events()[-1][1]["error"]["message"] == "key [REDACTED]?"
+    for key in (b"sk-openai-test", b"gemini-test-key"):
+        assert key not in whole.body and key not in streamed.body
+        assert not [line for line in logs if key.decode() in line]
+    assert any("Incorrect API key" in line for line in logs)  # the failure is logged, without the key
+
+
 # -- client disconnects ----------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred

@@ -17,6 +17,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from clproxy import __version__, jsoncodec
+from clproxy.observe.redact import REDACTED, redact_text
 from clproxy.translate import gemini as gemini_translate
 from clproxy.translate import openai as openai_translate
 from clproxy.proxy.upstream import UpstreamError
@@ -261,6 +262,17 @@ class ProviderClient:
         """True when an error body (whatever its status) says clproxy's API key was refused."""
         return False
 
+    def scrub(self, text: str) -> str:
+        """A provider's message without clproxy's API key, a Bearer value or any key-shaped string.
+
+        Providers echo what they were sent ("Incorrect API key provided: ..."); their messages
+        reach the client and the log.
+        """
+        key = self.settings.api_key
+        if key:
+            text = text.replace(key, REDACTED)
+        return redact_text(text)
+
     def send(self, prepared: PreparedRequest, timeout: float, clock) -> defer.Deferred:
         """Send; fires with the 2xx response (``UpstreamClient.send``'s), or fails with :class:`ProviderError`.
 
@@ -287,7 +299,7 @@ class ProviderClient:
                     text = body.decode("utf-8", "replace").strip()
                     message = text[:300] if text and not text.startswith("<") else \
                         (response.phrase or b"").decode("latin-1") or "no error message"
-                raise ProviderError(self.name, "status", message, status=response.code,
+                raise ProviderError(self.name, "status", self.scrub(message), status=response.code,
                                     retry_after=self.retry_after(response.headers, body),
                                     key_rejected=self.key_rejected(body))
 
@@ -297,7 +309,7 @@ class ProviderClient:
                     # a status without its body in upstreamTimeout: a timeout, as headers that never come
                     raise ProviderError(self.name, "timeout",
                                         f"{self.name} answered {response.code}, then {failure.value.message}")
-                raise ProviderError(self.name, "status", (response.phrase or b"").decode("latin-1"),
+                raise ProviderError(self.name, "status", self.scrub((response.phrase or b"").decode("latin-1")),
                                     status=response.code,
                                     retry_after=self.retry_after(response.headers, b""))
 

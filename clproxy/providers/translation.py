@@ -180,8 +180,9 @@ class Translation:
         try:
             message = client.message(json.loads(body), target.model)
         except (ValueError, TypeError, AttributeError, KeyError) as e:
-            raise _NotAnswered(ProxyError(502, f"{client.name} sent an answer clproxy cannot translate: {e}"),
-                               f"untranslatable answer: {e}")
+            why = client.scrub(str(e))  # may quote the provider's own error message
+            raise _NotAnswered(ProxyError(502, f"{client.name} sent an answer clproxy cannot translate: {why}"),
+                               f"untranslatable answer: {why}")
         record = getattr(request, "record", None)
         if record is not None and isinstance(message.get("usage"), dict):
             record.usage(message["usage"])  # the translated tokens count in the summary and the ledger
@@ -202,7 +203,7 @@ class Translation:
         translated = TranslatedStream(
             client.stream_translator(target.model), clock=self.clock, out=out, commit=commit,
             provider=client.name, idle_timeout=self.upstream_timeout,
-            keepalive_interval=self.keepalive_interval,
+            keepalive_interval=self.keepalive_interval, scrub=client.scrub,
             on_usage=getattr(getattr(request, "record", None), "usage", None))
         response.deliverBody(translated)
         out.on_disconnect(translated.abort)
@@ -230,8 +231,11 @@ class TranslatedStream(protocol.Protocol):
 
     def __init__(self, translator, *, clock, out, commit: Callable[[str], None], provider: str,
                  idle_timeout: float, keepalive_interval: float,
-                 on_usage: Optional[Callable[[dict], None]] = None):
+                 on_usage: Optional[Callable[[dict], None]] = None,
+                 scrub: Optional[Callable[[str], str]] = None):
         self.translator = translator
+        #: takes clproxy's key out of a provider's error message (a provider may echo it)
+        self.scrub = scrub
         #: told the translated ``usage`` of message_start and message_delta (later values win)
         self.on_usage = on_usage
         self.clock = clock
@@ -315,6 +319,8 @@ class TranslatedStream(protocol.Protocol):
     def _emit(self, events) -> None:
         if self._finished:
             return
+        if self.scrub is not None:
+            events = [(name, self._scrubbed(data)) if name == "error" else (name, data) for name, data in events]
         if self.on_usage is not None:
             for name, data in events:
                 usage = ((data.get("message") or {}).get("usage") if name == "message_start"
@@ -348,6 +354,11 @@ class TranslatedStream(protocol.Protocol):
             self._write(b"".join(encode_sse(name, data) for name, data in events))
         if any(name in ("message_stop", "error") for name, _ in events):
             self._finish(None)
+
+    def _scrubbed(self, data: dict) -> dict:
+        """An error event's data with its message scrubbed (the provider's words, from an error chunk)."""
+        error = data.get("error") if isinstance(data.get("error"), dict) else {}
+        return dict(data, error=dict(error, message=self.scrub(str(error.get("message", "")))))
 
     def _write(self, data: bytes) -> None:
         self._last_write = self.clock.seconds()
