@@ -41,20 +41,26 @@ class IStateStore(Interface):
         :return: Deferred firing with None.
         """
 
-    def record_outcome(key, outcome, now, error=None):
+    def record_outcome(key, outcome, now, error=None, sent_at=None):
         """Count how one attempt ended.
 
         :param outcome: ``"success"``, ``"error"`` or ``"rate-limited"`` (anything else fails the
             Deferred with ValueError). ``"success"`` also resets the backoff level to 0 and ends
-            any cooldown. ``"error"`` and ``"rate-limited"`` set ``last_error`` (``error``, or the
-            outcome name) and ``last_error_at`` (``now``); they leave cooldown and level alone.
+            any cooldown, unless the attempt was sent no later than the latest cooldown decision
+            (``IAtomicCooldown.extend_cooldown``'s ``at``): then it leaves both alone (a slow
+            request sent before a 429 must not end that 429's cooldown; see
+            ``clproxy.state.model.success_clears``). ``"error"`` and ``"rate-limited"`` set
+            ``last_error`` (``error``, or the outcome name) and ``last_error_at`` (``now``); they
+            leave cooldown and level alone.
+        :param sent_at: when the attempt was sent (the same clock as ``now``); None (unknown)
+            lets a success clear whatever cooldown there is.
         :return: Deferred firing with None.
         """
 
-    def record_result(key, outcome, now, error=None, counter=None):
+    def record_result(key, outcome, now, error=None, counter=None, sent_at=None):
         """Count one upstream attempt and how it ended, in one step: what ``record_attempt(key,
-        now)`` then ``record_outcome(key, outcome, now, error)`` do, and ``incr(counter)`` when a
-        counter is named. A networked store does it in one round trip, and no reader ever sees
+        now)`` then ``record_outcome(key, outcome, now, error, sent_at)`` do, and ``incr(counter)``
+        when a counter is named. A networked store does it in one round trip, and no reader ever sees
         the attempt without its outcome.
 
         :return: Deferred firing with None; an unknown ``outcome`` fails it with ValueError and
@@ -141,12 +147,16 @@ class IAtomicCooldown(Interface):
     process followed by ``IStateStore.set_cooldown`` cannot promise that across processes).
     """
 
-    def extend_cooldown(key, until, backoff_level=None):
+    def extend_cooldown(key, until, backoff_level=None, at=None):
         """Cool one account until ``until`` unless it already cools longer, in one atomic step.
 
         :param until: absolute time in seconds (the pool's clock).
         :param backoff_level: when given, the 429 level becomes the larger of the stored one and
             this; None leaves the level alone.
+        :param at: when this cooldown was decided (the pool's clock); the account's decision time
+            becomes the latest one given, even when ``until`` does not extend the cooldown, and a
+            success sent no later than it leaves cooldown and level alone
+            (``IStateStore.record_outcome``). None leaves the decision time alone.
         :return: Deferred firing with the resulting ``AccountState``.
         """
 

@@ -38,9 +38,9 @@ class _Pool(AccountPool):
         self.verdicts = []
         self.level_reads = 0
 
-    async def record(self, account, verdict):
+    async def record(self, account, verdict, sent_at=None):
         self.verdicts.append(verdict)
-        await super().record(account, verdict)
+        await super().record(account, verdict, sent_at=sent_at)
 
     async def backoff_level(self, account):
         self.level_reads += 1
@@ -339,9 +339,9 @@ class _GatedPool(_Pool):
         super().__init__(*args, **kwargs)
         self.gate = defer.Deferred()
 
-    async def record(self, account, verdict):
+    async def record(self, account, verdict, sent_at=None):
         await self.gate
-        await super().record(account, verdict)
+        await super().record(account, verdict, sent_at=sent_at)
 
 
 def test_a_success_is_delivered_while_its_verdict_is_recorded():
@@ -376,9 +376,9 @@ def test_a_stream_is_committed_before_its_try_is_recorded(monkeypatch):
     seen = []
     record_verdict = t.pool.record
 
-    async def record(account, verdict):
+    async def record(account, verdict, sent_at=None):
         seen.append(("pool", out.started and bool(out.writes)))
-        await record_verdict(account, verdict)
+        await record_verdict(account, verdict, sent_at=sent_at)
 
     t.pool.record = record
     note_attempt = RequestRecord.attempt
@@ -423,9 +423,9 @@ def test_a_whole_answer_reaches_the_client_before_its_try_is_recorded(monkeypatc
     seen = []
     record_verdict = t.pool.record
 
-    async def record(account, verdict):
+    async def record(account, verdict, sent_at=None):
         seen.append(("pool", out.finished))
-        await record_verdict(account, verdict)
+        await record_verdict(account, verdict, sent_at=sent_at)
 
     t.pool.record = record
     note_attempt = RequestRecord.attempt

@@ -22,7 +22,8 @@ from clproxy.proxy.upstream import UpstreamClient
 from clproxy.routing import policy
 from clproxy.routing.pool import AccountPool
 from clproxy.state.memory import MemoryStateStore
-from clproxy.testing.anthropic import FakeAnthropic, error_json, text_stream
+from clproxy.state.model import AccountState
+from clproxy.testing.anthropic import FakeAnthropic, error_json, text_stream, unified_headers
 from clproxy.testing.memory import MemoryAgent
 
 from helpers import RecordingSink
@@ -46,9 +47,9 @@ class _Pool(AccountPool):
         super().__init__(*args, **kwargs)
         self.verdicts = []
 
-    async def record(self, account, verdict):
+    async def record(self, account, verdict, sent_at=None):
         self.verdicts.append((account.name, verdict))
-        await super().record(account, verdict)
+        await super().record(account, verdict, sent_at=sent_at)
 
 
 class StubRefresher:
@@ -165,6 +166,40 @@ def test_429_fails_over_to_the_next_account_and_cools_the_first():
     states = run(h.states())
     assert states["config:first"].cooling_until == h.clock.seconds() + 30.0
     assert states["config:second"].cooling_until <= h.clock.seconds()
+
+
+def test_a_late_success_of_a_request_sent_before_a_429_keeps_its_cooldown():
+    """Request X reaches account a and is slow (10 s); request Y reaches a next, gets a 429 whose
+    5-hour window is rejected and fails over to b. X's success, 10 s later, must not end a's
+    cooldown nor reset its level: the next request goes to b. A request sent to a once the
+    cooldown is over succeeds and does end it (level included)."""
+    h = Harness([api("a"), api("b")])
+    now = h.clock.seconds()
+    h.fake.script("sk-a", delay=10.0, times=1)
+    h.fake.script("sk-a", status=429, times=1,
+                  headers=dict(unified_headers(five_hour=1.0, status="rejected", reset=now + 5 * 3600),
+                               **{"retry-after": "60"}),
+                  body=error_json(429, "rate_limit_error", "5h limit reached"))
+    x, y = RecordingSink(), RecordingSink()
+    slow = defer.ensureDeferred(h.dispatcher.forward(messages(), x))
+    h.agent.flush()  # X is on its way to a
+    h.forward(messages(), y)
+    assert y.status == 200 and [r.credential for r in h.fake.requests] == ["sk-a", "sk-a", "sk-b"]
+    cooled = run(h.states())["config:a"]
+    assert cooled.cooling_until > now + 4 * 3600
+    for _ in range(11):
+        h.clock.advance(1)
+        h.agent.flush()
+    assert slow.called and x.status == 200
+    assert h.verdicts()[-1] == ("a", policy.SUCCESS, 200, policy.OK)
+    assert run(h.states())["config:a"] == cooled  # cooldown and level as the 429 left them
+    h.forward(messages(), RecordingSink())
+    assert h.fake.requests[-1].credential == "sk-b"
+    # once the window has reset, a request sent then (after the 429) ends the cooldown
+    h.clock.advance(5 * 3600)
+    h.forward(messages(), RecordingSink())
+    assert h.fake.requests[-1].credential == "sk-a"
+    assert run(h.states())["config:a"] == AccountState()
 
 
 def test_401_refreshes_and_retries_the_same_account_with_the_new_token():

@@ -65,6 +65,51 @@ class AtomicCooldownContract:
         await store.record_outcome("a", "success", 1.0)
         assert (await store.get_account_states(["a"]))["a"] == AccountState()
 
+    @pytest_twisted.ensureDeferred
+    async def test_a_success_sent_before_the_cooldown_leaves_it(self):
+        """A success of an attempt sent before (or when) the cooldown was decided leaves cooldown
+        and level in place (a slow request finishing after another one's 429); one sent after it
+        ends both, and the decision time goes with them."""
+        store = self.make_store()
+        await store.extend_cooldown("a", 18_100.0, 3, at=100.0)
+        await store.record_result("a", "success", 150.0, sent_at=99.0)
+        await store.record_outcome("a", "success", 151.0, sent_at=100.0)  # a tie keeps it too
+        assert (await store.get_account_states(["a"]))["a"] == AccountState(18_100.0, 3)
+        assert (await store.account_stats(["a"]))["a"]["successes"] == 2
+        await store.record_result("a", "success", 152.0, sent_at=100.5)
+        assert (await store.get_account_states(["a"]))["a"] == AccountState()
+        # the decision time was cleared with the cooldown: one decided without a time is cleared
+        # by any success, even one sent long before
+        await store.extend_cooldown("a", 900.0, 1)
+        await store.record_result("a", "success", 153.0, sent_at=1.0)
+        assert (await store.get_account_states(["a"]))["a"] == AccountState()
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_shorter_cooldown_decided_later_still_guards_the_longer(self):
+        """A cooldown that does not extend the one in place is still news of the limit: a success
+        sent between the two decisions leaves the longer cooldown in place."""
+        store = self.make_store()
+        await store.extend_cooldown("a", 900.0, 2, at=100.0)
+        assert await store.extend_cooldown("a", 200.0, 1, at=120.0) == AccountState(900.0, 2)
+        await store.record_result("a", "success", 130.0, sent_at=110.0)
+        assert (await store.get_account_states(["a"]))["a"] == AccountState(900.0, 2)
+        await store.record_result("a", "success", 131.0, sent_at=121.0)
+        assert (await store.get_account_states(["a"]))["a"] == AccountState()
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_success_without_a_send_time_clears(self):
+        """A success recorded without ``sent_at`` (an old caller) ends the cooldown whenever it
+        was decided; ``forget`` drops the decision time with the rest."""
+        store = self.make_store()
+        await store.extend_cooldown("a", 900.0, 2, at=100.0)
+        await store.record_outcome("a", "success", 50.0)
+        assert (await store.get_account_states(["a"]))["a"] == AccountState()
+        await store.extend_cooldown("b", 900.0, 2, at=100.0)
+        await store.forget("b")
+        await store.extend_cooldown("b", 900.0, 2)
+        await store.record_outcome("b", "success", 50.0, sent_at=10.0)
+        assert (await store.get_account_states(["b"]))["b"] == AccountState()
+
 
 class SharedTokensContract:
     """Contract tests for ``ISharedTokens``."""

@@ -80,12 +80,16 @@ async def test_killed_redis_is_survived_and_recovered(private_redis, log_lines):
     assert (await store.get_account_states(["third"]))["third"] == AccountState()
     assert (await store.account_stats(["third"]))["third"]["successes"] == 1
     assert (await store.counters())["upstream_attempts"] == 2
+    # a late success (sent before the cooldown was decided) keeps it, and its replay
+    await store.extend_cooldown("fourth", now + 70.0, 3, at=now + 1.0)
+    await store.record_result("fourth", "success", now + 2.0, sent_at=now + 0.5)
+    assert (await store.get_account_states(["fourth"]))["fourth"] == AccountState(now + 70.0, 3)
     await store.put_quota("work", {"status": "allowed"})
     lock = await store.acquire("refresh:work", 5_000, 0, reactor)
     assert lock is not None and lock.local
     assert await store.release(lock)
     assert len(store_lines(log_lines, "redis unavailable at")) == 1
-    assert store.pending_count() == 3  # the token, the cooldown of "other", the quota
+    assert store.pending_count() == 4  # the token, the cooldowns of "other" and "fourth", the quota
 
     private_redis.start()
     await wait_until(lambda: store.available and store.pending_count() == 0)
@@ -97,6 +101,9 @@ async def test_killed_redis_is_survived_and_recovered(private_redis, log_lines):
         # Written during the outage, replayed on recovery (the restarted Redis was empty).
         assert await other.get_token_record("work") == ROTATED
         assert (await other.get_account_states(["other"]))["other"] == AccountState(now + 50.0, 1)
+        # "fourth" came back with its decision time: a late success still leaves it in place
+        await other.record_result("fourth", "success", now + 3.0, sent_at=now + 0.5)
+        assert (await other.get_account_states(["fourth"]))["fourth"] == AccountState(now + 70.0, 3)
         assert await other.get_quotas(["work"]) == {"work": {"status": "allowed"}}
         # New writes go to Redis again.
         failed_before = store._link.failed_calls

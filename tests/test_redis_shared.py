@@ -123,6 +123,27 @@ async def test_pool_on_two_instances_shares_a_429_cooldown(two_stores):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_late_success_on_one_instance_keeps_the_other_ones_429_cooldown(two_stores):
+    """B's request was sent before A's 429 and succeeds after it: the account stays cooling, its
+    level kept (decided atomically in Redis); B's next request, sent after the 429, ends it."""
+    a, b = two_stores
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    accounts = [Account(key="one", name="one"), Account(key="two", name="two")]
+    pool_a, pool_b = AccountPool(a, clock=clock), AccountPool(b, clock=clock)
+    sent = clock.seconds()
+    clock.advance(1)
+    await pool_a.record(accounts[0], Verdict(COOL, 429, "rate-limited", 5 * 3600.0, 2))
+    clock.advance(10)
+    await pool_b.record(accounts[0], Verdict(SUCCESS, 200, "ok", None, 0), sent_at=sent)
+    assert [x.key for x in await pool_a.candidates(accounts)] == ["two"]
+    assert await pool_a.backoff_level(accounts[0]) == 2
+    await pool_b.record(accounts[0], Verdict(SUCCESS, 200, "ok", None, 0), sent_at=clock.seconds())
+    assert [x.key for x in await pool_a.candidates(accounts)] == ["one", "two"]
+    assert await pool_a.backoff_level(accounts[0]) == 0
+
+
+@pytest_twisted.ensureDeferred
 async def test_fifty_acquirers_across_two_stores_hold_one_at_a_time(two_stores):
     """50 concurrent acquirers of one lock through two stores: one holder at a time, all served."""
     a, b = two_stores

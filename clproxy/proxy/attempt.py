@@ -147,7 +147,10 @@ class Attempt:
 
     async def run(self, request, out, account: Account, deadline: float) -> Outcome:
         """Send ``request`` to ``account`` (before ``deadline``, clock seconds) and say what happened."""
-        heard = await self._hear(request, out, account, deadline)
+        # sent in this same turn of the reactor (nothing is awaited before the send): the pool
+        # needs it so that a success ends only a cooldown decided before the request left
+        sent_at = self.clock.seconds()
+        heard = await self._hear(request, out, account, deadline, sent_at)
         if isinstance(heard, Answered):
             return heard  # the client left before any verdict: nothing to record
         if heard.verdict.action == policy.SUCCESS and heard.deliver is not None:
@@ -156,13 +159,13 @@ class Attempt:
             # rest is delivered; the client waits for neither (with a shared store, a round trip)
             delivering: defer.Deferred = defer.ensureDeferred(heard.deliver())
             self._note_attempt(request, account, heard)
-            recording = defer.ensureDeferred(self.pool.record(account, heard.verdict))
+            recording = defer.ensureDeferred(self.pool.record(account, heard.verdict, sent_at=sent_at))
             try:
                 return await delivering
             finally:
                 await recording
         self._note_attempt(request, account, heard)
-        await self.pool.record(account, heard.verdict)
+        await self.pool.record(account, heard.verdict, sent_at=sent_at)
         if heard.verdict.action != policy.SUCCESS and not heard.quiet:
             log.info("{line}", line=heard.verdict.describe(account.name))
         if heard.deliver is not None:
@@ -178,13 +181,14 @@ class Attempt:
         request.record.attempt(account_name=account.name, provider="anthropic", model=request.model,
                                status=heard.verdict.status, verdict=heard.verdict)
 
-    async def _hear(self, request, out, account: Account, deadline: float) -> Union[_Heard, Answered]:
-        """Send, read what decides the verdict, classify it.
+    async def _hear(self, request, out, account: Account, deadline: float,
+                    now: float) -> Union[_Heard, Answered]:
+        """Send (``now``, clock seconds), read what decides the verdict, classify it.
 
         The account's backoff level is read only for a verdict that is not a success (a success
         resets it): one store read fewer on the common path, a Redis round trip with shared state.
         """
-        timeout = max(0.001, min(self.upstream_timeout, deadline - self.clock.seconds()))
+        timeout = max(0.001, min(self.upstream_timeout, deadline - now))
         url = (account.base_url.rstrip("/").encode("utf-8") + request.path + request.query)
         # (shaping drops the client's trace headers: the proxy's own span is the upstream's parent)
         headers, body = self.shaping.shape_pairs(request.headers, account, request.body)

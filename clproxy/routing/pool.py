@@ -110,14 +110,17 @@ class AccountPool:
         self._written_keys.add(account.key)
         return await self._store.take_rate_slot(account.key, self._now(), limit, RATE_WINDOW)
 
-    def record(self, account: Account, verdict: Verdict) -> defer.Deferred:
+    def record(self, account: Account, verdict: Verdict, sent_at: Optional[float] = None) -> defer.Deferred:
         """Count one attempt with ``account`` and apply its verdict; a Deferred firing with None
         once done, the store's call already sent when this returns.
 
         Counts the attempt (see the class docstring), then: a success resets the backoff level and
-        ends any cooldown; a verdict with a cooldown (429, 401 both API-key and OAuth "refresh",
-        402, 403) cools the account until ``now + cooldown`` -- or longer if it was already cooling
-        longer -- and stores the verdict's backoff level; other verdicts change neither.
+        ends any cooldown -- unless that cooldown was decided at or after ``sent_at`` (when the
+        attempt was sent, the pool's clock): a slow request sent before another one's 429 proves
+        nothing about the limit that 429 reported; a verdict with a cooldown (429, 401 both API-key
+        and OAuth "refresh", 402, 403) cools the account until ``now + cooldown`` -- or longer if it
+        was already cooling longer -- and stores the verdict's backoff level; other verdicts change
+        neither. Without ``sent_at`` a success clears whatever cooldown there is.
         """
         now = self._now()
         key = account.key
@@ -129,24 +132,30 @@ class AccountPool:
             error = _error_text(verdict)
         # the attempt, its outcome and the proxy-wide count in one store call (one Redis round trip);
         # a plain Deferred, no coroutine: a success is recorded this way on every request
-        recorded = self._store.record_result(key, outcome, now, error=error, counter=UPSTREAM_ATTEMPTS)
+        if sent_at is None:  # (a store written before sent_at existed still works for such callers)
+            recorded = self._store.record_result(key, outcome, now, error=error, counter=UPSTREAM_ATTEMPTS)
+        else:
+            recorded = self._store.record_result(key, outcome, now, error=error, counter=UPSTREAM_ATTEMPTS,
+                                                 sent_at=sent_at)
         if verdict.cooldown is None:
             return recorded
         until, level = now + verdict.cooldown, verdict.backoff_level
-        return recorded.addCallback(lambda _: defer.ensureDeferred(self._extend(key, until, level)))
+        return recorded.addCallback(lambda _: defer.ensureDeferred(self._extend(key, until, level, now)))
 
     async def cool(self, account: Account, seconds: float) -> None:
         """Cool ``account`` for ``seconds`` from now (never shortening a longer cooldown) without
         counting an attempt: for a decision about an attempt already recorded."""
         self._written_keys.add(account.key)
-        await self._extend(account.key, self._now() + seconds, None)
+        now = self._now()
+        await self._extend(account.key, now + seconds, None, now)
 
-    async def _extend(self, key: str, until: float, level: Optional[int]) -> None:
+    async def _extend(self, key: str, until: float, level: Optional[int], at: float) -> None:
         """Cool ``key`` until ``until`` unless it already cools longer (two requests in flight on
-        one account: a short cooldown must not cut a long one). A shared store does the max in one
-        atomic step, so instances cannot overwrite each other's longer cooldown."""
+        one account: a short cooldown must not cut a long one), decided at ``at`` (a success sent
+        before then leaves it in place). A shared store does the max in one atomic step, so
+        instances cannot overwrite each other's longer cooldown."""
         if IAtomicCooldown.providedBy(self._store):
-            await self._store.extend_cooldown(key, until, level)
+            await self._store.extend_cooldown(key, until, level, at=at)
             return
         state = (await self._store.get_account_states([key]))[key]
         await self._store.set_cooldown(key, max(until, state.cooling_until),

@@ -17,8 +17,9 @@ from clproxy.interfaces import (IAtomicCooldown, IClientKeys, ILockProvider, ILo
                                 ISessionBindings, ISharedTokens, IStateLifecycle, IStateStore, IUsageCounters,
                                 IWorkerMetrics)
 from clproxy.state.locks import MemoryLocks
-from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, TOKEN_VERSION_FALLBACK,
-                                 TOKEN_VERSION_FIELD, AccountState, add_series, empty_stats, validate_outcome)
+from clproxy.state.model import (OUTCOME_RATE_LIMITED, OUTCOME_SUCCESS, STAT_KEYS, TOKEN_VERSION_FALLBACK,
+                                 TOKEN_VERSION_FIELD, AccountState, add_series, empty_stats, success_clears,
+                                 validate_outcome)
 
 
 @attr.s(auto_attribs=True)
@@ -27,6 +28,8 @@ class _AccountRecord:
 
     cooling_until: float = 0.0
     backoff_level: int = 0
+    #: the latest time a cooldown was decided (``extend_cooldown``'s ``at``); None: unknown
+    cooled_at: Optional[float] = None
     attempts: int = 0
     successes: int = 0
     errors: int = 0
@@ -156,15 +159,17 @@ class MemoryStateStore:
         record.last_attempt_at = now
         return defer.succeed(None)
 
-    def record_outcome(self, key, outcome, now, error=None):
+    def record_outcome(self, key, outcome, now, error=None, sent_at=None):
         problem = validate_outcome(outcome)
         if problem is not None:
             return defer.fail(problem)
         record = self._record(key)
         if outcome == OUTCOME_SUCCESS:
             record.successes += 1
-            record.backoff_level = 0
-            record.cooling_until = 0.0
+            if success_clears(record.cooled_at, sent_at):
+                record.backoff_level = 0
+                record.cooling_until = 0.0
+                record.cooled_at = None
             return defer.succeed(None)
         if outcome == OUTCOME_RATE_LIMITED:
             record.rate_limits += 1
@@ -174,14 +179,14 @@ class MemoryStateStore:
         record.last_error = error if error is not None else outcome
         return defer.succeed(None)
 
-    def record_result(self, key, outcome, now, error=None, counter=None):
+    def record_result(self, key, outcome, now, error=None, counter=None, sent_at=None):
         problem = validate_outcome(outcome)
         if problem is not None:
             return defer.fail(problem)
         self.record_attempt(key, now)
         if counter is not None:
             self.incr(counter)
-        return self.record_outcome(key, outcome, now, error)
+        return self.record_outcome(key, outcome, now, error, sent_at=sent_at)
 
     def _live_window(self, key, now, window) -> Optional[Deque[float]]:
         """The key's rate window with expired timestamps dropped; None (and removed) when empty."""
@@ -227,7 +232,8 @@ class MemoryStateStore:
         stats = {}
         for key in keys:
             record = self._accounts.get(key)
-            stats[key] = empty_stats() if record is None else attr.asdict(record)
+            stats[key] = (empty_stats() if record is None else
+                          {name: getattr(record, name) for name in STAT_KEYS})
         return defer.succeed(stats)
 
     def forget(self, key):
@@ -244,7 +250,12 @@ class MemoryStateStore:
         return defer.succeed(None)
 
     # IAtomicCooldown
-    def extend_cooldown(self, key, until, backoff_level=None):
+    def extend_cooldown(self, key, until, backoff_level=None, at=None):
+        if at is not None:
+            # every cooldown decided counts, even one shorter than the cooldown in place: it is
+            # news of the limit that a success sent before it must not undo
+            record = self._record(key)
+            record.cooled_at = float(at) if record.cooled_at is None else max(record.cooled_at, float(at))
         record = self._accounts.get(key)
         state = (AccountState() if record is None else
                  AccountState(cooling_until=record.cooling_until, backoff_level=record.backoff_level))

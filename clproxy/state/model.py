@@ -55,6 +55,18 @@ def validate_outcome(outcome: str) -> Optional[ValueError]:
         outcome, ", ".join(sorted(OUTCOMES))))
 
 
+def success_clears(cooled_at: Optional[float], sent_at: Optional[float]) -> bool:
+    """Whether a success ends the cooldown and resets the 429 level (``IStateStore.record_outcome``).
+
+    Only an attempt sent after the latest cooldown was decided (``cooled_at``) proves the account
+    serves again: a slow request sent before a 429 that succeeds after it says nothing of the limit
+    that 429 reported. A tie keeps the cooldown (the 429 may have come first). Without a send time
+    (an old caller) or a known decision time (one made without it), a success clears, as it always has.
+    The Redis store's RECORD script makes the same decision.
+    """
+    return sent_at is None or cooled_at is None or cooled_at < sent_at
+
+
 def add_series(sums: dict, report) -> dict:
     """Add a report of the worker metrics (``IWorkerMetrics``: a ``{series: number}`` dict, or
     ``(series, number)`` pairs with numbers as strings, as Redis gives them) into ``sums``."""

@@ -36,6 +36,24 @@ class LocalMirror(MemoryStateStore):
             if known[key] != state:
                 self.set_cooldown(key, state.cooling_until, state.backoff_level)
 
+    def adopt_cooled_at(self, key: str, at: Optional[float]) -> None:
+        """Remember when Redis says the cooldown of ``key`` was last decided (None: unknown)."""
+        record = self._accounts.get(key)
+        if record is not None:
+            record.cooled_at = at
+        elif at is not None:
+            self._record(key).cooled_at = at
+
+    def cooled_at(self, key: str) -> Optional[float]:
+        """When the cooldown of ``key`` was last decided, as far as this mirror knows (None: unknown)."""
+        record = self._accounts.get(key)
+        return None if record is None else record.cooled_at
+
+    def holds_cooldown(self, key: str) -> bool:
+        """True when the mirror has a cooldown end or a 429 level for ``key``."""
+        record = self._accounts.get(key)
+        return record is not None and (record.cooling_until > 0 or record.backoff_level > 0)
+
     def adopt_stats(self, key: str, stats: dict) -> None:
         if stats == empty_stats() and key not in self._accounts:
             return

@@ -21,6 +21,9 @@ end
 return 1
 """
 
+# KEYS: cooldown, level, decision time. ARGV: until, its TTL, level ('' to keep it), level TTL,
+# when this cooldown was decided ('' when unknown: the decision time is left alone). The decision
+# time is kept as long as the cooldown or the level, whichever lasts longer (a success reads it).
 EXTEND_COOLDOWN = """
 local cur = redis.call('GET', KEYS[1])
 local untilv = cur or '0'
@@ -33,12 +36,21 @@ if ARGV[3] ~= '' and tonumber(ARGV[3]) > tonumber(lvl) then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[4])
   lvl = ARGV[3]
 end
-return {untilv, lvl}
+local at = redis.call('GET', KEYS[3])
+if ARGV[5] ~= '' then
+  if not at or tonumber(ARGV[5]) > tonumber(at) then at = ARGV[5] end
+  local ttl = math.max(redis.call('PTTL', KEYS[1]), redis.call('PTTL', KEYS[2]))
+  if ttl > 0 then redis.call('SET', KEYS[3], at, 'PX', ttl) end
+end
+return {untilv, lvl, at}
 """
 
-# One attempt's bookkeeping, any part of it: KEYS stats, cooldown, level, counters; ARGV count
-# an attempt ('1' or ''), outcome ('' for none), now, error text, stats TTL, counter ('' for none).
-# The attempt, its outcome and the proxy-wide counter in one script are one round trip, not three.
+# One attempt's bookkeeping, any part of it: KEYS stats, cooldown, level, counters, cooldown
+# decision time; ARGV count an attempt ('1' or ''), outcome ('' for none), now, error text, stats
+# TTL, counter ('' for none), when the attempt was sent ('' when unknown). The attempt, its outcome
+# and the proxy-wide counter in one script are one round trip, not three. A success ends the
+# cooldown and resets the level only when it was sent after the cooldown was decided
+# (``clproxy.state.model.success_clears``): a slow request sent before a 429 must not undo it.
 RECORD = """
 if ARGV[1] == '1' then
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
@@ -46,7 +58,10 @@ if ARGV[1] == '1' then
 end
 if ARGV[2] == 'success' then
   redis.call('HINCRBY', KEYS[1], 'successes', 1)
-  redis.call('DEL', KEYS[2], KEYS[3])
+  local at = ARGV[7] ~= '' and redis.call('GET', KEYS[5])
+  if not at or tonumber(at) < tonumber(ARGV[7]) then
+    redis.call('DEL', KEYS[2], KEYS[3], KEYS[5])
+  end
 elseif ARGV[2] ~= '' then
   local field = 'errors'
   if ARGV[2] == 'rate-limited' then field = 'rate_limits' end

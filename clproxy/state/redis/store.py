@@ -34,6 +34,8 @@ from clproxy.state.redis.workermetrics import RedisWorkerMetrics
 # One namespace for the whole Redis store, whatever module logs (operators filter on it).
 log = Logger(namespace="clproxy.state.redis")
 
+#: The kinds of key held per account (``P:KIND:K``), all dropped by ``forget``.
+ACCOUNT_KINDS = ("cd", "lvl", "cdat", "stats", "rate", "quota")
 #: A cooldown key outlives the end of its cooldown by this long (seconds), then vanishes.
 COOLDOWN_GRACE = 3600.0
 #: A 429 backoff level not raised again for this long (seconds) vanishes (reads as 0).
@@ -216,7 +218,9 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
     (counts made meanwhile stay local).
 
     **Keys** (``P`` is the prefix, ``K`` an account key): ``P:cd:K`` cooldown end (expires
-    ``COOLDOWN_GRACE`` after it), ``P:lvl:K`` 429 level (``LEVEL_TTL``), ``P:stats:K`` hash of
+    ``COOLDOWN_GRACE`` after it), ``P:lvl:K`` 429 level (``LEVEL_TTL``), ``P:cdat:K`` when the
+    latest cooldown was decided (as long as the cooldown or the level; a success sent before it
+    leaves both in place), ``P:stats:K`` hash of
     counts (``STATS_TTL`` since the last write), ``P:rate:K`` sorted set of request times (at most
     ``limit`` members, expires with the window), ``P:quota:K`` JSON (``QUOTA_TTL``), ``P:token:K``
     JSON (no TTL), ``P:lock:NAME`` owner token (the lock's TTL), ``P:counters:all`` hash;
@@ -352,38 +356,44 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
     def record_attempt(self, key, now):
         return Deferred.fromCoroutine(self._record(key, now, attempt=True))
 
-    def record_outcome(self, key, outcome, now, error=None):
+    def record_outcome(self, key, outcome, now, error=None, sent_at=None):
         problem = validate_outcome(outcome)
         if problem is not None:
             return defer.fail(problem)
-        return Deferred.fromCoroutine(self._record(key, now, outcome=outcome, error=error))
+        return Deferred.fromCoroutine(self._record(key, now, outcome=outcome, error=error, sent_at=sent_at))
 
-    def record_result(self, key, outcome, now, error=None, counter=None):
+    def record_result(self, key, outcome, now, error=None, counter=None, sent_at=None):
         problem = validate_outcome(outcome)
         if problem is not None:
             return defer.fail(problem)
         return Deferred.fromCoroutine(self._record(key, now, attempt=True, outcome=outcome, error=error,
-                                                  counter=counter))
+                                                  counter=counter, sent_at=sent_at))
 
     async def _record(self, key, now, *, attempt: bool = False, outcome: Optional[str] = None,
-                      error: Optional[str] = None, counter: Optional[str] = None):
+                      error: Optional[str] = None, counter: Optional[str] = None,
+                      sent_at: Optional[float] = None):
         """The RECORD script: an attempt, an outcome and a counter, each when asked, in one
         round trip; then the same in the mirror."""
         text = error if error is not None else (outcome or "")
         keys = [self._key("stats", key), self._key("cd", key), self._key("lvl", key),
-                self._key("counters", "all")]
-        args = ["1" if attempt else "", outcome or "", num(now), str(text), px_ttl(STATS_TTL), counter or ""]
+                self._key("counters", "all"), self._key("cdat", key)]
+        args = ["1" if attempt else "", outcome or "", num(now), str(text), px_ttl(STATS_TTL), counter or "",
+                "" if sent_at is None else num(sent_at)]
+        down = False
         try:
             await self._link.run(script_op(RECORD, keys, args))
         except RedisDown:
-            if outcome == OUTCOME_SUCCESS:
-                self._pending.cooldowns.discard(key)
+            down = True
         if attempt:
             await self.mirror.record_attempt(key, now)
         if counter is not None:
             await self.mirror.incr(counter)
         if outcome is not None:
-            await self.mirror.record_outcome(key, outcome, now, error)
+            await self.mirror.record_outcome(key, outcome, now, error, sent_at=sent_at)
+        if down and outcome == OUTCOME_SUCCESS and not self.mirror.holds_cooldown(key):
+            # the success ended the cooldown written during the outage: nothing left to replay
+            # (a late success, sent before that cooldown, left it in place, still to be written)
+            self._pending.cooldowns.discard(key)
 
     def take_rate_slot(self, key, now, limit, window=60.0):
         if limit < 1:
@@ -494,7 +504,7 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
         return Deferred.fromCoroutine(self._forget(key))
 
     async def _forget(self, key):
-        names = [self._key(kind, key) for kind in ("cd", "lvl", "stats", "rate", "quota")]
+        names = [self._key(kind, key) for kind in ACCOUNT_KINDS]
         try:
             await self._link.run(lambda r: r.delete(names))
         except RedisDown:
@@ -505,20 +515,25 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
 
     # IAtomicCooldown ---------------------------------------------------------------------------
 
-    def extend_cooldown(self, key, until, backoff_level=None):
-        return Deferred.fromCoroutine(self._extend_cooldown(key, until, backoff_level))
+    def extend_cooldown(self, key, until, backoff_level=None, at=None):
+        return Deferred.fromCoroutine(self._extend_cooldown(key, until, backoff_level, at))
 
-    async def _extend_cooldown(self, key, until, backoff_level):
+    def _cooldown_keys(self, key: str) -> list:
+        """The KEYS of EXTEND_COOLDOWN: cooldown, level, decision time."""
+        return [self._key("cd", key), self._key("lvl", key), self._key("cdat", key)]
+
+    async def _extend_cooldown(self, key, until, backoff_level, at):
         args = [num(until), self._ttl_until(until, COOLDOWN_GRACE),
-                "" if backoff_level is None else str(int(backoff_level)), px_ttl(LEVEL_TTL)]
+                "" if backoff_level is None else str(int(backoff_level)), px_ttl(LEVEL_TTL),
+                "" if at is None else num(at)]
         try:
-            reply = await self._link.run(script_op(EXTEND_COOLDOWN, [self._key("cd", key),
-                                                                  self._key("lvl", key)], args))
+            reply = await self._link.run(script_op(EXTEND_COOLDOWN, self._cooldown_keys(key), args))
         except RedisDown:
             self._pending.cooldowns.add(key)
-            return await self.mirror.extend_cooldown(key, until, backoff_level)
+            return await self.mirror.extend_cooldown(key, until, backoff_level, at)
         state = AccountState(float(reply[0]), int(reply[1]))
         self.mirror.adopt_states({key: state})
+        self.mirror.adopt_cooled_at(key, float(reply[2]) if len(reply) > 2 and reply[2] else None)
         return state
 
     # ISharedTokens -----------------------------------------------------------------------------
@@ -891,7 +906,7 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
             return
         count = len(pending)
         for key in sorted(pending.forgets):
-            names = [self._key(kind, key) for kind in ("cd", "lvl", "stats", "rate", "quota")]
+            names = [self._key(kind, key) for kind in ACCOUNT_KINDS]
             await self._link.run(lambda r, names=names: r.delete(names))
             pending.forgets.discard(key)
         for key in sorted(pending.token_deletes):
@@ -917,11 +932,12 @@ class RedisStateStore(RedisWorkerMetrics, service.Service):
             pending.quotas.discard(key)
         for key in sorted(pending.cooldowns):
             state = fired(self.mirror.get_account_states([key]))[key]
-            await self._link.run(script_op(EXTEND_COOLDOWN, [self._key("cd", key),
-                                                          self._key("lvl", key)],
+            at = self.mirror.cooled_at(key)
+            await self._link.run(script_op(EXTEND_COOLDOWN, self._cooldown_keys(key),
                                        [num(state.cooling_until),
                                         self._ttl_until(state.cooling_until, COOLDOWN_GRACE),
-                                        str(state.backoff_level), px_ttl(LEVEL_TTL)]))
+                                        str(state.backoff_level), px_ttl(LEVEL_TTL),
+                                        "" if at is None else num(at)]))
             pending.cooldowns.discard(key)
         for key_hash in sorted(pending.client_key_revokes):
             await self._link.run(script_op(REVOKE_CLIENT_KEY, self._client_key_names(), [key_hash]))
