@@ -250,6 +250,32 @@ def test_an_upstream_silent_past_the_timeout_is_left_for_the_next_account():
     assert out.status == 200
 
 
+def test_a_body_that_stalls_after_its_head_is_left_for_the_next_account():
+    """An account whose 200 sends its head and 10 bytes of body, then nothing: after 20 s of silence
+    (upstream_timeout; at most 25 s, the idle sweeper's bound) the read fails as a timeout
+    (NEXT/NETWORK), its connection is dropped and its maxConcurrent slot freed, and the next account
+    answers the client with 200."""
+    h = Harness([api("stalls", max_concurrent=1), api("quick")], upstream_timeout=20.0,
+                request_deadline=900)
+    h.fake.script("sk-stalls", body_stall_at=10, times=1)
+    out = RecordingSink()
+    d = defer.ensureDeferred(h.dispatcher.forward(messages(), out))
+    h.agent.flush()
+    for _ in range(19):  # second by second: the sweeps run on time, as on a real reactor
+        h.clock.advance(1.0)
+        h.agent.flush()
+    assert not d.called and h.dispatcher.gate.in_flight("config:stalls") == 1  # not before 20 s
+    for _ in range(6):
+        h.clock.advance(1.0)
+        h.agent.flush()
+    assert d.called and out.status == 200
+    assert h.verdicts() == [("stalls", policy.NEXT, None, policy.NETWORK),
+                            ("quick", policy.SUCCESS, 200, policy.OK)]
+    assert "timeout after 20 s waiting for the rest of the body" in h.pool.verdicts[0][1].detail
+    assert h.dispatcher.gate.in_flight("config:stalls") == 0
+    assert h.clock.getDelayedCalls() == []  # no sweep left behind
+
+
 @pytest.mark.parametrize("cut", [dict(end_before_first=True), dict(cut_after=0)],
                          ids=["ended-cleanly", "connection-closed"])
 def test_a_stream_cut_before_its_first_event_goes_to_the_next_account(cut):
@@ -469,15 +495,17 @@ def test_a_rejected_credential_then_a_broken_retry_still_relays_the_401():
     assert json.loads(out.body)["error"]["type"] == "authentication_error"
 
 
-@pytest.mark.parametrize("script, status", [(dict(reset=True), 502), (dict(delay=60.0), 504)],
-                         ids=["reset", "timeout"])
+@pytest.mark.parametrize("script, status", [(dict(reset=True), 502), (dict(delay=60.0), 504),
+                                            (dict(body_stall_at=10), 504)],
+                         ids=["reset", "timeout", "stalled-body"])
 def test_exhaustion_by_network_failures_answers_502_or_504(script, status):
-    """A lone account that fails by network gives the client a 502 for a reset and a 504 for a timeout,
-    and the account is not cooled for it."""
+    """A lone account that fails by network gives the client a 502 for a reset and a 504 for a timeout
+    (no answer, or a body that stalls after its head), and the account is not cooled for it."""
     h = Harness([api("only")], upstream_timeout=20.0)
     h.fake.script("sk-only", **script)
     out = RecordingSink()
-    h.forward(messages(), out, advance=[20.0])
+    # a stalled body is given up between 20 and 25 s of silence (the idle sweeper's bound)
+    h.forward(messages(), out, advance=[1.0] * 25)
     assert [a for _, a, _, _ in h.verdicts()] == [policy.NEXT]
     assert out.status == status
     [error] = out.errors

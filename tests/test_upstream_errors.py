@@ -85,6 +85,34 @@ async def test_body_cut_short_names_host_and_bytes(client, fake, chunked):
     assert caught.value.message == "upstream " + caught.value.what
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_body_that_stalls_is_a_timeout_and_its_connection_is_dropped(client, fake):
+    """Head and 10 bytes of body, then silence with the connection open: the read fails as a
+    ``timeout`` (as the send's) once the idle timeout has passed with nothing, never before, and the
+    connection is closed rather than pooled (its answer was never read whole)."""
+    fake.script(body_stall_at=10)
+    response = await client.send(b"POST", (fake.url + "/v1/messages").encode(), headers(), b"{}", 30, reactor)
+    connection = response._connection
+    host = fake.url.split("://", 1)[1]
+    clock = task.Clock()
+    reading = read_body(response, 10 ** 6, host, clock, 600)
+    await until(lambda: response._bodyProtocol is not None and response._bodyProtocol._size == 10)
+    for _ in range(599):  # second by second: the idle sweeps run on time, as on a real reactor
+        clock.advance(1)
+    assert not reading.called  # not a whole timeout of silence yet
+    for _ in range(151):  # at most 1.25 times the timeout after the read began (the sweeper's bound)
+        clock.advance(1)
+    with pytest.raises(UpstreamError) as caught:
+        await reading
+    assert caught.value.kind == "timeout"
+    assert caught.value.what == f"timeout after 600 s waiting for the rest of the body from {host}"
+    assert caught.value.message == (f"upstream {host} went silent for 600s in the middle of its "
+                                    "answer's body")
+    await until(lambda: connection.state == "CLOSED")
+    assert not client.http1._idle
+    assert clock.getDelayedCalls() == []  # the sweeper let go of it
+
+
 def test_host_never_carries_userinfo():
     """A base URL with ``user:password@`` is named by host:port alone."""
     assert _host_of(b"https://user:s3cret@api.example.com:8443/v1/messages") == "api.example.com:8443"

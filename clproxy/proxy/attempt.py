@@ -323,9 +323,10 @@ class Attempt:
                                is_oauth=account.is_oauth)
 
     async def _read(self, response, limit: int, out, host: str) -> bytes:
-        """The whole body; raises ``UpstreamError`` when the upstream cut it short, ``CancelledError``
-        when the client went away."""
-        reading = read_body(response, limit, host)
+        """The whole body; raises ``UpstreamError`` when the upstream cut it short or stayed silent
+        for ``upstream_timeout`` (a timeout, as the send's: the next account, or a 504),
+        ``CancelledError`` when the client went away."""
+        reading = read_body(response, limit, host, self.clock, self.upstream_timeout)
         out.on_disconnect(reading.cancel)
         return await reading
 

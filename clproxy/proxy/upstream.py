@@ -254,15 +254,34 @@ def _what_happened(failure: Failure, host: str) -> str:
 
 
 class _BodyCollector(protocol.Protocol):
-    def __init__(self, finished: defer.Deferred, limit: int, host: str):
+    """Gathers a whole body for :func:`read_body`; with ``idle_timeout`` > 0, the clock's
+    :class:`_IdleSweeper` watches it as it watches a stream (no timer of its own) and a body
+    silent for that long fails as a timeout and drops its connection."""
+
+    def __init__(self, finished: defer.Deferred, limit: int, host: str,
+                 clock: Optional[IReactorTime] = None, idle_timeout: float = 0.0):
         self._finished = finished
         self._host = host
         self._parts: List[bytes] = []
         self._size = 0
         self._limit = limit
         self.truncated = False
+        # what the idle sweeper reads and writes (see StreamRelay)
+        self._clock = clock
+        self._idle_timeout = idle_timeout
+        self._chunks = 0
+        self._seen_chunks = 0
+        self._quiet_since = 0.0
+        self._sweeper: Optional["_IdleSweeper"] = None
+        self._timed_out = False
+
+    def watch(self) -> None:
+        """Have the clock's sweeper watch this body for silence (a body already whole needs none)."""
+        if self._clock is not None and self._idle_timeout > 0 and not self._finished.called:
+            self._sweeper = _IdleSweeper.watch(self._clock, self)
 
     def dataReceived(self, data: bytes) -> None:
+        self._chunks += 1
         if self._size >= self._limit:
             self.truncated = True
             return
@@ -270,6 +289,12 @@ class _BodyCollector(protocol.Protocol):
         self._size += len(data)
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self._leave_sweeper()
+        if self._finished.called:
+            return  # timed out (the abort's own end comes after), or the reader cancelled
+        if self._timed_out:
+            self._fail_silent()
+            return
         if reason is BODY_DONE or reason.check(ResponseDone, PotentialDataLoss):
             self._finished.callback(b"".join(self._parts))
             return
@@ -278,17 +303,50 @@ class _BodyCollector(protocol.Protocol):
                 "before its end")
         self._finished.errback(UpstreamError("network", f"upstream {what}", what))
 
+    def _went_silent(self) -> None:
+        """Called by the sweeper (which has already let go of this body): drop the connection
+        (a body half read can never be followed by another answer on it) and fail as a timeout."""
+        self._sweeper = None
+        if self._finished.called:
+            return
+        self._timed_out = True
+        if self.transport is not None:
+            self.transport.stopProducing()
+        self._fail_silent()
 
-def read_body(response, limit: int, host: str = "upstream") -> "defer.Deferred":
+    def _fail_silent(self) -> None:
+        if self._finished.called:
+            return
+        timeout = self._idle_timeout
+        self._finished.errback(UpstreamError(
+            "timeout", f"upstream {self._host} went silent for {timeout:g}s in the middle of its answer's body",
+            f"timeout after {timeout:g} s waiting for the rest of the body from {self._host}"))
+
+    def _leave_sweeper(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.forget(self)
+
+
+def read_body(response, limit: int, host: str = "upstream", clock: Optional[IReactorTime] = None,
+              idle_timeout: float = 0.0) -> "defer.Deferred":
     """Read a whole response body, keeping at most ``limit`` bytes; fires with the bytes.
 
     Fails with :class:`UpstreamError` (``network``) when the upstream closes before the body is
-    complete; ``host`` names it in the error.
+    complete; ``host`` names it in the error. With a ``clock`` and ``idle_timeout`` > 0, a body
+    that sends nothing for ``idle_timeout`` seconds (between idle_timeout and 1.25 times it, the
+    sweeper's bound) fails with ``UpstreamError`` (``timeout``), its connection dropped: the send's
+    timeout ends at the response head, and a body stalled after it would otherwise be waited for
+    for ever.
     """
     finished: defer.Deferred = defer.Deferred()
     if response.length == 0:
         return defer.succeed(b"")
-    response.deliverBody(_BodyCollector(finished, limit, host))
+    collector = _BodyCollector(finished, limit, host, clock, idle_timeout)
+    response.deliverBody(collector)
+    # watched only once what had arrived was delivered: a body that came whole with its head
+    # (most answers) costs the sweeper nothing
+    collector.watch()
     return finished
 
 
@@ -560,7 +618,8 @@ _ROUNDING = 1 - 1e-9
 
 
 class _IdleSweeper:
-    """One repeating timer that watches every live :class:`StreamRelay` of a clock for silence.
+    """One repeating timer that watches every live :class:`StreamRelay` of a clock for silence
+    (and every body :func:`read_body` is waiting for, the same way).
 
     A timer per stream (re-armed every idle timeout) put a DelayedCall per stream in the reactor's
     heap, and ``callLater`` was 2.7% of the daemon's time at 1,000 streams. Instead, relays join

@@ -54,7 +54,8 @@ class Script:
     ``body_cut_at``: send only the first N bytes of a plain body (``body``, or the default message),
     then close the connection; its Content-Length still announces the whole body.
     ``chunked``: send a plain body in chunked transfer encoding, with no Content-Length (with
-    ``body_cut_at``: the connection closes before the terminating chunk).
+    ``body_cut_at``: the connection closes before the terminating chunk). ``body_stall_at``: send
+    only the first N bytes of a plain body, then nothing more, the connection left open.
     ``end_before_first``: send the stream's headers, then end it cleanly with no event.
     ``reset``: abort the connection before any response. ``delay``: wait before answering.
     ``times``: how many requests it answers (None: all).
@@ -67,6 +68,7 @@ class Script:
     pace: float = 0.0
     cut_after: Optional[int] = None
     body_cut_at: Optional[int] = None
+    body_stall_at: Optional[int] = None
     chunked: bool = False
     end_before_first: bool = False
     reset: bool = False
@@ -354,9 +356,13 @@ class FakeAnthropic(LoopbackFake):
         self._body(request, json.dumps(value).encode(), s or Script())
 
     def _body(self, request, data: bytes, s: Script) -> None:
-        """Write a plain body as the script says: whole, chunked, or cut after ``body_cut_at`` bytes."""
+        """Write a plain body as the script says: whole, chunked, cut after ``body_cut_at`` bytes, or
+        stalled after ``body_stall_at`` bytes."""
         if not s.chunked:
             request.setHeader(b"content-length", str(len(data)).encode())
+        if s.body_stall_at is not None:
+            request.write(data[:s.body_stall_at])  # and never the rest (nor the end)
+            return
         if s.body_cut_at is None:
             request.write(data)
             request.finish()
