@@ -276,6 +276,41 @@ def test_a_body_that_stalls_after_its_head_is_left_for_the_next_account():
     assert h.clock.getDelayedCalls() == []  # no sweep left behind
 
 
+def test_the_wait_for_a_streams_first_event_ends_with_the_request_deadline():
+    """A stream whose head comes at once and its first event 300 s later, with a 20 s request
+    deadline and a 600 s upstream timeout: the wait for the first event ends with the deadline
+    (between 20 and 25 s, the idle sweeper's bound), not after 600 s; it is the first-event
+    timeout it always was (NEXT/NETWORK), and the client gets its error, not a stream."""
+    h = Harness([api("slow"), api("spare")], request_deadline=20, upstream_timeout=600)
+    h.fake.script("sk-slow", first_event_delay=300.0)
+    out = RecordingSink()
+    d = defer.ensureDeferred(h.dispatcher.forward(messages(stream=True), out))
+    h.agent.flush()
+    for _ in range(19):  # second by second: the sweeps run on time, as on a real reactor
+        h.clock.advance(1.0)
+        h.agent.flush()
+    assert not d.called
+    for _ in range(6):
+        h.clock.advance(1.0)
+        h.agent.flush()
+    assert d.called, "still waiting for the first event past the request deadline"
+    assert h.verdicts() == [("slow", policy.NEXT, None, policy.NETWORK)]  # no time left for spare
+    assert "timed out before its first event" in h.pool.verdicts[0][1].detail
+    assert out.status == 502 and not out.events()
+    assert h.dispatcher.gate.in_flight("config:slow") == 0
+
+
+def test_a_streams_first_event_may_take_its_upstream_timeout_when_the_deadline_allows():
+    """The same stream (first event after 300 s) with the default deadline and a 600 s upstream
+    timeout is waited for and relayed whole."""
+    h = Harness([api("slow")], request_deadline=900, upstream_timeout=600)
+    h.fake.script("sk-slow", first_event_delay=300.0)
+    out = RecordingSink()
+    h.forward(messages(stream=True), out, advance=[1.0] * 300)
+    assert h.verdicts() == [("slow", policy.SUCCESS, 200, policy.OK)]
+    assert [name for name, _ in out.events()][-1] == "message_stop"
+
+
 @pytest.mark.parametrize("cut", [dict(end_before_first=True), dict(cut_after=0)],
                          ids=["ended-cleanly", "connection-closed"])
 def test_a_stream_cut_before_its_first_event_goes_to_the_next_account(cut):

@@ -120,6 +120,47 @@ def test_the_abort_moment_with_one_timeout():
     assert clock.getDelayedCalls() == []
 
 
+def test_the_wait_for_the_first_event_is_bounded_by_the_shorter_first_event_timeout():
+    """A relay whose first event may take at most 20 s (what was left of the request's deadline)
+    of a 600 s idle timeout: silent from its start, it times out before its first event 20 s later
+    (the sweeps fall on the shorter timeout), not 600 s later."""
+    clock = task.Clock()
+    relay = StreamRelay(clock, 600.0, "upstream.test", first_event_timeout=20.0)
+    relay.makeConnection(Upstream(relay))
+    assert advance_until_lost(clock, relay, 0.25, 30.0) == 20.0
+    assert isinstance(relay.first_event.result.value, FirstEventFailed)
+    assert "timed out before its first event" in str(relay.first_event.result.value)
+    relay.first_event.addErrback(lambda failure: None)
+    assert clock.getDelayedCalls() == []
+
+
+def test_after_its_first_event_a_stream_gets_its_whole_idle_timeout():
+    """The first-event bound ends with the first event: the committed stream may then stay silent
+    for its idle timeout (600 s), as any stream, and the sweeps go back to 600 / N apart."""
+    clock = task.Clock()
+    relay = StreamRelay(clock, 600.0, "upstream.test", first_event_timeout=20.0)
+    relay.makeConnection(Upstream(relay))
+    clock.advance(10.0)
+    relay.dataReceived(FIRST)
+    relay.commit(lambda data: None)
+    clock.advance(10.0)  # the sweep that sees the first event
+    clock.advance(40.0)  # twice the first-event bound of silence
+    assert not relay._lost
+    assert clock.getDelayedCalls()[0].getTime() - clock.seconds() <= 600.0 / SWEEPS_PER_TIMEOUT
+    took = advance_until_lost(clock, relay, 5.0, 800.0)
+    assert outcome_of(relay) == "upstream upstream.test went silent for 600s mid-stream"
+    assert 600.0 <= took + 40.0 <= 600.0 * (1 + 2 / SWEEPS_PER_TIMEOUT) + 5.0
+
+
+def test_a_first_event_timeout_no_shorter_than_the_idle_timeout_changes_nothing():
+    """A first-event bound at or above the idle timeout leaves the idle timeout in charge."""
+    clock = task.Clock()
+    relay = StreamRelay(clock, 20.0, "upstream.test", first_event_timeout=600.0)
+    relay.makeConnection(Upstream(relay))
+    assert advance_until_lost(clock, relay, 0.25, 30.0) == 20.0
+    relay.first_event.addErrback(lambda failure: None)
+
+
 def test_float_rounding_does_not_cost_a_sweep():
     """With a clock not at 0 and a timeout that is no round binary number (1.3 s), N sweeps of T/N
     may add up to a hair under T: the stream is still aborted on the Nth sweep after the one that

@@ -208,7 +208,7 @@ class Attempt:
         if self.quotas is not None and has_quota_headers(response.headers):
             self.quotas.note(account.key, response.headers)
         if 200 <= status < 300 and request.stream and is_event_stream(response.headers):
-            return await self._hear_stream(request, out, account, response)
+            return await self._hear_stream(request, out, account, response, deadline)
         limit = self.max_response_bytes if 200 <= status < 300 else self.error_body_limit
         try:
             body = await self._read(response, limit, out, host)
@@ -249,9 +249,17 @@ class Attempt:
 
         return _Heard(self._success(status, account), deliver=deliver)
 
-    async def _hear_stream(self, request, out, account: Account, response) -> _Heard:
-        """A 2xx event stream: judged by its first event (outside passthrough mode), then relayed."""
-        relay = StreamRelay(self.clock, self.upstream_timeout, _host(account.base_url))
+    async def _hear_stream(self, request, out, account: Account, response, deadline: float) -> _Heard:
+        """A 2xx event stream: judged by its first event (outside passthrough mode), then relayed.
+
+        The wait for the first event is bounded by what is left of the request's ``deadline``
+        too (nothing has reached the client: past it, the loop has no time for another account);
+        once committed, a stream is bounded by ``upstream_timeout`` of silence alone.
+        """
+        first_event_timeout = None
+        if not self.passthrough:  # (passthrough commits at once: the stream is the client's)
+            first_event_timeout = max(0.001, min(self.upstream_timeout, deadline - self.clock.seconds()))
+        relay = StreamRelay(self.clock, self.upstream_timeout, _host(account.base_url), first_event_timeout)
         response.deliverBody(relay)
         out.on_disconnect(relay.abort)
         if not self.passthrough:

@@ -369,16 +369,23 @@ class StreamRelay(protocol.Protocol):
 
     With ``idle_timeout`` > 0, a stream that sends nothing for that long (before or after its
     first event) is aborted: "timed out" before its first event, "went silent" after. Its clock's
-    :class:`_IdleSweeper` watches it, not a timer of its own.
+    :class:`_IdleSweeper` watches it, not a timer of its own. A shorter ``first_event_timeout``
+    (what is left of the request's deadline) is the silence allowed until the first event
+    instead; ``idle_timeout`` applies from that event on.
     """
 
     max_bootstrap_bytes = 1024 * 1024
 
-    def __init__(self, clock: IReactorTime, idle_timeout: float, host: str):
+    def __init__(self, clock: IReactorTime, idle_timeout: float, host: str,
+                 first_event_timeout: Optional[float] = None):
         self.first_event: defer.Deferred = defer.Deferred()
         self.done: defer.Deferred = defer.Deferred()  # fires with a StreamOutcome after commit
         self._clock = clock
+        #: the silence the sweeper allows now: until the first event, the shorter of the two
         self._idle_timeout = idle_timeout
+        self._stream_timeout = idle_timeout
+        if first_event_timeout is not None and 0 < first_event_timeout < idle_timeout:
+            self._idle_timeout = first_event_timeout
         self._host = host
         self._held: List[bytes] = []
         self._parser: Optional[sse.SSEParser] = sse.SSEParser(self.max_bootstrap_bytes)
@@ -433,6 +440,9 @@ class StreamRelay(protocol.Protocol):
             return
         if events:
             self._parser = None
+            # the deadline bounded the wait for this event only: the stream's own silence
+            # allowance from now on (the sweeper's next sweep widens its interval again)
+            self._idle_timeout = self._stream_timeout
             self.first_event.callback(events[0])
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:

@@ -57,6 +57,7 @@ class Script:
     ``body_cut_at``: the connection closes before the terminating chunk). ``body_stall_at``: send
     only the first N bytes of a plain body, then nothing more, the connection left open.
     ``end_before_first``: send the stream's headers, then end it cleanly with no event.
+    ``first_event_delay``: send the stream's headers at once, its first event that many seconds later.
     ``reset``: abort the connection before any response. ``delay``: wait before answering.
     ``times``: how many requests it answers (None: all).
     """
@@ -71,6 +72,7 @@ class Script:
     body_stall_at: Optional[int] = None
     chunked: bool = False
     end_before_first: bool = False
+    first_event_delay: float = 0.0
     reset: bool = False
     delay: float = 0.0
     times: Optional[int] = None
@@ -407,7 +409,10 @@ class FakeAnthropic(LoopbackFake):
                     self.reactor.callLater(s.pace, send, i)
                     return
 
-        send(0)
+        if s.first_event_delay:
+            self.reactor.callLater(s.first_event_delay, send, 0)
+        else:
+            send(0)
 
 
 def listen_fake_anthropic(reactor=None) -> FakeAnthropic:
