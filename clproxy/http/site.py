@@ -222,6 +222,7 @@ class ProxyHTTPRequest(server.Request):
     _parts: Optional[List[bytes]] = None
 
     def setResponseCode(self, code: int, message: Optional[bytes] = None) -> None:
+        """twisted's, with :data:`REASON_PHRASES` for the codes it has no phrase for."""
         super().setResponseCode(code, message if message is not None else REASON_PHRASES.get(code))
 
     def gotLength(self, length: Optional[int]) -> None:
