@@ -396,19 +396,19 @@ async def test_a_body_that_stalls_after_the_headers_is_a_504_after_upstream_time
     t = translation(upstream, clock=clock, fake_openai=staller, upstream_timeout=100)
     out = RecordingOut()
     answering = defer.ensureDeferred(t.answer(claude_request(), out, OPENAI, final=True))
-    # the header timer is gone and the body's idle timer runs: the headers are in
-    await until(lambda: [c.func.__name__ for c in clock.getDelayedCalls()] == ["_stalled"])
-    clock.advance(99)
+    # the header timer is gone and the idle sweeper watches the body: the headers are in
+    await until(lambda: [c.func.__name__ for c in clock.getDelayedCalls()] == ["_sweep"])
+    clock.pump([1] * 99)  # second by second, as time passes: the sweeper looks every 25 s
     assert not answering.called
-    clock.advance(1)
+    clock.pump([1] * 26)  # the sweeper's bound: between the timeout and a quarter more
     assert await answering is True
     assert out.status == 504 and out.json()["error"]["type"] == "timeout_error"
     assert "openai" in out.json()["error"]["message"] and "100s" in out.json()["error"]["message"]
     await until(lambda: staller.lost == 1)
     staller.status = 200
     again = defer.ensureDeferred(t.answer(claude_request(), RecordingOut(), OPENAI, final=False))
-    await until(lambda: [c.func.__name__ for c in clock.getDelayedCalls()] == ["_stalled"])
-    clock.advance(100)
+    await until(lambda: [c.func.__name__ for c in clock.getDelayedCalls()] == ["_sweep"])
+    clock.pump([1] * 125)
     assert await again is False  # the fallback chain moves on
 
 

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor, task
+from twisted.internet import defer, reactor, task
 from twisted.web.http_headers import Headers
 
 from helpers import until
@@ -110,6 +110,27 @@ async def test_a_body_that_stalls_is_a_timeout_and_its_connection_is_dropped(cli
                                     "answer's body")
     await until(lambda: connection.state == "CLOSED")
     assert not client.http1._idle
+    assert clock.getDelayedCalls() == []  # the sweeper let go of it
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_a_body_read_drops_its_connection_and_the_watch(client, fake):
+    """The client went away while a whole answer's body was arriving (the dispatcher cancels the
+    read): the upstream connection is closed at once and the idle sweeper lets go of the body.
+
+    Before the fix the cancel only failed the Deferred: the body stayed watched, and when it then
+    stalled its connection stayed open for ever (the sweeper found the read already ended and
+    returned without dropping it)."""
+    fake.script(body_stall_at=10)
+    response = await client.send(b"POST", (fake.url + "/v1/messages").encode(), headers(), b"{}", 30, reactor)
+    connection = response._connection
+    clock = task.Clock()
+    reading = read_body(response, 10 ** 6, "upstream", clock, 600)
+    await until(lambda: response._bodyProtocol is not None and response._bodyProtocol._size == 10)
+    reading.cancel()
+    reading.addErrback(lambda f: f.trap(defer.CancelledError))
+    await until(lambda: connection.state == "CLOSED")
+    assert not client.http1._idle  # never pooled: its answer was not read whole
     assert clock.getDelayedCalls() == []  # the sweeper let go of it
 
 

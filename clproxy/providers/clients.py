@@ -6,24 +6,21 @@ which pure translator turns its answer into Claude's. Requests go over the daemo
 """
 
 import json
-from typing import List, Optional, cast
+from typing import Optional
 from urllib.parse import quote
 
 import attr
-from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer
-from twisted.web._newclient import ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.internet import defer
 from twisted.web.http_headers import Headers
 
 from clproxy import __version__, jsoncodec
 from clproxy.observe.redact import REDACTED, redact_text
 from clproxy.translate import gemini as gemini_translate
 from clproxy.translate import openai as openai_translate
-from clproxy.proxy.upstream import UpstreamError
+from clproxy.proxy.upstream import UpstreamError, read_body
 
 __all__ = ["ProviderError", "PreparedRequest", "OpenAIClient", "GeminiClient", "build_providers",
-           "ERROR_BODY_LIMIT", "read_body_within"]
+           "ERROR_BODY_LIMIT"]
 
 #: How much of a provider's error body is read (the message is all we need of it).
 ERROR_BODY_LIMIT = 64 * 1024
@@ -138,80 +135,6 @@ def _google_retry_delay(body: bytes) -> Optional[str]:
     return None
 
 
-class _BodyWithin(protocol.Protocol):
-    """Collects a provider answer's body into :attr:`finished`, keeping at most ``limit`` bytes.
-
-    ``timeout`` seconds without a byte fail ``finished`` with ``UpstreamError("timeout")`` and close
-    the connection: the upstream timeout of ``UpstreamClient.send`` ends with the headers, and a
-    provider that stalls its body must not hold the request for ever. Cancelling ``finished``
-    closes the connection too.
-    """
-
-    def __init__(self, limit: int, timeout: float, clock, host: str):
-        self.finished: defer.Deferred = defer.Deferred(lambda _: self.stop())
-        self.limit = limit
-        self.timeout = timeout
-        self.clock = clock
-        self.host = host
-        self._parts: List[bytes] = []
-        self._size = 0
-        self._timer = None
-        self._stopped = False
-
-    def connectionMade(self) -> None:
-        if self.timeout > 0:
-            self._timer = self.clock.callLater(self.timeout, self._stalled)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.timeout)  # an idle timer: a long body that keeps coming is fine
-        if self._size < self.limit:
-            self._parts.append(data[: self.limit - self._size])
-        self._size += len(data)
-
-    def connectionLost(self, reason=protocol.connectionDone) -> None:
-        self._cancel_timer()
-        if self._stopped or self.finished.called:
-            return  # timed out or cancelled: finished has its outcome already
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self.finished.callback(b"".join(self._parts))
-            return
-        what = f"{self.host} closed the connection after {self._size} bytes of its answer, before its end"
-        self.finished.errback(UpstreamError("network", what))
-
-    def stop(self) -> None:
-        """Give up the body (the read was cancelled): close the provider connection."""
-        self._stopped = True
-        self._cancel_timer()
-        if self.transport is not None:
-            cast(IPushProducer, self.transport).stopProducing()  # the response body's transport
-
-    def _stalled(self) -> None:
-        self._timer = None
-        what = f"{self.host} sent nothing more of its answer for {self.timeout:g}s"
-        self.finished.errback(UpstreamError("timeout", what))
-        self.stop()
-
-    def _cancel_timer(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-
-
-def read_body_within(response, limit: int, timeout: float, clock, host: str) -> defer.Deferred:
-    """Read a provider answer's whole body (at most ``limit`` bytes kept); fires with the bytes.
-
-    Fails with ``UpstreamError``: ``timeout`` after ``timeout`` seconds (on ``clock``) without a
-    byte, ``network`` when the provider closes before the body's end. Cancelling the Deferred closes
-    the provider connection.
-    """
-    if response.length == 0:
-        return defer.succeed(b"")
-    collector = _BodyWithin(limit, timeout, clock, host)
-    response.deliverBody(collector)
-    return collector.finished
-
-
 class ProviderClient:
     """What both providers share: sending, and turning a non-2xx answer into a :class:`ProviderError`."""
 
@@ -291,7 +214,7 @@ class ProviderClient:
         def answered(response):
             if 200 <= response.code < 300:
                 return response
-            reading = read_body_within(response, ERROR_BODY_LIMIT, timeout, clock, self.name)
+            reading = read_body(response, ERROR_BODY_LIMIT, self.name, clock, timeout)
 
             def rejected(body):
                 message = _error_message(body)

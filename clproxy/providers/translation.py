@@ -17,9 +17,9 @@ from clproxy import jsoncodec
 from clproxy.proxy import sse
 from clproxy.errors import ProxyError, error_type_for
 from clproxy.observe.console import logger
-from clproxy.providers.clients import ProviderError, build_providers, read_body_within
+from clproxy.providers.clients import ProviderError, build_providers
 from clproxy.translate.claude import EmptyStreamError, TranslationError, encode_sse
-from clproxy.proxy.upstream import UpstreamError
+from clproxy.proxy.upstream import UpstreamError, read_body
 
 __all__ = ["Translation", "TranslatedStream", "MAX_RESPONSE_BYTES"]
 
@@ -171,7 +171,7 @@ class Translation:
     # -- whole answers ----------------------------------------------------------------------
     async def _message(self, request, out, target, client, prepared) -> None:
         response = await self._send(out, client, prepared)
-        reading = read_body_within(response, MAX_RESPONSE_BYTES, self.upstream_timeout, self.clock, client.name)
+        reading = read_body(response, MAX_RESPONSE_BYTES, client.name, self.clock, self.upstream_timeout)
         out.on_disconnect(reading.cancel)
         try:
             body = await reading

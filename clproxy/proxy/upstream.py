@@ -314,6 +314,14 @@ class _BodyCollector(protocol.Protocol):
             self.transport.stopProducing()
         self._fail_silent()
 
+    def give_up(self) -> None:
+        """The reader cancelled (its client went away): stop watching and drop the connection,
+        which a body half read can never serve again (left open, a body that then stalled held
+        its upstream connection for ever)."""
+        self._leave_sweeper()
+        if self.transport is not None:
+            self.transport.stopProducing()
+
     def _fail_silent(self) -> None:
         if self._finished.called:
             return
@@ -337,11 +345,11 @@ def read_body(response, limit: int, host: str = "upstream", clock: Optional[IRea
     that sends nothing for ``idle_timeout`` seconds (between idle_timeout and 1.25 times it, the
     sweeper's bound) fails with ``UpstreamError`` (``timeout``), its connection dropped: the send's
     timeout ends at the response head, and a body stalled after it would otherwise be waited for
-    for ever.
+    for ever. Cancelling the Deferred drops the connection.
     """
-    finished: defer.Deferred = defer.Deferred()
     if response.length == 0:
         return defer.succeed(b"")
+    finished: defer.Deferred = defer.Deferred(lambda _: collector.give_up())
     collector = _BodyCollector(finished, limit, host, clock, idle_timeout)
     response.deliverBody(collector)
     # watched only once what had arrived was delivered: a body that came whole with its head
