@@ -9,7 +9,8 @@ A session is a random token in an ``HttpOnly; SameSite=Strict`` cookie scoped to
 that expires (:data:`SESSION_TTL`); the state store keeps only the token's SHA-256 and the hash of
 the key it was opened with (shared by every worker and instance on one Redis), so revoking the key
 (or taking its admin right) ends its sessions at once, and its open live feeds on the feed's next
-tick (:meth:`DashboardAccess.still_admits`).
+tick (:meth:`DashboardAccess.still_admits`), as a logout or the session's expiry ends the feeds
+that session opened (:meth:`DashboardAccess.watch`).
 Login attempts are rate-limited per peer address, and failed ones overall as well
 (:class:`LoginThrottle`), answered with a true ``Retry-After``; a correct admin key is never refused
 by the overall cap, so a flood of wrong keys from many addresses cannot lock the admins out. No key,
@@ -19,7 +20,7 @@ token or part of one is ever logged or echoed.
 import collections
 import hashlib
 import secrets
-from typing import Callable, Deque, Optional, Tuple
+from typing import Awaitable, Callable, Deque, Optional, Tuple
 
 from clproxy.http.auth import misdirected
 from clproxy.team.keys import KeyRing, extract_client_key
@@ -176,6 +177,23 @@ class DashboardAccess:
         if admission == OPEN:
             return self.is_open()
         return self._admin_hash(admission) is not None
+
+    def watch(self, request, admission: str) -> Callable[[], Awaitable[bool]]:
+        """What an open live feed of ``request`` asks on every tick: whether its viewer is still let
+        in. Its key must still admit (:meth:`still_admits`), and a viewer let in by its session
+        cookie needs that session live too: a logout (on any worker) or the session's expiry ends
+        the feed, as the session's next request would be refused."""
+        session = None
+        if admission != OPEN and self.by_header(request) is None:
+            cookie = request.getCookie(COOKIE)
+            session = cookie.decode("ascii", "replace") if cookie else None
+
+        async def admits() -> bool:
+            if not self.still_admits(admission):
+                return False
+            return session is None or await self.sessions.key_hash(session) == admission
+
+        return admits
 
     async def allowed(self, request) -> bool:
         """Whether ``request`` may read the dashboard's data."""

@@ -5,8 +5,8 @@ within one tick without asking, and the work per tick is shared. Each tick (:dat
 builds the state document once, encodes it once, and writes the same bytes to every open page, with
 only the requests that finished since the previous tick; a page that has just connected, or one
 that fell behind (its connection pushed back), gets the whole list instead. Each tick first asks
-every page whether what let it in still does (its admin key not revoked, see
-:meth:`clproxy.dashboard.access.DashboardAccess.still_admits`), and ends the stream of one that is
+every page whether what let it in still does (its admin key not revoked, its session not logged
+out or expired, see :meth:`clproxy.dashboard.access.DashboardAccess.watch`), and ends the stream of one that is
 no longer let in: the feed is checked once, when it opens, and then runs for hours. So 20 open pages cost one
 document per second plus the bytes, and with no page open nothing runs at all: the tick starts with
 the first subscriber and stops with the last. A page whose connection cannot take more is skipped
@@ -21,8 +21,9 @@ key, and the traffic of the last hour. It is chosen field by field from the ``/s
 nothing that is not meant for the page (paths, key prefixes, upstream URLs) reaches it.
 """
 
+import inspect
 import json
-from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Set
+from typing import Any, Awaitable, Callable, Dict, Iterable, List, Optional, Set, Union
 
 from twisted.application import service
 from twisted.internet import defer, task
@@ -96,7 +97,7 @@ class Subscriber:
     subscriber is skipped and owed a full frame. ``admitted()`` says whether the viewer is still let
     in (asked on every tick)."""
 
-    def __init__(self, request, admitted: Callable[[], bool] = lambda: True):
+    def __init__(self, request, admitted: Callable[[], Union[bool, Awaitable[bool]]] = lambda: True):
         self.request = request
         self.admitted = admitted
         self.paused = False
@@ -151,9 +152,10 @@ class DashboardFeed(service.Service):
         self.built += 1
         return {"full": True, "state": state, "requests": self.activity.recent()}
 
-    def subscribe(self, request, admitted: Callable[[], bool] = lambda: True) -> Subscriber:
+    def subscribe(self, request, admitted: Callable[[], Union[bool, Awaitable[bool]]] = lambda: True
+                  ) -> Subscriber:
         """Stream updates to ``request`` (its headers are the caller's) until it goes away or
-        ``admitted()`` turns False (checked on every tick)."""
+        ``admitted()`` (a bool, or an awaitable of one) turns False (checked on every tick)."""
         subscriber = Subscriber(request, admitted)
         self.subscribers.add(subscriber)
         request.registerProducer(subscriber, True)
@@ -187,8 +189,8 @@ class DashboardFeed(service.Service):
 
     async def _send(self) -> None:
         for subscriber in list(self.subscribers):
-            if not subscriber.closed and not subscriber.admitted():
-                # its key was revoked (or lost its admin right): no more state for that page
+            if not subscriber.closed and not await self._still_admitted(subscriber):
+                # its key was revoked (or lost its admin right), its session ended: no more state
                 subscriber.close()
         if not self.subscribers:
             return
@@ -210,6 +212,18 @@ class DashboardFeed(service.Service):
                 if delta is None:
                     delta = frame(state, _encode(delta_rows), False)
                 subscriber.write(delta)
+
+    @staticmethod
+    async def _still_admitted(subscriber: Subscriber) -> bool:
+        try:
+            admitted = subscriber.admitted()
+            if inspect.isawaitable(admitted):  # a session is read from the state store
+                admitted = await admitted
+        except Exception:
+            # a store that cannot say ends the stream (the page asks again): never shown unchecked
+            log.failure("checking a dashboard viewer failed")
+            return False
+        return bool(admitted)
 
     def stopService(self):
         """Close every open stream (a graceful stop must not wait on open pages) and stop ticking."""

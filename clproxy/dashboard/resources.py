@@ -146,8 +146,9 @@ class _Events(_Protected):
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
         request.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
         request.write(b"retry: 2000\n\n")
-        # re-checked on every tick: revoking the key (or its admin right) ends this stream too
-        self.feed.subscribe(request, lambda: self.access.still_admits(admission))
+        # re-checked on every tick: revoking the key (or its admin right), a logout or the
+        # session's expiry ends this stream too
+        self.feed.subscribe(request, self.access.watch(request, admission))
         return None  # the feed writes from now on, and finishes when the daemon stops or the key goes
 
     def render_HEAD(self, request):
