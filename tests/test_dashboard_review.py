@@ -70,3 +70,22 @@ def test_an_expired_session_ends_its_live_feed():
     assert not page.finished and len(page.frames()) > 1
     clock.advance(1)
     assert page.finished and not feed.subscribers
+
+
+@pytest_twisted.ensureDeferred
+async def test_admins_behind_one_reverse_proxy_are_not_locked_out_by_their_own_logins(
+        fake, start_proxy, tmp_path):
+    """Behind a reverse proxy every browser logs in from one address: six good logins in a minute
+    all succeed (a success spends no attempt), while wrong keys from that address are still held
+    to five a minute (after which even the right key waits, as before)."""
+    admin, _ = keys(tmp_path)
+    proxy = start_proxy(accounts_config(fake, "work"))
+    url = proxy.url + "/dashboard/login"
+    good = json.dumps({"key": admin}).encode()
+    for _ in range(6):
+        status, headers, _ = await get(url, login_headers(), method=b"POST", body=good)
+        assert status == 200 and cookie_of(headers)
+    for _ in range(5):
+        assert (await get(url, login_headers(), method=b"POST",
+                          body=json.dumps({"key": "clp_wrong"}).encode()))[0] == 401
+    assert (await get(url, login_headers(), method=b"POST", body=good))[0] == 429

@@ -92,12 +92,15 @@ def test_quantiles_of_the_histogram():
 # --- throttle, sessions, access ---------------------------------------------------------------
 
 def test_login_throttle_admits_five_per_peer_then_gives_a_true_wait():
-    """Five attempts a minute per address; the sixth is told exactly how long to wait, and is
-    admitted then."""
+    """Five failed attempts a minute per address; the sixth attempt is told exactly how long to
+    wait, and is admitted then. Attempts that did not fail spend nothing."""
     clock = task.Clock()
     throttle = LoginThrottle(clock, per_peer=5, overall=30, window=60.0)
+    for _ in range(10):
+        assert throttle.admit("10.0.0.1") is None  # asking (a success) counts nothing
     for i in range(5):
         assert throttle.admit("10.0.0.1") is None
+        assert throttle.admit_failure("10.0.0.1") is None
         clock.advance(1)
     assert throttle.admit("10.0.0.1") == pytest.approx(55.0)
     assert throttle.admit("10.0.0.2") is None  # another peer is not held up by the first
@@ -110,8 +113,7 @@ def test_login_throttle_has_an_overall_cap_on_failures_and_remembers_a_bounded_n
     bounded."""
     clock = task.Clock()
     throttle = LoginThrottle(clock, per_peer=5, overall=3, window=60.0, max_peers=2)
-    assert [throttle.admit(f"p{i}") for i in range(3)] == [None, None, None]
-    assert [throttle.admit_failure() for _ in range(3)] == [None, None, None]
+    assert [throttle.admit_failure(f"p{i}") for i in range(3)] == [None, None, None]
     assert throttle.admit_failure() == pytest.approx(60.0)
     assert throttle.admit("p9") is None  # the overall cap never holds up an attempt by itself
     assert len(throttle._peers) == 2

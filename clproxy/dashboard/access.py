@@ -11,8 +11,9 @@ the key it was opened with (shared by every worker and instance on one Redis), s
 (or taking its admin right) ends its sessions at once, and its open live feeds on the feed's next
 tick (:meth:`DashboardAccess.still_admits`), as a logout or the session's expiry ends the feeds
 that session opened (:meth:`DashboardAccess.watch`).
-Login attempts are rate-limited per peer address, and failed ones overall as well
-(:class:`LoginThrottle`), answered with a true ``Retry-After``; a correct admin key is never refused
+Failed login attempts are rate-limited per peer address (a peer over its limit is refused before
+its key is looked at), and overall as well (:class:`LoginThrottle`), answered with a true
+``Retry-After``; a correct admin key is never refused
 by the overall cap, so a flood of wrong keys from many addresses cannot lock the admins out. No key,
 token or part of one is ever logged or echoed.
 """
@@ -36,9 +37,14 @@ OPEN = "open"
 
 
 class LoginThrottle:
-    """At most ``per_peer`` login attempts per peer address (:meth:`admit`) and ``overall`` failed
-    ones in all (:meth:`admit_failure`), in any ``window`` seconds (sliding windows of attempt
-    times, bounded: at most ``max_peers`` peers are remembered, the least recent forgotten first).
+    """At most ``per_peer`` failed login attempts per peer address and ``overall`` failed ones in
+    all, in any ``window`` seconds (sliding windows of failure times, bounded: at most
+    ``max_peers`` peers are remembered, the least recent forgotten first).
+
+    :meth:`admit` is asked before a key is looked at: a peer whose window is full is refused
+    whatever it presents, so wrong keys from one address are held to ``per_peer`` a window. Only
+    failures fill it (:meth:`admit_failure`): behind a reverse proxy every browser shares one
+    address, and admins logging in there must not lock each other out with their own successes.
 
     The overall cap counts failures only and is asked only once a key turned out wrong: a client key
     holds 256 random bits, so the cap protects nothing against guessing, and applied to every
@@ -59,22 +65,33 @@ class LoginThrottle:
             times.popleft()
 
     def admit(self, peer: str) -> Optional[float]:
-        """Count one attempt from ``peer``: None when it may go on, else the seconds until the next
-        attempt would be admitted (the attempt is then not counted)."""
-        now = self.clock.seconds()
+        """Whether ``peer`` may make an attempt now: None, else the seconds until its oldest failure
+        in the window leaves it. Counts nothing (see :meth:`admit_failure`)."""
         times = self._peers.get(peer)
         if times is None:
-            times = self._peers[peer] = collections.deque()
-            while len(self._peers) > self.max_peers:
-                self._peers.popitem(last=False)
-        else:
-            self._peers.move_to_end(peer)
-        return self._take(times, self.per_peer, now)
+            return None
+        now = self.clock.seconds()
+        self._expire(times, now)
+        if len(times) >= self.per_peer:
+            return times[0] + self.window - now
+        return None
 
-    def admit_failure(self) -> Optional[float]:
-        """Count one failed attempt (a wrong key) against the overall cap: None when it may be
-        answered as it is, else the seconds until the cap frees (the failure is then not counted)."""
-        return self._take(self._all, self.overall, self.clock.seconds())
+    def admit_failure(self, peer: Optional[str] = None) -> Optional[float]:
+        """Count one failed attempt (a wrong key) from ``peer`` against its window, and against the
+        overall cap: None when it may be answered as it is, else the seconds until the cap frees
+        (the failure is then not counted there)."""
+        now = self.clock.seconds()
+        if peer is not None:
+            times = self._peers.get(peer)
+            if times is None:
+                times = self._peers[peer] = collections.deque()
+                while len(self._peers) > self.max_peers:
+                    self._peers.popitem(last=False)
+            else:
+                self._peers.move_to_end(peer)
+            self._expire(times, now)
+            times.append(now)
+        return self._take(self._all, self.overall, now)
 
     def _take(self, times: Deque[float], limit: int, now: float) -> Optional[float]:
         self._expire(times, now)
@@ -201,8 +218,8 @@ class DashboardAccess:
 
     async def login(self, presented: Optional[str], peer: str) -> Tuple[int, str, Optional[str], Optional[float]]:
         """One login attempt: ``(status, message, session token or None, retry after or None)``.
-        200 with a token for an admin key; 429 when throttled (the peer's limit, or for a wrong key
-        the overall cap on failures); 403 for a valid key that is not an admin's; 401 otherwise.
+        200 with a token for an admin key; 429 when throttled (the peer's failures fill its window,
+        or for a wrong key the overall cap on failures); 403 for a valid key that is not an admin's; 401 otherwise.
         The message never repeats what was presented."""
         wait = self.throttle.admit(peer)
         if wait is not None:
@@ -212,7 +229,7 @@ class DashboardAccess:
         record = self.ring.verify(presented)
         if record is not None and record.admin:
             return 200, "logged in", await self.sessions.open(record.hash), None
-        wait = self.throttle.admit_failure()
+        wait = self.throttle.admit_failure(peer)
         if wait is not None:
             return 429, TOO_MANY, None, wait
         if record is None:
