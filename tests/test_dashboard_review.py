@@ -5,6 +5,8 @@ import json
 
 import pytest_twisted
 from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import ClientCreator, Protocol
+from twisted.logger import globalLogPublisher
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 
@@ -89,3 +91,40 @@ async def test_admins_behind_one_reverse_proxy_are_not_locked_out_by_their_own_l
         assert (await get(url, login_headers(), method=b"POST",
                           body=json.dumps({"key": "clp_wrong"}).encode()))[0] == 401
     assert (await get(url, login_headers(), method=b"POST", body=good))[0] == 429
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_viewer_gone_while_its_session_is_read_opens_no_feed(fake, start_proxy, tmp_path):
+    """A page that hangs up while its session is still being read (a slow store) leaves no open
+    feed behind: no subscriber that never ends, no tick kept running, no failure logged."""
+    admin, _ = keys(tmp_path)
+    proxy = start_proxy(accounts_config(fake, "work"))
+    status, headers, _ = await get(proxy.url + "/dashboard/login", login_headers(), method=b"POST",
+                                   body=json.dumps({"key": admin}).encode())
+    session = cookie_of(headers).split(";")[0].encode()
+    store, reads = proxy.service.store, []
+    read_now = store.get_login
+
+    def slow_read(digest, now):
+        answer = read_now(digest, now)
+        reads.append((defer.Deferred(), answer))
+        return reads[-1][0]
+
+    store.get_login = slow_read
+    failures = []
+    observer = lambda event: failures.append(event) if event.get("log_failure") else None  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    try:
+        client = await ClientCreator(reactor, Protocol).connectTCP("127.0.0.1", proxy.service.address()[1])
+        client.transport.write(b"GET /dashboard/events HTTP/1.1\r\nHost: localhost\r\nCookie: " + session
+                               + b"\r\n\r\n")
+        await until(lambda: reads)
+        client.transport.loseConnection()
+        await until(lambda: proxy.service.drainer.in_flight() == 0)
+        store.get_login = read_now
+        pending, answer = reads[0]
+        answer.addCallback(pending.callback)  # the session is live: it would have been let in
+        await until(lambda: pending.called)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert not proxy.service.feed.subscribers and not failures

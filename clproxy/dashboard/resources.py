@@ -142,6 +142,10 @@ class _State(_Protected):
 
 class _Events(_Protected):
     async def answer(self, request, admission: str) -> Optional[bytes]:
+        if request.channel is None:
+            # the viewer hung up while it was being let in (a session read from a slow store):
+            # a stream opened now would never see its end, and tick for nobody for ever
+            return None
         request.setResponseCode(200)
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
         request.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
