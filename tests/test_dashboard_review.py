@@ -128,3 +128,20 @@ async def test_a_viewer_gone_while_its_session_is_read_opens_no_feed(fake, start
     finally:
         globalLogPublisher.removeObserver(observer)
     assert not proxy.service.feed.subscribers and not failures
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_of_the_live_feed_answers_as_its_get_would(fake, start_proxy, tmp_path):
+    """HEAD /dashboard/events says what GET would (401 without an admin key, 200 and the event
+    stream's type with one) and opens no stream either way."""
+    admin, plain = keys(tmp_path)
+    proxy = start_proxy(accounts_config(fake, "work"))
+    url = proxy.url + "/dashboard/events"
+    for headers in ({}, {b"x-api-key": [plain.encode()]}):
+        assert (await get(url, headers))[0] == 401
+        status, answer, body = await get(url, headers, method=b"HEAD")
+        assert (status, body) == (401, b"")
+    status, answer, body = await get(url, {b"x-api-key": [admin.encode()]}, method=b"HEAD")
+    assert (status, body) == (200, b"")
+    assert answer.getRawHeaders(b"content-type")[0].startswith(b"text/event-stream")
+    assert not proxy.service.feed.subscribers

@@ -149,16 +149,14 @@ class _Events(_Protected):
         request.setResponseCode(200)
         request.responseHeaders.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
         request.responseHeaders.setRawHeaders(b"x-accel-buffering", [b"no"])
+        if request.method == b"HEAD":
+            # a HEAD has no body to stream into: it must not open a subscription that never ends
+            return b""
         request.write(b"retry: 2000\n\n")
         # re-checked on every tick: revoking the key (or its admin right), a logout or the
         # session's expiry ends this stream too
         self.feed.subscribe(request, self.access.watch(request, admission))
         return None  # the feed writes from now on, and finishes when the daemon stops or the key goes
-
-    def render_HEAD(self, request):
-        # a HEAD has no body to stream into: it must not open a subscription that never ends
-        request.responseHeaders.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
-        return b""
 
 
 class _WhoAmI(Node):
