@@ -78,6 +78,20 @@ def _shown(value: Any, path: str) -> str:
     return kind if _is_secret_path(path) else literal
 
 
+# The user:password@ of a URL, after its scheme if it has one.
+_URL_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?/*)[^/]*@")
+
+
+def _shown_url(value: Any, path: str) -> str:
+    """How a rejected URL appears in an error: without its ``user:password@`` or ``?query``, either of
+    which may carry a secret (a Redis password, Gemini's ``?key=``)."""
+    if not isinstance(value, str):
+        return _shown(value, path)
+    text, query, _ = str(value).partition("?")
+    text = _URL_USERINFO.sub(r"\1***@", text) + ("?..." if query else "")
+    return _shown(text, path)
+
+
 def _quoted_list(names: Tuple[str, ...]) -> str:
     return ", ".join(f'"{n}"' for n in names)
 
@@ -262,7 +276,7 @@ class _Reader:
             return None
         if not any(text.lower().startswith(f"{s}://") and len(text) > len(s) + 3 for s in schemes):
             wanted = " or ".join(f"{s}://" for s in schemes)
-            raise ConfigError(path, f"must be a {wanted} URL, got {_shown(value, path)}")
+            raise ConfigError(path, f"must be a {wanted} URL, got {_shown_url(value, path)}")
         return text.rstrip("/") if strip_slash else text
 
     def choice(self, value: Any, path: str, default: str, allowed: Tuple[str, ...],
