@@ -7,7 +7,7 @@ syntax errors name ``file:line`` and never quote the line, which may hold a secr
 import json
 import os
 import re
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import attr
 import yaml
@@ -101,13 +101,17 @@ def parse_config(text: str, source: str = "<string>",
     (path is the key path, e.g. ``accounts.anthropic[1].weight``).
     """
     warnings: List[str] = []
-    document = _parse_document(text, source, warnings)
     try:
+        document = _parse_document(text, source, warnings)
+        _check_expansion(document)
         document = _interpolate(document, "", environ, warnings)
         config = validate_document(document, environ, warnings)
     except ConfigError as e:
         e.source = source
         raise
+    except RecursionError:
+        # the parsers and the walks over the document recurse once per level of nesting
+        raise ConfigError(source, "the document is nested too deeply", source=source) from None
     return LoadedConfig(config=config, warnings=tuple(warnings), notes=(), source=source, text=text)
 
 
@@ -182,6 +186,41 @@ class _UniqueKeySafeLoader(yaml.SafeLoader):
 
 def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_UniqueKeySafeLoader)  # noqa: S506 -- a SafeLoader subclass
+
+
+#: More values than any real configuration holds. YAML aliases (``*name``) share one node, so a
+#: few lines of aliases of aliases can stand for billions of values once the document is walked.
+MAX_VALUES = 100_000
+
+
+def _check_expansion(document: Any) -> None:
+    """Refuse a document whose aliases refer to a node containing them (a cycle every walk would
+    follow for ever), or that stands for more than :data:`MAX_VALUES` values once expanded."""
+    sizes: Dict[int, int] = {}
+    walking: Set[int] = set()
+
+    def size(value: Any, path: str) -> int:
+        if not isinstance(value, (dict, list)):
+            return 1
+        if id(value) in sizes:
+            return sizes[id(value)]
+        if id(value) in walking:
+            raise ConfigError(path, "a YAML alias (*name) refers to a mapping or list that contains it")
+        walking.add(id(value))
+        children = (value.items() if isinstance(value, dict) else
+                    ((f"[{index}]", item) for index, item in enumerate(value)))
+        total = 1
+        for key, child in children:
+            child_path = f"{path}{key}" if isinstance(value, list) else _join(path, key)
+            total += size(child, child_path)
+            if total > MAX_VALUES:
+                raise ConfigError(path, f"more than {MAX_VALUES} values once its YAML aliases (*name) are "
+                                        f"expanded; a configuration is far smaller")
+        walking.discard(id(value))
+        sizes[id(value)] = total
+        return total
+
+    size(document, "")
 
 
 def _os_reason(error: Exception) -> str:
