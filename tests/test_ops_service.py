@@ -56,8 +56,40 @@ def test_systemd_unit_content(environ):
     assert f"Environment=CLPROXY_HOME={home}" in unit
     assert f"Environment=CLPROXY_CLAUDE_SETTINGS={environ['CLPROXY_CLAUDE_SETTINGS']}" in unit
     for line in ("Restart=always", "RestartSec=5", "Type=simple", "WantedBy=default.target",
-                 "TimeoutStopSec=45", "ExecReload=/bin/kill -HUP $MAINPID"):
+                 "TimeoutStopSec=45"):
         assert line in unit.splitlines()
+    assert f"ExecReload={os.path.abspath(sys.executable)} -c " in unit
+
+
+def _exec_line(unit, key):
+    """The argv of the unit's ``key=`` command as systemd splits it (quotes, ``$$`` and ``%%``)."""
+    import shlex
+    line = next(line for line in unit.splitlines() if line.startswith(key + "="))
+    return [word.replace("$$", "$").replace("%%", "%") for word in shlex.split(line[len(key) + 1:])]
+
+
+def test_systemd_reload_needs_no_kill_binary(environ, tmp_path):
+    """`systemctl --user reload` works where there is no /bin/kill (NixOS): ExecReload runs only the
+    interpreter ExecStart runs, and run as systemd runs it (empty PATH, $MAINPID given) it sends SIGHUP."""
+    python = os.path.abspath(sys.executable)
+    command = service.daemon_command(55669, "127.0.0.1", environ, python=python)
+    unit = service.systemd_unit(command, service.service_environment(environ),
+                                service.env_file_path(environ), 55669, "127.0.0.1")
+    reload_argv = _exec_line(unit, "ExecReload")
+    assert reload_argv[0] == _exec_line(unit, "ExecStart")[0] == python
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP}); "
+                               "print('ready', flush=True); signal.sigwait({signal.SIGHUP}); print('hup')"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout.readline().strip() == "ready"
+        argv = [str(daemon.pid) if word == "$MAINPID" else word for word in reload_argv]
+        done = subprocess.run(argv, env={}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert daemon.stdout.readline().strip() == "hup"
+    finally:
+        daemon.kill()
+        daemon.wait()
 
 
 def test_systemd_unit_escapes_spaces_and_specifiers(tmp_path):

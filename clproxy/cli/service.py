@@ -161,10 +161,18 @@ def _systemd_escape(value: str, command: bool = False) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+#: What ``systemctl --user reload`` runs: SIGHUP to the daemon ($MAINPID, systemd's argument).
+RELOAD_CODE = "import os, signal, sys; os.kill(int(sys.argv[1]), signal.SIGHUP)"
+
+
 def systemd_unit(command: Sequence[str], environment: Mapping[str, str], env_file: str,
                  port: int, host: str) -> str:
     """The systemd user unit running ``command`` in the foreground, restarted 5 s after any exit,
     reloaded (SIGHUP) by ``systemctl --user reload``."""
+    # The reload signal is sent by the interpreter ExecStart runs: /bin/kill is not everywhere
+    # (NixOS has none, and systemd looks a bare `kill` up in a fixed PATH that misses it there).
+    reload_line = " ".join([_systemd_escape(command[0], command=True),
+                            "-c", _systemd_escape(RELOAD_CODE, command=True), "$MAINPID"])
     env_lines = "".join(f"Environment={_systemd_escape(f'{k}={v}')}\n" for k, v in environment.items())
     return (
         f"{MARKER}\n"
@@ -176,7 +184,7 @@ def systemd_unit(command: Sequence[str], environment: Mapping[str, str], env_fil
         f"{env_lines}"
         f"EnvironmentFile=-{env_file.replace('%', '%%')}\n"  # one path, no quoting
         f"ExecStart={' '.join(_systemd_escape(word, command=True) for word in command)}\n"
-        f"ExecReload=/bin/kill -HUP $MAINPID\n"  # `systemctl --user reload clproxy`: SIGHUP reloads
+        f"ExecReload={reload_line}\n"  # `systemctl --user reload clproxy`: SIGHUP reloads
         f"Restart=always\n"
         f"RestartSec={RESTART_SECONDS}\n"
         f"KillSignal=SIGTERM\n"
