@@ -10,6 +10,7 @@ usable account.
 import errno
 import json
 import os
+import re
 import shlex
 import stat
 import tempfile
@@ -101,24 +102,43 @@ def read_settings(path: str) -> Optional[Dict[str, Any]]:
     return document
 
 
+def _encoded_like(document: Mapping[str, Any], current: Optional[bytes]) -> bytes:
+    """``document`` as JSON written the way ``current`` (the file's bytes, if any) is: its indent (or
+    one line), ``\\u`` escapes when it is all ASCII, its BOM and its final newline. Claude Code's own
+    layout (2 spaces, UTF-8, final newline) for a new or empty file."""
+    text = (current or b"").decode("utf-8", "replace")
+    bom = text.startswith("\ufeff")
+    text = text.lstrip("\ufeff")
+    if not text.strip():
+        return (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    indented = re.search(r"\n([ \t]+)\S", text)
+    indent = indented.group(1) if indented else (2 if "\n" in text.strip() else None)
+    encoded = json.dumps(document, indent=indent, ensure_ascii=text.isascii())
+    return (("\ufeff" if bom else "") + encoded + ("\n" if text.endswith("\n") else "")).encode("utf-8")
+
+
 def write_settings(path: str, document: Mapping[str, Any], mode: Optional[int] = None) -> None:
     """Replace the settings atomically (temp file, fsync, rename, fsync the directory).
 
     A symlinked ``settings.json`` keeps its link: the target is replaced. The file keeps its mode
-    (``mode`` for a new one, default 0600 -- it may hold tokens).
+    (``mode`` for a new one, default 0600 -- it may hold tokens) and its layout (indent, escapes,
+    BOM, final newline): a file the user wrote by hand is changed only in the keys we own.
     """
     target = os.path.realpath(path)
     directory = os.path.dirname(target)
     owner = None
+    current = None
     try:
         st = os.stat(target)
         mode = stat.S_IMODE(st.st_mode)
         owner = (st.st_uid, st.st_gid)
+        with open(target, "rb") as f:
+            current = f.read()
     except FileNotFoundError:
         mode = 0o600 if mode is None else mode
     except OSError as e:
         raise SettingsError(f"cannot update Claude Code settings {path}: {e.strerror or e}") from None
-    data = (json.dumps(document, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    data = _encoded_like(document, current)
     tmp = None
     try:
         os.makedirs(directory, exist_ok=True)
@@ -199,9 +219,9 @@ def restore(record: Mapping[str, Any]) -> List[str]:
         return []
     restored = []
     for key, value in record.get("set", {}).items():
-        if env.get(key) != value:
-            continue
         previous = record.get("previous", {}).get(key)
+        if env.get(key) != value or previous == value:  # changed since, or it was already so
+            continue
         if previous is None:
             del env[key]
         else:
