@@ -2,6 +2,7 @@
 are called as functions (tests, ``clproxy``'s dispatcher) and must never ``sys.exit`` mid-way."""
 
 import argparse
+import math
 import sys
 from typing import Any, Optional, TextIO, Type
 
@@ -34,3 +35,15 @@ def writing_parser(stdout: TextIO, stderr: TextIO) -> Type[argparse.ArgumentPars
             raise UsageExit(2)
 
     return Parser
+
+
+def seconds(text: str) -> float:
+    """An argparse ``type``: a positive, finite number of seconds (``nan`` would wait for ever,
+    ``0`` or less not at all)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value

@@ -170,11 +170,12 @@ def stop(argv: List[str], environ: Mapping[str, str] = os.environ,
 
     from clproxy.daemon import runstate
     from clproxy.cli import service
+    from clproxy.cli.argparsing import seconds
 
     parser = argparse.ArgumentParser(prog="clproxy proxy stop",
                                      description="Stop the running proxy: it drains in-flight requests "
                                                  "and restores Claude Code's settings.")
-    parser.add_argument("--timeout", type=float, default=STOP_TIMEOUT,
+    parser.add_argument("--timeout", type=seconds, default=STOP_TIMEOUT,
                         help="seconds to wait for it to exit (default 40)")
     try:
         args = parser.parse_args(argv)

@@ -19,7 +19,7 @@ from typing import Callable, List, Mapping, Optional, TextIO
 
 from clproxy.config import clproxy_home
 from clproxy.team.keys import KEY_PREFIX
-from clproxy.cli.argparsing import UsageExit as _UsageExit, writing_parser
+from clproxy.cli.argparsing import UsageExit as _UsageExit, seconds, writing_parser
 
 DEFAULT_URL = "http://127.0.0.1:55669"
 STATE_FILE_NAME = "proxy-state.json"
@@ -40,7 +40,7 @@ def _parser(stdout: TextIO, stderr: TextIO) -> argparse.ArgumentParser:
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     parser.add_argument("--url", help=f"the proxy's base URL (default: from $CLPROXY_HOME/{STATE_FILE_NAME}, "
                                       f"else {DEFAULT_URL})")
-    parser.add_argument("--timeout", type=float, default=TIMEOUT, help="seconds to wait for an answer")
+    parser.add_argument("--timeout", type=seconds, default=TIMEOUT, help="seconds to wait for an answer")
     return parser
 
 
