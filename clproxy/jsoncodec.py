@@ -41,7 +41,6 @@ def _std_dumps(value: Any, default: Optional[Callable[[Any], Any]], newline: boo
     return data + (b"\n" if newline else b"")
 
 
-
 def std_dumps(value: Any) -> bytes:
     """``value`` as compact UTF-8 JSON written by Python's json (the bytes a re-encoded request
     body has always had); a lone surrogate stays the escape it came as."""

@@ -680,10 +680,6 @@ def with_model(request: ProxyRequest, model: str) -> ProxyRequest:
     return attr.evolve(request, body=body, model=model)
 
 
-
-
-
-
 def _only_set_aside(key: str, live: Sequence[Account], enabled: Sequence[Account],
                     busy: Sequence[Account]) -> bool:
     """Whether account ``key`` sat this request out for a reason that says nothing of its health:
