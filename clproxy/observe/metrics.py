@@ -14,6 +14,7 @@ from twisted.internet import defer
 from twisted.web import resource, server
 
 from clproxy.observe.console import logger
+from clproxy.observe.redact import redact_text
 from clproxy.routing.headroom import RULE_WINDOWS
 
 log = logger(__name__)
@@ -31,6 +32,8 @@ QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
 QUOTA_WINDOWS = RULE_WINDOWS
 #: New label combinations past this many per metric are folded into one ``other`` series.
 MAX_SERIES = 2000
+#: A label value from a client or an upstream (a model name) is cut to this many characters.
+LABEL_LIMIT = 200
 TOKEN_TYPES = ("input", "output", "cache_creation", "cache_read")
 _USAGE_KEYS = (("input", "input_tokens"), ("output", "output_tokens"),
                ("cache_creation", "cache_creation_input_tokens"),
@@ -85,6 +88,31 @@ def _bump(table: Dict[tuple, float], key: tuple, amount: float, max_series: int)
     table[key] = value + amount
 
 
+#: model names found fit to be labels as they are: the same few come back on every request, and a
+#: look-up replaces the checks. Only clean ones are kept; cleared when full (a client inventing names).
+_CLEAN_LABELS: Dict[str, None] = {}
+_CLEAN_LABELS_LIMIT = 1024
+
+
+def label_value(text: str) -> str:
+    """A label value from a client or an upstream (a model name) made safe for every scrape: a key in
+    it masked (a client may paste one there), cut to :data:`LABEL_LIMIT` characters (each value is
+    repeated in every line of its series), and a lone surrogate (a JSON ``"\\ud800"`` escape) written
+    as that escape, since the exposition is UTF-8 and one such label failed every later scrape."""
+    if text in _CLEAN_LABELS:
+        return text
+    safe = redact_text(text)
+    if len(safe) > LABEL_LIMIT:
+        safe = safe[:LABEL_LIMIT - 3] + "..."
+    if not safe.isascii():
+        safe = safe.encode("utf-8", "backslashreplace").decode("utf-8")
+    if safe == text:
+        if len(_CLEAN_LABELS) >= _CLEAN_LABELS_LIMIT:
+            _CLEAN_LABELS.clear()
+        _CLEAN_LABELS[text] = None
+    return safe
+
+
 def status_label(status: Optional[int]) -> str:
     """``"200"``, or ``"network"`` when there was no HTTP answer."""
     return "network" if status is None else str(status)
@@ -131,6 +159,7 @@ class MetricsBook:
                          truncated: bool) -> None:
         """One request answered."""
         n = self.max_series
+        model = label_value(model)
         _bump(self.requests, (str(status), account, model, provider), 1, n)
         key = (account, model, provider)
         self.latency.observe(key, duration)
@@ -149,6 +178,7 @@ class MetricsBook:
                 duration: float, now: float) -> None:
         """One upstream attempt with its verdict."""
         n = self.max_series
+        model = label_value(model)
         _bump(self.attempts, (status_label(status), account, model, provider, classification), 1, n)
         self.attempt_latency.observe((account, provider), duration)
         if cooldown:
@@ -186,7 +216,7 @@ class MetricsBook:
 
     def substitution(self, requested: str, actual: str, provider: str) -> None:
         """A request was answered by another model than the one asked for."""
-        _bump(self.substitutions, (requested, actual, provider), 1, self.max_series)
+        _bump(self.substitutions, (label_value(requested), label_value(actual), provider), 1, self.max_series)
 
     def set_accounts(self, rows: Iterable[dict]) -> None:
         """Replace the per-account gauges with the pool's snapshot rows (``AccountPool.snapshot``)."""

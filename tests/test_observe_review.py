@@ -1,0 +1,95 @@
+"""Faults found in review of clproxy.observe: what a client's model name or path does to /metrics, the
+console and OTLP span names, and how the JSONL writer survives a cut line or a removed directory."""
+
+import json
+import os
+import resource
+import signal
+
+import pytest
+import pytest_twisted
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet import defer, reactor, task
+from twisted.logger import formatEvent, globalLogPublisher
+
+from clproxy.observe import jsonl
+from clproxy.observe.metrics import MetricsBook
+from clproxy.observe.recorder import Observability
+from clproxy.routing.policy import Verdict
+
+from conftest import accounts_config
+from helpers import post
+
+NOW = 1_767_268_800.0  # 2026-01-01T12:00:00Z
+DAY = "2026-01-01"
+SUCCESS = Verdict("success", 200, "ok", None, 0)
+ANTHROPIC_KEY = "sk-ant-api03-MARKERmodelKEY0123456789abcdef"
+MARKER = "MARKERmodelKEY"
+
+
+def make_clock(at: float = NOW) -> task.Clock:
+    clock = task.Clock()
+    clock.advance(at)
+    return clock
+
+
+def rows(path) -> list:
+    with open(path, "rb") as f:
+        return [json.loads(line) for line in f]
+
+
+def serve(obs, clock, count: int, first: int = 0, model: str = "m") -> None:
+    for n in range(first, first + count):
+        record = obs.begin(request_id=f"r{n}", method="POST", path="/v1/messages", model=model, stream=False,
+                           headers=[], body=b"{}")
+        record.attempt(account_name="a", provider="anthropic", model=model, status=200, verdict=SUCCESS,
+                       duration=0.01)
+        record.finish(status=200, account_name="a", provider="anthropic")
+
+
+# --- /metrics label values -----------------------------------------------------------------------
+
+
+async def scrape(url: str):
+    """GET /metrics, given up after 30 s (a broken render used to leave the scrape hanging for ever)."""
+    return await defer.ensureDeferred(post(url + "/metrics", None, method=b"GET")).addTimeout(30, reactor)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_clients_model_name_cannot_break_or_leak_through_metrics(fake, start_proxy):
+    """A model name with a lone surrogate escape, or holding a key, leaves /metrics parseable and keyless."""
+    proxy = start_proxy(accounts_config(fake, "work"))
+    for model in ('"\\ud800"', json.dumps(ANTHROPIC_KEY)):
+        body = b'{"model": %s, "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}' % (
+            model.encode())
+        status, _, _ = await post(proxy.url + "/v1/messages", body)
+        assert status == 200
+    status, _, body = await scrape(proxy.url)
+    assert status == 200
+    text = body.decode("utf-8")
+    assert MARKER not in text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    models = {s.labels["model"] for s in families["clproxy_requests"].samples}
+    assert len(models) == 2 and "sk-ant-[REDACTED]" in models
+
+
+def test_a_huge_model_name_is_cut_in_metric_labels():
+    """A 64 KiB model name (one request) does not repeat whole in every series line of every scrape."""
+    book = MetricsBook(make_clock())
+    book.request_finished(404, "a", "claude-" + "x" * 65536, "anthropic", 0.1, 0.05,
+                          {"input_tokens": 1}, False)
+    body, _ = book.render()
+    assert len(body) < 64 * 1024
+    [model] = {s.labels["model"] for f in text_string_to_metric_families(body.decode())
+               for s in f.samples if "model" in s.labels}
+    assert model.startswith("claude-xxx") and len(model) <= 256
+
+
+def test_clean_model_names_keep_one_series_each():
+    """Ordinary model names are labels as they are, and a sanitized name still counts into one series."""
+    book = MetricsBook(make_clock())
+    for model in ("claude-sonnet-4-5", "\ud800", "\ud800", ANTHROPIC_KEY, ANTHROPIC_KEY):
+        book.request_finished(200, "a", model, "anthropic", 0.1, None, None, False)
+    assert sorted(book.requests.values()) == [1, 2, 2]
+    assert ("200", "a", "claude-sonnet-4-5", "anthropic") in book.requests
+
