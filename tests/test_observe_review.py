@@ -93,3 +93,19 @@ def test_clean_model_names_keep_one_series_each():
     assert sorted(book.requests.values()) == [1, 2, 2]
     assert ("200", "a", "claude-sonnet-4-5", "anthropic") in book.requests
 
+
+@pytest_twisted.ensureDeferred
+async def test_a_metrics_render_that_fails_answers_500_instead_of_hanging(fake, start_proxy):
+    """When rendering the exposition raises, the scrape gets a 500 at once (it used to never be answered)."""
+    proxy = start_proxy(accounts_config(fake, "work"))
+
+    def broken():
+        raise RuntimeError("a metric source failed")
+        yield  # a generator, like every source
+
+    proxy.service.observability.metrics.extra.append(broken)
+    status, _, body = await scrape(proxy.url)
+    assert status == 500 and b"Traceback" not in body
+    proxy.service.observability.metrics.extra.remove(broken)
+    status, _, _ = await scrape(proxy.url)
+    assert status == 200

@@ -376,7 +376,18 @@ class MetricsResource(resource.Resource):
                 request.finish()
 
         d.addCallback(done)
+        d.addErrback(self._failed, request, gone)
         return server.NOT_DONE_YET
+
+    @staticmethod
+    def _failed(failure, request, gone) -> None:
+        """A render that raised still answers (a 500), or the scraper would wait for ever."""
+        log.failure("/metrics could not be rendered", failure)
+        if not gone and not request.finished:
+            request.setResponseCode(500)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            request.write(b"clproxy could not render its metrics; see the daemon's log\n")
+            request.finish()
 
     def _rendered(self, request):
         accept = self._accept(request)
