@@ -9,10 +9,11 @@ import signal
 import pytest
 import pytest_twisted
 from prometheus_client.parser import text_string_to_metric_families
-from twisted.internet import defer, reactor, task
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.internet import defer, reactor, task, threads
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.web import server
 
-from clproxy.observe import jsonl
+from clproxy.observe import console, jsonl
 from clproxy.observe.metrics import MetricsBook
 from clproxy.observe.recorder import Observability
 from clproxy.routing.policy import Verdict
@@ -36,6 +37,26 @@ def make_clock(at: float = NOW) -> task.Clock:
 def rows(path) -> list:
     with open(path, "rb") as f:
         return [json.loads(line) for line in f]
+
+
+@pytest.fixture
+def events_seen():
+    """Every twisted.logger event published globally while the test runs."""
+    seen = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+@pytest.fixture
+def console_info():
+    """The daemon's console gate at info level for the test, restored after."""
+    predicate = console._predicate
+    default, ours = predicate.defaultLogLevel, predicate.logLevelForNamespace("clproxy")
+    console.set_level(LogLevel.info)
+    yield
+    predicate.defaultLogLevel = default
+    predicate.setLogLevelForNamespace("clproxy", ours)
 
 
 def serve(obs, clock, count: int, first: int = 0, model: str = "m") -> None:
@@ -109,3 +130,31 @@ async def test_a_metrics_render_that_fails_answers_500_instead_of_hanging(fake, 
     proxy.service.observability.metrics.extra.remove(broken)
     status, _, _ = await scrape(proxy.url)
     assert status == 200
+
+
+# --- OTLP span names and the console echo ----------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_key_in_the_request_path_is_masked_in_the_otlp_span_name():
+    """GET /v1/models/<a key> (a model id the route accepts): the request span's name has the key masked."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="needs the otlp extra")
+    from test_observe_otlp import Collector, wait_for
+    receiver = Collector()
+    port = reactor.listenTCP(0, server.Site(receiver), interface="127.0.0.1")
+    clock = make_clock()
+    obs = Observability(clock=clock, logs_dir=None, otlp_endpoint=f"http://127.0.0.1:{port.getHost().port}",
+                        environ={})
+    try:
+        record = obs.begin(request_id="req_path", method=b"GET", path=f"/v1/models/{ANTHROPIC_KEY}".encode(),
+                           model=None, stream=False, headers=[], body=None)
+        record.finish(status=404, account_name="a", provider="anthropic")
+        await threads.deferToThread(obs.otlp.flush)
+        await wait_for(lambda: receiver.spans and receiver.logs)
+    finally:
+        obs.otlp.stop(timeout=0)
+        await port.stopListening()
+    [span] = receiver.spans
+    assert span.name == "GET /v1/models/sk-ant-[REDACTED]"
+    assert not [raw for raw in receiver.raw if MARKER.encode() in raw]
+

@@ -289,8 +289,11 @@ class OtlpExport:
         status = fields.get("status") or 0
         error = status >= 500 or bool(fields.get("error")) or bool(fields.get("truncated"))
         # its parent, when there is one, is the caller's span (remote): the caller's trace goes on
-        return self._span("{} {}".format(fields.get("method"), fields.get("path")), self.sdk.SpanKind.SERVER,
-                          fields, attributes, error, fields.get("parentSpanId"), True)
+        # the path is the client's (/v1/models/{id} takes any model id, a pasted key too): redacted
+        # like the url.path attribute
+        name = redact_text("{} {}".format(fields.get("method"), fields.get("path")))
+        return self._span(name, self.sdk.SpanKind.SERVER, fields, attributes, error, fields.get("parentSpanId"),
+                          True)
 
     def _attempt_span(self, fields: dict):
         attributes = _attributes(fields, _ATTEMPT_ATTRIBUTES)
