@@ -158,3 +158,18 @@ async def test_a_key_in_the_request_path_is_masked_in_the_otlp_span_name():
     assert span.name == "GET /v1/models/sk-ant-[REDACTED]"
     assert not [raw for raw in receiver.raw if MARKER.encode() in raw]
 
+
+def test_the_console_echo_of_a_record_masks_keys(events_seen, console_info):
+    """With --debug (echo), a record's console line and fields hold no key from the model or path."""
+    clock = make_clock()
+    obs = Observability(clock=clock, logs_dir=None, echo=True, debug_bodies=False)
+    record = obs.begin(request_id="r", method="POST", path=f"/v1/models/{ANTHROPIC_KEY}", model=ANTHROPIC_KEY,
+                       stream=False, headers=[(b"x-api-key", ANTHROPIC_KEY.encode())], body=None)
+    record.attempt(account_name="a", provider="anthropic", model=ANTHROPIC_KEY, status=401, verdict=SUCCESS,
+                   duration=0.1)
+    record.finish(status=401, account_name="a", provider="anthropic", error=f"bad key {ANTHROPIC_KEY}")
+    ours = [e for e in events_seen if e.get("log_namespace", "").startswith("clproxy.observe.")]
+    assert len(ours) == 2
+    assert all(MARKER not in formatEvent(e) for e in ours)
+    assert all(MARKER not in repr(e) for e in ours)
+    assert formatEvent(ours[1]).startswith("POST /v1/models/sk-ant-[REDACTED] -> 401 model=sk-ant-[REDACTED]")

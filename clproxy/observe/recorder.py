@@ -19,6 +19,7 @@ from clproxy.observe import console
 from clproxy.observe.activity import Activity
 from clproxy.observe.jsonl import ATTEMPT_NAMESPACE, BODY_NAMESPACE, REQUEST_NAMESPACE, JsonlWriter
 from clproxy.observe.metrics import MetricsBook, MetricsResource
+from clproxy.observe.redact import redact_value
 from clproxy.observe.trace import format_traceparent, new_span_id, new_trace_id, read_inbound
 from zope.interface import implementer
 
@@ -63,6 +64,19 @@ def fan_out(observers):
                 pass  # an observer only queues; serving must not pay for its bug
 
     return observe
+
+
+#: Fields of a record never echoed to the console: a body capture's raw bytes and headers.
+_NOT_ECHOED = frozenset({"body", "headers"})
+
+
+def echo_to_console(event: dict) -> None:
+    """Pass a record to the console (``--debug``) as a copy with every field redacted and no
+    captured body or headers: the JSONL and OTLP observers redact what they write, but the console
+    (twistd's log file, or any observer a user adds there) would get a client's key in a model name
+    or a path as it came. Only with ``--debug``: the copy costs nothing otherwise."""
+    console.gate({key: value if key.startswith("log_") else redact_value(value)
+                  for key, value in event.items() if key not in _NOT_ECHOED})
 
 
 @implementer(IRequestObserver)
@@ -114,7 +128,7 @@ class Observability:
         #: body captures need somewhere to go (a logs dir or OTLP)
         self.debug_bodies = bool(debug_bodies) and bool(observers)
         if echo:
-            observers.append(console.gate)
+            observers.append(echo_to_console)
         self._emitting = bool(observers)
         self._observe = fan_out(observers)
         self._request_log = RecordLogger(namespace=REQUEST_NAMESPACE, observer=self._observe)
