@@ -173,3 +173,48 @@ def test_the_console_echo_of_a_record_masks_keys(events_seen, console_info):
     assert all(MARKER not in formatEvent(e) for e in ours)
     assert all(MARKER not in repr(e) for e in ours)
     assert formatEvent(ours[1]).startswith("POST /v1/models/sk-ant-[REDACTED] -> 401 model=sk-ant-[REDACTED]")
+
+
+# --- the JSONL writer -------------------------------------------------------------------------------
+
+
+def test_a_log_ending_in_a_cut_line_gets_the_next_row_on_a_line_of_its_own(tmp_path):
+    """A file whose last line was cut (a crash or a full disk mid-write) does not swallow the next row."""
+    (tmp_path / f"proxy-{DAY}.jsonl").write_bytes(b'{"ts":"2026-01-01T11:00:00.000Z","i":1}\n{"ts":"2026-01-0')
+    clock = make_clock()
+    obs = Observability(clock=clock, logs_dir=str(tmp_path))
+    serve(obs, clock, 2)
+    obs.flush()
+    lines = (tmp_path / f"proxy-{DAY}.jsonl").read_bytes().split(b"\n")
+    assert lines[1] == b'{"ts":"2026-01-0'
+    assert [json.loads(line)["requestId"] for line in lines[2:] if line] == ["r0", "r1"]
+
+
+def test_a_row_cut_by_a_full_disk_costs_that_row_only(tmp_path):
+    """A write cut short by the file size limit (EFBIG, like ENOSPC) loses its rows, counted; the rows
+    written once there is room again are each whole and parseable."""
+    clock = make_clock()
+    obs = Observability(clock=clock, logs_dir=str(tmp_path))
+    serve(obs, clock, 1)
+    obs.flush()
+    path = tmp_path / f"proxy-{DAY}.jsonl"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal
+    serve(obs, clock, 1, first=1)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (path.stat().st_size + 50, hard))
+        obs.writer.sync()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    assert obs.writer.dropped[jsonl.WRITE_ERROR] >= 1 and "EFBIG" in obs.writer.last_error
+    serve(obs, clock, 2, first=2)
+    obs.flush()
+    whole = []
+    for line in path.read_bytes().splitlines():
+        try:
+            whole.append(json.loads(line)["requestId"])
+        except ValueError:
+            pass
+    assert whole[0] == "r0" and whole[-2:] == ["r2", "r3"]
+

@@ -263,15 +263,16 @@ class JsonlWriter:
 
     def _append(self, family: str, day: str, lines: List[bytes]) -> None:
         key = (family, day)
+        path = os.path.join(self.logs_dir, "{}-{}.jsonl".format(family, day))
         try:
             handle = self._files.get(key)
             if handle is None:
                 if len(self._files) >= 6:  # a new day: yesterday's files are done
                     self._close_files()
-                os.makedirs(self.logs_dir, mode=0o700, exist_ok=True)
-                path = os.path.join(self.logs_dir, "{}-{}.jsonl".format(family, day))
-                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                handle = self._files[key] = os.fdopen(fd, "ab")
+                handle = self._open(key, path)
+                if _ends_cut(handle.fileno()):
+                    # a line cut by a crash or a full disk: the next row must not be glued to it
+                    handle.write(b"\n")
             handle.write(b"".join(lines))
             handle.flush()
         except OSError as e:
@@ -282,6 +283,13 @@ class JsonlWriter:
         if self._failing:
             self._failing = False
             self._notes.append(("info", "log writing to {} works again".format(self.logs_dir)))
+
+    def _open(self, key, path: str):
+        os.makedirs(self.logs_dir, mode=0o700, exist_ok=True)
+        # read too: _ends_cut looks at the last byte
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        handle = self._files[key] = os.fdopen(fd, "ab")
+        return handle
 
     def _write_failed(self, count: int, error: OSError) -> None:
         self.dropped[WRITE_ERROR] += count
@@ -339,6 +347,12 @@ class JsonlWriter:
         fields["bytes"] = len(body)
         fields["files"] = files
         return fields
+
+
+def _ends_cut(fd: int) -> bool:
+    """Whether the file open as ``fd`` is not empty and its last byte is not a line end."""
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
 
 
 def write_gzip(path: str, data: bytes) -> None:
