@@ -218,3 +218,18 @@ def test_a_row_cut_by_a_full_disk_costs_that_row_only(tmp_path):
             pass
     assert whole[0] == "r0" and whole[-2:] == ["r2", "r3"]
 
+
+def test_a_logs_directory_removed_while_running_is_recreated(tmp_path):
+    """Rows written after the logs directory was deleted land in a new file, not in the deleted one."""
+    logs = tmp_path / "logs"
+    clock = make_clock()
+    obs = Observability(clock=clock, logs_dir=str(logs))
+    serve(obs, clock, 1)
+    obs.flush()
+    for name in os.listdir(logs):
+        os.unlink(logs / name)
+    os.rmdir(logs)
+    serve(obs, clock, 2, first=1)
+    obs.flush()
+    assert [row["requestId"] for row in rows(logs / f"proxy-{DAY}.jsonl")] == ["r1", "r2"]
+    assert len(rows(logs / f"proxy-attempts-{DAY}.jsonl")) == 2

@@ -126,6 +126,7 @@ class JsonlWriter:
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
         self._files: Dict[Tuple[str, str], object] = {}
+        self._identities: Dict[Tuple[str, str], Tuple[int, int]] = {}  # (device, inode) of each
         self._prune_request = None
         self.last_prune: Optional["PruneResult"] = None
         self._day_cache = (None, None)
@@ -266,6 +267,9 @@ class JsonlWriter:
         path = os.path.join(self.logs_dir, "{}-{}.jsonl".format(family, day))
         try:
             handle = self._files.get(key)
+            if handle is not None and not self._still_there(key, path):
+                self._forget(key)  # deleted (the directory removed): its rows would go nowhere
+                handle = None
             if handle is None:
                 if len(self._files) >= 6:  # a new day: yesterday's files are done
                     self._close_files()
@@ -289,7 +293,17 @@ class JsonlWriter:
         # read too: _ends_cut looks at the last byte
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         handle = self._files[key] = os.fdopen(fd, "ab")
+        stat = os.fstat(fd)
+        self._identities[key] = (stat.st_dev, stat.st_ino)
         return handle
+
+    def _still_there(self, key, path: str) -> bool:
+        """Whether the file open for ``key`` is still the one at ``path`` (one stat per batch)."""
+        try:
+            stat = os.stat(path)
+        except FileNotFoundError:
+            return False
+        return self._identities.get(key) == (stat.st_dev, stat.st_ino)
 
     def _write_failed(self, count: int, error: OSError) -> None:
         self.dropped[WRITE_ERROR] += count
@@ -300,6 +314,7 @@ class JsonlWriter:
                                         "counted, serving goes on".format(self.logs_dir, self.last_error)))
 
     def _forget(self, key) -> None:
+        self._identities.pop(key, None)
         handle = self._files.pop(key, None)
         if handle is not None:
             try:
