@@ -233,3 +233,23 @@ def test_a_logs_directory_removed_while_running_is_recreated(tmp_path):
     obs.flush()
     assert [row["requestId"] for row in rows(logs / f"proxy-{DAY}.jsonl")] == ["r1", "r2"]
     assert len(rows(logs / f"proxy-attempts-{DAY}.jsonl")) == 2
+
+
+def test_body_captures_queued_for_a_dead_collector_are_bounded_in_bytes():
+    """With --debug bodies and the collector down, queued captures stop at max_queue_bytes (the rest
+    dropped and counted) instead of holding every request body until max_queue events."""
+    pytest.importorskip("opentelemetry.exporter.otlp.proto.http", reason="needs the otlp extra")
+    clock = make_clock()
+    obs = Observability(clock=clock, logs_dir=None, debug_bodies=True, otlp_endpoint="http://127.0.0.1:9",
+                        environ={})
+    body = b'{"model":"m","pad":"' + b"x" * (1 << 20) + b'"}'
+    try:
+        for n in range(100):
+            record = obs.begin(request_id=f"r{n}", method="POST", path="/v1/messages", model="m",
+                               stream=False, headers=[], body=body)
+            record.finish(status=200, account_name="a", provider="anthropic")
+        queued = sum(len(event.get("body") or b"") for event in obs.otlp._queue)
+        assert queued <= 64 * 1024 * 1024
+        assert obs.otlp.dropped > 0 and obs.otlp.pending + obs.otlp.dropped == 200
+    finally:
+        obs.otlp.stop(timeout=0)

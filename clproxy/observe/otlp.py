@@ -128,18 +128,24 @@ def from_environment(endpoint: str, environ: Mapping[str, str], *, timeout: floa
 class OtlpExport:
     """Observer of the ``clproxy.observe.*`` events; exports them from a worker thread.
 
-    ``max_queue`` bounds the queued events (beyond it: dropped, counted in ``dropped``); batches
-    of up to ``batch_size`` are sent every ``interval`` seconds or as soon as a batch is full.
+    ``max_queue`` bounds the queued events and ``max_queue_bytes`` the queued body captures
+    (beyond either: dropped, counted in ``dropped``); batches of up to ``batch_size`` are sent
+    every ``interval`` seconds or as soon as a batch is full.
     """
 
     def __init__(self, sdk, span_exporter, log_exporter, resource, *, endpoint: str = "",
-                 max_queue: int = 8192, batch_size: int = 512, interval: float = 1.0):
+                 max_queue: int = 8192, batch_size: int = 512, interval: float = 1.0,
+                 max_queue_bytes: int = 64 * 1024 * 1024):
         self.sdk = sdk
         self.span_exporter = span_exporter
         self.log_exporter = log_exporter
         self.resource = resource
         self.endpoint = endpoint
         self.max_queue = max_queue
+        self.max_queue_bytes = max_queue_bytes
+        # Body bytes queued = added (reactor thread only) - removed (worker only): no shared counter.
+        self._bytes_added = 0
+        self._bytes_removed = 0
         self.batch_size = batch_size
         self.interval = interval
         self.scope = sdk.InstrumentationScope("clproxy", __version__)
@@ -163,6 +169,14 @@ class OtlpExport:
         if len(queue) >= self.max_queue:
             self.dropped += 1
             return
+        if event["log_namespace"] == BODY_NAMESPACE:
+            # a capture holds a whole body (up to 32 MiB): with the collector down, a count alone
+            # let the queue hold thousands of them
+            size = len(event.get("body") or b"")
+            if self._bytes_added - self._bytes_removed + size > self.max_queue_bytes:
+                self.dropped += 1
+                return
+            self._bytes_added += size
         queue.append(event)
         if len(queue) >= self.batch_size and not self._wake.is_set():
             self._wake.set()
@@ -224,6 +238,8 @@ class OtlpExport:
         queue = self._queue
         for n in range(min(self.batch_size, len(queue))):
             event = queue.popleft()
+            if event["log_namespace"] == BODY_NAMESPACE:
+                self._bytes_removed += len(event.get("body") or b"")
             if n % 64 == 63:
                 time.sleep(0)  # let the reactor thread have the GIL between conversions
             try:
