@@ -23,6 +23,8 @@ class Drainer:
         self._count = 0
         self._waiters: List[defer.Deferred] = []
         self._timer = None
+        #: when the first drain() gives up (the clock's seconds); later calls share it
+        self._deadline = None
 
     def track(self, finished: defer.Deferred) -> None:
         """Count one request until ``finished`` (its ``notifyFinish()``) fires or fails."""
@@ -41,17 +43,26 @@ class Drainer:
         return self._count
 
     def drain(self) -> defer.Deferred:
-        """A Deferred that fires (with the number cut short) when nothing is in flight or at the timeout."""
+        """A Deferred that fires (with the number cut short) when nothing is in flight or at the
+        timeout. The timeout runs from the first call: every later call (each service that waits
+        for the drain at stop) shares that one deadline, and one made after it fires at once."""
         self.draining = True
+        if self._deadline is None:
+            self._deadline = self.clock.seconds() + max(0.0, self.timeout)
         d = defer.Deferred()
         if self._count == 0:
             d.callback(0)
+            return d
+        if self.clock.seconds() >= self._deadline:
+            # the drain already gave up: a second full wait doubled the stop (past systemd's
+            # TimeoutStopSec, and past the supervisor's kill of a worker still draining)
+            d.callback(self._count)
             return d
         self._waiters.append(d)
         if self._timer is None:
             log.info("draining {count} request(s) in flight (up to {timeout:g}s)", count=self._count,
                      timeout=self.timeout)
-            self._timer = self.clock.callLater(max(0.0, self.timeout), self._expired)
+            self._timer = self.clock.callLater(self._deadline - self.clock.seconds(), self._expired)
         return d
 
     def _release(self) -> None:
