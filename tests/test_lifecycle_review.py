@@ -2,13 +2,28 @@
 arrive while draining), starting (a port in use, two starts at once)."""
 
 import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 
 from clproxy import config as configuration
 from clproxy.daemon.assemble import build_proxy, serve
 from clproxy.daemon.drain import Drainer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY_POINTS = {
+    "clproxy proxy start": [sys.executable, "-m", "clproxy", "proxy", "start"],
+    "twistd -n claudeproxy": [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
+                              "claudeproxy"],
+}
 
 CONFIG = {"accounts": {"anthropic": [{"name": "a", "apiKey": "key-a", "baseUrl": "http://127.0.0.1:9"}]},
           "server": {"drainTimeout": 30}}
@@ -40,6 +55,21 @@ def test_a_drain_that_gave_up_is_not_waited_for_again():
     assert clock.getDelayedCalls() == []
 
 
+def test_hurry_gives_up_the_drain_now_or_as_soon_as_it_begins():
+    """hurry() (a second stop signal) fires the drain's waiters with what is in flight at once;
+    called before the drain began, the drain that follows gives up at once."""
+    clock = task.Clock()
+    drainer = Drainer(clock, timeout=30)
+    drainer.track(defer.Deferred())
+    d = drainer.drain()
+    drainer.hurry()
+    assert d.result == 1 and clock.getDelayedCalls() == []
+    early = Drainer(clock, timeout=30)
+    early.track(defer.Deferred())
+    early.hurry()
+    assert early.drain().result == 1 and clock.getDelayedCalls() == []
+
+
 @pytest_twisted.ensureDeferred
 async def test_the_daemon_stops_within_one_drain_timeout_with_a_stream_stuck(tmp_path):
     """A request that never ends holds the stop for server.drainTimeout, once: the usage ledger
@@ -67,3 +97,126 @@ async def _turns(count: int = 5) -> None:
         d = defer.Deferred()
         reactor.callLater(0, d.callback, None)
         await d
+
+
+def environment(home) -> dict:
+    """This source tree first on the path, a home of the test's own, never Claude Code's settings."""
+    env = dict(os.environ, CLPROXY_HOME=str(home), HOME=str(home), CLPROXY_CLAUDE_SETTINGS="off")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    env.pop("ANTHROPIC_API_KEY", None)
+    return env
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Lines:
+    """The lines a subprocess prints, read on a thread; :meth:`wait_for` one containing a text."""
+
+    def __init__(self, stream):
+        self.queue: "queue.Queue[bytes]" = queue.Queue()
+        self.seen = []
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.queue.put(line)
+        self.queue.put(b"")
+
+    def wait_for(self, text: bytes) -> None:
+        while True:
+            line = self.queue.get(timeout=60)
+            self.seen.append(line)
+            assert line, b"".join(self.seen).decode()
+            if text in line:
+                return
+
+    def text(self) -> str:
+        while True:
+            try:
+                line = self.queue.get(timeout=10)
+            except queue.Empty:
+                break
+            if not line:
+                break
+            self.seen.append(line)
+        return b"".join(self.seen).decode()
+
+
+@pytest.mark.parametrize("entry_point", sorted(ENTRY_POINTS))
+def test_a_second_signal_while_draining_stops_at_once(tmp_path, entry_point):
+    """SIGTERM, then SIGTERM again while a request to a silent upstream drains (drainTimeout
+    600 s): the second signal gives up the drain and the daemon exits, instead of waiting the
+    whole drain out."""
+    silent = socket.socket()  # accepts the upstream connection and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    config = tmp_path / "proxy-config.json"
+    config.write_text(json.dumps({
+        "accounts": {"anthropic": [{"name": "slow", "apiKey": "sk-test-not-a-real-key",
+                                    "baseUrl": f"http://127.0.0.1:{silent.getsockname()[1]}"}]},
+        "server": {"drainTimeout": 600}}))
+    port = free_port()
+    process = subprocess.Popen(
+        ENTRY_POINTS[entry_point] + ["--port", str(port), "--no-guard", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=environment(tmp_path / "home"),
+        cwd=str(tmp_path))
+    lines = Lines(process.stdout)
+    client = socket.socket()
+    try:
+        lines.wait_for(b"ProxySite starting")
+        body = b'{"model": "claude-sonnet-4-5", "max_tokens": 5, "stream": true, "messages": []}'
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: localhost\r\ncontent-type: application/json\r\n"
+                       b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        silent.settimeout(60)
+        held = silent.accept()[0]  # the request is in flight, its upstream silent
+        process.send_signal(signal.SIGTERM)
+        lines.wait_for(b"draining 1 request")
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second SIGTERM did not stop the draining daemon:\n" + lines.text(), pytrace=False)
+        held.close()
+    finally:
+        client.close()
+        silent.close()
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    out = lines.text()
+    assert "drain cut short by a second signal: 1 request(s) still in flight were cut" in out, out
+    assert "Traceback" not in out, out
+
+
+def test_a_second_signal_to_the_supervisor_reaches_every_worker(monkeypatch):
+    """--workers: a second SIGTERM to the supervisor while its workers drain is passed on to each
+    of them (their second, which gives up their drain); after the workers are gone, nothing is."""
+    from clproxy.daemon import runstate, workers
+
+    class Stopping(task.Clock):
+        def stop(self):
+            from twisted.internet.error import ReactorNotRunning
+            raise ReactorNotRunning()  # already stopping: the signal is a second one
+
+    sent = []
+    monkeypatch.setattr(workers, "_kill", lambda pid, signum: sent.append((pid, signum)))
+    clock = Stopping()
+    supervisor = workers.WorkerSupervisor(clock, host="127.0.0.1", port=0, count=2, options={},
+                                          environ={}, drain_timeout=1.0)
+    supervisor.live = {1: type("P", (), {"pid": 101})(), 2: type("P", (), {"pid": 102})()}
+    supervisor.running = True
+    stopped = supervisor.stopService()
+    assert sent == [(101, signal.SIGTERM), (102, signal.SIGTERM)]
+    runstate.stop_or_hurry(clock)
+    assert sent[2:] == [(101, signal.SIGTERM), (102, signal.SIGTERM)]
+    supervisor.live.clear()
+    supervisor._all_ended.callback(None)
+    assert stopped.called
+    runstate.stop_or_hurry(clock)
+    assert len(sent) == 4

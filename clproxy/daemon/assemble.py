@@ -25,7 +25,7 @@ from clproxy.accounts.model import Account
 from clproxy.accounts.oauth import OAuthEndpoints
 from clproxy.accounts.refresh import TokenRefresher
 from clproxy.accounts.tokenstore import TokenStore, TokenStoreError, write_token_copy
-from clproxy.daemon import fastpoll
+from clproxy.daemon import fastpoll, runstate
 from clproxy.daemon.drain import Drainer
 from clproxy.daemon.reload import ConfigWatcher, restart_needed
 from clproxy.daemon.upkeep import AccountUpkeep
@@ -637,6 +637,7 @@ class ProxyService(service.MultiService):
         self.endpoint = listener
         #: the reactor the daemon runs on: given the lean event loop on start (None: left alone)
         self.reactor = reactor
+        self._forget_hurry: Optional[Callable[[], None]] = None
 
     def __getattr__(self, name):
         # only reached for names the service itself lacks
@@ -650,6 +651,8 @@ class ProxyService(service.MultiService):
         release_freed_memory()
         if self.reactor is not None:
             fastpoll.install(self.reactor)  # twisted's own loop stays where it is not a checked one
+        # a second SIGINT/SIGTERM while draining gives up the drain (the user means "now")
+        self._forget_hurry = runstate.on_second_signal(self.proxy.drainer.hurry)
         super().startService()
 
     def address(self):
@@ -662,8 +665,13 @@ class ProxyService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
-        yield defer.maybeDeferred(super().stopService)
-        yield defer.ensureDeferred(self.proxy.close())
+        try:
+            yield defer.maybeDeferred(super().stopService)
+            yield defer.ensureDeferred(self.proxy.close())
+        finally:
+            forget, self._forget_hurry = self._forget_hurry, None
+            if forget is not None:
+                forget()
 
 
 def serve(proxy: Proxy, description: str, reactor) -> ProxyService:

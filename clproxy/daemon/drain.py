@@ -65,6 +65,16 @@ class Drainer:
             self._timer = self.clock.callLater(self._deadline - self.clock.seconds(), self._expired)
         return d
 
+    def hurry(self) -> None:
+        """Give up the drain now (a second SIGINT/SIGTERM): the waiters fire with what is left in
+        flight, as at the timeout. Called before :meth:`drain` (both signals came before the stop
+        began), the drain that follows gives up at once."""
+        now = self.clock.seconds()
+        self._deadline = now if self._deadline is None else min(self._deadline, now)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+            self._expired(why="drain cut short by a second signal")
+
     def _release(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
@@ -73,11 +83,11 @@ class Drainer:
         for d in waiters:
             d.callback(0)
 
-    def _expired(self) -> None:
+    def _expired(self, why: str = "") -> None:
         self._timer = None
         cut = self._count
-        log.warn("drain timeout after {timeout:g}s: {cut} request(s) still in flight were cut",
-                 timeout=self.timeout, cut=cut)
+        log.warn("{why}: {cut} request(s) still in flight were cut",
+                 why=why or f"drain timeout after {self.timeout:g}s", cut=cut)
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(cut)

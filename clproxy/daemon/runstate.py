@@ -13,7 +13,7 @@ import os
 import signal
 import time
 import urllib.request
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.application import service
 
@@ -82,17 +82,46 @@ def stop_reactor(reactor) -> bool:
     return True
 
 
+#: What a second SIGINT/SIGTERM calls, while the daemon drains (:func:`on_second_signal`).
+_second_signal_callbacks: List[Callable[[], None]] = []
+
+
+def on_second_signal(callback: Callable[[], None]) -> Callable[[], None]:
+    """Call ``callback`` when a stop signal comes while the reactor is already stopping (the
+    impatient second Ctrl-C: the drain gives up at once); returns what unregisters it."""
+    _second_signal_callbacks.append(callback)
+
+    def unregister() -> None:
+        if callback in _second_signal_callbacks:
+            _second_signal_callbacks.remove(callback)
+    return unregister
+
+
+def stop_or_hurry(reactor) -> None:
+    """Stop ``reactor``; when it is already stopping (a second signal), stop now: every
+    :func:`on_second_signal` callback is called."""
+    if stop_reactor(reactor):
+        return
+    log.info("stopping now: requests still in flight are cut")
+    for callback in list(_second_signal_callbacks):
+        try:
+            callback()
+        except Exception:
+            log.failure("stopping now failed")
+
+
 def quiet_signal_stops(reactor) -> None:
-    """Make SIGINT/SIGTERM/SIGBREAK stop ``reactor`` through :func:`stop_reactor` (call before
+    """Make SIGINT/SIGTERM/SIGBREAK stop ``reactor`` through :func:`stop_or_hurry` (call before
     ``reactor.run()``, which installs them): Twisted's own handlers call ``reactor.stop()`` once
-    per signal, so a second signal during shutdown printed a ``ReactorNotRunning`` traceback."""
+    per signal, so a second signal during shutdown printed a ``ReactorNotRunning`` traceback, and
+    did not hurry the drain either."""
     if not hasattr(reactor, "sigInt") or not hasattr(reactor, "callFromThread"):
         return  # a test clock: no signals
 
     def handler_for(name: str):
         def handler(number, frame=None) -> None:
             log.info("received {signal}, shutting down", signal=name)
-            reactor.callFromThread(stop_reactor, reactor)
+            reactor.callFromThread(stop_or_hurry, reactor)
             reactor._exitSignal = number  # as Twisted's handler: twistd re-raises it on exit
         return handler
 

@@ -40,6 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from twisted.application import service
 from twisted.internet import defer, error, protocol, task
 
+from clproxy.daemon import runstate
 from clproxy.daemon.shares import BOARD_FD_VARIABLE, WORKER_BOARD_FD, ConnectionBoard
 from clproxy.observe import console
 
@@ -305,8 +306,12 @@ class WorkerSupervisor(service.Service):
                  pids=" ".join(map(str, self.pids())))
         self.signal_workers(signal.SIGTERM)
         deadline = self.reactor.callLater(self.drain_timeout + 10.0, self._kill_stragglers)
+        # a second SIGINT/SIGTERM to the supervisor: each worker gets its second one too, and
+        # gives up its drain
+        forget_hurry = runstate.on_second_signal(lambda: self.signal_workers(signal.SIGTERM))
 
         def ended(result):
+            forget_hurry()
             if deadline.active():
                 deadline.cancel()
             return result
@@ -368,7 +373,6 @@ def supervise(options: Mapping, cfg, count: int, *, reactor, environ: Mapping[st
     from clproxy import config as configuration
     from clproxy.accounts.directory import AccountDirectory
     from clproxy.accounts.tokenstore import TokenStore
-    from clproxy.daemon import runstate
     from clproxy.daemon.assemble import accounts_from_config
     from clproxy.daemon.reload import ConfigWatcher, install_sighup
     from clproxy.integrations import claude_settings
