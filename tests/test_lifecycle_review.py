@@ -220,3 +220,43 @@ def test_a_second_signal_to_the_supervisor_reaches_every_worker(monkeypatch):
     assert stopped.called
     runstate.stop_or_hurry(clock)
     assert len(sent) == 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_request_on_a_kept_alive_connection_while_draining_is_refused(tmp_path, fake):
+    """Once the stop begins, a new request on a connection kept alive from before (Claude Code
+    keeps its connections) gets 503 with Connection: close, and reaches no upstream: it was
+    served in full, opening a new upstream stream that held the drain open."""
+    import http.client
+
+    from clproxy.testing.anthropic import text_stream
+    from helpers import in_thread, request_body, stream, until
+
+    fake.script(events=text_stream(tuple(f"part{i} " for i in range(6))), pace=0.1)
+    config = {"accounts": {"anthropic": [{"name": "a", "apiKey": "key-a", "baseUrl": fake.url}]}}
+    top = proxy_on(tmp_path, reactor, config)
+    top.startService()
+    port = top.address()[1]
+    kept = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+
+    def ask(method, path, body=None):
+        kept.request(method, path, body=body, headers={"content-type": "application/json"})
+        answer = kept.getresponse()
+        return answer.status, answer.getheader("connection"), answer.read()
+
+    try:
+        assert (await in_thread(ask, "GET", "/health"))[0] == 200
+        response, body = await stream(f"http://127.0.0.1:{port}/v1/messages", request_body(stream=True))
+        assert response.code == 200
+        await until(lambda: len(fake.requests) == 1)
+        stopping = top.stopService()
+        status, connection, answer = await in_thread(ask, "POST", "/v1/messages", request_body())
+        assert status == 503 and connection == "close"
+        assert json.loads(answer)["error"]["message"].startswith("clproxy is shutting down")
+        await stopping
+        assert b"message_stop" in body.body  # the stream in flight still finished
+        assert len(fake.requests) == 1
+    finally:
+        kept.close()
+        if top.running:
+            await top.stopService()

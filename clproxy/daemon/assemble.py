@@ -26,7 +26,7 @@ from clproxy.accounts.oauth import OAuthEndpoints
 from clproxy.accounts.refresh import TokenRefresher
 from clproxy.accounts.tokenstore import TokenStore, TokenStoreError, write_token_copy
 from clproxy.daemon import fastpoll, runstate
-from clproxy.daemon.drain import Drainer
+from clproxy.daemon.drain import Drainer, ShuttingDown
 from clproxy.daemon.reload import ConfigWatcher, restart_needed
 from clproxy.daemon.upkeep import AccountUpkeep
 from clproxy.dashboard.access import DashboardAccess, LoginSessions
@@ -653,6 +653,7 @@ class ProxyService(service.MultiService):
             fastpoll.install(self.reactor)  # twisted's own loop stays where it is not a checked one
         # a second SIGINT/SIGTERM while draining gives up the drain (the user means "now")
         self._forget_hurry = runstate.on_second_signal(self.proxy.drainer.hurry)
+        self.proxy.site.resource = self.proxy.root  # (a service stopped before served ShuttingDown)
         super().startService()
 
     def address(self):
@@ -665,6 +666,9 @@ class ProxyService(service.MultiService):
 
     @defer.inlineCallbacks
     def stopService(self):
+        # before the listener closes: what arrives on a connection kept alive from before is
+        # refused from now on (it would start new upstream requests the drain must wait for)
+        self.proxy.site.resource = ShuttingDown()
         try:
             yield defer.maybeDeferred(super().stopService)
             yield defer.ensureDeferred(self.proxy.close())

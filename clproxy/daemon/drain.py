@@ -1,13 +1,17 @@
 """Graceful shutdown: count the requests in flight and wait for them, up to a deadline.
 
-The site tracks every request with :meth:`Drainer.track`; on stop the daemon first stops listening,
-then waits on :meth:`Drainer.drain`, which fires when the last request ends or the timeout passes.
+The site tracks every request with :meth:`Drainer.track`; on stop the daemon first stops listening
+and answers what still arrives with :class:`ShuttingDown`, then waits on :meth:`Drainer.drain`,
+which fires when the last request ends or the timeout passes.
 """
 
 from typing import List
 
 from twisted.internet import defer
+from twisted.web import resource
 
+from clproxy.errors import ProxyError
+from clproxy.http.site import write_error
 from clproxy.observe import console
 
 log = console.logger(__name__)
@@ -91,3 +95,20 @@ class Drainer:
         waiters, self._waiters = self._waiters, []
         for d in waiters:
             d.callback(cut)
+
+
+class ShuttingDown(resource.Resource):
+    """What the site serves once the daemon stops: every request that arrives then (on a connection
+    kept alive from before: new ones are no longer accepted) gets a 503 and its connection closed,
+    so the client retries on a new one (another worker, or the daemon once it is back), instead of
+    starting an upstream request the drain would then wait for, or cut."""
+
+    isLeaf = True
+    ERROR = ProxyError(503, "clproxy is shutting down; retry the request on a new connection",
+                       headers=((b"connection", b"close"), (b"retry-after", b"1")))
+
+    def render(self, request):
+        channel = getattr(request, "channel", None)
+        if channel is not None:
+            channel.persistent = False  # closed once this answer is written
+        return write_error(request, self.ERROR)
