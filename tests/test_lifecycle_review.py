@@ -17,6 +17,7 @@ from twisted.internet import defer, reactor, task
 from clproxy import config as configuration
 from clproxy.daemon.assemble import build_proxy, serve
 from clproxy.daemon.drain import Drainer
+from redis_server import redis_server, unique_prefix  # noqa: F401  (fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = {
@@ -260,3 +261,29 @@ async def test_a_request_on_a_kept_alive_connection_while_draining_is_refused(tm
         kept.close()
         if top.running:
             await top.stopService()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_twistd_on_a_port_in_use_says_so_in_one_line(tmp_path, workers, redis_server):  # noqa: F811
+    """`twistd -n claudeproxy` (one process, or a supervisor of two workers) on a port another
+    program holds: one line naming the address and the cause, a non-zero exit, no traceback (a
+    40-line CannotListenError traceback was printed)."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    port = holder.getsockname()[1]
+    config = tmp_path / "proxy-config.json"
+    config.write_text(json.dumps({"state": {"backend": "redis", "url": redis_server.url,
+                                            "prefix": unique_prefix()}} if workers > 1 else {}))
+    try:
+        result = subprocess.run(
+            ENTRY_POINTS["twistd -n claudeproxy"] + ["--port", str(port), "--no-guard", "--config", str(config),
+                                                     "--workers", str(workers)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment(tmp_path / "home"),
+            cwd=str(tmp_path), timeout=60)
+    finally:
+        holder.close()
+    out = result.stdout
+    assert result.returncode != 0, out
+    assert f"clproxy: cannot listen on 127.0.0.1:{port}: Address already in use" in out, out
+    assert "Traceback" not in out, out

@@ -77,6 +77,17 @@ def check_home(home: str) -> None:
                          f"set CLPROXY_HOME to a writable directory")
 
 
+def cannot_listen(error) -> SystemExit:
+    """The one line for a ``CannotListenError`` (the port is taken, the address is not this
+    machine's), as a ``SystemExit`` twistd prints without a traceback."""
+    socket_error = getattr(error, "socketError", None)
+    reason = getattr(socket_error, "strerror", None) or str(socket_error or error)
+    if "in use" in reason.lower():
+        reason += " (another program has this port: pick another with --port, or stop it)"
+    host = getattr(error, "interface", "") or "*"
+    return SystemExit(f"clproxy: cannot listen on {host}:{getattr(error, 'port', '?')}: {reason}")
+
+
 def effective_environment(options: Mapping, environ: Mapping[str, str]) -> dict:
     """The process environment plus the ``--env-file`` values (the real environment wins)."""
     merged = {}
@@ -655,6 +666,16 @@ class ProxyService(service.MultiService):
         self._forget_hurry = runstate.on_second_signal(self.proxy.drainer.hurry)
         self.proxy.site.resource = self.proxy.root  # (a service stopped before served ShuttingDown)
         super().startService()
+
+    def privilegedStartService(self):
+        """Bind the port (twistd does this before starting the services): a port in use is one
+        line and an exit, not twistd's traceback."""
+        from twisted.internet.error import CannotListenError
+
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise cannot_listen(e) from None
 
     def address(self):
         """The (host, port) the daemon listens on (useful when started on port 0)."""

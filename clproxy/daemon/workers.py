@@ -177,8 +177,30 @@ class WorkerSupervisor(service.Service):
         """The live workers' pids."""
         return [process.pid for process in self.live.values() if process.pid]
 
+    def privilegedStartService(self):
+        """Bind and listen now (twistd's first step): a port in use is one line and an exit."""
+        from clproxy.daemon.assemble import cannot_listen
+
+        super().privilegedStartService()
+        try:
+            self._listen()
+        except error.CannotListenError as e:
+            raise cannot_listen(e) from None
+
     def startService(self):
-        """Bind and listen (``CannotListenError`` as a single process would raise), then spawn."""
+        """Bind and listen unless done already (``CannotListenError`` as a single process would
+        raise), then spawn."""
+        if self.socket is None:
+            self._listen()
+        # each worker's count of open client connections, mapped by all (clproxy.daemon.shares)
+        self.board, self.board_file = ConnectionBoard.create(self.count)
+        super().startService()
+        log.info("clproxy supervisor (pid {pid}) listening on {host}:{port} with {count} workers",
+                 pid=os.getpid(), host=self.address()[0], port=self.address()[1], count=self.count)
+        for index in range(1, self.count + 1):
+            self.spawn(index)
+
+    def _listen(self) -> None:
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
@@ -190,13 +212,6 @@ class WorkerSupervisor(service.Service):
             raise error.CannotListenError(self.host, self.port, e)
         sock.setblocking(False)
         self.socket = sock
-        # each worker's count of open client connections, mapped by all (clproxy.daemon.shares)
-        self.board, self.board_file = ConnectionBoard.create(self.count)
-        super().startService()
-        log.info("clproxy supervisor (pid {pid}) listening on {host}:{port} with {count} workers",
-                 pid=os.getpid(), host=self.address()[0], port=self.address()[1], count=self.count)
-        for index in range(1, self.count + 1):
-            self.spawn(index)
 
     def spawn(self, index: int) -> None:
         """Start worker ``index`` on the listening socket."""
