@@ -115,6 +115,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serving(port: int) -> bool:
+    """Whether the daemon on ``port`` answers /health, asked for up to a minute (start-up I/O)."""
+    import urllib.request
+    for _ in range(600):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
+                return True
+        except OSError:
+            threading.Event().wait(0.1)
+    return False
+
+
 class Lines:
     """The lines a subprocess prints, read on a thread; :meth:`wait_for` one containing a text."""
 
@@ -287,3 +299,54 @@ def test_twistd_on_a_port_in_use_says_so_in_one_line(tmp_path, workers, redis_se
     assert result.returncode != 0, out
     assert f"clproxy: cannot listen on 127.0.0.1:{port}: Address already in use" in out, out
     assert "Traceback" not in out, out
+
+
+HOLD_THE_HOME = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_daemon_starting_on_the_same_home_is_refused_and_a_killed_one_blocks_nothing(tmp_path):
+    """Two daemons started at once on one CLPROXY_HOME both found no state file and both ran (the
+    state file named one; stopping it restored Claude Code's settings under the other). A daemon
+    holds $CLPROXY_HOME/proxy-state.lock from its check to its exit: a start while another holds
+    it is refused in one line; once the holder is killed (SIGKILL), the next start works."""
+    home = tmp_path / "home"
+    home.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_THE_HOME, str(home / "proxy-state.lock")],
+                              stdout=subprocess.PIPE)
+    port = free_port()
+    command = ENTRY_POINTS["clproxy proxy start"] + ["--port", str(port), "--no-guard"]
+    try:
+        assert holder.stdout.readline() == b"held\n"
+        refused = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   env=environment(home), cwd=str(tmp_path))
+        try:
+            out = refused.communicate(timeout=60)[0].decode()
+        finally:
+            if refused.poll() is None:
+                refused.kill()
+                refused.communicate()
+        assert refused.returncode == 1, out
+        assert out.strip() == (f"clproxy: another clproxy is starting with this CLPROXY_HOME ({home}); "
+                               "see `clproxy proxy status`"), out
+    finally:
+        holder.kill()
+        holder.wait()
+    started = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=environment(home), cwd=str(tmp_path))
+    lines = Lines(started.stdout)
+    try:
+        lines.wait_for(b"ProxySite starting")
+        assert serving(port)  # (its signal handlers are in place once it answers)
+        started.send_signal(signal.SIGTERM)
+        assert started.wait(timeout=60) == 0
+    finally:
+        if started.poll() is None:
+            started.kill()
+            started.wait()
+    assert not (home / "proxy-state.json").exists()

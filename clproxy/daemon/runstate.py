@@ -2,7 +2,8 @@
 
 :class:`Lifecycle` is a service that, once the port listens, records the instance (pid, address,
 strategy, fallback chain, guard pid), points Claude Code at it and starts the fail-open guard; on every
-way out it undoes exactly that. :func:`ensure_not_running` refuses a second instance, cleans a stale one.
+way out it undoes exactly that. :func:`claim_home` refuses a second instance (one starting at the
+same moment too), :func:`ensure_not_running` cleans a stale one.
 """
 
 import atexit
@@ -178,6 +179,85 @@ def remove_state(path: str, pid: Optional[int] = None) -> bool:
         return False
 
 
+# --- one daemon per home -------------------------------------------------------------------------
+
+#: the homes this process has claimed: lock path -> [open descriptor, claims]
+_claims: Dict[str, list] = {}
+
+
+class HomeClaim:
+    """This process's exclusive ``flock`` on ``$CLPROXY_HOME/proxy-state.lock``, held while a
+    daemon runs on that home: two daemons started at once both found no state file and both ran
+    (the state file then named only one). The kernel drops the lock when the process dies, even
+    by SIGKILL, so a killed daemon never blocks the next start. Within one process claims are
+    counted (tests build several daemons on one home), not refused."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._released = False
+
+    @classmethod
+    def take(cls, state_file: str) -> Optional["HomeClaim"]:
+        """Claim the home of ``state_file``; None when another process holds it."""
+        import fcntl
+
+        path = os.path.join(os.path.dirname(os.path.abspath(state_file)), "proxy-state.lock")
+        held = _claims.get(path)
+        if held is not None:
+            held[1] += 1
+            return cls(path)
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return None
+            raise
+        _claims[path] = [fd, 1]
+        return cls(path)
+
+    def release(self) -> None:
+        """Let go of this claim (the lock itself once the process holds no other); idempotent."""
+        if self._released:
+            return
+        self._released = True
+        held = _claims.get(self.path)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            del _claims[self.path]
+            os.close(held[0])  # closing the descriptor drops the flock
+
+
+def claim_home(path: str, alive: Optional[Callable[[Any], bool]] = None,
+               healthy: Optional[Callable[[str], bool]] = None) -> HomeClaim:
+    """Claim the home of the state file ``path`` for this daemon, then clean a stale record
+    (:func:`ensure_not_running`). Raises :class:`AlreadyRunning` (or a ``SystemExit`` of one
+    line while the other is still starting) when another daemon has it."""
+    try:
+        claim = HomeClaim.take(path)
+    except OSError as e:
+        raise StateError(f"cannot lock {os.path.dirname(os.path.abspath(path))}: {e.strerror or e}") from None
+    if claim is None:
+        try:
+            state = read_state(path)
+        except StateError:
+            state = None
+        if state is not None and (alive or pid_alive)(state.get("pid")):
+            raise AlreadyRunning(state, path)
+        raise SystemExit(f"clproxy: another clproxy is starting with this CLPROXY_HOME "
+                         f"({os.path.dirname(os.path.abspath(path))}); see `clproxy proxy status`")
+    try:
+        ensure_not_running(path, alive, healthy)
+    except BaseException:
+        claim.release()
+        raise
+    return claim
+
+
 # --- is it alive? ---------------------------------------------------------------------------------
 
 
@@ -316,8 +396,11 @@ class Lifecycle(service.Service):
                  settings_path: Optional[str] = None, tool_search: Optional[str] = "true",
                  guard: bool = True, config_path: Optional[str] = None,
                  environ: Mapping[str, str] = os.environ, now: Callable[[], float] = time.time,
-                 spawn_guard: Optional[Callable[..., int]] = None, pid: Optional[int] = None):
+                 spawn_guard: Optional[Callable[..., int]] = None, pid: Optional[int] = None,
+                 claim: Optional[HomeClaim] = None):
         self.path = path
+        #: this daemon's hold on its home (released by :meth:`cleanup`)
+        self.claim = claim
         self.address = address
         self.strategy = strategy
         self.fallback_chain = fallback_chain
@@ -395,8 +478,11 @@ class Lifecycle(service.Service):
         return super().stopService()
 
     def cleanup(self) -> None:
-        """Restore Claude Code's settings, remove the state file, stop the guard; safe to call twice."""
+        """Restore Claude Code's settings, remove the state file, stop the guard, let go of the
+        home; safe to call twice."""
         if self._cleaned:
+            if self.claim is not None and not self.running:
+                self.claim.release()  # never started (the port was taken): nothing else to undo
             return
         self._cleaned = True
         try:
@@ -411,6 +497,8 @@ class Lifecycle(service.Service):
                 os.kill(self.guard_pid, signal.SIGTERM)
             except OSError:
                 pass
+        if self.claim is not None:
+            self.claim.release()  # after the state file is gone: the next daemon may start
 
 
 def lifecycle_enabled(options: Mapping[str, Any]) -> bool:
@@ -436,7 +524,7 @@ def attach_lifecycle(top: service.MultiService, options: Mapping[str, Any],
     if not lifecycle_enabled(options):
         return None
     path = state_path(environ)
-    ensure_not_running(path, alive, healthy)
+    claim = claim_home(path, alive, healthy)
     choice = str(options.get("claude-settings")).strip()
     if choice.lower() == "auto":
         settings_path = claude_settings.default_settings_path(environ)
@@ -452,7 +540,7 @@ def attach_lifecycle(top: service.MultiService, options: Mapping[str, Any],
     lifecycle = Lifecycle(
         path=path, address=address, strategy=strategy, fallback_chain=fallback_chain,
         settings_path=settings_path, tool_search=options.get("tool-search"),
-        guard=not options.get("no-guard"), config_path=config_path, environ=environ)
+        guard=not options.get("no-guard"), config_path=config_path, environ=environ, claim=claim)
     lifecycle.setServiceParent(top)
     top.lifecycle = lifecycle  # type: ignore[attr-defined]
     return lifecycle
