@@ -350,3 +350,54 @@ def test_a_daemon_starting_on_the_same_home_is_refused_and_a_killed_one_blocks_n
             started.kill()
             started.wait()
     assert not (home / "proxy-state.json").exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stop_waits_for_a_token_refresh_in_flight_past_the_drain(tmp_path, fake):
+    """The drain gives up while a request waits on an OAuth refresh: the stop still waits for that
+    refresh to land and its rotated refresh token to be written. It finished at once, and the
+    process exited with the token endpoint's answer (a new refresh token, the old one spent)
+    still on its way: the account was lost."""
+    import time
+
+    from clproxy.accounts.oauth import TokenSet
+    from clproxy.accounts.tokenstore import StoredCredential, TokenStore
+    from clproxy.testing.oauth import listen_fake_oauth
+    from helpers import post, request_body, until
+
+    oauth, oauth_port, _ = listen_fake_oauth(reactor)
+    home = tmp_path / "home"
+    pair = oauth.seed_tokens()
+    TokenStore(str(home)).put(StoredCredential.new_oauth(
+        "work", TokenSet(access_token=pair.access_token, refresh_token=pair.refresh_token), time.time(),
+        expires_at=time.time() + 8 * 3600))
+    # the access token is refused: the request forces a refresh, which the token endpoint holds
+    fake.script(pair.access_token, status=401,
+                body=b'{"type":"error","error":{"type":"authentication_error","message":"revoked"}}')
+    clock = task.Clock()
+    top = proxy_on(tmp_path, clock, {
+        "providers": {"anthropic": {"baseUrl": fake.url, "oauthTokenUrl": oauth.token_url}},
+        "server": {"drainTimeout": 5}})  # (shorter than the token call's own 30 s timeout)
+    top.startService()
+    try:
+        oauth.pause()
+        asked = defer.ensureDeferred(post(f"http://127.0.0.1:{top.address()[1]}/v1/messages", request_body()))
+        await until(lambda: oauth.refresh_calls >= 1)
+        stopping = defer.ensureDeferred(_stop(top))
+        await _turns()
+        clock.advance(5)  # the drain gives up on the request
+        await _turns()
+        assert not stopping.called, "stopped with a token refresh in flight"
+        oauth.resume()
+        while not stopping.called:
+            await _turns(1)
+            clock.advance(0.1)
+        await stopping
+        stored = TokenStore(str(home)).get("anthropic:work")
+        assert stored.refresh_token != pair.refresh_token
+        assert stored.refresh_token in oauth.live_refresh_tokens
+        await asked
+    finally:
+        if top.running:
+            await top.stopService()
+        await oauth_port.stopListening()

@@ -326,9 +326,26 @@ class Proxy:
     async def close(self) -> None:
         """After the listener stopped: let requests in flight finish, then flush and close."""
         await self.drainer.drain()
+        await self.refreshes_landed()
         self.quotas.flush()
         await self.store.close()
         await self.upstream.close()
+
+
+    async def refreshes_landed(self) -> None:
+        """Wait for the OAuth refreshes still in flight (a request the drain gave up on was
+        waiting on one) to land: the token endpoint may already have spent the old refresh token,
+        and the process must not exit before the new one is written. Bounded by the longest a
+        refresh can take (:meth:`TokenRefresher.shared_lock_ttl`)."""
+        clock = self.dispatcher.clock
+        deadline = clock.seconds() + self.refresher.shared_lock_ttl()
+        while clock.seconds() < deadline and any(self.refresher.in_flight(account.key)
+                                                 for account in self.directory.current()):
+            await task.deferLater(clock, REFRESH_POLL, lambda: None)
+
+
+#: Seconds between two looks, at stop, at whether a token refresh is still in flight.
+REFRESH_POLL = 0.05
 
 
 def reload_parts(new) -> Tuple[Any, Router]:
