@@ -679,9 +679,11 @@ class ProxyService(service.MultiService):
         release_freed_memory()
         if self.reactor is not None:
             fastpoll.install(self.reactor)  # twisted's own loop stays where it is not a checked one
-        # a second SIGINT/SIGTERM while draining gives up the drain (the user means "now")
-        self._forget_hurry = runstate.on_second_signal(self.proxy.drainer.hurry)
-        self.proxy.site.resource = self.proxy.root  # (a service stopped before served ShuttingDown)
+        proxy = self.proxy
+        if proxy is not None:
+            # a second SIGINT/SIGTERM while draining gives up the drain (the user means "now")
+            self._forget_hurry = runstate.on_second_signal(proxy.drainer.hurry)
+            proxy.site.resource = proxy.root  # (a service stopped before served ShuttingDown)
         super().startService()
 
     def privilegedStartService(self):
