@@ -331,7 +331,6 @@ class Proxy:
         await self.store.close()
         await self.upstream.close()
 
-
     async def refreshes_landed(self) -> None:
         """Wait for the OAuth refreshes still in flight (a request the drain gave up on was
         waiting on one) to land: the token endpoint may already have spent the old refresh token,

@@ -102,7 +102,6 @@ class OneAcceptPort(tcp.Port):
                 self.startReading()
 
 
-
 @implementer(IStreamServerEndpoint)
 class AdoptedEndpoint:
     """Listens by adopting an already listening socket (descriptor ``fd``, inherited) instead of
