@@ -323,3 +323,44 @@ def test_sigterm_lets_a_stream_in_flight_finish(daemons, tmp_path):
     finally:
         upstream.kill()
         upstream.wait()
+
+
+SIGNAL_AT_START = """
+import os, signal, sys
+from clproxy.cli import main as cli
+from clproxy.daemon import tap
+
+made = tap.makeService
+
+
+def make(*args, **kwargs):
+    service = made(*args, **kwargs)
+    started = service.startService
+
+    def start_then_signal():
+        started()  # the port is bound and the state file written: the reactor is not running yet
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    service.startService = start_then_signal
+    return service
+
+
+tap.makeService = make
+sys.exit(cli.main(["proxy", "start", *sys.argv[1:]]))
+"""
+
+
+def test_a_sigterm_during_start_up_is_a_clean_stop(daemons):
+    """A SIGTERM that arrives after the daemon has bound its port and written its state, but
+    before its event loop runs (systemd stopping a service that is still starting), stops it as
+    any SIGTERM does: exit 0, the state file removed, nothing left behind.
+
+    Before the fix the signal's default action applied in that window: the process died (-15)
+    with its state file (and Claude Code's settings, when set) left behind."""
+    d = daemons()
+    port = free_port()
+    result = subprocess.run([sys.executable, "-c", SIGNAL_AT_START, "--port", str(port), "--no-guard"],
+                            capture_output=True, text=True, env=d.env, cwd=str(d.dir), timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert d.state() is None
+    assert "Traceback" not in result.stdout + result.stderr

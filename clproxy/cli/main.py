@@ -99,6 +99,7 @@ def start(argv: List[str], environ: Mapping[str, str] = os.environ) -> int:
     from twisted.python import usage
 
     from clproxy.daemon import runstate
+    from clproxy.daemon.assemble import cannot_listen
     from clproxy.daemon.tap import Options, makeService
 
     options = Options()
@@ -122,8 +123,7 @@ def start(argv: List[str], environ: Mapping[str, str] = os.environ) -> int:
     try:
         service.startService()
     except CannotListenError as e:
-        sys.stderr.write(f"clproxy: cannot listen on {options['host']}:{options['port']}: "
-                         f"{_socket_reason(e)}\n")
+        sys.stderr.write(f"{cannot_listen(e)}\n")
         _cleanup(lifecycle)
         return 1
     except Exception as e:
@@ -133,20 +133,11 @@ def start(argv: List[str], environ: Mapping[str, str] = os.environ) -> int:
     # Logging starts once the port is bound, so a failed start prints its one line and nothing else.
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    runstate.quiet_signal_stops(reactor)  # a second Ctrl-C while draining: no ReactorNotRunning
     try:
         reactor.run()
     finally:
         _cleanup(lifecycle)
     return 0
-
-
-def _socket_reason(error) -> str:
-    socket_error = getattr(error, "socketError", None)
-    reason = getattr(socket_error, "strerror", None) or str(socket_error or error)
-    if "in use" in reason.lower():
-        reason += " (another program has this port: pick another with --port, or stop it)"
-    return reason
 
 
 def _cleanup(lifecycle) -> None:

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import signal
+import threading
 import time
 import urllib.request
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -128,6 +129,14 @@ def quiet_signal_stops(reactor) -> None:
 
     for attribute, name in (("sigInt", "SIGINT"), ("sigTerm", "SIGTERM"), ("sigBreak", "SIGBREAK")):
         setattr(reactor, attribute, handler_for(name))
+    # and now, not only once reactor.run() installs them: a daemon that has bound its port and
+    # written its state is a running one, and a signal before the loop runs (a stop while it was
+    # starting) must stop it as any other, not kill it with its state left behind (the stop is
+    # queued and carried out as soon as the loop runs). Not in a process whose reactor already
+    # runs (a test's): its signals are its own
+    if not reactor.running and threading.current_thread() is threading.main_thread():
+        for name in ("SIGINT", "SIGTERM"):
+            signal.signal(getattr(signal, name), handler_for(name))
 
 
 # --- the state file -------------------------------------------------------------------------------
