@@ -219,3 +219,16 @@ class ProducerRequest(DummyRequest):
 
     def unregisterProducer(self):
         self.producer = None
+
+
+def make_clock(at: float) -> task.Clock:
+    """A test clock already at ``at`` (a timestamp: the logs name their files by its day)."""
+    clock = task.Clock()
+    clock.advance(at)
+    return clock
+
+
+def jsonl_rows(path) -> list:
+    """The rows of a JSONL file, decoded."""
+    with open(path, "rb") as f:
+        return [json.loads(line) for line in f]

@@ -13,6 +13,9 @@ from clproxy.observe import console, jsonl
 from clproxy.observe.recorder import Observability, usage_from_sse_tail
 from clproxy.routing.policy import Verdict, classify
 
+import helpers
+
+
 @pytest.fixture
 def events():
     """Every twisted.logger event published globally while the test runs."""
@@ -29,14 +32,10 @@ SUCCESS = Verdict("success", 200, "ok", None, 0)
 
 
 def make_clock(at: float = NOW) -> task.Clock:
-    clock = task.Clock()
-    clock.advance(at)
-    return clock
+    return helpers.make_clock(at)
 
 
-def rows(path) -> list:
-    with open(path, "rb") as f:
-        return [json.loads(line) for line in f]
+rows = helpers.jsonl_rows
 
 
 def sse(*events) -> bytes:

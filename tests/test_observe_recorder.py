@@ -13,14 +13,14 @@ from clproxy.observe.recorder import (TRACE_HEADERS, Observability, model_from_m
                                       usage_from_message, usage_from_sse_tail)
 from clproxy.routing.policy import Verdict
 
+import helpers
+
 SUCCESS = Verdict("success", 200, "ok", None, 0)
 NOW = 1_767_268_800.0
 
 
 def make_clock(at: float = NOW) -> task.Clock:
-    clock = task.Clock()
-    clock.advance(at)
-    return clock
+    return helpers.make_clock(at)
 
 
 def sse(*events) -> bytes:

@@ -19,6 +19,7 @@ from clproxy.observe.recorder import Observability
 from clproxy.routing.policy import Verdict
 
 from conftest import accounts_config
+import helpers
 from helpers import post
 
 NOW = 1_767_268_800.0  # 2026-01-01T12:00:00Z
@@ -29,14 +30,10 @@ MARKER = "MARKERmodelKEY"
 
 
 def make_clock(at: float = NOW) -> task.Clock:
-    clock = task.Clock()
-    clock.advance(at)
-    return clock
+    return helpers.make_clock(at)
 
 
-def rows(path) -> list:
-    with open(path, "rb") as f:
-        return [json.loads(line) for line in f]
+rows = helpers.jsonl_rows
 
 
 @pytest.fixture

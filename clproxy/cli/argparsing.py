@@ -4,7 +4,7 @@ are called as functions (tests, ``clproxy``'s dispatcher) and must never ``sys.e
 import argparse
 import math
 import sys
-from typing import Any, Optional, TextIO, Type
+from typing import Any, Callable, Optional, TextIO, Type
 
 
 class UsageExit(Exception):
@@ -37,13 +37,19 @@ def writing_parser(stdout: TextIO, stderr: TextIO) -> Type[argparse.ArgumentPars
     return Parser
 
 
-def seconds(text: str) -> float:
-    """An argparse ``type``: a positive, finite number of seconds (``nan`` would wait for ever,
-    ``0`` or less not at all)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
-    return value
+def positive_number(unit: str) -> Callable[[str], float]:
+    """An argparse ``type``: a positive, finite number of ``unit`` (``nan`` or ``inf`` would
+    never be reached, ``0`` or less means nothing)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"must be a positive number of {unit}, got {text[:20]!r}")
+        return value
+    return parse
+
+
+#: seconds to wait (``nan`` would wait for ever, ``0`` or less not at all)
+seconds = positive_number("seconds")

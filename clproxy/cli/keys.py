@@ -7,7 +7,6 @@ non-zero exit (1: it failed, 2: bad usage), never a traceback; no key ever appea
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, TextIO
 
 from clproxy.team.keys import KeyRecord
 from clproxy.team.keystore import KeyStore, KeyStoreError, default_home
-from clproxy.cli.argparsing import UsageExit as _UsageExit, writing_parser
+from clproxy.cli.argparsing import UsageExit as _UsageExit, positive_number, writing_parser
 
 #: Printed by ``keys create --allow-subscription``: the README's "Terms of use", for this key.
 SUBSCRIPTION_TERMS = (
@@ -36,14 +35,8 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_usd(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive amount of US dollars, got {text[:20]!r}")
-    return value
+#: an amount of money for a limit
+_positive_usd = positive_number("US dollars")
 
 
 def _pattern(text: str) -> str:
