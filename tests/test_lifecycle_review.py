@@ -401,3 +401,33 @@ async def test_a_stop_waits_for_a_token_refresh_in_flight_past_the_drain(tmp_pat
         if top.running:
             await top.stopService()
         await oauth_port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_cut_at_the_end_of_the_drain_says_the_proxy_stopped(tmp_path, fake):
+    """A stream still running when drainTimeout is over ends with a well-formed ``event: error``
+    saying clproxy is shutting down, then the response's end: before, it was left to the
+    process's exit, and its client got a broken connection, or an error saying the upstream
+    "broke off the stream", which blamed Anthropic for the proxy's own stop."""
+    from clproxy.testing.anthropic import text_stream
+    from helpers import request_body, stream, until
+
+    fake.script(events=text_stream(tuple(f"part{i} " for i in range(200))), pace=0.05)
+    config = {"accounts": {"anthropic": [{"name": "a", "apiKey": "key-a", "baseUrl": fake.url}]},
+              "server": {"drainTimeout": 0.3}}
+    top = proxy_on(tmp_path, reactor, config)
+    top.startService()
+    port = top.address()[1]
+    try:
+        response, body = await stream(f"http://127.0.0.1:{port}/v1/messages", request_body(stream=True))
+        assert response.code == 200
+        await until(lambda: top.proxy.dispatcher.streams)
+        await top.stopService()
+        assert await body.done is True  # the response ended properly (its last chunk), not a dropped connection
+        names = [event.name for _, event in body.events]
+        assert names[0] == "message_start" and names[-1] == "error", names[-3:]
+        message = json.loads(body.events[-1][1].data)["error"]["message"]
+        assert message.startswith("clproxy is shutting down") and "upstream" not in message
+    finally:
+        if top.running:
+            await top.stopService()

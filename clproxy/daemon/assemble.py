@@ -325,11 +325,26 @@ class Proxy:
 
     async def close(self) -> None:
         """After the listener stopped: let requests in flight finish, then flush and close."""
-        await self.drainer.drain()
+        if await self.drainer.drain():
+            await self.cut_streams()
         await self.refreshes_landed()
         self.quotas.flush()
         await self.store.close()
         await self.upstream.close()
+
+    async def cut_streams(self) -> None:
+        """The drain gave up: end the streams still relayed with an error event that says so
+        (left to the process's exit, their clients got a broken connection, or an error blaming
+        the upstream), and give their last bytes up to :data:`CUT_GRACE` seconds to leave."""
+        relays = list(self.dispatcher.streams)
+        if not relays:
+            return
+        for relay in relays:
+            relay.cut(SHUTDOWN_CUT)
+        clock = self.dispatcher.clock
+        deadline = clock.seconds() + CUT_GRACE
+        while self.drainer.in_flight() and clock.seconds() < deadline:
+            await task.deferLater(clock, REFRESH_POLL, lambda: None)
 
     async def refreshes_landed(self) -> None:
         """Wait for the OAuth refreshes still in flight (a request the drain gave up on was
@@ -343,8 +358,14 @@ class Proxy:
             await task.deferLater(clock, REFRESH_POLL, lambda: None)
 
 
-#: Seconds between two looks, at stop, at whether a token refresh is still in flight.
+#: Seconds between two looks, at stop, at whether a token refresh is still in flight (or a cut
+#: stream's request has ended).
 REFRESH_POLL = 0.05
+#: What a stream still relayed when the drain gave up tells its client.
+SHUTDOWN_CUT = ("clproxy is shutting down and its drain time (server.drainTimeout) is over: "
+                "the stream was cut; retry the request")
+#: Seconds the cut streams' error events and ends are given to reach their clients.
+CUT_GRACE = 1.0
 
 
 def reload_parts(new) -> Tuple[Any, Router]:

@@ -409,6 +409,9 @@ class StreamRelay(protocol.Protocol):
         #: text, not as the Failure, whose traceback would keep frames alive with the relay
         self._ended_before_commit: Optional[str] = None
         self._timed_out = False
+        #: why the proxy itself cut the stream (:meth:`cut`), said to the client instead of the
+        #: broken connection that follows
+        self._cut_reason: Optional[str] = None
         self.bytes_relayed = 0
         #: the ChunkedPassthrough relaying the upstream's framing as it is, once it took over
         self.passthrough: Optional["ChunkedPassthrough"] = None
@@ -487,7 +490,9 @@ class StreamRelay(protocol.Protocol):
             self.passthrough.detach()  # it referred to this relay: no cycle left behind
         tail = self._tail
         complete = _ends_whole(tail)
-        if self._timed_out:
+        if self._cut_reason is not None:
+            why = self._cut_reason
+        elif self._timed_out:
             why = f"upstream {self._host} went silent for {self._idle_timeout:g}s mid-stream"
         elif broke_off:
             why = f"upstream {self._host} broke off the stream: {broke_off}"
@@ -603,6 +608,14 @@ class StreamRelay(protocol.Protocol):
         self._leave_sweeper()
         if not self._lost and self.transport is not None:
             self.transport.stopProducing()
+
+    def cut(self, reason: str) -> None:
+        """End the stream now for ``reason`` (the daemon is stopping and its drain gave up): the
+        upstream connection is closed and the client, when committed, gets ``reason`` in its
+        error event rather than the broken connection's account of it, which blamed the upstream."""
+        if self._cut_reason is None:
+            self._cut_reason = reason
+        self.abort()
 
     # -- idle timeout: judged by the clock's shared sweeper, so no timer per stream ----------
     def _went_silent(self) -> None:
