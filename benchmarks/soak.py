@@ -122,9 +122,20 @@ def run_daemon(census_path: str, argv) -> None:
     import types
     from collections import Counter
 
+    import tracemalloc
+    first = []  # the first census's tracemalloc snapshot: later ones are compared with it
+
     def census(_signum, _frame):
         from twisted.internet import reactor
         gc.collect()
+        grown = []
+        if tracemalloc.is_tracing():  # --tracemalloc: what allocated the memory held since then
+            snapshot = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, tracemalloc.__file__)])
+            if not first:
+                first.append(snapshot)
+            grown = [(stat.size_diff, stat.count_diff, str(stat.traceback))
+                     for stat in snapshot.compare_to(first[0], "lineno")[:20]]
         counts = Counter(type(o).__qualname__ for o in gc.get_objects())
         calls = Counter()
         for call in reactor.getDelayedCalls():
@@ -150,7 +161,7 @@ def run_daemon(census_path: str, argv) -> None:
         figures = {"types": dict(counts.most_common(400)), "big": big[:12], "delayed": dict(calls),
                    "delayed_total": sum(calls.values()), "readers": len(reactor.getReaders()),
                    "writers": len(reactor.getWriters()), "threads": threading.active_count(),
-                   "gc_objects": sum(counts.values())}
+                   "gc_objects": sum(counts.values()), "tracemalloc": grown}
         with open(census_path + ".tmp", "w") as f:
             json.dump(figures, f)
         os.replace(census_path + ".tmp", census_path)
@@ -384,6 +395,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=24)
     parser.add_argument("--redis", action="store_true", help="use the Redis store (starts redis-server)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    parser.add_argument("--tracemalloc", action="store_true",
+                        help="run the daemon under tracemalloc (slower) and print the allocation sites "
+                             "whose memory grew from the end of the warm-up to the end")
     parser.add_argument("--reload-every", type=float, default=0.0,
                         help="rewrite the config (key1's weight) every this many seconds (0: never)")
     args = parser.parse_args()
@@ -432,8 +446,8 @@ def main() -> int:
         daemon = subprocess.Popen(
             [sys.executable, __file__, "daemon", census_path, "proxy", "start", "--port", str(port),
              "--config", config_path, "--quiet", "--claude-settings", "off", "--no-guard"],
-            stdout=open(os.path.join(tmp, "daemon.log"), "w"), stderr=subprocess.STDOUT, env=env,
-            cwd=REPO, start_new_session=True)
+            stdout=open(os.path.join(tmp, "daemon.log"), "w"), stderr=subprocess.STDOUT,
+            env=dict(env, PYTHONTRACEMALLOC="1") if args.tracemalloc else env, cwd=REPO, start_new_session=True)
         children.append(daemon)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -506,6 +520,8 @@ def main() -> int:
             print("delayed calls at end:", json.dumps(final["delayed"]))
             print("largest containers after warm-up:", baseline["big"])
             print("largest containers at end:", final["big"])
+            for size, count, where in final.get("tracemalloc") or []:
+                print(f"tracemalloc: {size / 1024:+10.1f} KiB {count:+8d} blocks  {where}")
         return 0
     finally:
         for child in reversed(children):
