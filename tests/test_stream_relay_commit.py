@@ -143,3 +143,47 @@ def test_an_oversized_first_event_after_commit_fails_the_first_event_only():
     assert b"".join(written) == b"data: " + b"x" * 100 + b"\n\n" + STOP
     assert len(seen) == 1 and "FirstEventFailed" in repr(seen[0])
     assert not transport.stopped
+
+
+class Cuttable(Transport):
+    """A transport whose stopProducing loses the connection at once, as an abort does."""
+
+    def __init__(self):
+        self.relay = None
+
+    def stopProducing(self) -> None:
+        self.relay.connectionLost(Failure(error.ConnectionLost()))
+
+
+def cut_after(chunks):
+    """A committed relay that received ``chunks``, then was cut by the proxy; returns (what the
+    client got, the StreamOutcome)."""
+    relay = StreamRelay(task.Clock(), 20.0, "upstream.test")
+    transport = Cuttable()
+    transport.relay = relay
+    relay.makeConnection(transport)
+    written, outcome = [], []
+    relay.done.addCallback(outcome.append)
+    relay.dataReceived(chunks[0])
+    relay.commit(written.append)
+    for chunk in chunks[1:]:
+        relay.dataReceived(chunk)
+    relay.cut("clproxy is shutting down")
+    assert outcome, "done never fired for a cut stream"
+    return b"".join(written), outcome[0]
+
+
+def test_a_stream_cut_by_the_proxy_says_why_not_that_the_upstream_broke_off():
+    """A stream the stopping daemon cuts mid-answer is truncated with the proxy's own reason (the
+    client's error event), not the lost connection's "upstream ... broke off"."""
+    written, outcome = cut_after([START, DELTA])
+    assert written == START + DELTA
+    assert outcome.truncated and outcome.reason == "clproxy is shutting down"
+
+
+def test_a_stream_cut_after_its_message_stop_is_whole():
+    """Cut once its message_stop had come (only the upstream's last chunk was missing), the answer
+    is whole: no error event is added after it."""
+    written, outcome = cut_after([START, DELTA, STOP])
+    assert written == START + DELTA + STOP
+    assert not outcome.truncated and outcome.reason is None

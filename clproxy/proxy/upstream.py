@@ -491,7 +491,8 @@ class StreamRelay(protocol.Protocol):
         tail = self._tail
         complete = _ends_whole(tail)
         if self._cut_reason is not None:
-            why = self._cut_reason
+            # cut by the proxy once its message_stop had come: the answer is whole, nothing to add
+            why = None if complete else self._cut_reason
         elif self._timed_out:
             why = f"upstream {self._host} went silent for {self._idle_timeout:g}s mid-stream"
         elif broke_off:
