@@ -154,10 +154,19 @@ async def test_a_failed_early_refresh_still_sends_the_valid_token(fake, oauth, s
     home = tmp_path / "home"
     pair = seed(home, oauth, expires_in=1800)
     fake.authorize = oauth.is_live_access_token
-    proxy = start_proxy(oauth_config(fake, oauth), environ={"CLPROXY_HOME": str(home)})
+    # The upkeep's first check refreshes the same token at start: the token endpoint holds its
+    # answer until the request has joined that refresh, so one token call (the 503) answers both.
+    # (Unheld, the upkeep's refresh sometimes failed before the request came, and the request's own
+    # refresh then succeeded: the test failed on a loaded machine.)
+    oauth.pause()
     oauth.fail_next(503, {"error": "temporarily_unavailable"})
-    status, _, _ = await post(proxy.url + "/v1/messages", request_body())
+    proxy = start_proxy(oauth_config(fake, oauth), environ={"CLPROXY_HOME": str(home)})
+    asking = defer.ensureDeferred(post(proxy.url + "/v1/messages", request_body()))
+    await until(lambda: proxy.service.refresher.waiting("anthropic:work") == 2)
+    oauth.resume()
+    status, _, _ = await asking
     assert status == 200 and [r.credential for r in fake.requests] == [pair.access_token]
+    assert oauth.refresh_calls == 1
     stored = TokenStore(str(home)).get("anthropic:work")
     assert stored.refresh_failures == 1 and not stored.disabled
     status, _, _ = await post(proxy.url + "/v1/messages", request_body())
