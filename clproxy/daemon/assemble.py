@@ -341,26 +341,29 @@ class Proxy:
             return
         for relay in relays:
             relay.cut(SHUTDOWN_CUT)
-        clock = self.dispatcher.clock
-        deadline = clock.seconds() + CUT_GRACE
-        while self.drainer.in_flight() and clock.seconds() < deadline:
-            await task.deferLater(clock, REFRESH_POLL, lambda: None)
+        await _wait_while(self.dispatcher.clock, self.drainer.in_flight, CUT_GRACE)
 
     async def refreshes_landed(self) -> None:
         """Wait for the OAuth refreshes still in flight (a request the drain gave up on was
         waiting on one) to land: the token endpoint may already have spent the old refresh token,
         and the process must not exit before the new one is written. Bounded by the longest a
         refresh can take (:meth:`TokenRefresher.shared_lock_ttl`)."""
-        clock = self.dispatcher.clock
-        deadline = clock.seconds() + self.refresher.shared_lock_ttl()
-        while clock.seconds() < deadline and any(self.refresher.in_flight(account.key)
-                                                 for account in self.directory.current()):
-            await task.deferLater(clock, REFRESH_POLL, lambda: None)
+        await _wait_while(self.dispatcher.clock,
+                          lambda: any(self.refresher.in_flight(a.key) for a in self.directory.current()),
+                          self.refresher.shared_lock_ttl())
 
 
-#: Seconds between two looks, at stop, at whether a token refresh is still in flight (or a cut
-#: stream's request has ended).
-REFRESH_POLL = 0.05
+async def _wait_while(clock, busy: Callable[[], Any], seconds: float) -> None:
+    """At stop: wait while ``busy()`` holds, looking every :data:`STOP_POLL` seconds, at most
+    ``seconds``."""
+    deadline = clock.seconds() + seconds
+    while busy() and clock.seconds() < deadline:
+        await task.deferLater(clock, STOP_POLL, lambda: None)
+
+
+#: Seconds between two looks, at stop, at whether what the stop waits for has ended (a token
+#: refresh in flight, a cut stream's request).
+STOP_POLL = 0.05
 #: What a stream still relayed when the drain gave up tells its client.
 SHUTDOWN_CUT = ("clproxy is shutting down and its drain time (server.drainTimeout) is over: "
                 "the stream was cut; retry the request")
